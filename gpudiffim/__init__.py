@@ -1,0 +1,53 @@
+"""gpudiffim: Alard-Lupton PSF matching and image subtraction.
+
+The algorithm of LSST ``ip_diffim``'s ``ImagePsfMatchTask``: a PSF-matching
+kernel built from a basis (Alard-Lupton Gaussians x polynomials, or delta
+functions with regularisation), fitted on stamps around stars, spatially
+varying, with a differential background and three stages of candidate
+clipping; the matched and difference images carry propagated variance and
+mask planes.
+"""
+
+from .config import DetectionConfig, PsfMatchConfig
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    FitQualityWarning,
+    GpudiffimError,
+    GpudiffimWarning,
+    InvalidImageError,
+    InvalidVarianceError,
+    NoDataWarning,
+    NoKernelCandidatesError,
+    ShapeError,
+    SingularSystemError,
+)
+from .image import DEFAULT_MASK_PLANES, MaskedImage
+from .kernel import BackgroundModel, SpatialKernel
+from .task import ImagePsfMatchTask, MatchResult, SubtractResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "BackendUnavailableError",
+    "BackgroundModel",
+    "ConfigurationError",
+    "DEFAULT_MASK_PLANES",
+    "DetectionConfig",
+    "FitQualityWarning",
+    "GpudiffimError",
+    "GpudiffimWarning",
+    "ImagePsfMatchTask",
+    "InvalidImageError",
+    "InvalidVarianceError",
+    "MaskedImage",
+    "MatchResult",
+    "NoDataWarning",
+    "NoKernelCandidatesError",
+    "PsfMatchConfig",
+    "ShapeError",
+    "SingularSystemError",
+    "SpatialKernel",
+    "SubtractResult",
+]

@@ -1,0 +1,396 @@
+"""Configuration of PSF matching: frozen, validated dataclasses.
+
+The fields and defaults are those of LSST ``ip_diffim``'s ``PsfMatchConfig``,
+``PsfMatchConfigAL``, ``PsfMatchConfigDF`` and the legacy ``DetectionConfig``,
+renamed to snake_case (``kernelSize`` -> ``kernel_size``).  Fields that are dead
+in ``ip_diffim`` (``useAfwBackground``, ``calculateKernelUncertainty``,
+``useBicForKernelBasis``, the deprecated ``alard*Deconv`` degree fields and the
+risk-minimisation lambda scan, which cannot run there) are left out.
+
+Two defaults depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
+``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
+``use_pca_for_spatial_kernel`` (False / True).  Leave them ``None`` to get the
+basis set's default.
+
+Derive variants with :func:`dataclasses.replace`; every instance is validated
+on construction and raises :class:`~gpudiffim.errors.ConfigurationError` with
+the field name, the value and what was expected.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigurationError
+
+__all__ = ["DetectionConfig", "PsfMatchConfig"]
+
+BASIS_SETS = ("alard-lupton", "delta-function")
+SPATIAL_MODEL_TYPES = ("chebyshev1", "polynomial")
+CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
+REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
+LAMBDA_TYPES = ("absolute", "relative")
+DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
+
+
+def _fail(name, value, expected):
+    msg = f"invalid {name}={value!r}: expected {expected}"
+    raise ConfigurationError(msg)
+
+
+def _check_bool(obj, name):
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+def _check_int(obj, name, minimum=None, maximum=None, odd=False):
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, "an integer")
+    if minimum is not None and value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+    if maximum is not None and value > maximum:
+        _fail(name, value, f"an integer <= {maximum}")
+    if odd and value % 2 == 0:
+        _fail(name, value, "an odd integer")
+
+
+def _check_float(obj, name, minimum=None, positive=False):
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(name, value, "a real number")
+    if not math.isfinite(value):
+        _fail(name, value, "a finite number")
+    if positive and value <= 0:
+        _fail(name, value, "a number > 0")
+    if minimum is not None and value < minimum:
+        _fail(name, value, f"a number >= {minimum}")
+    object.__setattr__(obj, name, float(value))
+
+
+def _check_choice(obj, name, choices):
+    value = getattr(obj, name)
+    if value not in choices:
+        _fail(name, value, f"one of {choices}")
+
+
+def _check_names(obj, name):
+    value = getattr(obj, name)
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        _fail(name, value, "a sequence of mask-plane names")
+    object.__setattr__(obj, name, tuple(value))
+
+
+def _from_mapping(cls, mapping):
+    """Build ``cls`` from a mapping, rejecting unknown keys clearly."""
+    if not isinstance(mapping, Mapping):
+        _fail(cls.__name__, mapping, "a mapping of field names to values")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        msg = f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(known)}"
+        raise ConfigurationError(msg)
+    return cls(**mapping)
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Detection of kernel candidates when the caller gives none (legacy ``DetectionConfig``).
+
+    Attributes
+    ----------
+    det_threshold : float
+        Detection threshold, in units given by ``det_threshold_type`` (>= 3).
+    det_threshold_type : {"pixel_stdev", "stdev", "variance", "value"}
+        "pixel_stdev": pixel > threshold x sqrt(variance plane) of that pixel;
+        "stdev": threshold x robust standard deviation of the image;
+        "variance": threshold x median of the variance plane; "value": absolute.
+    det_on_template : bool
+        Detect on the template instead of the science image.  The legacy
+        ``ImagePsfMatchTask`` always detected on the science image, which is
+        our default.
+    bad_mask_planes : tuple of str
+        Any of these bits in a candidate's stamp, on either image, rejects it.
+    fp_npix_min, fp_npix_max : int
+        Footprint area limits in pixels; footprints above ``fp_npix_max`` are
+        replaced by the centre of their bounding box.
+    fp_grow_kernel_scaling : float
+        With ``scale_by_fwhm``, stamp half-size = int(scaling x kernel size + 0.5).
+    fp_grow_pix : int
+        Stamp half-size when ``scale_by_fwhm`` is False.
+    scale_by_fwhm : bool
+        Choose ``fp_grow_kernel_scaling`` over ``fp_grow_pix``.
+    min_snr : float
+        Minimum core signal-to-noise (mean of S/sigma over the candidate core) of a
+        candidate; the S/N vetting of the issue.
+    background_bin_size : int
+        Bin size (px) of the coarse background removed before detection.
+    """
+
+    det_threshold: float = 10.0
+    det_threshold_type: str = "pixel_stdev"
+    det_on_template: bool = False
+    bad_mask_planes: tuple = ("NO_DATA", "EDGE", "SAT")
+    fp_npix_min: int = 5
+    fp_npix_max: int = 500
+    fp_grow_kernel_scaling: float = 1.0
+    fp_grow_pix: int = 30
+    scale_by_fwhm: bool = True
+    min_snr: float = 5.0
+    background_bin_size: int = 128
+
+    def __post_init__(self):
+        _check_float(self, "det_threshold", minimum=3.0)
+        _check_choice(self, "det_threshold_type", DETECTION_THRESHOLD_TYPES)
+        _check_bool(self, "det_on_template")
+        _check_names(self, "bad_mask_planes")
+        _check_int(self, "fp_npix_min", minimum=5)
+        _check_int(self, "fp_npix_max", minimum=self.fp_npix_min, maximum=500)
+        _check_float(self, "fp_grow_kernel_scaling", minimum=1.0)
+        _check_int(self, "fp_grow_pix", minimum=10)
+        _check_bool(self, "scale_by_fwhm")
+        _check_float(self, "min_snr", minimum=0.0)
+        _check_int(self, "background_bin_size", minimum=16)
+
+    @classmethod
+    def from_mapping(cls, mapping):
+        """Build from a mapping (e.g. parsed YAML/JSON); unknown keys raise."""
+        return _from_mapping(cls, mapping)
+
+
+@dataclass(frozen=True)
+class PsfMatchConfig:
+    """All parameters of the PSF-matching kernel fit (``PsfMatchConfig[AL|DF]``).
+
+    Attributes are grouped as in ``ip_diffim``; see the specification
+    (``ipdiffim-reference.md`` section 1) for the meaning of each.  Units are
+    pixels for sizes and sigmas.
+
+    Attributes
+    ----------
+    kernel_basis_set : {"alard-lupton", "delta-function"}
+        Kernel basis.
+    kernel_size : int
+        Kernel width (odd).  Replaced by the FWHM rule for Alard-Lupton when
+        ``scale_by_fwhm`` and both FWHMs are known.
+    scale_by_fwhm : bool
+        Derive the AL sigmas and the kernel width from the two PSF FWHMs.
+    kernel_size_fwhm_scaling : float
+        Kernel width = this x largest AL sigma (then clamped).
+    kernel_size_min, kernel_size_max : int
+        Clamp of the FWHM-derived kernel width.
+    fit_for_background : bool
+        Fit a differential background (constant per stamp, spatial model
+        of order ``spatial_bg_order``).
+    spatial_model_type : {"chebyshev1", "polynomial"}
+        Spatial functions; Chebyshev over the cell-set box, or monomials of
+        raw parent-pixel coordinates.
+    spatial_kernel_order, spatial_bg_order : int
+        Total degree of the spatial variation of the kernel and background.
+    size_cell_x, size_cell_y : int
+        Spatial-cell size (px).
+    n_star_per_cell : int
+        Candidates used per cell (-1: all).
+    max_spatial_iterations : int
+        Outer rejection iterations of the spatial fit (1..5).
+    use_pca_for_spatial_kernel, subtract_mean_for_pca, num_principal_components
+        PCA compression of the per-candidate kernels before the spatial fit.
+    single_kernel_clipping, kernel_sum_clipping, spatial_kernel_clipping : bool
+        The three clipping stages.
+    check_condition_number : bool
+        Reject candidates whose normal matrix has condition number above
+        ``max_condition_number``.
+    bad_mask_planes : tuple of str
+        Pixels ignored by residual statistics.
+    candidate_residual_mean_max, candidate_residual_std_max : float
+        Limits on |mean| and rms of the normalised residual D/sigma.
+    use_core_stats, candidate_core_radius
+        Residual statistics over the (2r+1)^2 core only.
+    max_ksum_sigma : float
+        Kernel-sum rejection threshold in clipped standard deviations.
+    max_condition_number : float or None
+        5e7 (AL) or 5e6 (DF) when None.
+    condition_number_type : {"EIGENVALUE", "SVD"}
+    max_spatial_condition_number : float
+        Only produces a warning.
+    iterate_single_kernel : bool
+        Refit each stamp once with the difference-image variance
+        (only without constant weighting).
+    constant_variance_weighting : bool
+        Weight every stamp pixel by 1 / median(V_S + V_T) of the stamp.
+    alard_n_gauss, alard_deg_gauss, alard_sig_gauss, alard_gauss_beta, alard_min_sig, alard_min_sig_deconv
+        Alard-Lupton basis (number of Gaussians, polynomial degrees, config
+        sigmas, ratio of successive sigmas, minimum sigma in convolution and
+        deconvolution mode).
+    use_regularization, regularization_type, central_regularization_stencil, forward_regularization_orders, regularization_border_penalty, lambda_type, lambda_value, lambda_scaling
+        Delta-function regularisation.
+    max_solve_restarts : int
+        Bound on the kernel-sum and PCA restarts of the solve loop, which are
+        unbounded in ``ip_diffim``; exceeding it raises
+        :class:`~gpudiffim.errors.NoKernelCandidatesError`.
+    detection : DetectionConfig
+        Candidate detection when none are given.
+    """
+
+    kernel_basis_set: str = "alard-lupton"
+    kernel_size: int = 21
+    scale_by_fwhm: bool = True
+    kernel_size_fwhm_scaling: float = 6.0
+    kernel_size_min: int = 21
+    kernel_size_max: int = 35
+    fit_for_background: bool = False
+    spatial_model_type: str = "chebyshev1"
+    spatial_kernel_order: int = 2
+    spatial_bg_order: int = 1
+    size_cell_x: int = 128
+    size_cell_y: int = 128
+    n_star_per_cell: int = 5
+    max_spatial_iterations: int = 3
+    use_pca_for_spatial_kernel: bool = None
+    subtract_mean_for_pca: bool = True
+    num_principal_components: int = 5
+    single_kernel_clipping: bool = True
+    kernel_sum_clipping: bool = True
+    spatial_kernel_clipping: bool = True
+    check_condition_number: bool = False
+    bad_mask_planes: tuple = ("NO_DATA", "EDGE", "SAT")
+    candidate_residual_mean_max: float = 0.25
+    candidate_residual_std_max: float = 1.50
+    use_core_stats: bool = False
+    candidate_core_radius: int = 3
+    max_ksum_sigma: float = 3.0
+    max_condition_number: float = None
+    condition_number_type: str = "EIGENVALUE"
+    max_spatial_condition_number: float = 1.0e10
+    iterate_single_kernel: bool = False
+    constant_variance_weighting: bool = True
+    # Alard-Lupton basis
+    alard_n_gauss: int = 3
+    alard_deg_gauss: tuple = (4, 2, 2)
+    alard_sig_gauss: tuple = (0.7, 1.5, 3.0)
+    alard_gauss_beta: float = 2.0
+    alard_min_sig: float = 0.7
+    alard_min_sig_deconv: float = 0.4
+    # delta-function basis
+    use_regularization: bool = True
+    regularization_type: str = "centralDifference"
+    central_regularization_stencil: int = 9
+    forward_regularization_orders: tuple = (1, 2)
+    regularization_border_penalty: float = 3.0
+    lambda_type: str = "absolute"
+    lambda_value: float = 0.2
+    lambda_scaling: float = 1.0e-4
+    # gpudiffim additions
+    max_solve_restarts: int = 20
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+
+    def __post_init__(self):
+        _check_choice(self, "kernel_basis_set", BASIS_SETS)
+        is_al = self.kernel_basis_set == "alard-lupton"
+        if self.max_condition_number is None:
+            object.__setattr__(self, "max_condition_number", 5.0e7 if is_al else 5.0e6)
+        if self.use_pca_for_spatial_kernel is None:
+            object.__setattr__(self, "use_pca_for_spatial_kernel", not is_al)
+        self._validate_kernel_fields()
+        self._validate_clipping_fields()
+        self._validate_al_fields()
+        self._validate_df_fields()
+        if isinstance(self.detection, Mapping):
+            object.__setattr__(self, "detection", DetectionConfig.from_mapping(self.detection))
+        if not isinstance(self.detection, DetectionConfig):
+            _fail("detection", self.detection, "a DetectionConfig")
+
+    def _validate_kernel_fields(self):
+        _check_int(self, "kernel_size", minimum=3, odd=True)
+        _check_bool(self, "scale_by_fwhm")
+        _check_float(self, "kernel_size_fwhm_scaling", minimum=1.0)
+        _check_int(self, "kernel_size_min", minimum=3, odd=True)
+        _check_int(self, "kernel_size_max", minimum=self.kernel_size_min, odd=True)
+        _check_bool(self, "fit_for_background")
+        _check_choice(self, "spatial_model_type", SPATIAL_MODEL_TYPES)
+        _check_int(self, "spatial_kernel_order", minimum=0, maximum=10)
+        _check_int(self, "spatial_bg_order", minimum=0, maximum=10)
+        _check_int(self, "size_cell_x", minimum=32)
+        _check_int(self, "size_cell_y", minimum=32)
+        _check_int(self, "n_star_per_cell", minimum=-1)
+        if self.n_star_per_cell == 0:
+            _fail("n_star_per_cell", 0, "-1 (all) or a positive integer")
+        _check_int(self, "max_spatial_iterations", minimum=1, maximum=5)
+        _check_bool(self, "use_pca_for_spatial_kernel")
+        _check_bool(self, "subtract_mean_for_pca")
+        _check_int(self, "num_principal_components", minimum=3)
+        _check_int(self, "max_solve_restarts", minimum=0)
+
+    def _validate_clipping_fields(self):
+        for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",
+                     "check_condition_number", "use_core_stats", "iterate_single_kernel",
+                     "constant_variance_weighting"):
+            _check_bool(self, name)
+        _check_names(self, "bad_mask_planes")
+        _check_float(self, "candidate_residual_mean_max", positive=True)
+        _check_float(self, "candidate_residual_std_max", positive=True)
+        _check_int(self, "candidate_core_radius", minimum=1)
+        _check_float(self, "max_ksum_sigma", positive=True)
+        _check_float(self, "max_condition_number", positive=True)
+        _check_choice(self, "condition_number_type", CONDITION_NUMBER_TYPES)
+        _check_float(self, "max_spatial_condition_number", positive=True)
+
+    def _validate_al_fields(self):
+        _check_int(self, "alard_n_gauss", minimum=1)
+        for name in ("alard_deg_gauss", "alard_sig_gauss"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                _fail(name, value, "a sequence")
+            if len(value) != self.alard_n_gauss:
+                _fail(name, value, f"a sequence of alard_n_gauss={self.alard_n_gauss} values")
+            object.__setattr__(self, name, tuple(value))
+        for deg in self.alard_deg_gauss:
+            if isinstance(deg, bool) or not isinstance(deg, int) or deg < 0:
+                _fail("alard_deg_gauss", self.alard_deg_gauss, "non-negative integers")
+        for sig in self.alard_sig_gauss:
+            if isinstance(sig, bool) or not isinstance(sig, (int, float)) or not sig > 0:
+                _fail("alard_sig_gauss", self.alard_sig_gauss, "positive numbers")
+        object.__setattr__(self, "alard_sig_gauss", tuple(float(s) for s in self.alard_sig_gauss))
+        _check_float(self, "alard_gauss_beta", positive=True)
+        _check_float(self, "alard_min_sig", minimum=0.25)
+        _check_float(self, "alard_min_sig_deconv", minimum=0.25)
+
+    def _validate_df_fields(self):
+        _check_bool(self, "use_regularization")
+        _check_choice(self, "regularization_type", REGULARIZATION_TYPES)
+        _check_choice(self, "central_regularization_stencil", (5, 9))
+        orders = self.forward_regularization_orders
+        if isinstance(orders, (str, bytes)) or not hasattr(orders, "__iter__"):
+            _fail("forward_regularization_orders", orders, "a sequence of integers in 1..3")
+        orders = tuple(orders)
+        if not orders or any(isinstance(o, bool) or o not in (1, 2, 3) for o in orders):
+            _fail("forward_regularization_orders", orders, "a non-empty sequence of integers in 1..3")
+        object.__setattr__(self, "forward_regularization_orders", orders)
+        _check_float(self, "regularization_border_penalty", minimum=0.0)
+        _check_choice(self, "lambda_type", LAMBDA_TYPES)
+        _check_float(self, "lambda_value", minimum=0.0)
+        _check_float(self, "lambda_scaling", minimum=0.0)
+
+    @property
+    def is_alard_lupton(self):
+        """True for the Alard-Lupton basis set."""
+        return self.kernel_basis_set == "alard-lupton"
+
+    @property
+    def constant_first_term(self):
+        """Whether basis 0's coefficient is spatially constant (AL or PCA)."""
+        return self.is_alard_lupton or self.use_pca_for_spatial_kernel
+
+    @classmethod
+    def from_mapping(cls, mapping):
+        """Build from a mapping (e.g. parsed YAML/JSON); unknown keys raise.
+
+        A nested ``"detection"`` mapping becomes a :class:`DetectionConfig`.
+        """
+        return _from_mapping(cls, mapping)
+
+    def to_dict(self):
+        """Plain-dict form (nested detection included), e.g. for FITS provenance."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,156 @@
+"""Correlation of images and stamps with kernel images (``afw`` convention).
+
+Convention
+----------
+``afw``'s "convolve" is a cross-correlation with the stored kernel image.  A
+kernel array ``K`` of shape ``(2h+1, 2h+1)`` holds at ``K[h + v, h + u]`` the
+weight of offset ``(u, v)`` (u along columns = x, v along rows = y), and
+
+.. math:: out(x, y) = \\sum_{u,v} K(u, v)\\, in(x + u, y + v).
+
+A true convolution would use ``K[h - v, h - u]``; kernel images and the sign of
+odd basis coefficients are therefore directly comparable with ``ip_diffim``
+(HOTPANTS convolves, so its odd coefficients have the opposite sign).
+
+The stamp routines return the *valid* region only (the input shrunk by ``h``
+on every side), which is exactly the region ``afw`` does not flag as edge.
+The full-image routine returns the same shape as its input; pixels within ``h``
+of the border are computed with zero padding and must be treated as edge by
+the caller.
+"""
+
+import numpy as np
+import scipy.fft
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = [
+    "correlate_stamps",
+    "correlate_stamps_each",
+    "FourierCorrelator",
+]
+
+#: Number of stamps processed per chunk, to bound temporary memory.
+_STAMP_CHUNK = 64
+
+
+def _windows(stamps, kernel_shape):
+    """Sliding windows of shape (N, F_y, F_x, kh, kw) over a stack of stamps."""
+    return sliding_window_view(stamps, kernel_shape, axis=(1, 2))
+
+
+def correlate_stamps(stamps, kernels):
+    """Correlate every stamp with every kernel, valid region only.
+
+    Parameters
+    ----------
+    stamps : ndarray of shape (N, S_y, S_x)
+        Image stamps.
+    kernels : ndarray of shape (K, kh, kw)
+        Kernel images, odd sizes, ``afw`` layout (see module notes).
+
+    Returns
+    -------
+    ndarray of shape (N, K, S_y - kh + 1, S_x - kw + 1), float64
+        ``out[n, k, y, x] = sum_{j,i} kernels[k, j, i] * stamps[n, y + j, x + i]``.
+
+    Notes
+    -----
+    Implemented as one matrix product per chunk of stamps (the windows of a
+    chunk times the flattened kernels), which BLAS runs at near peak speed.
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    kernels = np.asarray(kernels, dtype=np.float64)
+    n, sy, sx = stamps.shape
+    nk, kh, kw = kernels.shape
+    fy, fx = sy - kh + 1, sx - kw + 1
+    flat_kernels = kernels.reshape(nk, kh * kw).T
+    out = np.empty((n, nk, fy, fx))
+    for start in range(0, n, _STAMP_CHUNK):
+        chunk = stamps[start:start + _STAMP_CHUNK]
+        windows = _windows(chunk, (kh, kw)).reshape(-1, kh * kw)
+        product = windows @ flat_kernels
+        out[start:start + len(chunk)] = product.reshape(len(chunk), fy, fx, nk).transpose(0, 3, 1, 2)
+    return out
+
+
+def correlate_stamps_each(stamps, kernels):
+    """Correlate stamp ``n`` with its own kernel ``n``, valid region only.
+
+    Parameters
+    ----------
+    stamps : ndarray of shape (N, S_y, S_x)
+    kernels : ndarray of shape (N, kh, kw)
+
+    Returns
+    -------
+    ndarray of shape (N, S_y - kh + 1, S_x - kw + 1), float64
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    kernels = np.asarray(kernels, dtype=np.float64)
+    _, kh, kw = kernels.shape
+    out = np.empty((stamps.shape[0], stamps.shape[1] - kh + 1, stamps.shape[2] - kw + 1))
+    for start in range(0, len(stamps), _STAMP_CHUNK):
+        stop = start + _STAMP_CHUNK
+        windows = _windows(stamps[start:stop], (kh, kw))
+        out[start:stop] = np.einsum("nyxji,nji->nyx", windows, kernels[start:stop], optimize=True)
+    return out
+
+
+class FourierCorrelator:
+    """Correlate one image with many kernels by FFT, reusing the image transform.
+
+    Parameters
+    ----------
+    image : ndarray of shape (M, N)
+        Image.
+    kernel_shape : tuple of int
+        Odd kernel shape ``(kh, kw)`` shared by every kernel to be applied.
+    dtype : {numpy.float64, numpy.float32}
+        Precision of the transforms.  float32 transforms are twice as fast;
+        their error is ~1e-7 of the image's rms, far below the noise of
+        float32 astronomical data (the task uses the image's own precision).
+
+    Notes
+    -----
+    Output pixel ``[y, x]`` equals the direct sum of the module notes with
+    zero outside the image.  The transform is padded to a fast length
+    covering the full linear correlation, so there is no wrap-around.
+    """
+
+    def __init__(self, image, kernel_shape, dtype=np.float64):
+        self.dtype = np.dtype(dtype)
+        image = np.asarray(image, dtype=self.dtype)
+        self.shape = image.shape
+        self.kernel_shape = tuple(kernel_shape)
+        kh, kw = self.kernel_shape
+        self._fft_shape = (scipy.fft.next_fast_len(self.shape[0] + kh - 1, real=True),
+                           scipy.fft.next_fast_len(self.shape[1] + kw - 1, real=True))
+        self._image_ft = scipy.fft.rfft2(image, s=self._fft_shape, workers=-1)
+
+    def _kernel_transform(self, kernel):
+        """``rfft2`` of the flipped, zero-padded kernel.
+
+        The row transform is taken on the ``kh`` kernel rows only, and the
+        column transform on the zero-padded result: half the work of a full
+        2-D transform of the padded kernel.
+        """
+        flipped = np.asarray(kernel, dtype=self.dtype)[::-1, ::-1]
+        rows = scipy.fft.rfft(flipped, n=self._fft_shape[1], axis=1, workers=-1)
+        return scipy.fft.fft(rows, n=self._fft_shape[0], axis=0, workers=-1)
+
+    def correlate(self, kernel):
+        """Same-size correlation of the image with one kernel image.
+
+        Parameters
+        ----------
+        kernel : ndarray of shape ``kernel_shape``
+
+        Returns
+        -------
+        ndarray of shape (M, N), in the correlator's dtype
+        """
+        kh, kw = self.kernel_shape
+        product = self._image_ft * self._kernel_transform(kernel)
+        full = scipy.fft.irfft2(product, s=self._fft_shape, workers=-1, overwrite_x=True)
+        cy, cx = kh // 2, kw // 2
+        return full[cy:cy + self.shape[0], cx:cx + self.shape[1]]

@@ -1,0 +1,66 @@
+"""Exceptions and warnings raised by gpudiffim.
+
+Every error subclasses :class:`GpudiffimError` and the builtin it refines, so
+``except ValueError`` in calling code keeps working.  All classes pickle
+(they only carry their message), so they cross process boundaries intact.
+"""
+
+import numpy as np
+
+__all__ = [
+    "GpudiffimError",
+    "ConfigurationError",
+    "ShapeError",
+    "InvalidImageError",
+    "InvalidVarianceError",
+    "NoKernelCandidatesError",
+    "SingularSystemError",
+    "BackendUnavailableError",
+    "GpudiffimWarning",
+    "NoDataWarning",
+    "FitQualityWarning",
+]
+
+
+class GpudiffimError(Exception):
+    """Base class of every gpudiffim error."""
+
+
+class ConfigurationError(GpudiffimError, ValueError):
+    """A configuration field or an argument has an invalid value."""
+
+
+class ShapeError(GpudiffimError, ValueError):
+    """Arrays have the wrong number of dimensions or mismatched shapes."""
+
+
+class InvalidImageError(GpudiffimError, ValueError):
+    """Pixel data unusable as given: wrong dtype, byte order, or no good pixel."""
+
+
+class InvalidVarianceError(InvalidImageError):
+    """A variance plane holds zero or negative values on unmasked pixels."""
+
+
+class NoKernelCandidatesError(GpudiffimError, RuntimeError):
+    """Too few usable kernel candidates to fit the PSF-matching kernel."""
+
+
+class SingularSystemError(GpudiffimError, np.linalg.LinAlgError):
+    """A normal-equation system is singular or too ill-conditioned to solve."""
+
+
+class BackendUnavailableError(GpudiffimError, RuntimeError):
+    """The requested compute backend cannot be used on this machine."""
+
+
+class GpudiffimWarning(UserWarning):
+    """Base class of every gpudiffim warning."""
+
+
+class NoDataWarning(GpudiffimWarning):
+    """Non-finite input pixels were flagged NO_DATA and excluded."""
+
+
+class FitQualityWarning(GpudiffimWarning):
+    """The kernel fit is poorly constrained or rejected many candidates."""

@@ -1,0 +1,247 @@
+"""Masked images: image, mask and variance planes on one pixel grid.
+
+Conventions
+-----------
+Arrays are indexed ``[row, column]`` = ``[y, x]``, 0-based.  ``xy0 = (x0, y0)``
+is the parent-pixel coordinate of array element ``[0, 0]``, so array element
+``[j, i]`` is parent pixel ``(x0 + i, y0 + j)``.  Pixel centres are at integer
+coordinates (LSST convention).  Spatial models (kernel, background) are
+evaluated in parent coordinates.
+"""
+
+import logging
+import warnings
+
+import numpy as np
+
+from .errors import InvalidImageError, InvalidVarianceError, NoDataWarning, ShapeError
+
+__all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "mask_bits"]
+
+log = logging.getLogger(__name__)
+
+#: LSST ``afw`` default mask planes and their bit numbers.
+DEFAULT_MASK_PLANES = {
+    "BAD": 0,
+    "SAT": 1,
+    "INTRP": 2,
+    "CR": 3,
+    "EDGE": 4,
+    "DETECTED": 5,
+    "DETECTED_NEGATIVE": 6,
+    "SUSPECT": 7,
+    "NO_DATA": 8,
+}
+
+
+def mask_bits(planes, names):
+    """OR of the bits of the named planes; names not in ``planes`` are ignored.
+
+    Parameters
+    ----------
+    planes : mapping of str to int
+        Mask-plane name to bit number.
+    names : iterable of str
+        Plane names.
+
+    Returns
+    -------
+    int
+        Bit mask (0 if no name is known), as ``afw`` does for ``badMaskPlanes``.
+    """
+    value = 0
+    for name in names:
+        if name in planes:
+            value |= 1 << planes[name]
+    return value
+
+
+def _check_float_array(name, array, shape=None):
+    array = np.asarray(array)
+    if array.ndim != 2:
+        msg = f"{name} must be a 2-D array (rows, columns), got shape {array.shape}"
+        raise ShapeError(msg)
+    if shape is not None and array.shape != shape:
+        msg = f"{name} has shape {array.shape} but the image has shape {shape}"
+        raise ShapeError(msg)
+    if array.size == 0:
+        msg = f"{name} is empty (shape {array.shape})"
+        raise ShapeError(msg)
+    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+        msg = f"{name} must hold real numbers (float or integer), got dtype {array.dtype}"
+        raise InvalidImageError(msg)
+    if not array.dtype.isnative:
+        msg = (f"{name} has non-native byte order ({array.dtype.str}), typical of FITS data; "
+               f"convert with a.astype(a.dtype.newbyteorder('=')) or read it with gpudiffim.io")
+        raise InvalidImageError(msg)
+    return array
+
+
+class MaskedImage:
+    """An image with mask and variance planes and a parent-pixel origin.
+
+    The planes are copied on construction and stored read-only, so the
+    caller's arrays are never modified and a ``MaskedImage`` is immutable.
+
+    Parameters
+    ----------
+    image : array_like of shape (M, N)
+        Pixel values (counts).  float32 and float64 are kept; integer images
+        become float64.
+    mask : array_like of int, shape (M, N), optional
+        Bit mask; planes named by ``mask_planes``.  Zeros if omitted.
+    variance : array_like of shape (M, N), optional
+        Per-pixel variance (counts^2).  If omitted, a constant variance equal to
+        the square of the robust (MAD) standard deviation of the image is used.
+    xy0 : tuple of int, optional
+        Parent coordinate ``(x0, y0)`` of array element ``[0, 0]``.
+    mask_planes : mapping of str to int, optional
+        Plane name -> bit number; defaults to :data:`DEFAULT_MASK_PLANES`.
+
+    Raises
+    ------
+    ShapeError
+        If a plane is not 2-D or the shapes differ.
+    InvalidImageError
+        For a non-real dtype, non-native byte order, or no pixel with data.
+    InvalidVarianceError
+        If the variance is zero or negative on a pixel that is not NO_DATA.
+
+    Warns
+    -----
+    NoDataWarning
+        If image or variance pixels are NaN or infinite: they are flagged
+        NO_DATA, their image and variance set to 0 and kept out of every fit.
+    """
+
+    def __init__(self, image, mask=None, variance=None, *, xy0=(0, 0), mask_planes=None):
+        image = _check_float_array("image", image)
+        dtype = image.dtype if image.dtype.kind == "f" else np.dtype(np.float64)
+        shape = image.shape
+        planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
+        for name in ("NO_DATA", "EDGE"):
+            if name not in planes:
+                planes[name] = max(planes.values(), default=-1) + 1
+        if mask is None:
+            mask = np.zeros(shape, dtype=np.int32)
+        else:
+            mask = np.asarray(mask)
+            if mask.ndim != 2 or mask.shape != shape:
+                msg = f"mask has shape {mask.shape} but the image has shape {shape}"
+                raise ShapeError(msg)
+            if mask.dtype.kind not in "iu":
+                msg = f"mask must be an integer array, got dtype {mask.dtype}"
+                raise InvalidImageError(msg)
+            mask = mask.astype(np.int32)
+        image = np.array(image, dtype=dtype)
+        if variance is None:
+            variance = np.full(shape, _robust_variance(image), dtype=dtype)
+        else:
+            variance = np.array(_check_float_array("variance", variance, shape), dtype=dtype)
+        no_data = 1 << planes["NO_DATA"]
+        _flag_non_finite(image, variance, mask, no_data)
+        _check_variance(variance, mask, no_data)
+        self._xy0 = (int(xy0[0]), int(xy0[1]))
+        self._planes = planes
+        for array in (image, mask, variance):
+            array.flags.writeable = False
+        self._image, self._mask, self._variance = image, mask, variance
+
+    @classmethod
+    def _from_planes(cls, image, mask, variance, xy0, mask_planes):
+        """Wrap planes computed by gpudiffim itself, without re-validation."""
+        self = cls.__new__(cls)
+        self._xy0 = (int(xy0[0]), int(xy0[1]))
+        self._planes = dict(mask_planes)
+        arrays = [np.array(image), np.array(mask, dtype=np.int32), np.array(variance)]
+        for array in arrays:
+            array.flags.writeable = False
+        self._image, self._mask, self._variance = arrays
+        return self
+
+    @property
+    def image(self):
+        """Read-only image plane, shape (M, N)."""
+        return self._image
+
+    @property
+    def mask(self):
+        """Read-only int32 mask plane, shape (M, N)."""
+        return self._mask
+
+    @property
+    def variance(self):
+        """Read-only variance plane, shape (M, N)."""
+        return self._variance
+
+    @property
+    def xy0(self):
+        """Parent coordinate (x0, y0) of element [0, 0]."""
+        return self._xy0
+
+    @property
+    def shape(self):
+        """(rows, columns)."""
+        return self._image.shape
+
+    @property
+    def dtype(self):
+        """Floating dtype of the image and variance planes."""
+        return self._image.dtype
+
+    @property
+    def mask_planes(self):
+        """Copy of the plane name -> bit number mapping."""
+        return dict(self._planes)
+
+    def bits(self, names):
+        """Bit mask of the named planes (unknown names ignored)."""
+        return mask_bits(self._planes, names)
+
+    def bbox(self):
+        """Parent bounding box ``(x_min, y_min, x_max, y_max)``, inclusive."""
+        x0, y0 = self._xy0
+        return (x0, y0, x0 + self.shape[1] - 1, y0 + self.shape[0] - 1)
+
+    def __repr__(self):
+        return (f"MaskedImage(shape={self.shape}, dtype={self.dtype}, xy0={self.xy0}, "
+                f"planes={sorted(self._planes)})")
+
+
+def _robust_variance(image):
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        msg = "image has no finite pixel"
+        raise InvalidImageError(msg)
+    mad = np.median(np.abs(finite - np.median(finite)))
+    sigma = 1.4826 * mad
+    if not sigma > 0:
+        msg = "cannot estimate a variance from a constant image; pass variance="
+        raise InvalidVarianceError(msg)
+    log.info("no variance plane given: using a constant variance %.6g from the image MAD", sigma**2)
+    return sigma**2
+
+
+def _flag_non_finite(image, variance, mask, no_data):
+    bad = ~(np.isfinite(image) & np.isfinite(variance))
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad:
+        mask[bad] |= no_data
+        image[bad] = 0.0
+        variance[bad] = 0.0
+        msg = f"{n_bad} NaN/inf image or variance pixel(s) flagged NO_DATA and excluded"
+        warnings.warn(msg, NoDataWarning, stacklevel=3)
+    if np.all(mask & no_data):
+        msg = "every pixel is NO_DATA: the image holds no data"
+        raise InvalidImageError(msg)
+
+
+def _check_variance(variance, mask, no_data):
+    bad = (variance <= 0) & ((mask & no_data) == 0)
+    n_bad = int(np.count_nonzero(bad))
+    if n_bad:
+        row, col = np.argwhere(bad)[0]
+        msg = (f"variance must be > 0 on pixels with data: {n_bad} pixel(s) are <= 0, "
+               f"first at row {row}, column {col} (value {variance[row, col]!r}); "
+               f"flag such pixels NO_DATA in the mask if they hold no data")
+        raise InvalidVarianceError(msg)

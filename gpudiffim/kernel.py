@@ -1,0 +1,130 @@
+"""The fitted spatially varying PSF-matching kernel and differential background.
+
+The kernel is a linear combination of fixed basis kernels whose coefficients
+are spatial functions of the parent coordinate:
+
+.. math:: K(u, v; x, y) = \\sum_i f_i(x, y)\\, B_i(u, v),
+          \\qquad f_i(x, y) = \\sum_t a_{i,t} P_t(x, y).
+
+Kernel images use the ``afw`` correlation layout of :mod:`gpudiffim.convolve`
+(``K[h + v, h + u]`` weights the input pixel at offset ``(u, v)``), so they
+compare pixel for pixel with ``ip_diffim`` kernel images.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spatial import SpatialFunction
+
+__all__ = ["SpatialKernel", "BackgroundModel"]
+
+
+def _read_only(array):
+    array = np.array(array, dtype=np.float64)
+    array.flags.writeable = False
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class SpatialKernel:
+    """A spatially varying linear-combination kernel.
+
+    Parameters
+    ----------
+    basis : ndarray of shape (n_basis, kh, kw)
+        Basis kernel images.
+    coefficients : ndarray of shape (n_basis, n_terms)
+        ``a[i, t]``: weight of spatial term ``t`` in the coefficient of basis ``i``.
+    spatial_function : SpatialFunction
+        The spatial terms ``P_t``.
+    """
+
+    basis: np.ndarray
+    coefficients: np.ndarray
+    spatial_function: SpatialFunction
+
+    def __post_init__(self):
+        object.__setattr__(self, "basis", _read_only(self.basis))
+        object.__setattr__(self, "coefficients", _read_only(self.coefficients))
+        expected = (self.basis.shape[0], self.spatial_function.n_terms)
+        if self.coefficients.shape != expected:
+            msg = f"coefficients have shape {self.coefficients.shape}, expected {expected}"
+            raise ValueError(msg)
+
+    @property
+    def shape(self):
+        """Kernel image shape (rows, columns)."""
+        return self.basis.shape[1:]
+
+    @property
+    def n_basis(self):
+        """Number of basis kernels."""
+        return self.basis.shape[0]
+
+    @property
+    def is_spatially_invariant(self):
+        """True when no coefficient varies over the image."""
+        return not np.any(self.coefficients[:, 1:])
+
+    def basis_coefficients(self, x, y):
+        """Coefficients ``f_i(x, y)`` of the basis kernels at a parent position.
+
+        Returns
+        -------
+        ndarray of shape (n_basis,)
+        """
+        return self.coefficients @ self.spatial_function.terms(float(x), float(y))
+
+    def image(self, x, y):
+        """Kernel image realised at parent position ``(x, y)``.
+
+        Returns
+        -------
+        ndarray of shape (kh, kw)
+        """
+        return np.tensordot(self.basis_coefficients(x, y), self.basis, axes=1)
+
+    def kernel_sum(self, x, y):
+        """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""
+        return float(self.basis_coefficients(x, y) @ self.basis.sum(axis=(1, 2)))
+
+    def term_kernels(self):
+        """Kernel image of each spatial term: ``K_t = sum_i a[i, t] B_i``.
+
+        ``K(x, y) = sum_t P_t(x, y) K_t``; applying the kernel to an image is
+        therefore a handful of fixed-kernel correlations weighted by the
+        spatial terms (exact at every pixel).
+
+        Returns
+        -------
+        ndarray of shape (n_terms, kh, kw)
+        """
+        return np.tensordot(self.coefficients.T, self.basis, axes=1)
+
+
+@dataclass(frozen=True, eq=False)
+class BackgroundModel:
+    """Differential background ``b(x, y) = sum_t c_t Q_t(x, y)``.
+
+    Parameters
+    ----------
+    coefficients : ndarray of shape (n_terms,)
+    spatial_function : SpatialFunction
+    """
+
+    coefficients: np.ndarray
+    spatial_function: SpatialFunction
+
+    def __post_init__(self):
+        object.__setattr__(self, "coefficients", _read_only(self.coefficients))
+
+    def __call__(self, x, y):
+        """Background at parent coordinates ``(x, y)`` (scalars or arrays)."""
+        return self.spatial_function.evaluate(self.coefficients, x, y)
+
+    def image(self, shape, xy0=(0, 0)):
+        """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``."""
+        x = xy0[0] + np.arange(shape[1])
+        y = xy0[1] + np.arange(shape[0])
+        return self.spatial_function.evaluate_grid(self.coefficients, x, y)

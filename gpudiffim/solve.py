@@ -1,0 +1,361 @@
+"""The kernel solve loop: stamp fits, three clipping stages, spatial fit.
+
+This is ``ip_diffim``'s ``PsfMatchTask._solve`` (spec section 5.2):
+
+1. *Single-kernel stage*: visit up to ``n_star_per_cell`` non-BAD candidates
+   per cell, fit every unbuilt one, reject on residual statistics; repeat
+   until a pass rejects none (replacements from the same cell come in).
+2. *Kernel-sum stage*: 3-sigma-clipped mean and scatter of the visited
+   kernel sums; reject outliers beyond ``max_ksum_sigma``; restart on any
+   rejection.
+3. Optional PCA basis from the visited kernels, re-fit; restart on rejections.
+4. *Spatial fit* of the visited candidates, then *spatial-kernel stage*:
+   residual statistics under the spatial model; on rejections iterate (at
+   most ``max_spatial_iterations`` times).
+
+Unlike ``ip_diffim``, the kernel-sum and PCA restarts are bounded by
+``max_solve_restarts``.  Candidates of one pass are fitted as one batch.
+"""
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .basis import renormalize_kernel_list
+from .candidates import BAD, GOOD
+from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
+from .kernel import BackgroundModel, SpatialKernel
+from .spatial import SpatialFunction
+from .spatial_fit import local_parameter_maps, solve_spatial, spatial_normal_equations, unpack_spatial
+from .stamps import StampBatch, fit_stamps, stamp_residual_statistics
+from .statistics import clipped_mean_std
+
+__all__ = ["KernelSolution", "solve_kernel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KernelSolution:
+    """Outcome of the solve loop.
+
+    Attributes
+    ----------
+    kernel : SpatialKernel
+    background : BackgroundModel
+    condition_number : float
+        Condition number of the spatial normal matrix.
+    n_spatial_candidates : int
+        Candidates in the final spatial fit.
+    diagnostics : dict
+        Kernel sum at the centre, counts, warnings issued.
+    """
+
+    kernel: SpatialKernel
+    background: BackgroundModel
+    condition_number: float
+    n_spatial_candidates: int
+    diagnostics: dict
+
+
+class _Solver:
+    """State of one solve: images, basis, cell set and the spatial functions."""
+
+    def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
+        self.config = config
+        self.basis = basis
+        self.template, self.science = template, science
+        self.cell_set = cell_set
+        self.half_size = half_size
+        self.regularization = regularization
+        self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
+        self.kernel_function = SpatialFunction(config.spatial_model_type, config.spatial_kernel_order,
+                                               cell_set.bbox)
+        bg_order = config.spatial_bg_order if config.fit_for_background else 0
+        self.bg_function = SpatialFunction(config.spatial_model_type, bg_order, cell_set.bbox)
+        self.pca_basis = None
+
+    def visit(self):
+        return self.cell_set.visit(self.config.n_star_per_cell)
+
+    def visit_built(self, key="orig"):
+        """Visited candidates with a ``key`` solution; unbuilt ones become BAD."""
+        built = []
+        for candidate in self.visit():
+            if key in candidate.solution:
+                built.append(candidate)
+            else:
+                candidate.reject("not fitted before the final spatial solution")
+        return built
+
+    def batch(self, candidates):
+        return StampBatch.extract(candidates, self.template, self.science, self.half_size)
+
+    def core_radius(self):
+        return self.config.candidate_core_radius if self.config.use_core_stats else None
+
+    def build(self, candidates, basis, key, regularization):
+        """Fit ``candidates`` with ``basis``, store under ``key``, clip; return #rejected."""
+        if not candidates:
+            return 0
+        batch = self.batch(candidates)
+        fit = fit_stamps(batch, basis, self.config, regularization)
+        kernels = np.tensordot(fit.coefficients, basis, axes=1)
+        stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
+                                          self.core_radius())
+        n_rejected = 0
+        for k, candidate in enumerate(candidates):
+            candidate.solution[key] = {
+                "coefficients": fit.coefficients[k], "background": float(fit.background[k]),
+                "kernel_sum": float(fit.kernel_sum[k]), "normal_matrix": fit.normal_matrix[k],
+                "normal_vector": fit.normal_vector[k]}
+            candidate.stats["single"] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
+                                         "n": int(stats.n_pixels[k])}
+            reason = fit.failure[k] or self._clip_reason(stats.mean[k], stats.rms[k], "single-kernel",
+                                                          self.config.single_kernel_clipping)
+            if reason:
+                candidate.reject(reason)
+                n_rejected += 1
+            else:
+                candidate.status = GOOD
+        return n_rejected
+
+    def _clip_reason(self, mean, rms, stage, clipping):
+        config = self.config
+        if not (np.isfinite(mean) and np.isfinite(rms)):
+            return f"{stage} residual statistics undefined (no usable pixel)"
+        if not clipping:
+            return ""
+        if abs(mean) > config.candidate_residual_mean_max:
+            return f"{stage} residual |mean| {abs(mean):.3g} > {config.candidate_residual_mean_max}"
+        if rms > config.candidate_residual_std_max:
+            return f"{stage} residual rms {rms:.3g} > {config.candidate_residual_std_max}"
+        return ""
+
+    def single_kernel_stage(self):
+        """Build unbuilt visited candidates until a pass rejects none."""
+        passes = 0
+        while True:
+            unbuilt = [c for c in self.visit() if "orig" not in c.solution]
+            n_rejected = self.build(unbuilt, self.basis.kernels, "orig", self.regularization)
+            passes += 1
+            log.debug("single-kernel pass %d: built %d, rejected %d", passes, len(unbuilt), n_rejected)
+            if n_rejected == 0:
+                return
+
+    def kernel_sum_stage(self):
+        """Reject kernel-sum outliers among the visited candidates; return #rejected."""
+        visited = self.visit()
+        sums = np.array([c.solution["orig"]["kernel_sum"] for c in visited])
+        if sums.size == 0:
+            msg = "no kernel candidate left for the kernel-sum statistics"
+            raise NoKernelCandidatesError(msg)
+        mean, std = clipped_mean_std(sums)
+        if not (np.isfinite(mean) and np.isfinite(std)):
+            msg = "kernel-sum statistics are not finite"
+            raise NoKernelCandidatesError(msg)
+        limit = self.config.max_ksum_sigma * std
+        log.info("kernel sum: clipped mean %.6g, std %.3g over %d candidates", mean, std, sums.size)
+        if not self.config.kernel_sum_clipping:
+            return 0
+        n_rejected = 0
+        for candidate, value in zip(visited, sums):
+            if abs(value - mean) > limit:
+                candidate.reject(f"kernel sum {value:.4g} differs from the clipped mean {mean:.4g} "
+                                 f"by more than {self.config.max_ksum_sigma} sigma ({std:.3g})")
+                n_rejected += 1
+        return n_rejected
+
+    def pca_stage(self):
+        """Build the PCA basis from the visited kernels and re-fit; return #rejected."""
+        visited = self.visit_built()
+        images = np.array([np.tensordot(c.solution["orig"]["coefficients"], self.basis.kernels, axes=1)
+                           / c.solution["orig"]["kernel_sum"] for c in visited])
+        self.pca_basis = pca_kernel_basis(images, self.config.num_principal_components,
+                                          self.config.subtract_mean_for_pca)
+        return self.build(visited, self.pca_basis, "pca", None)
+
+    def spatial_stage(self):
+        """Fit the spatial model to the visited candidates."""
+        config = self.config
+        basis = self.pca_basis if config.use_pca_for_spatial_kernel else self.basis.kernels
+        key = "pca" if config.use_pca_for_spatial_kernel else "orig"
+        used = self.visit_built(key)
+        if not used:
+            msg = "no kernel candidate available for the spatial fit"
+            raise NoKernelCandidatesError(msg)
+        xs = np.array([c.x for c in used], dtype=np.float32).astype(np.float64)
+        ys = np.array([c.y for c in used], dtype=np.float32).astype(np.float64)
+        bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
+        maps = local_parameter_maps(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
+                                    config.constant_first_term)
+        matrix, vector = spatial_normal_equations(
+            np.array([c.solution[key]["normal_matrix"] for c in used]),
+            np.array([c.solution[key]["normal_vector"] for c in used]), maps)
+        theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type)
+        n_bg = self.bg_function.n_terms if config.fit_for_background else 0
+        coefficients, bg = unpack_spatial(theta, len(basis), self.kernel_function.n_terms, n_bg,
+                                          config.constant_first_term)
+        if not config.fit_for_background:
+            bg = np.zeros(1)
+        log.info("spatial fit: %d candidates, %d unknowns, condition number %.3g (%s)",
+                 len(used), len(theta), cond, method)
+        return (SpatialKernel(basis, coefficients, self.kernel_function),
+                BackgroundModel(bg, self.bg_function), cond, len(used))
+
+    def assess_stage(self, kernel, background):
+        """Residual statistics under the spatial model; return (#good, #rejected)."""
+        visited = self.visit_built()
+        if not visited:
+            return 0, 0
+        kernels = np.array([kernel.image(c.x, c.y) for c in visited])
+        bg = np.array([background(float(c.x), float(c.y)) for c in visited])
+        stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
+                                          self.core_radius())
+        n_good = n_rejected = 0
+        for k, candidate in enumerate(visited):
+            candidate.stats["spatial"] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
+                                          "n": int(stats.n_pixels[k])}
+            reason = self._clip_reason(stats.mean[k], stats.rms[k], "spatial-kernel",
+                                       self.config.spatial_kernel_clipping)
+            if reason:
+                candidate.reject(reason)
+                n_rejected += 1
+            else:
+                candidate.status = GOOD
+                n_good += 1
+        return n_good, n_rejected
+
+
+def pca_kernel_basis(images, n_components, subtract_mean):
+    """PCA basis of kernel images (``ip_diffim`` ``_createPcaBasis``).
+
+    Parameters
+    ----------
+    images : ndarray of shape (N, kh, kw)
+        Kernel images, each divided by its kernel sum.
+    n_components : int
+        Kernels kept, the mean included when ``subtract_mean``.
+    subtract_mean : bool
+        Subtract the mean image first and prepend it to the basis.
+
+    Returns
+    -------
+    ndarray of shape (n, kh, kw)
+        Renormalised basis (sum 1 for the first, 0 for the others).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    kernels = []
+    if subtract_mean:
+        mean = images.mean(axis=0)
+        images = images - mean
+        kernels.append(mean)
+    flat = images.reshape(len(images), -1)
+    if len(images) == 1:
+        eigen_images = flat.copy()
+    else:
+        gram = flat @ flat.T / flat.shape[1]
+        values, vectors = np.linalg.eigh(gram)
+        order = np.argsort(values)[::-1][:100]
+        if values.sum() == 0:
+            msg = "kernel PCA failed: every eigenvalue is zero"
+            raise SingularSystemError(msg)
+        eigen_images = vectors[:, order].T @ flat
+    for image in eigen_images:
+        extreme = image[np.argmax(np.abs(image))]
+        if extreme != 0:
+            kernels.append((image / extreme).reshape(images.shape[1:]))
+    kept = [k for k in kernels[:n_components] if np.all(np.isfinite(k))]
+    return renormalize_kernel_list(np.array(kept))
+
+
+def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
+    """Warn about poorly constrained fits (``_diagnostic`` of ``ip_diffim``)."""
+    config, cell_set = solver.config, solver.cell_set
+    n_good, n_bad = cell_set.count(GOOD), cell_set.count(BAD)
+    kernel, cond = solution[0], solution[2]
+    x0, y0, x1, y1 = cell_set.bbox
+    diagnostics = {"kernel_sum_at_centre": kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1)),
+                   "spatial_condition_number": cond, "n_good": n_good, "n_bad": n_bad,
+                   "warnings": []}
+
+    def complain(message, warn=True):
+        diagnostics["warnings"].append(message)
+        if warn:
+            warnings.warn(message, FitQualityWarning, stacklevel=4)
+        else:
+            log.warning(message)
+
+    if cond > config.max_spatial_condition_number:
+        complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}")
+    if n_bad > 2 * n_good:
+        complain(f"many rejected candidates: {n_bad} BAD for {n_good} GOOD", warn=False)
+    for what, n_terms in (("kernel", n_kernel_terms), ("background", n_bg_terms)):
+        if n_terms and n_good < n_terms:
+            complain(f"spatial {what} model underconstrained: {n_good} GOOD candidates "
+                     f"for {n_terms} spatial terms")
+        elif n_terms and n_good <= 2 * n_terms:
+            complain(f"spatial {what} model poorly constrained: {n_good} GOOD candidates "
+                     f"for {n_terms} spatial terms", warn=False)
+    return diagnostics
+
+
+def solve_kernel(config, basis, template, science, cell_set, half_size, regularization=None):
+    """Run the solve loop and return the spatial kernel and background.
+
+    Parameters
+    ----------
+    config : PsfMatchConfig
+    basis : KernelBasis
+        Basis of the kernel (``.kernels`` of shape (n, kh, kw)).
+    template, science : MaskedImage
+        Image to convolve and image matched to.
+    cell_set : SpatialCellSet
+        Candidates; their status, reasons and statistics are updated.
+    half_size : int
+        Stamp half-size.
+    regularization : ndarray, optional
+        Regularisation matrix ``H`` for the stamp fits (delta-function basis).
+
+    Returns
+    -------
+    KernelSolution
+
+    Raises
+    ------
+    NoKernelCandidatesError
+        When clipping leaves no candidate, or restarts exceed ``max_solve_restarts``.
+    """
+    solver = _Solver(config, basis, template, science, cell_set, half_size, regularization)
+    iteration = restarts = 0
+    n_rejected = 0
+    while iteration < config.max_spatial_iterations:
+        solver.single_kernel_stage()
+        if not cell_set.has_usable_cells():
+            msg = "every kernel candidate was rejected by the single-kernel fits"
+            raise NoKernelCandidatesError(msg)
+        if solver.kernel_sum_stage() > 0 or (config.use_pca_for_spatial_kernel
+                                             and solver.pca_stage() > 0):
+            restarts += 1
+            if restarts > config.max_solve_restarts:
+                msg = f"kernel-sum/PCA clipping still rejecting after {config.max_solve_restarts} restarts"
+                raise NoKernelCandidatesError(msg)
+            continue
+        solution = solver.spatial_stage()
+        n_good, n_rejected = solver.assess_stage(solution[0], solution[1])
+        log.info("spatial iteration %d: %d GOOD, %d rejected", iteration + 1, n_good, n_rejected)
+        if n_good == 0 and n_rejected == 0:
+            msg = "no kernel candidate could be assessed against the spatial model"
+            raise NoKernelCandidatesError(msg)
+        if n_rejected == 0:
+            break
+        iteration += 1
+    if n_rejected > 0 and iteration == config.max_spatial_iterations:
+        if config.use_pca_for_spatial_kernel:
+            solver.pca_stage()
+        solution = solver.spatial_stage()
+    n_bg_terms = solver.bg_function.n_terms if config.fit_for_background else 0
+    diagnostics = _diagnose(solver, solution, solver.kernel_function.n_terms, n_bg_terms)
+    return KernelSolution(solution[0], solution[1], solution[2], solution[3], diagnostics)

@@ -1,0 +1,178 @@
+"""Spatial functions for the kernel coefficients and the differential background.
+
+Terms follow ``afw``'s 2-D ordering by total degree, x power descending
+within a degree: ``1, x, y, x^2, xy, y^2, x^3, x^2 y, ...``.  For the
+"chebyshev1" model, term ``x^i y^j`` stands for ``T_i(x') T_j(y')`` with
+``x' = 2 (x - (x_min + x_max)/2) / (x_max - x_min)`` where the box spans pixel
+*edges* (``x_min = bbox_x0 - 0.5``, ``x_max = bbox_x1 + 0.5``), no clamping.
+The "polynomial" model uses monomials of raw parent-pixel coordinates.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import SPATIAL_MODEL_TYPES
+from .errors import ConfigurationError
+
+__all__ = ["SpatialFunction", "term_exponents"]
+
+
+def term_exponents(order):
+    """Exponents ``(i, j)`` of ``x^i y^j`` for every term, in ``afw`` order.
+
+    Parameters
+    ----------
+    order : int
+        Total degree (>= 0).
+
+    Returns
+    -------
+    list of tuple of int
+        ``(order + 1)(order + 2)/2`` pairs.
+    """
+    return [(degree - j, j) for degree in range(order + 1) for j in range(degree + 1)]
+
+
+def _chebyshev_powers(t, order):
+    """T_0..T_order evaluated at ``t``, stacked on a new last axis."""
+    values = [np.ones_like(t), t]
+    for _ in range(2, order + 1):
+        values.append(2.0 * t * values[-1] - values[-2])
+    return np.stack(values[: order + 1], axis=-1)
+
+
+def _monomial_powers(t, order):
+    return np.stack([t**k for k in range(order + 1)], axis=-1)
+
+
+@dataclass(frozen=True)
+class SpatialFunction:
+    """Basis of 2-D spatial functions of a given total order over a box.
+
+    Parameters
+    ----------
+    model_type : {"chebyshev1", "polynomial"}
+        Function family.
+    order : int
+        Total degree.
+    bbox : tuple of int
+        Parent pixel box ``(x0, y0, x1, y1)``, inclusive; used by "chebyshev1".
+    """
+
+    model_type: str
+    order: int
+    bbox: tuple
+
+    def __post_init__(self):
+        if self.model_type not in SPATIAL_MODEL_TYPES:
+            msg = f"invalid spatial model type {self.model_type!r}: expected one of {SPATIAL_MODEL_TYPES}"
+            raise ConfigurationError(msg)
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 0:
+            msg = f"invalid spatial order {self.order!r}: expected an integer >= 0"
+            raise ConfigurationError(msg)
+        x0, y0, x1, y1 = self.bbox
+        if x1 < x0 or y1 < y0:
+            msg = f"invalid bbox {self.bbox!r}: expected (x0, y0, x1, y1) with x1 >= x0 and y1 >= y0"
+            raise ConfigurationError(msg)
+
+    @property
+    def n_terms(self):
+        """Number of terms, ``(order + 1)(order + 2)/2``."""
+        return (self.order + 1) * (self.order + 2) // 2
+
+    def normalized(self, x, y):
+        """Coordinates as used by the functions: Chebyshev-scaled or raw."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if self.model_type == "polynomial":
+            return x, y
+        x0, y0, x1, y1 = self.bbox
+        xmin, xmax, ymin, ymax = x0 - 0.5, x1 + 0.5, y0 - 0.5, y1 + 0.5
+        return (2.0 * (x - 0.5 * (xmin + xmax)) / (xmax - xmin),
+                2.0 * (y - 0.5 * (ymin + ymax)) / (ymax - ymin))
+
+    def terms(self, x, y):
+        """Every term evaluated at parent coordinates ``(x, y)``.
+
+        Parameters
+        ----------
+        x, y : float or array_like
+            Parent-pixel coordinates (x = column, y = row), broadcastable.
+
+        Returns
+        -------
+        ndarray of shape (..., n_terms)
+        """
+        xn, yn = np.broadcast_arrays(*self.normalized(x, y))
+        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
+        px, py = powers(xn, self.order), powers(yn, self.order)
+        return np.stack([px[..., i] * py[..., j] for i, j in term_exponents(self.order)], axis=-1)
+
+    def evaluate(self, coefficients, x, y):
+        """Sum of ``coefficients[t] * term_t(x, y)``.
+
+        Parameters
+        ----------
+        coefficients : array_like of shape (n_terms,)
+        x, y : float or array_like
+            Parent coordinates.
+
+        Returns
+        -------
+        ndarray or float
+        """
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        return self.terms(x, y) @ coefficients
+
+    def evaluate_grid(self, coefficients, x, y):
+        """Evaluate on the outer grid of 1-D ``x`` (columns) and ``y`` (rows).
+
+        Returns an array of shape ``(len(y), len(x))`` without forming the
+        full term cube: each term is an outer product of 1-D factors.
+        """
+        xn, _ = self.normalized(np.asarray(x, dtype=np.float64), 0.0)
+        _, yn = self.normalized(0.0, np.asarray(y, dtype=np.float64))
+        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
+        px, py = powers(xn, self.order), powers(yn, self.order)
+        out = np.zeros((yn.size, xn.size))
+        for c, (i, j) in zip(coefficients, term_exponents(self.order)):
+            if c != 0.0:
+                out += c * np.outer(py[:, j], px[:, i])
+        return out
+
+
+def product_expansion(model_type, order):
+    """Express products of two spatial terms in the terms of order ``2 order``.
+
+    For monomials ``x^i x^k = x^(i+k)``; for Chebyshev polynomials
+    ``T_i T_k = (T_(i+k) + T_|i-k|) / 2`` (per axis).  Used to apply
+    ``K(x, y)^2`` (variance propagation) with ``(2o+1)(2o+2)/2`` fixed-kernel
+    correlations instead of one per pair of terms.
+
+    Parameters
+    ----------
+    model_type : {"chebyshev1", "polynomial"}
+    order : int
+
+    Returns
+    -------
+    ndarray of shape (n_terms, n_terms, n_product_terms)
+        ``E[t, u, s]``: ``P_t P_u = sum_s E[t, u, s] R_s`` with ``R_s`` the
+        terms of order ``2 order`` (same model, same box).
+    """
+    terms = term_exponents(order)
+    index = {pair: s for s, pair in enumerate(term_exponents(2 * order))}
+    expansion = np.zeros((len(terms), len(terms), len(index)))
+
+    def axis_products(i, k):
+        if model_type == "polynomial":
+            return [(i + k, 1.0)]
+        return [(i + k, 0.5), (abs(i - k), 0.5)]
+
+    for t, (ix, iy) in enumerate(terms):
+        for u, (kx, ky) in enumerate(terms):
+            for px, cx in axis_products(ix, kx):
+                for py, cy in axis_products(iy, ky):
+                    expansion[t, u, index[(px, py)]] += cx * cy
+    return expansion

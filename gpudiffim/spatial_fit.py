@@ -1,0 +1,107 @@
+"""Spatial normal equations: from per-stamp systems to a spatially varying kernel.
+
+Unknowns ``theta`` (``ip_diffim`` ``SpatialKernelSolution``):
+
+* with a constant first term (Alard-Lupton or PCA bases): the scalar ``a_0``,
+  then ``a_{i,t}`` for bases ``i = 1 .. n_b - 1`` and spatial terms
+  ``t = 0 .. n_k - 1``, then background terms ``c_g``;
+* otherwise ``a_{i,t}`` for every basis, then ``c_g``.
+
+For candidate ``c`` at ``(x_c, y_c)`` with stamp normal matrix ``Q_c`` and
+vector ``w_c`` (no regularisation), the map ``J_c`` takes ``theta`` to the
+local parameters (local ``a_i = sum_t a_{i,t} P_t(x_c, y_c)``, local
+background ``sum_g c_g Q_g(x_c, y_c)``), and
+
+.. math:: M = \\sum_c J_c^T Q_c J_c, \\qquad b = \\sum_c J_c^T w_c.
+
+This assumes each stamp's coefficients are constant over the stamp.
+"""
+
+import numpy as np
+
+from .linalg import condition_number, solve_symmetric
+
+__all__ = ["local_parameter_maps", "spatial_normal_equations", "solve_spatial", "unpack_spatial"]
+
+
+def n_spatial_unknowns(n_basis, n_kernel_terms, n_bg_terms, constant_first_term):
+    """Number of unknowns of the spatial system."""
+    kernel = (n_basis - 1) * n_kernel_terms + 1 if constant_first_term else n_basis * n_kernel_terms
+    return kernel + n_bg_terms
+
+
+def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
+    """The matrices ``J_c`` for every candidate.
+
+    Parameters
+    ----------
+    kernel_terms : ndarray of shape (N, n_k)
+        Kernel spatial terms ``P_t`` at each candidate centre.
+    bg_terms : ndarray of shape (N, n_g) or None
+        Background terms at each centre (None when no background is fitted).
+    n_basis : int
+    constant_first_term : bool
+
+    Returns
+    -------
+    ndarray of shape (N, n_b + [1], n_theta)
+    """
+    n, n_k = kernel_terms.shape
+    n_g = 0 if bg_terms is None else bg_terms.shape[1]
+    n_local = n_basis + (1 if bg_terms is not None else 0)
+    n_theta = n_spatial_unknowns(n_basis, n_k, n_g, constant_first_term)
+    maps = np.zeros((n, n_local, n_theta))
+    start = 0
+    if constant_first_term:
+        maps[:, 0, 0] = 1.0
+        start = 1
+    for i in range(1 if constant_first_term else 0, n_basis):
+        maps[:, i, start:start + n_k] = kernel_terms
+        start += n_k
+    if bg_terms is not None:
+        maps[:, n_basis, start:start + n_g] = bg_terms
+    return maps
+
+
+def spatial_normal_equations(normal_matrices, normal_vectors, maps):
+    """Accumulate ``M = sum J^T Q J`` and ``b = sum J^T w``.
+
+    Parameters
+    ----------
+    normal_matrices : ndarray of shape (N, P, P)
+    normal_vectors : ndarray of shape (N, P)
+    maps : ndarray of shape (N, P, n_theta)
+
+    Returns
+    -------
+    matrix : ndarray of shape (n_theta, n_theta)
+    vector : ndarray of shape (n_theta,)
+    """
+    n, p, n_theta = maps.shape
+    projected = normal_matrices @ maps
+    matrix = maps.reshape(n * p, n_theta).T @ projected.reshape(n * p, n_theta)
+    vector = np.einsum("npt,np->t", maps, normal_vectors)
+    return 0.5 * (matrix + matrix.T), vector
+
+
+def solve_spatial(matrix, vector, condition_type="EIGENVALUE"):
+    """Solve the spatial system; also return its condition number and method."""
+    solution, method = solve_symmetric(matrix, vector)
+    return solution, condition_number(matrix, condition_type), method
+
+
+def unpack_spatial(theta, n_basis, n_kernel_terms, n_bg_terms, constant_first_term):
+    """Split ``theta`` into kernel coefficients ``(n_b, n_k)`` and background terms.
+
+    The constant first term becomes row 0 ``[a_0, 0, ..., 0]``.
+    """
+    kernel = np.zeros((n_basis, n_kernel_terms))
+    start = 0
+    if constant_first_term:
+        kernel[0, 0] = theta[0]
+        start = 1
+    for i in range(1 if constant_first_term else 0, n_basis):
+        kernel[i] = theta[start:start + n_kernel_terms]
+        start += n_kernel_terms
+    background = theta[start:start + n_bg_terms]
+    return kernel, background

@@ -1,0 +1,255 @@
+"""Per-candidate (stamp) kernel solutions, batched over candidates.
+
+For a stamp of the image to convolve ``T`` and the image matched to ``S``,
+with basis kernels ``B_i``, the design matrix has columns
+``C_i = (T * B_i)`` on the fit region (the stamp shrunk by the kernel
+half-width ``h``; ``*`` = ``afw`` correlation), plus a column of ones when a
+background is fitted.  With weights ``W = 1/V`` (``V`` = one number, the
+median of ``V_S + V_T`` over the stamp, by default; or per pixel):
+
+.. math:: M = C^T W C, \\quad b = C^T W S, \\quad M a = b.
+
+All candidates of a batch are processed together: the basis correlations are
+one matrix product (see :func:`gpudiffim.convolve.correlate_stamps`) and the
+normal equations one batched product, so the same structure maps onto one
+GPU launch per step.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .convolve import correlate_stamps, correlate_stamps_each
+from .errors import SingularSystemError
+from .linalg import condition_number, solve_symmetric
+from .statistics import residual_statistics
+
+__all__ = ["StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
+
+
+@dataclass(frozen=True)
+class StampBatch:
+    """Stamps of a batch of candidates, cut from both images.
+
+    Attributes
+    ----------
+    template, science : ndarray of shape (N, S, S)
+        Image stamps (float64) of the image to convolve and the image matched to.
+    template_variance, science_variance : ndarray of shape (N, S, S)
+    template_mask, science_mask : ndarray of int, shape (N, S, S)
+    """
+
+    template: np.ndarray
+    science: np.ndarray
+    template_variance: np.ndarray
+    science_variance: np.ndarray
+    template_mask: np.ndarray
+    science_mask: np.ndarray
+
+    @classmethod
+    def extract(cls, candidates, template, science, half_size):
+        """Cut ``(2 half_size + 1)^2`` stamps centred on each candidate.
+
+        Parameters
+        ----------
+        candidates : sequence of KernelCandidate
+        template, science : MaskedImage
+            Same grid (shape and ``xy0``).
+        half_size : int
+        """
+        x0, y0 = science.xy0
+        offsets = np.arange(-half_size, half_size + 1)
+        rows = np.array([c.y - y0 for c in candidates])[:, None, None] + offsets[None, :, None]
+        cols = np.array([c.x - x0 for c in candidates])[:, None, None] + offsets[None, None, :]
+
+        def cut(plane, dtype):
+            return plane[rows, cols].astype(dtype)
+
+        return cls(cut(template.image, np.float64), cut(science.image, np.float64),
+                   cut(template.variance, np.float64), cut(science.variance, np.float64),
+                   cut(template.mask, np.int64), cut(science.mask, np.int64))
+
+    def __len__(self):
+        return self.template.shape[0]
+
+    def fit_region(self, array, half_width):
+        """The stamp shrunk by the kernel half-width (the fit region)."""
+        h = half_width
+        return array[:, h:array.shape[1] - h, h:array.shape[2] - h]
+
+
+@dataclass
+class StampFit:
+    """Solutions of a batch of stamps.
+
+    Attributes
+    ----------
+    coefficients : ndarray of shape (N, n_basis)
+    background : ndarray of shape (N,)
+        Fitted constant background (0 when not fitted).
+    normal_matrix : ndarray of shape (N, P, P)
+        ``M`` without regularisation (used by the spatial fit).
+    normal_vector : ndarray of shape (N, P)
+    kernel_sum : ndarray of shape (N,)
+    failure : list of str
+        "" for a good solution, else why it failed.
+    """
+
+    coefficients: np.ndarray
+    background: np.ndarray
+    normal_matrix: np.ndarray
+    normal_vector: np.ndarray
+    kernel_sum: np.ndarray
+    failure: list
+
+
+def _stamp_weights(batch, half_width, constant):
+    """Inverse-variance weights on the fit region, and per-stamp failures."""
+    total = batch.science_variance + batch.template_variance
+    failure = ["" for _ in range(len(batch))]
+    if constant:
+        level = np.median(total.reshape(len(batch), -1), axis=1)
+        level = np.where(level > 0, level, 1.0)
+        fit_shape = batch.fit_region(total, half_width).shape
+        return np.broadcast_to((1.0 / level)[:, None, None], fit_shape), failure
+    bad = total.reshape(len(batch), -1).min(axis=1) <= 0
+    for k in np.flatnonzero(bad):
+        failure[k] = "non-positive variance in the stamp"
+    region = batch.fit_region(total, half_width)
+    with np.errstate(divide="ignore"):
+        return np.where(region > 0, 1.0 / region, 0.0), failure
+
+
+def _design(batch, basis, fit_background):
+    half_width = basis.shape[1] // 2
+    correlated = correlate_stamps(batch.template, basis)
+    n, nb, fy, fx = correlated.shape
+    columns = correlated.reshape(n, nb, fy * fx)
+    if fit_background:
+        columns = np.concatenate([columns, np.ones((n, 1, fy * fx))], axis=1)
+    target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
+    return columns, target
+
+
+def _normal_equations(columns, target, weights):
+    weighted = columns * weights.reshape(len(columns), 1, -1)
+    matrix = weighted @ columns.transpose(0, 2, 1)
+    vector = np.einsum("npk,nk->np", weighted, target)
+    return matrix, vector
+
+
+def _regularization_lambda(config, matrix, regularization):
+    if config.lambda_type == "relative":
+        return config.lambda_scaling * np.trace(matrix) / np.trace(regularization)
+    return config.lambda_value
+
+
+def _solve_batch(matrix, vector, config, regularization, failure):
+    solutions = np.zeros_like(vector)
+    for k in range(len(matrix)):
+        if failure[k]:
+            continue
+        system = matrix[k]
+        if config.check_condition_number:
+            cond = condition_number(system, config.condition_number_type)
+            if cond > config.max_condition_number:
+                failure[k] = f"condition number {cond:.3g} > {config.max_condition_number:.3g}"
+                continue
+        if regularization is not None:
+            system = system + _regularization_lambda(config, system, regularization) * regularization
+        try:
+            solutions[k], _ = solve_symmetric(system, vector[k])
+        except SingularSystemError as error:
+            failure[k] = f"stamp fit failed: {error}"
+    return solutions
+
+
+def _candidate_kernels(coefficients, basis):
+    return np.tensordot(coefficients, basis, axes=1)
+
+
+def fit_stamps(batch, basis, config, regularization=None):
+    """Solve the kernel of every stamp of a batch.
+
+    Parameters
+    ----------
+    batch : StampBatch
+    basis : ndarray of shape (n_basis, kh, kw)
+        Basis kernels.
+    config : PsfMatchConfig
+        ``fit_for_background``, ``constant_variance_weighting``,
+        ``iterate_single_kernel``, condition-number and lambda fields.
+    regularization : ndarray of shape (P, P), optional
+        ``H``; the system solved is ``(M + lambda H) a = b``.
+
+    Returns
+    -------
+    StampFit
+    """
+    half_width = basis.shape[1] // 2
+    n_basis = basis.shape[0]
+    columns, target = _design(batch, basis, config.fit_for_background)
+    weights, failure = _stamp_weights(batch, half_width, config.constant_variance_weighting)
+    matrix, vector = _normal_equations(columns, target, weights)
+    solution = _solve_batch(matrix, vector, config, regularization, failure)
+    if config.iterate_single_kernel and not config.constant_variance_weighting:
+        kernels = _candidate_kernels(solution[:, :n_basis], basis)
+        variance = _difference_variance(batch, kernels)
+        with np.errstate(divide="ignore"):
+            weights = np.where(variance > 0, 1.0 / variance, 0.0)
+        matrix, vector = _normal_equations(columns, target, weights)
+        solution = _solve_batch(matrix, vector, config, regularization, failure)
+    coefficients = solution[:, :n_basis]
+    background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
+    kernel_sum = coefficients @ basis.sum(axis=(1, 2))
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, failure)
+
+
+def _difference_variance(batch, kernels):
+    half_width = kernels.shape[1] // 2
+    convolved = correlate_stamps_each(batch.template_variance, kernels**2)
+    return batch.fit_region(batch.science_variance, half_width) + convolved
+
+
+def _dilated_mask(mask, half_width):
+    size = 2 * half_width + 1
+    windows = sliding_window_view(mask, (size, size), axis=(1, 2))
+    return np.bitwise_or.reduce(np.bitwise_or.reduce(windows, axis=-1), axis=-1)
+
+
+def difference_stamps(batch, kernels, background):
+    """Difference ``D = S - (T * K + bg)`` of each stamp on its fit region.
+
+    Parameters
+    ----------
+    batch : StampBatch
+    kernels : ndarray of shape (N, kh, kw)
+        One kernel image per stamp.
+    background : ndarray of shape (N,)
+
+    Returns
+    -------
+    difference, variance : ndarray of shape (N, F, F)
+        ``D`` and its variance ``V_S + sum K^2 V_T``.
+    mask : ndarray of int, shape (N, F, F)
+        Science mask OR the template mask dilated over the kernel box.
+    """
+    half_width = kernels.shape[1] // 2
+    model = correlate_stamps_each(batch.template, kernels) + background[:, None, None]
+    difference = batch.fit_region(batch.science, half_width) - model
+    variance = _difference_variance(batch, kernels)
+    mask = batch.fit_region(batch.science_mask, half_width) | _dilated_mask(batch.template_mask,
+                                                                             half_width)
+    return difference, variance, mask
+
+
+def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None):
+    """Residual statistics of the stamps' differences (``ImageStatistics``).
+
+    Returns
+    -------
+    ResidualStatistics
+    """
+    difference, variance, mask = difference_stamps(batch, kernels, background)
+    return residual_statistics(difference, variance, mask, bad_bits, core_radius)

@@ -1,0 +1,306 @@
+"""``ImagePsfMatchTask``: PSF-match and subtract two aligned masked images.
+
+Model (Alard & Lupton 1998, ApJ 503, 325, doi:10.1086/305984; Alard 2000,
+A&AS 144, 363, doi:10.1051/aas:2000214):
+
+.. math:: S(x, y) \\approx (T \\star K_{x,y})(x, y) + b(x, y),
+
+with ``T`` the image that is convolved (the template by default), ``S`` the
+image it is matched to, ``K`` the spatially varying PSF-matching kernel
+(``afw`` correlation convention, see :mod:`gpudiffim.convolve`) and ``b`` a
+differential background.  The difference is ``D = S - T * K - b`` with
+variance ``V_S + sum K^2 V_T`` and the OR of the masks.
+"""
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .apply import convolve_masked_image
+from .basis import make_kernel_basis, make_regularization_matrix
+from .candidates import (
+    KernelCellSet,
+    SpatialCellSet,
+    candidate_positions,
+    core_snr,
+    detect_candidates,
+    require_candidates,
+    vet_candidates,
+)
+from .config import PsfMatchConfig
+from .errors import ConfigurationError, ShapeError
+from .fwhm import estimate_fwhm
+from .image import MaskedImage
+from .kernel import BackgroundModel, SpatialKernel
+from .solve import solve_kernel
+
+__all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """Outcome of :meth:`ImagePsfMatchTask.match_masked_images`.
+
+    Attributes
+    ----------
+    matched_image : MaskedImage
+        The convolved image ``T * K`` (no background added), on the input grid.
+    psf_matching_kernel : SpatialKernel
+        ``.image(x, y)`` and ``.kernel_sum(x, y)`` at any parent position.
+    background_model : BackgroundModel
+        Callable ``b(x, y)``; zero when no background is fitted.
+    kernel_cell_set : KernelCellSet
+        Every candidate with its status, rejection reason, statistics and kernel sum.
+    kernel_basis : KernelBasis
+        The basis of the solution (before any PCA).
+    convolved : {"template", "science"}
+        Which input was convolved.
+    template_fwhm_pix, science_fwhm_pix : float or None
+        FWHMs used (given or estimated; None when neither was needed).
+    timings : dict of str to float
+        Wall time per stage in seconds.
+    diagnostics : dict
+        Kernel sum at the centre, spatial condition number, warnings.
+    """
+
+    matched_image: MaskedImage
+    psf_matching_kernel: SpatialKernel
+    background_model: BackgroundModel
+    kernel_cell_set: KernelCellSet
+    kernel_basis: object
+    convolved: str
+    template_fwhm_pix: float
+    science_fwhm_pix: float
+    timings: dict = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SubtractResult(MatchResult):
+    """:class:`MatchResult` plus the difference image.
+
+    Attributes
+    ----------
+    subtracted_image : MaskedImage
+        ``S - T * K - b`` (convolving the template), or
+        ``(S * K + b - T) / k`` (convolving the science image; ``k`` = kernel sum
+        at the image centre, which puts ``D`` in science flux units).
+    """
+
+    subtracted_image: MaskedImage = None
+
+
+@contextmanager
+def _timed(timings, stage):
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    log.info("%s: %.3f s", stage, timings[stage])
+
+
+def _check_pair(template, science):
+    for name, value in (("template", template), ("science", science)):
+        if not isinstance(value, MaskedImage):
+            msg = f"{name} must be a gpudiffim.MaskedImage, got {type(value).__name__}"
+            raise TypeError(msg)
+    if template.shape != science.shape:
+        msg = f"template shape {template.shape} differs from science shape {science.shape}"
+        raise ShapeError(msg)
+    if template.xy0 != science.xy0:
+        msg = f"template xy0 {template.xy0} differs from science xy0 {science.xy0}: images must be aligned"
+        raise ShapeError(msg)
+
+
+def _check_fwhm(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+            or not np.isfinite(value) or value <= 0:
+        msg = f"{name} must be a positive number of pixels, got {value!r}"
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+class ImagePsfMatchTask:
+    """Fit a PSF-matching kernel between two aligned images and apply it.
+
+    Parameters
+    ----------
+    config : PsfMatchConfig, optional
+        Algorithm parameters; defaults to ``PsfMatchConfig()`` (Alard-Lupton).
+
+    Examples
+    --------
+    >>> from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
+    >>> from gpudiffim.testing import make_fake_pair
+    >>> pair = make_fake_pair(shape=(256, 256), n_stars=60, seed=3)
+    >>> task = ImagePsfMatchTask(PsfMatchConfig(spatial_kernel_order=1))
+    >>> result = task.subtract_masked_images(pair.template, pair.science)
+    >>> round(result.psf_matching_kernel.kernel_sum(128, 128), 2)
+    1.0
+    """
+
+    def __init__(self, config=None):
+        if config is None:
+            config = PsfMatchConfig()
+        if not isinstance(config, PsfMatchConfig):
+            msg = f"config must be a PsfMatchConfig, got {type(config).__name__}"
+            raise ConfigurationError(msg)
+        self.config = config
+
+    def _positions(self, candidates, template, science):
+        if candidates is not None:
+            return candidate_positions(candidates)
+        detect_on = template if self.config.detection.det_on_template else science
+        return detect_candidates(detect_on, self.config.detection)
+
+    def _fwhms(self, positions, to_convolve, reference, fwhms):
+        """FWHMs of (image to convolve, reference), estimated where missing."""
+        if not (self.config.is_alard_lupton and self.config.scale_by_fwhm):
+            return fwhms
+        if all(f is not None for f in fwhms):
+            return fwhms
+        rc = (np.floor(positions + 0.5).astype(int) - np.array(reference.xy0))[:, ::-1]
+        order = np.argsort(-core_snr(reference, rc, self.config.candidate_core_radius))
+        ranked = positions[order]
+        estimated = tuple(f if f is not None else estimate_fwhm(image, ranked)
+                          for f, image in zip(fwhms, (to_convolve, reference)))
+        log.info("PSF FWHM (px): image to convolve %.3f, reference %.3f", *estimated)
+        return estimated
+
+    def _stamp_half_size(self, kernel_width):
+        detection = self.config.detection
+        if detection.scale_by_fwhm:
+            half_size = int(detection.fp_grow_kernel_scaling * kernel_width + 0.5)
+        else:
+            half_size = detection.fp_grow_pix
+        if half_size <= kernel_width // 2:
+            msg = (f"stamp half-size {half_size} must exceed the kernel half-width "
+                   f"{kernel_width // 2}: raise detection.fp_grow_pix")
+            raise ConfigurationError(msg)
+        return half_size
+
+    def _select(self, positions, to_convolve, reference, half_size):
+        detection = self.config.detection
+        kept, rejects = vet_candidates(
+            positions, to_convolve, reference, half_size,
+            bad_mask_planes=detection.bad_mask_planes,
+            core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr)
+        log.info("candidates: %d usable of %d (%s)", len(kept), len(positions),
+                 ", ".join(f"{v} {k}" for k, v in rejects.items() if v) or "none rejected")
+        require_candidates(kept)
+        cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y)
+        for candidate in kept:
+            cell_set.insert(candidate)
+        return cell_set, rejects
+
+    def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,
+             convolve_template):
+        _check_pair(template, science)
+        fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
+                 _check_fwhm("science_fwhm_pix", science_fwhm_pix))
+        to_convolve, reference = (template, science) if convolve_template else (science, template)
+        if not convolve_template:
+            fwhms = fwhms[::-1]
+        timings = {}
+        with _timed(timings, "detection"):
+            positions = self._positions(candidates, template, science)
+            require_candidates(positions)
+            fwhms = self._fwhms(positions, to_convolve, reference, fwhms)
+        basis = make_kernel_basis(self.config, *fwhms)
+        half_size = self._stamp_half_size(basis.width)
+        with _timed(timings, "candidate selection"):
+            cell_set, rejects = self._select(positions, to_convolve, reference, half_size)
+        regularization = None
+        if not self.config.is_alard_lupton and self.config.use_regularization:
+            regularization = make_regularization_matrix(self.config, basis.width, basis.width)
+        with _timed(timings, "kernel fit"):
+            solution = solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
+                                    regularization)
+        with _timed(timings, "full-image convolution"):
+            image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
+        matched = MaskedImage._from_planes(image, mask, variance, to_convolve.xy0,
+                                           to_convolve.mask_planes)
+        if not convolve_template:
+            fwhms = fwhms[::-1]
+        return dict(matched_image=matched, psf_matching_kernel=solution.kernel,
+                    background_model=solution.background,
+                    kernel_cell_set=KernelCellSet.from_cell_set(cell_set, rejects),
+                    kernel_basis=basis, convolved="template" if convolve_template else "science",
+                    template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
+                    diagnostics=solution.diagnostics), reference
+
+    def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
+                            science_fwhm_pix=None, convolve_template=True):
+        """PSF-match one image to the other.
+
+        Parameters
+        ----------
+        template, science : MaskedImage
+            Aligned images (same shape and ``xy0``).
+        candidates : sequence of (x, y) or astropy.table.Table, optional
+            Kernel candidate positions in parent pixels; detected on the
+            science image when omitted.
+        template_fwhm_pix, science_fwhm_pix : float, optional
+            PSF FWHMs in pixels; estimated from the candidates when missing
+            (Alard-Lupton with ``scale_by_fwhm``).
+        convolve_template : bool
+            Convolve the template to the science PSF (default), or the
+            science image to the template PSF.
+
+        Returns
+        -------
+        MatchResult
+
+        Raises
+        ------
+        ShapeError
+            If the images are not on the same grid.
+        NoKernelCandidatesError
+            If too few candidates survive selection and clipping.
+        ConfigurationError
+            For invalid FWHMs or candidates.
+        """
+        fields, _ = self._fit(template, science, candidates, template_fwhm_pix, science_fwhm_pix,
+                              convolve_template)
+        return MatchResult(**fields)
+
+    def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
+                               science_fwhm_pix=None, convolve_template=True):
+        """PSF-match and subtract; see :meth:`match_masked_images` for parameters.
+
+        Returns
+        -------
+        SubtractResult
+            With ``subtracted_image`` = science minus the matched template and
+            the background (see :class:`SubtractResult` for the other mode).
+        """
+        fields, reference = self._fit(template, science, candidates, template_fwhm_pix,
+                                      science_fwhm_pix, convolve_template)
+        timings = fields["timings"]
+        with _timed(timings, "subtraction"):
+            difference = _difference(fields["matched_image"], reference, fields["background_model"],
+                                     fields["psf_matching_kernel"], convolve_template)
+        return SubtractResult(**fields, subtracted_image=difference)
+
+
+def _difference(matched, reference, background, kernel, convolve_template):
+    """Difference image with variance and mask (see :class:`SubtractResult`)."""
+    bg = background.image(reference.shape, reference.xy0)
+    model = matched.image.astype(np.float64) + bg
+    variance = reference.variance.astype(np.float64) + matched.variance
+    if convolve_template:
+        image = reference.image - model
+    else:
+        x0, y0, x1, y1 = reference.bbox()
+        scale = kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))
+        image = (model - reference.image) / scale
+        variance = variance / scale**2
+    dtype = reference.dtype
+    return MaskedImage._from_planes(image.astype(dtype), reference.mask | matched.mask,
+                                    variance.astype(dtype), reference.xy0, reference.mask_planes)

@@ -1,0 +1,238 @@
+"""Simulated image pairs with a known PSF-matching kernel, for tests and demos.
+
+:func:`make_fake_pair` renders a star field with a Gaussian PSF as the
+template, and makes the science image by applying a known spatially varying
+kernel to the noise-free template (exactly, with
+:func:`gpudiffim.apply.convolve_masked_image` on a canvas padded by the kernel
+half-width, so there are no edge effects) and adding a known differential
+background.  Noise, variable stars, transients, cosmic-ray hits and
+saturated pixels are optional.  Everything is drawn from one seeded
+generator.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .apply import convolve_masked_image
+from .config import PsfMatchConfig
+from .errors import ConfigurationError
+from .fwhm import SIGMA_TO_FWHM
+from .image import DEFAULT_MASK_PLANES, MaskedImage
+from .kernel import BackgroundModel, SpatialKernel
+from .spatial import SpatialFunction
+
+__all__ = ["FakePair", "make_fake_pair", "gaussian_kernel", "default_true_kernel"]
+
+
+@dataclass(frozen=True)
+class FakePair:
+    """A simulated pair and its truth.
+
+    Attributes
+    ----------
+    template, science : MaskedImage
+    kernel : SpatialKernel
+        The true PSF-matching kernel (template -> science).
+    background : BackgroundModel
+        The true differential background of the science image.
+    stars : numpy structured array
+        Fields ``x``, ``y`` (parent px), ``flux`` (template counts),
+        ``science_flux`` and ``kind`` ("star", "variable", "transient").
+    cosmic_rays : ndarray of shape (n, 2)
+        Parent (x, y) of unmasked cosmic-ray hits added to the science image.
+    template_fwhm_pix, science_fwhm_pix : float
+        Template PSF FWHM, and the FWHM of the template PSF convolved with
+        the kernel at the image centre when the kernel is Gaussian-like.
+    """
+
+    template: MaskedImage
+    science: MaskedImage
+    kernel: SpatialKernel
+    background: BackgroundModel
+    stars: np.ndarray
+    cosmic_rays: np.ndarray
+    template_fwhm_pix: float
+    science_fwhm_pix: float
+
+
+def gaussian_kernel(sigma, half_width, dx=0.0, dy=0.0):
+    """Unit-sum Gaussian kernel image sampled at pixel centres.
+
+    Parameters
+    ----------
+    sigma : float
+        Width (px).
+    half_width : int
+        The image is ``(2 h + 1)^2``.
+    dx, dy : float
+        Centre offset (px) along x (columns) and y (rows).
+    """
+    grid = np.arange(-half_width, half_width + 1, dtype=np.float64)
+    gy = np.exp(-0.5 * ((grid - dy) / sigma) ** 2)
+    gx = np.exp(-0.5 * ((grid - dx) / sigma) ** 2)
+    kernel = np.outer(gy, gx)
+    return kernel / kernel.sum()
+
+
+def default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum=1.0, variation=0.15):
+    """A spatially varying, Gaussian-like matching kernel.
+
+    Two unit-sum Gaussians of widths ``sigma_k (1 -/+ variation)`` with
+    ``sigma_k = sqrt(science_sigma^2 - template_sigma^2)``, mixed with weights
+    that vary linearly across the box (first-order Chebyshev in x and y); the
+    kernel sum is constant.
+
+    Returns
+    -------
+    SpatialKernel
+    """
+    if not science_sigma > template_sigma:
+        msg = f"science_sigma ({science_sigma}) must exceed template_sigma ({template_sigma})"
+        raise ConfigurationError(msg)
+    sigma_k = np.sqrt(science_sigma**2 - template_sigma**2)
+    half_width = int(np.ceil(4.5 * sigma_k * (1 + variation)))
+    basis = np.array([gaussian_kernel(sigma_k * (1 - variation), half_width),
+                      gaussian_kernel(sigma_k * (1 + variation), half_width)])
+    coefficients = kernel_sum * np.array([[0.5, 0.25, 0.15], [0.5, -0.25, -0.15]])
+    return SpatialKernel(basis, coefficients, SpatialFunction("chebyshev1", 1, bbox))
+
+
+def _render(shape, xy0, x, y, flux, sigma):
+    """Sum of unit-sum Gaussian stars (sampled at pixel centres) on a grid."""
+    image = np.zeros(shape)
+    radius = int(np.ceil(5 * sigma))
+    offsets = np.arange(-radius, radius + 1)
+    cx = np.floor(x - xy0[0] + 0.5).astype(int)
+    cy = np.floor(y - xy0[1] + 0.5).astype(int)
+    cols = cx[:, None] + offsets[None, :]
+    rows = cy[:, None] + offsets[None, :]
+    gx = np.exp(-0.5 * ((cols + xy0[0] - x[:, None]) / sigma) ** 2)
+    gy = np.exp(-0.5 * ((rows + xy0[1] - y[:, None]) / sigma) ** 2)
+    gx /= gx.sum(axis=1, keepdims=True)
+    gy /= gy.sum(axis=1, keepdims=True)
+    stamps = flux[:, None, None] * gy[:, :, None] * gx[:, None, :]
+    rr = np.broadcast_to(rows[:, :, None], stamps.shape)
+    cc = np.broadcast_to(cols[:, None, :], stamps.shape)
+    inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+    np.add.at(image, (rr[inside], cc[inside]), stamps[inside])
+    return image
+
+
+def _star_table(rng, n_stars, bbox, margin, flux_range, n_variables, n_transients):
+    x0, y0, x1, y1 = bbox
+    n_total = n_stars + n_transients
+    x = rng.uniform(x0 + margin, x1 - margin, n_total)
+    y = rng.uniform(y0 + margin, y1 - margin, n_total)
+    flux = np.exp(rng.uniform(np.log(flux_range[0]), np.log(flux_range[1]), n_total))
+    kind = np.array(["star"] * n_stars + ["transient"] * n_transients, dtype="U9")
+    kind[rng.choice(n_stars, size=min(n_variables, n_stars), replace=False)] = "variable"
+    stars = np.zeros(n_total, dtype=[("x", "f8"), ("y", "f8"), ("flux", "f8"),
+                                     ("science_flux", "f8"), ("kind", "U9")])
+    stars["x"], stars["y"], stars["kind"] = x, y, kind
+    stars["flux"] = np.where(kind == "transient", 0.0, flux)
+    stars["science_flux"] = flux
+    return stars
+
+
+def _noisy(rng, signal, noise, gain):
+    variance = np.full(signal.shape, float(noise) ** 2)
+    if gain is not None:
+        variance = variance + np.maximum(signal, 0.0) / gain
+    return signal + rng.normal(size=signal.shape) * np.sqrt(variance), variance
+
+
+def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
+                   science_sigma=2.2, kernel=None, kernel_sum=1.0, background=(5.0, 2.0, -1.5),
+                   template_noise=5.0, science_noise=5.0, gain=None, flux_range=(1e3, 1e5),
+                   n_variables=0, variable_factor=3.0, n_transients=0, n_cosmic_rays=0,
+                   cosmic_ray_flux=5e3, saturation=None, xy0=(0, 0), dtype=np.float32):
+    """Simulate an aligned template/science pair with a known kernel.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (rows, columns).
+    n_stars : int
+        Stars in both images (uniform positions, log-uniform fluxes).
+    seed : int
+        Seed of the random generator (positions, fluxes, noise).
+    template_sigma, science_sigma : float
+        Gaussian PSF sigma (px) of the template, and the science sigma that
+        sets the width of the default kernel ``sqrt(science^2 - template^2)``.
+    kernel : SpatialKernel, optional
+        True kernel; :func:`default_true_kernel` when omitted.  Its spatial
+        function should span the image box.
+    kernel_sum : float
+        Photometric scaling of the default kernel.
+    background : sequence of float
+        First-order Chebyshev coefficients (1, x, y) of the science background.
+    template_noise, science_noise : float
+        Gaussian read/sky noise sigma (counts); 0 for noise-free images
+        (the variance plane is then 1).
+    gain : float, optional
+        If given, add Poisson-like noise of variance signal/gain.
+    flux_range : tuple of float
+        Template star fluxes (counts).
+    n_variables, variable_factor : int, float
+        Stars whose science flux is ``variable_factor`` x the template flux.
+    n_transients : int
+        Stars present in the science image only.
+    n_cosmic_rays, cosmic_ray_flux : int, float
+        Unmasked single-pixel hits on the science image.
+    saturation : float, optional
+        Pixels above it get the SAT bit in each image.
+    xy0 : tuple of int
+        Parent origin of both images.
+    dtype : numpy dtype
+        Image and variance dtype.
+
+    Returns
+    -------
+    FakePair
+    """
+    rng = np.random.default_rng(seed)
+    bbox = (xy0[0], xy0[1], xy0[0] + shape[1] - 1, xy0[1] + shape[0] - 1)
+    if kernel is None:
+        kernel = default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum)
+    h = kernel.shape[0] // 2
+    stars = _star_table(rng, n_stars, bbox, 3, flux_range, n_variables, n_transients)
+    padded_shape, padded_xy0 = (shape[0] + 2 * h, shape[1] + 2 * h), (xy0[0] - h, xy0[1] - h)
+    template_signal = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["flux"],
+                              template_sigma)
+    padded = MaskedImage(template_signal, variance=np.ones(padded_shape), xy0=padded_xy0)
+    science_signal = convolve_masked_image(padded, kernel)[0][h:-h, h:-h]
+    template_signal = template_signal[h:-h, h:-h]
+    x_grid = xy0[0] + np.arange(shape[1])
+    y_grid = xy0[1] + np.arange(shape[0])
+    truth_bg = BackgroundModel(np.asarray(background, dtype=float), SpatialFunction("chebyshev1", 1, bbox))
+    science_signal += truth_bg.spatial_function.evaluate_grid(truth_bg.coefficients, x_grid, y_grid)
+    science_sigma_eff = np.sqrt(template_sigma**2 + (science_sigma**2 - template_sigma**2))
+    extra = stars["science_flux"] - stars["flux"]
+    extra[stars["kind"] == "variable"] = (variable_factor - 1.0) * stars["flux"][stars["kind"] == "variable"]
+    stars["science_flux"][stars["kind"] == "star"] = stars["flux"][stars["kind"] == "star"]
+    stars["science_flux"][stars["kind"] == "variable"] *= variable_factor
+    changed = extra != 0
+    if changed.any():
+        science_signal += _render(shape, xy0, stars["x"][changed], stars["y"][changed], extra[changed],
+                                  science_sigma_eff)
+    cosmic_rays = np.stack([rng.integers(0, shape[1], n_cosmic_rays) + xy0[0],
+                            rng.integers(0, shape[0], n_cosmic_rays) + xy0[1]], axis=1)
+    science_signal[cosmic_rays[:, 1] - xy0[1], cosmic_rays[:, 0] - xy0[0]] += cosmic_ray_flux
+    images = []
+    for signal, noise in ((template_signal, template_noise), (science_signal, science_noise)):
+        if noise > 0 or gain is not None:
+            pixels, variance = _noisy(rng, signal, noise, gain)
+        else:
+            pixels, variance = signal, np.ones(shape)
+        mask = np.zeros(shape, dtype=np.int32)
+        if saturation is not None:
+            mask[pixels > saturation] |= 1 << DEFAULT_MASK_PLANES["SAT"]
+        images.append(MaskedImage(pixels.astype(dtype), mask, variance.astype(dtype), xy0=xy0))
+    return FakePair(images[0], images[1], kernel, truth_bg, stars, cosmic_rays,
+                    SIGMA_TO_FWHM * template_sigma, SIGMA_TO_FWHM * science_sigma_eff)
+
+
+def default_config(**changes):
+    """``PsfMatchConfig`` with ``changes``; a convenience for examples."""
+    return PsfMatchConfig(**changes)
