@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .apply import convolve_masked_image
-from .config import PsfMatchConfig
 from .errors import ConfigurationError
 from .fwhm import SIGMA_TO_FWHM
 from .image import DEFAULT_MASK_PLANES, MaskedImage
@@ -232,7 +231,3 @@ def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
     return FakePair(images[0], images[1], kernel, truth_bg, stars, cosmic_rays,
                     SIGMA_TO_FWHM * template_sigma, SIGMA_TO_FWHM * science_sigma_eff)
 
-
-def default_config(**changes):
-    """``PsfMatchConfig`` with ``changes``; a convenience for examples."""
-    return PsfMatchConfig(**changes)
