@@ -35,21 +35,25 @@ from .spatial import SpatialFunction, product_expansion
 __all__ = ["convolve_masked_image", "propagate_mask"]
 
 
-def _grid_terms(function, shape, xy0):
-    """Callable giving the spatial term ``t`` of ``function`` on the pixel grid."""
-    x = xy0[0] + np.arange(shape[1])
-    y = xy0[1] + np.arange(shape[0])
-    unit = np.eye(function.n_terms)
-    return lambda t: function.evaluate_grid(unit[t], x, y)
+def _grid_factors(function, shape, xy0):
+    """Separable factors of the spatial terms on the pixel grid."""
+    return function.grid_factors(xy0[0] + np.arange(shape[1]), xy0[1] + np.arange(shape[0]))
 
 
-def _weighted_correlations(image, kernels, weight, dtype):
-    """``sum_t weight(t) * (image * kernels[t])``, skipping all-zero kernels."""
+def _weighted_correlations(image, kernels, factors, dtype):
+    """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])``.
+
+    All-zero kernels are skipped; the weighting is done in place on each
+    correlation, so no term image is ever formed.
+    """
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
     out = np.zeros(image.shape)
-    for t, kernel in enumerate(kernels):
+    for kernel, (rows, cols) in zip(kernels, factors):
         if np.any(kernel):
-            out += weight(t) * correlator.correlate(kernel)
+            term = correlator.correlate(kernel)
+            term *= rows[:, None].astype(term.dtype)
+            term *= cols[None, :].astype(term.dtype)
+            out += term
     return out
 
 
@@ -115,10 +119,10 @@ def convolve_masked_image(masked_image, kernel):
     """
     shape, xy0, dtype = masked_image.shape, masked_image.xy0, masked_image.dtype
     image = _weighted_correlations(masked_image.image, kernel.term_kernels(),
-                                   _grid_terms(kernel.spatial_function, shape, xy0), dtype)
+                                   _grid_factors(kernel.spatial_function, shape, xy0), dtype)
     squared, square_function = _squared_kernel_terms(kernel)
     variance = _weighted_correlations(masked_image.variance, squared,
-                                      _grid_terms(square_function, shape, xy0), dtype)
+                                      _grid_factors(square_function, shape, xy0), dtype)
     footprint = np.any(kernel.term_kernels() != 0, axis=0)
     mask = propagate_mask(masked_image.mask, footprint)
     hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2

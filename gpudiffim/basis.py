@@ -48,6 +48,7 @@ __all__ = [
     "make_kernel_basis",
     "make_regularization_matrix",
     "regularization_matrix",
+    "renormalization_mixing",
     "renormalize_kernel_list",
 ]
 
@@ -358,25 +359,48 @@ def renormalize_kernel_list(kernels):
         after the shift (it cannot be normalised).  ``ip_diffim`` would produce
         NaN kernels here instead.
     """
-    out = np.array(kernels, dtype=np.float64, copy=True)
-    if out.ndim != 3 or out.shape[0] == 0:
-        msg = f"kernels must be a non-empty array of shape (n, H, W), got shape {out.shape}"
+    kernels = np.asarray(kernels, dtype=np.float64)
+    mixing = renormalization_mixing(kernels)
+    return (mixing @ kernels.reshape(len(kernels), -1)).reshape(kernels.shape)
+
+
+def renormalization_mixing(kernels):
+    """Matrix ``L`` with ``renormalize_kernel_list(k) = L @ k`` (kernels flattened).
+
+    Parameters
+    ----------
+    kernels : array_like of shape (n, H, W)
+
+    Returns
+    -------
+    ndarray of shape (n, n)
+
+    Raises
+    ------
+    ShapeError, ConfigurationError
+        As :func:`renormalize_kernel_list`.
+    """
+    kernels = np.asarray(kernels, dtype=np.float64)
+    if kernels.ndim != 3 or kernels.shape[0] == 0:
+        msg = f"kernels must be a non-empty array of shape (n, H, W), got shape {kernels.shape}"
         raise ShapeError(msg)
-    first_sum = out[0].sum()
+    flat = kernels.reshape(len(kernels), -1)
+    mixing = np.eye(len(kernels))
+    first_sum = flat[0].sum()
     if first_sum == 0 or not np.isfinite(first_sum):
         _fail("kernels[0] sum", float(first_sum), "a finite non-zero sum")
-    out[0] /= first_sum
-    sums = out[1:].sum(axis=(1, 2))
+    mixing[0] /= first_sum
+    sums = flat[1:].sum(axis=1)
     shift = np.abs(sums) > _SUM_EPSILON
-    out[1:][shift] = out[1:][shift] / sums[shift, None, None] - out[0]
-    norms = np.sqrt((out[1:] ** 2).sum(axis=(1, 2)))
+    mixing[1:][shift] = mixing[1:][shift] / sums[shift, None] - mixing[0]
+    norms = np.sqrt(((mixing[1:] @ flat) ** 2).sum(axis=1))
     bad = np.flatnonzero(~(norms > 0) | ~np.isfinite(norms))
     if bad.size:
         msg = (f"basis kernel(s) {(bad + 1).tolist()} have zero or non-finite L2 norm "
                f"after renormalisation (e.g. a Gaussian too narrow for the pixel grid)")
         raise ConfigurationError(msg)
-    out[1:] /= norms[:, None, None]
-    return out
+    mixing[1:] /= norms[:, None]
+    return mixing
 
 
 # --------------------------------------------------------------------------

@@ -146,6 +146,13 @@ class SpatialCellSet:
         return any(c.status != BAD for c in self.candidates())
 
 
+def _interpolation_matrix(n, centres):
+    """Matrix ``W`` (n, len(centres)) of linear interpolation between bin centres, clamped."""
+    identity = np.eye(len(centres))
+    return np.stack([np.interp(np.arange(n), centres, identity[b]) for b in range(len(centres))],
+                    axis=1)
+
+
 def coarse_background(image, bin_size, exclude=None):
     """Smooth background: bin medians interpolated bilinearly between bin centres.
 
@@ -164,18 +171,18 @@ def coarse_background(image, bin_size, exclude=None):
     ny, nx = image.shape
     edges_y = np.linspace(0, ny, max(1, round(ny / bin_size)) + 1).astype(int)
     edges_x = np.linspace(0, nx, max(1, round(nx / bin_size)) + 1).astype(int)
-    data = np.where(exclude, np.nan, image) if exclude is not None else image
-    grid = np.empty((len(edges_y) - 1, len(edges_x) - 1))
+    grid = np.full((len(edges_y) - 1, len(edges_x) - 1), np.nan)
     for j in range(len(edges_y) - 1):
         for i in range(len(edges_x) - 1):
-            block = data[edges_y[j]:edges_y[j + 1], edges_x[i]:edges_x[i + 1]]
-            grid[j, i] = np.nanmedian(block) if np.isfinite(block).any() else np.nan
+            window = np.s_[edges_y[j]:edges_y[j + 1], edges_x[i]:edges_x[i + 1]]
+            block = image[window] if exclude is None else image[window][~exclude[window]]
+            if block.size:
+                grid[j, i] = np.median(block)
     fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
     grid = np.where(np.isfinite(grid), grid, fill)
-    centres_y = 0.5 * (edges_y[:-1] + edges_y[1:]) - 0.5
-    centres_x = 0.5 * (edges_x[:-1] + edges_x[1:]) - 0.5
-    rows = np.array([np.interp(np.arange(nx), centres_x, g) for g in grid])
-    return np.array([np.interp(np.arange(ny), centres_y, rows[:, i]) for i in range(nx)]).T
+    rows = _interpolation_matrix(ny, 0.5 * (edges_y[:-1] + edges_y[1:]) - 0.5)
+    cols = _interpolation_matrix(nx, 0.5 * (edges_x[:-1] + edges_x[1:]) - 0.5)
+    return rows @ grid @ cols.T
 
 
 def _threshold(detection, image, variance, valid):
@@ -214,20 +221,29 @@ def detect_candidates(masked_image, detection):
     labels, n_labels = ndi.label(above, structure=np.ones((3, 3)))
     if n_labels == 0:
         return np.zeros((0, 2), dtype=int)
-    index = np.arange(1, n_labels + 1)
     area = np.bincount(labels.ravel(), minlength=n_labels + 1)[1:]
-    peaks = np.array(ndi.maximum_position(residual, labels, index), dtype=int).reshape(-1, 2)
-    slices = ndi.find_objects(labels)
-    big = area > detection.fp_npix_max
-    for k in np.flatnonzero(big):
-        sy, sx = slices[k]
-        peaks[k] = ((sy.start + sy.stop - 1) // 2, (sx.start + sx.stop - 1) // 2)
     keep = area >= detection.fp_npix_min
+    peaks = _footprint_peaks(residual, labels, area > detection.fp_npix_max, keep)
     x0, y0 = masked_image.xy0
     rows, cols = peaks[keep, 0], peaks[keep, 1]
     log.info("detection: %d footprints above threshold, %d with area >= %d px",
              n_labels, int(keep.sum()), detection.fp_npix_min)
     return np.stack([cols + x0, rows + y0], axis=1)
+
+
+def _footprint_peaks(residual, labels, big, keep):
+    """(row, col) of each kept footprint's peak; the box centre for ``big`` ones."""
+    peaks = np.zeros((len(keep), 2), dtype=int)
+    for k, (sy, sx) in enumerate(ndi.find_objects(labels)):
+        if not keep[k]:
+            continue
+        if big[k]:
+            peaks[k] = ((sy.start + sy.stop - 1) // 2, (sx.start + sx.stop - 1) // 2)
+            continue
+        values = np.where(labels[sy, sx] == k + 1, residual[sy, sx], -np.inf)
+        row, col = np.unravel_index(np.argmax(values), values.shape)
+        peaks[k] = (sy.start + row, sx.start + col)
+    return peaks
 
 
 def candidate_positions(candidates):

@@ -9,8 +9,9 @@ risk-minimisation lambda scan, which cannot run there) are left out.
 
 Two defaults depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
 ``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
-``use_pca_for_spatial_kernel`` (False / True).  Leave them ``None`` to get the
-basis set's default.
+``use_pca_for_spatial_kernel`` (False / True).  Left ``None``, they follow the
+basis set (also after :func:`dataclasses.replace` changes it); the values in
+force are the properties ``condition_number_limit`` and ``pca_spatial_kernel``.
 
 Derive variants with :func:`dataclasses.replace`; every instance is validated
 on construction and raises :class:`~gpudiffim.errors.ConfigurationError` with
@@ -211,7 +212,7 @@ class PsfMatchConfig:
     max_ksum_sigma : float
         Kernel-sum rejection threshold in clipped standard deviations.
     max_condition_number : float or None
-        5e7 (AL) or 5e6 (DF) when None.
+        5e7 (AL) or 5e6 (DF) when None (see ``condition_number_limit``).
     condition_number_type : {"EIGENVALUE", "SVD"}
     max_spatial_condition_number : float
         Only produces a warning.
@@ -288,11 +289,6 @@ class PsfMatchConfig:
 
     def __post_init__(self):
         _check_choice(self, "kernel_basis_set", BASIS_SETS)
-        is_al = self.kernel_basis_set == "alard-lupton"
-        if self.max_condition_number is None:
-            object.__setattr__(self, "max_condition_number", 5.0e7 if is_al else 5.0e6)
-        if self.use_pca_for_spatial_kernel is None:
-            object.__setattr__(self, "use_pca_for_spatial_kernel", not is_al)
         self._validate_kernel_fields()
         self._validate_clipping_fields()
         self._validate_al_fields()
@@ -318,7 +314,8 @@ class PsfMatchConfig:
         if self.n_star_per_cell == 0:
             _fail("n_star_per_cell", 0, "-1 (all) or a positive integer")
         _check_int(self, "max_spatial_iterations", minimum=1, maximum=5)
-        _check_bool(self, "use_pca_for_spatial_kernel")
+        if self.use_pca_for_spatial_kernel is not None:
+            _check_bool(self, "use_pca_for_spatial_kernel")
         _check_bool(self, "subtract_mean_for_pca")
         _check_int(self, "num_principal_components", minimum=3)
         _check_int(self, "max_solve_restarts", minimum=0)
@@ -333,7 +330,8 @@ class PsfMatchConfig:
         _check_float(self, "candidate_residual_std_max", positive=True)
         _check_int(self, "candidate_core_radius", minimum=1)
         _check_float(self, "max_ksum_sigma", positive=True)
-        _check_float(self, "max_condition_number", positive=True)
+        if self.max_condition_number is not None:
+            _check_float(self, "max_condition_number", positive=True)
         _check_choice(self, "condition_number_type", CONDITION_NUMBER_TYPES)
         _check_float(self, "max_spatial_condition_number", positive=True)
 
@@ -379,9 +377,23 @@ class PsfMatchConfig:
         return self.kernel_basis_set == "alard-lupton"
 
     @property
+    def condition_number_limit(self):
+        """``max_condition_number``, or the basis set's default (5e7 AL, 5e6 DF)."""
+        if self.max_condition_number is not None:
+            return self.max_condition_number
+        return 5.0e7 if self.is_alard_lupton else 5.0e6
+
+    @property
+    def pca_spatial_kernel(self):
+        """``use_pca_for_spatial_kernel``, or the basis set's default (False AL, True DF)."""
+        if self.use_pca_for_spatial_kernel is not None:
+            return self.use_pca_for_spatial_kernel
+        return not self.is_alard_lupton
+
+    @property
     def constant_first_term(self):
         """Whether basis 0's coefficient is spatially constant (AL or PCA)."""
-        return self.is_alard_lupton or self.use_pca_for_spatial_kernel
+        return self.is_alard_lupton or self.pca_spatial_kernel
 
     @classmethod
     def from_mapping(cls, mapping):

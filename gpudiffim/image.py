@@ -72,7 +72,7 @@ def _check_float_array(name, array, shape=None):
         raise InvalidImageError(msg)
     if not array.dtype.isnative:
         msg = (f"{name} has non-native byte order ({array.dtype.str}), typical of FITS data; "
-               f"convert with a.astype(a.dtype.newbyteorder('=')) or read it with gpudiffim.io")
+               f"convert it with a.astype(a.dtype.newbyteorder('='))")
         raise InvalidImageError(msg)
     return array
 
@@ -116,7 +116,7 @@ class MaskedImage:
 
     def __init__(self, image, mask=None, variance=None, *, xy0=(0, 0), mask_planes=None):
         image = _check_float_array("image", image)
-        dtype = image.dtype if image.dtype.kind == "f" else np.dtype(np.float64)
+        dtype = image.dtype if image.dtype in (np.float32, np.float64) else np.dtype(np.float64)
         shape = image.shape
         planes = dict(DEFAULT_MASK_PLANES if mask_planes is None else mask_planes)
         for name in ("NO_DATA", "EDGE"):
@@ -132,6 +132,9 @@ class MaskedImage:
             if mask.dtype.kind not in "iu":
                 msg = f"mask must be an integer array, got dtype {mask.dtype}"
                 raise InvalidImageError(msg)
+            if mask.size and (mask.min() < np.iinfo(np.int32).min or mask.max() > np.iinfo(np.int32).max):
+                msg = f"mask values must fit in 32 bits, got range [{mask.min()}, {mask.max()}]"
+                raise InvalidImageError(msg)
             mask = mask.astype(np.int32)
         image = np.array(image, dtype=dtype)
         if variance is None:
@@ -141,7 +144,7 @@ class MaskedImage:
         no_data = 1 << planes["NO_DATA"]
         _flag_non_finite(image, variance, mask, no_data)
         _check_variance(variance, mask, no_data)
-        self._xy0 = (int(xy0[0]), int(xy0[1]))
+        self._xy0 = _check_xy0(xy0)
         self._planes = planes
         for array in (image, mask, variance):
             array.flags.writeable = False
@@ -162,17 +165,17 @@ class MaskedImage:
     @property
     def image(self):
         """Read-only image plane, shape (M, N)."""
-        return self._image
+        return self._image.view()
 
     @property
     def mask(self):
         """Read-only int32 mask plane, shape (M, N)."""
-        return self._mask
+        return self._mask.view()
 
     @property
     def variance(self):
         """Read-only variance plane, shape (M, N)."""
-        return self._variance
+        return self._variance.view()
 
     @property
     def xy0(self):
@@ -208,6 +211,17 @@ class MaskedImage:
                 f"planes={sorted(self._planes)})")
 
 
+def _check_xy0(xy0):
+    try:
+        x0, y0 = xy0
+    except (TypeError, ValueError):
+        x0 = y0 = None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (x0, y0)):
+        msg = f"xy0 must be a pair of integers (x0, y0), got {xy0!r}"
+        raise InvalidImageError(msg)
+    return (int(x0), int(y0))
+
+
 def _robust_variance(image):
     finite = image[np.isfinite(image)]
     if finite.size == 0:
@@ -225,15 +239,15 @@ def _robust_variance(image):
 def _flag_non_finite(image, variance, mask, no_data):
     bad = ~(np.isfinite(image) & np.isfinite(variance))
     n_bad = int(np.count_nonzero(bad))
+    if np.all(bad | ((mask & no_data) != 0)):
+        msg = "every pixel is NO_DATA or non-finite: the image holds no data"
+        raise InvalidImageError(msg)
     if n_bad:
         mask[bad] |= no_data
         image[bad] = 0.0
         variance[bad] = 0.0
         msg = f"{n_bad} NaN/inf image or variance pixel(s) flagged NO_DATA and excluded"
         warnings.warn(msg, NoDataWarning, stacklevel=3)
-    if np.all(mask & no_data):
-        msg = "every pixel is NO_DATA: the image holds no data"
-        raise InvalidImageError(msg)
 
 
 def _check_variance(variance, mask, no_data):

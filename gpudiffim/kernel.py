@@ -85,6 +85,21 @@ class SpatialKernel:
         """
         return np.tensordot(self.basis_coefficients(x, y), self.basis, axes=1)
 
+    def images(self, x, y):
+        """Kernel images realised at many parent positions at once.
+
+        Parameters
+        ----------
+        x, y : array_like of shape (N,)
+
+        Returns
+        -------
+        ndarray of shape (N, kh, kw)
+        """
+        weights = self.spatial_function.terms(np.asarray(x, dtype=np.float64),
+                                              np.asarray(y, dtype=np.float64)) @ self.coefficients.T
+        return np.tensordot(weights, self.basis, axes=1)
+
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""
         return float(self.basis_coefficients(x, y) @ self.basis.sum(axis=(1, 2)))

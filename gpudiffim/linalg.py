@@ -13,6 +13,8 @@ Method (as ``ip_diffim``, with one safeguard added):
 3. A non-finite system or solution raises :class:`SingularSystemError`.
 """
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -57,7 +59,10 @@ def solve_symmetric(matrix, vector):
     if not np.any(matrix):
         msg = "normal matrix is identically zero (no signal in the stamp?)"
         raise SingularSystemError(msg)
-    lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
+    with warnings.catch_warnings():
+        # an exactly singular matrix is expected here; the rank test below handles it
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
     pivots = np.abs(np.diag(lu))
     if np.all(pivots > matrix.shape[0] * np.finfo(np.float64).eps * pivots.max()):
         solution, method = scipy.linalg.lu_solve((lu, piv), vector, check_finite=False), "LU"

@@ -180,8 +180,8 @@ class _Solver:
     def spatial_stage(self):
         """Fit the spatial model to the visited candidates."""
         config = self.config
-        basis = self.pca_basis if config.use_pca_for_spatial_kernel else self.basis.kernels
-        key = "pca" if config.use_pca_for_spatial_kernel else "orig"
+        basis = self.pca_basis if config.pca_spatial_kernel else self.basis.kernels
+        key = "pca" if config.pca_spatial_kernel else "orig"
         used = self.visit_built(key)
         if not used:
             msg = "no kernel candidate available for the spatial fit"
@@ -210,8 +210,9 @@ class _Solver:
         visited = self.visit_built()
         if not visited:
             return 0, 0
-        kernels = np.array([kernel.image(c.x, c.y) for c in visited])
-        bg = np.array([background(float(c.x), float(c.y)) for c in visited])
+        xs = np.array([c.x for c in visited], dtype=np.float64)
+        ys = np.array([c.y for c in visited], dtype=np.float64)
+        kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
                                           self.core_radius())
         n_good = n_rejected = 0
@@ -336,7 +337,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         if not cell_set.has_usable_cells():
             msg = "every kernel candidate was rejected by the single-kernel fits"
             raise NoKernelCandidatesError(msg)
-        if solver.kernel_sum_stage() > 0 or (config.use_pca_for_spatial_kernel
+        if solver.kernel_sum_stage() > 0 or (config.pca_spatial_kernel
                                              and solver.pca_stage() > 0):
             restarts += 1
             if restarts > config.max_solve_restarts:
@@ -353,7 +354,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
             break
         iteration += 1
     if n_rejected > 0 and iteration == config.max_spatial_iterations:
-        if config.use_pca_for_spatial_kernel:
+        if config.pca_spatial_kernel:
             solver.pca_stage()
         solution = solver.spatial_stage()
     n_bg_terms = solver.bg_function.n_terms if config.fit_for_background else 0

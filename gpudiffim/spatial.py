@@ -125,20 +125,40 @@ class SpatialFunction:
         coefficients = np.asarray(coefficients, dtype=np.float64)
         return self.terms(x, y) @ coefficients
 
+    def grid_factors(self, x, y):
+        """Separable factors of every term on the outer grid of 1-D ``x`` and ``y``.
+
+        Term ``t`` on the grid is ``outer(rows[t], cols[t])``.
+
+        Parameters
+        ----------
+        x : array_like of shape (N,)
+            Parent x (column) coordinates.
+        y : array_like of shape (M,)
+            Parent y (row) coordinates.
+
+        Returns
+        -------
+        list of tuple of ndarray
+            ``(rows[t] of shape (M,), cols[t] of shape (N,))`` per term.
+        """
+        xn, _ = self.normalized(np.asarray(x, dtype=np.float64), 0.0)
+        _, yn = self.normalized(0.0, np.asarray(y, dtype=np.float64))
+        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
+        px, py = powers(xn, self.order), powers(yn, self.order)
+        return [(py[:, j], px[:, i]) for i, j in term_exponents(self.order)]
+
     def evaluate_grid(self, coefficients, x, y):
         """Evaluate on the outer grid of 1-D ``x`` (columns) and ``y`` (rows).
 
         Returns an array of shape ``(len(y), len(x))`` without forming the
         full term cube: each term is an outer product of 1-D factors.
         """
-        xn, _ = self.normalized(np.asarray(x, dtype=np.float64), 0.0)
-        _, yn = self.normalized(0.0, np.asarray(y, dtype=np.float64))
-        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
-        px, py = powers(xn, self.order), powers(yn, self.order)
-        out = np.zeros((yn.size, xn.size))
-        for c, (i, j) in zip(coefficients, term_exponents(self.order)):
+        factors = self.grid_factors(x, y)
+        out = np.zeros((factors[0][0].size, factors[0][1].size))
+        for c, (rows, cols) in zip(coefficients, factors):
             if c != 0.0:
-                out += c * np.outer(py[:, j], px[:, i])
+                out += c * np.outer(rows, cols)
         return out
 
 
@@ -161,6 +181,7 @@ def product_expansion(model_type, order):
         ``E[t, u, s]``: ``P_t P_u = sum_s E[t, u, s] R_s`` with ``R_s`` the
         terms of order ``2 order`` (same model, same box).
     """
+    SpatialFunction(model_type, order, (0, 0, 0, 0))  # validates both arguments
     terms = term_exponents(order)
     index = {pair: s for s, pair in enumerate(term_exponents(2 * order))}
     expansion = np.zeros((len(terms), len(terms), len(index)))

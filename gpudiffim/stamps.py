@@ -18,7 +18,7 @@ GPU launch per step.
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+import scipy.ndimage as ndi
 
 from .convolve import correlate_stamps, correlate_stamps_each
 from .errors import SingularSystemError
@@ -153,8 +153,8 @@ def _solve_batch(matrix, vector, config, regularization, failure):
         system = matrix[k]
         if config.check_condition_number:
             cond = condition_number(system, config.condition_number_type)
-            if cond > config.max_condition_number:
-                failure[k] = f"condition number {cond:.3g} > {config.max_condition_number:.3g}"
+            if cond > config.condition_number_limit:
+                failure[k] = f"condition number {cond:.3g} > {config.condition_number_limit:.3g}"
                 continue
         if regularization is not None:
             system = system + _regularization_lambda(config, system, regularization) * regularization
@@ -212,13 +212,17 @@ def _difference_variance(batch, kernels):
     return batch.fit_region(batch.science_variance, half_width) + convolved
 
 
-def _dilated_mask(mask, half_width):
-    size = 2 * half_width + 1
-    windows = sliding_window_view(mask, (size, size), axis=(1, 2))
-    return np.bitwise_or.reduce(np.bitwise_or.reduce(windows, axis=-1), axis=-1)
+def _dilated_bad_pixels(mask, bad_bits, half_width):
+    """Pixels whose kernel box holds a ``bad_bits`` pixel of ``mask``, on the fit region."""
+    flagged = (mask & bad_bits) != 0
+    h = half_width
+    if not flagged.any():
+        return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
+    grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
+    return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
 
 
-def difference_stamps(batch, kernels, background):
+def difference_stamps(batch, kernels, background, bad_bits):
     """Difference ``D = S - (T * K + bg)`` of each stamp on its fit region.
 
     Parameters
@@ -227,20 +231,24 @@ def difference_stamps(batch, kernels, background):
     kernels : ndarray of shape (N, kh, kw)
         One kernel image per stamp.
     background : ndarray of shape (N,)
+    bad_bits : int
+        Mask bits that disqualify a pixel.
 
     Returns
     -------
     difference, variance : ndarray of shape (N, F, F)
         ``D`` and its variance ``V_S + sum K^2 V_T``.
     mask : ndarray of int, shape (N, F, F)
-        Science mask OR the template mask dilated over the kernel box.
+        The science mask, plus ``bad_bits`` wherever a ``bad_bits`` pixel of
+        the template lies under the kernel box (the part of the ``afw``
+        kernel-dilated template mask that matters for the statistics).
     """
     half_width = kernels.shape[1] // 2
     model = correlate_stamps_each(batch.template, kernels) + background[:, None, None]
     difference = batch.fit_region(batch.science, half_width) - model
     variance = _difference_variance(batch, kernels)
-    mask = batch.fit_region(batch.science_mask, half_width) | _dilated_mask(batch.template_mask,
-                                                                             half_width)
+    template_bad = _dilated_bad_pixels(batch.template_mask, bad_bits, half_width)
+    mask = batch.fit_region(batch.science_mask, half_width) | np.where(template_bad, bad_bits, 0)
     return difference, variance, mask
 
 
@@ -251,5 +259,5 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     -------
     ResidualStatistics
     """
-    difference, variance, mask = difference_stamps(batch, kernels, background)
+    difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
     return residual_statistics(difference, variance, mask, bad_bits, core_radius)
