@@ -200,8 +200,9 @@ def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
     template_signal = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["flux"],
                               template_sigma)
     padded = MaskedImage(template_signal, variance=np.ones(padded_shape), xy0=padded_xy0)
-    science_signal = convolve_masked_image(padded, kernel)[0][h:-h, h:-h]
-    template_signal = template_signal[h:-h, h:-h]
+    inner = np.s_[h:h + shape[0], h:h + shape[1]]
+    science_signal = convolve_masked_image(padded, kernel)[0][inner]
+    template_signal = template_signal[inner]
     x_grid = xy0[0] + np.arange(shape[1])
     y_grid = xy0[1] + np.arange(shape[0])
     truth_bg = BackgroundModel(np.asarray(background, dtype=float), SpatialFunction("chebyshev1", 1, bbox))
