@@ -272,6 +272,15 @@ def pca_kernel_basis(images, n_components, subtract_mean):
     return renormalize_kernel_list(np.array(kept))
 
 
+def _all_rejected_message(cell_set):
+    reasons = {}
+    for candidate in cell_set.candidates():
+        stage = " ".join(candidate.reason.split(" ")[:2])
+        reasons[stage] = reasons.get(stage, 0) + 1
+    summary = ", ".join(f"{n} by {stage}" for stage, n in sorted(reasons.items()))
+    return f"every kernel candidate was rejected ({summary}); see the candidates' reasons"
+
+
 def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
     """Warn about poorly constrained fits (``_diagnostic`` of ``ip_diffim``)."""
     config, cell_set = solver.config, solver.cell_set
@@ -335,8 +344,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
     while iteration < config.max_spatial_iterations:
         solver.single_kernel_stage()
         if not cell_set.has_usable_cells():
-            msg = "every kernel candidate was rejected by the single-kernel fits"
-            raise NoKernelCandidatesError(msg)
+            raise NoKernelCandidatesError(_all_rejected_message(cell_set))
         if solver.kernel_sum_stage() > 0 or (config.pca_spatial_kernel
                                              and solver.pca_stage() > 0):
             restarts += 1

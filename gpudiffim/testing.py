@@ -41,8 +41,9 @@ class FakePair:
     cosmic_rays : ndarray of shape (n, 2)
         Parent (x, y) of unmasked cosmic-ray hits added to the science image.
     template_fwhm_pix, science_fwhm_pix : float
-        Template PSF FWHM, and the FWHM of the template PSF convolved with
-        the kernel at the image centre when the kernel is Gaussian-like.
+        FWHM of the template PSF and of a Gaussian of ``science_sigma`` (the
+        science PSF for the default kernel, whose mean width is
+        ``sqrt(science_sigma^2 - template_sigma^2)``).
     """
 
     template: MaskedImage
@@ -74,13 +75,15 @@ def gaussian_kernel(sigma, half_width, dx=0.0, dy=0.0):
     return kernel / kernel.sum()
 
 
-def default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum=1.0, variation=0.15):
+def default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum=1.0, variation=0.15,
+                        gradient=(2.5e-4, 1.5e-4)):
     """A spatially varying, Gaussian-like matching kernel.
 
     Two unit-sum Gaussians of widths ``sigma_k (1 -/+ variation)`` with
     ``sigma_k = sqrt(science_sigma^2 - template_sigma^2)``, mixed with weights
-    that vary linearly across the box (first-order Chebyshev in x and y); the
-    kernel sum is constant.
+    ``0.5 +/- (g_x (x - x_c) + g_y (y - y_c))`` that vary linearly across the box
+    (``gradient = (g_x, g_y)`` per pixel, so the variation per pixel does not
+    depend on the image size); the kernel sum is constant.
 
     Returns
     -------
@@ -93,7 +96,9 @@ def default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum=1.0, var
     half_width = int(np.ceil(4.5 * sigma_k * (1 + variation)))
     basis = np.array([gaussian_kernel(sigma_k * (1 - variation), half_width),
                       gaussian_kernel(sigma_k * (1 + variation), half_width)])
-    coefficients = kernel_sum * np.array([[0.5, 0.25, 0.15], [0.5, -0.25, -0.15]])
+    half_x, half_y = 0.5 * (bbox[2] - bbox[0] + 1), 0.5 * (bbox[3] - bbox[1] + 1)
+    slope_x, slope_y = gradient[0] * half_x, gradient[1] * half_y
+    coefficients = kernel_sum * np.array([[0.5, slope_x, slope_y], [0.5, -slope_x, -slope_y]])
     return SpatialKernel(basis, coefficients, SpatialFunction("chebyshev1", 1, bbox))
 
 
@@ -196,26 +201,21 @@ def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
         kernel = default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum)
     h = kernel.shape[0] // 2
     stars = _star_table(rng, n_stars, bbox, 3, flux_range, n_variables, n_transients)
+    stars["science_flux"] = np.where(stars["kind"] == "variable", variable_factor * stars["flux"],
+                                     stars["science_flux"])
     padded_shape, padded_xy0 = (shape[0] + 2 * h, shape[1] + 2 * h), (xy0[0] - h, xy0[1] - h)
-    template_signal = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["flux"],
-                              template_sigma)
-    padded = MaskedImage(template_signal, variance=np.ones(padded_shape), xy0=padded_xy0)
     inner = np.s_[h:h + shape[0], h:h + shape[1]]
+    template_signal = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["flux"],
+                              template_sigma)[inner]
+    # science sources (variables scaled, transients added) seen through the template PSF,
+    # then the kernel: every science source has exactly the science PSF
+    unconvolved = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["science_flux"],
+                          template_sigma)
+    padded = MaskedImage(unconvolved, variance=np.ones(padded_shape), xy0=padded_xy0)
     science_signal = convolve_masked_image(padded, kernel)[0][inner]
-    template_signal = template_signal[inner]
-    x_grid = xy0[0] + np.arange(shape[1])
-    y_grid = xy0[1] + np.arange(shape[0])
-    truth_bg = BackgroundModel(np.asarray(background, dtype=float), SpatialFunction("chebyshev1", 1, bbox))
-    science_signal += truth_bg.spatial_function.evaluate_grid(truth_bg.coefficients, x_grid, y_grid)
-    science_sigma_eff = np.sqrt(template_sigma**2 + (science_sigma**2 - template_sigma**2))
-    extra = stars["science_flux"] - stars["flux"]
-    extra[stars["kind"] == "variable"] = (variable_factor - 1.0) * stars["flux"][stars["kind"] == "variable"]
-    stars["science_flux"][stars["kind"] == "star"] = stars["flux"][stars["kind"] == "star"]
-    stars["science_flux"][stars["kind"] == "variable"] *= variable_factor
-    changed = extra != 0
-    if changed.any():
-        science_signal += _render(shape, xy0, stars["x"][changed], stars["y"][changed], extra[changed],
-                                  science_sigma_eff)
+    truth_bg = BackgroundModel(np.asarray(background, dtype=float),
+                               SpatialFunction("chebyshev1", 1, bbox))
+    science_signal += truth_bg.image(shape, xy0)
     cosmic_rays = np.stack([rng.integers(0, shape[1], n_cosmic_rays) + xy0[0],
                             rng.integers(0, shape[0], n_cosmic_rays) + xy0[1]], axis=1)
     science_signal[cosmic_rays[:, 1] - xy0[1], cosmic_rays[:, 0] - xy0[0]] += cosmic_ray_flux
@@ -230,5 +230,5 @@ def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
             mask[pixels > saturation] |= 1 << DEFAULT_MASK_PLANES["SAT"]
         images.append(MaskedImage(pixels.astype(dtype), mask, variance.astype(dtype), xy0=xy0))
     return FakePair(images[0], images[1], kernel, truth_bg, stars, cosmic_rays,
-                    SIGMA_TO_FWHM * template_sigma, SIGMA_TO_FWHM * science_sigma_eff)
+                    SIGMA_TO_FWHM * template_sigma, SIGMA_TO_FWHM * science_sigma)
 
