@@ -36,6 +36,9 @@ __all__ = ["KernelSolution", "solve_kernel"]
 
 log = logging.getLogger(__name__)
 
+#: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
+_DESIGN_BATCH_VALUES = 25_000_000
+
 
 @dataclass(frozen=True)
 class KernelSolution:
@@ -97,7 +100,17 @@ class _Solver:
         return self.config.candidate_core_radius if self.config.use_core_stats else None
 
     def build(self, candidates, basis, key, regularization):
-        """Fit ``candidates`` with ``basis``, store under ``key``, clip; return #rejected."""
+        """Fit ``candidates`` with ``basis``, store under ``key``, clip; return #rejected.
+
+        Candidates are fitted in batches sized so that the design matrices of
+        a batch stay near ``_DESIGN_BATCH_VALUES`` float64 values.
+        """
+        fit_pixels = (2 * self.half_size + 2 - basis.shape[1]) ** 2
+        size = max(1, _DESIGN_BATCH_VALUES // (len(basis) * fit_pixels))
+        return sum(self._build_batch(candidates[start:start + size], basis, key, regularization)
+                   for start in range(0, len(candidates), size))
+
+    def _build_batch(self, candidates, basis, key, regularization):
         if not candidates:
             return 0
         batch = self.batch(candidates)
