@@ -75,8 +75,14 @@ def correlate_stamps(stamps, kernels):
     for start in range(0, len(stamps), _STAMP_CHUNK):
         stop = start + _STAMP_CHUNK
         product = stamps_ft[start:stop, None] * kernels_ft[None]
-        out[start:stop] = scipy.fft.irfft2(product, s=n, workers=-1, overwrite_x=True)[..., :fy, :fx]
+        out[start:stop] = _valid_inverse(product, n, fy, fx)
     return out
+
+
+def _valid_inverse(spectrum, n, fy, fx):
+    """``irfft2(spectrum, s=n)[..., :fy, :fx]``, transforming only the rows kept."""
+    rows = scipy.fft.ifft(spectrum, n=n[0], axis=-2, workers=-1, overwrite_x=True)[..., :fy, :]
+    return scipy.fft.irfft(rows, n=n[1], axis=-1, workers=-1)[..., :fx]
 
 
 def correlate_stamps_each(stamps, kernels):
@@ -94,7 +100,7 @@ def correlate_stamps_each(stamps, kernels):
     stamps_ft, kernels_ft, n = _stamp_transforms(stamps, kernels)
     fy = stamps.shape[1] - kernels.shape[1] + 1
     fx = stamps.shape[2] - kernels.shape[2] + 1
-    return scipy.fft.irfft2(stamps_ft * kernels_ft, s=n, workers=-1)[..., :fy, :fx]
+    return _valid_inverse(stamps_ft * kernels_ft, n, fy, fx)
 
 
 class FourierCorrelator:

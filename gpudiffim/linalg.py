@@ -20,7 +20,7 @@ import scipy.linalg
 
 from .errors import SingularSystemError
 
-__all__ = ["solve_symmetric", "condition_number"]
+__all__ = ["solve_symmetric", "solve_symmetric_batch", "condition_number"]
 
 
 def _pseudo_inverse_solve(matrix, vector):
@@ -30,6 +30,58 @@ def _pseudo_inverse_solve(matrix, vector):
     keep = np.abs(eigenvalues) > limit
     inverse[keep] = 1.0 / eigenvalues[keep]
     return vectors @ (inverse * (vectors.T @ vector))
+
+
+def solve_symmetric_batch(matrices, vectors):
+    """Solve a stack of symmetric positive semi-definite systems (see module notes).
+
+    Parameters
+    ----------
+    matrices : ndarray of shape (N, n, n)
+    vectors : ndarray of shape (N, n)
+
+    Returns
+    -------
+    solutions : ndarray of shape (N, n)
+        Zero where the system failed.
+    methods : list of str
+        "LU", "EIGENVECTOR", or why the system failed ("" never).
+    failed : ndarray of bool, shape (N,)
+        Systems holding NaN/inf, identically zero, or with a non-finite solution.
+    """
+    matrices = np.asarray(matrices, dtype=np.float64)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    n = matrices.shape[-1]
+    solutions = np.zeros_like(vectors)
+    methods = ["LU"] * len(matrices)
+    finite = np.isfinite(matrices).all(axis=(1, 2)) & np.isfinite(vectors).all(axis=1)
+    nonzero = np.abs(matrices).max(axis=(1, 2), initial=0.0) > 0
+    for k in np.flatnonzero(~finite):
+        methods[k] = "normal equations contain NaN or inf"
+    for k in np.flatnonzero(finite & ~nonzero):
+        methods[k] = "normal matrix is identically zero (no signal in the stamp?)"
+    usable = np.flatnonzero(finite & nonzero)
+    if usable.size:
+        with warnings.catch_warnings():
+            # exactly singular matrices are expected here; the rank test below handles them
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            lu, piv = scipy.linalg.lu_factor(matrices[usable], check_finite=False)
+        pivots = np.abs(np.diagonal(lu, axis1=1, axis2=2))
+        full_rank = np.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True),
+                           axis=1)
+        if full_rank.any():
+            solutions[usable[full_rank]] = scipy.linalg.lu_solve(
+                (lu[full_rank], piv[full_rank]), vectors[usable[full_rank], :, None],
+                check_finite=False)[..., 0]
+        for k in usable[~full_rank]:
+            solutions[k] = _pseudo_inverse_solve(matrices[k], vectors[k])
+            methods[k] = "EIGENVECTOR"
+    bad_solution = ~np.isfinite(solutions).all(axis=1)
+    for k in np.flatnonzero(bad_solution & finite & nonzero):
+        methods[k] = "solution of the normal equations is not finite"
+    failed = ~finite | ~nonzero | bad_solution
+    solutions[failed] = 0.0
+    return solutions, methods, failed
 
 
 def solve_symmetric(matrix, vector):
@@ -51,27 +103,10 @@ def solve_symmetric(matrix, vector):
     SingularSystemError
         If the system holds NaN/inf, is entirely zero, or the solution is not finite.
     """
-    matrix = np.asarray(matrix, dtype=np.float64)
-    vector = np.asarray(vector, dtype=np.float64)
-    if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(vector))):
-        msg = "normal equations contain NaN or inf"
-        raise SingularSystemError(msg)
-    if not np.any(matrix):
-        msg = "normal matrix is identically zero (no signal in the stamp?)"
-        raise SingularSystemError(msg)
-    with warnings.catch_warnings():
-        # an exactly singular matrix is expected here; the rank test below handles it
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
-    pivots = np.abs(np.diag(lu))
-    if np.all(pivots > matrix.shape[0] * np.finfo(np.float64).eps * pivots.max()):
-        solution, method = scipy.linalg.lu_solve((lu, piv), vector, check_finite=False), "LU"
-    else:
-        solution, method = _pseudo_inverse_solve(matrix, vector), "EIGENVECTOR"
-    if not np.all(np.isfinite(solution)):
-        msg = "solution of the normal equations is not finite"
-        raise SingularSystemError(msg)
-    return solution, method
+    solutions, methods, failed = solve_symmetric_batch(np.asarray(matrix)[None], np.asarray(vector)[None])
+    if failed[0]:
+        raise SingularSystemError(methods[0])
+    return solutions[0], methods[0]
 
 
 def condition_number(matrix, kind="EIGENVALUE"):

@@ -21,8 +21,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .convolve import correlate_stamps, correlate_stamps_each
-from .errors import SingularSystemError
-from .linalg import condition_number, solve_symmetric
+from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
 
 __all__ = ["StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
@@ -60,11 +59,13 @@ class StampBatch:
         """
         x0, y0 = science.xy0
         offsets = np.arange(-half_size, half_size + 1)
-        rows = np.array([c.y - y0 for c in candidates])[:, None, None] + offsets[None, :, None]
-        cols = np.array([c.x - x0 for c in candidates])[:, None, None] + offsets[None, None, :]
+        width = science.shape[1]
+        corners = np.array([(c.y - y0 - half_size) * width + (c.x - x0 - half_size) for c in candidates])
+        flat = corners[:, None, None] + (offsets[:, None] * width + offsets[None, :])[None] \
+            + half_size * (width + 1)
 
         def cut(plane, dtype):
-            return plane[rows, cols].astype(dtype)
+            return np.take(plane.ravel(), flat).astype(dtype, copy=False)
 
         return cls(cut(template.image, np.float64), cut(science.image, np.float64),
                    cut(template.variance, np.float64), cut(science.variance, np.float64),
@@ -146,22 +147,25 @@ def _regularization_lambda(config, matrix, regularization):
 
 
 def _solve_batch(matrix, vector, config, regularization, failure):
+    """Solve the stamp systems; ``failure`` gets the reason of every failed one."""
+    pending = np.array([not reason for reason in failure])
+    if config.check_condition_number:
+        limit = config.condition_number_limit
+        for k in np.flatnonzero(pending):
+            cond = condition_number(matrix[k], config.condition_number_type)
+            if cond > limit:
+                failure[k] = f"condition number {cond:.3g} > {limit:.3g}"
+                pending[k] = False
+    systems = matrix[pending]
+    if regularization is not None and len(systems):
+        lambdas = np.array([_regularization_lambda(config, m, regularization) for m in systems])
+        systems = systems + lambdas[:, None, None] * regularization
     solutions = np.zeros_like(vector)
-    for k in range(len(matrix)):
-        if failure[k]:
-            continue
-        system = matrix[k]
-        if config.check_condition_number:
-            cond = condition_number(system, config.condition_number_type)
-            if cond > config.condition_number_limit:
-                failure[k] = f"condition number {cond:.3g} > {config.condition_number_limit:.3g}"
-                continue
-        if regularization is not None:
-            system = system + _regularization_lambda(config, system, regularization) * regularization
-        try:
-            solutions[k], _ = solve_symmetric(system, vector[k])
-        except SingularSystemError as error:
-            failure[k] = f"stamp fit failed: {error}"
+    solved, methods, failed = solve_symmetric_batch(systems, vector[pending])
+    solutions[pending] = solved
+    for k, method, bad in zip(np.flatnonzero(pending), methods, failed):
+        if bad:
+            failure[k] = f"stamp fit failed: {method}"
     return solutions
 
 
