@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
+from ._validate import check_int, check_real, fail, is_int
 from .errors import ConfigurationError, ShapeError
 
 __all__ = [
@@ -73,21 +74,6 @@ FORWARD_ORDERS = (1, 2, 3)
 # Small argument checks
 # --------------------------------------------------------------------------
 
-def _fail(name, value, expected):
-    msg = f"invalid {name}={value!r}: expected {expected}"
-    raise ConfigurationError(msg)
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(name, value, minimum):
-    if not _is_int(value) or value < minimum:
-        _fail(name, value, f"an integer >= {minimum}")
-    return int(value)
-
-
 def _as_tuple(values):
     """A scalar or a 1-D sequence/array as a tuple of Python scalars."""
     if isinstance(values, np.ndarray):
@@ -95,20 +81,6 @@ def _as_tuple(values):
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         return (values,)
     return tuple(values)
-
-
-def _check_real(name, value, *, minimum=None, positive=False):
-    is_real = isinstance(value, (int, float, np.integer, np.floating))
-    if isinstance(value, (bool, np.bool_)) or not is_real:
-        _fail(name, value, "a real number")
-    value = float(value)
-    if not math.isfinite(value):
-        _fail(name, value, "a finite number")
-    if positive and value <= 0:
-        _fail(name, value, "a number > 0")
-    if minimum is not None and value < minimum:
-        _fail(name, value, f"a number >= {minimum}")
-    return value
 
 
 # --------------------------------------------------------------------------
@@ -216,11 +188,11 @@ def alard_lupton_sigmas(config, target_fwhm_pix=None, reference_fwhm_pix=None):
     ([2.236, 4.472, 8.944], 35, 'convolution')
     """
     if config.kernel_basis_set != "alard-lupton":
-        _fail("kernel_basis_set", config.kernel_basis_set, "'alard-lupton' for Alard-Lupton sigmas")
+        fail("kernel_basis_set", config.kernel_basis_set, "'alard-lupton' for Alard-Lupton sigmas")
     if target_fwhm_pix is None or reference_fwhm_pix is None or not config.scale_by_fwhm:
         return tuple(config.alard_sig_gauss), int(config.kernel_size), "config"
-    sigma_t = fwhm_to_sigma(_check_real("target_fwhm_pix", target_fwhm_pix, positive=True))
-    sigma_r = fwhm_to_sigma(_check_real("reference_fwhm_pix", reference_fwhm_pix, positive=True))
+    sigma_t = fwhm_to_sigma(check_real("target_fwhm_pix", target_fwhm_pix, positive=True))
+    sigma_r = fwhm_to_sigma(check_real("reference_fwhm_pix", reference_fwhm_pix, positive=True))
     n_gauss, beta = config.alard_n_gauss, config.alard_gauss_beta
     if sigma_t == sigma_r:
         sigmas, mode = tuple(config.alard_sig_gauss), "config"
@@ -266,11 +238,11 @@ def _gaussian_times_monomials(half_width, sigma, degree):
 
 
 def _check_al_arguments(half_width, sigmas, degrees):
-    half_width = _check_int("half_width", half_width, 1)
-    sigmas = tuple(_check_real("sigmas", s, positive=True) for s in _as_tuple(sigmas))
+    half_width = check_int("half_width", half_width, 1)
+    sigmas = tuple(check_real("sigmas", s, positive=True) for s in _as_tuple(sigmas))
     degrees = _as_tuple(degrees)
-    if any(not _is_int(d) or d < 0 for d in degrees):
-        _fail("degrees", degrees, "non-negative integers")
+    if any(not is_int(d) or d < 0 for d in degrees):
+        fail("degrees", degrees, "non-negative integers")
     if not sigmas or len(sigmas) != len(degrees):
         msg = (f"sigmas and degrees must be non-empty and of equal length, got "
                f"{len(sigmas)} sigmas and {len(degrees)} degrees")
@@ -388,7 +360,7 @@ def renormalization_mixing(kernels):
     mixing = np.eye(len(kernels))
     first_sum = flat[0].sum()
     if first_sum == 0 or not np.isfinite(first_sum):
-        _fail("kernels[0] sum", float(first_sum), "a finite non-zero sum")
+        fail("kernels[0] sum", float(first_sum), "a finite non-zero sum")
     mixing[0] /= first_sum
     sums = flat[1:].sum(axis=1)
     shift = np.abs(sums) > _SUM_EPSILON
@@ -432,8 +404,8 @@ def make_delta_function_basis(width, height):
     >>> basis.shape, float(basis[4, 1, 1])
     ((6, 2, 3), 1.0)
     """
-    width = _check_int("width", width, 1)
-    height = _check_int("height", height, 1)
+    width = check_int("width", width, 1)
+    height = check_int("height", height, 1)
     n = width * height
     return np.eye(n, dtype=np.float64).reshape(n, height, width)
 
@@ -508,18 +480,18 @@ def _forward_difference_triplets(width, height, orders, penalty):
 
 def _check_regularization_arguments(width, height, regularization_type, stencil, orders,
                                     border_penalty):
-    width = _check_int("width", width, 1)
-    height = _check_int("height", height, 1)
+    width = check_int("width", width, 1)
+    height = check_int("height", height, 1)
     if regularization_type not in REGULARIZATION_TYPES:
-        _fail("regularization_type", regularization_type, f"one of {REGULARIZATION_TYPES}")
-    if not _is_int(stencil) or stencil not in CENTRAL_STENCILS:
-        _fail("stencil", stencil, f"one of {CENTRAL_STENCILS}")
+        fail("regularization_type", regularization_type, f"one of {REGULARIZATION_TYPES}")
+    if not is_int(stencil) or stencil not in CENTRAL_STENCILS:
+        fail("stencil", stencil, f"one of {CENTRAL_STENCILS}")
     if isinstance(orders, (str, bytes)) or not hasattr(orders, "__iter__"):
-        _fail("orders", orders, "a sequence of integers in 1..3")
+        fail("orders", orders, "a sequence of integers in 1..3")
     orders = tuple(orders)
-    if not orders or any(not _is_int(o) or o not in FORWARD_ORDERS for o in orders):
-        _fail("orders", orders, "a non-empty sequence of integers in 1..3")
-    border_penalty = _check_real("border_penalty", border_penalty, minimum=0.0)
+    if not orders or any(not is_int(o) or o not in FORWARD_ORDERS for o in orders):
+        fail("orders", orders, "a non-empty sequence of integers in 1..3")
+    border_penalty = check_real("border_penalty", border_penalty, minimum=0.0)
     return width, height, tuple(int(o) for o in orders), border_penalty
 
 
@@ -691,15 +663,15 @@ class KernelBasis:
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
         object.__setattr__(self, "degrees", tuple(int(d) for d in self.degrees))
         if self.kind not in BASIS_KINDS:
-            _fail("kind", self.kind, f"one of {BASIS_KINDS}")
+            fail("kind", self.kind, f"one of {BASIS_KINDS}")
         if self.kind == "alard-lupton":
             self._check_alard_lupton()
 
     def _check_alard_lupton(self):
         if self.mode not in AL_MODES:
-            _fail("mode", self.mode, f"one of {AL_MODES}")
+            fail("mode", self.mode, f"one of {AL_MODES}")
         if len(self.sigmas) != len(self.degrees):
-            _fail("sigmas", self.sigmas, f"one sigma per degree in {self.degrees}")
+            fail("sigmas", self.sigmas, f"one sigma per degree in {self.degrees}")
         expected = sum(_n_polynomial_terms(d) for d in self.degrees)
         if expected != self.n_basis:
             msg = f"degrees {self.degrees} imply {expected} kernels, got {self.n_basis}"

@@ -19,10 +19,10 @@ the field name, the value and what was expected.
 """
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ._validate import check_int, check_real, fail
 from .errors import ConfigurationError
 
 __all__ = ["DetectionConfig", "PsfMatchConfig"]
@@ -35,59 +35,37 @@ LAMBDA_TYPES = ("absolute", "relative")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
 
-def _fail(name, value, expected):
-    msg = f"invalid {name}={value!r}: expected {expected}"
-    raise ConfigurationError(msg)
-
-
 def _check_bool(obj, name):
     value = getattr(obj, name)
     if not isinstance(value, bool):
-        _fail(name, value, "True or False")
+        fail(name, value, "True or False")
 
 
 def _check_int(obj, name, minimum=None, maximum=None, odd=False):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(name, value, "an integer")
-    if minimum is not None and value < minimum:
-        _fail(name, value, f"an integer >= {minimum}")
-    if maximum is not None and value > maximum:
-        _fail(name, value, f"an integer <= {maximum}")
-    if odd and value % 2 == 0:
-        _fail(name, value, "an odd integer")
+    check_int(name, getattr(obj, name), minimum, maximum, odd)
 
 
 def _check_float(obj, name, minimum=None, positive=False):
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(name, value, "a real number")
-    if not math.isfinite(value):
-        _fail(name, value, "a finite number")
-    if positive and value <= 0:
-        _fail(name, value, "a number > 0")
-    if minimum is not None and value < minimum:
-        _fail(name, value, f"a number >= {minimum}")
-    object.__setattr__(obj, name, float(value))
+    object.__setattr__(obj, name, check_real(name, getattr(obj, name), minimum, positive))
 
 
 def _check_choice(obj, name, choices):
     value = getattr(obj, name)
     if value not in choices:
-        _fail(name, value, f"one of {choices}")
+        fail(name, value, f"one of {choices}")
 
 
 def _check_names(obj, name):
     value = getattr(obj, name)
     if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-        _fail(name, value, "a sequence of mask-plane names")
+        fail(name, value, "a sequence of mask-plane names")
     object.__setattr__(obj, name, tuple(value))
 
 
 def _from_mapping(cls, mapping):
     """Build ``cls`` from a mapping, rejecting unknown keys clearly."""
     if not isinstance(mapping, Mapping):
-        _fail(cls.__name__, mapping, "a mapping of field names to values")
+        fail(cls.__name__, mapping, "a mapping of field names to values")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - known)
     if unknown:
@@ -296,7 +274,7 @@ class PsfMatchConfig:
         if isinstance(self.detection, Mapping):
             object.__setattr__(self, "detection", DetectionConfig.from_mapping(self.detection))
         if not isinstance(self.detection, DetectionConfig):
-            _fail("detection", self.detection, "a DetectionConfig")
+            fail("detection", self.detection, "a DetectionConfig")
 
     def _validate_kernel_fields(self):
         _check_int(self, "kernel_size", minimum=3, odd=True)
@@ -312,7 +290,7 @@ class PsfMatchConfig:
         _check_int(self, "size_cell_y", minimum=32)
         _check_int(self, "n_star_per_cell", minimum=-1)
         if self.n_star_per_cell == 0:
-            _fail("n_star_per_cell", 0, "-1 (all) or a positive integer")
+            fail("n_star_per_cell", 0, "-1 (all) or a positive integer")
         _check_int(self, "max_spatial_iterations", minimum=1, maximum=5)
         if self.use_pca_for_spatial_kernel is not None:
             _check_bool(self, "use_pca_for_spatial_kernel")
@@ -340,16 +318,16 @@ class PsfMatchConfig:
         for name in ("alard_deg_gauss", "alard_sig_gauss"):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
-                _fail(name, value, "a sequence")
+                fail(name, value, "a sequence")
             if len(value) != self.alard_n_gauss:
-                _fail(name, value, f"a sequence of alard_n_gauss={self.alard_n_gauss} values")
+                fail(name, value, f"a sequence of alard_n_gauss={self.alard_n_gauss} values")
             object.__setattr__(self, name, tuple(value))
         for deg in self.alard_deg_gauss:
             if isinstance(deg, bool) or not isinstance(deg, int) or deg < 0:
-                _fail("alard_deg_gauss", self.alard_deg_gauss, "non-negative integers")
+                fail("alard_deg_gauss", self.alard_deg_gauss, "non-negative integers")
         for sig in self.alard_sig_gauss:
             if isinstance(sig, bool) or not isinstance(sig, (int, float)) or not sig > 0:
-                _fail("alard_sig_gauss", self.alard_sig_gauss, "positive numbers")
+                fail("alard_sig_gauss", self.alard_sig_gauss, "positive numbers")
         object.__setattr__(self, "alard_sig_gauss", tuple(float(s) for s in self.alard_sig_gauss))
         _check_float(self, "alard_gauss_beta", positive=True)
         _check_float(self, "alard_min_sig", minimum=0.25)
@@ -361,10 +339,10 @@ class PsfMatchConfig:
         _check_choice(self, "central_regularization_stencil", (5, 9))
         orders = self.forward_regularization_orders
         if isinstance(orders, (str, bytes)) or not hasattr(orders, "__iter__"):
-            _fail("forward_regularization_orders", orders, "a sequence of integers in 1..3")
+            fail("forward_regularization_orders", orders, "a sequence of integers in 1..3")
         orders = tuple(orders)
         if not orders or any(isinstance(o, bool) or o not in (1, 2, 3) for o in orders):
-            _fail("forward_regularization_orders", orders, "a non-empty sequence of integers in 1..3")
+            fail("forward_regularization_orders", orders, "a non-empty sequence of integers in 1..3")
         object.__setattr__(self, "forward_regularization_orders", orders)
         _check_float(self, "regularization_border_penalty", minimum=0.0)
         _check_choice(self, "lambda_type", LAMBDA_TYPES)

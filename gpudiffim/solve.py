@@ -118,22 +118,29 @@ class _Solver:
         kernels = np.tensordot(fit.coefficients, basis, axes=1)
         stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
                                           self.core_radius())
-        n_rejected = 0
         for k, candidate in enumerate(candidates):
             candidate.solution[key] = {
                 "coefficients": fit.coefficients[k], "background": float(fit.background[k]),
                 "kernel_sum": float(fit.kernel_sum[k]), "normal_matrix": fit.normal_matrix[k],
                 "normal_vector": fit.normal_vector[k]}
-            candidate.stats["single"] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
-                                         "n": int(stats.n_pixels[k])}
-            reason = fit.failure[k] or self._clip_reason(stats.mean[k], stats.rms[k], "single-kernel",
-                                                          self.config.single_kernel_clipping)
+        return self._judge(candidates, stats, "single", self.config.single_kernel_clipping,
+                           fit.failure)[1]
+
+    def _judge(self, candidates, stats, stage, clipping, failure=None):
+        """Record residual statistics, mark GOOD or BAD; return (#good, #rejected)."""
+        n_good = n_rejected = 0
+        for k, candidate in enumerate(candidates):
+            candidate.stats[stage] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
+                                      "n": int(stats.n_pixels[k])}
+            reason = (failure[k] if failure else "") or self._clip_reason(
+                stats.mean[k], stats.rms[k], f"{stage}-kernel", clipping)
             if reason:
                 candidate.reject(reason)
                 n_rejected += 1
             else:
                 candidate.status = GOOD
-        return n_rejected
+                n_good += 1
+        return n_good, n_rejected
 
     def _clip_reason(self, mean, rms, stage, clipping):
         config = self.config
@@ -228,19 +235,7 @@ class _Solver:
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
                                           self.core_radius())
-        n_good = n_rejected = 0
-        for k, candidate in enumerate(visited):
-            candidate.stats["spatial"] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
-                                          "n": int(stats.n_pixels[k])}
-            reason = self._clip_reason(stats.mean[k], stats.rms[k], "spatial-kernel",
-                                       self.config.spatial_kernel_clipping)
-            if reason:
-                candidate.reject(reason)
-                n_rejected += 1
-            else:
-                candidate.status = GOOD
-                n_good += 1
-        return n_good, n_rejected
+        return self._judge(visited, stats, "spatial", self.config.spatial_kernel_clipping)
 
 
 def pca_kernel_basis(images, n_components, subtract_mean):
