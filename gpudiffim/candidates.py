@@ -11,6 +11,7 @@ of its cell on the next pass.
 Positions are parent-pixel coordinates (x = column, y = row).
 """
 
+import bisect
 import logging
 from dataclasses import dataclass, field
 
@@ -116,8 +117,7 @@ class SpatialCellSet:
         cell = self.cells[self.cell_index(candidate.x, candidate.y)]
         self._inserted += 1
         candidate._order = self._inserted
-        cell.append(candidate)
-        cell.sort(key=lambda c: (-c.rating, -c._order))
+        bisect.insort(cell, candidate, key=lambda c: (-c.rating, -c._order))
 
     def candidates(self):
         """Every candidate, cell by cell, in rating order."""

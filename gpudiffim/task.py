@@ -291,16 +291,16 @@ class ImagePsfMatchTask:
 
 def _difference(matched, reference, background, kernel, convolve_template):
     """Difference image with variance and mask (see :class:`SubtractResult`)."""
-    bg = background.image(reference.shape, reference.xy0)
-    model = matched.image.astype(np.float64) + bg
-    variance = reference.variance.astype(np.float64) + matched.variance
+    dtype = reference.dtype
+    image = matched.image + background.image(reference.shape, reference.xy0).astype(dtype)
+    image -= reference.image
+    variance = reference.variance + matched.variance
     if convolve_template:
-        image = reference.image - model
+        np.negative(image, out=image)
     else:
         x0, y0, x1, y1 = reference.bbox()
         scale = kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))
-        image = (model - reference.image) / scale
-        variance = variance / scale**2
-    dtype = reference.dtype
-    return MaskedImage._from_planes(image.astype(dtype), reference.mask | matched.mask,
-                                    variance.astype(dtype), reference.xy0, reference.mask_planes)
+        image /= scale
+        variance /= scale**2
+    return MaskedImage._from_planes(image, reference.mask | matched.mask, variance, reference.xy0,
+                                    reference.mask_planes)
