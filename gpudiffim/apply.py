@@ -47,12 +47,12 @@ def _weighted_correlations(image, kernels, factors, dtype):
     correlation, so no term image is ever formed.
     """
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
-    out = np.zeros(image.shape)
+    out = np.zeros(image.shape, dtype=dtype)
     for kernel, (rows, cols) in zip(kernels, factors):
         if np.any(kernel):
             term = correlator.correlate(kernel)
-            term *= rows[:, None].astype(term.dtype)
-            term *= cols[None, :].astype(term.dtype)
+            term *= rows[:, None].astype(dtype)
+            term *= cols[None, :].astype(dtype)
             out += term
     return out
 
@@ -112,8 +112,8 @@ def convolve_masked_image(masked_image, kernel):
     Returns
     -------
     image, variance : ndarray of shape (M, N)
-        ``T * K`` and ``sum K^2 V`` in the input's dtype (transforms run in
-        that precision, accumulation in float64).
+        ``T * K`` and ``sum K^2 V`` in the input's dtype (transforms and
+        accumulation run in that precision).
     mask : ndarray of int32, shape (M, N)
         Propagated mask, EDGE set within the kernel half-width of the border.
     """
@@ -131,4 +131,4 @@ def convolve_masked_image(masked_image, kernel):
     image[edge] = masked_image.image[edge]
     variance[edge] = masked_image.variance[edge]
     mask[edge] |= masked_image.mask[edge] | masked_image.bits(["EDGE"])
-    return image.astype(dtype), variance.astype(dtype), mask.astype(np.int32)
+    return image, variance, mask.astype(np.int32)
