@@ -372,6 +372,20 @@ class TestTaskArguments:
             getattr(ImagePsfMatchTask(FAST_CONFIG), method)(
                 pair.template, pair.science, candidates=candidates)
 
+    def test_ill_conditioned_spatial_fit_warns(self, pair):
+        """Two candidates for a second-order spatial kernel: the fit is underconstrained."""
+        brightest = np.argsort(pair.stars["flux"])[::-1]
+        inside = [k for k in brightest if 30 < pair.stars["x"][k] < 130 and 30 < pair.stars["y"][k] < 130]
+        candidates = [(pair.stars["x"][k], pair.stars["y"][k]) for k in inside[:2]]
+        config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2)
+        with pytest.warns(FitQualityWarning) as caught:
+            result = ImagePsfMatchTask(config).subtract_masked_images(
+                pair.template, pair.science, candidates=candidates)
+        messages = [str(w.message) for w in caught]
+        assert any("underconstrained" in m for m in messages)
+        assert any("condition number" in m for m in messages)
+        assert any("underconstrained" in w for w in result.diagnostics["warnings"])
+
     def test_table_with_xy_columns(self, pair):
         table = pytest.importorskip("astropy.table")
         stars = pair.stars
