@@ -54,9 +54,9 @@ class KernelCandidate:
     reason : str
         Why the candidate was rejected ("" if not).
     solution : dict
-        Filled by the solver: ``coefficients``, ``background``,
-        ``kernel_sum``, ``normal_matrix``, ``normal_vector`` (ORIG basis) and
-        optionally the same under ``"pca"``.
+        Filled by the solver: under ``"orig"`` (the original basis) and, with
+        PCA, ``"pca"``, a dict of ``coefficients``, ``background``,
+        ``kernel_sum``, ``normal_matrix`` and ``normal_vector``.
     stats : dict
         Residual statistics per stage (``"single"``, ``"spatial"``): mean, rms, n.
     """
@@ -69,11 +69,6 @@ class KernelCandidate:
     reason: str = ""
     solution: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
-
-    @property
-    def is_built(self):
-        """Whether a stamp solution exists."""
-        return "coefficients" in self.solution
 
     def reject(self, reason):
         """Mark BAD with a reason."""

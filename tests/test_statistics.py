@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 from numpy.polynomial import chebyshev
 from numpy.testing import assert_allclose
 
