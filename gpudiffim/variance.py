@@ -1,0 +1,88 @@
+"""Rescaling of a variance plane to the noise measured in the pixels.
+
+``ip_diffim``'s ``ScaleVarianceTask`` (spec section 10.4): with a smooth
+background removed, the scale factor is ``(0.741 IQR(I / sqrt(V)))^2`` over
+pixels that are not part of a source and carry no bad mask bit; if that is
+above ``limit``, ``(0.741 IQR(I))^2 / median(V)`` is tried; a factor still
+above ``limit`` (or not positive) is an error.  Images whose variance plane
+misses the sky noise (e.g. sky-subtracted frames with a variance from gain
+and read noise only) need this before their residuals can be judged.
+"""
+
+import logging
+
+import numpy as np
+
+from .candidates import coarse_background
+from .errors import InvalidVarianceError
+from .image import MaskedImage
+
+__all__ = ["scale_variance"]
+
+log = logging.getLogger(__name__)
+
+#: Ratio of the standard deviation to the interquartile range of a Gaussian.
+_IQR_TO_SIGMA = 0.741301109
+
+#: Planes whose pixels are left out of the noise estimate.
+EXCLUDED_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
+
+
+def _iqr_sigma(values):
+    q1, q3 = np.percentile(values, [25.0, 75.0])
+    return _IQR_TO_SIGMA * (q3 - q1)
+
+
+def _sky_pixels(masked_image, residual, threshold):
+    """Pixels without excluded mask bits and not above ``threshold`` sigma (sources)."""
+    good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
+    good &= masked_image.variance > 0
+    sigma = _iqr_sigma(residual[good])
+    return good & (np.abs(residual) < threshold * max(sigma, np.finfo(float).tiny))
+
+
+def scale_variance(masked_image, *, limit=10.0, bin_size=32, threshold=5.0):
+    """Rescale the variance plane to the pixel noise.
+
+    Parameters
+    ----------
+    masked_image : MaskedImage
+    limit : float
+        Largest factor accepted.
+    bin_size : int
+        Bin size (px) of the background removed first.
+    threshold : float
+        Pixels beyond ``threshold`` robust sigmas of the background-free image
+        (sources, and their negative counterparts) are left out.
+
+    Returns
+    -------
+    scaled : MaskedImage
+        A new masked image with ``variance * factor``.
+    factor : float
+
+    Raises
+    ------
+    InvalidVarianceError
+        If no usable sky pixel is left or the factor is not in ``(0, limit]``.
+    """
+    image = masked_image.image.astype(np.float64)
+    exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
+    residual = image - coarse_background(image, bin_size, exclude)
+    sky = _sky_pixels(masked_image, residual, threshold)
+    if np.count_nonzero(sky) < 100:
+        msg = f"only {np.count_nonzero(sky)} sky pixels to measure the noise on: cannot scale the variance"
+        raise InvalidVarianceError(msg)
+    variance = masked_image.variance[sky].astype(np.float64)
+    factor = _iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
+    if not 0 < factor <= limit:
+        factor = _iqr_sigma(residual[sky]) ** 2 / np.median(variance)
+    if not 0 < factor <= limit:
+        msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
+        raise InvalidVarianceError(msg)
+    level = logging.WARNING if not 0.1 <= factor <= 10.0 else logging.INFO
+    log.log(level, "variance scaled by %.4g (from %d sky pixels)", factor, np.count_nonzero(sky))
+    scaled = MaskedImage._from_planes(masked_image.image, masked_image.mask,
+                                      masked_image.variance * masked_image.dtype.type(factor),
+                                      masked_image.xy0, masked_image.mask_planes)
+    return scaled, float(factor)
