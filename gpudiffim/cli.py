@@ -1,7 +1,15 @@
-"""Command line: ``gpudiffim demo`` simulates a pair, subtracts it and reports."""
+"""Command line ``gpudiffim``: ``subtract``, ``demo`` and ``info``.
+
+Exit codes: 0 success, 2 bad input (files, FITS, configuration, registration),
+3 the kernel fit failed (too few candidates, singular system).  Errors are
+reported as one line on stderr; progress and the summary go to stderr through
+``logging``.
+"""
 
 import argparse
+import json
 import logging
+import platform
 import sys
 import time
 
@@ -9,55 +17,103 @@ import numpy as np
 
 from . import __version__
 from .config import PsfMatchConfig
-from .io import write_masked_image
-from .task import ImagePsfMatchTask
-from .testing import make_fake_pair
+from .errors import ConfigurationError, GpudiffimError, NoKernelCandidatesError, SingularSystemError
 
 __all__ = ["main"]
 
+log = logging.getLogger("gpudiffim")
 
-def _residual_summary(result, pair, radius=12):
-    """Mean, std and count of D/sigma over unflagged pixels away from changed sources.
+EXIT_BAD_INPUT = 2
+EXIT_FIT_FAILED = 3
 
-    Pixels within ``radius`` of a simulated variable star or transient (whose
-    residuals are real signal, not noise) are left out.
-    """
-    difference = result.subtracted_image
-    good = difference.mask == 0
+
+def _residual_summary(difference, exclude=()):
+    """Mean, std and count of D/sigma over unflagged pixels, leaving out boxes around ``exclude``."""
+    good = (difference.mask == 0) & (difference.variance > 0)
     x0, y0 = difference.xy0
-    for star in pair.stars[pair.stars["kind"] != "star"]:
-        col, row = int(round(star["x"])) - x0, int(round(star["y"])) - y0
+    for x, y, radius in exclude:
+        col, row = int(round(x)) - x0, int(round(y)) - y0
         good[max(row - radius, 0):row + radius + 1, max(col - radius, 0):col + radius + 1] = False
     z = difference.image[good] / np.sqrt(difference.variance[good])
     return float(np.mean(z)), float(np.std(z)), int(good.sum())
 
 
+def _candidate_summary(cells):
+    rejected = {}
+    for record in cells.candidates:
+        if record.status == "BAD":
+            key = " ".join(record.reason.split(" ")[:2])
+            rejected[key] = rejected.get(key, 0) + 1
+    reasons = ", ".join(f"{v} {k}" for k, v in rejected.items()) or "none rejected"
+    return f"{cells.n_good} GOOD, {cells.n_bad} BAD ({reasons}), {cells.count('UNKNOWN')} not needed"
+
+
+def _parse_value(text):
+    """A config value from the command line: JSON if it parses, else the string."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build_config(assignments, config_file=None, defaults=None):
+    """PsfMatchConfig from a JSON file and ``field=value`` overrides.
+
+    ``detection.field=value`` sets a field of the nested detection config.
+
+    Raises
+    ------
+    ConfigurationError
+        For a malformed assignment, file, field or value.
+    """
+    values = dict(defaults or {})
+    if config_file:
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                loaded = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            msg = f"cannot read config file {config_file}: {error}"
+            raise ConfigurationError(msg) from None
+        if not isinstance(loaded, dict):
+            msg = f"config file {config_file} must hold a JSON object of field: value"
+            raise ConfigurationError(msg)
+        values.update(loaded)
+    for assignment in assignments or ():
+        name, sep, text = assignment.partition("=")
+        if not sep or not name.strip():
+            msg = f"--config expects field=value, got {assignment!r}"
+            raise ConfigurationError(msg)
+        keys = name.strip().split(".")
+        target = values
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = _parse_value(text.strip())
+    return PsfMatchConfig.from_mapping(values)
+
+
 def _demo(args):
+    from .io import write_masked_image
+    from .task import ImagePsfMatchTask
+    from .testing import make_fake_pair
+
     start = time.perf_counter()
     pair = make_fake_pair(shape=(args.size, args.size), n_stars=args.stars, seed=args.seed,
                           n_variables=args.variables, n_transients=args.transients)
     simulate = time.perf_counter() - start
     config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=args.kernel_order)
     result = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
-    cells = result.kernel_cell_set
-    mean, std, n_good = _residual_summary(result, pair)
+    changed = [(s["x"], s["y"], 12) for s in pair.stars[pair.stars["kind"] != "star"]]
+    mean, std, n_good = _residual_summary(result.subtracted_image, changed)
     centre = 0.5 * (args.size - 1)
-    truth_sum = pair.kernel.kernel_sum(centre, centre)
-    rejected = {}
-    for record in cells.candidates:
-        if record.status == "BAD":
-            key = record.reason.split(" ")[0] + " " + record.reason.split(" ")[1]
-            rejected[key] = rejected.get(key, 0) + 1
     print(f"gpudiffim {__version__} demo: {args.size}x{args.size} simulated pair, {args.stars} stars, "
           f"seed {args.seed}")
     print(f"  kernel: {result.kernel_basis.n_basis} {result.kernel_basis.kind} bases, "
           f"{result.kernel_basis.width}x{result.kernel_basis.width} px, spatial order {args.kernel_order}")
     print(f"  FWHM template / science: {result.template_fwhm_pix:.2f} / {result.science_fwhm_pix:.2f} px")
     print(f"  kernel sum at centre: {result.psf_matching_kernel.kernel_sum(centre, centre):.5f} "
-          f"(truth {truth_sum:.5f})")
-    print(f"  candidates: {cells.n_good} GOOD, {cells.n_bad} BAD "
-          f"({', '.join(f'{v} {k}' for k, v in rejected.items()) or 'none rejected'}), "
-          f"{cells.count('UNKNOWN')} not needed")
+          f"(truth {pair.kernel.kernel_sum(centre, centre):.5f})")
+    print(f"  candidates: {_candidate_summary(result.kernel_cell_set)}")
     print(f"  background at centre: {result.background_model(centre, centre):.3f} "
           f"(truth {pair.background(centre, centre):.3f})")
     print(f"  difference / sigma over {n_good} unflagged px away from the {args.variables} variables "
@@ -68,16 +124,122 @@ def _demo(args):
         write_masked_image(args.output, result.subtracted_image, overwrite=True,
                            header={"GDIFFVER": __version__,
                                    "KSUM": result.psf_matching_kernel.kernel_sum(centre, centre),
-                                   "NGOOD": cells.n_good, "NBAD": cells.n_bad})
+                                   "NGOOD": result.kernel_cell_set.n_good,
+                                   "NBAD": result.kernel_cell_set.n_bad})
         print(f"  difference image written to {args.output}")
     return 0
 
 
+def _read(prefix, args):
+    from .io import read_exposure
+
+    options = {name: getattr(args, f"{prefix}_{name}") for name in
+               ("hdu", "variance", "sigma", "mask", "weight", "psf", "gain", "read_noise",
+                "saturation")}
+    hdu = options.pop("hdu")
+    if hdu is not None and hdu.isdigit():
+        hdu = int(hdu)
+    exposure = read_exposure(getattr(args, prefix), hdu=hdu,
+                             **{k: v for k, v in options.items() if v is not None})
+    if args.variance_correction != "none":
+        from .exposure import Exposure
+        from .variance import scale_variance
+
+        scaled, factor = scale_variance(exposure.masked_image, mode=args.variance_correction,
+                                        limit=args.variance_scale_limit)
+        log.info("%s: variance correction (%s) %.4g", prefix, args.variance_correction, factor)
+        exposure = Exposure(scaled, wcs=exposure.wcs, psf_fwhm_pix=exposure.psf_fwhm_pix,
+                            psf_image=exposure.psf_image, info=exposure.info)
+    return exposure
+
+
+def _subtract(args):
+    from .io import write_exposure
+    from .task import ImagePsfMatchTask
+
+    config = build_config(args.config, args.config_file, defaults={"fit_for_background": True})
+    science, template = _read("science", args), _read("template", args)
+    task = ImagePsfMatchTask(config)
+    result = task.subtract_exposures(template, science, template_fwhm_pix=args.template_fwhm,
+                                     science_fwhm_pix=args.science_fwhm,
+                                     do_warping=not args.no_warp,
+                                     convolve_template=args.convolve == "template")
+    x0, y0, x1, y1 = result.subtracted_image.bbox()
+    centre = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
+    provenance = {"GDIFFVER": __version__, "CONVOLVD": result.convolved,
+                  "KSUM": result.psf_matching_kernel.kernel_sum(*centre),
+                  "NGOOD": result.kernel_cell_set.n_good, "NBAD": result.kernel_cell_set.n_bad,
+                  "CONFIG": json.dumps(config.to_dict(), sort_keys=True)}
+    write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
+                   background=result.background_model, provenance=provenance, overwrite=args.overwrite)
+    if args.matched:
+        write_exposure(args.matched, result.matched_exposure, kernel=result.psf_matching_kernel,
+                       provenance=provenance, overwrite=args.overwrite)
+    mean, std, n_good = _residual_summary(result.subtracted_image)
+    log.info("kernel sum at centre %.5f; candidates: %s", provenance["KSUM"],
+             _candidate_summary(result.kernel_cell_set))
+    log.info("difference / sigma over %d unflagged px: mean %+.4f, std %.4f", n_good, mean, std)
+    log.info("time per stage (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
+    log.info("difference written to %s", args.output)
+    return 0
+
+
+def _info(args):
+    import astropy
+    import scipy
+
+    print(f"gpudiffim {__version__}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+          f"astropy {astropy.__version__}")
+    print("backend: numpy (CPU); device: none")
+    return 0
+
+
+def _add_exposure_options(parser, prefix):
+    group = parser.add_argument_group(f"{prefix} inputs")
+    group.add_argument(f"--{prefix}-hdu", help="HDU name or index of the image")
+    for name, text in (("variance", "variance"), ("sigma", "1-sigma error"),
+                       ("mask", "integer mask"), ("weight", "inverse-variance weight"),
+                       ("psf", "PSF image")):
+        group.add_argument(f"--{prefix}-{name}", help=f"FITS file with the {prefix} {text} map")
+    for name, text in (("gain", "gain (e-/ADU)"), ("read-noise", "read noise (e-)"),
+                       ("saturation", "saturation level (ADU)")):
+        group.add_argument(f"--{prefix}-{name}", type=float, help=f"{prefix} {text}, overriding the header")
+
+
 def _parser():
-    parser = argparse.ArgumentParser(prog="gpudiffim", description=__doc__)
+    parser = argparse.ArgumentParser(prog="gpudiffim", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gpudiffim {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every stage")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every stage (DEBUG)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    subtract = commands.add_parser("subtract", help="PSF-match a template to a science image and subtract")
+    subtract.add_argument("science", help="science FITS file")
+    subtract.add_argument("template", help="template FITS file")
+    subtract.add_argument("-o", "--output", required=True, help="difference image (FITS, LSST layout)")
+    subtract.add_argument("--matched", help="also write the matched image here")
+    subtract.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    subtract.add_argument("--config", action="append", metavar="FIELD=VALUE",
+                          help="PsfMatchConfig field (repeatable; detection.FIELD for detection)")
+    subtract.add_argument("--config-file", help="JSON file of PsfMatchConfig fields")
+    subtract.add_argument("--convolve", choices=("template", "science"), default="template",
+                          help="image to convolve (default template)")
+    subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
+    subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
+    subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")
+    subtract.add_argument("--variance-correction", choices=("scale", "add", "none"), default="scale",
+                          help="match each variance plane to the measured sky noise by scaling it "
+                               "(default, as ip_diffim), by adding the missing sky variance (for "
+                               "sky-subtracted frames whose variance lacks the sky), or not at all")
+    subtract.add_argument("--variance-scale-limit", type=float, default=1000.0,
+                          help="largest variance correction ratio accepted (default 1000)")
+    subtract.add_argument("--backend", choices=("auto", "numpy"), default="auto",
+                          help="compute backend (only numpy exists so far)")
+    _add_exposure_options(subtract, "science")
+    _add_exposure_options(subtract, "template")
+    subtract.set_defaults(run=_subtract)
+
     demo = commands.add_parser("demo", help="simulate a pair with a known kernel and subtract it")
     demo.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     demo.add_argument("--stars", type=int, default=1000, help="number of stars (default 1000)")
@@ -88,15 +250,29 @@ def _parser():
     demo.add_argument("--output", default="gpudiffim-demo-difference.fits",
                       help="FITS file for the difference image ('' to skip)")
     demo.set_defaults(run=_demo)
+
+    info = commands.add_parser("info", help="versions, backend and device")
+    info.set_defaults(run=_info)
     return parser
 
 
 def main(argv=None):
-    """Entry point of the ``gpudiffim`` command."""
+    """Entry point of the ``gpudiffim`` command; returns the exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    return args.run(args)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except (NoKernelCandidatesError, SingularSystemError) as error:
+        if args.verbose:
+            raise
+        print(f"gpudiffim: fit failed: {error}", file=sys.stderr)
+        return EXIT_FIT_FAILED
+    except (GpudiffimError, OSError, ValueError, TypeError) as error:
+        if args.verbose:
+            raise
+        print(f"gpudiffim: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

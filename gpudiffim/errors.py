@@ -11,6 +11,8 @@ __all__ = [
     "GpudiffimError",
     "ConfigurationError",
     "ShapeError",
+    "FitsFormatError",
+    "RegistrationError",
     "InvalidImageError",
     "InvalidVarianceError",
     "NoKernelCandidatesError",
@@ -32,6 +34,23 @@ class ConfigurationError(GpudiffimError, ValueError):
 
 class ShapeError(GpudiffimError, ValueError):
     """Arrays have the wrong number of dimensions or mismatched shapes."""
+
+
+class RegistrationError(GpudiffimError, ValueError):
+    """Two images cannot be put on one pixel grid.
+
+    A WCS is missing or unusable, the fields do not overlap, or warping is
+    disabled while the grids differ.
+    """
+
+
+class FitsFormatError(GpudiffimError, ValueError):
+    """A file is not readable FITS or lacks the expected image data.
+
+    Raised for files that are not FITS or are truncated, a missing or
+    non-image HDU, an HDU without data, or an array that is not 2-D; the
+    message names the file and the HDU.
+    """
 
 
 class InvalidImageError(GpudiffimError, ValueError):

@@ -1,68 +1,1118 @@
-"""FITS output of masked images in the LSST layout.
+"""FITS input and output of exposures and masked images.
 
-Layout: an empty primary HDU, then IMAGE, MASK and VARIANCE image HDUs; the
-mask-plane names are recorded as ``MP_<NAME> = bit`` keywords of the MASK HDU
-and the parent origin as ``LTV1 = -x0``, ``LTV2 = -y0`` (as ``afw`` writes
-them).  Files are written atomically: to a temporary file in the target
-folder, then renamed, so a failed write never leaves a truncated file.
+Reading
+-------
+:func:`read_exposure` accepts two layouts:
+
+* **LSST/Rubin** (as ``afw`` writes a ``MaskedImage`` or ``Exposure``): HDUs
+  named ``IMAGE``, ``MASK`` and ``VARIANCE`` (``MASK`` and ``VARIANCE`` may be
+  missing), or, without those names, an empty primary HDU followed by three
+  2-D image HDUs of one shape whose second has integer pixels (the mask) and
+  whose third has floating-point pixels (the variance).  Mask-plane names come
+  from the ``MP_<NAME> = bit`` cards of the mask HDU (``HIERARCH`` cards
+  included), or :data:`~gpudiffim.image.DEFAULT_MASK_PLANES` when it has none.
+* **Plain image**: the HDU named or numbered by ``hdu`` (e.g. ``"SCI"`` for
+  JWST), else the first image HDU holding data.
+
+Pixel origin ``xy0``: from the ``A`` alternate WCS that ``afw`` writes
+(``x0 = CRVAL1A - CRPIX1A + 1``, used when ``CRVAL1A`` and ``CRVAL2A`` exist
+and ``CTYPE1A``/``CTYPE2A``, where present, are ``LINEAR``), else, in the
+LSST layout only, from ``LTV1``/``LTV2`` (``x0 = -LTV1``).  ``LTV`` cards of plain
+images (IRAF or SWarp cut-outs, e.g. the DECam frames) are ignored, because
+there they describe a physical-pixel system, not an LSST parent box.
+
+WCS: the celestial part of the image HDU's primary WCS (``astropy.wcs.WCS``
+with ``relax=True``; ``None`` without a celestial WCS).  A FITS WCS refers to
+the stored array, so its reference pixel is shifted by ``xy0`` to give the
+parent-coordinate WCS of :class:`~gpudiffim.Exposure` (``afw`` does the same);
+:func:`write_exposure` shifts it back.
+
+Writing
+-------
+:func:`write_exposure` and :func:`write_masked_image` write the LSST layout:
+an empty primary HDU (metadata, provenance, background cards), then
+``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs each carrying the WCS, the ``A``
+WCS and ``LTV1``/``LTV2`` (``afw``'s pixel-origin cards), and optionally
+``PSF`` and ``KERNEL`` image HDUs.  Files are written atomically: to a
+temporary file in the target folder, then renamed (or hard-linked when
+``overwrite`` is False, so an existing file is never replaced), so a failed
+write never leaves a truncated file.
 """
 
+import contextlib
+import datetime
+import errno
+import json
+import logging
+import math
+import numbers
 import os
+import re
 import tempfile
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["write_masked_image"]
+from .errors import (
+    ConfigurationError,
+    FitsFormatError,
+    GpudiffimError,
+    InvalidImageError,
+    InvalidVarianceError,
+    ShapeError,
+)
+from .exposure import Exposure, ExposureInfo
+from .image import DEFAULT_MASK_PLANES, MaskedImage
+
+__all__ = [
+    "FILTER_KEYWORDS",
+    "FWHM_KEYWORDS",
+    "GAIN_KEYWORDS",
+    "MAX_STRING_LENGTH",
+    "READ_NOISE_KEYWORDS",
+    "SATURATION_KEYWORDS",
+    "ZERO_POINT_KEYWORDS",
+    "read_exposure",
+    "write_exposure",
+    "write_masked_image",
+]
+
+log = logging.getLogger(__name__)
+
+#: Header keywords read, in order of preference, for the gain (e-/ADU).
+GAIN_KEYWORDS = ("GAIN",)
+#: Header keywords for the read noise (electrons).
+READ_NOISE_KEYWORDS = ("RDNOISE", "READNOIS")
+#: Header keywords for the saturation level (ADU).
+SATURATION_KEYWORDS = ("SATURATE", "SATURATION")
+#: Header keywords for the filter name.
+FILTER_KEYWORDS = ("FILTER", "BAND")
+#: Header keywords for the photometric zero point (magnitude of 1 ADU).
+ZERO_POINT_KEYWORDS = ("MAGZERO", "MAGZP", "ZP", "PHOTZP")
+#: Header keywords for the PSF FWHM in pixels (see :func:`read_exposure`).
+FWHM_KEYWORDS = ("FWHM", "SEEING")
+#: Longest string value written to a header card (longer ones are truncated).
+MAX_STRING_LENGTH = 4096
+
+_LSST_NAMES = ("IMAGE", "MASK", "VARIANCE")
+_VARIANCE_SOURCES = ("variance", "inverse_variance", "sigma", "weight")
+_STRUCTURAL = frozenset({"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "PCOUNT", "GCOUNT",
+                         "BSCALE", "BZERO", "BLANK", "GROUPS", "THEAP", "TFIELDS", "END",
+                         "CHECKSUM", "DATASUM"})
+_COMMENTARY = frozenset({"", "COMMENT", "HISTORY"})
+_SHORT_KEY = re.compile(r"[A-Z0-9_-]{1,8}")
+_BRACKET = re.compile(r"^(?P<path>.+)\[(?P<hdu>[^\[\]]+)\]$")
+_MAX_KEY_LENGTH = 40
 
 
-def _hdus(masked_image, header):
+def _is_structural(key):
+    return key in _STRUCTURAL or re.fullmatch(r"NAXIS\d+", key) is not None
+
+
+def _is_reserved(key):
+    """Keywords the writer manages: structure, extension names, commentary."""
+    return (_is_structural(key) or key in _COMMENTARY or key == "CONTINUE"
+            or key in ("EXTNAME", "EXTVER", "EXTLEVEL", "EXTTYPE"))
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------
+# Opening files and selecting HDUs
+# ---------------------------------------------------------------------------
+
+def _parse_hdu(text):
+    """HDU from the text inside ``path[...]``: an index, ``NAME`` or ``NAME,VER``."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    name, sep, version = text.partition(",")
+    if sep and version.strip().isdigit():
+        return (name.strip(), int(version))
+    return text
+
+
+def _check_hdu(hdu):
+    valid = (hdu is None or (isinstance(hdu, (int, np.integer)) and not isinstance(hdu, bool))
+             or isinstance(hdu, str)
+             or (isinstance(hdu, tuple) and len(hdu) == 2 and isinstance(hdu[0], str)
+                 and isinstance(hdu[1], (int, np.integer))))
+    if not valid:
+        msg = f"hdu must be an index, an EXTNAME or an (EXTNAME, EXTVER) pair, got {hdu!r}"
+        raise ConfigurationError(msg)
+    return int(hdu) if isinstance(hdu, (int, np.integer)) else hdu
+
+
+def _split_spec(spec, hdu=None, what="image"):
+    """``(path, hdu)`` from ``path``, ``"path[HDU]"`` or ``(path, hdu)``."""
+    if isinstance(spec, tuple):
+        if len(spec) != 2 or not isinstance(spec[0], (str, os.PathLike)):
+            msg = f"{what} must be a path, 'path[HDU]', a (path, hdu) pair or an array, got {spec!r}"
+            raise ConfigurationError(msg)
+        return os.fspath(spec[0]), _check_hdu(spec[1])
+    path = os.fspath(spec)
+    if hdu is None and not os.path.exists(path):
+        match = _BRACKET.match(path)
+        if match and os.path.exists(match["path"]):
+            return match["path"], _check_hdu(_parse_hdu(match["hdu"]))
+    return path, _check_hdu(hdu)
+
+
+def _with_fits(path, reader):
+    """Open ``path`` and return ``reader(hdus)``, mapping astropy errors to FitsFormatError."""
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyError
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such FITS file", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a FITS file", path)
+    caught = []
+    try:
+        # Warnings are held until the file is closed: astropy's "may have been
+        # truncated" becomes an error, the others are re-issued unchanged.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(path, memmap=False) as hdus:
+                result = reader(hdus)
+    except (PermissionError, MemoryError):
+        raise
+    except (GpudiffimError, OSError, ValueError, TypeError, KeyError, IndexError, EOFError,
+            VerifyError) as error:
+        truncated = _truncation(caught)
+        if truncated:
+            msg = f"{path} is truncated ({truncated})"
+            raise FitsFormatError(msg) from error
+        if isinstance(error, GpudiffimError):
+            raise
+        msg = f"{path} is not a readable FITS file ({_one_line(error)})"
+        raise FitsFormatError(msg) from error
+    truncated = _truncation(caught)
+    if truncated:
+        msg = f"{path} is truncated ({truncated})"
+        raise FitsFormatError(msg)
+    for item in caught:
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
+    return result
+
+
+def _truncation(caught):
+    """Text of astropy's truncation warning among ``caught``, or None."""
+    for item in caught:
+        if "truncated" in str(item.message) and "file" in str(item.message).lower():
+            return " ".join(str(item.message).split())
+    return None
+
+
+def _label(path, hdus, index):
+    name = hdus[index].name
+    return f"HDU {index}" + (f" ({name})" if name and name != "PRIMARY" else "") + f" of {path}"
+
+
+def _has_data(hdu):
+    naxis = hdu.header.get("NAXIS", 0)
+    return hdu.is_image and naxis > 0 and all(hdu.header.get(f"NAXIS{i}", 0) > 0
+                                              for i in range(1, naxis + 1))
+
+
+def _hdu_index(hdus, hdu, path):
+    """Index of the requested HDU, or of the first image HDU with data."""
+    if hdu is None:
+        for index, candidate in enumerate(hdus):
+            if _has_data(candidate):
+                return index
+        names = ", ".join(f"{i} {h.name} ({type(h).__name__})".replace("  ", " ") for i, h in enumerate(hdus))
+        msg = f"{path} holds no image data (HDUs: {names})"
+        raise FitsFormatError(msg)
+    if isinstance(hdu, int):
+        if not -len(hdus) <= hdu < len(hdus):
+            msg = f"{path} has no HDU {hdu}: it has {len(hdus)} HDU(s)"
+            raise FitsFormatError(msg)
+        return hdu % len(hdus)
+    try:
+        return hdus.index_of(hdu)
+    except (KeyError, IndexError):
+        names = ", ".join(h.name for h in hdus)
+        msg = f"{path} has no HDU named {hdu!r} (HDUs: {names})"
+        raise FitsFormatError(msg) from None
+
+
+def _native(array):
+    """A native-byte-order copy of ``array`` (FITS data are big-endian)."""
+    return np.array(array, dtype=array.dtype.newbyteorder("="))
+
+
+def _image_data(hdus, index, path):
+    """Native 2-D pixel array of HDU ``index`` (BSCALE/BZERO applied) and its label."""
+    hdu, label = hdus[index], _label(path, hdus, index)
+    if not hdu.is_image:
+        msg = f"{label} is a {type(hdu).__name__}, not an image"
+        raise FitsFormatError(msg)
+    try:
+        data = hdu.data
+    except (OSError, ValueError, TypeError, EOFError) as error:
+        msg = f"cannot read the pixels of {label} ({_one_line(error)})"
+        raise FitsFormatError(msg) from error
+    if data is None or data.size == 0:
+        msg = f"{label} holds no image data"
+        raise FitsFormatError(msg)
+    data = np.asarray(data)
+    while data.ndim > 2 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        msg = f"{label} holds a {data.ndim}-D array of shape {data.shape}; expected a 2-D image"
+        raise FitsFormatError(msg)
+    return _native(data), label
+
+
+def _lsst_indices(hdus):
+    """``(image, mask, variance)`` HDU indices of an LSST-layout file (None where absent), or None."""
+    names = [hdu.name.upper() for hdu in hdus]
+    if "IMAGE" in names:
+        return tuple(names.index(name) if name in names else None for name in _LSST_NAMES)
+    if len(hdus) < 4 or _has_data(hdus[0]) or not all(_has_data(hdus[i]) for i in (1, 2, 3)):
+        return None
+    headers = [hdus[i].header for i in (1, 2, 3)]
+    shapes = {tuple(h.get(f"NAXIS{k}") for k in range(1, h["NAXIS"] + 1)) for h in headers}
+    if len(shapes) == 1 and headers[0]["NAXIS"] == 2 and headers[1]["BITPIX"] > 0 > headers[2]["BITPIX"]:
+        return (1, 2, 3)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Header metadata
+# ---------------------------------------------------------------------------
+
+def _is_number(value):
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
+
+
+def _header_value(headers, keys, accept):
+    for header in headers:
+        for key in keys:
+            if key in header and accept(header[key]):
+                return header[key]
+    return None
+
+
+def _header_positive(headers, keys):
+    value = _header_value(headers, keys, lambda v: _is_number(v) and v > 0)
+    return None if value is None else float(value)
+
+
+def _header_string(headers, keys):
+    value = _header_value(headers, keys, lambda v: isinstance(v, str) and v.strip())
+    return None if value is None else value.strip()
+
+
+def _header_date(headers):
+    date = _header_string(headers, ("DATE-OBS",))
+    if date is not None:
+        time = _header_string(headers, ("TIME-OBS",))
+        return f"{date}T{time}" if time and "T" not in date else date
+    mjd = _header_value(headers, ("MJD-OBS",), _is_number)
+    if mjd is None:
+        return None
+    moment = datetime.datetime(1858, 11, 17) + datetime.timedelta(days=float(mjd))
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _header_fwhm(headers):
+    """PSF FWHM in pixels: FWHM unless its comment names arcsec; SEEING only if its comment names pixels."""
+    for header in headers:
+        for key in FWHM_KEYWORDS:
+            if key not in header or not (_is_number(header[key]) and header[key] > 0):
+                continue
+            comment = header.comments[key].lower()
+            if "arcsec" in comment or '"' in comment:
+                continue
+            if key == "SEEING" and "pix" not in comment:
+                continue
+            return float(header[key])
+    return None
+
+
+def _plain_value(value):
+    from astropy.io import fits
+
+    if isinstance(value, fits.card.Undefined):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return value if isinstance(value, (str, complex)) else str(value)
+
+
+def _header_dict(headers):
+    """Non-structural, non-commentary cards of ``headers`` (later headers win)."""
+    cards = {}
+    for header in headers:
+        for card in header.cards:
+            key = card.keyword
+            if key in _COMMENTARY or _is_structural(key):
+                continue
+            cards[key] = _plain_value(card.value)
+    return cards
+
+
+def _mask_planes(header):
+    """Plane name -> bit from the ``MP_<NAME>`` cards of a mask header."""
+    planes = {}
+    for key, value in header.items():
+        if (key.upper().startswith("MP_") and isinstance(value, (int, np.integer))
+                and not isinstance(value, bool) and 0 <= value < 32):
+            planes[key[3:].upper()] = int(value)
+    return planes
+
+
+def _read_xy0(header, use_ltv, label):
+    """Parent origin from the ``A`` WCS, else (LSST layout) ``LTV1``/``LTV2``.
+
+    Like ``afw``, the ``A`` WCS counts when ``CRVAL1A`` and ``CRVAL2A`` are
+    present and ``CTYPE1A``/``CTYPE2A``, where present, are ``LINEAR``.
+    """
+    linear = all(str(header.get(f"CTYPE{i}A", "LINEAR")).strip().upper() == "LINEAR" for i in (1, 2))
+    if linear and "CRVAL1A" in header and "CRVAL2A" in header:
+        source = "CRVAL1A/CRVAL2A"
+        values = [header[f"CRVAL{i}A"] - header.get(f"CRPIX{i}A", 1) + 1
+                  if _is_number(header[f"CRVAL{i}A"]) and _is_number(header.get(f"CRPIX{i}A", 1))
+                  else None for i in (1, 2)]
+    elif use_ltv and "LTV1" in header and "LTV2" in header:
+        source = "LTV1/LTV2"
+        values = [-header[key] if _is_number(header[key]) else None for key in ("LTV1", "LTV2")]
+    else:
+        return (0, 0)
+    if not all(v is not None and float(v).is_integer() for v in values):
+        log.warning("%s: non-integer pixel origin %s from %s ignored; xy0 = (0, 0)", label, values, source)
+        return (0, 0)
+    return (int(values[0]), int(values[1]))
+
+
+# ---------------------------------------------------------------------------
+# WCS
+# ---------------------------------------------------------------------------
+
+def _shift_wcs(wcs, dx, dy):
+    """Copy of ``wcs`` whose pixel coordinates are offset by ``(dx, dy)`` (reference pixel + shift)."""
+    if dx == 0 and dy == 0:
+        return wcs
+    from astropy.wcs import Sip
+
+    wcs = wcs.deepcopy()
+    wcs.wcs.crpix = wcs.wcs.crpix + np.array([dx, dy], dtype=np.float64)
+    if wcs.sip is not None:
+        wcs.sip = Sip(wcs.sip.a, wcs.sip.b, wcs.sip.ap, wcs.sip.bp, wcs.wcs.crpix)
+    if any(getattr(wcs, name, None) is not None for name in ("cpdis1", "cpdis2", "det2im1", "det2im2")):
+        log.warning("lookup-table distortions of the WCS are not shifted by the pixel origin (%d, %d)",
+                    dx, dy)
+    return wcs
+
+
+def _read_wcs(header, hdus, xy0, label):
+    """Celestial parent-coordinate WCS of an image header, or None."""
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    if not ("CTYPE1" in header and "CTYPE2" in header):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, fobj=hdus, relax=True)
+    except (ValueError, KeyError, TypeError, AttributeError, MemoryError) as error:
+        log.warning("%s: unreadable WCS ignored (%s)", label, _one_line(error))
+        return None
+    if not wcs.has_celestial:
+        return None
+    if wcs.naxis != 2:
+        wcs = wcs.celestial
+    return _shift_wcs(wcs, *xy0)
+
+
+def _wcs_cards(wcs, xy0):
+    """FITS-WCS cards of a parent-coordinate WCS for an array whose element [0, 0] is ``xy0``."""
+    from astropy.wcs import FITSFixedWarning
+
+    if wcs is None:
+        return []
+    if not hasattr(wcs, "to_header"):
+        msg = f"exposure.wcs must be an astropy.wcs.WCS or None, got {type(wcs).__name__}"
+        raise ConfigurationError(msg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        header = _shift_wcs(wcs, -xy0[0], -xy0[1]).to_header(relax=True)
+    return list(header.cards)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    """Planes and headers read from the main file."""
+
+    image: np.ndarray
+    label: str
+    header: object
+    primary_header: object
+    xy0: tuple
+    wcs: object = None
+    mask: np.ndarray = None
+    mask_planes: dict = field(default_factory=dict)
+    variance: np.ndarray = None
+    psf: np.ndarray = None
+
+
+def _load(hdus, path, hdu):
+    """Read the main file: the LSST layout when ``hdu`` is None and it applies, else one image HDU."""
+    indices = _lsst_indices(hdus) if hdu is None else None
+    index = indices[0] if indices else _hdu_index(hdus, hdu, path)
+    image, label = _image_data(hdus, index, path)
+    header = hdus[index].header
+    loaded = _Loaded(image=image, label=label, header=header.copy(),
+                     primary_header=hdus[0].header.copy() if index else None,
+                     xy0=_read_xy0(header, indices is not None, label))
+    loaded.wcs = _read_wcs(header, hdus, loaded.xy0, label)
+    loaded.mask_planes = dict(DEFAULT_MASK_PLANES)
+    if indices and indices[1] is not None:
+        loaded.mask, mask_label = _image_data(hdus, indices[1], path)
+        _check_same_shape(loaded.mask, mask_label, image, label)
+        if loaded.mask.dtype.kind not in "iub":
+            msg = f"mask {mask_label} must hold integers, got {loaded.mask.dtype}"
+            raise FitsFormatError(msg)
+        loaded.mask_planes = _mask_planes(hdus[indices[1]].header) or loaded.mask_planes
+    if indices and indices[2] is not None:
+        loaded.variance, variance_label = _image_data(hdus, indices[2], path)
+        _check_same_shape(loaded.variance, variance_label, image, label)
+    if indices and "PSF" in [h.name.upper() for h in hdus] and _has_data(hdus["PSF"]):
+        loaded.psf, _ = _image_data(hdus, hdus.index_of("PSF"), path)
+    return loaded
+
+
+def _check_same_shape(array, label, image, image_label):
+    if array.shape != image.shape:
+        msg = f"{label} has shape {array.shape} but the image {image_label} has shape {image.shape}"
+        raise ShapeError(msg)
+
+
+def _read_source(spec, what):
+    """``(array, header or None, label)`` from a path, ``"path[HDU]"``, ``(path, hdu)`` or an array."""
+    if isinstance(spec, (str, os.PathLike, tuple)):
+        path, hdu = _split_spec(spec, what=what)
+
+        def reader(hdus):
+            index = _hdu_index(hdus, hdu, path)
+            data, label = _image_data(hdus, index, path)
+            return data, hdus[index].header.copy(), f"{what} {label}"
+
+        return _with_fits(path, reader)
+    array = np.asarray(spec)
+    if array.ndim != 2:
+        msg = f"{what} array must be 2-D (rows, columns), got shape {array.shape}"
+        raise ShapeError(msg)
+    if array.dtype.kind not in "biuf":
+        msg = f"{what} array must hold real numbers, got dtype {array.dtype}"
+        raise InvalidImageError(msg)
+    return _native(array), None, f"the {what} array"
+
+
+def _variance_from(kind, array):
+    """Variance and a NO_DATA selection from a variance, inverse-variance, weight or sigma map."""
+    if kind == "variance":
+        return array, array <= 0
+    values = array.astype(np.float64)
+    no_data = values <= 0
+    if kind == "sigma":
+        variance = np.where(no_data, 0.0, values * values)
+    else:
+        variance = np.zeros_like(values)
+        np.divide(1.0, values, out=variance, where=values > 0)
+        variance[np.isnan(values)] = np.nan
+    return variance, no_data
+
+
+def _log_flagged(selection, reason, label):
+    count = int(np.count_nonzero(selection))
+    if count:
+        log.warning("%s: %d pixel(s) with %s flagged NO_DATA", label, count, reason)
+
+
+def _gain_variance(image, gain, read_noise, mask_no_data, label):
+    """``max(image, 0) / gain + (read_noise / gain)**2`` in ADU^2."""
+    if read_noise is None:
+        log.info("%s: gain %.6g e-/ADU but no read noise: variance from photon noise only", label, gain)
+        read_noise = 0.0
+    pixels = image.astype(np.float64)
+    variance = np.maximum(pixels, 0.0) / gain + (read_noise / gain) ** 2
+    zero = (variance <= 0) & np.isfinite(pixels) & ~mask_no_data
+    if np.any(zero):
+        msg = (f"{label}: gain {gain:.6g} e-/ADU with read noise {read_noise:.6g} e- gives zero "
+               f"variance on {int(np.count_nonzero(zero))} pixel(s) at or below 0 ADU; "
+               f"pass read_noise= or a variance, sigma or weight map")
+        raise InvalidVarianceError(msg)
+    return variance
+
+
+def _add_plane(planes, name):
+    """Bit of plane ``name``, adding it at the next free bit when missing."""
+    if name not in planes:
+        used = set(planes.values())
+        bit = max(used, default=-1) + 1
+        if bit > 31:
+            free = [b for b in range(32) if b not in used]
+            if not free:
+                msg = f"no free mask bit for plane {name!r}: all 32 bits are in use"
+                raise InvalidImageError(msg)
+            bit = free[0]
+        planes[name] = bit
+    return planes[name]
+
+
+def _merge_mask(mask, planes, extra, header, label):
+    """OR a separate mask into ``mask``: by plane name if it has MP_ cards, else nonzero -> BAD."""
+    source_planes = _mask_planes(header) if header is not None else {}
+    if not source_planes:
+        mask[extra != 0] |= 1 << _add_plane(planes, "BAD")
+        return
+    if extra.dtype.kind not in "iub":
+        msg = f"{label} has MP_ mask-plane cards but holds {extra.dtype} values, not integers"
+        raise FitsFormatError(msg)
+    bits = extra.astype(np.int64) & 0xFFFFFFFF
+    named = 0
+    for name, bit in source_planes.items():
+        mask |= ((bits >> bit) & 1) << _add_plane(planes, name)
+        named |= 1 << bit
+    mask[(bits & ~named) != 0] |= 1 << _add_plane(planes, "BAD")
+
+
+def _to_int32(mask):
+    return (mask & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+def _number_argument(name, value, bound=""):
+    """``float(value)``, or None; ``bound`` is "", "> 0" or ">= 0"."""
+    if value is None:
+        return None
+    ok = _is_number(value) and (bound != "> 0" or value > 0) and (bound != ">= 0" or value >= 0)
+    if not ok:
+        msg = f"{name} must be a finite number{' ' + bound if bound else ''}, got {value!r}"
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+def _read_psf(psf):
+    array, _, label = _read_source(psf, "psf")
+    if array.shape[0] != array.shape[1] or array.shape[0] % 2 == 0:
+        msg = f"PSF image {label} must be an odd square array, got shape {array.shape}"
+        raise ShapeError(msg)
+    return array.astype(np.float64)
+
+
+def read_exposure(path, *, hdu=None, variance=None, inverse_variance=None, sigma=None, mask=None,
+                  weight=None, gain=None, read_noise=None, saturation=None, psf=None,
+                  psf_fwhm_pix=None) -> Exposure:
+    """Read an image, its mask, variance, WCS and metadata from FITS.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        FITS file in the LSST layout or a plain image (see the module notes).
+        ``"file.fits[SCI]"`` or ``"file.fits[1]"`` selects an HDU, like ``hdu``.
+    hdu : int, str or (str, int), optional
+        Index, EXTNAME or (EXTNAME, EXTVER) of the image HDU.  Given, the file
+        is read as a plain image even if it has the LSST layout.
+    variance, inverse_variance, sigma, weight : path, (path, hdu) or ndarray, optional
+        At most one per-pixel noise map (a path may end in ``[HDU]``;
+        otherwise its first image HDU with data is read); it overrides the
+        file's VARIANCE plane.  ``variance`` is used as it is (image units
+        squared).  ``sigma`` (1-sigma error, e.g. a JWST ERR map) is squared.
+        ``inverse_variance`` and ``weight`` are inverted (a weight map is
+        taken as inverse variance, SWarp's MAP_WEIGHT; rescale it afterwards
+        if it is only relative).  Pixels where the map (or the file's
+        VARIANCE plane) is <= 0 are flagged NO_DATA, with a log WARNING
+        giving the count when they were not NO_DATA already; NaN gives NaN
+        variance, hence NO_DATA with a :class:`~gpudiffim.NoDataWarning`.
+    mask : path, (path, hdu) or ndarray, optional
+        Mask ORed into the file's mask.  If the mask HDU has ``MP_<NAME>``
+        cards it is an LSST bit mask: each named bit is set in the plane of
+        that name (added when missing) and unnamed bits set BAD.  Otherwise
+        (arrays included) every nonzero or NaN pixel is flagged BAD.
+    gain : float, optional
+        e-/ADU; overrides the header (:data:`GAIN_KEYWORDS`).
+    read_noise : float, optional
+        Electrons; overrides the header (:data:`READ_NOISE_KEYWORDS`).
+    saturation : float, optional
+        ADU; overrides the header (:data:`SATURATION_KEYWORDS`).  Pixels
+        ``>= saturation`` are flagged SAT.
+    psf : path, (path, hdu) or ndarray, optional
+        PSF image (odd square, e.g. a WebbPSF file).  Without it, the PSF HDU
+        that :func:`write_exposure` writes is read.
+    psf_fwhm_pix : float, optional
+        PSF FWHM in pixels.  Without it, the header's ``FWHM`` card is used
+        unless its comment mentions arcsec, or a ``SEEING`` card whose
+        comment mentions pixels.
+
+    Returns
+    -------
+    Exposure
+        Image float32/float64 as stored (integer images become float64).
+        Without a variance plane or map, the variance is, in ADU^2,
+
+        .. math:: V = \\max(I, 0) / g + (r / g)^2
+
+        with gain ``g`` (e-/ADU) and read noise ``r`` (e-; 0 when unknown)
+        when a gain is known, else the constant square of the robust (MAD)
+        sky noise of the image (logged at INFO).  ``info`` holds gain, read
+        noise, saturation, filter (:data:`FILTER_KEYWORDS`), date
+        (``DATE-OBS`` [+ ``TIME-OBS``], else ``MJD-OBS`` as ISO UTC), zero
+        point (:data:`ZERO_POINT_KEYWORDS`) and the primary and image
+        header cards as a dict (structural and commentary cards left out).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` or a map file does not exist.
+    FitsFormatError
+        If a file is not readable FITS (not FITS, truncated), an HDU is
+        missing, not an image or empty, or the data are not 2-D.
+    ShapeError
+        If a map's shape differs from the image's (both shapes are named).
+    ConfigurationError
+        For more than one noise map or an invalid argument value.
+    InvalidVarianceError
+        If a gain without read noise gives zero variance on pixels <= 0.
+
+    Warns
+    -----
+    NoDataWarning
+        If pixels are NaN or infinite: they are flagged NO_DATA.
+
+    Examples
+    --------
+    >>> exposure = read_exposure("science.fits", sigma="science.noise.fits[ERR]")  # doctest: +SKIP
+    """
+    path, hdu = _split_spec(path, hdu)
+    sources = {name: value for name, value in zip(_VARIANCE_SOURCES, (variance, inverse_variance, sigma,
+                                                                     weight)) if value is not None}
+    if len(sources) > 1:
+        msg = f"pass at most one of variance, inverse_variance, sigma and weight; got {', '.join(sources)}"
+        raise ConfigurationError(msg)
+    gain = _number_argument("gain", gain, "> 0")
+    read_noise = _number_argument("read_noise", read_noise, ">= 0")
+    saturation = _number_argument("saturation", saturation)
+    psf_fwhm_pix = _number_argument("psf_fwhm_pix", psf_fwhm_pix, "> 0")
+    loaded = _with_fits(path, lambda hdus: _load(hdus, path, hdu))
+    headers = [loaded.header] + ([loaded.primary_header] if loaded.primary_header is not None else [])
+    if gain is None:
+        gain = _header_positive(headers, GAIN_KEYWORDS)
+    if read_noise is None:
+        read_noise = _header_value(headers, READ_NOISE_KEYWORDS, lambda v: _is_number(v) and v >= 0)
+        read_noise = None if read_noise is None else float(read_noise)
+    if saturation is None:
+        saturation = _header_positive(headers, SATURATION_KEYWORDS)
+    masked = _assemble(loaded, sources, mask, gain, read_noise, saturation)
+    psf_image = _read_psf(psf) if psf is not None else loaded.psf
+    zero_point = _header_value(headers, ZERO_POINT_KEYWORDS, _is_number)
+    info = ExposureInfo(gain=gain, read_noise=read_noise, saturation=saturation,
+                        filter=_header_string(headers, FILTER_KEYWORDS), date=_header_date(headers),
+                        zero_point=None if zero_point is None else float(zero_point),
+                        header=_header_dict(headers[::-1]))
+    return Exposure(masked, wcs=loaded.wcs, psf_fwhm_pix=psf_fwhm_pix or _header_fwhm(headers),
+                    psf_image=psf_image, info=info)
+
+
+def _assemble(loaded, sources, mask, gain, read_noise, saturation):
+    """The MaskedImage: noise map, extra mask, SAT and NO_DATA flags on the file's planes."""
+    image, label = loaded.image, loaded.label
+    planes = dict(loaded.mask_planes)
+    bits = np.zeros(image.shape, dtype=np.int64) if loaded.mask is None else (
+        loaded.mask.astype(np.int64) & 0xFFFFFFFF)
+    variance = loaded.variance
+    no_data = np.zeros(image.shape, dtype=bool)
+    if "NO_DATA" in planes:
+        no_data |= (bits & (1 << planes["NO_DATA"])) != 0
+    if sources:
+        (kind, spec), = sources.items()
+        array, _, source_label = _read_source(spec, kind)
+        _check_same_shape(array, source_label, image, label)
+        variance, flagged = _variance_from(kind, array)
+        _log_flagged(flagged & ~no_data, f"{kind} <= 0", source_label)
+        no_data |= flagged
+    elif variance is not None:
+        _log_flagged((variance <= 0) & ~no_data, "variance <= 0", label)
+        no_data |= variance <= 0
+    elif gain is not None:
+        variance = _gain_variance(image, gain, read_noise, no_data, label)
+    else:
+        log.info("%s: no variance map and no gain: constant variance from the robust (MAD) sky noise",
+                 label)
+    if mask is not None:
+        extra, extra_header, extra_label = _read_source(mask, "mask")
+        _check_same_shape(extra, extra_label, image, label)
+        _merge_mask(bits, planes, extra, extra_header, extra_label)
+    if saturation is not None:
+        with np.errstate(invalid="ignore"):
+            bits[image >= saturation] |= 1 << _add_plane(planes, "SAT")
+    if np.any(no_data):
+        bits[no_data] |= 1 << _add_plane(planes, "NO_DATA")
+    return MaskedImage(image, _to_int32(bits), variance, xy0=loaded.xy0, mask_planes=planes)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+def _card_key(key, what):
+    """Upper-cased FITS keyword, with a HIERARCH prefix when it is not a standard 8-character key."""
+    if not isinstance(key, str):
+        msg = f"{what} keys must be strings, got {key!r}"
+        raise ConfigurationError(msg)
+    name = key.strip().upper()
+    if name.startswith("HIERARCH "):
+        name = name[len("HIERARCH "):].strip()
+    if not name or len(name) > _MAX_KEY_LENGTH or "=" in name or not re.fullmatch(r"[ -~]+", name):
+        msg = (f"invalid {what} keyword {key!r}: expected 1 to {_MAX_KEY_LENGTH} printable ASCII "
+               f"characters without '='")
+        raise ConfigurationError(msg)
+    if _is_reserved(name):
+        msg = f"{what} keyword {key!r} is reserved by the FITS format"
+        raise ConfigurationError(msg)
+    return name if _SHORT_KEY.fullmatch(name) else f"HIERARCH {name}"
+
+
+def _ascii(text, key):
+    text = "".join(c if " " <= c <= "~" else ("?" if c not in "\t\n\r" else " ") for c in text)
+    if len(text) > MAX_STRING_LENGTH:
+        log.info("header card %s: string of %d characters truncated to %d", key, len(text),
+                 MAX_STRING_LENGTH)
+        text = text[:MAX_STRING_LENGTH - 3] + "..."
+    return text
+
+
+def _card_value(value, key):
+    """A FITS-compatible value: bool, int, float, or an ASCII string (None -> skip)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        value = int(value)
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if not isinstance(value, str):
+        try:
+            value = json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
+        except (TypeError, ValueError):
+            value = str(value)
+    return _ascii(value, key)
+
+
+def _set_card(header, key, value, comment=None):
+    """Set a card, shortening the comment so that a one-card value still fits in 80 characters."""
+    from astropy.io import fits
+
+    if comment:
+        comment = _ascii(str(comment), key)
+        image = fits.Card(key, value).image
+        if len(image) <= 80:
+            room = 80 - len(image.rstrip()) - 3
+            comment = comment[:room] if room > 0 else None
+    header[key] = (value, comment) if comment else value
+
+
+def _add_cards(header, items, what, lenient=False):
+    """Add ``(key, value[, comment])`` items to an astropy header after validation.
+
+    ``lenient``: leave out (and log) reserved or invalid keywords instead of raising.
+    """
+    for item in items:
+        key, value = item[0], item[1]
+        if isinstance(key, str) and key.strip().upper() in ("COMMENT", "HISTORY"):
+            adder = header.add_comment if key.strip().upper() == "COMMENT" else header.add_history
+            for line in (value if isinstance(value, (list, tuple)) else [value]):
+                adder(_ascii(str(line), key))
+            continue
+        if lenient and isinstance(key, str) and _is_reserved(key.strip().upper()):
+            log.debug("%s card %s left out: the writer sets it", what, key)
+            continue
+        try:
+            card_key = _card_key(key, what)
+        except ConfigurationError as error:
+            if not lenient:
+                raise
+            log.warning("%s left out", error)
+            continue
+        if value is not None:
+            _set_card(header, card_key, _card_value(value, card_key), item[2] if len(item) > 2 else None)
+
+
+def _header_items(header):
+    """Items of a user header: an astropy Header (comments kept) or a mapping (value or (value, comment))."""
+    if header is None:
+        return []
+    if hasattr(header, "cards"):
+        return [(card.keyword, _plain_value(card.value), card.comment) for card in header.cards
+                if card.keyword not in ("", "COMMENT", "HISTORY")]
+    if not hasattr(header, "items"):
+        msg = f"header must be a mapping or an astropy Header, got {type(header).__name__}"
+        raise ConfigurationError(msg)
+    items = []
+    for key, value in header.items():
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str):
+            items.append((key, value[0], value[1]))
+        else:
+            items.append((key, value))
+    return items
+
+
+def _info_items(exposure):
+    info = exposure.info
+    items = [("GAIN", info.gain, "gain (e-/ADU)"), ("RDNOISE", info.read_noise, "read noise (e-)"),
+             ("SATURATE", info.saturation, "saturation level (ADU)"), ("FILTER", info.filter, "filter"),
+             ("DATE-OBS", info.date, "observation date"),
+             ("MAGZERO", info.zero_point, "magnitude of 1 ADU"),
+             ("FWHM", exposure.psf_fwhm_pix, "PSF FWHM in pixels")]
+    return [item for item in items if item[1] is not None]
+
+
+def _background_items(background):
+    """Header items of a BackgroundModel (or a sequence of coefficients)."""
+    function = getattr(background, "spatial_function", None)
+    try:
+        coefficients = np.atleast_1d(np.asarray(getattr(background, "coefficients", background),
+                                                dtype=np.float64)).ravel()
+    except (TypeError, ValueError) as error:
+        msg = f"background must be a BackgroundModel or a sequence of numbers ({_one_line(error)})"
+        raise ConfigurationError(msg) from None
+    items = [("BGNCOEF", coefficients.size, "number of differential-background coefficients")]
+    if function is not None:
+        items += [("BGMODEL", function.model_type, "background spatial model"),
+                  ("BGORDER", function.order, "background spatial order")]
+        items += [(f"BGBBOX{i}", int(v), "background box x0 y0 x1 y1 (parent px)")
+                  for i, v in enumerate(function.bbox)]
+    items += [(f"BGC{i}", float(c), f"background coefficient {i}") for i, c in enumerate(coefficients)]
+    return items
+
+
+def _read_only(array):
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+def _kernel_hdu(kernel, masked_image):
+    """KERNEL HDU: a SpatialKernel realised at the image centre, or a 2-D kernel array."""
+    from astropy.io import fits
+
+    x0, y0, x1, y1 = masked_image.bbox()
+    xc, yc = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
+    if callable(getattr(kernel, "image", None)):
+        image = np.asarray(kernel.image(xc, yc), dtype=np.float64)
+    else:
+        image = np.asarray(kernel, dtype=np.float64)
+    if image.ndim != 2:
+        msg = f"kernel must be a SpatialKernel or a 2-D array, got shape {image.shape}"
+        raise ShapeError(msg)
+    hdu = fits.ImageHDU(_read_only(image), name="KERNEL")
+    hdu.header["KERNX"] = (xc, "parent x where the kernel is realised")
+    hdu.header["KERNY"] = (yc, "parent y where the kernel is realised")
+    hdu.header["KSUM"] = (float(image.sum()), "kernel sum at (KERNX, KERNY)")
+    if hasattr(kernel, "n_basis") and hasattr(kernel, "spatial_function"):
+        hdu.header["NBASIS"] = (kernel.n_basis, "number of basis kernels")
+        hdu.header["KSPORDER"] = (kernel.spatial_function.order, "kernel spatial order")
+        hdu.header["KSPMODEL"] = (kernel.spatial_function.model_type, "kernel spatial model")
+    return hdu
+
+
+def _plane_hdus(masked_image, wcs=None):
+    """IMAGE, MASK and VARIANCE HDUs with WCS, A-WCS, LTV and MP_ cards."""
+    from astropy.io import fits
+
+    x0, y0 = masked_image.xy0
+    wcs_cards = _wcs_cards(wcs, (x0, y0))
+    hdus = []
+    for name, data in zip(_LSST_NAMES, (masked_image.image, masked_image.mask, masked_image.variance)):
+        hdu = fits.ImageHDU(_read_only(data), name=name)
+        header = hdu.header
+        header["EXTTYPE"] = name
+        header.extend(wcs_cards)
+        for axis, origin in ((1, x0), (2, y0)):
+            header[f"CRPIX{axis}A"] = (1, "afw pixel origin (A WCS)")
+            header[f"CRVAL{axis}A"] = (origin, "parent pixel of the first array pixel")
+            header[f"CTYPE{axis}A"] = "LINEAR"
+            header[f"CUNIT{axis}A"] = "PIXEL"
+        header["LTV1"], header["LTV2"] = -x0, -y0
+        if name == "MASK":
+            for plane, bit in sorted(masked_image.mask_planes.items(), key=lambda kv: kv[1]):
+                header[f"HIERARCH MP_{plane.upper()}"] = bit
+        hdus.append(hdu)
+    return hdus
+
+
+def _umask():
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status",
+                                                                    encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path, hdulist, overwrite):
+    """Write ``hdulist`` to a temporary file next to ``path``, then move it into place."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "output is a folder", path)
+    if os.path.exists(path) and not overwrite:
+        msg = f"{path} exists; pass overwrite=True to replace it"
+        raise FileExistsError(msg)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, "output folder does not exist", folder)
+    handle, temporary = tempfile.mkstemp(prefix=".gpudiffim-", suffix=".fits.tmp", dir=folder)
+    os.close(handle)
+    try:
+        hdulist.writeto(temporary, overwrite=True)
+        os.chmod(temporary, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            _link_new(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _link_new(temporary, path):
+    """Give ``temporary`` the name ``path`` without replacing an existing file."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        msg = f"{path} exists; pass overwrite=True to replace it"
+        raise FileExistsError(msg) from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if os.path.exists(path):
+            msg = f"{path} exists; pass overwrite=True to replace it"
+            raise FileExistsError(msg) from None
+        os.replace(temporary, path)
+
+
+def _hdulist(masked_image, wcs, primary_items, extra_hdus=()):
     from astropy.io import fits
 
     primary = fits.PrimaryHDU()
-    for key, value in (header or {}).items():
-        primary.header[key] = value
-    hdus = [primary]
-    x0, y0 = masked_image.xy0
-    for name, data in (("IMAGE", masked_image.image), ("MASK", masked_image.mask),
-                       ("VARIANCE", masked_image.variance)):
-        hdu = fits.ImageHDU(np.asarray(data), name=name)
-        hdu.header["LTV1"], hdu.header["LTV2"] = -x0, -y0
-        if name == "MASK":
-            for plane, bit in sorted(masked_image.mask_planes.items(), key=lambda kv: kv[1]):
-                hdu.header[f"HIERARCH MP_{plane}"] = bit
-        hdus.append(hdu)
-    return fits.HDUList(hdus)
+    for items, what in primary_items:
+        _add_cards(primary.header, items, what, lenient=what == "header")
+    return fits.HDUList([primary, *_plane_hdus(masked_image, wcs), *extra_hdus])
 
 
 def write_masked_image(path, masked_image, header=None, overwrite=False):
-    """Write a :class:`~gpudiffim.MaskedImage` to FITS, atomically.
+    """Write a :class:`~gpudiffim.MaskedImage` to FITS in the LSST layout, atomically.
 
     Parameters
     ----------
     path : str or os.PathLike
         Output file.
     masked_image : MaskedImage
-    header : mapping, optional
-        Extra primary-header keywords (e.g. provenance).
+    header : mapping or astropy.io.fits.Header, optional
+        Extra primary-header cards (e.g. provenance), written as the
+        ``header`` of :func:`write_exposure`.
     overwrite : bool
         Replace an existing file.
 
     Raises
     ------
     FileExistsError
-        If ``path`` exists and ``overwrite`` is False.
+        If ``path`` exists and ``overwrite`` is False (the file is untouched).
     """
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        msg = f"{path} exists; pass overwrite=True to replace it"
-        raise FileExistsError(msg)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(suffix=".fits", dir=folder)
-    os.close(handle)
-    try:
-        _hdus(masked_image, header).writeto(temporary, overwrite=True)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    if not isinstance(masked_image, MaskedImage):
+        msg = f"masked_image must be a MaskedImage, got {type(masked_image).__name__}"
+        raise TypeError(msg)
+    hdulist = _hdulist(masked_image, None, [(_header_items(header), "header")])
+    _write_atomic(path, hdulist, overwrite)
+
+
+def write_exposure(path, exposure, *, header=None, kernel=None, background=None, provenance=None,
+                   overwrite=False):
+    """Write an :class:`~gpudiffim.Exposure` to FITS in the LSST layout, atomically.
+
+    :func:`read_exposure` reads the file back exactly: image, mask, variance,
+    mask planes, ``xy0``, WCS, PSF image and ``info`` fields.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output file.
+    exposure : Exposure
+    header : mapping or astropy.io.fits.Header, optional
+        Extra primary-header cards; a mapping value may be ``(value, comment)``.
+        Pass ``exposure.info.header`` to carry the input's cards over.
+        Values are written as for ``provenance``; cards the writer manages
+        (``SIMPLE``, ``BITPIX``, ``NAXIS*``, ``BZERO``, ``EXTNAME``, ...) and
+        invalid keywords are left out (the latter with a log WARNING), so a
+        header read from another file can be passed as it is.
+    kernel : SpatialKernel or ndarray, optional
+        Written as a ``KERNEL`` image HDU: a SpatialKernel realised at the
+        image centre (``KERNX``, ``KERNY`` cards, parent pixels), with its
+        sum (``KSUM``), number of bases and spatial order and model.
+    background : BackgroundModel or sequence of float, optional
+        Primary-header cards ``BGNCOEF`` (count), ``BGMODEL``, ``BGORDER``,
+        ``BGBBOX0..3`` (spatial model and box) and ``BGC0``, ``BGC1``, ...
+        (coefficients, in the model's term order).
+    provenance : mapping, optional
+        Primary-header cards.  Keys are upper-cased; keys longer than 8
+        characters or with characters outside ``A-Z0-9_-`` become HIERARCH
+        cards (at most 40 characters).  bool, int and float values are
+        written as such (NaN/inf as strings), strings as ASCII (non-ASCII
+        characters become ``?``; long strings use CONTINUE cards and are cut
+        to :data:`MAX_STRING_LENGTH` characters ending in ``...``), other
+        values as JSON (or ``str``); ``None`` values are skipped.
+    overwrite : bool
+        Replace an existing file.
+
+    Notes
+    -----
+    The primary header also receives ``GAIN``, ``RDNOISE``, ``SATURATE``,
+    ``FILTER``, ``DATE-OBS``, ``MAGZERO`` and ``FWHM`` from ``exposure``
+    where known; ``header`` then ``background`` then ``provenance`` cards
+    override them.  A PSF image is written as a ``PSF`` HDU.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False (the file is untouched).
+    ConfigurationError
+        For an invalid or reserved ``provenance`` keyword (``SIMPLE``,
+        ``BITPIX``, ``NAXIS*``, ``BZERO``, ``EXTNAME``, ...) or a non-numeric
+        background.
+    ShapeError
+        If ``kernel`` is not 2-D.
+    """
+    from astropy.io import fits
+
+    if not isinstance(exposure, Exposure):
+        msg = f"exposure must be an Exposure, got {type(exposure).__name__}"
+        raise TypeError(msg)
+    extra = []
+    if exposure.psf_image is not None:
+        extra.append(fits.ImageHDU(_read_only(exposure.psf_image), name="PSF"))
+    if kernel is not None:
+        extra.append(_kernel_hdu(kernel, exposure.masked_image))
+    if provenance is not None and not hasattr(provenance, "items"):
+        msg = f"provenance must be a mapping, got {type(provenance).__name__}"
+        raise ConfigurationError(msg)
+    items = [(_info_items(exposure), "exposure info"), (_header_items(header), "header"),
+             (_background_items(background) if background is not None else [], "background"),
+             (list((provenance or {}).items()), "provenance")]
+    hdulist = _hdulist(exposure.masked_image, exposure.wcs, items, extra)
+    _write_atomic(path, hdulist, overwrite)

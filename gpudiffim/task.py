@@ -15,6 +15,7 @@ variance ``V_S + sum K^2 V_T`` and the OR of the masks.
 import logging
 import time
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,12 +33,15 @@ from .candidates import (
 )
 from .config import PsfMatchConfig
 from .errors import ConfigurationError, ShapeError
+from .exposure import Exposure
 from .fwhm import estimate_fwhm
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
+from .registration import register_template
 from .solve import solve_kernel
 
-__all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult"]
+__all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
+           "ExposureSubtractResult"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +97,41 @@ class SubtractResult(MatchResult):
     """
 
     subtracted_image: MaskedImage = None
+
+
+@dataclass(frozen=True)
+class ExposureMatchResult(MatchResult):
+    """:class:`MatchResult` of :meth:`ImagePsfMatchTask.match_exposures`.
+
+    Attributes
+    ----------
+    warped_exposure : Exposure
+        The template on the science pixel grid (the template itself when no
+        warp was needed).
+    matched_exposure : Exposure
+        The matched image with the science WCS and the PSF it was matched to.
+    """
+
+    warped_exposure: Exposure = None
+    matched_exposure: Exposure = None
+
+
+@dataclass(frozen=True)
+class ExposureSubtractResult(ExposureMatchResult):
+    """:class:`ExposureMatchResult` plus the difference.
+
+    Attributes
+    ----------
+    subtracted_image : MaskedImage
+        As in :class:`SubtractResult`.
+    subtracted_exposure : Exposure
+        The difference with the science WCS and metadata, and the PSF FWHM of
+        the matched pair (the science PSF when the template was convolved, the
+        template PSF otherwise).
+    """
+
+    subtracted_image: MaskedImage = None
+    subtracted_exposure: Exposure = None
 
 
 @contextmanager
@@ -287,6 +326,73 @@ class ImagePsfMatchTask:
             difference = _difference(fields["matched_image"], reference, fields["background_model"],
                                      fields["psf_matching_kernel"], convolve_template)
         return SubtractResult(**fields, subtracted_image=difference)
+
+    def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
+                       science_fwhm_pix, do_warping, convolve_template):
+        timings = {}
+        with _timed(timings, "registration"):
+            warped, _ = register_template(template, science, do_warping=do_warping)
+        fwhms = (template_fwhm_pix if template_fwhm_pix is not None else warped.fwhm(),
+                 science_fwhm_pix if science_fwhm_pix is not None else science.fwhm())
+        method = self.subtract_masked_images if subtract else self.match_masked_images
+        result = method(warped.masked_image, science.masked_image, candidates=candidates,
+                        template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1],
+                        convolve_template=convolve_template)
+        values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        values["timings"] = {**timings, **result.timings}
+        matched_fwhm = result.science_fwhm_pix if convolve_template else result.template_fwhm_pix
+        values["warped_exposure"] = warped
+        values["matched_exposure"] = Exposure(result.matched_image, wcs=science.wcs,
+                                              psf_fwhm_pix=matched_fwhm, info=science.info)
+        if subtract:
+            values["subtracted_exposure"] = Exposure(result.subtracted_image, wcs=science.wcs,
+                                                     psf_fwhm_pix=matched_fwhm, info=science.info)
+        return values
+
+    def match_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
+                        science_fwhm_pix=None, do_warping=True, convolve_template=True):
+        """Register the template onto the science grid if needed, then PSF-match.
+
+        Parameters
+        ----------
+        template, science : Exposure
+            Exposures with celestial WCSs (or on the same pixel grid).
+        candidates : sequence of (x, y) or astropy.table.Table, optional
+            Kernel candidates in science parent pixels.
+        template_fwhm_pix, science_fwhm_pix : float, optional
+            PSF FWHMs (px); default to the exposures' PSFs, else measured on stars.
+        do_warping : bool
+            Warp the template (Lanczos-3) when the WCSs differ; if False, differing
+            WCSs are an error.
+        convolve_template : bool
+            See :meth:`match_masked_images`.
+
+        Returns
+        -------
+        ExposureMatchResult
+
+        Raises
+        ------
+        RegistrationError
+            If the WCSs differ and ``do_warping`` is False, or the fields do not overlap.
+        """
+        return ExposureMatchResult(**self._fit_exposures(
+            template, science, False, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
+            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping,
+            convolve_template=convolve_template))
+
+    def subtract_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
+                           science_fwhm_pix=None, do_warping=True, convolve_template=True):
+        """Register, PSF-match and subtract; see :meth:`match_exposures` for parameters.
+
+        Returns
+        -------
+        ExposureSubtractResult
+        """
+        return ExposureSubtractResult(**self._fit_exposures(
+            template, science, True, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
+            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping,
+            convolve_template=convolve_template))
 
 
 def _difference(matched, reference, background, kernel, convolve_template):

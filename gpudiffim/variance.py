@@ -1,4 +1,4 @@
-"""Rescaling of a variance plane to the noise measured in the pixels.
+"""Correction of a variance plane to the noise measured in the pixels.
 
 ``ip_diffim``'s ``ScaleVarianceTask`` (spec section 10.4): with a smooth
 background removed, the scale factor is ``(0.741 IQR(I / sqrt(V)))^2`` over
@@ -7,6 +7,11 @@ above ``limit``, ``(0.741 IQR(I))^2 / median(V)`` is tried; a factor still
 above ``limit`` (or not positive) is an error.  Images whose variance plane
 misses the sky noise (e.g. sky-subtracted frames with a variance from gain
 and read noise only) need this before their residuals can be judged.
+
+``mode="add"`` instead adds the missing sky variance as a constant (measured
+sky variance minus the plane's median there): right when the plane already
+holds the source photon noise and only the sky term is missing, where scaling
+would inflate the variance on stars by the same factor.
 """
 
 import logging
@@ -14,7 +19,7 @@ import logging
 import numpy as np
 
 from .candidates import coarse_background
-from .errors import InvalidVarianceError
+from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
 
 __all__ = ["scale_variance"]
@@ -41,14 +46,17 @@ def _sky_pixels(masked_image, residual, threshold):
     return good & (np.abs(residual) < threshold * max(sigma, np.finfo(float).tiny))
 
 
-def scale_variance(masked_image, *, limit=10.0, bin_size=32, threshold=5.0):
-    """Rescale the variance plane to the pixel noise.
+def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=5.0):
+    """Rescale the variance plane to the pixel noise (or add the missing sky variance).
 
     Parameters
     ----------
     masked_image : MaskedImage
+    mode : {"scale", "add"}
+        Multiply the plane by a factor, or add a constant.
     limit : float
-        Largest factor accepted.
+        Largest factor accepted (in "add" mode: largest ratio of the measured
+        sky variance to the plane's median there).
     bin_size : int
         Bin size (px) of the background removed first.
     threshold : float
@@ -58,8 +66,9 @@ def scale_variance(masked_image, *, limit=10.0, bin_size=32, threshold=5.0):
     Returns
     -------
     scaled : MaskedImage
-        A new masked image with ``variance * factor``.
+        A new masked image with ``variance * factor`` (or ``variance + added``).
     factor : float
+        The factor, or in "add" mode the constant added (counts^2).
 
     Raises
     ------
@@ -74,6 +83,11 @@ def scale_variance(masked_image, *, limit=10.0, bin_size=32, threshold=5.0):
         msg = f"only {np.count_nonzero(sky)} sky pixels to measure the noise on: cannot scale the variance"
         raise InvalidVarianceError(msg)
     variance = masked_image.variance[sky].astype(np.float64)
+    if mode == "add":
+        return _add_sky_variance(masked_image, residual[sky], variance, limit)
+    if mode != "scale":
+        msg = f"invalid mode={mode!r}: expected 'scale' or 'add'"
+        raise ConfigurationError(msg)
     factor = _iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
     if not 0 < factor <= limit:
         factor = _iqr_sigma(residual[sky]) ** 2 / np.median(variance)
@@ -86,3 +100,17 @@ def scale_variance(masked_image, *, limit=10.0, bin_size=32, threshold=5.0):
                                       masked_image.variance * masked_image.dtype.type(factor),
                                       masked_image.xy0, masked_image.mask_planes)
     return scaled, float(factor)
+
+
+def _add_sky_variance(masked_image, sky_values, sky_variance, limit):
+    measured = _iqr_sigma(sky_values) ** 2
+    median = float(np.median(sky_variance))
+    if not 0 < measured <= limit * median:
+        msg = (f"measured sky variance {measured:.4g} is not within (0, {limit} x {median:.4g}]: "
+               f"the variance plane does not describe the noise")
+        raise InvalidVarianceError(msg)
+    added = max(measured - median, 0.0)
+    log.info("added %.4g to the variance (sky variance %.4g, plane median %.4g)", added, measured, median)
+    variance = masked_image.variance + masked_image.dtype.type(added)
+    return MaskedImage._from_planes(masked_image.image, masked_image.mask, variance, masked_image.xy0,
+                                    masked_image.mask_planes), added

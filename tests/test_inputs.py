@@ -610,6 +610,8 @@ class TestConfigFrozen:
 ERROR_BUILTINS = {
     "ConfigurationError": ValueError,
     "ShapeError": ValueError,
+    "RegistrationError": ValueError,
+    "FitsFormatError": ValueError,
     "InvalidImageError": ValueError,
     "InvalidVarianceError": ValueError,
     "NoKernelCandidatesError": RuntimeError,

@@ -1,0 +1,72 @@
+"""Registration of a template exposure onto the science exposure's pixel grid.
+
+Follows the legacy ``ImagePsfMatchTask._validateWcs``: if both exposures are on
+the same grid nothing is done; otherwise the template is warped onto the
+science WCS and bounding box (Lanczos-3, see :mod:`gpudiffim.warp`), unless
+warping is disabled, which is then an error.  Fields that do not overlap at
+all are an error.
+"""
+
+import logging
+
+from .errors import RegistrationError
+from .exposure import Exposure
+from .warp import same_grid, warp_masked_image, wcs_overlap
+
+__all__ = ["register_template"]
+
+log = logging.getLogger(__name__)
+
+
+def _grid(exposure):
+    image = exposure.masked_image
+    return exposure.wcs, image.shape, image.xy0
+
+
+def register_template(template, science, *, do_warping=True):
+    """The template on the science grid: the template itself, or a warped copy.
+
+    Parameters
+    ----------
+    template, science : Exposure
+    do_warping : bool
+        Allow warping when the grids differ.
+
+    Returns
+    -------
+    Exposure
+        The template on the science pixel grid (science WCS and ``xy0``).
+    warped : bool
+        Whether a warp was done.
+
+    Raises
+    ------
+    RegistrationError
+        If the grids differ and ``do_warping`` is False, if a WCS is missing
+        while the grids may differ, or if the fields do not overlap.
+    """
+    for name, value in (("template", template), ("science", science)):
+        if not isinstance(value, Exposure):
+            msg = f"{name} must be a gpudiffim Exposure, got {type(value).__name__}"
+            raise TypeError(msg)
+    t_image, s_image = template.masked_image, science.masked_image
+    if template.wcs is None or science.wcs is None:
+        if t_image.shape == s_image.shape and t_image.xy0 == s_image.xy0:
+            log.info("an exposure has no WCS: assuming both are on the same pixel grid")
+            return template, False
+        msg = ("cannot register the exposures: a WCS is missing and the pixel grids differ "
+               f"(template {t_image.shape} at {t_image.xy0}, science {s_image.shape} at {s_image.xy0})")
+        raise RegistrationError(msg)
+    if same_grid(*_grid(template), *_grid(science)):
+        return template, False
+    if not do_warping:
+        msg = "template and science WCSs differ and do_warping=False: warp the template or enable warping"
+        raise RegistrationError(msg)
+    coverage = wcs_overlap(*_grid(template), *_grid(science))
+    if coverage <= 0:
+        msg = "template and science exposures do not overlap on the sky"
+        raise RegistrationError(msg)
+    log.info("warping the template onto the science grid (Lanczos-3); it covers %.1f %% of the science "
+             "image", 100 * coverage)
+    warped = warp_masked_image(t_image, template.wcs, science.wcs, s_image.shape, s_image.xy0)
+    return Exposure(warped, wcs=science.wcs, psf_fwhm_pix=template.fwhm(), info=template.info), True
