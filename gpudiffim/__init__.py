@@ -24,9 +24,16 @@ from .errors import (
     ShapeError,
     SingularSystemError,
 )
+from .exposure import Exposure, ExposureInfo
 from .image import DEFAULT_MASK_PLANES, MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
-from .task import ImagePsfMatchTask, MatchResult, SubtractResult
+from .task import (
+    ExposureMatchResult,
+    ExposureSubtractResult,
+    ImagePsfMatchTask,
+    MatchResult,
+    SubtractResult,
+)
 
 __version__ = "0.1.0"
 
@@ -37,6 +44,10 @@ __all__ = [
     "ConfigurationError",
     "DEFAULT_MASK_PLANES",
     "DetectionConfig",
+    "Exposure",
+    "ExposureInfo",
+    "ExposureMatchResult",
+    "ExposureSubtractResult",
     "FitQualityWarning",
     "FitsFormatError",
     "GpudiffimError",
