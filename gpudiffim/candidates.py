@@ -377,6 +377,13 @@ class CandidateRecord:
         Residual statistics under the spatial model (NaN if not assessed).
     n_pixels : int
         Pixels in the residual statistics.
+    coefficients : tuple of float
+        Coefficients of its own stamp solution on the original basis
+        (``MatchResult.kernel_basis``); empty if never fitted.  Its kernel is
+        ``sum_i coefficients[i] * kernel_basis.kernels[i]``.
+    pca_coefficients : tuple of float
+        Coefficients of its stamp solution on the PCA basis of the spatial
+        kernel (``psf_matching_kernel.basis``) when PCA was used; else empty.
     """
 
     id: int
@@ -393,16 +400,21 @@ class CandidateRecord:
     spatial_mean: float
     spatial_rms: float
     n_pixels: int
+    coefficients: tuple = ()
+    pca_coefficients: tuple = ()
 
     @classmethod
     def from_candidate(cls, candidate, cell):
         orig = candidate.solution.get("orig", {})
         single = candidate.stats.get("single", {})
         spatial = candidate.stats.get("spatial", {})
+        pca = candidate.solution.get("pca", {})
         return cls(candidate.id, candidate.x, candidate.y, cell, candidate.rating, candidate.status,
                    candidate.reason, orig.get("kernel_sum", np.nan), orig.get("background", np.nan),
                    single.get("mean", np.nan), single.get("rms", np.nan),
-                   spatial.get("mean", np.nan), spatial.get("rms", np.nan), single.get("n", 0))
+                   spatial.get("mean", np.nan), spatial.get("rms", np.nan), single.get("n", 0),
+                   tuple(float(c) for c in orig.get("coefficients", ())),
+                   tuple(float(c) for c in pca.get("coefficients", ())))
 
 
 @dataclass(frozen=True)
@@ -446,9 +458,13 @@ class KernelCellSet:
         return self.count(BAD)
 
     def to_table(self):
-        """The candidates as an :class:`astropy.table.Table`, one row each."""
+        """The candidates as an :class:`astropy.table.Table`, one row each.
+
+        The coefficient vectors are left out (see :class:`CandidateRecord`).
+        """
         from astropy.table import Table
 
-        names = [f for f in CandidateRecord.__dataclass_fields__]
+        names = [f for f in CandidateRecord.__dataclass_fields__
+                 if f not in ("coefficients", "pca_coefficients")]
         return Table(rows=[tuple(getattr(r, n) for n in names) for r in self.candidates],
                      names=names)

@@ -153,10 +153,25 @@ def _read(prefix, args):
     return exposure
 
 
+def _plot_names(args):
+    """Figure names for ``--plots`` (checked before the fit), or None without ``--plots``."""
+    if args.debug and not args.plots:
+        msg = "--debug selects the figures of --plots DIR: pass --plots too"
+        raise ConfigurationError(msg)
+    if not args.plots:
+        return None
+    from .diagnostics import check_debug_names, require_matplotlib
+
+    require_matplotlib()
+    names = [name.strip() for text in (args.debug or ["display"]) for name in text.split(",")]
+    return check_debug_names([name for name in names if name])
+
+
 def _subtract(args):
     from .io import write_exposure
     from .task import ImagePsfMatchTask
 
+    plot_names = _plot_names(args)
     config = build_config(args.config, args.config_file, defaults={"fit_for_background": True})
     science, template = _read("science", args), _read("template", args)
     task = ImagePsfMatchTask(config)
@@ -171,7 +186,8 @@ def _subtract(args):
                   "NGOOD": result.kernel_cell_set.n_good, "NBAD": result.kernel_cell_set.n_bad,
                   "CONFIG": json.dumps(config.to_dict(), sort_keys=True)}
     write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
-                   background=result.background_model, provenance=provenance, overwrite=args.overwrite)
+                   background=result.background_model, provenance=provenance,
+                   tables={"QUALITY": result.quality}, overwrite=args.overwrite)
     if args.matched:
         write_exposure(args.matched, result.matched_exposure, kernel=result.psf_matching_kernel,
                        provenance=provenance, overwrite=args.overwrite)
@@ -181,6 +197,11 @@ def _subtract(args):
     log.info("difference / sigma over %d unflagged px: mean %+.4f, std %.4f", n_good, mean, std)
     log.info("time per stage (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
     log.info("difference written to %s", args.output)
+    if plot_names is not None:
+        from .diagnostics import write_figures
+
+        written = write_figures(result, result.warped_exposure, science, args.plots, names=plot_names)
+        log.info("%d figure file(s) written to %s", len(written), args.plots)
     return 0
 
 
@@ -236,6 +257,14 @@ def _parser():
                           help="largest variance correction ratio accepted (default 1000)")
     subtract.add_argument("--backend", choices=("auto", "numpy"), default="auto",
                           help="compute backend (only numpy exists so far)")
+    subtract.add_argument("--plots", metavar="DIR",
+                          help="write diagnostic figures (PNG) and a PDF report to DIR after the fit "
+                               "(needs matplotlib: pip install gpudiffim[plot])")
+    subtract.add_argument("--debug", action="append", metavar="NAME[,NAME]",
+                          help="figures for --plots, by ip_diffim debug name (repeatable): "
+                               "displayCandidates, displayKernelBasis, displayKernelMosaic, "
+                               "plotKernelSpatialModel, plotKernelCoefficients, displayTemplate, "
+                               "displaySciIm, displaySpatialCells, displayDiffIm; default display (all)")
     _add_exposure_options(subtract, "science")
     _add_exposure_options(subtract, "template")
     subtract.set_defaults(run=_subtract)

@@ -18,6 +18,7 @@ __all__ = [
     "NoKernelCandidatesError",
     "SingularSystemError",
     "BackendUnavailableError",
+    "MissingDependencyError",
     "GpudiffimWarning",
     "NoDataWarning",
     "FitQualityWarning",
@@ -71,6 +72,10 @@ class SingularSystemError(GpudiffimError, np.linalg.LinAlgError):
 
 class BackendUnavailableError(GpudiffimError, RuntimeError):
     """The requested compute backend cannot be used on this machine."""
+
+
+class MissingDependencyError(GpudiffimError, ImportError):
+    """An optional dependency is not installed; the message says how to install it."""
 
 
 class GpudiffimWarning(UserWarning):

@@ -932,6 +932,38 @@ def _kernel_hdu(kernel, masked_image):
     return hdu
 
 
+def _table_hdus(tables, taken):
+    """Binary-table HDUs of a ``{name: Table}`` mapping, with the tables' meta as cards."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    if tables is None:
+        return []
+    if not hasattr(tables, "items"):
+        msg = f"tables must be a mapping of HDU name to astropy Table, got {type(tables).__name__}"
+        raise ConfigurationError(msg)
+    hdus = []
+    taken = {name.upper() for name in taken}
+    for name, table in tables.items():
+        if table is None:
+            continue
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,67}", name) \
+                or name.upper() in taken:
+            msg = f"invalid or duplicate table HDU name {name!r}"
+            raise ConfigurationError(msg)
+        taken.add(name.upper())
+        bare = Table(table, copy=False)
+        bare.meta = {}
+        hdu = fits.table_to_hdu(bare)
+        hdu.name = name.upper()
+        for k, column in enumerate(bare.columns.values(), start=1):
+            if column.description:
+                _set_card(hdu.header, f"TCOMM{k}", _ascii(column.description, f"TCOMM{k}"))
+        _add_cards(hdu.header, list(getattr(table, "meta", {}).items()), f"table {name} meta")
+        hdus.append(hdu)
+    return hdus
+
+
 def _plane_hdus(masked_image, wcs=None):
     """IMAGE, MASK and VARIANCE HDUs with WCS, A-WCS, LTV and MP_ cards."""
     from astropy.io import fits
@@ -1043,7 +1075,7 @@ def write_masked_image(path, masked_image, header=None, overwrite=False):
 
 
 def write_exposure(path, exposure, *, header=None, kernel=None, background=None, provenance=None,
-                   overwrite=False):
+                   tables=None, overwrite=False):
     """Write an :class:`~gpudiffim.Exposure` to FITS in the LSST layout, atomically.
 
     :func:`read_exposure` reads the file back exactly: image, mask, variance,
@@ -1077,6 +1109,13 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
         characters become ``?``; long strings use CONTINUE cards and are cut
         to :data:`MAX_STRING_LENGTH` characters ending in ``...``), other
         values as JSON (or ``str``); ``None`` values are skipped.
+    tables : mapping of str to astropy.table.Table, optional
+        Each written as a binary-table HDU of that name (e.g.
+        ``{"QUALITY": result.quality}``), after the other HDUs; ``None``
+        tables are skipped.  The table ``meta`` becomes header cards as for
+        ``provenance`` (long keys as HIERARCH cards, lists as JSON strings);
+        column units and descriptions go to ``TUNITn`` and ``TCOMMn``.
+        ``astropy.table.Table.read(path, hdu=name)`` reads a table back.
     overwrite : bool
         Replace an existing file.
 
@@ -1093,8 +1132,8 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
         If ``path`` exists and ``overwrite`` is False (the file is untouched).
     ConfigurationError
         For an invalid or reserved ``provenance`` keyword (``SIMPLE``,
-        ``BITPIX``, ``NAXIS*``, ``BZERO``, ``EXTNAME``, ...) or a non-numeric
-        background.
+        ``BITPIX``, ``NAXIS*``, ``BZERO``, ``EXTNAME``, ...), a non-numeric
+        background, or a table name that is not a new FITS extension name.
     ShapeError
         If ``kernel`` is not 2-D.
     """
@@ -1108,6 +1147,7 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
         extra.append(fits.ImageHDU(_read_only(exposure.psf_image), name="PSF"))
     if kernel is not None:
         extra.append(_kernel_hdu(kernel, exposure.masked_image))
+    extra += _table_hdus(tables, [*_LSST_NAMES, *(hdu.name for hdu in extra)])
     if provenance is not None and not hasattr(provenance, "items"):
         msg = f"provenance must be a mapping, got {type(provenance).__name__}"
         raise ConfigurationError(msg)

@@ -16,6 +16,7 @@ import logging
 import time
 from contextlib import contextmanager
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +70,14 @@ class MatchResult:
     timings : dict of str to float
         Wall time per stage in seconds.
     diagnostics : dict
-        Kernel sum at the centre, spatial condition number, warnings.
+        Kernel sum at the centre, spatial condition number, warnings, and the
+        settings the quality report needs (``stamp_half_size``,
+        ``bad_mask_planes``, ``n_stamp_parameters``).
+    quality : astropy.table.Table
+        Per-candidate quality report (:func:`gpudiffim.quality.quality_table`):
+        LOCAL and SPATIAL residual statistics, kernel moments, aggregates in
+        ``meta``.  Computed on first access (about a third of the kernel-fit
+        time) and then kept; its one-line summary is logged then.
     """
 
     matched_image: MaskedImage
@@ -82,6 +90,16 @@ class MatchResult:
     science_fwhm_pix: float
     timings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
+    _inputs: tuple = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def quality(self):
+        """The quality report (see the class attributes); computed once, on first access."""
+        from .quality import quality_summary, quality_table
+
+        table = quality_table(self, *self._inputs)
+        log.info("%s", quality_summary(table))
+        return table
 
 
 @dataclass(frozen=True)
@@ -172,6 +190,15 @@ class ImagePsfMatchTask:
     ----------
     config : PsfMatchConfig, optional
         Algorithm parameters; defaults to ``PsfMatchConfig()`` (Alard-Lupton).
+    debug : sequence of str, optional
+        ``ip_diffim`` debug-display names (:data:`gpudiffim.diagnostics.DEBUG_NAMES`,
+        e.g. ``("displayCandidates", "displayKernelMosaic")``, ``("display",)``
+        for all); after each match or subtraction of masked images their figures
+        are written to ``debug_dir`` as PNG files plus a PDF report (needs
+        matplotlib: ``pip install gpudiffim[plot]``).
+    debug_dir : str or os.PathLike, optional
+        Folder of the debug figures (created; files are replaced on every fit);
+        required with ``debug``.
 
     Examples
     --------
@@ -184,13 +211,21 @@ class ImagePsfMatchTask:
     1.0
     """
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, *, debug=(), debug_dir=None):
         if config is None:
             config = PsfMatchConfig()
         if not isinstance(config, PsfMatchConfig):
             msg = f"config must be a PsfMatchConfig, got {type(config).__name__}"
             raise ConfigurationError(msg)
         self.config = config
+        self.debug, self.debug_dir = _check_debug(debug, debug_dir)
+
+    def _write_debug_figures(self, result, template, science):
+        if self.debug:
+            from .diagnostics import write_figures
+
+            write_figures(result, template, science, self.debug_dir, names=self.debug)
+        return result
 
     def _positions(self, candidates, template, science):
         if candidates is not None:
@@ -261,18 +296,23 @@ class ImagePsfMatchTask:
         with _timed(timings, "kernel fit"):
             solution = solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
                                     regularization)
+        diagnostics = {**solution.diagnostics, "stamp_half_size": half_size,
+                       "bad_mask_planes": tuple(self.config.bad_mask_planes),
+                       "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background)}
         with _timed(timings, "full-image convolution"):
             image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
         matched = MaskedImage._from_planes(image, mask, variance, to_convolve.xy0,
                                            to_convolve.mask_planes)
         if not convolve_template:
             fwhms = fwhms[::-1]
-        return dict(matched_image=matched, psf_matching_kernel=solution.kernel,
-                    background_model=solution.background,
-                    kernel_cell_set=KernelCellSet.from_cell_set(cell_set, rejects),
-                    kernel_basis=basis, convolved="template" if convolve_template else "science",
-                    template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
-                    diagnostics=solution.diagnostics), reference
+        fields = dict(matched_image=matched, psf_matching_kernel=solution.kernel,
+                      background_model=solution.background,
+                      kernel_cell_set=KernelCellSet.from_cell_set(cell_set, rejects),
+                      kernel_basis=basis, convolved="template" if convolve_template else "science",
+                      template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
+                      diagnostics=diagnostics)
+        fields["_inputs"] = (template, science)
+        return fields, reference
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
                             science_fwhm_pix=None, convolve_template=True):
@@ -307,7 +347,7 @@ class ImagePsfMatchTask:
         """
         fields, _ = self._fit(template, science, candidates, template_fwhm_pix, science_fwhm_pix,
                               convolve_template)
-        return MatchResult(**fields)
+        return self._write_debug_figures(MatchResult(**fields), template, science)
 
     def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
                                science_fwhm_pix=None, convolve_template=True):
@@ -325,7 +365,8 @@ class ImagePsfMatchTask:
         with _timed(timings, "subtraction"):
             difference = _difference(fields["matched_image"], reference, fields["background_model"],
                                      fields["psf_matching_kernel"], convolve_template)
-        return SubtractResult(**fields, subtracted_image=difference)
+        return self._write_debug_figures(SubtractResult(**fields, subtracted_image=difference),
+                                         template, science)
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
@@ -393,6 +434,19 @@ class ImagePsfMatchTask:
             template, science, True, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
             science_fwhm_pix=science_fwhm_pix, do_warping=do_warping,
             convolve_template=convolve_template))
+
+
+def _check_debug(debug, debug_dir):
+    """Validated (debug names, folder) of :class:`ImagePsfMatchTask`."""
+    from .diagnostics import check_debug_names, require_matplotlib
+
+    names = check_debug_names(debug)
+    if names and debug_dir is None:
+        msg = "debug figures need a folder: pass debug_dir="
+        raise ConfigurationError(msg)
+    if names:
+        require_matplotlib()
+    return names, debug_dir
 
 
 def _difference(matched, reference, background, kernel, convolve_template):

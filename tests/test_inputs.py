@@ -617,6 +617,7 @@ ERROR_BUILTINS = {
     "NoKernelCandidatesError": RuntimeError,
     "SingularSystemError": np.linalg.LinAlgError,
     "BackendUnavailableError": RuntimeError,
+    "MissingDependencyError": ImportError,
 }
 WARNINGS = ["GpudiffimWarning", "NoDataWarning", "FitQualityWarning"]
 
