@@ -129,7 +129,7 @@ def test_anderson_darling_statistic_equals_scipy():
     np.testing.assert_allclose(a2, reference.statistic, **TOLERANCE)
 
 
-@pytest.mark.parametrize(("a2", "level"), zip(AD_CRITICAL_VALUES, AD_SIGNIFICANCE_LEVELS))
+@pytest.mark.parametrize(("a2", "level"), list(zip(AD_CRITICAL_VALUES, AD_SIGNIFICANCE_LEVELS)))
 def test_anderson_darling_p_value_at_the_critical_values(a2, level):
     """The asymptotic p-value reproduces Stephens' case-0 table (given to 3 decimals)."""
     from gpudiffim.quality import _anderson_darling_p
