@@ -8,6 +8,7 @@ clipping; the matched and difference images carry propagated variance and
 mask planes.
 """
 
+from ._backend import backend_info, compute_backend, use_backend
 from .config import DetectionConfig, PsfMatchConfig
 from .errors import (
     BackendUnavailableError,
@@ -40,6 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "backend_info",
+    "compute_backend",
+    "use_backend",
     "BackendUnavailableError",
     "BackgroundModel",
     "ConfigurationError",

@@ -209,10 +209,15 @@ def _info(args):
     import astropy
     import scipy
 
+    from ._backend import backend_info
+
+    info = backend_info()
     print(f"gpudiffim {__version__}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
           f"astropy {astropy.__version__}")
-    print("backend: numpy (CPU); device: none")
+    print(f"backend: {info['backend']} (requested {info['requested']}); device: {info['device'] or 'none'}"
+          + (f"; CuPy {info['cupy']}, CUDA runtime {info['cuda_runtime']}" if info["cupy"] else "")
+          + (f"; CuPy not used: {info['reason']}" if info["reason"] else ""))
     return 0
 
 

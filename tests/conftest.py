@@ -21,3 +21,16 @@ def shared_data():
     if not path.is_dir():
         pytest.skip(f"shared test data not found at {path} (set GPUDIFFIM_TEST_DATA)")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Report GPU tests as skipped (not absent) where CuPy or a CUDA device is unusable."""
+    from gpudiffim._backend import _cupy_probe
+
+    usable, reason = _cupy_probe()
+    if usable:
+        return
+    skip = pytest.mark.skip(reason=f"needs CuPy and a CUDA device: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,59 @@
+"""Backend selection: environment variable, scoped override, information."""
+
+import subprocess
+import sys
+
+import pytest
+
+from gpudiffim import BackendUnavailableError, ConfigurationError, backend_info, compute_backend, use_backend
+from gpudiffim._backend import _cupy_probe
+
+
+def _import_with(value):
+    env = {"GPUDIFFIM_BACKEND": value, "PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    code = "import gpudiffim; print(gpudiffim.compute_backend())"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=False)
+
+
+def test_typo_in_environment_fails_at_import():
+    run = _import_with("cupyy")
+    assert run.returncode != 0
+    assert "ConfigurationError" in run.stderr and "GPUDIFFIM_BACKEND" in run.stderr
+
+
+@pytest.mark.parametrize("value", ["numpy", "NumPy ", "auto"])
+def test_valid_environment_values(value):
+    run = _import_with(value)
+    assert run.returncode == 0, run.stderr
+    expected = "numpy" if value.strip().lower() == "numpy" or not _cupy_probe()[0] else "cupy"
+    assert run.stdout.strip() == expected
+
+
+def test_scoped_override_is_restored():
+    before = compute_backend()
+    with use_backend("numpy"):
+        assert compute_backend() == "numpy"
+        assert backend_info()["requested"] == "numpy"
+    assert compute_backend() == before
+
+
+def test_invalid_override():
+    with pytest.raises(ConfigurationError, match="backend"), use_backend("gpu"):
+        pass
+
+
+@pytest.mark.skipif(_cupy_probe()[0], reason="a CUDA device is usable here")
+def test_cupy_requested_without_device_raises():
+    with use_backend("cupy"), pytest.raises(BackendUnavailableError, match="CuPy"):
+        compute_backend()
+    with use_backend("auto"):
+        assert compute_backend() == "numpy"
+    info = backend_info()
+    assert info["backend"] == "numpy" and info["device"] is None and info["reason"]
+
+
+@pytest.mark.gpu
+def test_device_reported():
+    info = backend_info()
+    assert info["backend"] == "cupy" and info["device"] and info["cupy"]
