@@ -15,6 +15,25 @@ def data_dir():
 
 
 @pytest.fixture(scope="session")
+def variable_star_pair():
+    """256^2 pair with two stars 3x brighter in the science image (seed 3: both are
+    rejected by kernel-sum clipping); shared by the diagnostics and quality tests."""
+    from gpudiffim.testing import make_fake_pair
+
+    return make_fake_pair(shape=(256, 256), n_stars=45, seed=3, n_variables=2, variable_factor=3.0)
+
+
+@pytest.fixture(scope="session")
+def variable_star_fit(variable_star_pair):
+    """Subtraction of ``variable_star_pair`` (spatial kernel order 1, background fitted)."""
+    from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
+
+    config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1)
+    return ImagePsfMatchTask(config).subtract_masked_images(variable_star_pair.template,
+                                                           variable_star_pair.science)
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """Path of the shared real-data folder; skips the test when it is absent."""
     path = data_dir()

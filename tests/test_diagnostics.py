@@ -13,21 +13,18 @@ from matplotlib.colors import to_rgba
 from gpudiffim import ConfigurationError, ImagePsfMatchTask, MissingDependencyError, PsfMatchConfig
 from gpudiffim import diagnostics
 from gpudiffim.cli import EXIT_BAD_INPUT, main
-from gpudiffim.testing import make_fake_pair
 
 CONFIG = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1)
 
 
 @pytest.fixture(scope="module")
-def pair():
-    # seed 3: both planted variable stars (3x brighter in the science image) are
-    # rejected by kernel-sum clipping
-    return make_fake_pair(shape=(256, 256), n_stars=45, seed=3, n_variables=2, variable_factor=3.0)
+def pair(variable_star_pair):
+    return variable_star_pair
 
 
 @pytest.fixture(scope="module")
-def result(pair):
-    return ImagePsfMatchTask(CONFIG).subtract_masked_images(pair.template, pair.science)
+def result(variable_star_fit):
+    return variable_star_fit
 
 
 def _pixels(figure):

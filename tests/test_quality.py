@@ -21,20 +21,19 @@ from gpudiffim.quality import (
     quality_table,
     residual_quality,
 )
-from gpudiffim.testing import make_fake_pair
 
 CONFIG = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1)
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return make_fake_pair(shape=(256, 256), n_stars=45, seed=3, n_variables=2, variable_factor=3.0)
+def pair(variable_star_pair):
+    return variable_star_pair
 
 
 @pytest.fixture(scope="module")
-def result(pair):
-    return ImagePsfMatchTask(CONFIG).subtract_masked_images(pair.template, pair.science)
+def result(variable_star_fit):
+    return variable_star_fit
 
 
 def _stamp(plane, x, y, half):
