@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ResidualStatistics", "residual_statistics", "clipped_mean_std", "core_slice"]
+__all__ = ["ResidualStatistics", "residual_statistics", "moments_to_statistics", "clipped_mean_std",
+           "core_slice"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 _IQR_TO_SIGMA = 0.741301109
@@ -67,13 +68,22 @@ def residual_statistics(difference, variance, mask, bad_bits, core_radius=None):
         rows = core_slice(difference.shape[1], core_radius)
         cols = core_slice(difference.shape[2], core_radius)
         difference, variance, mask = (a[:, rows, cols] for a in (difference, variance, mask))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf D times 0 at unused pixels is discarded
         inverse = 1.0 / variance
-    good = ((mask & bad_bits) == 0) & np.isfinite(inverse) & (variance > 0) & np.isfinite(difference)
-    z = np.where(good, difference * np.sqrt(np.where(good, inverse, 0.0)), 0.0)
+        good = ((mask & bad_bits) == 0) & np.isfinite(inverse) & (variance > 0) & np.isfinite(difference)
+        z = np.where(good, difference * np.sqrt(np.where(good, inverse, 0.0)), 0.0)
     n = good.sum(axis=(1, 2))
     sum_z = z.sum(axis=(1, 2))
     sum_z2 = (z * z).sum(axis=(1, 2))
+    return moments_to_statistics(n, sum_z, sum_z2)
+
+
+def moments_to_statistics(n, sum_z, sum_z2):
+    """Finish :class:`ResidualStatistics` from per-stamp count, sum(z) and sum(z^2).
+
+    Shared by :func:`residual_statistics` and the CUDA residual-moments kernel
+    (which returns the three sums), so both finish identically.
+    """
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(n > 0, sum_z / n, np.nan)
         var = np.where(n > 1, (sum_z2 / n - mean**2) * n / (n - 1), np.nan)

@@ -57,6 +57,15 @@ def _reference_statistics(difference, variance, mask, bad_bits):
 
 
 class TestResidualStatistics:
+    def test_infinite_difference_is_skipped_without_a_warning(self):
+        # inf D at a pixel also excluded for other reasons used to warn ("invalid value in multiply")
+        difference, variance, mask = _random_stamps()
+        difference[0, 0, :3] = np.inf
+        variance[0, 0, 0] = 0.0
+        mask[0, 0, 1] = BAD
+        stats = residual_statistics(difference, variance, mask, BAD | SAT)
+        assert np.isfinite(stats.mean).all()
+
     def test_against_numpy(self):
         difference, variance, mask = _random_stamps()
         stats = residual_statistics(difference, variance, mask, BAD | SAT)

@@ -1,0 +1,122 @@
+"""One launch helper for every kernel: argument checks, then CuPy or the CPU emulator."""
+
+import numbers
+
+import numpy as np
+
+from .._backend import compute_backend
+from .signatures import KERNELS, parse_ctype
+
+__all__ = ["launch", "check_args"]
+
+_INT32 = np.iinfo(np.int32)
+
+
+def _dims(value, what):
+    dims = (value,) if isinstance(value, numbers.Integral) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, numbers.Integral) and d >= 1 for d in dims):
+        msg = f"{what} must be a positive int or a tuple of 1 to 3 positive ints, got {value!r}"
+        raise ValueError(msg)
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+def check_args(kernel_name, args, array_type):
+    """Check ``args`` against the declared signature; return them converted for the launch.
+
+    Arrays must be ``array_type`` (``numpy.ndarray`` for the emulator,
+    ``cupy.ndarray`` for CuPy) with exactly the declared dtype, C-contiguous,
+    and writeable where the kernel writes.  Scalars become NumPy scalars of the
+    declared width (CuPy would send a Python int as 64 bits).
+
+    Raises
+    ------
+    TypeError
+        On an unknown kernel, a wrong argument count or a wrong argument type.
+    """
+    try:
+        spec = KERNELS[kernel_name]
+    except KeyError:
+        msg = f"unknown kernel {kernel_name!r}; declared: {sorted(KERNELS)}"
+        raise TypeError(msg) from None
+    args = tuple(args)
+    if len(args) != len(spec.params):
+        names = ", ".join(f"{c} {n}" for n, c in spec.params)
+        msg = f"{kernel_name}({names}) takes {len(spec.params)} arguments, got {len(args)}"
+        raise TypeError(msg)
+    out = []
+    for index, ((name, ctype), arg) in enumerate(zip(spec.params, args)):
+        kind, dtype, const = parse_ctype(ctype)
+        where = f"{kernel_name} argument {index} ({ctype} {name})"
+        if kind == "pointer":
+            if not isinstance(arg, array_type):
+                msg = f"{where}: expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
+                raise TypeError(msg)
+            if arg.dtype != dtype:
+                msg = f"{where}: expected dtype {dtype}, got {arg.dtype}"
+                raise TypeError(msg)
+            if not arg.flags.c_contiguous:
+                msg = f"{where}: array must be C-contiguous"
+                raise TypeError(msg)
+            if not const and not arg.flags.writeable:
+                msg = f"{where}: array is written by the kernel but is read-only"
+                raise TypeError(msg)
+            out.append(arg)
+        elif dtype.kind == "i":
+            if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
+                msg = f"{where}: expected an int, got {type(arg).__name__}"
+                raise TypeError(msg)
+            if not _INT32.min <= int(arg) <= _INT32.max:
+                msg = f"{where}: {int(arg)} does not fit in a 32-bit int"
+                raise TypeError(msg)
+            out.append(dtype.type(arg))
+        else:
+            if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Real):
+                msg = f"{where}: expected a real number, got {type(arg).__name__}"
+                raise TypeError(msg)
+            out.append(dtype.type(arg))
+    return tuple(out)
+
+
+def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=(), backend=None):
+    """Launch ``kernel_name`` on ``grid`` x ``block`` with ``args``.
+
+    Parameters
+    ----------
+    kernel_name : str
+        A key of :data:`gpudiffim._cuda.signatures.KERNELS` (``"gdi_residual_moments<double>"``).
+    grid, block : int or tuple of up to 3 ints
+        Launch geometry (from the unit's geometry helper, never inline).
+    args : sequence
+        Kernel arguments in declaration order; checked by :func:`check_args`.
+    shared_mem : int
+        Dynamic shared memory in bytes (CuPy only; the emulator supports static
+        ``__shared__`` arrays only).
+    defines : tuple of (str, int) pairs
+        Compile-time constants of the unit's ``#define`` preamble.
+    backend : {"cupy", "emulator"}, optional
+        Default: ``"cupy"`` when :func:`gpudiffim.compute_backend` is ``"cupy"``,
+        else ``"emulator"``.
+    """
+    if backend is None:
+        backend = "cupy" if compute_backend() == "cupy" else "emulator"
+    grid, block = _dims(grid, "grid"), _dims(block, "block")
+    spec_unit = KERNELS[kernel_name].unit if kernel_name in KERNELS else None
+    if backend == "cupy":
+        import cupy
+
+        from ._loader import cupy_module
+
+        converted = check_args(kernel_name, args, cupy.ndarray)
+        function = cupy_module(spec_unit, defines).get_function(kernel_name)
+        function(grid, block, converted, shared_mem=int(shared_mem))
+    elif backend == "emulator":
+        from . import emulator
+
+        converted = check_args(kernel_name, args, np.ndarray)
+        if shared_mem:
+            msg = "the CUDA emulator supports static __shared__ arrays only (shared_mem must be 0)"
+            raise ValueError(msg)
+        emulator.run(spec_unit, tuple(defines), kernel_name, grid, block, converted)
+    else:
+        msg = f"backend must be 'cupy' or 'emulator', got {backend!r}"
+        raise ValueError(msg)
