@@ -39,6 +39,7 @@ from scipy import sparse
 
 from ._validate import check_int, check_real, fail, is_int
 from .errors import ConfigurationError, ShapeError
+from .fwhm import SIGMA_TO_FWHM
 
 __all__ = [
     "KernelBasis",
@@ -55,8 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: FWHM of a Gaussian in units of its standard deviation, 2 sqrt(2 ln 2).
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 #: Threshold on a basis kernel's sum below which it is treated as zero-sum
 #: during renormalisation.  ``ip_diffim`` deliberately uses the single-precision
@@ -106,7 +105,7 @@ def fwhm_to_sigma(fwhm):
     >>> round(fwhm_to_sigma(2.3548200450309493), 12)
     1.0
     """
-    return fwhm / _FWHM_PER_SIGMA
+    return fwhm / SIGMA_TO_FWHM
 
 
 def _sigma_series(wide, narrow, min_sigma, n_gauss, beta):

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from .errors import ConfigurationError, NoKernelCandidatesError
+from .statistics import mad_sigma
 
 __all__ = [
     "KernelCandidate",
@@ -187,8 +188,7 @@ def _threshold(detection, image, variance, valid):
     if kind == "variance":
         return value * np.median(variance[valid])
     if kind == "stdev":
-        data = image[valid]
-        return value * 1.4826 * np.median(np.abs(data - np.median(data)))
+        return value * mad_sigma(image[valid])
     return value
 
 

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from .errors import InvalidImageError, InvalidVarianceError, NoDataWarning, ShapeError
+from .statistics import mad_sigma
 
 __all__ = ["DEFAULT_MASK_PLANES", "MaskedImage", "mask_bits"]
 
@@ -144,7 +145,7 @@ class MaskedImage:
         no_data = 1 << planes["NO_DATA"]
         _flag_non_finite(image, variance, mask, no_data)
         _check_variance(variance, mask, no_data)
-        self._xy0 = _check_xy0(xy0)
+        self._xy0 = check_xy0(xy0)
         self._planes = planes
         for array in (image, mask, variance):
             array.flags.writeable = False
@@ -211,13 +212,15 @@ class MaskedImage:
                 f"planes={sorted(self._planes)})")
 
 
-def _check_xy0(xy0):
+def check_xy0(xy0, name="xy0"):
+    """``(x0, y0)`` as Python ints; :class:`InvalidImageError` unless a pair of integers."""
     try:
         x0, y0 = xy0
     except (TypeError, ValueError):
         x0 = y0 = None
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (x0, y0)):
-        msg = f"xy0 must be a pair of integers (x0, y0), got {xy0!r}"
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+               for v in (x0, y0)):
+        msg = f"{name} must be a pair of integers (x0, y0), got {xy0!r}"
         raise InvalidImageError(msg)
     return (int(x0), int(y0))
 
@@ -227,8 +230,7 @@ def _robust_variance(image):
     if finite.size == 0:
         msg = "image has no finite pixel"
         raise InvalidImageError(msg)
-    mad = np.median(np.abs(finite - np.median(finite)))
-    sigma = 1.4826 * mad
+    sigma = mad_sigma(finite)
     if not sigma > 0:
         msg = "cannot estimate a variance from a constant image; pass variance="
         raise InvalidVarianceError(msg)

@@ -14,10 +14,27 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["ResidualStatistics", "residual_statistics", "moments_to_statistics", "clipped_mean_std",
-           "core_slice"]
+           "core_slice", "iqr_sigma", "mad_sigma"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 _IQR_TO_SIGMA = 0.741301109
+#: Ratio of the standard deviation to the median absolute deviation of a Gaussian.
+_MAD_TO_SIGMA = 1.4826
+
+
+def iqr_sigma(values):
+    """Gaussian-equivalent standard deviation from the interquartile range.
+
+    Quartiles use linear interpolation at ``p (n - 1)`` (as ``afw``).
+    """
+    q1, q3 = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.75], method="linear")
+    return _IQR_TO_SIGMA * (q3 - q1)
+
+
+def mad_sigma(values):
+    """Gaussian-equivalent standard deviation from the median absolute deviation."""
+    values = np.asarray(values)
+    return _MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values))))
 
 
 @dataclass(frozen=True)

@@ -21,28 +21,21 @@ import numpy as np
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
+from .statistics import iqr_sigma
 
 __all__ = ["scale_variance"]
 
 log = logging.getLogger(__name__)
 
-#: Ratio of the standard deviation to the interquartile range of a Gaussian.
-_IQR_TO_SIGMA = 0.741301109
-
 #: Planes whose pixels are left out of the noise estimate.
 EXCLUDED_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
-
-
-def _iqr_sigma(values):
-    q1, q3 = np.percentile(values, [25.0, 75.0])
-    return _IQR_TO_SIGMA * (q3 - q1)
 
 
 def _sky_pixels(masked_image, residual, threshold):
     """Pixels without excluded mask bits and not above ``threshold`` sigma (sources)."""
     good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
     good &= masked_image.variance > 0
-    sigma = _iqr_sigma(residual[good])
+    sigma = iqr_sigma(residual[good])
     return good & (np.abs(residual) < threshold * max(sigma, np.finfo(float).tiny))
 
 
@@ -88,9 +81,9 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
     if mode != "scale":
         msg = f"invalid mode={mode!r}: expected 'scale' or 'add'"
         raise ConfigurationError(msg)
-    factor = _iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
+    factor = iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
     if not 0 < factor <= limit:
-        factor = _iqr_sigma(residual[sky]) ** 2 / np.median(variance)
+        factor = iqr_sigma(residual[sky]) ** 2 / np.median(variance)
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
         raise InvalidVarianceError(msg)
@@ -103,7 +96,7 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
 
 
 def _add_sky_variance(masked_image, sky_values, sky_variance, limit):
-    measured = _iqr_sigma(sky_values) ** 2
+    measured = iqr_sigma(sky_values) ** 2
     median = float(np.median(sky_variance))
     if not 0 < measured <= limit * median:
         msg = (f"measured sky variance {measured:.4g} is not within (0, {limit} x {median:.4g}]: "

@@ -60,8 +60,8 @@ from astropy.wcs import NoConvergence
 from astropy.wcs.wcsapi import high_level_objects_to_values
 
 from . import _validate
-from .errors import InvalidImageError, RegistrationError, ShapeError
-from .image import MaskedImage
+from .errors import RegistrationError, ShapeError
+from .image import MaskedImage, check_xy0
 
 __all__ = [
     "lanczos_kernel",
@@ -157,17 +157,6 @@ def _check_shape(name, shape):
         msg = f"{name} must be a pair of positive integers (rows, columns), got {shape!r}"
         raise ShapeError(msg)
     return int(rows), int(columns)
-
-
-def _check_xy0(name, xy0):
-    try:
-        x0, y0 = xy0
-    except (TypeError, ValueError):
-        x0 = y0 = None
-    if not (_validate.is_int(x0) and _validate.is_int(y0)):
-        msg = f"{name} must be a pair of integers (x0, y0), got {xy0!r}"
-        raise InvalidImageError(msg)
-    return int(x0), int(y0)
 
 
 # --------------------------------------------------------------------------
@@ -350,8 +339,8 @@ def pixel_mapping(source_wcs, target_wcs, target_shape, target_xy0, source_xy0, 
     source_wcs = _check_wcs("source_wcs", source_wcs)
     target_wcs = _check_wcs("target_wcs", target_wcs)
     target_shape = _check_shape("target_shape", target_shape)
-    target_xy0 = _check_xy0("target_xy0", target_xy0)
-    source_xy0 = _check_xy0("source_xy0", source_xy0)
+    target_xy0 = check_xy0(target_xy0, "target_xy0")
+    source_xy0 = check_xy0(source_xy0, "source_xy0")
     interp_length = _validate.check_int("interp_length", interp_length, minimum=1)
     coarse = _CoarseMapping(source_wcs, target_wcs, target_shape, target_xy0, source_xy0, interp_length)
     rows = target_shape[0]
@@ -608,7 +597,7 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     source_wcs = _check_wcs("source_wcs", source_wcs)
     target_wcs = _check_wcs("target_wcs", target_wcs)
     target_shape = _check_shape("target_shape", target_shape)
-    target_xy0 = _check_xy0("target_xy0", target_xy0)
+    target_xy0 = check_xy0(target_xy0, "target_xy0")
     interp_length = _validate.check_int("interp_length", interp_length, minimum=1)
     no_data = masked_image.bits(["NO_DATA"])
     outside_bits = no_data | masked_image.bits(["EDGE"])
@@ -691,7 +680,7 @@ def wcs_overlap(wcs_a, shape_a, xy0_a, wcs_b, shape_b, xy0_b, *, interp_length=1
     wcs_a, wcs_b = _check_wcs("wcs_a", wcs_a), _check_wcs("wcs_b", wcs_b)
     rows_a, columns_a = _check_shape("shape_a", shape_a)
     shape_b = _check_shape("shape_b", shape_b)
-    xy0_a, xy0_b = _check_xy0("xy0_a", xy0_a), _check_xy0("xy0_b", xy0_b)
+    xy0_a, xy0_b = check_xy0(xy0_a, "xy0_a"), check_xy0(xy0_b, "xy0_b")
     interp_length = _validate.check_int("interp_length", interp_length, minimum=1)
     coarse = _CoarseMapping(wcs_a, wcs_b, shape_b, xy0_b, xy0_a, interp_length)
     covered = 0
@@ -750,7 +739,7 @@ def same_grid(wcs_a, shape_a, xy0_a, wcs_b, shape_b, xy0_b):
     """
     wcs_a, wcs_b = _check_wcs("wcs_a", wcs_a), _check_wcs("wcs_b", wcs_b)
     shape_a, shape_b = _check_shape("shape_a", shape_a), _check_shape("shape_b", shape_b)
-    xy0_a, xy0_b = _check_xy0("xy0_a", xy0_a), _check_xy0("xy0_b", xy0_b)
+    xy0_a, xy0_b = check_xy0(xy0_a, "xy0_a"), check_xy0(xy0_b, "xy0_b")
     if shape_a != shape_b or xy0_a != xy0_b:
         return False
     if wcs_a is wcs_b:
