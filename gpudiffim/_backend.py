@@ -1,7 +1,8 @@
 """Compute-backend selection: NumPy everywhere, CuPy where a CUDA device works.
 
-The environment variable ``GPUDIFFIM_BACKEND`` (``auto``, ``cupy`` or
-``numpy``; default ``auto``) is read and validated when gpudiffim is imported;
+The environment variable ``GPUDIFFIM_BACKEND`` (``auto``, ``cupy``,
+``numpy`` or ``cuda-emulator``; default ``auto``) is read and validated when
+gpudiffim is imported;
 a typo raises :class:`~gpudiffim.errors.ConfigurationError` at once.  Whether
 CuPy and a device are usable is probed lazily, on first use, and cached: a
 process that has not asked never initialises the CUDA driver (which would
@@ -10,6 +11,19 @@ make ``fork`` unsafe).  ``auto`` falls back to NumPy silently;
 :class:`~gpudiffim.errors.BackendUnavailableError`.  :func:`use_backend`
 overrides the choice for a block of code (per thread and task, through a
 ``ContextVar``).
+
+The backends run two code paths:
+
+* ``numpy``: the reference implementation (NumPy/SciPy, FFT correlations);
+* ``cupy`` and ``cuda-emulator``: the *kernel path*, where the hot operations
+  (basis correlation of the stamps, normal equations, residual moments,
+  spatial assembly, term accumulation and mask propagation of the full-image
+  application) are the CUDA kernels of ``kernels/``.  ``cupy`` runs them on
+  the GPU with CuPy arrays (FFTs through cuFFT); ``cuda-emulator`` runs the
+  *same kernel source* on the CPU, compiled by g++ with
+  ``gpudiffim/_cuda/emulator.h``, on NumPy arrays (FFTs through SciPy).  It is
+  slow and meant for verification without a GPU: its results must equal the
+  ``numpy`` backend's to 1e-6 relative.
 """
 
 import contextlib
@@ -21,10 +35,11 @@ import numpy as np
 
 from .errors import BackendUnavailableError, ConfigurationError
 
-__all__ = ["BACKENDS", "backend_info", "compute_backend", "use_backend"]
+__all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array", "kernel_path",
+           "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
-BACKENDS = ("auto", "cupy", "numpy")
+BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
 
 
 def _check_backend(name, source):
@@ -61,7 +76,7 @@ def requested_backend():
 
 
 def compute_backend():
-    """The backend that will run: ``"numpy"`` or ``"cupy"``.
+    """The backend that will run: ``"numpy"``, ``"cupy"`` or ``"cuda-emulator"``.
 
     Raises
     ------
@@ -69,8 +84,8 @@ def compute_backend():
         If ``cupy`` was requested and CuPy or a CUDA device is not usable.
     """
     requested = requested_backend()
-    if requested == "numpy":
-        return "numpy"
+    if requested in ("numpy", "cuda-emulator"):
+        return requested
     usable, reason = _cupy_probe()
     if usable:
         return "cupy"
@@ -80,9 +95,60 @@ def compute_backend():
     return "numpy"
 
 
+def kernel_path(backend=None):
+    """How the CUDA kernels run for ``backend``: ``"cupy"``, ``"emulator"``, or None (NumPy reference).
+
+    Parameters
+    ----------
+    backend : str, optional
+        A value of :func:`compute_backend`; default: the backend that will run.
+    """
+    backend = compute_backend() if backend is None else backend
+    return {"cupy": "cupy", "cuda-emulator": "emulator"}.get(backend)
+
+
+def array_module(backend=None):
+    """The array module of ``backend``: ``cupy`` for the CuPy backend, else ``numpy``."""
+    backend = compute_backend() if backend is None else backend
+    if backend == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def is_device_array(array):
+    """True for a CuPy array (checked without importing CuPy)."""
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def array_module_of(array):
+    """``cupy`` for a CuPy array, else ``numpy``."""
+    if is_device_array(array):
+        import cupy
+
+        return cupy
+    return np
+
+
+def synchronize():
+    """Wait for queued GPU work (CuPy backend); a no-op otherwise.  Used by stage timers."""
+    if requested_backend() != "numpy" and _cupy_probe()[0] and compute_backend() == "cupy":
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+
+
+def to_host(array):
+    """A NumPy array of ``array`` (copied from the device for CuPy arrays)."""
+    if is_device_array(array):
+        return array.get()
+    return np.asarray(array)
+
+
 @contextlib.contextmanager
 def use_backend(name):
-    """Use backend ``name`` (``auto``, ``cupy`` or ``numpy``) inside a ``with`` block.
+    """Use backend ``name`` (``auto``, ``cupy``, ``numpy`` or ``cuda-emulator``) inside a ``with`` block.
 
     Examples
     --------
@@ -111,7 +177,10 @@ def backend_info():
     info = {"requested": requested_backend(), "numpy": np.__version__, "cupy": None,
             "cuda_runtime": None, "device": None}
     usable, reason = _cupy_probe()
-    info["backend"] = "cupy" if usable and info["requested"] != "numpy" else "numpy"
+    if info["requested"] in ("numpy", "cuda-emulator"):
+        info["backend"] = info["requested"]
+    else:
+        info["backend"] = "cupy" if usable else "numpy"
     info["reason"] = reason
     if usable:
         import cupy

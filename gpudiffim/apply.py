@@ -24,11 +24,18 @@ Masks: every bit of an input pixel is OR-ed into every output pixel whose
 kernel footprint (pixels where some ``K_t`` is non-zero) covers it.  Input
 NO_DATA pixels enter the sums as 0 and their NO_DATA bit spreads the same way,
 so an affected output pixel is flagged, never silently wrong.
+
+Backends: the correlations are FFT products (``scipy.fft`` on the host, cuFFT
+for CuPy arrays).  On the kernel path (``cupy``, ``cuda-emulator``) the
+weighting and accumulation of each term and the mask propagation are the
+kernels of ``kernels/image_apply.cu``; the planes stay in the backend's array
+module throughout.
 """
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from ._backend import array_module_of, kernel_path
 from .convolve import FourierCorrelator
 from .spatial import SpatialFunction, product_expansion
 
@@ -46,14 +53,23 @@ def _weighted_correlations(image, kernels, factors, dtype):
     All-zero kernels are skipped; the weighting is done in place on each
     correlation, so no term image is ever formed.
     """
+    xp = array_module_of(image)
+    path = kernel_path()
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
-    out = np.zeros(image.shape, dtype=dtype)
+    out = xp.zeros(image.shape, dtype=dtype)
     for kernel, (rows, cols) in zip(kernels, factors):
-        if np.any(kernel):
-            term = correlator.correlate(kernel)
-            term *= rows[:, None].astype(dtype)
-            term *= cols[None, :].astype(dtype)
+        if not np.any(kernel):
+            continue
+        term = correlator.correlate(kernel)
+        rows, cols = xp.asarray(rows.astype(dtype)), xp.asarray(cols.astype(dtype))
+        if path is None:
+            term *= rows[:, None]
+            term *= cols[None, :]
             out += term
+        else:
+            from ._cuda import image_kernels
+
+            image_kernels.accumulate_term(out, xp.ascontiguousarray(term), rows, cols, backend=path)
     return out
 
 
@@ -83,6 +99,13 @@ def propagate_mask(mask, footprint):
         Output pixel ``(x, y)`` carries bit ``b`` when some input pixel
         ``(x + u, y + v)`` with ``footprint[h + v, h + u]`` carries it.
     """
+    path = kernel_path()
+    if path is not None:
+        from ._cuda import image_kernels
+
+        xp = array_module_of(mask)
+        return image_kernels.propagate_mask(xp.asarray(mask, dtype=np.int32), np.asarray(footprint),
+                                            backend=path)
     out = np.zeros_like(mask)
     full_box = bool(np.all(footprint))
     kh, kw = footprint.shape
@@ -116,8 +139,11 @@ def convolve_masked_image(masked_image, kernel):
         accumulation run in that precision).
     mask : ndarray of int32, shape (M, N)
         Propagated mask, EDGE set within the kernel half-width of the border.
+
+    All three are in the planes' array module (NumPy, or CuPy on the GPU).
     """
     shape, xy0, dtype = masked_image.shape, masked_image.xy0, masked_image.dtype
+    xp = masked_image.xp
     image = _weighted_correlations(masked_image.image, kernel.term_kernels(),
                                    _grid_factors(kernel.spatial_function, shape, xy0), dtype)
     squared, square_function = _squared_kernel_terms(kernel)
@@ -126,9 +152,9 @@ def convolve_masked_image(masked_image, kernel):
     footprint = np.any(kernel.term_kernels() != 0, axis=0)
     mask = propagate_mask(masked_image.mask, footprint)
     hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
-    edge = np.ones(shape, dtype=bool)
+    edge = xp.ones(shape, dtype=bool)
     edge[hy:shape[0] - hy, hx:shape[1] - hx] = False
     image[edge] = masked_image.image[edge]
     variance[edge] = masked_image.variance[edge]
-    mask[edge] |= masked_image.mask[edge] | masked_image.bits(["EDGE"])
+    mask[edge] |= masked_image.mask[edge] | np.int32(masked_image.bits(["EDGE"]))
     return image, variance, mask.astype(np.int32)

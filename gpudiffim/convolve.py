@@ -19,8 +19,12 @@ of the border are computed with zero padding and must be treated as edge by
 the caller.
 """
 
+import functools
+
 import numpy as np
 import scipy.fft
+
+from ._backend import array_module_of
 
 __all__ = [
     "correlate_stamps",
@@ -103,13 +107,31 @@ def correlate_stamps_each(stamps, kernels):
     return _valid_inverse(stamps_ft * kernels_ft, n, fy, fx)
 
 
+def _fft_functions(xp):
+    """FFT functions for arrays of module ``xp``, with a common signature.
+
+    NumPy arrays use ``scipy.fft`` on every core; CuPy arrays use
+    ``cupyx.scipy.fft``, i.e. cuFFT.  The full-image correlation stays a
+    library FFT on the GPU because it beats any direct kernel by far: a
+    4096^2 image with a 23^2 kernel is 8.9 GFLOP per term as a direct sum,
+    against ~0.3 GFLOP and two memory passes for the FFT product.
+    """
+    if xp is np:
+        return {name: functools.partial(getattr(scipy.fft, name), workers=-1)
+                for name in ("rfft", "fft", "irfft2")}
+    import cupyx.scipy.fft as cufft
+
+    return {name: getattr(cufft, name) for name in ("rfft", "fft", "irfft2")}
+
+
 class FourierCorrelator:
     """Correlate one image with many kernels by FFT, reusing the image transform.
 
     Parameters
     ----------
     image : ndarray of shape (M, N)
-        Image.
+        Image: a NumPy array (transforms by ``scipy.fft``) or a CuPy array
+        (transforms by cuFFT; the results are CuPy arrays).
     kernel_shape : tuple of int
         Odd kernel shape ``(kh, kw)`` shared by every kernel to be applied.
     dtype : {numpy.float64, numpy.float32}
@@ -126,13 +148,16 @@ class FourierCorrelator:
 
     def __init__(self, image, kernel_shape, dtype=np.float64):
         self.dtype = np.dtype(dtype)
-        image = np.asarray(image, dtype=self.dtype)
+        self.xp = array_module_of(image)
+        self._fft = _fft_functions(self.xp)
+        image = self.xp.asarray(image, dtype=self.dtype)
         self.shape = image.shape
         self.kernel_shape = tuple(kernel_shape)
         kh, kw = self.kernel_shape
         self._fft_shape = (scipy.fft.next_fast_len(self.shape[0] + kh - 1, real=True),
                            scipy.fft.next_fast_len(self.shape[1] + kw - 1, real=True))
-        self._image_ft = scipy.fft.rfft2(image, s=self._fft_shape, workers=-1)
+        rows = self._fft["rfft"](image, n=self._fft_shape[1], axis=1)
+        self._image_ft = self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
 
     def _kernel_transform(self, kernel):
         """``rfft2`` of the flipped, zero-padded kernel.
@@ -141,9 +166,9 @@ class FourierCorrelator:
         column transform on the zero-padded result: half the work of a full
         2-D transform of the padded kernel.
         """
-        flipped = np.asarray(kernel, dtype=self.dtype)[::-1, ::-1]
-        rows = scipy.fft.rfft(flipped, n=self._fft_shape[1], axis=1, workers=-1)
-        return scipy.fft.fft(rows, n=self._fft_shape[0], axis=0, workers=-1)
+        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernel, dtype=self.dtype)[::-1, ::-1])
+        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=1)
+        return self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
 
     def correlate(self, kernel):
         """Same-size correlation of the image with one kernel image.
@@ -158,6 +183,6 @@ class FourierCorrelator:
         """
         kh, kw = self.kernel_shape
         product = self._image_ft * self._kernel_transform(kernel)
-        full = scipy.fft.irfft2(product, s=self._fft_shape, workers=-1, overwrite_x=True)
+        full = self._fft["irfft2"](product, s=self._fft_shape, overwrite_x=True)
         cy, cx = kh // 2, kw // 2
         return full[cy:cy + self.shape[0], cx:cx + self.shape[1]]

@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from ._backend import array_module_of as _module_of
+from ._backend import is_device_array
 from .errors import InvalidImageError, InvalidVarianceError, NoDataWarning, ShapeError
 from .statistics import mad_sigma
 
@@ -57,8 +59,15 @@ def mask_bits(planes, names):
     return value
 
 
+def _freeze(array):
+    """Make a NumPy plane read-only (CuPy arrays have no such flag)."""
+    if isinstance(array, np.ndarray):
+        array.flags.writeable = False
+    return array
+
+
 def _check_float_array(name, array, shape=None):
-    array = np.asarray(array)
+    array = _module_of(array).asarray(array)
     if array.ndim != 2:
         msg = f"{name} must be a 2-D array (rows, columns), got shape {array.shape}"
         raise ShapeError(msg)
@@ -99,6 +108,12 @@ class MaskedImage:
     mask_planes : mapping of str to int, optional
         Plane name -> bit number; defaults to :data:`DEFAULT_MASK_PLANES`.
 
+    Notes
+    -----
+    CuPy arrays are accepted as well: the planes then stay on the GPU (copied
+    there, not read-only), :attr:`xp` is ``cupy``, and the task's results are
+    CuPy arrays too.  All planes must live in the same module.
+
     Raises
     ------
     ShapeError
@@ -116,6 +131,11 @@ class MaskedImage:
     """
 
     def __init__(self, image, mask=None, variance=None, *, xy0=(0, 0), mask_planes=None):
+        xp = _module_of(image)
+        for name, plane in (("mask", mask), ("variance", variance)):
+            if plane is not None and is_device_array(plane) != (xp is not np):
+                msg = f"image and {name} must both be NumPy or both be CuPy arrays"
+                raise InvalidImageError(msg)
         image = _check_float_array("image", image)
         dtype = image.dtype if image.dtype in (np.float32, np.float64) else np.dtype(np.float64)
         shape = image.shape
@@ -124,44 +144,64 @@ class MaskedImage:
             if name not in planes:
                 planes[name] = max(planes.values(), default=-1) + 1
         if mask is None:
-            mask = np.zeros(shape, dtype=np.int32)
+            mask = xp.zeros(shape, dtype=np.int32)
         else:
-            mask = np.asarray(mask)
+            mask = xp.asarray(mask)
             if mask.ndim != 2 or mask.shape != shape:
                 msg = f"mask has shape {mask.shape} but the image has shape {shape}"
                 raise ShapeError(msg)
             if mask.dtype.kind not in "iu":
                 msg = f"mask must be an integer array, got dtype {mask.dtype}"
                 raise InvalidImageError(msg)
-            if mask.size and (mask.min() < np.iinfo(np.int32).min or mask.max() > np.iinfo(np.int32).max):
-                msg = f"mask values must fit in 32 bits, got range [{mask.min()}, {mask.max()}]"
+            low, high = int(mask.min()), int(mask.max())
+            if low < np.iinfo(np.int32).min or high > np.iinfo(np.int32).max:
+                msg = f"mask values must fit in 32 bits, got range [{low}, {high}]"
                 raise InvalidImageError(msg)
             mask = mask.astype(np.int32)
-        image = np.array(image, dtype=dtype)
+        image = xp.array(image, dtype=dtype)
         if variance is None:
-            variance = np.full(shape, _robust_variance(image), dtype=dtype)
+            variance = xp.full(shape, _robust_variance(image), dtype=dtype)
         else:
-            variance = np.array(_check_float_array("variance", variance, shape), dtype=dtype)
+            variance = xp.array(_check_float_array("variance", variance, shape), dtype=dtype)
         no_data = 1 << planes["NO_DATA"]
         _flag_non_finite(image, variance, mask, no_data)
         _check_variance(variance, mask, no_data)
         self._xy0 = check_xy0(xy0)
         self._planes = planes
-        for array in (image, mask, variance):
-            array.flags.writeable = False
-        self._image, self._mask, self._variance = image, mask, variance
+        self._image, self._mask, self._variance = (_freeze(a) for a in (image, mask, variance))
 
     @classmethod
     def _from_planes(cls, image, mask, variance, xy0, mask_planes):
-        """Wrap planes computed by gpudiffim itself, without re-validation."""
+        """Wrap planes computed by gpudiffim itself, without re-validation.
+
+        The planes are copied in their own module (NumPy or CuPy).
+        """
         self = cls.__new__(cls)
         self._xy0 = (int(xy0[0]), int(xy0[1]))
         self._planes = dict(mask_planes)
-        arrays = [np.array(image), np.array(mask, dtype=np.int32), np.array(variance)]
-        for array in arrays:
-            array.flags.writeable = False
-        self._image, self._mask, self._variance = arrays
+        xp = _module_of(image)
+        arrays = [xp.array(image), xp.array(mask, dtype=np.int32), xp.array(variance)]
+        self._image, self._mask, self._variance = (_freeze(a) for a in arrays)
         return self
+
+    @property
+    def xp(self):
+        """Array module of the planes: ``numpy``, or ``cupy`` for planes on the GPU."""
+        return _module_of(self._image)
+
+    def to_module(self, xp):
+        """This image with its planes in array module ``xp`` (``numpy`` or ``cupy``).
+
+        Returns ``self`` when the planes are already there; otherwise the
+        planes are copied between host and device.
+        """
+        if xp is self.xp:
+            return self
+        if xp is np:
+            planes = [a.get() for a in (self._image, self._mask, self._variance)]
+        else:
+            planes = [xp.asarray(a) for a in (self._image, self._mask, self._variance)]
+        return MaskedImage._from_planes(*planes[:1], planes[1], planes[2], self._xy0, self._planes)
 
     @property
     def image(self):
@@ -226,7 +266,8 @@ def check_xy0(xy0, name="xy0"):
 
 
 def _robust_variance(image):
-    finite = image[np.isfinite(image)]
+    xp = _module_of(image)
+    finite = image[xp.isfinite(image)]
     if finite.size == 0:
         msg = "image has no finite pixel"
         raise InvalidImageError(msg)
@@ -239,9 +280,10 @@ def _robust_variance(image):
 
 
 def _flag_non_finite(image, variance, mask, no_data):
-    bad = ~(np.isfinite(image) & np.isfinite(variance))
-    n_bad = int(np.count_nonzero(bad))
-    if np.all(bad | ((mask & no_data) != 0)):
+    xp = _module_of(image)
+    bad = ~(xp.isfinite(image) & xp.isfinite(variance))
+    n_bad = int(xp.count_nonzero(bad))
+    if bool(xp.all(bad | ((mask & no_data) != 0))):
         msg = "every pixel is NO_DATA or non-finite: the image holds no data"
         raise InvalidImageError(msg)
     if n_bad:
@@ -253,10 +295,11 @@ def _flag_non_finite(image, variance, mask, no_data):
 
 
 def _check_variance(variance, mask, no_data):
+    xp = _module_of(variance)
     bad = (variance <= 0) & ((mask & no_data) == 0)
-    n_bad = int(np.count_nonzero(bad))
+    n_bad = int(xp.count_nonzero(bad))
     if n_bad:
-        row, col = np.argwhere(bad)[0]
+        row, col = (int(v) for v in xp.argwhere(bad)[0])
         msg = (f"variance must be > 0 on pixels with data: {n_bad} pixel(s) are <= 0, "
                f"first at row {row}, column {col} (value {variance[row, col]!r}); "
                f"flag such pixels NO_DATA in the mask if they hold no data")

@@ -19,6 +19,7 @@ This assumes each stamp's coefficients are constant over the stamp.
 
 import numpy as np
 
+from ._backend import array_module, kernel_path, to_host
 from .linalg import condition_number, solve_symmetric
 
 __all__ = ["local_parameter_maps", "spatial_normal_equations", "solve_spatial", "unpack_spatial"]
@@ -76,7 +77,19 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     -------
     matrix : ndarray of shape (n_theta, n_theta)
     vector : ndarray of shape (n_theta,)
+        NumPy arrays.  On the kernel path (``cupy``, ``cuda-emulator``) the
+        sums are the ``gdi_spatial_normal_equations`` kernel
+        (``kernels/spatial_assembly.cu``).
     """
+    path = kernel_path()
+    if path is not None:
+        from ._cuda import stamp_kernels
+
+        xp = array_module()
+        matrix, vector = stamp_kernels.spatial_normal_equations(
+            xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
+            maps, backend=path)
+        return to_host(matrix), to_host(vector)
     n, p, n_theta = maps.shape
     projected = normal_matrices @ maps
     matrix = maps.reshape(n * p, n_theta).T @ projected.reshape(n * p, n_theta)

@@ -10,9 +10,18 @@ median of ``V_S + V_T`` over the stamp, by default; or per pixel):
 .. math:: M = C^T W C, \\quad b = C^T W S, \\quad M a = b.
 
 All candidates of a batch are processed together: the basis correlations are
-one matrix product (see :func:`gpudiffim.convolve.correlate_stamps`) and the
-normal equations one batched product, so the same structure maps onto one
+one batched FFT product (see :func:`gpudiffim.convolve.correlate_stamps`) and
+the normal equations one batched product, so the same structure maps onto one
 GPU launch per step.
+
+Backends: on the NumPy backend these are NumPy/SciPy operations (the
+reference).  On the kernel path (``cupy`` and ``cuda-emulator``, see
+:mod:`gpudiffim._backend`) the stamps live in the backend's array module and
+the correlations, normal equations, mask dilation and residual moments are
+the CUDA kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
+``residual_moments.cu``.  The small per-stamp systems (``N x P x P``) are
+solved on the host by the same solver on every backend, so every backend
+takes the same accept/reject decisions.
 """
 
 from dataclasses import dataclass
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
+from ._backend import array_module_of, kernel_path, to_host
 from .convolve import correlate_stamps, correlate_stamps_each
 from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
@@ -36,7 +46,9 @@ class StampBatch:
     template, science : ndarray of shape (N, S, S)
         Image stamps (float64) of the image to convolve and the image matched to.
     template_variance, science_variance : ndarray of shape (N, S, S)
-    template_mask, science_mask : ndarray of int, shape (N, S, S)
+    template_mask, science_mask : ndarray of int32, shape (N, S, S)
+
+    The arrays are NumPy arrays, or CuPy arrays on the CuPy backend.
     """
 
     template: np.ndarray
@@ -54,7 +66,8 @@ class StampBatch:
         ----------
         candidates : sequence of KernelCandidate
         template, science : MaskedImage
-            Same grid (shape and ``xy0``).
+            Same grid (shape and ``xy0``) and array module; the stamps are
+            cut where the planes live (host or GPU).
         half_size : int
         """
         x0, y0 = science.xy0
@@ -63,13 +76,14 @@ class StampBatch:
         corners = np.array([(c.y - y0 - half_size) * width + (c.x - x0 - half_size) for c in candidates])
         flat = corners[:, None, None] + (offsets[:, None] * width + offsets[None, :])[None] \
             + half_size * (width + 1)
+        flat = science.xp.asarray(flat)
 
         def cut(plane, dtype):
-            return np.take(plane.ravel(), flat).astype(dtype, copy=False)
+            return plane.ravel().take(flat).astype(dtype, copy=False)
 
         return cls(cut(template.image, np.float64), cut(science.image, np.float64),
                    cut(template.variance, np.float64), cut(science.variance, np.float64),
-                   cut(template.mask, np.int64), cut(science.mask, np.int64))
+                   cut(template.mask, np.int32), cut(science.mask, np.int32))
 
     def __len__(self):
         return self.template.shape[0]
@@ -107,33 +121,74 @@ class StampFit:
 
 def _stamp_weights(batch, half_width, constant):
     """Inverse-variance weights on the fit region, and per-stamp failures."""
+    xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
     failure = ["" for _ in range(len(batch))]
     if constant:
-        level = np.median(total.reshape(len(batch), -1), axis=1)
-        level = np.where(level > 0, level, 1.0)
+        level = xp.median(total.reshape(len(batch), -1), axis=1)
+        level = xp.where(level > 0, level, 1.0)
         fit_shape = batch.fit_region(total, half_width).shape
-        return np.broadcast_to((1.0 / level)[:, None, None], fit_shape), failure
-    bad = total.reshape(len(batch), -1).min(axis=1) <= 0
+        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), failure
+    bad = to_host(total.reshape(len(batch), -1).min(axis=1) <= 0)
     for k in np.flatnonzero(bad):
         failure[k] = "non-positive variance in the stamp"
-    region = batch.fit_region(total, half_width)
+    return _inverse(batch.fit_region(total, half_width)), failure
+
+
+def _inverse(variance):
+    """``1 / variance`` where positive, else 0."""
+    xp = array_module_of(variance)
     with np.errstate(divide="ignore"):
-        return np.where(region > 0, 1.0 / region, 0.0), failure
+        return xp.where(variance > 0, 1.0 / variance, 0.0)
+
+
+def _correlate(stamps, kernels, per_stamp=False):
+    """Stamp correlations (valid region) on the active backend.
+
+    ``per_stamp``: stamp ``n`` with kernel ``n`` (shape (N, F, F)); else every
+    stamp with every kernel (shape (N, K, F, F)).
+    """
+    path = kernel_path()
+    if path is None:
+        return correlate_stamps_each(stamps, kernels) if per_stamp else correlate_stamps(stamps, kernels)
+    from ._cuda import stamp_kernels
+
+    xp = array_module_of(stamps)
+    out = stamp_kernels.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype),
+                                         per_stamp=per_stamp, backend=path)
+    return out[:, 0] if per_stamp else out
 
 
 def _design(batch, basis, fit_background):
+    """Design columns (N, n_basis [+1], F) and target (N, F).
+
+    On the kernel path the background column of ones is implicit (the
+    normal-equation kernel adds it), so the columns are (N, n_basis, F).
+    """
     half_width = basis.shape[1] // 2
-    correlated = correlate_stamps(batch.template, basis)
+    correlated = _correlate(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
-    if fit_background:
+    if fit_background and kernel_path() is None:
         columns = np.concatenate([columns, np.ones((n, 1, fy * fx))], axis=1)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
 
 
-def _normal_equations(columns, target, weights):
+def _normal_equations(columns, target, weights, fit_background=False):
+    """``M = C^T W C`` and ``b = C^T W y`` per stamp, on the host.
+
+    ``fit_background`` matters on the kernel path only (implicit ones column).
+    """
+    path = kernel_path()
+    if path is not None:
+        from ._cuda import stamp_kernels
+
+        xp = array_module_of(columns)
+        weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
+        matrix, vector = stamp_kernels.normal_equations(
+            columns, weights.reshape(target.shape), target, int(fit_background), backend=path)
+        return to_host(matrix), to_host(vector)
     weighted = columns * weights.reshape(len(columns), 1, -1)
     matrix = weighted @ columns.transpose(0, 2, 1)
     vector = np.einsum("npk,nk->np", weighted, target)
@@ -193,16 +248,15 @@ def fit_stamps(batch, basis, config, regularization=None):
     """
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
-    columns, target = _design(batch, basis, config.fit_for_background)
+    fit_background = config.fit_for_background
+    columns, target = _design(batch, basis, fit_background)
     weights, failure = _stamp_weights(batch, half_width, config.constant_variance_weighting)
-    matrix, vector = _normal_equations(columns, target, weights)
+    matrix, vector = _normal_equations(columns, target, weights, fit_background)
     solution = _solve_batch(matrix, vector, config, regularization, failure)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
         kernels = _candidate_kernels(solution[:, :n_basis], basis)
-        variance = _difference_variance(batch, kernels)
-        with np.errstate(divide="ignore"):
-            weights = np.where(variance > 0, 1.0 / variance, 0.0)
-        matrix, vector = _normal_equations(columns, target, weights)
+        weights = _inverse(_difference_variance(batch, kernels))
+        matrix, vector = _normal_equations(columns, target, weights, fit_background)
         solution = _solve_batch(matrix, vector, config, regularization, failure)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
@@ -212,14 +266,20 @@ def fit_stamps(batch, basis, config, regularization=None):
 
 def _difference_variance(batch, kernels):
     half_width = kernels.shape[1] // 2
-    convolved = correlate_stamps_each(batch.template_variance, kernels**2)
+    convolved = _correlate(batch.template_variance, kernels**2, per_stamp=True)
     return batch.fit_region(batch.science_variance, half_width) + convolved
 
 
 def _dilated_bad_pixels(mask, bad_bits, half_width):
     """Pixels whose kernel box holds a ``bad_bits`` pixel of ``mask``, on the fit region."""
-    flagged = (mask & bad_bits) != 0
     h = half_width
+    path = kernel_path()
+    if path is not None:
+        from ._cuda import image_kernels
+
+        grown = image_kernels.or_filter_box(mask & bad_bits, h, h, backend=path) != 0
+        return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+    flagged = (mask & bad_bits) != 0
     if not flagged.any():
         return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
     grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
@@ -248,12 +308,15 @@ def difference_stamps(batch, kernels, background, bad_bits):
         kernel-dilated template mask that matters for the statistics).
     """
     half_width = kernels.shape[1] // 2
-    model = correlate_stamps_each(batch.template, kernels) + background[:, None, None]
+    xp = array_module_of(batch.science)
+    kernels = xp.asarray(kernels, dtype=np.float64)
+    background = xp.asarray(background, dtype=np.float64)
+    model = _correlate(batch.template, kernels, per_stamp=True) + background[:, None, None]
     difference = batch.fit_region(batch.science, half_width) - model
     variance = _difference_variance(batch, kernels)
     template_bad = _dilated_bad_pixels(batch.template_mask, bad_bits, half_width)
-    mask = batch.fit_region(batch.science_mask, half_width) | np.where(template_bad, bad_bits, 0)
-    return difference, variance, mask
+    mask = batch.fit_region(batch.science_mask, half_width) | xp.where(template_bad, np.int32(bad_bits), 0)
+    return difference, variance, mask.astype(np.int32, copy=False)
 
 
 def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None):
@@ -264,4 +327,9 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     ResidualStatistics
     """
     difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
+    path = kernel_path()
+    if path is not None:
+        from ._cuda.kernels import residual_moments
+
+        return residual_moments(difference, variance, mask, bad_bits, core_radius, backend=path)
     return residual_statistics(difference, variance, mask, bad_bits, core_radius)

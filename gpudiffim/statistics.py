@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import array_module_of
+
 __all__ = ["ResidualStatistics", "residual_statistics", "moments_to_statistics", "clipped_mean_std",
            "core_slice", "iqr_sigma", "mad_sigma"]
 
@@ -32,9 +34,13 @@ def iqr_sigma(values):
 
 
 def mad_sigma(values):
-    """Gaussian-equivalent standard deviation from the median absolute deviation."""
-    values = np.asarray(values)
-    return _MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values))))
+    """Gaussian-equivalent standard deviation from the median absolute deviation.
+
+    ``values`` may be a NumPy or a CuPy array (the median is taken where they live).
+    """
+    xp = array_module_of(values)
+    values = xp.asarray(values)
+    return _MAD_TO_SIGMA * float(xp.median(xp.abs(values - xp.median(values))))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._backend import array_module, synchronize
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
@@ -154,8 +155,11 @@ class ExposureSubtractResult(ExposureMatchResult):
 
 @contextmanager
 def _timed(timings, stage):
+    """Add the wall time of the block to ``timings[stage]`` (GPU work included: synchronised)."""
+    synchronize()
     start = time.perf_counter()
     yield
+    synchronize()
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
     log.info("%s: %.3f s", stage, timings[stage])
 
@@ -171,6 +175,10 @@ def _check_pair(template, science):
     if template.xy0 != science.xy0:
         msg = f"template xy0 {template.xy0} differs from science xy0 {science.xy0}: images must be aligned"
         raise ShapeError(msg)
+    if template.xp is not science.xp:
+        msg = ("template and science planes must both be NumPy or both be CuPy arrays, got "
+               f"{template.xp.__name__} and {science.xp.__name__}")
+        raise TypeError(msg)
 
 
 def _check_fwhm(name, value):
@@ -224,7 +232,8 @@ class ImagePsfMatchTask:
         if self.debug:
             from .diagnostics import write_figures
 
-            write_figures(result, template, science, self.debug_dir, names=self.debug)
+            write_figures(_on_host(result), template.to_module(np), science.to_module(np), self.debug_dir,
+                          names=self.debug)
         return result
 
     def _positions(self, candidates, template, science):
@@ -275,21 +284,35 @@ class ImagePsfMatchTask:
 
     def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,
              convolve_template):
+        """Detection, selection, kernel fit and full-image convolution.
+
+        Detection, FWHM measurement and candidate selection run on host
+        copies of the images (copied from the GPU when the inputs are CuPy
+        arrays); the stamp fits and the full-image convolution run in the
+        compute backend's array module.  Returns ``(fields, reference)``
+        with the matched image and ``reference`` in that module.
+        """
         _check_pair(template, science)
         fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
                  _check_fwhm("science_fwhm_pix", science_fwhm_pix))
-        to_convolve, reference = (template, science) if convolve_template else (science, template)
-        if not convolve_template:
-            fwhms = fwhms[::-1]
         timings = {}
+        xp = array_module()
+        with _timed(timings, "transfer"):
+            host = (template.to_module(np), science.to_module(np))
+            compute = (template.to_module(xp), science.to_module(xp))
         with _timed(timings, "detection"):
-            positions = self._positions(candidates, template, science)
+            positions = self._positions(candidates, *host)
+        if not convolve_template:
+            fwhms, host, compute = fwhms[::-1], host[::-1], compute[::-1]
+        to_convolve, reference = host
+        with _timed(timings, "detection"):
             require_candidates(positions)
             fwhms = self._fwhms(positions, to_convolve, reference, fwhms)
         basis = make_kernel_basis(self.config, *fwhms)
         half_size = self._stamp_half_size(basis.width)
         with _timed(timings, "candidate selection"):
             cell_set, rejects = self._select(positions, to_convolve, reference, half_size)
+        to_convolve, reference = compute
         regularization = None
         if not self.config.is_alard_lupton and self.config.use_regularization:
             regularization = make_regularization_matrix(self.config, basis.width, basis.width)
@@ -311,7 +334,7 @@ class ImagePsfMatchTask:
                       kernel_basis=basis, convolved="template" if convolve_template else "science",
                       template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
                       diagnostics=diagnostics)
-        fields["_inputs"] = (template, science)
+        fields["_inputs"] = host if convolve_template else host[::-1]
         return fields, reference
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
@@ -347,6 +370,7 @@ class ImagePsfMatchTask:
         """
         fields, _ = self._fit(template, science, candidates, template_fwhm_pix, science_fwhm_pix,
                               convolve_template)
+        fields["matched_image"] = fields["matched_image"].to_module(template.xp)
         return self._write_debug_figures(MatchResult(**fields), template, science)
 
     def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
@@ -365,6 +389,9 @@ class ImagePsfMatchTask:
         with _timed(timings, "subtraction"):
             difference = _difference(fields["matched_image"], reference, fields["background_model"],
                                      fields["psf_matching_kernel"], convolve_template)
+        with _timed(timings, "transfer"):
+            fields["matched_image"] = fields["matched_image"].to_module(template.xp)
+            difference = difference.to_module(template.xp)
         return self._write_debug_figures(SubtractResult(**fields, subtracted_image=difference),
                                          template, science)
 
@@ -436,6 +463,13 @@ class ImagePsfMatchTask:
             convolve_template=convolve_template))
 
 
+def _on_host(result):
+    """``result`` with its images as NumPy arrays (for figures and FITS output)."""
+    images = {name: getattr(result, name).to_module(np) for name in ("matched_image", "subtracted_image")
+              if getattr(result, name, None) is not None}
+    return dataclasses.replace(result, **images) if images else result
+
+
 def _check_debug(debug, debug_dir):
     """Validated (debug names, folder) of :class:`ImagePsfMatchTask`."""
     from .diagnostics import check_debug_names, require_matplotlib
@@ -451,12 +485,12 @@ def _check_debug(debug, debug_dir):
 
 def _difference(matched, reference, background, kernel, convolve_template):
     """Difference image with variance and mask (see :class:`SubtractResult`)."""
-    dtype = reference.dtype
-    image = matched.image + background.image(reference.shape, reference.xy0).astype(dtype)
+    dtype, xp = reference.dtype, reference.xp
+    image = matched.image + xp.asarray(background.image(reference.shape, reference.xy0).astype(dtype))
     image -= reference.image
     variance = reference.variance + matched.variance
     if convolve_template:
-        np.negative(image, out=image)
+        xp.negative(image, out=image)
     else:
         x0, y0, x1, y1 = reference.bbox()
         scale = kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))

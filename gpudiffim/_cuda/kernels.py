@@ -1,7 +1,8 @@
-"""Per-unit launch geometry and host wrappers (not yet wired into the pipeline)."""
+"""Launch geometry and host wrapper of the residual-moments kernel."""
 
 import numpy as np
 
+from .._backend import to_host
 from ..statistics import core_slice, moments_to_statistics
 from .launch import launch
 
@@ -49,8 +50,8 @@ def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, 
                (difference, variance, mask, int(bad_bits), n, ny, nx, rows.start, rows.stop, cols.start, cols.stop,
                 out),
                defines=(("GDI_RM_THREADS", RESIDUAL_MOMENTS_THREADS),), backend=backend)
-    count = out[:, 0].astype(np.int64)
-    return moments_to_statistics(count, out[:, 1], out[:, 2])
+    sums = to_host(out)
+    return moments_to_statistics(sums[:, 0].astype(np.int64), sums[:, 1], sums[:, 2])
 
 
 def _cupy_full(shape):

@@ -57,7 +57,7 @@ def check_args(kernel_name, args, array_type):
             if not arg.flags.c_contiguous:
                 msg = f"{where}: array must be C-contiguous"
                 raise TypeError(msg)
-            if not const and not arg.flags.writeable:
+            if not const and not getattr(arg.flags, "writeable", True):  # CuPy flags have no writeable
                 msg = f"{where}: array is written by the kernel but is read-only"
                 raise TypeError(msg)
             out.append(arg)

@@ -61,3 +61,65 @@ def _residual_moments(t):
 
 
 KERNELS = {f"gdi_residual_moments<{t}>": _residual_moments(t) for t in ("float", "double")}
+
+
+# ---- kernels/stamp_fit.cu and kernels/spatial_assembly.cu (issue 4, kernels 1, 2 and 4)
+
+def _correlate_stamps(t):
+    return KernelSpec("stamp_fit", (
+        ("stamps", f"const {t}*"), ("kernels", f"const {t}*"),
+        ("n_stamps", "int"), ("n_kernels", "int"), ("per_stamp", "int"),
+        ("sy", "int"), ("sx", "int"), ("kh", "int"), ("kw", "int"),
+        ("out", f"{t}*"),
+    ))
+
+
+def _normal_equations(t):
+    return KernelSpec("stamp_fit", (
+        ("columns", f"const {t}*"), ("weights", f"const {t}*"), ("target", f"const {t}*"),
+        ("n_stamps", "int"), ("n_basis", "int"), ("n_pix", "int"), ("with_background", "int"),
+        ("matrix", "double*"), ("vector", "double*"),
+    ))
+
+
+KERNELS.update({f"gdi_correlate_stamps<{t}>": _correlate_stamps(t) for t in ("float", "double")})
+KERNELS.update({f"gdi_normal_equations<{t}>": _normal_equations(t) for t in ("float", "double")})
+KERNELS["gdi_spatial_normal_equations"] = KernelSpec("spatial_assembly", (
+    ("normal_matrices", "const double*"), ("normal_vectors", "const double*"),
+    ("owner", "const int*"), ("weights", "const double*"),
+    ("n_stamps", "int"), ("p", "int"), ("n_theta", "int"),
+    ("matrix", "double*"), ("vector", "double*"),
+))
+
+
+# ---- kernels/image_apply.cu and kernels/warp.cu (full-image application, Lanczos-3 warp) ----
+
+def _accumulate_term(t):
+    return KernelSpec("image_apply", (
+        ("term", f"const {t}*"), ("rows", f"const {t}*"), ("cols", f"const {t}*"),
+        ("ny", "int"), ("nx", "int"), ("out", f"{t}*"),
+    ))
+
+
+def _warp_lanczos3(t):
+    return KernelSpec("warp", (
+        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"),
+        ("ny", "int"), ("nx", "int"),
+        ("x_src", "const double*"), ("y_src", "const double*"), ("scale", "const double*"), ("use_scale", "int"),
+        ("n_out", "int"), ("no_data", "int"), ("outside_bits", "int"),
+        ("out_image", f"{t}*"), ("out_variance", f"{t}*"), ("out_mask", "int*"),
+    ))
+
+
+KERNELS.update({f"gdi_accumulate_term<{t}>": _accumulate_term(t) for t in ("float", "double")})
+KERNELS.update({
+    "gdi_or_filter_1d": KernelSpec("image_apply", (
+        ("mask", "const int*"), ("n_images", "int"), ("ny", "int"), ("nx", "int"),
+        ("half", "int"), ("axis", "int"), ("out", "int*"),
+    )),
+    "gdi_or_filter_footprint": KernelSpec("image_apply", (
+        ("mask", "const int*"), ("footprint", "const int*"), ("n_images", "int"), ("ny", "int"), ("nx", "int"),
+        ("kh", "int"), ("kw", "int"), ("out", "int*"),
+    )),
+})
+KERNELS.update({f"gdi_warp_lanczos3<{t}>": _warp_lanczos3(t) for t in ("float", "double")})

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device-machine session: GPU tests, then the GPU benchmark (bench/bench_gpu.py).
+#
+# Run from the repository root on a machine with a CUDA device and CuPy.  The
+# wheels of packages that machine lacks (astropy, pyerfa, astropy-iers-data)
+# are expected in .whl/ (see bench/README.md); results go to $OUT (default ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 GPUDIFFIM_CACHE_DIR=/tmp/gdi-cache
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import gpudiffim, json; print(json.dumps(gpudiffim.backend_info()))"
+python3 -m pytest tests -m gpu -q -p no:cacheprovider -x "${@}" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+python3 bench/bench_gpu.py --sizes ${SIZES:-2048 4096} --repeat ${REPEAT:-5} --json "$OUT/bench-gpu.json" 2>&1 \
+    | tee "$OUT/bench-gpu.log" | tail -20
