@@ -35,8 +35,8 @@ import numpy as np
 
 from .errors import BackendUnavailableError, ConfigurationError
 
-__all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array", "kernel_path",
-           "synchronize", "to_host", "use_backend"]
+__all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
+           "kernel_path", "kernel_path_for", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
 BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
@@ -105,6 +105,18 @@ def kernel_path(backend=None):
     """
     backend = compute_backend() if backend is None else backend
     return {"cupy": "cupy", "cuda-emulator": "emulator"}.get(backend)
+
+
+def kernel_path_for(array):
+    """How the kernels run on ``array``: ``"cupy"`` for a CuPy array, ``"emulator"``
+    for a NumPy array under the ``cuda-emulator`` backend, else None (NumPy reference).
+
+    The data decide: a NumPy array never goes to the GPU behind the caller's
+    back (the task moves its images to the compute backend explicitly).
+    """
+    if is_device_array(array):
+        return "cupy"
+    return "emulator" if requested_backend() == "cuda-emulator" else None
 
 
 def array_module(backend=None):

@@ -35,7 +35,7 @@ module throughout.
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, kernel_path
+from ._backend import array_module_of, kernel_path_for
 from .convolve import FourierCorrelator
 from .spatial import SpatialFunction, product_expansion
 
@@ -54,7 +54,7 @@ def _weighted_correlations(image, kernels, factors, dtype):
     correlation, so no term image is ever formed.
     """
     xp = array_module_of(image)
-    path = kernel_path()
+    path = kernel_path_for(image)
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
     out = xp.zeros(image.shape, dtype=dtype)
     for kernel, (rows, cols) in zip(kernels, factors):
@@ -99,7 +99,7 @@ def propagate_mask(mask, footprint):
         Output pixel ``(x, y)`` carries bit ``b`` when some input pixel
         ``(x + u, y + v)`` with ``footprint[h + v, h + u]`` carries it.
     """
-    path = kernel_path()
+    path = kernel_path_for(mask)
     if path is not None:
         from ._cuda import image_kernels
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, kernel_path, to_host
+from ._backend import array_module_of, kernel_path_for, to_host
 from .convolve import correlate_stamps, correlate_stamps_each
 from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
@@ -148,7 +148,7 @@ def _correlate(stamps, kernels, per_stamp=False):
     ``per_stamp``: stamp ``n`` with kernel ``n`` (shape (N, F, F)); else every
     stamp with every kernel (shape (N, K, F, F)).
     """
-    path = kernel_path()
+    path = kernel_path_for(stamps)
     if path is None:
         return correlate_stamps_each(stamps, kernels) if per_stamp else correlate_stamps(stamps, kernels)
     from ._cuda import stamp_kernels
@@ -169,7 +169,7 @@ def _design(batch, basis, fit_background):
     correlated = _correlate(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
-    if fit_background and kernel_path() is None:
+    if fit_background and kernel_path_for(columns) is None:
         columns = np.concatenate([columns, np.ones((n, 1, fy * fx))], axis=1)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
@@ -180,7 +180,7 @@ def _normal_equations(columns, target, weights, fit_background=False):
 
     ``fit_background`` matters on the kernel path only (implicit ones column).
     """
-    path = kernel_path()
+    path = kernel_path_for(columns)
     if path is not None:
         from ._cuda import stamp_kernels
 
@@ -273,7 +273,7 @@ def _difference_variance(batch, kernels):
 def _dilated_bad_pixels(mask, bad_bits, half_width):
     """Pixels whose kernel box holds a ``bad_bits`` pixel of ``mask``, on the fit region."""
     h = half_width
-    path = kernel_path()
+    path = kernel_path_for(mask)
     if path is not None:
         from ._cuda import image_kernels
 
@@ -327,7 +327,7 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     ResidualStatistics
     """
     difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
-    path = kernel_path()
+    path = kernel_path_for(difference)
     if path is not None:
         from ._cuda.kernels import residual_moments
 
