@@ -413,8 +413,8 @@ class CandidateRecord:
                    candidate.reason, orig.get("kernel_sum", np.nan), orig.get("background", np.nan),
                    single.get("mean", np.nan), single.get("rms", np.nan),
                    spatial.get("mean", np.nan), spatial.get("rms", np.nan), single.get("n", 0),
-                   tuple(float(c) for c in orig.get("coefficients", ())),
-                   tuple(float(c) for c in pca.get("coefficients", ())))
+                   tuple(np.asarray(orig.get("coefficients", ()), dtype=np.float64).tolist()),
+                   tuple(np.asarray(pca.get("coefficients", ()), dtype=np.float64).tolist()))
 
 
 @dataclass(frozen=True)

@@ -138,8 +138,11 @@ class BackgroundModel:
         """Background at parent coordinates ``(x, y)`` (scalars or arrays)."""
         return self.spatial_function.evaluate(self.coefficients, x, y)
 
-    def image(self, shape, xy0=(0, 0)):
-        """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``."""
+    def image(self, shape, xy0=(0, 0), xp=np):
+        """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``.
+
+        Built in array module ``xp`` (``numpy``, or ``cupy`` on the GPU).
+        """
         x = xy0[0] + np.arange(shape[1])
         y = xy0[1] + np.arange(shape[0])
-        return self.spatial_function.evaluate_grid(self.coefficients, x, y)
+        return self.spatial_function.evaluate_grid(self.coefficients, x, y, xp=xp)

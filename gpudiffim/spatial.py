@@ -148,18 +148,18 @@ class SpatialFunction:
         px, py = powers(xn, self.order), powers(yn, self.order)
         return [(py[:, j], px[:, i]) for i, j in term_exponents(self.order)]
 
-    def evaluate_grid(self, coefficients, x, y):
+    def evaluate_grid(self, coefficients, x, y, xp=np):
         """Evaluate on the outer grid of 1-D ``x`` (columns) and ``y`` (rows).
 
-        Returns an array of shape ``(len(y), len(x))`` without forming the
-        full term cube: each term is an outer product of 1-D factors.
+        Returns an array of shape ``(len(y), len(x))`` in array module ``xp``
+        (``numpy``, or ``cupy`` to build it on the GPU) without forming the
+        full term cube: ``(rows * c) @ cols^T``, one matrix product of the
+        separable 1-D factors.
         """
         factors = self.grid_factors(x, y)
-        out = np.zeros((factors[0][0].size, factors[0][1].size))
-        for c, (rows, cols) in zip(coefficients, factors):
-            if c != 0.0:
-                out += c * np.outer(rows, cols)
-        return out
+        rows = np.stack([r for r, _ in factors], axis=1) * np.asarray(coefficients, dtype=np.float64)
+        cols = np.stack([c for _, c in factors], axis=1)
+        return xp.asarray(rows) @ xp.asarray(cols).T
 
 
 def product_expansion(model_type, order):

@@ -486,7 +486,7 @@ def _check_debug(debug, debug_dir):
 def _difference(matched, reference, background, kernel, convolve_template):
     """Difference image with variance and mask (see :class:`SubtractResult`)."""
     dtype, xp = reference.dtype, reference.xp
-    image = matched.image + xp.asarray(background.image(reference.shape, reference.xy0).astype(dtype))
+    image = matched.image + background.image(reference.shape, reference.xy0, xp=xp).astype(dtype)
     image -= reference.image
     variance = reference.variance + matched.variance
     if convolve_template:
