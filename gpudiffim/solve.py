@@ -28,7 +28,7 @@ from .candidates import BAD, GOOD
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
-from .spatial_fit import local_parameter_maps, solve_spatial, spatial_normal_equations, unpack_spatial
+from .spatial_fit import local_parameter_structure, solve_spatial, spatial_normal_equations, unpack_spatial
 from .stamps import StampBatch, fit_stamps, stamp_residual_statistics
 from .statistics import clipped_mean_std
 
@@ -129,11 +129,17 @@ class _Solver:
     def _judge(self, candidates, stats, stage, clipping, failure=None):
         """Record residual statistics, mark GOOD or BAD; return (#good, #rejected)."""
         n_good = n_rejected = 0
+        config = self.config
+        with np.errstate(invalid="ignore"):
+            suspect = ~(np.isfinite(stats.mean) & np.isfinite(stats.rms))
+            if clipping:
+                suspect |= (np.abs(stats.mean) > config.candidate_residual_mean_max) \
+                    | (stats.rms > config.candidate_residual_std_max)
+        means, rmses, counts = stats.mean.tolist(), stats.rms.tolist(), stats.n_pixels.tolist()
         for k, candidate in enumerate(candidates):
-            candidate.stats[stage] = {"mean": float(stats.mean[k]), "rms": float(stats.rms[k]),
-                                      "n": int(stats.n_pixels[k])}
-            reason = (failure[k] if failure else "") or self._clip_reason(
-                stats.mean[k], stats.rms[k], f"{stage}-kernel", clipping)
+            candidate.stats[stage] = {"mean": means[k], "rms": rmses[k], "n": int(counts[k])}
+            reason = (failure[k] if failure else "") or (suspect[k] and self._clip_reason(
+                means[k], rmses[k], f"{stage}-kernel", clipping)) or ""
             if reason:
                 candidate.reject(reason)
                 n_rejected += 1
@@ -209,7 +215,7 @@ class _Solver:
         xs = np.array([c.x for c in used], dtype=np.float32).astype(np.float64)
         ys = np.array([c.y for c in used], dtype=np.float32).astype(np.float64)
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
-        maps = local_parameter_maps(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
+        maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
                                     config.constant_first_term)
         matrix, vector = spatial_normal_equations(
             np.array([c.solution[key]["normal_matrix"] for c in used]),

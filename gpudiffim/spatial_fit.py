@@ -17,12 +17,15 @@ background ``sum_g c_g Q_g(x_c, y_c)``), and
 This assumes each stamp's coefficients are constant over the stamp.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ._backend import array_module, kernel_path, to_host
 from .linalg import condition_number, solve_symmetric
 
-__all__ = ["local_parameter_maps", "spatial_normal_equations", "solve_spatial", "unpack_spatial"]
+__all__ = ["LocalParameterMaps", "local_parameter_maps", "local_parameter_structure", "spatial_normal_equations",
+           "solve_spatial", "unpack_spatial"]
 
 
 def n_spatial_unknowns(n_basis, n_kernel_terms, n_bg_terms, constant_first_term):
@@ -31,8 +34,34 @@ def n_spatial_unknowns(n_basis, n_kernel_terms, n_bg_terms, constant_first_term)
     return kernel + n_bg_terms
 
 
-def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
-    """The matrices ``J_c`` for every candidate.
+@dataclass(frozen=True)
+class LocalParameterMaps:
+    """The maps ``J_c`` in their sparse form: each unknown feeds one local parameter.
+
+    Attributes
+    ----------
+    owner : ndarray of int, shape (n_theta,)
+        Local parameter (row of ``J``) of each unknown.
+    weights : ndarray of shape (N, n_theta)
+        ``J_c[owner[a], a]``: the spatial term of unknown ``a`` at candidate ``c``.
+    n_local : int
+        Local parameters per stamp (``n_b`` + 1 with a background).
+    """
+
+    owner: np.ndarray
+    weights: np.ndarray
+    n_local: int
+
+    def dense(self):
+        """The dense stack ``J`` of shape (N, n_local, n_theta)."""
+        n, n_theta = self.weights.shape
+        maps = np.zeros((n, self.n_local, n_theta))
+        maps[:, self.owner, np.arange(n_theta)] = self.weights
+        return maps
+
+
+def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term):
+    """The maps ``J_c`` of every candidate, in sparse form.
 
     Parameters
     ----------
@@ -45,23 +74,33 @@ def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
 
     Returns
     -------
-    ndarray of shape (N, n_b + [1], n_theta)
+    LocalParameterMaps
     """
     n, n_k = kernel_terms.shape
     n_g = 0 if bg_terms is None else bg_terms.shape[1]
-    n_local = n_basis + (1 if bg_terms is not None else 0)
-    n_theta = n_spatial_unknowns(n_basis, n_k, n_g, constant_first_term)
-    maps = np.zeros((n, n_local, n_theta))
-    start = 0
+    owner, columns = [], []
     if constant_first_term:
-        maps[:, 0, 0] = 1.0
-        start = 1
+        owner.append(0)
+        columns.append(np.ones((n, 1)))
     for i in range(1 if constant_first_term else 0, n_basis):
-        maps[:, i, start:start + n_k] = kernel_terms
-        start += n_k
+        owner.extend([i] * n_k)
+        columns.append(kernel_terms)
     if bg_terms is not None:
-        maps[:, n_basis, start:start + n_g] = bg_terms
-    return maps
+        owner.extend([n_basis] * n_g)
+        columns.append(bg_terms)
+    weights = np.concatenate(columns, axis=1) if columns else np.zeros((n, 0))
+    n_local = n_basis + (1 if bg_terms is not None else 0)
+    return LocalParameterMaps(np.array(owner, dtype=np.int32), weights, n_local)
+
+
+def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
+    """The dense matrices ``J_c`` for every candidate (see :func:`local_parameter_structure`).
+
+    Returns
+    -------
+    ndarray of shape (N, n_b + [1], n_theta)
+    """
+    return local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term).dense()
 
 
 def spatial_normal_equations(normal_matrices, normal_vectors, maps):
@@ -71,7 +110,7 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     ----------
     normal_matrices : ndarray of shape (N, P, P)
     normal_vectors : ndarray of shape (N, P)
-    maps : ndarray of shape (N, P, n_theta)
+    maps : LocalParameterMaps or ndarray of shape (N, P, n_theta)
 
     Returns
     -------
@@ -79,17 +118,22 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     vector : ndarray of shape (n_theta,)
         NumPy arrays.  On the kernel path (``cupy``, ``cuda-emulator``) the
         sums are the ``gdi_spatial_normal_equations`` kernel
-        (``kernels/spatial_assembly.cu``).
+        (``kernels/spatial_assembly.cu``), fed with the sparse maps.
     """
     path = kernel_path()
     if path is not None:
         from ._cuda import stamp_kernels
 
         xp = array_module()
-        matrix, vector = stamp_kernels.spatial_normal_equations(
+        if not isinstance(maps, LocalParameterMaps):
+            owner, weights = stamp_kernels.spatial_map_structure(np.asarray(maps, dtype=np.float64))
+            maps = LocalParameterMaps(owner, weights, np.shape(maps)[1])
+        matrix, vector = stamp_kernels.spatial_normal_equations_structured(
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
-            maps, backend=path)
+            xp.asarray(maps.owner), xp.asarray(maps.weights), backend=path)
         return to_host(matrix), to_host(vector)
+    if isinstance(maps, LocalParameterMaps):
+        maps = maps.dense()
     n, p, n_theta = maps.shape
     projected = normal_matrices @ maps
     matrix = maps.reshape(n * p, n_theta).T @ projected.reshape(n * p, n_theta)

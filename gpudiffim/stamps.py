@@ -71,12 +71,13 @@ class StampBatch:
         half_size : int
         """
         x0, y0 = science.xy0
+        xp = science.xp
         offsets = np.arange(-half_size, half_size + 1)
         width = science.shape[1]
-        corners = np.array([(c.y - y0 - half_size) * width + (c.x - x0 - half_size) for c in candidates])
-        flat = corners[:, None, None] + (offsets[:, None] * width + offsets[None, :])[None] \
-            + half_size * (width + 1)
-        flat = science.xp.asarray(flat)
+        centres = np.fromiter((c.y * width + c.x for c in candidates), dtype=np.int64, count=len(candidates))
+        window = offsets[:, None] * width + offsets[None, :]
+        # only the centres and the window travel to the device; the (N, S, S) index is built there
+        flat = xp.asarray(centres - (y0 * width + x0))[:, None, None] + xp.asarray(window)[None]
 
         def cut(plane, dtype):
             return plane.ravel().take(flat).astype(dtype, copy=False)
@@ -176,7 +177,7 @@ def _design(batch, basis, fit_background):
 
 
 def _normal_equations(columns, target, weights, fit_background=False):
-    """``M = C^T W C`` and ``b = C^T W y`` per stamp, on the host.
+    """``M = C^T W C`` and ``b = C^T W y`` per stamp, in the columns' array module.
 
     ``fit_background`` matters on the kernel path only (implicit ones column).
     """
@@ -186,39 +187,47 @@ def _normal_equations(columns, target, weights, fit_background=False):
 
         xp = array_module_of(columns)
         weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
-        matrix, vector = stamp_kernels.normal_equations(
-            columns, weights.reshape(target.shape), target, int(fit_background), backend=path)
-        return to_host(matrix), to_host(vector)
+        return stamp_kernels.normal_equations(columns, weights.reshape(target.shape), target,
+                                              int(fit_background), backend=path)
     weighted = columns * weights.reshape(len(columns), 1, -1)
     matrix = weighted @ columns.transpose(0, 2, 1)
     vector = np.einsum("npk,nk->np", weighted, target)
     return matrix, vector
 
 
-def _regularization_lambda(config, matrix, regularization):
+def _regularization_lambdas(config, systems, regularization):
+    """``lambda`` of every system (relative: ``lambda_scaling tr(M) / tr(H)``)."""
+    xp = array_module_of(systems)
     if config.lambda_type == "relative":
-        return config.lambda_scaling * np.trace(matrix) / np.trace(regularization)
-    return config.lambda_value
+        return config.lambda_scaling * xp.trace(systems, axis1=1, axis2=2) / np.trace(regularization)
+    return xp.full(len(systems), config.lambda_value)
 
 
 def _solve_batch(matrix, vector, config, regularization, failure):
-    """Solve the stamp systems; ``failure`` gets the reason of every failed one."""
+    """Solve the stamp systems; ``failure`` gets the reason of every failed one.
+
+    ``matrix`` and ``vector`` live on the host or the GPU; the solutions are
+    returned as a NumPy array (the solve loop's bookkeeping is on the host).
+    """
+    xp = array_module_of(matrix)
     pending = np.array([not reason for reason in failure])
     if config.check_condition_number:
         limit = config.condition_number_limit
+        host = to_host(matrix)
         for k in np.flatnonzero(pending):
-            cond = condition_number(matrix[k], config.condition_number_type)
+            cond = condition_number(host[k], config.condition_number_type)
             if cond > limit:
                 failure[k] = f"condition number {cond:.3g} > {limit:.3g}"
                 pending[k] = False
-    systems = matrix[pending]
+    index = np.flatnonzero(pending)
+    systems = matrix[xp.asarray(index)]
     if regularization is not None and len(systems):
-        lambdas = np.array([_regularization_lambda(config, m, regularization) for m in systems])
-        systems = systems + lambdas[:, None, None] * regularization
-    solutions = np.zeros_like(vector)
-    solved, methods, failed = solve_symmetric_batch(systems, vector[pending])
+        lambdas = _regularization_lambdas(config, systems, regularization)
+        systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
+    solutions = np.zeros(vector.shape)
+    solved, methods, failed = solve_symmetric_batch(systems, vector[xp.asarray(index)])
     solutions[pending] = solved
-    for k, method, bad in zip(np.flatnonzero(pending), methods, failed):
+    for k, method, bad in zip(index, methods, failed):
         if bad:
             failure[k] = f"stamp fit failed: {method}"
     return solutions
@@ -261,7 +270,7 @@ def fit_stamps(batch, basis, config, regularization=None):
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, failure)
+    return StampFit(coefficients, background, to_host(matrix), to_host(vector), kernel_sum, failure)
 
 
 def _difference_variance(batch, kernels):

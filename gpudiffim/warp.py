@@ -34,6 +34,14 @@ constant.  The variance is resampled with the squared weights,
 independent input pixels.  (Resampling correlates the noise of neighbouring
 output pixels, which a variance plane cannot describe.)
 
+Backends
+--------
+The NumPy implementation below is the reference.  On the kernel path (CuPy
+planes, or NumPy planes under the ``cuda-emulator`` backend) the per-pixel
+resampling is the kernel ``gdi_warp_lanczos3`` of ``kernels/warp.cu`` (the
+same operations, see there), fed with the same host-computed pixel mapping;
+the planes stay in their array module.
+
 Accuracy
 --------
 These are properties of the normalised Lanczos-3 kernel itself (as in
@@ -60,6 +68,7 @@ from astropy.wcs import NoConvergence
 from astropy.wcs.wcsapi import high_level_objects_to_values
 
 from . import _validate
+from ._backend import kernel_path_for
 from .errors import RegistrationError, ShapeError
 from .image import MaskedImage, check_xy0
 
@@ -86,6 +95,11 @@ _BLOCK_PIXELS = 1 << 17
 
 #: Most threads used by :func:`warp_masked_image` (each holds one block).
 _MAX_THREADS = 8
+
+#: Target pixels per kernel launch on the kernel path (``cupy``,
+#: ``cuda-emulator``); bounds the pixel mapping held in the planes' module
+#: (x, y and the optional flux scale, float64: 24 bytes per pixel, ~100 MB).
+_KERNEL_BLOCK_PIXELS = 1 << 22
 
 #: Tolerances of :func:`same_grid`.
 _SAME_GRID_PIXELS = 1e-6
@@ -576,6 +590,16 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     than NaN.  Processing is in row blocks of about 128k pixels, with float64
     accumulation, on up to 8 threads (one block each).
 
+    On the kernel path (CuPy planes, or NumPy planes under the
+    ``cuda-emulator`` backend; see :func:`gpudiffim._backend.kernel_path_for`) the
+    pixel mapping is computed the same way on the host and each output pixel
+    is resampled by the CUDA kernel ``gdi_warp_lanczos3``
+    (``kernels/warp.cu``), in row blocks of about 4M pixels: the same float64
+    operations in the same order, so the result equals the NumPy path (to the
+    last bits of ``sin`` and ``cos``, ~1e-16 relative) with identical masks,
+    and the output planes stay in the input's array module (CuPy planes on
+    the GPU are never copied to the host).
+
     Examples
     --------
     >>> import numpy as np
@@ -604,6 +628,24 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     coarse = _CoarseMapping(source_wcs, target_wcs, target_shape, target_xy0, masked_image.xy0,
                             interp_length)
     jacobian = coarse.jacobian_determinant() if conserve_flux else None
+    path = kernel_path_for(masked_image.image)
+    if path is None:
+        image, variance, mask = _warp_reference(masked_image, coarse, jacobian, no_data, outside_bits)
+    else:
+        image, variance, mask = _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, path)
+    n_empty = int(masked_image.xp.count_nonzero(mask & no_data))  # synchronizes! (CuPy planes)
+    if n_empty == mask.size:
+        msg = (f"the source image ({masked_image.shape} at xy0 {masked_image.xy0}) covers no pixel of "
+               f"the target grid ({target_shape} at xy0 {target_xy0}): the fields do not overlap")
+        raise RegistrationError(msg)
+    log.debug("warped %s onto %s at xy0 %s: %d of %d pixels NO_DATA", masked_image.shape, target_shape,
+              target_xy0, n_empty, mask.size)
+    return MaskedImage._from_planes(image, mask, variance, target_xy0, masked_image.mask_planes)
+
+
+def _warp_reference(masked_image, coarse, jacobian, no_data, outside_bits):
+    """The NumPy resampling: image, variance and mask planes of the target, in row blocks on threads."""
+    target_shape = coarse.shape
     source = _PaddedSource(masked_image, outside_bits)
     image = np.empty(target_shape, dtype=masked_image.dtype)
     variance = np.empty(target_shape, dtype=masked_image.dtype)
@@ -633,14 +675,34 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     else:
         for rows in ranges:
             warp_rows(rows)
-    n_empty = int(np.count_nonzero(mask & no_data))
-    if n_empty == mask.size:
-        msg = (f"the source image ({masked_image.shape} at xy0 {masked_image.xy0}) covers no pixel of "
-               f"the target grid ({target_shape} at xy0 {target_xy0}): the fields do not overlap")
-        raise RegistrationError(msg)
-    log.debug("warped %s onto %s at xy0 %s: %d of %d pixels NO_DATA", masked_image.shape, target_shape,
-              target_xy0, n_empty, mask.size)
-    return MaskedImage._from_planes(image, mask, variance, target_xy0, masked_image.mask_planes)
+    return image, variance, mask
+
+
+def _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, path):
+    """The resampling through ``gdi_warp_lanczos3`` (``kernels/warp.cu``), in the planes' array module.
+
+    The pixel mapping (and the Jacobian of ``conserve_flux``) is interpolated
+    from the coarse grid on the host, as on the reference path, and moved to
+    the planes' module in row blocks of about :data:`_KERNEL_BLOCK_PIXELS`
+    target pixels, one kernel launch each.
+    """
+    from ._cuda import image_kernels
+
+    xp, dtype = masked_image.xp, masked_image.dtype
+    rows, columns = coarse.shape
+    image = xp.empty(coarse.shape, dtype=dtype)
+    variance = xp.empty(coarse.shape, dtype=dtype)
+    mask = xp.empty(coarse.shape, dtype=np.int32)
+    step = max(1, _KERNEL_BLOCK_PIXELS // columns)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        x = xp.asarray(coarse.interpolate(coarse.x, start, stop))
+        y = xp.asarray(coarse.interpolate(coarse.y, start, stop))
+        scale = None if jacobian is None else xp.asarray(coarse.interpolate(jacobian, start, stop))
+        image[start:stop], variance[start:stop], mask[start:stop] = image_kernels.warp_resample(
+            masked_image.image, masked_image.variance, masked_image.mask, x, y, no_data=no_data,
+            outside_bits=outside_bits, scale=scale, backend=path)
+    return image, variance, mask
 
 
 # --------------------------------------------------------------------------

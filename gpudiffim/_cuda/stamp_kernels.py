@@ -351,8 +351,6 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps, *, backend=N
         ``out`` shapes.
     """
     xp = _array_module(normal_matrices, normal_vectors, maps)
-    normal_matrices = _prepare(xp, normal_matrices, np.float64, 3, "normal_matrices")
-    normal_vectors = _prepare(xp, normal_vectors, np.float64, 2, "normal_vectors")
     maps = xp.asarray(maps, dtype=np.float64)
     if maps.ndim != 3:
         msg = f"maps must be 3-D (N, P, n_theta), got shape {maps.shape}"
@@ -363,6 +361,39 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps, *, backend=N
                f"match maps {maps.shape}: expected {(n, p, p)} and {(n, p)}")
         raise ValueError(msg)
     owner, weights = spatial_map_structure(maps)
+    return spatial_normal_equations_structured(normal_matrices, normal_vectors, owner, weights,
+                                               backend=backend, out=out)
+
+
+def spatial_normal_equations_structured(normal_matrices, normal_vectors, owner, weights, *, backend=None,
+                                        out=None):
+    """:func:`spatial_normal_equations` from the map structure (no dense ``J``).
+
+    Parameters
+    ----------
+    normal_matrices : ndarray of shape (N, P, P)
+    normal_vectors : ndarray of shape (N, P)
+    owner : ndarray of int, shape (n_theta,)
+        Local parameter (row of ``J``) of each unknown.
+    weights : ndarray of shape (N, n_theta)
+        ``J_n[owner[a], a]``.
+    backend, out
+        As :func:`spatial_normal_equations`.
+    """
+    xp = _array_module(normal_matrices, normal_vectors, weights)
+    normal_matrices = _prepare(xp, normal_matrices, np.float64, 3, "normal_matrices")
+    normal_vectors = _prepare(xp, normal_vectors, np.float64, 2, "normal_vectors")
+    n, p = normal_vectors.shape
+    owner = xp.ascontiguousarray(xp.asarray(owner), dtype=np.int32)
+    weights = _prepare(xp, weights, np.float64, 2, "weights")
+    n_theta = owner.shape[0]
+    if normal_matrices.shape != (n, p, p) or weights.shape != (n, n_theta):
+        msg = (f"normal_matrices {normal_matrices.shape}, normal_vectors {normal_vectors.shape} and weights "
+               f"{weights.shape} do not match: expected {(n, p, p)} and {(n, n_theta)}")
+        raise ValueError(msg)
+    if n_theta and p and not (0 <= int(owner.min()) and int(owner.max()) < p):
+        msg = f"owner rows must lie in [0, {p}), got [{int(owner.min())}, {int(owner.max())}]"
+        raise ValueError(msg)
     matrix, vector = (None, None) if out is None else out
     matrix = _output(xp, matrix, (n_theta, n_theta), np.float64, "out[0] (matrix)")
     vector = _output(xp, vector, (n_theta,), np.float64, "out[1] (vector)")
