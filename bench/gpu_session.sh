@@ -14,6 +14,6 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 GPUDIFFIM_CACHE_DIR=/tmp/gdi-cache
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import gpudiffim, json; print(json.dumps(gpudiffim.backend_info()))"
-python3 -m pytest tests -m gpu -q -p no:cacheprovider -x "${@}" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
+python3 -m pytest tests -m gpu -q -p no:cacheprovider "${@}" 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
 python3 bench/bench_gpu.py --sizes ${SIZES:-2048 4096} --repeat ${REPEAT:-5} --json "$OUT/bench-gpu.json" 2>&1 \
     | tee "$OUT/bench-gpu.log" | tail -20

@@ -13,11 +13,14 @@ Positions are parent-pixel coordinates (x = column, y = row).
 
 import bisect
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from ._backend import array_module_of, to_host
 from .errors import ConfigurationError, NoKernelCandidatesError
 from .statistics import mad_sigma
 
@@ -142,11 +145,186 @@ class SpatialCellSet:
         return any(c.status != BAD for c in self.candidates())
 
 
+#: Host images of at least this many pixels are processed in blocks on a thread pool.
+_THREAD_MIN_PIXELS = 1 << 18
+_MAX_THREADS = 16
+
+
+def _host_map(func, items, n_pixels):
+    """``func(item)`` for every item; on a thread pool when the image is large.
+
+    For host (NumPy) work only: the items write disjoint parts of their outputs,
+    and NumPy releases the GIL in the array operations, so threads scale with
+    the cores.
+    """
+    items = list(items)
+    workers = min(len(items), _MAX_THREADS, os.cpu_count() or 1)
+    if workers < 2 or n_pixels < _THREAD_MIN_PIXELS:
+        for item in items:
+            func(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(func, items))
+
+
+def _for_row_blocks(xp, shape, func):
+    """Call ``func(rows)`` with row slices covering an image of ``shape``.
+
+    With CuPy one call covers every row; on the host, large images are cut in
+    row blocks run on a thread pool (see :func:`_host_map`).
+    """
+    n_rows = shape[0]
+    workers = min(_MAX_THREADS, os.cpu_count() or 1)
+    if xp is not np or workers < 2 or n_rows * shape[1] < _THREAD_MIN_PIXELS:
+        func(slice(0, n_rows))
+        return
+    step = max(16, -(-n_rows // (4 * workers)))
+    _host_map(func, [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)],
+              n_rows * shape[1])
+
+
+def _stable_argsort(xp, values):
+    """Stable argsort (CuPy's argsort is always stable)."""
+    return np.argsort(values, kind="stable") if xp is np else xp.argsort(values)
+
+
+def _scatter(xp, ufunc, target, index, values):
+    """``ufunc.at(target, index, values)`` for ``np.maximum``/``np.minimum``, also on CuPy arrays.
+
+    On the GPU, ``cupyx.scatter_max``/``scatter_min``, which take int32, uint32,
+    uint64, float32 and float64 targets (not int64).
+    """
+    if xp is np:
+        ufunc.at(target, index, values)
+        return
+    import cupyx
+
+    (cupyx.scatter_max if ufunc is np.maximum else cupyx.scatter_min)(target, index, values)
+
+
 def _interpolation_matrix(n, centres):
     """Matrix ``W`` (n, len(centres)) of linear interpolation between bin centres, clamped."""
     identity = np.eye(len(centres))
     return np.stack([np.interp(np.arange(n), centres, identity[b]) for b in range(len(centres))],
                     axis=1)
+
+
+def _bin_edges(n, bin_size):
+    return np.linspace(0, n, max(1, round(n / bin_size)) + 1).astype(int)
+
+
+def _two_point_weights(n, edges):
+    """Bilinear weights along one axis as (first bin, second bin, first weight, second weight).
+
+    Pixel ``t`` takes ``w1[t] * v[b1[t]] + w2[t] * v[b2[t]]`` of the bin values ``v``;
+    the weights are the two non-zero entries of the row ``t`` of
+    :func:`_interpolation_matrix` (``w2 = 0`` beyond the outer bin centres).
+    """
+    centres = 0.5 * (edges[:-1] + edges[1:]) - 0.5
+    weights = _interpolation_matrix(n, centres)
+    t = np.arange(n)
+    first = np.clip(np.searchsorted(centres, t, side="right") - 1, 0, len(centres) - 1)
+    second = np.minimum(first + 1, len(centres) - 1)
+    return first, second, weights[t, first], np.where(second != first, weights[t, second], 0.0)
+
+
+def _median_in_place(values):
+    """``np.median(values)`` of a 1-D array, reordering it (NaN if empty or any NaN).
+
+    One single-``kth`` partition (NumPy's fast SIMD selection) and, for an even
+    count, the maximum of the lower half: the two middle values, averaged in
+    the array's dtype as ``np.median`` does.
+    """
+    n = values.size
+    if n == 0 or np.isnan(values.max()):
+        return np.nan
+    middle = n // 2
+    values.partition(middle)
+    upper = values[middle]
+    if n % 2:
+        return upper
+    return (values[:middle].max() + upper) / 2
+
+
+def _bin_medians_loop(image, keep, edges_y, edges_x):
+    """Per-bin ``np.median`` of the kept pixels, bin by bin (host; NaN for empty bins)."""
+    grid = np.full((len(edges_y) - 1, len(edges_x) - 1), np.nan)
+
+    def band(j):
+        rows = slice(edges_y[j], edges_y[j + 1])
+        for i in range(grid.shape[1]):
+            cols = slice(edges_x[i], edges_x[i + 1])
+            values = image[rows, cols].flatten() if keep is None else image[rows, cols][keep[rows, cols]]
+            grid[j, i] = _median_in_place(values)
+
+    _host_map(band, range(grid.shape[0]), image.size)
+    return grid
+
+
+def _bin_medians_sorted(image, keep, edges_y, edges_x):
+    """Per-bin medians as :func:`_bin_medians_loop`, without a loop over bins (NumPy or CuPy).
+
+    The kept pixels are sorted by (bin, value) (a sort by value, then a stable
+    sort by bin); each bin's middle value(s) are then read at offsets given by
+    the bin counts.  NaN sorts last, so a bin holds a NaN iff its last value is NaN.
+    """
+    xp = array_module_of(image)
+    n_y, n_x = len(edges_y) - 1, len(edges_x) - 1
+    bin_of_row = np.repeat(np.arange(n_y, dtype=np.int64) * n_x, np.diff(edges_y))
+    bin_of_col = np.repeat(np.arange(n_x, dtype=np.int64), np.diff(edges_x))
+    bins = (xp.asarray(bin_of_row)[:, None] + xp.asarray(bin_of_col)[None, :]).ravel()
+    values = image.ravel()
+    if keep is not None:
+        kept = keep.ravel()
+        values, bins = values[kept], bins[kept]
+    if values.size == 0:
+        return np.full((n_y, n_x), np.nan)
+    order = xp.argsort(values)
+    order = order[_stable_argsort(xp, bins[order])]
+    ordered = values[order]
+    counts = xp.bincount(bins, minlength=n_y * n_x)
+    ends = xp.cumsum(counts)
+    starts = ends - counts
+    filled = counts > 0
+    lower = ordered[xp.where(filled, starts + (counts - 1) // 2, 0)]
+    upper = ordered[xp.where(filled, starts + counts // 2, 0)]
+    median = xp.where(counts % 2 == 1, upper, (lower + upper) / 2)
+    median = xp.where(filled & ~xp.isnan(ordered[xp.where(filled, ends - 1, 0)]), median, np.nan)
+    return to_host(median).astype(np.float64).reshape(n_y, n_x)
+
+
+class _Background:
+    """Bin medians of an image, interpolated bilinearly between bin centres (clamped).
+
+    The medians are taken where the image lives (a loop over bins on the
+    host, a sort on the GPU: the same values); the interpolation runs along x
+    on the small bin grid (host), then along y over the image, in the image's
+    array module, as separate element-wise products and a sum, so NumPy and
+    CuPy round alike.
+    """
+
+    def __init__(self, image, bin_size, keep=None):
+        xp = self.xp = array_module_of(image)
+        if image.dtype.kind != "f":
+            image = image.astype(np.float64)  # np.median averages integers in float64
+        ny, nx = image.shape
+        edges_y, edges_x = _bin_edges(ny, bin_size), _bin_edges(nx, bin_size)
+        medians = _bin_medians_loop if xp is np else _bin_medians_sorted
+        grid = medians(image, keep, edges_y, edges_x)
+        fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
+        grid = np.where(np.isfinite(grid), grid, fill)
+        first_x, second_x, weight1_x, weight2_x = _two_point_weights(nx, edges_x)
+        along_x = grid[:, first_x] * weight1_x + grid[:, second_x] * weight2_x
+        self.grid = grid
+        self._along_x = xp.asarray(along_x)
+        self._y = tuple(xp.asarray(a) for a in _two_point_weights(ny, edges_y))
+
+    def rows(self, rows):
+        """Background of the image rows ``rows`` (a slice), float64."""
+        first, second, weight1, weight2 = self._y
+        out = self._along_x[first[rows]] * weight1[rows, None]
+        out += self._along_x[second[rows]] * weight2[rows, None]
+        return out
 
 
 def coarse_background(image, bin_size, exclude=None):
@@ -155,6 +333,7 @@ def coarse_background(image, bin_size, exclude=None):
     Parameters
     ----------
     image : ndarray of shape (M, N)
+        NumPy or CuPy array; the result lives in the same module.
     bin_size : int
         Bin size in pixels.
     exclude : ndarray of bool, optional
@@ -162,34 +341,46 @@ def coarse_background(image, bin_size, exclude=None):
 
     Returns
     -------
-    ndarray of shape (M, N)
+    ndarray of float64, shape (M, N)
+
+    Notes
+    -----
+    Each bin's value is ``np.median`` of its pixels (NaN and empty bins take
+    the median of the others); NumPy and CuPy give identical backgrounds.
     """
-    ny, nx = image.shape
-    edges_y = np.linspace(0, ny, max(1, round(ny / bin_size)) + 1).astype(int)
-    edges_x = np.linspace(0, nx, max(1, round(nx / bin_size)) + 1).astype(int)
-    grid = np.full((len(edges_y) - 1, len(edges_x) - 1), np.nan)
-    for j in range(len(edges_y) - 1):
-        for i in range(len(edges_x) - 1):
-            window = np.s_[edges_y[j]:edges_y[j + 1], edges_x[i]:edges_x[i + 1]]
-            block = image[window] if exclude is None else image[window][~exclude[window]]
-            if block.size:
-                grid[j, i] = np.median(block)
-    fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
-    grid = np.where(np.isfinite(grid), grid, fill)
-    rows = _interpolation_matrix(ny, 0.5 * (edges_y[:-1] + edges_y[1:]) - 0.5)
-    cols = _interpolation_matrix(nx, 0.5 * (edges_x[:-1] + edges_x[1:]) - 0.5)
-    return rows @ grid @ cols.T
+    xp = array_module_of(image)
+    background = _Background(image, bin_size, None if exclude is None else ~exclude)
+    out = xp.empty(image.shape, dtype=np.float64)
+
+    def fill(rows):
+        out[rows] = background.rows(rows)
+
+    _for_row_blocks(xp, image.shape, fill)
+    return out
 
 
-def _threshold(detection, image, variance, valid):
+def _threshold(detection, residual, variance, valid):
+    """Threshold of the residual image as a function of a row slice (array or scalar)."""
+    xp = array_module_of(residual)
     kind, value = detection.det_threshold_type, detection.det_threshold
     if kind == "pixel_stdev":
-        return value * np.sqrt(variance)
+        return lambda rows: value * xp.sqrt(variance[rows])
     if kind == "variance":
-        return value * np.median(variance[valid])
-    if kind == "stdev":
-        return value * mad_sigma(image[valid])
-    return value
+        level = value * xp.median(variance[valid])
+    elif kind == "stdev":
+        level = value * mad_sigma(residual[valid])
+    else:
+        level = value
+    return lambda rows: level
+
+
+def _label(above):
+    """Footprints: 8-connected labels of ``above`` (SciPy, or cupyx on the GPU) and their count."""
+    if array_module_of(above) is np:
+        return ndi.label(above, structure=np.ones((3, 3)))
+    from cupyx.scipy import ndimage as cupy_ndi
+
+    return cupy_ndi.label(above, structure=np.ones((3, 3)))
 
 
 def detect_candidates(masked_image, detection):
@@ -198,27 +389,47 @@ def detect_candidates(masked_image, detection):
     Parameters
     ----------
     masked_image : MaskedImage
-        Image to detect on.
+        Image to detect on; NumPy or CuPy planes (detection then runs on the GPU).
     detection : DetectionConfig
         Threshold and footprint-area limits.
 
     Returns
     -------
     ndarray of int, shape (n, 2)
-        Parent ``(x, y)`` of each footprint's peak pixel; the 1-px centre of
-        the bounding box for footprints larger than ``fp_npix_max``.
+        Parent ``(x, y)`` of each footprint's peak pixel (the first in raster
+        order among equal maxima); the 1-px centre of the bounding box for
+        footprints larger than ``fp_npix_max``.  Footprints are in the raster
+        order of their first pixel, whatever the array module.
     """
+    xp = masked_image.xp
+    image, variance, mask = masked_image.image, masked_image.variance, masked_image.mask
+    shape = masked_image.shape
     no_data = masked_image.bits(["NO_DATA"])
-    valid = (masked_image.mask & no_data) == 0
-    background = coarse_background(masked_image.image, detection.background_bin_size, ~valid)
-    residual = masked_image.image - background
-    above = (residual > _threshold(detection, residual, masked_image.variance, valid)) & valid
-    labels, n_labels = ndi.label(above, structure=np.ones((3, 3)))
+    valid = xp.empty(shape, dtype=bool)
+    residual = xp.empty(shape, dtype=np.float64)
+    above = xp.empty(shape, dtype=bool)
+
+    def find_valid(rows):
+        valid[rows] = (mask[rows] & no_data) == 0
+
+    _for_row_blocks(xp, shape, find_valid)
+    background = _Background(image, detection.background_bin_size, valid)
+
+    def subtract(rows):
+        xp.subtract(image[rows], background.rows(rows), out=residual[rows])
+
+    _for_row_blocks(xp, shape, subtract)
+    threshold = _threshold(detection, residual, variance, valid)
+
+    def find_above(rows):
+        xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
+
+    _for_row_blocks(xp, shape, find_above)
+    labels, n_labels = _label(above)
     if n_labels == 0:
         return np.zeros((0, 2), dtype=int)
-    area = np.bincount(labels.ravel(), minlength=n_labels + 1)[1:]
+    peaks, area = _footprint_peaks(residual, labels, n_labels, detection.fp_npix_max)
     keep = area >= detection.fp_npix_min
-    peaks = _footprint_peaks(residual, labels, area > detection.fp_npix_max, keep)
     x0, y0 = masked_image.xy0
     rows, cols = peaks[keep, 0], peaks[keep, 1]
     log.info("detection: %d footprints above threshold, %d with area >= %d px",
@@ -226,19 +437,51 @@ def detect_candidates(masked_image, detection):
     return np.stack([cols + x0, rows + y0], axis=1)
 
 
-def _footprint_peaks(residual, labels, big, keep):
-    """(row, col) of each kept footprint's peak; the box centre for ``big`` ones."""
-    peaks = np.zeros((len(keep), 2), dtype=int)
-    for k, (sy, sx) in enumerate(ndi.find_objects(labels)):
-        if not keep[k]:
-            continue
-        if big[k]:
-            peaks[k] = ((sy.start + sy.stop - 1) // 2, (sx.start + sx.stop - 1) // 2)
-            continue
-        values = np.where(labels[sy, sx] == k + 1, residual[sy, sx], -np.inf)
-        row, col = np.unravel_index(np.argmax(values), values.shape)
-        peaks[k] = (sy.start + row, sx.start + col)
-    return peaks
+def _footprint_peaks(residual, labels, n_labels, npix_max):
+    """(row, col) of each footprint's peak, and its area, in the raster order of first pixels.
+
+    The peak is the pixel of largest residual (the smallest flat index among
+    equal ones); for footprints of more than ``npix_max`` pixels, the centre
+    of the bounding box.  Segment reductions over the labelled pixels, in the
+    array module of ``labels``; the results are host arrays.
+
+    Returns
+    -------
+    peaks : ndarray of int, shape (n_labels, 2)
+    area : ndarray of int, shape (n_labels,)
+    """
+    xp = array_module_of(labels)
+    n_cols = labels.shape[1]
+    index_type = np.int32 if labels.size < 2**31 else np.uint64
+    none = np.iinfo(index_type).max
+    flat_labels = labels.ravel()
+    index = xp.flatnonzero(flat_labels).astype(index_type)
+    segment = flat_labels[index] - 1
+    values = residual.ravel()[index]
+    area = xp.bincount(segment, minlength=n_labels)
+    first = xp.full(n_labels, none, dtype=index_type)
+    _scatter(xp, np.minimum, first, segment, index)
+    peak_value = xp.full(n_labels, -np.inf)
+    _scatter(xp, np.maximum, peak_value, segment, values)
+    at_peak = values == peak_value[segment]
+    peak = xp.full(n_labels, none, dtype=index_type)
+    _scatter(xp, np.minimum, peak, segment[at_peak], index[at_peak])
+    in_big = (area > npix_max)[segment]
+    big_segment, big_index = segment[in_big], index[in_big]
+    big_col = big_index % n_cols
+    last = xp.zeros(n_labels, dtype=index_type)
+    _scatter(xp, np.maximum, last, big_segment, big_index)
+    col_min = xp.full(n_labels, none, dtype=index_type)
+    _scatter(xp, np.minimum, col_min, big_segment, big_col)
+    col_max = xp.zeros(n_labels, dtype=index_type)
+    _scatter(xp, np.maximum, col_max, big_segment, big_col)
+    area, first, peak, last, col_min, col_max = (to_host(a).astype(np.int64)
+                                                 for a in (area, first, peak, last, col_min, col_max))
+    big = area > npix_max
+    rows = np.where(big, (first // n_cols + last // n_cols) // 2, peak // n_cols)
+    cols = np.where(big, (col_min + col_max) // 2, peak % n_cols)
+    order = np.argsort(first, kind="stable")
+    return np.stack([rows, cols], axis=1)[order], area[order]
 
 
 def candidate_positions(candidates):
@@ -275,16 +518,28 @@ def candidate_positions(candidates):
     return positions
 
 
-def core_snr(science, centres_rc, radius):
-    """Mean of S/sigma over the (2r+1)^2 core around each (row, col) centre."""
+def _gather_stamps(plane, centres_rc, radius):
+    """Host stack (n, 2r+1, 2r+1) of ``plane`` around each (row, col) centre, edge-clamped.
+
+    Cut where the plane lives (NumPy or CuPy), so only the stamps cross to the host.
+    """
+    xp = array_module_of(plane)
     offsets = np.arange(-radius, radius + 1)
-    rows = centres_rc[:, 0, None, None] + offsets[None, :, None]
-    cols = centres_rc[:, 1, None, None] + offsets[None, None, :]
-    rows = np.clip(rows, 0, science.shape[0] - 1)
-    cols = np.clip(cols, 0, science.shape[1] - 1)
-    sigma = np.sqrt(science.variance[rows, cols])
+    centres_rc = np.asarray(centres_rc)
+    rows = np.clip(centres_rc[:, 0, None, None] + offsets[None, :, None], 0, plane.shape[0] - 1)
+    cols = np.clip(centres_rc[:, 1, None, None] + offsets[None, None, :], 0, plane.shape[1] - 1)
+    return to_host(plane[xp.asarray(rows), xp.asarray(cols)])
+
+
+def core_snr(science, centres_rc, radius):
+    """Mean of S/sigma over the (2r+1)^2 core around each (row, col) centre.
+
+    ``science`` may have NumPy or CuPy planes; the result is a host array.
+    """
+    image = _gather_stamps(science.image, centres_rc, radius)
+    sigma = np.sqrt(_gather_stamps(science.variance, centres_rc, radius))
     with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.where(sigma > 0, science.image[rows, cols] / sigma, 0.0)
+        snr = np.where(sigma > 0, image / sigma, 0.0)
     return snr.mean(axis=(1, 2))
 
 
@@ -297,6 +552,7 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     positions : ndarray of shape (n, 2)
         Parent ``(x, y)``; rounded to the nearest pixel.
     template, science : MaskedImage
+        NumPy or CuPy planes (the tests then run on the GPU).
     half_size : int
         Stamp half-size ``g``; stamps are ``(2g+1)^2``.
     bad_mask_planes : sequence of str
@@ -318,11 +574,9 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     inside = ((centres[:, 0] >= half_size) & (centres[:, 0] < nx - half_size)
               & (centres[:, 1] >= half_size) & (centres[:, 1] < ny - half_size))
     bad_bits = science.bits(bad_mask_planes) | template.bits(bad_mask_planes)
-    combined = (science.mask | template.mask) & bad_bits
-    flagged = _box_any(combined != 0, half_size)
     centres_rc = centres[:, ::-1]
     clean = inside.copy()
-    clean[inside] = ~flagged[centres_rc[inside, 0], centres_rc[inside, 1]]
+    clean[inside] = ~_stamps_flagged(template, science, bad_bits, centres_rc[inside], half_size)
     rating = np.full(len(positions), -np.inf)
     rating[clean] = core_snr(science, centres_rc[clean], core_radius)
     bright = rating >= min_snr
@@ -335,11 +589,32 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     return kept, rejected
 
 
-def _box_any(flags, half_size):
-    """For each pixel, whether any flag is set in the (2g+1)^2 box around it."""
-    size = 2 * half_size + 1
-    grown = ndi.maximum_filter1d(flags.astype(np.uint8), size, axis=0, mode="constant")
-    return ndi.maximum_filter1d(grown, size, axis=1, mode="constant").astype(bool)
+def _stamps_flagged(template, science, bad_bits, centres_rc, half_size):
+    """Whether a ``bad_bits`` bit of either mask lies in the (2g+1)^2 box of each centre.
+
+    Every box must lie inside the image.  Row prefix sums of the flags
+    (``prefix[r, c]`` = flagged pixels of row ``r`` left of column ``c``, int32:
+    at most the image width) give each box row's count from two look-ups;
+    a box is flagged iff any of its ``2g+1`` row counts is non-zero.  Computed
+    where the masks live; the result is a host array.
+    """
+    if len(centres_rc) == 0:
+        return np.zeros(0, dtype=bool)
+    xp = science.xp
+    ny, nx = science.shape
+    prefix = xp.empty((ny, nx + 1), dtype=np.int32)
+    prefix[:, 0] = 0
+
+    def count(rows):
+        flags = ((science.mask[rows] | template.mask[rows]) & bad_bits) != 0
+        prefix[rows, 1:] = xp.cumsum(flags, axis=1, dtype=np.int32)
+
+    _for_row_blocks(xp, science.shape, count)
+    box_rows = xp.asarray(centres_rc[:, 0, None] + np.arange(-half_size, half_size + 1))
+    left = xp.asarray(centres_rc[:, 1, None] - half_size)
+    right = xp.asarray(centres_rc[:, 1, None] + half_size + 1)
+    counts = prefix[box_rows, right] - prefix[box_rows, left]
+    return to_host((counts != 0).any(axis=1))
 
 
 def require_candidates(candidates, minimum=1):

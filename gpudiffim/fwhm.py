@@ -8,6 +8,8 @@ iterating ``s^2 <- 2 m`` converges to ``s = sigma``.  The FWHM is
 
 import numpy as np
 
+from ._backend import to_host
+from .candidates import _gather_stamps
 from .errors import NoKernelCandidatesError
 
 __all__ = ["estimate_fwhm", "SIGMA_TO_FWHM"]
@@ -16,10 +18,8 @@ SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 def _cutouts(image, centres_rc, radius):
-    offsets = np.arange(-radius, radius + 1)
-    rows = np.clip(centres_rc[:, 0, None, None] + offsets[None, :, None], 0, image.shape[0] - 1)
-    cols = np.clip(centres_rc[:, 1, None, None] + offsets[None, None, :], 0, image.shape[1] - 1)
-    cut = image[rows, cols].astype(np.float64)
+    """Host stack of background-free cutouts (cut where ``image`` lives: NumPy or CuPy)."""
+    cut = _gather_stamps(image, centres_rc, radius).astype(np.float64)
     border = np.concatenate([cut[:, 0, :], cut[:, -1, :], cut[:, :, 0], cut[:, :, -1]], axis=1)
     return cut - np.median(border, axis=1)[:, None, None]
 
@@ -30,7 +30,7 @@ def adaptive_sigma(cutouts, n_iter=30, initial=2.0):
     Parameters
     ----------
     cutouts : ndarray of shape (N, 2r+1, 2r+1)
-        Stars centred on the central pixel.
+        Stars centred on the central pixel (a CuPy stack is copied to the host).
     n_iter : int
     initial : float
         Starting weight sigma (px).
@@ -40,6 +40,7 @@ def adaptive_sigma(cutouts, n_iter=30, initial=2.0):
     ndarray of shape (N,)
         NaN where the moments do not converge to a positive value.
     """
+    cutouts = to_host(cutouts)
     radius = cutouts.shape[1] // 2
     grid = np.arange(-radius, radius + 1, dtype=np.float64)
     dy, dx = np.meshgrid(grid, grid, indexing="ij")
@@ -69,6 +70,7 @@ def estimate_fwhm(masked_image, positions, *, radius=12, max_stars=50):
     Parameters
     ----------
     masked_image : MaskedImage
+        NumPy or CuPy planes (only the cutouts are copied to the host).
     positions : ndarray of int, shape (n, 2)
         Parent (x, y) of the stars, best first; the first ``max_stars`` are used.
     radius : int

@@ -129,7 +129,7 @@ def _solve_symmetric_batch_device(matrices, vectors):
     vectors = cupy.asarray(vectors, dtype=np.float64)
     methods = ["LU"] * len(matrices)
     finite = (cupy.isfinite(matrices).all(axis=(1, 2)) & cupy.isfinite(vectors).all(axis=1)).get()
-    nonzero = (cupy.abs(matrices).max(axis=(1, 2), initial=0.0) > 0).get() if len(matrices) else finite
+    nonzero = (cupy.abs(matrices).max(axis=(1, 2)) > 0).get() if len(matrices) else finite
     _classify(finite, nonzero, methods)
     solutions = np.zeros(vectors.shape)
     usable = np.flatnonzero(finite & nonzero)

@@ -98,7 +98,7 @@ class MatchResult:
         """The quality report (see the class attributes); computed once, on first access."""
         from .quality import quality_summary, quality_table
 
-        table = quality_table(self, *self._inputs)
+        table = quality_table(self, *(image.to_module(np) for image in self._inputs))
         log.info("%s", quality_summary(table))
         return table
 
@@ -286,11 +286,12 @@ class ImagePsfMatchTask:
              convolve_template):
         """Detection, selection, kernel fit and full-image convolution.
 
-        Detection, FWHM measurement and candidate selection run on host
-        copies of the images (copied from the GPU when the inputs are CuPy
-        arrays); the stamp fits and the full-image convolution run in the
-        compute backend's array module.  Returns ``(fields, reference)``
-        with the matched image and ``reference`` in that module.
+        Everything runs in the compute backend's array module (CuPy inputs
+        are never copied to the host; only candidate positions, stamps and
+        per-candidate results are).  Returns ``(fields, reference)`` with the
+        matched image and ``reference`` in that module; ``fields["_inputs"]``
+        holds the input images, copied to the host only if the quality
+        report is asked for.
         """
         _check_pair(template, science)
         fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
@@ -298,13 +299,12 @@ class ImagePsfMatchTask:
         timings = {}
         xp = array_module()
         with _timed(timings, "transfer"):
-            host = (template.to_module(np), science.to_module(np))
             compute = (template.to_module(xp), science.to_module(xp))
         with _timed(timings, "detection"):
-            positions = self._positions(candidates, *host)
+            positions = self._positions(candidates, *compute)
         if not convolve_template:
-            fwhms, host, compute = fwhms[::-1], host[::-1], compute[::-1]
-        to_convolve, reference = host
+            fwhms, compute = fwhms[::-1], compute[::-1]
+        to_convolve, reference = compute
         with _timed(timings, "detection"):
             require_candidates(positions)
             fwhms = self._fwhms(positions, to_convolve, reference, fwhms)
@@ -312,7 +312,6 @@ class ImagePsfMatchTask:
         half_size = self._stamp_half_size(basis.width)
         with _timed(timings, "candidate selection"):
             cell_set, rejects = self._select(positions, to_convolve, reference, half_size)
-        to_convolve, reference = compute
         regularization = None
         if not self.config.is_alard_lupton and self.config.use_regularization:
             regularization = make_regularization_matrix(self.config, basis.width, basis.width)
@@ -334,7 +333,7 @@ class ImagePsfMatchTask:
                       kernel_basis=basis, convolved="template" if convolve_template else "science",
                       template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
                       diagnostics=diagnostics)
-        fields["_inputs"] = host if convolve_template else host[::-1]
+        fields["_inputs"] = (template, science)
         return fields, reference
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
