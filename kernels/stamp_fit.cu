@@ -12,17 +12,19 @@
 // n_kernels == n_stamps).  Arrays are C-contiguous: stamps (n_stamps, sy, sx),
 // kernels (n_kernels, kh, kw), out (n_stamps, K_out, fy, fx).
 //
-// Grid (K_out, n_stamps) blocks, any blockDim.x (256 from the host): block
-// (k, n) stages the kh * kw taps of kernel k' in shared memory, then its
-// threads stride over the fy * fx outputs; each output is a direct sum over
-// the taps, products and sum in double, stored as T.  Cost: 2 * kh * kw
-// FLOPs (double) per output, i.e. 2 N K_out fy fx kh kw in all (43^2 stamps,
-// 27 kernels of 21^2: 12.6 MFLOP per stamp; 400 stamps take 1.4 ms on an
-// H100, float or double, ~3.6 TFLOP/s); reads are one shared tap and
-// one stamp pixel per multiply-add, the stamp pixels through const
-// __restrict__ (read-only cache), reused by neighbouring outputs.
-// GDI_CS_MAX_TAPS fixes the shared array; a launch with more taps writes
-// nothing (the host wrapper refuses it first).
+// Grid (ceil(K_out / kb), n_stamps) blocks, any blockDim.x (128 from the
+// host), kb = gdi_cs_kernels_per_block(kh kw) = min(GDI_CS_KB, GDI_CS_MAX_TAPS
+// / (kh kw)) kernels per block.  Block (c, n) stages the taps of kernels
+// c kb .. c kb + kb - 1 (k' of each) in shared memory; each thread then owns
+// GDI_CS_RX neighbouring outputs of one row for all kb kernels, so that per
+// tap it loads GDI_CS_RX stamp pixels (read-only cache) and kb taps (shared,
+// broadcast) for kb * GDI_CS_RX multiply-adds, instead of one load pair per
+// multiply-add.  Each output is the direct sum over the taps in the order
+// j, i (rows, then columns), products and sum in double, stored as T.  Cost:
+// 2 * kh * kw FLOPs (double) per output, i.e. 2 N K_out fy fx kh kw in all
+// (43^2 stamps, 27 kernels of 21^2: 12.6 MFLOP per stamp).  GDI_CS_MAX_TAPS
+// fixes the shared array; a launch with more taps than that writes nothing
+// (the host wrapper refuses it first).
 //
 // gdi_normal_equations -- the weighted least-squares normal equations of
 // every stamp (gpudiffim.stamps._normal_equations): with the P = n_basis +
@@ -62,6 +64,22 @@
 #define GDI_NE_SHARED_DOUBLES 4096
 #endif
 
+#ifndef GDI_CS_KB
+#define GDI_CS_KB 4
+#endif
+
+#ifndef GDI_CS_RX
+#define GDI_CS_RX 4
+#endif
+
+// Kernels whose taps one block stages (>= 1 when n_taps <= GDI_CS_MAX_TAPS);
+// gpudiffim/_cuda/stamp_kernels.py computes the grid with the same formula.
+__device__ __forceinline__ int gdi_cs_kernels_per_block(int n_taps)
+{
+    const int fit = GDI_CS_MAX_TAPS / (n_taps > 0 ? n_taps : 1);
+    return fit < GDI_CS_KB ? fit : GDI_CS_KB;
+}
+
 template <typename T>
 __global__ void gdi_correlate_stamps(const T* __restrict__ stamps,
                                      const T* __restrict__ kernels,
@@ -72,40 +90,73 @@ __global__ void gdi_correlate_stamps(const T* __restrict__ stamps,
     __shared__ T s_taps[GDI_CS_MAX_TAPS];
 
     const int k_out = per_stamp ? 1 : n_kernels;
-    const int k = static_cast<int>(blockIdx.x);
-    const int n = static_cast<int>(blockIdx.y);
     const int n_taps = kh * kw;
-    const int source = per_stamp ? n : k;  // k' of the header
-    if (k >= k_out || n >= n_stamps || source >= n_kernels || n_taps > GDI_CS_MAX_TAPS) {
+    const int kb = gdi_cs_kernels_per_block(n_taps);
+    const int n = static_cast<int>(blockIdx.y);
+    const int k0 = static_cast<int>(blockIdx.x) * kb;
+    if (n_taps > GDI_CS_MAX_TAPS || n >= n_stamps || k0 >= k_out || (per_stamp && n >= n_kernels)) {
         return;  // uniform across the block: no thread reaches the barrier
     }
+    const int nk = (k_out - k0 < kb) ? k_out - k0 : kb;  // kernels of this block
     const int tid = static_cast<int>(threadIdx.x);
     const int stride = static_cast<int>(blockDim.x);
 
-    const T* taps = kernels + static_cast<long long>(source) * n_taps;
-    for (int t = tid; t < n_taps; t += stride) {
-        s_taps[t] = taps[t];
+    for (int t = tid; t < nk * n_taps; t += stride) {
+        const int kk = t / n_taps;
+        const int source = per_stamp ? n : k0 + kk;  // k' of the header
+        s_taps[t] = kernels[static_cast<long long>(source) * n_taps + (t - kk * n_taps)];
     }
     __syncthreads();
 
     const int fy = sy - kh + 1;
     const int fx = sx - kw + 1;
-    const int n_out = fy * fx;
+    const int groups = (fx + GDI_CS_RX - 1) / GDI_CS_RX;  // output groups per row
     const T* __restrict__ stamp = stamps + static_cast<long long>(n) * sy * sx;
-    T* __restrict__ dst = out + (static_cast<long long>(n) * k_out + k) * n_out;
-    for (int o = tid; o < n_out; o += stride) {
-        const int y = o / fx;
-        const int x = o - y * fx;
-        const T* window = stamp + static_cast<long long>(y) * sx + x;  // stamp[n, y + j, x + i] = window[j sx + i]
-        double acc = 0.0;
-        for (int j = 0; j < kh; ++j) {
-            const T* row = window + static_cast<long long>(j) * sx;
-            const T* tap = s_taps + j * kw;
-            for (int i = 0; i < kw; ++i) {
-                acc += static_cast<double>(tap[i]) * static_cast<double>(row[i]);
+    for (int g = tid; g < fy * groups; g += stride) {
+        const int y = g / groups;
+        const int x0 = (g - y * groups) * GDI_CS_RX;
+        const int nx = (fx - x0 < GDI_CS_RX) ? fx - x0 : GDI_CS_RX;  // outputs of this group
+        double acc[GDI_CS_KB][GDI_CS_RX];
+#pragma unroll
+        for (int kk = 0; kk < GDI_CS_KB; ++kk) {
+#pragma unroll
+            for (int r = 0; r < GDI_CS_RX; ++r) {
+                acc[kk][r] = 0.0;
             }
         }
-        dst[o] = static_cast<T>(acc);
+        for (int j = 0; j < kh; ++j) {
+            const T* row = stamp + static_cast<long long>(y + j) * sx + x0;  // stamp[n, y + j, x0 + i + r]
+            const T* tap = s_taps + j * kw;
+            for (int i = 0; i < kw; ++i) {
+                double pixel[GDI_CS_RX];
+#pragma unroll
+                for (int r = 0; r < GDI_CS_RX; ++r) {
+                    pixel[r] = (r < nx) ? static_cast<double>(row[i + r]) : 0.0;  // x0 + r + i < sx iff r < nx
+                }
+#pragma unroll
+                for (int kk = 0; kk < GDI_CS_KB; ++kk) {
+                    if (kk < nk) {
+                        const double w = static_cast<double>(tap[kk * n_taps + i]);
+#pragma unroll
+                        for (int r = 0; r < GDI_CS_RX; ++r) {
+                            acc[kk][r] += w * pixel[r];
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < GDI_CS_KB; ++kk) {
+            if (kk < nk) {
+                T* dst = out + ((static_cast<long long>(n) * k_out + k0 + kk) * fy + y) * fx + x0;
+#pragma unroll
+                for (int r = 0; r < GDI_CS_RX; ++r) {
+                    if (r < nx) {
+                        dst[r] = static_cast<T>(acc[kk][r]);
+                    }
+                }
+            }
+        }
     }
 }
 

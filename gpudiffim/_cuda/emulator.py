@@ -25,7 +25,8 @@ from .signatures import KERNELS, parse_ctype
 
 __all__ = ["compiler", "library", "run", "symbol"]
 
-FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror")
+FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror",
+         "-Wno-unknown-pragmas")  # "#pragma unroll" is a CUDA hint
 _CTYPES = {"int": ctypes.c_int32, "float": ctypes.c_float, "double": ctypes.c_double}
 
 

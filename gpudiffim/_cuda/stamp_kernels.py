@@ -39,8 +39,11 @@ __all__ = [
     "spatial_normal_equations_geometry",
 ]
 
-#: Threads per block of ``gdi_correlate_stamps`` (any count works; 256 keeps a few blocks per SM).
-CORRELATE_THREADS = 256
+#: Threads per block of ``gdi_correlate_stamps`` (any count works).
+CORRELATE_THREADS = 128
+#: Kernels per block and outputs per thread of ``gdi_correlate_stamps`` (``GDI_CS_KB``, ``GDI_CS_RX``).
+CORRELATE_KERNELS_PER_BLOCK = 4
+CORRELATE_OUTPUTS_PER_THREAD = 4
 #: Most kernel taps ``kh * kw`` staged in shared memory (``GDI_CS_MAX_TAPS`` in the source).
 CORRELATE_MAX_TAPS = 4096
 #: Threads per block of ``gdi_normal_equations``.
@@ -52,6 +55,8 @@ SPATIAL_BLOCK = (16, 16)
 #: Compile-time constants of ``kernels/stamp_fit.cu``: one tuple for both of its
 #: kernels, so that the unit is compiled once (the module cache is keyed on it).
 STAMP_FIT_DEFINES = (("GDI_CS_MAX_TAPS", CORRELATE_MAX_TAPS),
+                     ("GDI_CS_KB", CORRELATE_KERNELS_PER_BLOCK),
+                     ("GDI_CS_RX", CORRELATE_OUTPUTS_PER_THREAD),
                      ("GDI_NE_SHARED_DOUBLES", NORMAL_EQUATIONS_SHARED_DOUBLES))
 
 _MAX_GRID_Y = 65535
@@ -61,8 +66,11 @@ _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 # ---------------------------------------------------------------------------
 # geometry
 
-def correlate_stamps_geometry(n_stamps, k_out):
-    """``(grid, block)`` of ``gdi_correlate_stamps``: block ``(k, n)`` for output ``k`` of stamp ``n``.
+def correlate_stamps_geometry(n_stamps, k_out, n_taps=1):
+    """``(grid, block)`` of ``gdi_correlate_stamps``: block ``(c, n)`` for kernels chunk ``c`` of stamp ``n``.
+
+    A chunk holds ``min(GDI_CS_KB, GDI_CS_MAX_TAPS // n_taps)`` kernels (the
+    kernel's ``gdi_cs_kernels_per_block``); ``n_taps = kh * kw``.
 
     Raises
     ------
@@ -72,7 +80,9 @@ def correlate_stamps_geometry(n_stamps, k_out):
     if n_stamps > _MAX_GRID_Y:
         msg = f"gdi_correlate_stamps takes at most {_MAX_GRID_Y} stamps per launch, got {n_stamps}"
         raise ValueError(msg)
-    return (max(int(k_out), 1), max(int(n_stamps), 1)), (CORRELATE_THREADS,)
+    per_block = max(1, min(CORRELATE_KERNELS_PER_BLOCK, CORRELATE_MAX_TAPS // max(int(n_taps), 1)))
+    chunks = -(-max(int(k_out), 1) // per_block)
+    return (chunks, max(int(n_stamps), 1)), (CORRELATE_THREADS,)
 
 
 def normal_equations_geometry(n_stamps):
@@ -195,7 +205,7 @@ def correlate_stamps(stamps, kernels, *, per_stamp=False, backend=None, out=None
     k_out = 1 if per_stamp else n_kernels
     out = _output(xp, out, (n, k_out, sy - kh + 1, sx - kw + 1), dtype, "out")
     if out.size:
-        grid, block = correlate_stamps_geometry(n, k_out)
+        grid, block = correlate_stamps_geometry(n, k_out, kh * kw)
         launch(f"gdi_correlate_stamps<{_CTYPES[dtype]}>", grid, block,
                (stamps, kernels, n, n_kernels, int(bool(per_stamp)), sy, sx, kh, kw, out),
                defines=STAMP_FIT_DEFINES, backend=_default_backend(xp, backend))
