@@ -21,6 +21,7 @@ else becomes float64; native byte order) before the launch.
 
 import numpy as np
 
+from .._backend import array_module_of, is_device_array
 from .launch import launch
 
 __all__ = [
@@ -105,14 +106,8 @@ def spatial_normal_equations_geometry(n_theta):
 # host side helpers
 
 def _array_module(*arrays):
-    """``numpy`` when every input is a NumPy array (or not an array), ``cupy`` when one is a CuPy array."""
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return np
-    if any(type(a).__module__.split(".")[0] == "cupy" for a in arrays):
-        import cupy
-
-        return cupy
-    return np
+    """``cupy`` when any input is a CuPy array, else ``numpy``."""
+    return next((array_module_of(a) for a in arrays if is_device_array(a)), np)
 
 
 def _float_dtype(*arrays):
