@@ -254,10 +254,11 @@ def _parser():
     subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
     subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
     subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")
-    subtract.add_argument("--variance-correction", choices=("scale", "add", "none"), default="scale",
-                          help="match each variance plane to the measured sky noise by scaling it "
-                               "(default, as ip_diffim), by adding the missing sky variance (for "
-                               "sky-subtracted frames whose variance lacks the sky), or not at all")
+    subtract.add_argument("--variance-correction", choices=("auto", "scale", "add", "none"), default="auto",
+                          help="match each variance plane to the measured sky noise: 'scale' it (as "
+                               "ip_diffim), 'add' the missing sky variance (sky-subtracted frames whose "
+                               "variance lacks the sky), 'auto' (default: scale when the factor is at most "
+                               "2, else add), or 'none'")
     subtract.add_argument("--variance-scale-limit", type=float, default=1000.0,
                           help="largest variance correction ratio accepted (default 1000)")
     subtract.add_argument("--backend", choices=("auto", "numpy"), default="auto",

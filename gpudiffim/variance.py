@@ -12,6 +12,12 @@ and read noise only) need this before their residuals can be judged.
 sky variance minus the plane's median there): right when the plane already
 holds the source photon noise and only the sky term is missing, where scaling
 would inflate the variance on stars by the same factor.
+
+``mode="auto"`` chooses: a scale factor up to :data:`AUTO_SCALE_MAX` means
+the plane describes the noise up to a calibration error, so it is scaled;
+a larger factor means a noise term is missing from the plane altogether
+(typically the sky's photon noise of a sky-subtracted frame), so the
+measured sky variance is added instead of inflating the sources' noise.
 """
 
 import logging
@@ -27,6 +33,8 @@ __all__ = ["scale_variance"]
 
 log = logging.getLogger(__name__)
 
+#: Largest scale factor that ``mode="auto"`` applies by scaling (above it, it adds).
+AUTO_SCALE_MAX = 2.0
 #: Planes whose pixels are left out of the noise estimate.
 EXCLUDED_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
 
@@ -45,8 +53,9 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
     Parameters
     ----------
     masked_image : MaskedImage
-    mode : {"scale", "add"}
-        Multiply the plane by a factor, or add a constant.
+    mode : {"scale", "add", "auto"}
+        Multiply the plane by a factor, add a constant, or choose (see the
+        module notes): scale when the factor is at most :data:`AUTO_SCALE_MAX`.
     limit : float
         Largest factor accepted (in "add" mode: largest ratio of the measured
         sky variance to the plane's median there).
@@ -76,12 +85,16 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
         msg = f"only {np.count_nonzero(sky)} sky pixels to measure the noise on: cannot scale the variance"
         raise InvalidVarianceError(msg)
     variance = masked_image.variance[sky].astype(np.float64)
+    if mode not in ("scale", "add", "auto"):
+        msg = f"invalid mode={mode!r}: expected 'scale', 'add' or 'auto'"
+        raise ConfigurationError(msg)
     if mode == "add":
         return _add_sky_variance(masked_image, residual[sky], variance, limit)
-    if mode != "scale":
-        msg = f"invalid mode={mode!r}: expected 'scale' or 'add'"
-        raise ConfigurationError(msg)
     factor = iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
+    if mode == "auto" and factor > AUTO_SCALE_MAX:
+        log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
+                 factor)
+        return _add_sky_variance(masked_image, residual[sky], variance, limit)
     if not 0 < factor <= limit:
         factor = iqr_sigma(residual[sky]) ** 2 / np.median(variance)
     if not 0 < factor <= limit:
