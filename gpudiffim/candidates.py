@@ -12,6 +12,7 @@ Positions are parent-pixel coordinates (x = column, y = row).
 """
 
 import bisect
+import functools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -861,19 +862,29 @@ class KernelCellSet:
     bbox: tuple
     size_cell_x: int
     size_cell_y: int
-    candidates: tuple
-    selection_rejects: dict
+    _cells: tuple = field(repr=False, compare=False)
+    selection_rejects: dict = field(default_factory=dict)
 
     @classmethod
     def from_cell_set(cls, cell_set, selection_rejects):
-        records = tuple(CandidateRecord.from_candidate(c, k)
-                        for k, cell in enumerate(cell_set.cells) for c in cell)
-        return cls(cell_set.bbox, cell_set.size_cell_x, cell_set.size_cell_y, records,
-                   dict(selection_rejects))
+        """Freeze a solved cell set (its candidates must not change afterwards).
+
+        The records are built on first access of :attr:`candidates` (0.1 s
+        for ~6000 candidates, which a fit that never reads them should not pay);
+        the statuses are copied now.
+        """
+        cells = tuple(tuple((c, c.status) for c in cell) for cell in cell_set.cells)
+        return cls(cell_set.bbox, cell_set.size_cell_x, cell_set.size_cell_y, cells, dict(selection_rejects))
+
+    @functools.cached_property
+    def candidates(self):
+        """Tuple of :class:`CandidateRecord`, in cell order, then rating order."""
+        return tuple(CandidateRecord.from_candidate(c, k)
+                     for k, cell in enumerate(self._cells) for c, _ in cell)
 
     def count(self, status):
         """Number of candidates with the given status."""
-        return sum(r.status == status for r in self.candidates)
+        return sum(s == status for cell in self._cells for _, s in cell)
 
     @property
     def n_good(self):

@@ -60,6 +60,36 @@ class LocalParameterMaps:
         return maps
 
 
+def _probe(n):
+    """Fixed, irregular projection vector of length ``n`` for :func:`_distinct_columns`."""
+    return np.cos(np.arange(n) * 0.7548776662466927 + 0.5)
+
+
+def _distinct_columns(array):
+    """``(distinct, index)`` with ``array == distinct[:, index]``, exactly.
+
+    Columns are told apart by a fixed projection (fast), checked exactly; on
+    a projection collision, ``np.unique(axis=1)`` (slow: it sorts whole columns).
+    """
+    # an elementwise product summed down axis 0 adds every column in the same order,
+    # so equal columns get bitwise equal keys (a BLAS product does not promise that)
+    keys = (_probe(array.shape[0])[:, None] * array).sum(axis=0)
+    _, first, index = np.unique(keys, return_index=True, return_inverse=True)
+    distinct = array[:, first]
+    if not np.array_equal(distinct[:, index], array, equal_nan=True):
+        distinct, index = np.unique(array, axis=1, return_inverse=True)
+    return distinct, index.reshape(-1)
+
+
+def _structure_of_dense(maps):
+    """:class:`LocalParameterMaps` of a dense ``J`` stack (one non-zero row per column)."""
+    from ._cuda.stamp_kernels import spatial_map_structure
+
+    maps = np.asarray(maps, dtype=np.float64)
+    owner, weights = spatial_map_structure(maps)
+    return LocalParameterMaps(owner, weights, maps.shape[1])
+
+
 def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term):
     """The maps ``J_c`` of every candidate, in sparse form.
 
@@ -120,24 +150,28 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
         sums are the ``gdi_spatial_normal_equations`` kernel
         (``kernels/spatial_assembly.cu``), fed with the sparse maps.
     """
+    if not isinstance(maps, LocalParameterMaps):
+        maps = _structure_of_dense(maps)
     path = kernel_path()
     if path is not None:
         from ._cuda import stamp_kernels
 
         xp = array_module()
-        if not isinstance(maps, LocalParameterMaps):
-            owner, weights = stamp_kernels.spatial_map_structure(np.asarray(maps, dtype=np.float64))
-            maps = LocalParameterMaps(owner, weights, np.shape(maps)[1])
         matrix, vector = stamp_kernels.spatial_normal_equations_structured(
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
             xp.asarray(maps.owner), xp.asarray(maps.weights), backend=path)
         return to_host(matrix), to_host(vector)
-    if isinstance(maps, LocalParameterMaps):
-        maps = maps.dense()
-    n, p, n_theta = maps.shape
-    projected = normal_matrices @ maps
-    matrix = maps.reshape(n * p, n_theta).T @ projected.reshape(n * p, n_theta)
-    vector = np.einsum("npt,np->t", maps, normal_vectors)
+    normal_matrices = np.asarray(normal_matrices, dtype=np.float64)
+    n, p = normal_matrices.shape[:2]
+    owner, weights = maps.owner, maps.weights
+    # M[a, b] = sum_n w[n, a] w[n, b] Q_n[owner a, owner b].  The weight columns
+    # repeat (every basis shares the kernel's spatial terms), so with the distinct
+    # columns u[n, c] one product G[c, d, i, j] = sum_n u_c u_d Q_n[i, j] holds it all.
+    distinct, column = _distinct_columns(weights)
+    pairs = (distinct[:, :, None] * distinct[:, None, :]).reshape(n, -1)
+    gram = (pairs.T @ normal_matrices.reshape(n, p * p)).reshape(distinct.shape[1], distinct.shape[1], p, p)
+    matrix = gram[column[:, None], column[None, :], owner[:, None], owner[None, :]]
+    vector = np.einsum("na,na->a", weights, np.asarray(normal_vectors, dtype=np.float64)[:, owner])
     return 0.5 * (matrix + matrix.T), vector
 
 
