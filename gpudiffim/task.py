@@ -12,6 +12,7 @@ differential background.  The difference is ``D = S - T * K - b`` with
 variance ``V_S + sum K^2 V_T`` and the OR of the masks.
 """
 
+import contextlib
 import logging
 import time
 from contextlib import contextmanager
@@ -298,7 +299,7 @@ class ImagePsfMatchTask:
                  _check_fwhm("science_fwhm_pix", science_fwhm_pix))
         timings = {}
         xp = array_module()
-        with _timed(timings, "transfer"):
+        with _timed(timings, "transfer") if xp is not template.xp else contextlib.nullcontext():
             compute = (template.to_module(xp), science.to_module(xp))
         with _timed(timings, "detection"):
             positions = self._positions(candidates, *compute)
@@ -388,7 +389,8 @@ class ImagePsfMatchTask:
         with _timed(timings, "subtraction"):
             difference = _difference(fields["matched_image"], reference, fields["background_model"],
                                      fields["psf_matching_kernel"], convolve_template)
-        with _timed(timings, "transfer"):
+        moving = fields["matched_image"].xp is not template.xp
+        with _timed(timings, "transfer") if moving else contextlib.nullcontext():
             fields["matched_image"] = fields["matched_image"].to_module(template.xp)
             difference = difference.to_module(template.xp)
         return self._write_debug_figures(SubtractResult(**fields, subtracted_image=difference),
