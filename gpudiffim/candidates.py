@@ -61,7 +61,8 @@ class KernelCandidate:
     solution : dict
         Filled by the solver: under ``"orig"`` (the original basis) and, with
         PCA, ``"pca"``, a dict of ``coefficients``, ``background``,
-        ``kernel_sum``, ``normal_matrix`` and ``normal_vector``.
+        ``kernel_sum`` and ``system``: ``(batch, row)`` of its normal
+        equations in the solver's per-batch arrays.
     stats : dict
         Residual statistics per stage (``"single"``, ``"spatial"``): mean, rms, n.
     """

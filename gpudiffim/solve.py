@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import array_module_of
 from .basis import renormalize_kernel_list
 from .candidates import BAD, GOOD
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
@@ -79,6 +80,9 @@ class _Solver:
         bg_order = config.spatial_bg_order if config.fit_for_background else 0
         self.bg_function = SpatialFunction(config.spatial_model_type, bg_order, cell_set.bbox)
         self.pca_basis = None
+        #: (normal matrices, normal vectors) of every fitted batch, where they were computed
+        #: (device arrays on the GPU); candidates refer to them by (batch, row).
+        self.systems = []
 
     def visit(self):
         return self.cell_set.visit(self.config.n_star_per_cell)
@@ -118,11 +122,12 @@ class _Solver:
         kernels = np.tensordot(fit.coefficients, basis, axes=1)
         stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
                                           self.core_radius())
+        batch_id = len(self.systems)
+        self.systems.append((fit.normal_matrix, fit.normal_vector))
+        backgrounds, sums = fit.background.tolist(), fit.kernel_sum.tolist()
         for k, candidate in enumerate(candidates):
-            candidate.solution[key] = {
-                "coefficients": fit.coefficients[k], "background": float(fit.background[k]),
-                "kernel_sum": float(fit.kernel_sum[k]), "normal_matrix": fit.normal_matrix[k],
-                "normal_vector": fit.normal_vector[k]}
+            candidate.solution[key] = {"coefficients": fit.coefficients[k], "background": backgrounds[k],
+                                       "kernel_sum": sums[k], "system": (batch_id, k)}
         return self._judge(candidates, stats, "single", self.config.single_kernel_clipping,
                            fit.failure)[1]
 
@@ -217,9 +222,7 @@ class _Solver:
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
         maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
                                     config.constant_first_term)
-        matrix, vector = spatial_normal_equations(
-            np.array([c.solution[key]["normal_matrix"] for c in used]),
-            np.array([c.solution[key]["normal_vector"] for c in used]), maps)
+        matrix, vector = spatial_normal_equations(*self.gather_systems(used, key), maps)
         theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type)
         n_bg = self.bg_function.n_terms if config.fit_for_background else 0
         coefficients, bg = unpack_spatial(theta, len(basis), self.kernel_function.n_terms, n_bg,
@@ -230,6 +233,27 @@ class _Solver:
                  len(used), len(theta), cond, method)
         return (SpatialKernel(basis, coefficients, self.kernel_function),
                 BackgroundModel(bg, self.bg_function), cond, len(used))
+
+    def gather_systems(self, candidates, key):
+        """Stacked stamp normal matrices and vectors of ``candidates`` (solution ``key``).
+
+        One gather per fitted batch, in the batches' array module: on the GPU
+        the systems never leave the device.
+        """
+        where = np.array([c.solution[key]["system"] for c in candidates], dtype=np.int64).reshape(-1, 2)
+        matrices, vectors, order = [], [], []
+        for batch_id in np.unique(where[:, 0]):
+            members = np.flatnonzero(where[:, 0] == batch_id)
+            batch_matrices, batch_vectors = self.systems[batch_id]
+            rows = array_module_of(batch_matrices).asarray(where[members, 1])
+            matrices.append(batch_matrices[rows])
+            vectors.append(batch_vectors[rows])
+            order.append(members)
+        if not matrices:
+            return np.zeros((0, 0, 0)), np.zeros((0, 0))
+        xp = array_module_of(matrices[0])
+        inverse = xp.asarray(np.argsort(np.concatenate(order)))
+        return xp.concatenate(matrices)[inverse], xp.concatenate(vectors)[inverse]
 
     def assess_stage(self, kernel, background):
         """Residual statistics under the spatial model; return (#good, #rejected)."""

@@ -161,7 +161,8 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
             xp.asarray(maps.owner), xp.asarray(maps.weights), backend=path)
         return to_host(matrix), to_host(vector)
-    normal_matrices = np.asarray(normal_matrices, dtype=np.float64)
+    normal_matrices = to_host(normal_matrices).astype(np.float64, copy=False)
+    normal_vectors = to_host(normal_vectors)
     n, p = normal_matrices.shape[:2]
     owner, weights = maps.owner, maps.weights
     # M[a, b] = sum_n w[n, a] w[n, b] Q_n[owner a, owner b].  The weight columns

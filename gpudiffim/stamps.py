@@ -105,7 +105,8 @@ class StampFit:
     background : ndarray of shape (N,)
         Fitted constant background (0 when not fitted).
     normal_matrix : ndarray of shape (N, P, P)
-        ``M`` without regularisation (used by the spatial fit).
+        ``M`` without regularisation (used by the spatial fit); left where it
+        was computed (a CuPy array on the GPU).
     normal_vector : ndarray of shape (N, P)
     kernel_sum : ndarray of shape (N,)
     failure : list of str
@@ -270,7 +271,7 @@ def fit_stamps(batch, basis, config, regularization=None):
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    return StampFit(coefficients, background, to_host(matrix), to_host(vector), kernel_sum, failure)
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, failure)
 
 
 def _difference_variance(batch, kernels):
