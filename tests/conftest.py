@@ -34,6 +34,25 @@ def variable_star_fit(variable_star_pair):
 
 
 @pytest.fixture(scope="session")
+def emulator():
+    """Skips the test when the CUDA emulator has no C++ compiler (g++ or ``$CXX``)."""
+    from gpudiffim._cuda.emulator import compiler
+
+    if compiler() is None:
+        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
+
+
+@pytest.fixture
+def rng(request):
+    """A generator from a fresh seed, and the seed (recorded in the test report)."""
+    import numpy as np
+
+    seed = np.random.SeedSequence().entropy
+    request.node.user_properties.append(("seed", seed))
+    return np.random.default_rng(seed), seed
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """Path of the shared real-data folder; skips the test when it is absent."""
     path = data_dir()

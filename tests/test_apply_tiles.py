@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from gpudiffim import MaskedImage, SpatialKernel, apply, use_backend
-from gpudiffim._cuda.emulator import compiler
 from gpudiffim.apply import MAX_TILE_PIXELS, convolve_masked_image
 from gpudiffim.errors import ConfigurationError, NoDataWarning
 from gpudiffim.image import DEFAULT_MASK_PLANES
@@ -205,12 +204,6 @@ def test_invalid_max_tile_pixels(value):
 
 # --------------------------------------------------------------------------
 # kernel path: the same tiling through the accumulation and mask kernels
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if compiler() is None:
-        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
 
 
 @pytest.mark.parametrize(("order", "model"), [(2, "chebyshev1"), (1, "polynomial")])

@@ -21,7 +21,6 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim._cuda import launch
 from gpudiffim._cuda._loader import kernel_dir, source, units
-from gpudiffim._cuda.emulator import compiler
 from gpudiffim._cuda.kernels import residual_moments, residual_moments_geometry
 from gpudiffim._cuda.nvcc_check import ARCHS, compile_ptx
 from gpudiffim._cuda.signatures import KERNELS
@@ -31,19 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BAD, SAT, DETECTED = 1 << 0, 1 << 1, 1 << 5
 BAD_BITS = BAD | SAT
 RTOL = {np.float64: 1e-12, np.float32: 1e-6}
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if compiler() is None:
-        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
-
-
-@pytest.fixture
-def rng(request):
-    seed = np.random.SeedSequence().entropy
-    request.node.user_properties.append(("seed", seed))
-    return np.random.default_rng(seed), seed
 
 
 # ---------------------------------------------------------------------------

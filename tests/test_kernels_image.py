@@ -28,7 +28,6 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim import MaskedImage, apply, stamps, use_backend, warp
 from gpudiffim._cuda import launch
-from gpudiffim._cuda.emulator import compiler
 from gpudiffim._cuda.image_kernels import (
     MAX_BLOCKS,
     THREADS,
@@ -47,19 +46,6 @@ NO_DATA, EDGE, BAD, SAT = (1 << PLANES[name] for name in ("NO_DATA", "EDGE", "BA
 OUTSIDE = NO_DATA | EDGE
 RTOL = {np.float64: 1e-12, np.float32: 1e-6}
 SENTINEL = np.int32(0x7FFFFFFF)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if compiler() is None:
-        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
-
-
-@pytest.fixture
-def rng(request):
-    seed = np.random.SeedSequence().entropy
-    request.node.user_properties.append(("seed", seed))
-    return np.random.default_rng(seed), seed
 
 
 def _random_mask(gen, shape, fraction=0.08, bits=(0, 1, 3, 5, 8, 17, 30)):

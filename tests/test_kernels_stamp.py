@@ -26,7 +26,6 @@ from numpy.testing import assert_array_equal
 from gpudiffim import stamps as stamps_module
 from gpudiffim._backend import use_backend
 from gpudiffim._cuda import launch
-from gpudiffim._cuda.emulator import compiler
 from gpudiffim._cuda.signatures import KERNELS
 from gpudiffim._cuda.stamp_kernels import (
     CORRELATE_MAX_TAPS,
@@ -52,19 +51,6 @@ TOL = 1e-12
 FLOAT32_RTOL = 1.2e-7
 
 KERNEL_SHAPES = [(1, 1), (3, 3), (5, 7), (7, 5), (2, 4)]
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if compiler() is None:
-        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
-
-
-@pytest.fixture
-def rng(request):
-    seed = np.random.SeedSequence().entropy
-    request.node.user_properties.append(("seed", seed))
-    return np.random.default_rng(seed), seed
 
 
 def _host(array):

@@ -14,7 +14,6 @@ from astropy.wcs import WCS
 
 from gpudiffim import MaskedImage, use_backend, warp
 from gpudiffim._cuda import image_kernels
-from gpudiffim._cuda.emulator import compiler
 from gpudiffim.errors import NoDataWarning, RegistrationError
 from gpudiffim.warp import warp_masked_image
 
@@ -59,12 +58,6 @@ def source_image(dtype, shape=(N, N), xy0=(0, 0), seed=51):
     image[rng.randint(0, shape[0], 4), rng.randint(0, shape[1], 4)] = np.nan
     with pytest.warns(NoDataWarning):
         return MaskedImage(image.astype(dtype), mask, variance.astype(dtype), xy0=xy0)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if compiler() is None:
-        pytest.skip("the CUDA emulator needs g++ (or $CXX) and none was found")
 
 
 @pytest.fixture
