@@ -36,7 +36,7 @@ import numpy as np
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
-           "kernel_path", "kernel_path_for", "synchronize", "to_host", "use_backend"]
+           "kernel_path_for", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
 BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
@@ -95,18 +95,6 @@ def compute_backend():
     return "numpy"
 
 
-def kernel_path(backend=None):
-    """How the CUDA kernels run for ``backend``: ``"cupy"``, ``"emulator"``, or None (NumPy reference).
-
-    Parameters
-    ----------
-    backend : str, optional
-        A value of :func:`compute_backend`; default: the backend that will run.
-    """
-    backend = compute_backend() if backend is None else backend
-    return {"cupy": "cupy", "cuda-emulator": "emulator"}.get(backend)
-
-
 def kernel_path_for(array):
     """How the kernels run on ``array``: ``"cupy"`` for a CuPy array, ``"emulator"``
     for a NumPy array under the ``cuda-emulator`` backend, else None (NumPy reference).
@@ -145,7 +133,7 @@ def array_module_of(array):
 
 def synchronize():
     """Wait for queued GPU work (CuPy backend); a no-op otherwise.  Used by stage timers."""
-    if requested_backend() != "numpy" and _cupy_probe()[0] and compute_backend() == "cupy":
+    if compute_backend() == "cupy":
         import cupy
 
         cupy.cuda.runtime.deviceSynchronize()

@@ -176,12 +176,17 @@ class MaskedImage:
 
         The planes are copied in their own module (NumPy or CuPy).
         """
+        xp = _module_of(image)
+        return cls._wrap(xp.array(image), xp.array(mask, dtype=np.int32), xp.array(variance), xy0,
+                         mask_planes)
+
+    @classmethod
+    def _wrap(cls, image, mask, variance, xy0, mask_planes):
+        """Take ownership of freshly made planes (no copy, no validation)."""
         self = cls.__new__(cls)
         self._xy0 = (int(xy0[0]), int(xy0[1]))
         self._planes = dict(mask_planes)
-        xp = _module_of(image)
-        arrays = [xp.array(image), xp.array(mask, dtype=np.int32), xp.array(variance)]
-        self._image, self._mask, self._variance = (_freeze(a) for a in arrays)
+        self._image, self._mask, self._variance = (_freeze(a) for a in (image, mask, variance))
         return self
 
     @property
@@ -197,11 +202,9 @@ class MaskedImage:
         """
         if xp is self.xp:
             return self
-        if xp is np:
-            planes = [a.get() for a in (self._image, self._mask, self._variance)]
-        else:
-            planes = [xp.asarray(a) for a in (self._image, self._mask, self._variance)]
-        return MaskedImage._from_planes(*planes[:1], planes[1], planes[2], self._xy0, self._planes)
+        move = (lambda a: a.get()) if xp is np else xp.asarray
+        return MaskedImage._wrap(*(move(a) for a in (self._image, self._mask, self._variance)), self._xy0,
+                                 self._planes)
 
     @property
     def image(self):

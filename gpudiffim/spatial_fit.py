@@ -21,17 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module, kernel_path, to_host
+from ._backend import array_module_of, kernel_path_for, to_host
 from .linalg import condition_number, solve_symmetric
 
 __all__ = ["LocalParameterMaps", "local_parameter_maps", "local_parameter_structure", "spatial_normal_equations",
            "solve_spatial", "unpack_spatial"]
-
-
-def n_spatial_unknowns(n_basis, n_kernel_terms, n_bg_terms, constant_first_term):
-    """Number of unknowns of the spatial system."""
-    kernel = (n_basis - 1) * n_kernel_terms + 1 if constant_first_term else n_basis * n_kernel_terms
-    return kernel + n_bg_terms
 
 
 @dataclass(frozen=True)
@@ -152,11 +146,11 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     """
     if not isinstance(maps, LocalParameterMaps):
         maps = _structure_of_dense(maps)
-    path = kernel_path()
+    path = kernel_path_for(normal_matrices)
     if path is not None:
         from ._cuda import stamp_kernels
 
-        xp = array_module()
+        xp = array_module_of(normal_matrices)
         matrix, vector = stamp_kernels.spatial_normal_equations_structured(
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
             xp.asarray(maps.owner), xp.asarray(maps.weights), backend=path)

@@ -20,8 +20,10 @@ reference).  On the kernel path (``cupy`` and ``cuda-emulator``, see
 the correlations, normal equations, mask dilation and residual moments are
 the CUDA kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
 ``residual_moments.cu``.  The small per-stamp systems (``N x P x P``) are
-solved on the host by the same solver on every backend, so every backend
-takes the same accept/reject decisions.
+solved by LU with partial pivoting and the same pivot rank test on every
+backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
+:func:`gpudiffim.linalg.solve_symmetric_batch`), and the accept/reject
+decisions are taken on the host.
 """
 
 from dataclasses import dataclass

@@ -301,12 +301,11 @@ class ImagePsfMatchTask:
         xp = array_module()
         with _timed(timings, "transfer") if xp is not template.xp else contextlib.nullcontext():
             compute = (template.to_module(xp), science.to_module(xp))
+        if not convolve_template:
+            fwhms = fwhms[::-1]
+        to_convolve, reference = compute if convolve_template else compute[::-1]
         with _timed(timings, "detection"):
             positions = self._positions(candidates, *compute)
-        if not convolve_template:
-            fwhms, compute = fwhms[::-1], compute[::-1]
-        to_convolve, reference = compute
-        with _timed(timings, "detection"):
             require_candidates(positions)
             fwhms = self._fwhms(positions, to_convolve, reference, fwhms)
         basis = make_kernel_basis(self.config, *fwhms)
@@ -324,8 +323,7 @@ class ImagePsfMatchTask:
                        "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background)}
         with _timed(timings, "full-image convolution"):
             image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
-        matched = MaskedImage._from_planes(image, mask, variance, to_convolve.xy0,
-                                           to_convolve.mask_planes)
+        matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
         if not convolve_template:
             fwhms = fwhms[::-1]
         fields = dict(matched_image=matched, psf_matching_kernel=solution.kernel,
@@ -497,5 +495,5 @@ def _difference(matched, reference, background, kernel, convolve_template):
         scale = kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))
         image /= scale
         variance /= scale**2
-    return MaskedImage._from_planes(image, reference.mask | matched.mask, variance, reference.xy0,
-                                    reference.mask_planes)
+    return MaskedImage._wrap(image, reference.mask | matched.mask, variance, reference.xy0,
+                             reference.mask_planes)
