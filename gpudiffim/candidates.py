@@ -14,8 +14,6 @@ Positions are parent-pixel coordinates (x = column, y = row).
 import bisect
 import functools
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,35 +145,8 @@ class SpatialCellSet:
         return any(c.status != BAD for c in self.candidates())
 
 
-#: Host images of at least this many pixels are labelled in row strips on a thread pool.
-_THREAD_MIN_PIXELS = 1 << 18
-_MAX_THREADS = 16
 #: Pixels per host row block: small enough for the block and its temporaries to stay in cache.
 _BLOCK_PIXELS = 1 << 15
-
-
-def _host_workers(n_pixels):
-    """Threads for labelling an image of ``n_pixels`` on the host (1: serially)."""
-    if n_pixels < _THREAD_MIN_PIXELS:
-        return 1
-    return min(_MAX_THREADS, os.cpu_count() or 1)
-
-
-def _host_map(func, items, n_pixels):
-    """``func(item)`` for every item; on a thread pool when the image is large.
-
-    For coarse host work only (one SciPy labelling per item, which releases
-    the GIL for its whole run): many small NumPy calls from 16 threads were
-    measured slower than one thread, the GIL being taken between calls.
-    """
-    items = list(items)
-    workers = min(len(items), _host_workers(n_pixels))
-    if workers < 2:
-        for item in items:
-            func(item)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(func, items))
 
 
 def _for_row_blocks(xp, shape, func, min_rows=1):
@@ -439,69 +410,18 @@ def _footprints(above):
 
     ``pixels``: flat indices of the ``above`` pixels in raster order;
     ``footprint``: the 0-based footprint of each.  Only the partition into
-    footprints is defined, not their numbering.  SciPy labels on the host
-    (row strips on a thread pool for large images, see
-    :func:`_label_in_strips`), ``cupyx.scipy.ndimage.label`` on the GPU.
+    footprints is defined, not their numbering.  SciPy labels on the host,
+    ``cupyx.scipy.ndimage.label`` on the GPU.
     """
     xp = array_module_of(above)
     pixels = xp.flatnonzero(above)
-    if xp is not np:
+    if xp is np:
+        labels, n_labels = ndi.label(above, structure=_EIGHT_CONNECTED)
+    else:
         from cupyx.scipy import ndimage as cupy_ndi
 
         labels, n_labels = cupy_ndi.label(above, structure=_EIGHT_CONNECTED)
-        return pixels, labels.ravel()[pixels] - 1, n_labels
-    n_strips = min(_host_workers(above.size), above.shape[0] // 64)
-    if n_strips < 2 or above.size >= 2**31:
-        labels, n_labels = ndi.label(above, structure=_EIGHT_CONNECTED)
-        return pixels, labels.ravel()[pixels] - 1, n_labels
-    footprint, n_labels = _label_in_strips(above, n_strips, pixels)
-    return pixels, footprint, n_labels
-
-
-def _label_in_strips(above, n_strips, pixels):
-    """0-based footprint of each flat index in ``pixels`` and the count (host, threads).
-
-    Row strips are labelled by :func:`scipy.ndimage.label` in parallel, their
-    labels offset to be unique, and labels that touch across a strip edge
-    (8-connectivity: the pixel below and its two neighbours) joined as the
-    connected components of that small graph.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n_rows, n_cols = above.shape
-    bounds = np.linspace(0, n_rows, n_strips + 1).astype(int)
-    labels = np.empty(above.shape, dtype=np.int32)
-    counts = np.zeros(n_strips, dtype=np.int64)
-
-    def label_strip(k):
-        rows = slice(bounds[k], bounds[k + 1])
-        counts[k] = ndi.label(above[rows], structure=_EIGHT_CONNECTED, output=labels[rows])
-
-    _host_map(label_strip, range(n_strips), above.size)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    total = int(counts.sum())
-    strip = np.searchsorted(bounds[1:-1] * n_cols, pixels, side="right")
-    footprint = labels.ravel()[pixels] + offsets[strip]
-    upper, lower = [], []
-    for k, edge in enumerate(bounds[1:-1]):
-        top = np.where(labels[edge - 1] > 0, labels[edge - 1] + offsets[k], 0)
-        bottom = np.where(labels[edge] > 0, labels[edge] + offsets[k + 1], 0)
-        for shift in (-1, 0, 1):
-            t = top[max(0, -shift):n_cols - max(0, shift)]
-            b = bottom[max(0, shift):n_cols + min(0, shift)]
-            touching = (t > 0) & (b > 0)
-            upper.append(t[touching])
-            lower.append(b[touching])
-    upper, lower = np.concatenate(upper), np.concatenate(lower)
-    if upper.size:
-        graph = coo_matrix((np.ones(upper.size), (upper, lower)), shape=(total + 1, total + 1))
-        n_components, component = connected_components(graph, directed=False)
-        background = component[0]
-        footprint = component[footprint]
-        footprint = np.where(footprint < background, footprint + 1, footprint)
-        total = n_components - 1
-    return footprint - 1, total
+    return pixels, labels.ravel()[pixels] - 1, n_labels
 
 
 def detect_candidates(masked_image, detection):

@@ -124,14 +124,10 @@ def _reference_vet(positions, template, science, half_size, *, bad_mask_planes, 
 
 @pytest.fixture(params=["whole", "blocks"])
 def host_mode(request, monkeypatch):
-    """Host code on whole images and one label pass, or in many small row blocks
-    and labelled in row strips on threads."""
+    """Host code on whole images, or in many small row blocks."""
     if request.param == "blocks":
-        monkeypatch.setattr(cand, "_THREAD_MIN_PIXELS", 0)
         monkeypatch.setattr(cand, "_BLOCK_PIXELS", 700)
-        monkeypatch.setattr(cand.os, "cpu_count", lambda: 4)
     else:
-        monkeypatch.setattr(cand, "_THREAD_MIN_PIXELS", 1 << 62)
         monkeypatch.setattr(cand, "_BLOCK_PIXELS", 1 << 62)
     return request.param
 
@@ -263,31 +259,6 @@ def test_footprint_peaks_equal_find_objects_argmax(seed, npix_max):
                                         n_labels, npix_max)
     np.testing.assert_array_equal(peaks, expected_peaks)
     np.testing.assert_array_equal(area, expected_area)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("n_strips", [2, 3, 7, 19])
-def test_label_in_strips_is_the_scipy_partition(seed, n_strips):
-    above = _above(seed)
-    labels, n_labels = ndi.label(above, structure=np.ones((3, 3)))
-    pixels = np.flatnonzero(above)
-    footprint, count = cand._label_in_strips(above, n_strips, pixels)
-    assert count == n_labels
-    assert footprint.min() == 0 and footprint.max() == n_labels - 1
-    pairs = np.unique(np.stack([labels.ravel()[pixels], footprint]), axis=1)
-    assert pairs.shape[1] == n_labels  # one-to-one
-    assert len(np.unique(pairs[0])) == n_labels and len(np.unique(pairs[1])) == n_labels
-
-
-def test_label_in_strips_diagonal_contacts():
-    """8-connectivity across a strip edge: diagonal neighbours join, others do not."""
-    above = np.zeros((4, 13), dtype=bool)
-    above[1, [1, 4, 7, 10]] = True
-    above[2, [2, 4, 8, 12]] = True  # diagonal, below, diagonal, two columns apart
-    footprint, count = cand._label_in_strips(above, 2, np.flatnonzero(above))
-    assert count == ndi.label(above, structure=np.ones((3, 3)))[1] == 5
-    np.testing.assert_array_equal(footprint[[0, 1, 2]], footprint[[4, 5, 6]])
-    assert len(set(footprint[[0, 1, 2, 3, 7]].tolist())) == 5
 
 
 def test_footprints_without_any():
