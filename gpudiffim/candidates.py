@@ -1,149 +1,31 @@
-"""Kernel candidates: detection, vetting, and the spatial cell set.
+"""Kernel candidates: detection and vetting.
 
 A kernel candidate is a star around which a stamp of ``2 g + 1`` pixels
 (``g`` = stamp half-size, by default the kernel width) is cut from both
-images.  Candidates live in a :class:`SpatialCellSet`: a grid of cells of
-``size_cell_x`` x ``size_cell_y`` pixels, each keeping its candidates in
-descending rating order; at most ``n_star_per_cell`` non-BAD candidates per
-cell take part in a fit, so a rejected candidate is replaced by the next one
-of its cell on the next pass.
+images.  The vetted candidates go into the spatial cell set
+(:mod:`gpudiffim.cellset`).
 
 Positions are parent-pixel coordinates (x = column, y = row).
 """
 
-import bisect
-import functools
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.ndimage as ndi
 
 from ._backend import array_module_of, to_host
+from .cellset import Candidates
 from .errors import ConfigurationError, NoKernelCandidatesError
 from .statistics import mad_sigma
 
 __all__ = [
-    "KernelCandidate",
-    "SpatialCellSet",
     "detect_candidates",
     "coarse_background",
     "vet_candidates",
     "candidate_positions",
-    "GOOD",
-    "BAD",
-    "UNKNOWN",
 ]
 
 log = logging.getLogger(__name__)
-
-UNKNOWN, GOOD, BAD = "UNKNOWN", "GOOD", "BAD"
-
-
-@dataclass(eq=False)
-class KernelCandidate:
-    """One star used to constrain the kernel, with its fit results.
-
-    Attributes
-    ----------
-    id : int
-        Identifier, in input (or detection) order.
-    x, y : int
-        Parent-pixel centre of the stamp.
-    rating : float
-        Sort key within the cell (mean S/sigma over the core of the science
-        stamp; higher is better).
-    status : {"UNKNOWN", "GOOD", "BAD"}
-    reason : str
-        Why the candidate was rejected ("" if not).
-    solution : dict
-        Filled by the solver: under ``"orig"`` (the original basis) and, with
-        PCA, ``"pca"``, a dict of ``coefficients``, ``background``,
-        ``kernel_sum`` and ``system``: ``(batch, row)`` of its normal
-        equations in the solver's per-batch arrays.
-    stats : dict
-        Residual statistics per stage (``"single"``, ``"spatial"``): mean, rms, n.
-    """
-
-    id: int
-    x: int
-    y: int
-    rating: float
-    status: str = UNKNOWN
-    reason: str = ""
-    solution: dict = field(default_factory=dict)
-    stats: dict = field(default_factory=dict)
-
-    def reject(self, reason):
-        """Mark BAD with a reason."""
-        self.status = BAD
-        self.reason = reason
-
-
-class SpatialCellSet:
-    """Candidates binned into a grid of spatial cells, each sorted by rating.
-
-    Parameters
-    ----------
-    bbox : tuple of int
-        Parent box ``(x0, y0, x1, y1)``, inclusive.
-    size_cell_x, size_cell_y : int
-        Cell size in pixels; the last row and column absorb the remainder.
-    """
-
-    def __init__(self, bbox, size_cell_x, size_cell_y):
-        self.bbox = tuple(int(v) for v in bbox)
-        x0, y0, x1, y1 = self.bbox
-        self.n_cells_x = -(-(x1 - x0 + 1) // size_cell_x)
-        self.n_cells_y = -(-(y1 - y0 + 1) // size_cell_y)
-        self.size_cell_x, self.size_cell_y = size_cell_x, size_cell_y
-        self.cells = [[] for _ in range(self.n_cells_x * self.n_cells_y)]
-        self._inserted = 0
-
-    def cell_index(self, x, y):
-        """Index of the cell containing parent position ``(x, y)``."""
-        x0, y0, x1, y1 = self.bbox
-        xi, yi = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        if not (x0 <= xi <= x1 and y0 <= yi <= y1):
-            msg = f"candidate at ({x}, {y}) is outside the cell-set box {self.bbox}"
-            raise ConfigurationError(msg)
-        ix = (xi - x0) // self.size_cell_x
-        iy = (yi - y0) // self.size_cell_y
-        return iy * self.n_cells_x + ix
-
-    def insert(self, candidate):
-        """Insert before existing candidates of equal or lower rating."""
-        cell = self.cells[self.cell_index(candidate.x, candidate.y)]
-        self._inserted += 1
-        candidate._order = self._inserted
-        bisect.insort(cell, candidate, key=lambda c: (-c.rating, -c._order))
-
-    def candidates(self):
-        """Every candidate, cell by cell, in rating order."""
-        return [c for cell in self.cells for c in cell]
-
-    def visit(self, n_max):
-        """The candidates a visitor sees: per cell, the first ``n_max`` non-BAD.
-
-        Parameters
-        ----------
-        n_max : int
-            Per-cell limit; ``<= 0`` means all.
-        """
-        chosen = []
-        for cell in self.cells:
-            good = [c for c in cell if c.status != BAD]
-            chosen.extend(good if n_max <= 0 else good[:n_max])
-        return chosen
-
-    def count(self, status):
-        """Number of candidates with the given status."""
-        return sum(c.status == status for c in self.candidates())
-
-    def has_usable_cells(self):
-        """Whether any cell still holds a non-BAD candidate."""
-        return any(c.status != BAD for c in self.candidates())
-
 
 #: Pixels per host row block: small enough for the block and its temporaries to stay in cache.
 _BLOCK_PIXELS = 1 << 15
@@ -630,7 +512,7 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
 
     Returns
     -------
-    kept : list of KernelCandidate
+    kept : Candidates
     rejected : dict of str to int
         Count of candidates dropped for each reason.
     """
@@ -650,9 +532,7 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
                 "bad mask bit in the stamp": int((inside & ~clean).sum()),
                 f"core S/N below {min_snr}": int((clean & ~bright).sum())}
     ids = np.flatnonzero(bright)
-    kept = [KernelCandidate(id=k, x=x, y=y, rating=r)
-            for k, x, y, r in zip(ids.tolist(), (centres[ids, 0] + x0).tolist(),
-                                  (centres[ids, 1] + y0).tolist(), rating[ids].tolist())]
+    kept = Candidates.from_arrays(ids, centres[ids, 0] + x0, centres[ids, 1] + y0, rating[ids])
     return kept, rejected
 
 
@@ -696,133 +576,3 @@ def require_candidates(candidates, minimum=1):
         msg = (f"only {len(candidates)} usable kernel candidate(s), need at least {minimum}: "
                f"lower detection.det_threshold or detection.min_snr, or pass candidates=")
         raise NoKernelCandidatesError(msg)
-
-
-@dataclass(frozen=True)
-class CandidateRecord:
-    """Frozen summary of one kernel candidate after the fit.
-
-    Attributes
-    ----------
-    id : int
-    x, y : int
-        Parent-pixel centre.
-    cell : int
-        Index of its spatial cell.
-    rating : float
-        Core S/N of the science stamp.
-    status : {"GOOD", "BAD", "UNKNOWN"}
-        UNKNOWN: never visited (its cell had enough better candidates).
-    reason : str
-        Why it was rejected ("" otherwise).
-    kernel_sum : float
-        Kernel sum of its own stamp solution (NaN if never fitted).
-    background : float
-        Background of its own stamp solution (NaN if never fitted).
-    single_mean, single_rms : float
-        Residual D/sigma statistics under its own kernel.
-    spatial_mean, spatial_rms : float
-        Residual statistics under the spatial model (NaN if not assessed).
-    n_pixels : int
-        Pixels in the residual statistics.
-    coefficients : tuple of float
-        Coefficients of its own stamp solution on the original basis
-        (``MatchResult.kernel_basis``); empty if never fitted.  Its kernel is
-        ``sum_i coefficients[i] * kernel_basis.kernels[i]``.
-    pca_coefficients : tuple of float
-        Coefficients of its stamp solution on the PCA basis of the spatial
-        kernel (``psf_matching_kernel.basis``) when PCA was used; else empty.
-    """
-
-    id: int
-    x: int
-    y: int
-    cell: int
-    rating: float
-    status: str
-    reason: str
-    kernel_sum: float
-    background: float
-    single_mean: float
-    single_rms: float
-    spatial_mean: float
-    spatial_rms: float
-    n_pixels: int
-    coefficients: tuple = ()
-    pca_coefficients: tuple = ()
-
-    @classmethod
-    def from_candidate(cls, candidate, cell):
-        orig = candidate.solution.get("orig", {})
-        single = candidate.stats.get("single", {})
-        spatial = candidate.stats.get("spatial", {})
-        pca = candidate.solution.get("pca", {})
-        return cls(candidate.id, candidate.x, candidate.y, cell, candidate.rating, candidate.status,
-                   candidate.reason, orig.get("kernel_sum", np.nan), orig.get("background", np.nan),
-                   single.get("mean", np.nan), single.get("rms", np.nan),
-                   spatial.get("mean", np.nan), spatial.get("rms", np.nan), single.get("n", 0),
-                   tuple(np.asarray(orig.get("coefficients", ()), dtype=np.float64).tolist()),
-                   tuple(np.asarray(pca.get("coefficients", ()), dtype=np.float64).tolist()))
-
-
-@dataclass(frozen=True)
-class KernelCellSet:
-    """Frozen view of the spatial cell set and every candidate's outcome.
-
-    Attributes
-    ----------
-    bbox : tuple of int
-        Parent box ``(x0, y0, x1, y1)``.
-    size_cell_x, size_cell_y : int
-    candidates : tuple of CandidateRecord
-        In cell order, then rating order.
-    selection_rejects : dict of str to int
-        Positions dropped before entering the cell set, by reason.
-    """
-
-    bbox: tuple
-    size_cell_x: int
-    size_cell_y: int
-    _cells: tuple = field(repr=False, compare=False)
-    selection_rejects: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_cell_set(cls, cell_set, selection_rejects):
-        """Freeze a solved cell set (its candidates must not change afterwards).
-
-        The records are built on first access of :attr:`candidates` (0.1 s
-        for ~6000 candidates, which a fit that never reads them should not pay);
-        the statuses are copied now.
-        """
-        cells = tuple(tuple((c, c.status) for c in cell) for cell in cell_set.cells)
-        return cls(cell_set.bbox, cell_set.size_cell_x, cell_set.size_cell_y, cells, dict(selection_rejects))
-
-    @functools.cached_property
-    def candidates(self):
-        """Tuple of :class:`CandidateRecord`, in cell order, then rating order."""
-        return tuple(CandidateRecord.from_candidate(c, k)
-                     for k, cell in enumerate(self._cells) for c, _ in cell)
-
-    def count(self, status):
-        """Number of candidates with the given status."""
-        return sum(s == status for cell in self._cells for _, s in cell)
-
-    @property
-    def n_good(self):
-        return self.count(GOOD)
-
-    @property
-    def n_bad(self):
-        return self.count(BAD)
-
-    def to_table(self):
-        """The candidates as an :class:`astropy.table.Table`, one row each.
-
-        The coefficient vectors are left out (see :class:`CandidateRecord`).
-        """
-        from astropy.table import Table
-
-        names = [f for f in CandidateRecord.__dataclass_fields__
-                 if f not in ("coefficients", "pca_coefficients")]
-        return Table(rows=[tuple(getattr(r, n) for n in names) for r in self.candidates],
-                     names=names)

@@ -404,7 +404,7 @@ def candidate_differences(result, template, science, *, records=None, stamp_half
         raise ValueError(msg)
     basis = result.kernel_basis.kernels
     bad_bits = reference.bits(planes) | to_convolve.bits(planes)
-    batch = StampBatch.extract(records, to_convolve, reference, half_size)
+    batch = StampBatch.extract([(r.x, r.y) for r in records], to_convolve, reference, half_size)
     local_kernels = np.tensordot(np.array([r.coefficients for r in records]), basis, axes=1)
     local_bg = np.array([r.background for r in records], dtype=np.float64)
     xs = np.array([r.x for r in records], dtype=np.float64)

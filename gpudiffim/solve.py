@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of
+from ._backend import array_module_of, to_host
 from .basis import renormalize_kernel_list
-from .candidates import BAD, GOOD
+from .cellset import BAD, GOOD
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
@@ -65,7 +65,10 @@ class KernelSolution:
 
 
 class _Solver:
-    """State of one solve: images, basis, cell set and the spatial functions."""
+    """State of one solve: images, basis, cell set and the spatial functions.
+
+    Candidates are referred to by their index in the cell set's arrays.
+    """
 
     def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
         self.config = config
@@ -81,7 +84,7 @@ class _Solver:
         self.bg_function = SpatialFunction(config.spatial_model_type, bg_order, cell_set.bbox)
         self.pca_basis = None
         #: (normal matrices, normal vectors) of every fitted batch, where they were computed
-        #: (device arrays on the GPU); candidates refer to them by (batch, row).
+        #: (device arrays on the GPU); the solutions refer to them by (batch, row).
         self.systems = []
 
     def visit(self):
@@ -89,87 +92,66 @@ class _Solver:
 
     def visit_built(self, key="orig"):
         """Visited candidates with a ``key`` solution; unbuilt ones become BAD."""
-        built = []
-        for candidate in self.visit():
-            if key in candidate.solution:
-                built.append(candidate)
-            else:
-                candidate.reject("not fitted before the final spatial solution")
-        return built
+        visited = self.visit()
+        solution = self.cell_set.solutions.get(key)
+        built = solution.fitted[visited] if solution is not None else np.zeros(len(visited), dtype=bool)
+        self.cell_set.reject(visited[~built], "not fitted before the final spatial solution")
+        return visited[built]
 
-    def batch(self, candidates):
-        return StampBatch.extract(candidates, self.template, self.science, self.half_size)
+    def batch(self, index):
+        centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
+        return StampBatch.extract(centres, self.template, self.science, self.half_size)
 
     def core_radius(self):
         return self.config.candidate_core_radius if self.config.use_core_stats else None
 
-    def build(self, candidates, basis, key, regularization):
-        """Fit ``candidates`` with ``basis``, store under ``key``, clip; return #rejected.
+    def build(self, index, basis, key, regularization):
+        """Fit the candidates ``index`` with ``basis``, store under ``key``, clip; return #rejected.
 
         Candidates are fitted in batches sized so that the design matrices of
         a batch stay near ``_DESIGN_BATCH_VALUES`` float64 values.
         """
         fit_pixels = (2 * self.half_size + 2 - basis.shape[1]) ** 2
         size = max(1, _DESIGN_BATCH_VALUES // (len(basis) * fit_pixels))
-        return sum(self._build_batch(candidates[start:start + size], basis, key, regularization)
-                   for start in range(0, len(candidates), size))
+        solution = self.cell_set.solution(key, len(basis))
+        return sum(self._build_batch(index[start:start + size], basis, solution, regularization)
+                   for start in range(0, len(index), size))
 
-    def _build_batch(self, candidates, basis, key, regularization):
-        if not candidates:
-            return 0
-        batch = self.batch(candidates)
+    def _build_batch(self, index, basis, solution, regularization):
+        batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, regularization)
         kernels = np.tensordot(fit.coefficients, basis, axes=1)
         stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
                                           self.core_radius())
-        batch_id = len(self.systems)
+        solution.store(index, fit.coefficients, fit.background, fit.kernel_sum, len(self.systems))
         self.systems.append((fit.normal_matrix, fit.normal_vector))
-        backgrounds, sums = fit.background.tolist(), fit.kernel_sum.tolist()
-        for k, candidate in enumerate(candidates):
-            candidate.solution[key] = {"coefficients": fit.coefficients[k], "background": backgrounds[k],
-                                       "kernel_sum": sums[k], "system": (batch_id, k)}
-        return self._judge(candidates, stats, "single", self.config.single_kernel_clipping,
-                           fit.failure)[1]
+        return self._judge(index, stats, "single", self.config.single_kernel_clipping, fit.failure)[1]
 
-    def _judge(self, candidates, stats, stage, clipping, failure=None):
+    def _judge(self, index, stats, stage, clipping, failure=None):
         """Record residual statistics, mark GOOD or BAD; return (#good, #rejected)."""
-        n_good = n_rejected = 0
         config = self.config
+        means, rmses, counts = (to_host(a) for a in (stats.mean, stats.rms, stats.n_pixels))
+        self.cell_set.record_stats(stage, index, means, rmses, counts)
         with np.errstate(invalid="ignore"):
-            suspect = ~(np.isfinite(stats.mean) & np.isfinite(stats.rms))
+            suspect = ~(np.isfinite(means) & np.isfinite(rmses))
             if clipping:
-                suspect |= (np.abs(stats.mean) > config.candidate_residual_mean_max) \
-                    | (stats.rms > config.candidate_residual_std_max)
-        means, rmses, counts = stats.mean.tolist(), stats.rms.tolist(), stats.n_pixels.tolist()
-        for k, candidate in enumerate(candidates):
-            candidate.stats[stage] = {"mean": means[k], "rms": rmses[k], "n": int(counts[k])}
-            reason = (failure[k] if failure else "") or (suspect[k] and self._clip_reason(
-                means[k], rmses[k], f"{stage}-kernel", clipping)) or ""
-            if reason:
-                candidate.reject(reason)
-                n_rejected += 1
-            else:
-                candidate.status = GOOD
-                n_good += 1
-        return n_good, n_rejected
-
-    def _clip_reason(self, mean, rms, stage, clipping):
-        config = self.config
-        if not (np.isfinite(mean) and np.isfinite(rms)):
-            return f"{stage} residual statistics undefined (no usable pixel)"
-        if not clipping:
-            return ""
-        if abs(mean) > config.candidate_residual_mean_max:
-            return f"{stage} residual |mean| {abs(mean):.3g} > {config.candidate_residual_mean_max}"
-        if rms > config.candidate_residual_std_max:
-            return f"{stage} residual rms {rms:.3g} > {config.candidate_residual_std_max}"
-        return ""
+                suspect |= (np.abs(means) > config.candidate_residual_mean_max) \
+                    | (rmses > config.candidate_residual_std_max)
+        failed = np.array([bool(reason) for reason in failure]) if failure else np.zeros(len(index), bool)
+        rejected = np.flatnonzero(failed | suspect)
+        reasons = [failure[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
+                                                               clipping) for k in rejected]
+        self.cell_set.mark_good(index)
+        self.cell_set.reject(index[rejected], reasons)
+        return len(index) - len(rejected), len(rejected)
 
     def single_kernel_stage(self):
         """Build unbuilt visited candidates until a pass rejects none."""
         passes = 0
         while True:
-            unbuilt = [c for c in self.visit() if "orig" not in c.solution]
+            visited = self.visit()
+            solution = self.cell_set.solutions.get("orig")
+            unbuilt = visited if solution is None else visited[~solution.fitted[visited]]
             n_rejected = self.build(unbuilt, self.basis.kernels, "orig", self.regularization)
             passes += 1
             log.debug("single-kernel pass %d: built %d, rejected %d", passes, len(unbuilt), n_rejected)
@@ -179,7 +161,7 @@ class _Solver:
     def kernel_sum_stage(self):
         """Reject kernel-sum outliers among the visited candidates; return #rejected."""
         visited = self.visit()
-        sums = np.array([c.solution["orig"]["kernel_sum"] for c in visited])
+        sums = self.cell_set.solutions["orig"].kernel_sum[visited] if len(visited) else np.zeros(0)
         if sums.size == 0:
             msg = "no kernel candidate left for the kernel-sum statistics"
             raise NoKernelCandidatesError(msg)
@@ -191,21 +173,25 @@ class _Solver:
         log.info("kernel sum: clipped mean %.6g, std %.3g over %d candidates", mean, std, sums.size)
         if not self.config.kernel_sum_clipping:
             return 0
-        n_rejected = 0
-        for candidate, value in zip(visited, sums):
-            if abs(value - mean) > limit:
-                candidate.reject(f"kernel sum {value:.4g} differs from the clipped mean {mean:.4g} "
-                                 f"by more than {self.config.max_ksum_sigma} sigma ({std:.3g})")
-                n_rejected += 1
-        return n_rejected
+        outliers = np.flatnonzero(np.abs(sums - mean) > limit)
+        self.cell_set.reject(visited[outliers], [
+            f"kernel sum {value:.4g} differs from the clipped mean {mean:.4g} "
+            f"by more than {self.config.max_ksum_sigma} sigma ({std:.3g})" for value in sums[outliers]])
+        return len(outliers)
 
     def pca_stage(self):
-        """Build the PCA basis from the visited kernels and re-fit; return #rejected."""
+        """Build the PCA basis from the visited kernels and re-fit; return #rejected.
+
+        The PCA solutions of an earlier basis are dropped: they do not apply
+        to the new one.
+        """
         visited = self.visit_built()
-        images = np.array([np.tensordot(c.solution["orig"]["coefficients"], self.basis.kernels, axes=1)
-                           / c.solution["orig"]["kernel_sum"] for c in visited])
+        orig = self.cell_set.solutions["orig"]
+        images = (np.tensordot(orig.coefficients[visited], self.basis.kernels, axes=1)
+                  / orig.kernel_sum[visited][:, None, None])
         self.pca_basis = pca_kernel_basis(images, self.config.num_principal_components,
                                           self.config.subtract_mean_for_pca)
+        self.cell_set.solutions.pop("pca", None)
         return self.build(visited, self.pca_basis, "pca", None)
 
     def spatial_stage(self):
@@ -214,14 +200,14 @@ class _Solver:
         basis = self.pca_basis if config.pca_spatial_kernel else self.basis.kernels
         key = "pca" if config.pca_spatial_kernel else "orig"
         used = self.visit_built(key)
-        if not used:
+        if not len(used):
             msg = "no kernel candidate available for the spatial fit"
             raise NoKernelCandidatesError(msg)
-        xs = np.array([c.x for c in used], dtype=np.float32).astype(np.float64)
-        ys = np.array([c.y for c in used], dtype=np.float32).astype(np.float64)
+        xs = self.cell_set.x[used].astype(np.float32).astype(np.float64)
+        ys = self.cell_set.y[used].astype(np.float32).astype(np.float64)
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
         maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
-                                    config.constant_first_term)
+                                         config.constant_first_term)
         matrix, vector = spatial_normal_equations(*self.gather_systems(used, key), maps)
         theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type)
         n_bg = self.bg_function.n_terms if config.fit_for_background else 0
@@ -234,20 +220,21 @@ class _Solver:
         return (SpatialKernel(basis, coefficients, self.kernel_function),
                 BackgroundModel(bg, self.bg_function), cond, len(used))
 
-    def gather_systems(self, candidates, key):
-        """Stacked stamp normal matrices and vectors of ``candidates`` (solution ``key``).
+    def gather_systems(self, index, key):
+        """Stacked stamp normal matrices and vectors of the candidates ``index`` (solution ``key``).
 
         One gather per fitted batch, in the batches' array module: on the GPU
         the systems never leave the device.
         """
-        where = np.array([c.solution[key]["system"] for c in candidates], dtype=np.int64).reshape(-1, 2)
+        solution = self.cell_set.solutions[key]
+        batches, rows = solution.batch[index], solution.row[index]
         matrices, vectors, order = [], [], []
-        for batch_id in np.unique(where[:, 0]):
-            members = np.flatnonzero(where[:, 0] == batch_id)
+        for batch_id in np.unique(batches):
+            members = np.flatnonzero(batches == batch_id)
             batch_matrices, batch_vectors = self.systems[batch_id]
-            rows = array_module_of(batch_matrices).asarray(where[members, 1])
-            matrices.append(batch_matrices[rows])
-            vectors.append(batch_vectors[rows])
+            where = array_module_of(batch_matrices).asarray(rows[members])
+            matrices.append(batch_matrices[where])
+            vectors.append(batch_vectors[where])
             order.append(members)
         if not matrices:
             return np.zeros((0, 0, 0)), np.zeros((0, 0))
@@ -258,14 +245,27 @@ class _Solver:
     def assess_stage(self, kernel, background):
         """Residual statistics under the spatial model; return (#good, #rejected)."""
         visited = self.visit_built()
-        if not visited:
+        if not len(visited):
             return 0, 0
-        xs = np.array([c.x for c in visited], dtype=np.float64)
-        ys = np.array([c.y for c in visited], dtype=np.float64)
+        xs = self.cell_set.x[visited].astype(np.float64)
+        ys = self.cell_set.y[visited].astype(np.float64)
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
                                           self.core_radius())
         return self._judge(visited, stats, "spatial", self.config.spatial_kernel_clipping)
+
+
+def _clip_reason(config, mean, rms, stage, clipping):
+    """Why residual statistics (mean, rms) reject a candidate at ``stage`` ("" if they do not)."""
+    if not (np.isfinite(mean) and np.isfinite(rms)):
+        return f"{stage} residual statistics undefined (no usable pixel)"
+    if not clipping:
+        return ""
+    if abs(mean) > config.candidate_residual_mean_max:
+        return f"{stage} residual |mean| {abs(mean):.3g} > {config.candidate_residual_mean_max}"
+    if rms > config.candidate_residual_std_max:
+        return f"{stage} residual rms {rms:.3g} > {config.candidate_residual_std_max}"
+    return ""
 
 
 def pca_kernel_basis(images, n_components, subtract_mean):
@@ -312,8 +312,8 @@ def pca_kernel_basis(images, n_components, subtract_mean):
 
 def _all_rejected_message(cell_set):
     reasons = {}
-    for candidate in cell_set.candidates():
-        stage = " ".join(candidate.reason.split(" ")[:2])
+    for reason in cell_set.reason.tolist():
+        stage = " ".join(reason.split(" ")[:2])
         reasons[stage] = reasons.get(stage, 0) + 1
     summary = ", ".join(f"{n} by {stage}" for stage, n in sorted(reasons.items()))
     return f"every kernel candidate was rejected ({summary}); see the candidates' reasons"

@@ -61,12 +61,14 @@ class StampBatch:
     science_mask: np.ndarray
 
     @classmethod
-    def extract(cls, candidates, template, science, half_size):
+    def extract(cls, centres, template, science, half_size):
         """Cut ``(2 half_size + 1)^2`` stamps centred on each candidate.
 
         Parameters
         ----------
-        candidates : sequence of KernelCandidate
+        centres : array_like of int, shape (N, 2)
+            Parent ``(x, y)`` pixel of each stamp centre; every stamp must lie
+            inside the images.
         template, science : MaskedImage
             Same grid (shape and ``xy0``) and array module; the stamps are
             cut where the planes live (host or GPU).
@@ -76,7 +78,8 @@ class StampBatch:
         xp = science.xp
         offsets = np.arange(-half_size, half_size + 1)
         width = science.shape[1]
-        centres = np.fromiter((c.y * width + c.x for c in candidates), dtype=np.int64, count=len(candidates))
+        centres = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
+        centres = centres[:, 1] * width + centres[:, 0]
         window = offsets[:, None] * width + offsets[None, :]
         # only the centres and the window travel to the device; the (N, S, S) index is built there
         flat = xp.asarray(centres - (y0 * width + x0))[:, None, None] + xp.asarray(window)[None]

@@ -26,14 +26,13 @@ from ._backend import array_module, synchronize
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
-    KernelCellSet,
-    SpatialCellSet,
     candidate_positions,
     core_snr,
     detect_candidates,
     require_candidates,
     vet_candidates,
 )
+from .cellset import KernelCellSet, SpatialCellSet
 from .config import PsfMatchConfig
 from .errors import ConfigurationError, ShapeError
 from .exposure import Exposure
@@ -278,9 +277,7 @@ class ImagePsfMatchTask:
         log.info("candidates: %d usable of %d (%s)", len(kept), len(positions),
                  ", ".join(f"{v} {k}" for k, v in rejects.items() if v) or "none rejected")
         require_candidates(kept)
-        cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y)
-        for candidate in kept:
-            cell_set.insert(candidate)
+        cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y, kept)
         return cell_set, rejects
 
     def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,

@@ -34,7 +34,6 @@ import pytest
 from astropy.io import fits
 
 from gpudiffim.basis import make_alard_lupton_basis
-from gpudiffim.candidates import KernelCandidate
 from gpudiffim.config import PsfMatchConfig
 from gpudiffim.image import DEFAULT_MASK_PLANES, MaskedImage
 from gpudiffim.spatial import SpatialFunction, term_exponents
@@ -236,8 +235,7 @@ def stamp_fits(shared_data, basis):
     folder = shared_data / "ip_diffim-compareToHotpants"
     science = _read_masked_image(folder / "scienceMI.fits")
     template = _read_masked_image(folder / "templateMI.fits")
-    candidates = [KernelCandidate(n, x, y, 1.0) for n, (x, y) in enumerate(CENTRES_ALL)]
-    batch = StampBatch.extract(candidates, template, science, STAMP_HALF)
+    batch = StampBatch.extract(CENTRES_ALL, template, science, STAMP_HALF)
     assert batch.template.shape == (len(CENTRES_ALL), 2 * STAMP_HALF + 1, 2 * STAMP_HALF + 1)
     fit = fit_stamps(batch, basis, _config())
     assert fit.failure == [""] * len(CENTRES_ALL)

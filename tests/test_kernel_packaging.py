@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -62,11 +63,30 @@ def test_wheel(tmp_path):
     assert found["units"] == units() and found["ok"]
 
 
+def _dependencies_without_gpudiffim(folder):
+    """``folder`` of links to the running environment's packages, gpudiffim's own entries left out.
+
+    The fresh virtual environment of the editable test gets its dependencies
+    (NumPy, SciPy, astropy, ...) from here, whatever interpreter the tests run
+    under, and cannot pick up an installed gpudiffim instead of the editable one.
+    """
+    folder.mkdir()
+    for site_dir in {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}:
+        for entry in site_dir.iterdir():
+            if entry.name.lower().startswith(("gpudiffim", "__editable__")) or (folder / entry.name).exists():
+                continue
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 @pytest.mark.slow
 def test_editable_install(tmp_path):
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site_dir) / "dependencies.pth").write_text(f"{_dependencies_without_gpudiffim(tmp_path / 'deps')}\n")
     _pip(python, "install", "-q", "--no-deps", "-e", ".")
     found = _probe(python, tmp_path)
     assert Path(found["package"]).parent == ROOT / "gpudiffim"
