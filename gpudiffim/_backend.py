@@ -30,13 +30,14 @@ import contextlib
 import contextvars
 import functools
 import os
+import time
 
 import numpy as np
 
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
-           "kernel_path_for", "synchronize", "to_host", "use_backend"]
+           "kernel_path_for", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
 BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
@@ -137,6 +138,50 @@ def synchronize():
         import cupy
 
         cupy.cuda.runtime.deviceSynchronize()
+
+
+class _EventClock:
+    """A pair of CUDA events around a stage: the elapsed time between them on the device."""
+
+    def __init__(self):
+        import cupy
+
+        self._cupy = cupy
+        self._start, self._stop = cupy.cuda.Event(), cupy.cuda.Event()
+
+    def start(self):
+        self._start.record()
+
+    def stop(self):
+        """Seconds between the start and stop events (waits for the stop event)."""
+        self._stop.record()
+        self._stop.synchronize()
+        return self._cupy.cuda.get_elapsed_time(self._start, self._stop) / 1e3
+
+
+class _HostClock:
+    def start(self):
+        self._t0 = time.perf_counter()
+
+    def stop(self):
+        return time.perf_counter() - self._t0
+
+
+@contextlib.contextmanager
+def stage_timer(timings, stage):
+    """Add the wall time of the block to ``timings[stage]`` (seconds).
+
+    On the CuPy backend the time is that between two CUDA events recorded on
+    the current stream before and after the block, after the queued work is
+    done (``deviceSynchronize`` first, so earlier stages do not leak in): all
+    GPU work of the stage and the host time between its launches.  Elsewhere
+    it is the host clock.
+    """
+    clock = _EventClock() if compute_backend() == "cupy" else _HostClock()
+    synchronize()
+    clock.start()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + clock.stop()
 
 
 def to_host(array):

@@ -14,7 +14,6 @@ variance ``V_S + sum K^2 V_T`` and the OR of the masks.
 
 import contextlib
 import logging
-import time
 from contextlib import contextmanager
 import dataclasses
 import functools
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import array_module, synchronize
+from ._backend import array_module, stage_timer
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
@@ -155,12 +154,9 @@ class ExposureSubtractResult(ExposureMatchResult):
 
 @contextmanager
 def _timed(timings, stage):
-    """Add the wall time of the block to ``timings[stage]`` (GPU work included: synchronised)."""
-    synchronize()
-    start = time.perf_counter()
-    yield
-    synchronize()
-    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+    """Add the wall time of the block to ``timings[stage]`` (CUDA events on the GPU) and log it."""
+    with stage_timer(timings, stage):
+        yield
     log.info("%s: %.3f s", stage, timings[stage])
 
 

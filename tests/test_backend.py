@@ -2,11 +2,12 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from gpudiffim import BackendUnavailableError, ConfigurationError, backend_info, compute_backend, use_backend
-from gpudiffim._backend import _cupy_probe
+from gpudiffim._backend import _cupy_probe, stage_timer
 
 
 def _import_with(value):
@@ -57,3 +58,30 @@ def test_cupy_requested_without_device_raises():
 def test_device_reported():
     info = backend_info()
     assert info["backend"] == "cupy" and info["device"] and info["cupy"]
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def test_stage_timer_adds_the_wall_time_of_each_block(backend):
+    timings = {}
+    with use_backend(backend):
+        for pause in (0.03, 0.02):
+            with stage_timer(timings, "stage"):
+                time.sleep(pause)
+    assert set(timings) == {"stage"}
+    assert 0.05 <= timings["stage"] < 0.5
+
+
+@pytest.mark.gpu
+def test_stage_timer_counts_queued_device_work():
+    import cupy
+
+    a = cupy.random.random((4096, 4096))
+    timings = {}
+    with use_backend("cupy"):
+        host = time.perf_counter()
+        with stage_timer(timings, "matmul"):
+            for _ in range(20):
+                a = a @ a / 4096.0          # 20 x 137 GFLOP fp64: tens of ms, enqueued asynchronously
+        cupy.cuda.runtime.deviceSynchronize()
+        host = time.perf_counter() - host
+    assert 0.5 * host <= timings["matmul"] <= 1.05 * host
