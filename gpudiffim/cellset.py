@@ -308,7 +308,7 @@ class KernelCellSet:
         spatial = cell_set.stats.get("spatial", {})
         columns = {"id": cell_set.id, "x": cell_set.x, "y": cell_set.y, "cell": cell_set.cell,
                    "rating": cell_set.rating, "status": cell_set.statuses(),
-                   "reason": np.array(cell_set.reason.tolist(), dtype=str).reshape(n),
+                   "reason": cell_set.reason,
                    "single_mean": single.get("mean", nan), "single_rms": single.get("rms", nan),
                    "spatial_mean": spatial.get("mean", nan), "spatial_rms": spatial.get("rms", nan),
                    "n_pixels": single.get("n", zero)}
@@ -375,4 +375,6 @@ class KernelCellSet:
 
         names = [f for f in CandidateRecord.__dataclass_fields__
                  if f not in ("coefficients", "pca_coefficients")]
-        return Table([self._columns[name] for name in names], names=names)
+        columns = [self._columns[name] for name in names]
+        columns[names.index("reason")] = np.array(self._columns["reason"].tolist(), dtype=str).reshape(len(self))
+        return Table(columns, names=names)
