@@ -14,8 +14,8 @@ basis, 27 kernels, spatial kernel order 2, background fitted, order 1):
 * ``device in``: CuPy inputs, results left on the device;
 * ``numpy``: the NumPy backend on the host CPU, one run, for the speed-up.
 
-Stage times are the task's own ``timings`` (wall time between device
-synchronisations, so GPU work is inside its stage); the median of
+Stage times are the task's own ``timings`` (CUDA events around each stage,
+recorded after a device synchronisation, so GPU work is inside its stage); the median of
 ``--repeat`` warm runs is reported.  Peak device memory is the high-water
 mark of the bytes in use in CuPy's memory pool, tracked by an allocator hook
 over one run (inputs included), and the pool's total (used + cached).
