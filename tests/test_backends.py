@@ -120,3 +120,35 @@ def test_cupy_inputs_stay_on_the_device(pair, reference):
         image = getattr(result, name)
         assert all(isinstance(p, cupy.ndarray) for p in (image.image, image.mask, image.variance))
     _assert_same_science(result, reference, 1e-8, 1e-5)
+
+
+def _other_size_pair():
+    """A pair of another shape with the same PSFs (same basis), for the compile-once tests."""
+    return make_fake_pair(shape=(160, 224), n_stars=40, seed=12)
+
+
+def test_cuda_emulator_compiles_once_for_any_image_size(emulator, pair):
+    _subtract(pair, "cuda-emulator")
+    compiled = emulator_module.library.cache_info().misses
+    other = _other_size_pair()
+    result = _subtract(other, "cuda-emulator", template=other.template, science=other.science)
+    assert result.subtracted_image.shape == (160, 224)
+    assert emulator_module.library.cache_info().misses == compiled, "a new image size must not recompile"
+
+
+@pytest.mark.gpu
+def test_cupy_compiles_once_for_any_image_size(pair, monkeypatch):
+    import cupy
+
+    _subtract(pair, "cupy")
+    built = []
+    raw_module = cupy.RawModule
+
+    def counting_module(*args, **kwargs):
+        built.append(kwargs.get("name_expressions"))
+        return raw_module(*args, **kwargs)
+
+    monkeypatch.setattr(cupy, "RawModule", counting_module)
+    other = _other_size_pair()
+    _subtract(other, "cupy", template=other.template, science=other.science)
+    assert built == [], "a new image size must not recompile"
