@@ -123,8 +123,7 @@ def propagate_mask(mask, footprint):
         from ._cuda import image_kernels
 
         xp = array_module_of(mask)
-        return image_kernels.propagate_mask(xp.asarray(mask, dtype=np.int32), np.asarray(footprint),
-                                            backend=path)
+        return image_kernels.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint, backend=path)
     out = np.zeros_like(mask)
     full_box = bool(np.all(footprint))
     kh, kw = footprint.shape

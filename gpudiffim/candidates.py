@@ -56,13 +56,13 @@ def _stable_argsort(xp, values):
 def _scatter(xp, ufunc, target, index, values):
     """``ufunc.at(target, index, values)`` for ``np.maximum``/``np.minimum``, also on CuPy arrays.
 
-    On the GPU, ``cupy.maximum.at``/``cupy.minimum.at`` (CuPy 14; before,
-    ``cupyx.scatter_max``/``scatter_min``): atomic operations, exact for the
+    On the GPU, ``cupy.maximum.at``/``cupy.minimum.at`` (``cupyx.scatter_max``/
+    ``scatter_min`` where ``.at`` is missing; CuPy 14 deprecates those): atomic operations, exact for the
     int32 and uint64 targets used here (CuPy has no int64 ones, and its
     float64 ones round through float32, see :func:`_order_key`).
     """
     at = getattr(getattr(xp, ufunc.__name__), "at", None)
-    if at is None:  # CuPy < 14
+    if at is None:  # old CuPy
         import cupyx
 
         at = cupyx.scatter_max if ufunc is np.maximum else cupyx.scatter_min

@@ -304,6 +304,6 @@ def _check_variance(variance, mask, no_data):
     if n_bad:
         row, col = (int(v) for v in xp.argwhere(bad)[0])
         msg = (f"variance must be > 0 on pixels with data: {n_bad} pixel(s) are <= 0, "
-               f"first at row {row}, column {col} (value {variance[row, col]!r}); "
+               f"first at row {row}, column {col} (value {float(variance[row, col])!r}); "
                f"flag such pixels NO_DATA in the mask if they hold no data")
         raise InvalidVarianceError(msg)

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._backend import to_host
 from .errors import (
     ConfigurationError,
     FitsFormatError,
@@ -903,7 +904,8 @@ def _background_items(background):
 
 
 def _read_only(array):
-    view = np.asarray(array).view()
+    """Read-only host view of a plane (CuPy planes are copied to the host)."""
+    view = to_host(array).view()
     view.flags.writeable = False
     return view
 

@@ -79,7 +79,7 @@ def _structure_of_dense(maps):
     """:class:`LocalParameterMaps` of a dense ``J`` stack (one non-zero row per column)."""
     from ._cuda.stamp_kernels import spatial_map_structure
 
-    maps = np.asarray(maps, dtype=np.float64)
+    maps = to_host(maps).astype(np.float64, copy=False)
     owner, weights = spatial_map_structure(maps)
     return LocalParameterMaps(owner, weights, maps.shape[1])
 

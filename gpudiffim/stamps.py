@@ -156,11 +156,16 @@ def _correlate(stamps, kernels, per_stamp=False):
     stamp with every kernel (shape (N, K, F, F)).
     """
     path = kernel_path_for(stamps)
+    host_fft = correlate_stamps_each if per_stamp else correlate_stamps
     if path is None:
-        return correlate_stamps_each(stamps, kernels) if per_stamp else correlate_stamps(stamps, kernels)
+        return host_fft(stamps, kernels)
     from ._cuda import stamp_kernels
 
     xp = array_module_of(stamps)
+    if kernels.shape[-2] * kernels.shape[-1] > stamp_kernels.CORRELATE_MAX_TAPS:
+        # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
+        # 35^2): the host FFT path, correct but with a round trip
+        return xp.asarray(host_fft(to_host(stamps), to_host(kernels)))
     out = stamp_kernels.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype),
                                          per_stamp=per_stamp, backend=path)
     return out[:, 0] if per_stamp else out

@@ -88,6 +88,19 @@ def test_mask_bits_spread_over_kernel_support():
     assert np.count_nonzero(full & BAD) == 25 and np.count_nonzero(full & SAT) == 25
 
 
+@pytest.mark.gpu
+def test_mask_propagation_with_device_mask_and_footprint():
+    import cupy
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    mask = np.where(rng.random((60, 70)) < 0.02, BAD, 0).astype(np.int32)
+    footprint = rng.random((5, 7)) < 0.6
+    footprint[2, 3] = True
+    got = propagate_mask(cupy.asarray(mask), cupy.asarray(footprint))
+    assert isinstance(got, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(got), propagate_mask(mask, footprint))
+
+
 def test_no_data_pixels_flag_their_neighbourhood():
     rng = np.random.default_rng(3)
     image = rng.normal(size=(30, 30)) + 10

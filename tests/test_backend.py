@@ -76,6 +76,8 @@ def test_stage_timer_counts_queued_device_work():
     import cupy
 
     a = cupy.random.random((4096, 4096))
+    a = a @ a / 4096.0                      # warm-up: cuRAND and cuBLAS set up outside the timing
+    cupy.cuda.runtime.deviceSynchronize()
     timings = {}
     with use_backend("cupy"):
         host = time.perf_counter()

@@ -143,6 +143,17 @@ def test_write_masked_image_round_trip(tmp_path):
     assert read.info.header["KSUM"] == 0.98 and read.info.header["NGOOD"] == 12
 
 
+@pytest.mark.gpu
+def test_write_masked_image_with_device_planes(tmp_path):
+    import cupy
+
+    masked = _masked(np.float32, (5, -2))
+    on_device = MaskedImage(cupy.asarray(masked.image), cupy.asarray(masked.mask), cupy.asarray(masked.variance),
+                            xy0=masked.xy0)
+    write_masked_image(tmp_path / "mi.fits", on_device)
+    _assert_same_planes(read_exposure(tmp_path / "mi.fits").masked_image, masked)
+
+
 def _afw_style_file(path, xy0_cards, mask_dtype=np.uint16, names=False):
     """An LSST MaskedImage file as older afw writes it: no EXTNAME, uint16 mask with BZERO."""
     rng = np.random.RandomState(7)

@@ -250,6 +250,20 @@ def test_correlate_wrapper_rejects_too_many_taps():
         correlate_stamps(np.ones((1, side, side)), np.ones((1, side, side)))
 
 
+@pytest.mark.parametrize("per_stamp", [False, True])
+def test_stamp_fit_correlation_of_wide_kernels_falls_back_to_fft(emulator, rng, per_stamp):
+    """Kernels wider than the shared-memory stage (65^2 > 4096 taps) still fit on the kernel path."""
+    gen, seed = rng
+    side = int(np.sqrt(CORRELATE_MAX_TAPS)) + 2
+    stamps = gen.standard_normal((3, side + 6, side + 6))
+    kernels = gen.standard_normal((3 if per_stamp else 2, side, side))
+    expected = (fft_correlate_stamps_each if per_stamp else fft_correlate_stamps)(stamps, kernels)
+    with use_backend("cuda-emulator"):
+        got = stamps_module._correlate(stamps, kernels, per_stamp=per_stamp)
+    assert got.shape == expected.shape == ((3,) if per_stamp else (3, 2)) + (7, 7)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10, err_msg=f"seed {seed}")
+
+
 def test_correlate_wrapper_rejects_wrong_out_dtype(emulator):
     with pytest.raises(TypeError, match=r"argument 9 \(double\* out\): expected dtype float64, got float32"):
         correlate_stamps(np.ones((2, 6, 6)), np.ones((1, 3, 3)), out=np.empty((2, 1, 4, 4), np.float32))

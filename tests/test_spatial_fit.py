@@ -49,3 +49,18 @@ def test_distinct_columns_survive_projection_collisions(monkeypatch):
     distinct, index = _distinct_columns(array)
     assert distinct.shape[1] == 4
     assert np.array_equal(distinct[:, index], array)
+
+
+@pytest.mark.gpu
+def test_dense_device_maps_equal_the_host_result():
+    import cupy
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    n, n_basis, n_k = 30, 4, 3
+    matrices, vectors = rng.normal(size=(n, n_basis + 1, n_basis + 1)), rng.normal(size=(n, n_basis + 1))
+    dense = local_parameter_structure(rng.normal(size=(n, n_k)), rng.normal(size=(n, 1)), n_basis, True).dense()
+    expected = spatial_normal_equations(matrices, vectors, dense)
+    got = spatial_normal_equations(cupy.asarray(matrices), cupy.asarray(vectors), cupy.asarray(dense))
+    for g, e in zip(got, expected):
+        assert_allclose(cupy.asnumpy(g), e, rtol=1e-12, atol=1e-12)
+
