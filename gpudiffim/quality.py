@@ -351,9 +351,13 @@ class CandidateDifferences:
 
 
 def _planes(result, template, science):
-    """(image that was convolved, image it was matched to), as MaskedImages."""
-    template = getattr(template, "masked_image", template)
-    science = getattr(science, "masked_image", science)
+    """(image that was convolved, image it was matched to), as host MaskedImages.
+
+    The report's per-candidate arithmetic runs on the host: CuPy planes are
+    copied (only those of the inputs; the stamps are small).
+    """
+    template = getattr(template, "masked_image", template).to_module(np)
+    science = getattr(science, "masked_image", science).to_module(np)
     return (science, template) if result.convolved == "science" else (template, science)
 
 

@@ -97,7 +97,7 @@ class MatchResult:
         """The quality report (see the class attributes); computed once, on first access."""
         from .quality import quality_summary, quality_table
 
-        table = quality_table(self, *(image.to_module(np) for image in self._inputs))
+        table = quality_table(self, *self._inputs)
         log.info("%s", quality_summary(table))
         return table
 

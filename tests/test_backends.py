@@ -13,6 +13,7 @@ import pytest
 
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig, use_backend
 from gpudiffim._cuda import emulator as emulator_module
+from gpudiffim.quality import quality_table
 from gpudiffim.testing import make_fake_pair
 
 CONFIG = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1, spatial_bg_order=1,
@@ -120,6 +121,9 @@ def test_cupy_inputs_stay_on_the_device(pair, reference):
         image = getattr(result, name)
         assert all(isinstance(p, cupy.ndarray) for p in (image.image, image.mask, image.variance))
     _assert_same_science(result, reference, 1e-8, 1e-5)
+    # the quality report takes the device planes too (copied to the host for its arithmetic)
+    table = quality_table(result, template, science)
+    np.testing.assert_allclose(table["local_std"], reference.quality["local_std"], rtol=1e-6)
 
 
 def _other_size_pair():
