@@ -55,7 +55,12 @@ class Candidates:
 
     @classmethod
     def from_arrays(cls, ids, xs, ys, ratings):
-        """Validated copy of four equal-length sequences."""
+        """Validated copy of four equal-length sequences (ids and centres must be integers)."""
+        for name, values in (("id", ids), ("x", xs), ("y", ys)):
+            values = np.asarray(values)
+            if values.dtype.kind not in "iu" and not (values.dtype.kind == "f" and np.all(values == np.round(values))):
+                msg = f"candidate {name} values must be integers (pixel centres), got dtype {values.dtype}"
+                raise ConfigurationError(msg)
         arrays = (np.array(ids, dtype=np.int64), np.array(xs, dtype=np.int64),
                   np.array(ys, dtype=np.int64), np.array(ratings, dtype=np.float64))
         if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:

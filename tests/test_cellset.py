@@ -89,6 +89,12 @@ def test_unequal_candidate_arrays_are_an_error():
         Candidates.from_arrays([1, 2], [3], [4, 5], [1.0, 2.0])
 
 
+def test_fractional_centres_are_an_error():
+    with pytest.raises(ConfigurationError, match="candidate x values must be integers"):
+        Candidates.from_arrays([1], [10.5], [20], [1.0])
+    assert Candidates.from_arrays([1], [10.0], [20], [1.0]).x.tolist() == [10]
+
+
 def test_frozen_view_records_columns_and_table():
     candidates = Candidates.from_arrays([7, 8, 9], [15, 200, 300], [25, 100, 300], [3.0, 2.0, 1.0])
     cell_set = SpatialCellSet(BBOX, 100, 80, candidates)
