@@ -79,6 +79,13 @@ class StampBatch:
         offsets = np.arange(-half_size, half_size + 1)
         width = science.shape[1]
         centres = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
+        local = centres - np.array([x0, y0])
+        outside = np.any((local < half_size) | (local >= np.array(science.shape[::-1]) - half_size), axis=1)
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            msg = (f"{int(outside.sum())} stamp(s) of half-size {half_size} do not fit in the image, "
+                   f"first centred at ({centres[k, 0]}, {centres[k, 1]})")
+            raise ValueError(msg)
         centres = centres[:, 1] * width + centres[:, 0]
         window = offsets[:, None] * width + offsets[None, :]
         # only the centres and the window travel to the device; the (N, S, S) index is built there
