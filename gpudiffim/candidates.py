@@ -16,6 +16,7 @@ import scipy.ndimage as ndi
 from ._backend import array_module_of, to_host
 from .cellset import Candidates
 from .errors import ConfigurationError, NoKernelCandidatesError
+from .stamps import stamps_fit
 from .statistics import mad_sigma
 
 __all__ = [
@@ -518,9 +519,7 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     """
     x0, y0 = science.xy0
     centres = np.floor(positions + 0.5).astype(int) - np.array([x0, y0])
-    ny, nx = science.shape
-    inside = ((centres[:, 0] >= half_size) & (centres[:, 0] < nx - half_size)
-              & (centres[:, 1] >= half_size) & (centres[:, 1] < ny - half_size))
+    inside = stamps_fit(centres, science.shape, half_size)
     bad_bits = science.bits(bad_mask_planes) | template.bits(bad_mask_planes)
     centres_rc = centres[:, ::-1]
     clean = inside.copy()

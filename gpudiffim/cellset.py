@@ -71,10 +71,6 @@ class Candidates:
     def __len__(self):
         return len(self.id)
 
-    def centres(self):
-        """Parent ``(x, y)`` centres, shape (n, 2)."""
-        return np.stack([self.x, self.y], axis=1)
-
 
 class StampSolutions:
     """Stamp solutions of the candidates on one basis (``ip_diffim``'s ORIG or PCA).
@@ -203,7 +199,7 @@ class SpatialCellSet:
 
     def solution(self, key, n_basis):
         """The :class:`StampSolutions` under ``key``, created (empty) on first use."""
-        if key not in self.solutions or self.solutions[key].coefficients.shape[1] != n_basis:
+        if key not in self.solutions:
             self.solutions[key] = StampSolutions(len(self), n_basis)
         return self.solutions[key]
 

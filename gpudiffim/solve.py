@@ -161,7 +161,7 @@ class _Solver:
     def kernel_sum_stage(self):
         """Reject kernel-sum outliers among the visited candidates; return #rejected."""
         visited = self.visit()
-        sums = self.cell_set.solutions["orig"].kernel_sum[visited] if len(visited) else np.zeros(0)
+        sums = self.cell_set.solutions["orig"].kernel_sum[visited]
         if sums.size == 0:
             msg = "no kernel candidate left for the kernel-sum statistics"
             raise NoKernelCandidatesError(msg)

@@ -36,7 +36,26 @@ from .convolve import correlate_stamps, correlate_stamps_each
 from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
 
-__all__ = ["StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
+__all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
+
+
+def stamps_fit(centres, shape, half_size):
+    """Whether the ``(2 half_size + 1)^2`` stamp around each centre lies inside an image.
+
+    Parameters
+    ----------
+    centres : ndarray of int, shape (N, 2)
+        ``(x, y)`` centres relative to the image origin (column, row).
+    shape : tuple of int
+        Image ``(rows, columns)``.
+    half_size : int
+
+    Returns
+    -------
+    ndarray of bool, shape (N,)
+    """
+    limits = np.array(shape[::-1]) - half_size
+    return np.all((centres >= half_size) & (centres < limits), axis=1)
 
 
 @dataclass(frozen=True)
@@ -79,8 +98,7 @@ class StampBatch:
         offsets = np.arange(-half_size, half_size + 1)
         width = science.shape[1]
         centres = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
-        local = centres - np.array([x0, y0])
-        outside = np.any((local < half_size) | (local >= np.array(science.shape[::-1]) - half_size), axis=1)
+        outside = ~stamps_fit(centres - np.array([x0, y0]), science.shape, half_size)
         if outside.any():
             k = int(np.flatnonzero(outside)[0])
             msg = (f"{int(outside.sum())} stamp(s) of half-size {half_size} do not fit in the image, "
