@@ -102,7 +102,7 @@ def fwhm_to_sigma(fwhm):
 
     Examples
     --------
-    >>> round(fwhm_to_sigma(2.3548200450309493), 12)
+    >>> round(float(fwhm_to_sigma(2.3548200450309493)), 12)
     1.0
     """
     return fwhm / SIGMA_TO_FWHM

@@ -2,10 +2,13 @@
 
 :func:`make_fake_pair` renders a star field with a Gaussian PSF as the
 template, and makes the science image by applying a known spatially varying
-kernel to the noise-free template (exactly, with
-:func:`gpudiffim.apply.convolve_masked_image` on a canvas padded by the kernel
-half-width, so there are no edge effects) and adding a known differential
-background.  Noise, variable stars, transients, cosmic-ray hits and
+kernel to the noise-free template and adding a known differential background.
+The kernel is applied by :func:`correlate_spatial_kernel`, an implementation
+independent of the pipeline's (:mod:`gpudiffim.apply`,
+:mod:`gpudiffim.convolve`), so that tests of the fit do not check the
+pipeline's convolution against itself; it runs on a canvas padded by the
+kernel half-width and keeps only the pixels whose whole kernel footprint lies
+on the canvas, so no border convention enters.  Noise, variable stars, transients, cosmic-ray hits and
 saturated pixels are optional.  Everything is drawn from one seeded
 generator.
 """
@@ -13,15 +16,15 @@ generator.
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.signal
 
-from .apply import convolve_masked_image
 from .errors import ConfigurationError
 from .fwhm import SIGMA_TO_FWHM
 from .image import DEFAULT_MASK_PLANES, MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
 
-__all__ = ["FakePair", "make_fake_pair", "gaussian_kernel", "default_true_kernel"]
+__all__ = ["FakePair", "make_fake_pair", "gaussian_kernel", "default_true_kernel", "correlate_spatial_kernel"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,83 @@ def default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum=1.0, var
     slope_x, slope_y = gradient[0] * half_x, gradient[1] * half_y
     coefficients = kernel_sum * np.array([[0.5, slope_x, slope_y], [0.5, -slope_x, -slope_y]])
     return SpatialKernel(basis, coefficients, SpatialFunction("chebyshev1", 1, bbox))
+
+
+#: Most output pixels whose spatial weights :func:`correlate_spatial_kernel`
+#: evaluates at once (bounds its temporary memory on large images).
+_WEIGHT_BAND_PIXELS = 1 << 20
+
+
+def correlate_spatial_kernel(image, kernel, xy0=(0, 0)):
+    """Apply a spatially varying kernel where its whole footprint is on the image.
+
+    A reference implementation, written independently of
+    :func:`gpudiffim.apply.convolve_masked_image`: the ``afw`` correlation
+    ``out(x, y) = sum_{u,v} K(u, v; x, y) in(x + u, y + v)`` with
+    ``K(u, v; x, y) = kernel.image(x, y)[h_y + v, h_x + u]``, written as
+    ``sum_i f_i(x, y) (in * B_i)(x, y)`` over the basis kernels ``B_i`` and
+    their spatial coefficients ``f_i`` (or, when there are fewer spatial terms
+    than basis kernels, over the terms ``P_t`` and the kernels
+    ``sum_i a[i, t] B_i``), each fixed-kernel correlation being
+    :func:`scipy.signal.fftconvolve` with the flipped kernel in "valid" mode.
+
+    Parameters
+    ----------
+    image : array_like of shape (M, N)
+        Input pixels (computed in float64).
+    kernel : SpatialKernel
+        Kernel of shape ``(2 h_y + 1, 2 h_x + 1)``, evaluated at each output
+        pixel's parent coordinate.
+    xy0 : tuple of int
+        Parent coordinate ``(x, y)`` of ``image[0, 0]``.
+
+    Returns
+    -------
+    ndarray of shape (M - 2 h_y, N - 2 h_x)
+        The output pixels whose kernel footprint lies on the image; element
+        ``[0, 0]`` is at parent ``(xy0[0] + h_x, xy0[1] + h_y)``.  There is no
+        border convention: pad the input by the half-widths to get a full
+        output.
+
+    Examples
+    --------
+    A spatially constant kernel is a plain correlation (cross-correlation: the
+    kernel pixel at offset ``(u, v)`` = ``(+1, 0)`` picks the right neighbour):
+
+    >>> import numpy as np
+    >>> from gpudiffim import SpatialKernel
+    >>> from gpudiffim.spatial import SpatialFunction
+    >>> shift = np.zeros((1, 3, 3))
+    >>> shift[0, 1, 2] = 1.0
+    >>> kernel = SpatialKernel(shift, [[1.0]], SpatialFunction("chebyshev1", 0, (0, 0, 4, 2)))
+    >>> image = np.arange(15.0).reshape(3, 5)
+    >>> correlate_spatial_kernel(image, kernel)
+    array([[7., 8., 9.]])
+    """
+    image = np.asarray(image, dtype=np.float64)
+    hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    rows, columns = image.shape[0] - 2 * hy, image.shape[1] - 2 * hx
+    if rows <= 0 or columns <= 0:
+        return np.zeros((max(rows, 0), max(columns, 0)))
+    function = kernel.spatial_function
+    if kernel.n_basis <= function.n_terms:
+        kernels, weights = kernel.basis, kernel.coefficients  # f_i = sum_t a[i, t] P_t
+    else:
+        kernels = np.einsum("it,ikl->tkl", kernel.coefficients, kernel.basis)
+        weights = np.eye(function.n_terms)  # the maps are the terms P_t themselves
+    x = xy0[0] + hx + np.arange(columns)
+    y = xy0[1] + hy + np.arange(rows)
+    band = max(1, _WEIGHT_BAND_PIXELS // columns)
+    out = np.zeros((rows, columns))
+    for fixed, coefficients in zip(kernels, weights):
+        if not np.any(fixed) or not np.any(coefficients):
+            continue
+        correlated = scipy.signal.fftconvolve(image, fixed[::-1, ::-1], mode="valid")
+        for start in range(0, rows, band):
+            stop = min(rows, start + band)
+            out[start:stop] += correlated[start:stop] * function.evaluate(coefficients, x[None, :],
+                                                                          y[start:stop, None])
+    return out
 
 
 def _render(shape, xy0, x, y, flux, sigma):
@@ -199,20 +279,20 @@ def make_fake_pair(shape=(512, 512), n_stars=200, *, seed=0, template_sigma=1.5,
     bbox = (xy0[0], xy0[1], xy0[0] + shape[1] - 1, xy0[1] + shape[0] - 1)
     if kernel is None:
         kernel = default_true_kernel(bbox, template_sigma, science_sigma, kernel_sum)
-    h = kernel.shape[0] // 2
+    hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
     stars = _star_table(rng, n_stars, bbox, 3, flux_range, n_variables, n_transients)
     stars["science_flux"] = np.where(stars["kind"] == "variable", variable_factor * stars["flux"],
                                      stars["science_flux"])
-    padded_shape, padded_xy0 = (shape[0] + 2 * h, shape[1] + 2 * h), (xy0[0] - h, xy0[1] - h)
-    inner = np.s_[h:h + shape[0], h:h + shape[1]]
+    padded_shape, padded_xy0 = (shape[0] + 2 * hy, shape[1] + 2 * hx), (xy0[0] - hx, xy0[1] - hy)
+    inner = np.s_[hy:hy + shape[0], hx:hx + shape[1]]
     template_signal = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["flux"],
                               template_sigma)[inner]
     # science sources (variables scaled, transients added) seen through the template PSF,
-    # then the kernel: every science source has exactly the science PSF
+    # then the kernel: every science source has exactly the science PSF.  The padded canvas
+    # makes every science pixel a complete kernel sum (no edge convention).
     unconvolved = _render(padded_shape, padded_xy0, stars["x"], stars["y"], stars["science_flux"],
                           template_sigma)
-    padded = MaskedImage(unconvolved, variance=np.ones(padded_shape), xy0=padded_xy0)
-    science_signal = convolve_masked_image(padded, kernel)[0][inner]
+    science_signal = correlate_spatial_kernel(unconvolved, kernel, padded_xy0)
     truth_bg = BackgroundModel(np.asarray(background, dtype=float),
                                SpatialFunction("chebyshev1", 1, bbox))
     science_signal += truth_bg.image(shape, xy0)

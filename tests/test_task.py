@@ -7,6 +7,7 @@ from astropy.stats import sigma_clipped_stats
 
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
 from gpudiffim.cli import main
+from gpudiffim.errors import NoKernelCandidatesError
 from gpudiffim.io import write_masked_image
 from gpudiffim.testing import make_fake_pair
 
@@ -127,7 +128,8 @@ def test_options_give_good_subtractions(pair, changes):
 def test_condition_number_check_rejects_candidates(pair):
     config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=0, check_condition_number=True,
                             max_condition_number=10.0)
-    with pytest.raises(Exception, match="condition number"):
+    rejected = r"every kernel candidate was rejected \(\d+ by condition number\)"
+    with pytest.raises(NoKernelCandidatesError, match=rejected):
         ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
 
 
