@@ -1,9 +1,10 @@
 """Compute-backend selection: NumPy everywhere, CuPy where a CUDA device works.
 
 The environment variable ``GPUDIFFIM_BACKEND`` (``auto``, ``cupy``,
-``numpy`` or ``cuda-emulator``; default ``auto``) is read and validated when
-gpudiffim is imported;
-a typo raises :class:`~gpudiffim.errors.ConfigurationError` at once.  Whether
+``numpy`` or ``cuda-emulator``; default ``auto``) is read when gpudiffim is
+imported; a typo raises :class:`~gpudiffim.errors.ConfigurationError` naming
+the variable wherever the backend is first asked for (so that ``import
+gpudiffim`` and the command line can still report it cleanly).  Whether
 CuPy and a device are usable is probed lazily, on first use, and cached: a
 process that has not asked never initialises the CUDA driver (which would
 make ``fork`` unsafe).  ``auto`` falls back to NumPy silently;
@@ -37,7 +38,7 @@ import numpy as np
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
-           "kernel_path_for", "stage_timer", "synchronize", "to_host", "use_backend"]
+           "kernel_path_for", "ndimage_of", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
 BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
@@ -51,7 +52,7 @@ def _check_backend(name, source):
     return value
 
 
-_REQUESTED = _check_backend(os.environ.get("GPUDIFFIM_BACKEND", "auto"), "GPUDIFFIM_BACKEND")
+_ENVIRONMENT = os.environ.get("GPUDIFFIM_BACKEND", "auto")
 _override = contextvars.ContextVar("gpudiffim_backend", default=None)
 
 
@@ -72,8 +73,14 @@ def _cupy_probe():
 
 
 def requested_backend():
-    """The backend asked for: the :func:`use_backend` override, else the environment."""
-    return _override.get() or _REQUESTED
+    """The backend asked for: the :func:`use_backend` override, else the environment.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``GPUDIFFIM_BACKEND`` holds an unknown name (and no override is active).
+    """
+    return _override.get() or _check_backend(_ENVIRONMENT, "GPUDIFFIM_BACKEND")
 
 
 def compute_backend():
@@ -130,6 +137,17 @@ def array_module_of(array):
 
         return cupy
     return np
+
+
+def ndimage_of(array):
+    """``cupyx.scipy.ndimage`` for a CuPy array, else ``scipy.ndimage``."""
+    if is_device_array(array):
+        from cupyx.scipy import ndimage
+
+        return ndimage
+    from scipy import ndimage
+
+    return ndimage
 
 
 def synchronize():
@@ -211,6 +229,10 @@ def use_backend(name):
 
 def backend_info():
     """Which backend runs, on which device, with which library versions.
+
+    Raises :class:`~gpudiffim.errors.ConfigurationError` for an unknown
+    ``GPUDIFFIM_BACKEND``; a backend that cannot run is reported, not raised
+    (:func:`compute_backend` raises).
 
     Returns
     -------

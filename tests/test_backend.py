@@ -17,10 +17,25 @@ def _import_with(value):
                           check=False)
 
 
-def test_typo_in_environment_fails_at_import():
+def test_typo_in_environment_fails_at_first_use():
     run = _import_with("cupyy")
     assert run.returncode != 0
-    assert "ConfigurationError" in run.stderr and "GPUDIFFIM_BACKEND" in run.stderr
+    assert "ConfigurationError" in run.stderr and "GPUDIFFIM_BACKEND='cupyy'" in run.stderr
+    assert "import gpudiffim" not in run.stderr      # the import itself went through
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("bogus", "invalid GPUDIFFIM_BACKEND='bogus'"),
+    pytest.param("cupy", "the CuPy backend was requested but",
+                 marks=pytest.mark.skipif(_cupy_probe()[0], reason="a CUDA device is usable here")),
+])
+def test_command_line_reports_an_unusable_backend_in_one_line(value, message):
+    env = {"GPUDIFFIM_BACKEND": value, "PATH": "", "PYTHONPATH": ":".join(sys.path)}
+    run = subprocess.run([sys.executable, "-m", "gpudiffim.cli", "info"], env=env, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and message in run.stderr
 
 
 @pytest.mark.parametrize("value", ["numpy", "NumPy ", "auto"])
