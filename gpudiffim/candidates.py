@@ -573,5 +573,6 @@ def require_candidates(candidates, minimum=1):
     """Raise :class:`NoKernelCandidatesError` if fewer than ``minimum`` are usable."""
     if len(candidates) < minimum:
         msg = (f"only {len(candidates)} usable kernel candidate(s), need at least {minimum}: "
-               f"lower detection.det_threshold or detection.min_snr, or pass candidates=")
+               f"lower detection.det_threshold or detection.min_snr, or pass candidates= "
+               f"(command line: --candidates FILE)")
         raise NoKernelCandidatesError(msg)

@@ -1,4 +1,4 @@
-"""Command line ``gpudiffim``: ``subtract``, ``demo`` and ``info``.
+"""Command line gpudiffim: subtract, demo and info.
 
 Exit codes: 0 success, 2 bad input (files, FITS, configuration, registration),
 3 the kernel fit failed (too few candidates, singular system).  Errors are
@@ -9,9 +9,11 @@ reported as one line on stderr; progress and the summary go to stderr through
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -139,18 +141,81 @@ def _read(prefix, args):
     hdu = options.pop("hdu")
     if hdu is not None and hdu.isdigit():
         hdu = int(hdu)
-    exposure = read_exposure(getattr(args, prefix), hdu=hdu,
-                             **{k: v for k, v in options.items() if v is not None})
-    if args.variance_correction != "none":
-        from .exposure import Exposure
-        from .variance import scale_variance
+    return read_exposure(getattr(args, prefix), hdu=hdu, **{k: v for k, v in options.items() if v is not None})
 
-        scaled, factor = scale_variance(exposure.masked_image, mode=args.variance_correction,
-                                        limit=args.variance_scale_limit)
-        log.info("%s: variance correction (%s) %.4g", prefix, args.variance_correction, factor)
-        exposure = Exposure(scaled, wcs=exposure.wcs, psf_fwhm_pix=exposure.psf_fwhm_pix,
-                            psf_image=exposure.psf_image, info=exposure.info)
-    return exposure
+
+def _input_paths(args):
+    """Every file the command reads (images, maps, PSFs, candidates, config)."""
+    names = ["science", "template", "candidates", "config_file"]
+    names += [f"{prefix}_{name}" for prefix in ("science", "template")
+              for name in ("variance", "sigma", "mask", "weight", "psf")]
+    return [getattr(args, name) for name in names if getattr(args, name, None)]
+
+
+def _check_outputs(args):
+    """Refuse unusable output paths before any input is read.
+
+    Raises
+    ------
+    ConfigurationError
+        If an output exists without ``--overwrite``, its folder is missing,
+        it is also an input or another output, or ``--plots`` names a file.
+    """
+    inputs = {os.path.realpath(path): path for path in _input_paths(args)}
+    outputs = {}
+    for option, path in (("-o/--output", args.output), ("--matched", args.matched)):
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in inputs:
+            msg = f"{option} {path} is also an input ({inputs[real]}): choose another output file"
+            raise ConfigurationError(msg)
+        if real in outputs:
+            msg = f"{option} {path} is also {outputs[real]}: choose two different output files"
+            raise ConfigurationError(msg)
+        outputs[real] = option
+        folder = os.path.dirname(real)
+        if not os.path.isdir(folder):
+            msg = f"{option} {path}: folder {os.path.dirname(path) or folder} does not exist"
+            raise ConfigurationError(msg)
+        if os.path.isdir(real):
+            msg = f"{option} {path} is a folder: name a FITS file"
+            raise ConfigurationError(msg)
+        if os.path.exists(real) and not args.overwrite:
+            msg = f"{option} {path} exists: pass --overwrite to replace it"
+            raise ConfigurationError(msg)
+    if args.plots and os.path.exists(args.plots) and not os.path.isdir(args.plots):
+        msg = f"--plots {args.plots} is a file, not a folder: name a folder for the figures"
+        raise ConfigurationError(msg)
+
+
+def _read_candidates(path):
+    """Candidate positions (x, y in parent pixels) from a CSV or FITS table.
+
+    Raises
+    ------
+    ConfigurationError
+        If the file cannot be read as a table with columns ``x`` and ``y``.
+    """
+    from astropy.table import Table
+
+    if path is None:
+        return None
+    is_csv = path.lower().endswith((".csv", ".txt"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy's unit/format chatter; bad content raises below
+            table = Table.read(path, format="ascii.csv" if is_csv else None)
+    except Exception as error:  # astropy raises many kinds for a malformed file
+        msg = f"--candidates {path}: cannot read a table ({type(error).__name__}: {error})"
+        raise ConfigurationError(msg) from None
+    columns = {name.lower(): name for name in table.colnames}
+    if "x" not in columns or "y" not in columns:
+        msg = f"--candidates {path}: needs columns x and y (parent pixels), found {table.colnames}"
+        raise ConfigurationError(msg)
+    log.info("%d kernel candidate(s) read from %s", len(table), path)
+    return np.stack([np.asarray(table[columns["x"]], dtype=float),
+                     np.asarray(table[columns["y"]], dtype=float)], axis=1)
 
 
 def _plot_names(args):
@@ -167,24 +232,58 @@ def _plot_names(args):
     return check_debug_names([name for name in names if name])
 
 
+def _config_defaults(args):
+    """Config fields set by dedicated command-line options (``--config`` overrides them)."""
+    defaults = {}
+    if args.variance_correction is not None:
+        defaults["variance_correction"] = args.variance_correction
+    if args.variance_scale_limit is not None:
+        defaults["variance_correction_limit"] = args.variance_scale_limit
+    return defaults
+
+
+def _provenance(config, result, centre):
+    """Header cards of the outputs: version, kernel, candidates, variance correction, orders, config.
+
+    ``VARCORR`` is the variance correction asked for; ``VCTAPPL``/``VCSAPPL``
+    what was applied to the template/science ("scale", "add" or "none") and
+    ``VCTVAL``/``VCSVAL`` the factor or the variance added.  ``SPKORDER`` and
+    ``SPBORDER`` are the spatial orders used (lowered when the candidates
+    support fewer terms).
+    """
+    diagnostics = result.diagnostics
+    cards = {"GDIFFVER": __version__, "CONVOLVD": result.convolved,
+             "KSUM": result.psf_matching_kernel.kernel_sum(*centre),
+             "NGOOD": result.kernel_cell_set.n_good, "NBAD": result.kernel_cell_set.n_bad,
+             "SPKORDER": diagnostics["spatial_kernel_order"], "SPBORDER": diagnostics["spatial_bg_order"],
+             "VARCORR": diagnostics["variance_correction"]["mode"]}
+    for key, name in (("VCT", "template"), ("VCS", "science")):
+        done = diagnostics["variance_correction"][name]
+        cards[f"{key}APPL"] = done.applied if done else "none"
+        if done:
+            cards[f"{key}VAL"] = done.value
+    cards["CONFIG"] = json.dumps(config.to_dict(), sort_keys=True)
+    return cards
+
+
 def _subtract(args):
     from .io import write_exposure
     from .task import ImagePsfMatchTask
 
+    _check_outputs(args)
     plot_names = _plot_names(args)
-    config = build_config(args.config, args.config_file, defaults={"fit_for_background": True})
+    config = build_config(args.config, args.config_file, defaults=_config_defaults(args))
+    candidates = _read_candidates(args.candidates)
     science, template = _read("science", args), _read("template", args)
     task = ImagePsfMatchTask(config)
-    result = task.subtract_exposures(template, science, template_fwhm_pix=args.template_fwhm,
+    result = task.subtract_exposures(template, science, candidates=candidates,
+                                     template_fwhm_pix=args.template_fwhm,
                                      science_fwhm_pix=args.science_fwhm,
                                      do_warping=not args.no_warp,
                                      convolve_template=args.convolve == "template")
     x0, y0, x1, y1 = result.subtracted_image.bbox()
     centre = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
-    provenance = {"GDIFFVER": __version__, "CONVOLVD": result.convolved,
-                  "KSUM": result.psf_matching_kernel.kernel_sum(*centre),
-                  "NGOOD": result.kernel_cell_set.n_good, "NBAD": result.kernel_cell_set.n_bad,
-                  "CONFIG": json.dumps(config.to_dict(), sort_keys=True)}
+    provenance = _provenance(config, result, centre)
     write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
                    background=result.background_model, provenance=provenance,
                    tables={"QUALITY": result.quality}, overwrite=args.overwrite)
@@ -209,8 +308,9 @@ def _info(args):
     import astropy
     import scipy
 
-    from ._backend import backend_info
+    from ._backend import backend_info, compute_backend
 
+    compute_backend()  # an unusable requested backend is an error here, as in subtract
     info = backend_info()
     print(f"gpudiffim {__version__}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
@@ -254,15 +354,21 @@ def _parser():
     subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
     subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
     subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")
-    subtract.add_argument("--variance-correction", choices=("auto", "scale", "add", "none"), default="auto",
-                          help="match each variance plane to the measured sky noise: 'scale' it (as "
-                               "ip_diffim), 'add' the missing sky variance (sky-subtracted frames whose "
-                               "variance lacks the sky), 'auto' (default: scale when the factor is at most "
-                               "2, else add), or 'none'")
-    subtract.add_argument("--variance-scale-limit", type=float, default=1000.0,
-                          help="largest variance correction ratio accepted (default 1000)")
-    subtract.add_argument("--backend", choices=("auto", "numpy"), default="auto",
-                          help="compute backend (only numpy exists so far)")
+    subtract.add_argument("--candidates", metavar="FILE",
+                          help="kernel candidates: a CSV (header x,y) or FITS table with columns x and y "
+                               "in parent pixels of the science image, instead of detecting them")
+    subtract.add_argument("--variance-correction", choices=("auto", "scale", "add", "none"),
+                          help="match each variance plane to the measured sky noise (config field "
+                               "variance_correction): 'scale' it (as Rubin's doScaleVariance), 'add' the "
+                               "missing sky variance (sky-subtracted frames whose variance lacks the sky), "
+                               "'auto' (default: scale when the factor is at most 2, else add), or 'none'")
+    subtract.add_argument("--variance-scale-limit", type=float,
+                          help="largest variance correction ratio accepted (default 1000; config field "
+                               "variance_correction_limit)")
+    subtract.add_argument("--backend", choices=("auto", "numpy", "cupy", "cuda-emulator"),
+                          help="compute backend (default: GPUDIFFIM_BACKEND, else auto: CuPy where a CUDA "
+                               "device answers, else NumPy; cuda-emulator runs the CUDA kernels on the "
+                               "CPU, slowly, for verification)")
     subtract.add_argument("--plots", metavar="DIR",
                           help="write diagnostic figures (PNG) and a PDF report to DIR after the fit "
                                "(needs matplotlib: pip install gpudiffim[plot])")
@@ -291,13 +397,31 @@ def _parser():
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line on stderr (``warning: ...``), without source paths."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _run(args):
+    backend = getattr(args, "backend", None)
+    if backend is None:
+        return args.run(args)
+    from ._backend import use_backend
+
+    with use_backend(backend):
+        return args.run(args)
+
+
 def main(argv=None):
     """Entry point of the ``gpudiffim`` command; returns the exit code."""
     args = _parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            if not args.verbose:
+                warnings.showwarning = _show_warning
+            return _run(args)
     except (NoKernelCandidatesError, SingularSystemError) as error:
         if args.verbose:
             raise

@@ -2,10 +2,16 @@
 
 The fields and defaults are those of LSST ``ip_diffim``'s ``PsfMatchConfig``,
 ``PsfMatchConfigAL``, ``PsfMatchConfigDF`` and the legacy ``DetectionConfig``,
-renamed to snake_case (``kernelSize`` -> ``kernel_size``).  Fields that are dead
+renamed to snake_case (``kernelSize`` -> ``kernel_size``), with one default
+changed: ``fit_for_background`` is True (``ip_diffim``: False), as in HOTPANTS
+and Rubin's current subtraction task.  Fields that are dead
 in ``ip_diffim`` (``useAfwBackground``, ``calculateKernelUncertainty``,
 ``useBicForKernelBasis``, the deprecated ``alard*Deconv`` degree fields and the
 risk-minimisation lambda scan, which cannot run there) are left out.
+gpudiffim adds ``reduce_spatial_order``, ``variance_correction`` (with its
+limit) and ``max_solve_restarts``; ``PsfMatchConfig(fit_for_background=False,
+reduce_spatial_order=False, variance_correction="none")`` behaves as
+``ip_diffim``'s ``ImagePsfMatchTask``.
 
 Two defaults depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
 ``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
@@ -31,6 +37,7 @@ BASIS_SETS = ("alard-lupton", "delta-function")
 SPATIAL_MODEL_TYPES = ("chebyshev1", "polynomial")
 CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
 REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
+VARIANCE_CORRECTIONS = ("auto", "scale", "add", "none")
 LAMBDA_TYPES = ("absolute", "relative")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
@@ -162,12 +169,21 @@ class PsfMatchConfig:
         Clamp of the FWHM-derived kernel width.
     fit_for_background : bool
         Fit a differential background (constant per stamp, spatial model
-        of order ``spatial_bg_order``).
+        of order ``spatial_bg_order``).  True by default, as in HOTPANTS and
+        Rubin's current subtraction task, so that images that still hold
+        their sky are matched; ``ip_diffim``'s ``PsfMatchConfig`` default
+        was False (pass ``fit_for_background=False`` for it).
     spatial_model_type : {"chebyshev1", "polynomial"}
         Spatial functions; Chebyshev over the cell-set box, or monomials of
         raw parent-pixel coordinates.
     spatial_kernel_order, spatial_bg_order : int
         Total degree of the spatial variation of the kernel and background.
+    reduce_spatial_order : bool
+        Lower each spatial order, for one spatial fit, to the highest that
+        the candidates in that fit support: at least two candidates per
+        spatial term, ``n >= (order + 1)(order + 2)``.  The orders used are
+        logged and recorded in the result's diagnostics.  False fits the
+        configured orders however few candidates there are (as ``ip_diffim``).
     size_cell_x, size_cell_y : int
         Spatial-cell size (px).
     n_star_per_cell : int
@@ -205,6 +221,18 @@ class PsfMatchConfig:
         deconvolution mode).
     use_regularization, regularization_type, central_regularization_stencil, forward_regularization_orders, regularization_border_penalty, lambda_type, lambda_value, lambda_scaling
         Delta-function regularisation.
+    variance_correction : {"auto", "scale", "add", "none"}
+        Correct both input variance planes to the noise measured on their
+        sky before fitting (:func:`gpudiffim.variance.scale_variance`, like
+        Rubin's ``doScaleVariance``): "scale" multiplies the plane by a
+        factor, "add" adds the missing sky variance (sky-subtracted frames
+        whose variance lacks the sky's photon noise), "auto" scales when the
+        factor is at most 2 and adds otherwise, "none" uses the planes as
+        given (``ip_diffim``'s ``ImagePsfMatchTask``).  What was applied is
+        logged and recorded in the result's ``diagnostics``.
+    variance_correction_limit : float
+        Largest correction factor (or ratio of measured to planned sky
+        variance) accepted; beyond it the plane is reported as wrong.
     max_solve_restarts : int
         Bound on the kernel-sum and PCA restarts of the solve loop, which are
         unbounded in ``ip_diffim``; exceeding it raises
@@ -219,10 +247,11 @@ class PsfMatchConfig:
     kernel_size_fwhm_scaling: float = 6.0
     kernel_size_min: int = 21
     kernel_size_max: int = 35
-    fit_for_background: bool = False
+    fit_for_background: bool = True
     spatial_model_type: str = "chebyshev1"
     spatial_kernel_order: int = 2
     spatial_bg_order: int = 1
+    reduce_spatial_order: bool = True
     size_cell_x: int = 128
     size_cell_y: int = 128
     n_star_per_cell: int = 5
@@ -262,6 +291,8 @@ class PsfMatchConfig:
     lambda_value: float = 0.2
     lambda_scaling: float = 1.0e-4
     # gpudiffim additions
+    variance_correction: str = "auto"
+    variance_correction_limit: float = 1000.0
     max_solve_restarts: int = 20
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -286,6 +317,7 @@ class PsfMatchConfig:
         _check_choice(self, "spatial_model_type", SPATIAL_MODEL_TYPES)
         _check_int(self, "spatial_kernel_order", minimum=0, maximum=10)
         _check_int(self, "spatial_bg_order", minimum=0, maximum=10)
+        _check_bool(self, "reduce_spatial_order")
         _check_int(self, "size_cell_x", minimum=32)
         _check_int(self, "size_cell_y", minimum=32)
         _check_int(self, "n_star_per_cell", minimum=-1)
@@ -297,6 +329,8 @@ class PsfMatchConfig:
         _check_bool(self, "subtract_mean_for_pca")
         _check_int(self, "num_principal_components", minimum=3)
         _check_int(self, "max_solve_restarts", minimum=0)
+        _check_choice(self, "variance_correction", VARIANCE_CORRECTIONS)
+        _check_float(self, "variance_correction_limit", minimum=1.0)
 
     def _validate_clipping_fields(self):
         for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",

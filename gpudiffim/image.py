@@ -250,6 +250,31 @@ class MaskedImage:
         x0, y0 = self._xy0
         return (x0, y0, x0 + self.shape[1] - 1, y0 + self.shape[0] - 1)
 
+    def subimage(self, bbox):
+        """The part of this image inside a parent bounding box (contiguous copies of the planes).
+
+        Parameters
+        ----------
+        bbox : tuple of int
+            ``(x_min, y_min, x_max, y_max)`` in parent pixels, inclusive, inside
+            :meth:`bbox`.
+
+        Raises
+        ------
+        ShapeError
+            If ``bbox`` is empty or reaches outside the image.
+        """
+        x_min, y_min, x_max, y_max = (int(v) for v in bbox)
+        own = self.bbox()
+        if not (own[0] <= x_min <= x_max <= own[2] and own[1] <= y_min <= y_max <= own[3]):
+            msg = f"sub-image box {tuple(bbox)} is empty or not inside the image box {own}"
+            raise ShapeError(msg)
+        x0, y0 = self._xy0
+        rows, cols = slice(y_min - y0, y_max - y0 + 1), slice(x_min - x0, x_max - x0 + 1)
+        xp = self.xp
+        return MaskedImage._wrap(*(xp.ascontiguousarray(a[rows, cols]) for a in
+                                   (self._image, self._mask, self._variance)), (x_min, y_min), self._planes)
+
     def __repr__(self):
         return (f"MaskedImage(shape={self.shape}, dtype={self.dtype}, xy0={self.xy0}, "
                 f"planes={sorted(self._planes)})")

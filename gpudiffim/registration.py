@@ -1,7 +1,8 @@
 """Registration of a template exposure onto the science exposure's pixel grid.
 
 Follows the legacy ``ImagePsfMatchTask._validateWcs``: if both exposures are on
-the same grid nothing is done; otherwise the template is warped onto the
+the same grid, or one has no WCS (then both are taken to be in one parent pixel
+frame, and the task matches them on their overlap), nothing is done; otherwise the template is warped onto the
 science WCS and bounding box (Lanczos-3, see :mod:`gpudiffim.warp`), unless
 warping is disabled, which is then an error.  Fields that do not overlap at
 all are an error.
@@ -42,8 +43,10 @@ def register_template(template, science, *, do_warping=True):
     Raises
     ------
     RegistrationError
-        If the grids differ and ``do_warping`` is False, if a WCS is missing
-        while the grids may differ, or if the fields do not overlap.
+        If the grids differ and ``do_warping`` is False, or if the fields do
+        not overlap.  Without a WCS on either exposure both are taken to be
+        in one parent pixel frame; images placed differently there are
+        matched on their overlap by the task.
     """
     for name, value in (("template", template), ("science", science)):
         if not isinstance(value, Exposure):
@@ -51,12 +54,8 @@ def register_template(template, science, *, do_warping=True):
             raise TypeError(msg)
     t_image, s_image = template.masked_image, science.masked_image
     if template.wcs is None or science.wcs is None:
-        if t_image.shape == s_image.shape and t_image.xy0 == s_image.xy0:
-            log.info("an exposure has no WCS: assuming both are on the same pixel grid")
-            return template, False
-        msg = ("cannot register the exposures: a WCS is missing and the pixel grids differ "
-               f"(template {t_image.shape} at {t_image.xy0}, science {s_image.shape} at {s_image.xy0})")
-        raise RegistrationError(msg)
+        log.info("an exposure has no WCS: assuming both are in one parent pixel frame (xy0)")
+        return template, False
     if same_grid(*_grid(template), *_grid(science)):
         return template, False
     if not do_warping:

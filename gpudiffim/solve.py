@@ -78,14 +78,31 @@ class _Solver:
         self.half_size = half_size
         self.regularization = regularization
         self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
-        self.kernel_function = SpatialFunction(config.spatial_model_type, config.spatial_kernel_order,
-                                               cell_set.bbox)
-        bg_order = config.spatial_bg_order if config.fit_for_background else 0
-        self.bg_function = SpatialFunction(config.spatial_model_type, bg_order, cell_set.bbox)
+        self.kernel_function = self.spatial_function(config.spatial_kernel_order)
+        self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
         #: (normal matrices, normal vectors) of every fitted batch, where they were computed
         #: (device arrays on the GPU); the solutions refer to them by (batch, row).
         self.systems = []
+
+    def spatial_function(self, order):
+        return SpatialFunction(self.config.spatial_model_type, order, self.cell_set.bbox)
+
+    def supported_function(self, what, order, n_candidates):
+        """Spatial function of ``order``, or of the highest lower order ``n_candidates`` support.
+
+        With ``reduce_spatial_order``, an order needs at least two candidates
+        per spatial term; a reduction in the final fit is reported by
+        :func:`_diagnose`.
+        """
+        function = self.spatial_function(order)
+        if not self.config.reduce_spatial_order:
+            return function
+        while function.order > 0 and n_candidates < 2 * function.n_terms:
+            function = self.spatial_function(function.order - 1)
+        if function.order < order:
+            log.debug("spatial %s order %d -> %d for %d candidates", what, order, function.order, n_candidates)
+        return function
 
     def visit(self):
         return self.cell_set.visit(self.config.n_star_per_cell)
@@ -203,6 +220,9 @@ class _Solver:
         if not len(used):
             msg = "no kernel candidate available for the spatial fit"
             raise NoKernelCandidatesError(msg)
+        self.kernel_function = self.supported_function("kernel", config.spatial_kernel_order, len(used))
+        if config.fit_for_background:
+            self.bg_function = self.supported_function("background", config.spatial_bg_order, len(used))
         xs = self.cell_set.x[used].astype(np.float32).astype(np.float64)
         ys = self.cell_set.y[used].astype(np.float32).astype(np.float64)
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
@@ -327,7 +347,8 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
     x0, y0, x1, y1 = cell_set.bbox
     diagnostics = {"kernel_sum_at_centre": kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1)),
                    "spatial_condition_number": cond, "n_good": n_good, "n_bad": n_bad,
-                   "warnings": []}
+                   "spatial_kernel_order": solver.kernel_function.order,
+                   "spatial_bg_order": solver.bg_function.order, "warnings": []}
 
     def complain(message, warn=True):
         diagnostics["warnings"].append(message)
@@ -336,6 +357,13 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
         else:
             log.warning(message)
 
+    for what, function, order in (("kernel", solver.kernel_function, config.spatial_kernel_order),
+                                   ("background", solver.bg_function, config.spatial_bg_order)):
+        if function.order < order and (what == "kernel" or config.fit_for_background):
+            wanted = solver.spatial_function(order).n_terms
+            complain(f"spatial {what} order lowered from {order} to {function.order}: {solution[3]} "
+                     f"candidate(s) in the spatial fit, and order {order} ({wanted} terms) needs two per "
+                     f"term (reduce_spatial_order=False keeps it)", warn=False)
     if cond > config.max_spatial_condition_number:
         complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}")
     if n_bad > 2 * n_good:

@@ -28,8 +28,11 @@ def iqr_sigma(values):
     """Gaussian-equivalent standard deviation from the interquartile range.
 
     Quartiles use linear interpolation at ``p (n - 1)`` (as ``afw``).
+    ``values`` may be a NumPy or a CuPy array (the quartiles are taken where
+    they live).
     """
-    q1, q3 = np.quantile(np.asarray(values, dtype=np.float64), [0.25, 0.75], method="linear")
+    xp = array_module_of(values)
+    q1, q3 = (float(q) for q in xp.quantile(xp.asarray(values, dtype=np.float64), xp.asarray([0.25, 0.75])))
     return _IQR_TO_SIGMA * (q3 - q1)
 
 

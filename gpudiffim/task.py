@@ -33,13 +33,14 @@ from .candidates import (
 )
 from .cellset import KernelCellSet, SpatialCellSet
 from .config import PsfMatchConfig
-from .errors import ConfigurationError, ShapeError
+from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
 from .exposure import Exposure
 from .fwhm import estimate_fwhm
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import register_template
 from .solve import solve_kernel
+from .variance import correct_variance
 
 __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
            "ExposureSubtractResult"]
@@ -165,16 +166,37 @@ def _check_pair(template, science):
         if not isinstance(value, MaskedImage):
             msg = f"{name} must be a gpudiffim.MaskedImage, got {type(value).__name__}"
             raise TypeError(msg)
-    if template.shape != science.shape:
-        msg = f"template shape {template.shape} differs from science shape {science.shape}"
-        raise ShapeError(msg)
-    if template.xy0 != science.xy0:
-        msg = f"template xy0 {template.xy0} differs from science xy0 {science.xy0}: images must be aligned"
-        raise ShapeError(msg)
     if template.xp is not science.xp:
         msg = ("template and science planes must both be NumPy or both be CuPy arrays, got "
                f"{template.xp.__name__} and {science.xp.__name__}")
         raise TypeError(msg)
+
+
+def _common_grid(template, science):
+    """Both images cut to the overlap of their parent bounding boxes.
+
+    Images with the same shape and ``xy0`` are returned as they are.  Images
+    placed differently in one parent pixel frame (LSST ``XY0``) are matched
+    on their overlap, which is logged as a warning: the outputs then cover
+    the overlap only.
+
+    Raises
+    ------
+    ShapeError
+        If the bounding boxes do not overlap.
+    """
+    if template.shape == science.shape and template.xy0 == science.xy0:
+        return template, science
+    (tx0, ty0, tx1, ty1), (sx0, sy0, sx1, sy1) = template.bbox(), science.bbox()
+    bbox = (max(tx0, sx0), max(ty0, sy0), min(tx1, sx1), min(ty1, sy1))
+    if bbox[0] > bbox[2] or bbox[1] > bbox[3]:
+        msg = (f"template (shape {template.shape} at xy0 {template.xy0}) and science (shape "
+               f"{science.shape} at xy0 {science.xy0}) do not overlap in the parent pixel frame")
+        raise ShapeError(msg)
+    log.warning("template (shape %s at xy0 %s) and science (shape %s at xy0 %s) differ: matching on "
+                "their overlap, parent x %d..%d, y %d..%d", template.shape, template.xy0, science.shape,
+                science.xy0, *bbox[::2], *bbox[1::2])
+    return template.subimage(bbox), science.subimage(bbox)
 
 
 def _check_fwhm(name, value):
@@ -276,24 +298,73 @@ class ImagePsfMatchTask:
         cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y, kept)
         return cell_set, rejects
 
+    def _correct_variances(self, timings, images):
+        """Images with their variance corrected (``config.variance_correction``), and the record.
+
+        Parameters
+        ----------
+        timings : dict
+            Stage times; "variance correction" is added.
+        images : dict of str to MaskedImage
+            ``{"template": ..., "science": ...}``.
+
+        Returns
+        -------
+        corrected : dict of str to MaskedImage
+        record : dict
+            ``{"mode": config mode, "template": VarianceCorrection or None, "science": ...}``.
+        """
+        mode = self.config.variance_correction
+        record = {"mode": mode, **{name: None for name in images}}
+        if mode == "none":
+            return images, record
+        corrected = {}
+        with _timed(timings, "variance correction"):
+            for name, image in images.items():
+                corrected[name], record[name] = correct_variance(
+                    image, mode=mode, limit=self.config.variance_correction_limit)
+                log.info("%s variance corrected (%s): %s", name, mode, record[name].describe())
+        return corrected, record
+
+    def _solve(self, basis, to_convolve, reference, cell_set, half_size, regularization):
+        """:func:`solve_kernel`, naming the variance correction when every candidate fails the residual cuts."""
+        try:
+            return solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
+                                regularization)
+        except NoKernelCandidatesError as error:
+            if self.config.variance_correction != "none" or "residual" not in str(error):
+                raise
+            msg = (f"{error}. The variance planes were used as given (variance_correction='none'); if "
+                   "they miss noise (e.g. the sky of a sky-subtracted frame), use "
+                   "variance_correction='auto' (command line: --variance-correction auto)")
+            raise NoKernelCandidatesError(msg) from None
+
     def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,
-             convolve_template):
-        """Detection, selection, kernel fit and full-image convolution.
+             convolve_template, corrections=None):
+        """Variance correction, detection, selection, kernel fit and full-image convolution.
 
         Everything runs in the compute backend's array module (CuPy inputs
         are never copied to the host; only candidate positions, stamps and
-        per-candidate results are).  Returns ``(fields, reference)`` with the
-        matched image and ``reference`` in that module; ``fields["_inputs"]``
-        holds the input images, copied to the host only if the quality
-        report is asked for.
+        per-candidate results are).  Images placed differently in the parent
+        frame are cut to their overlap first.  ``corrections`` is the record
+        of a variance correction already applied (by the exposure methods,
+        before warping); None corrects here.  Returns ``(fields, reference)``
+        with the matched image and ``reference`` in that module;
+        ``fields["_inputs"]`` holds the (cut, corrected) input images, copied
+        to the host only if the quality report is asked for.
         """
         _check_pair(template, science)
         fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
                  _check_fwhm("science_fwhm_pix", science_fwhm_pix))
+        template, science = _common_grid(template, science)
         timings = {}
         xp = array_module()
         with _timed(timings, "transfer") if xp is not template.xp else contextlib.nullcontext():
             compute = (template.to_module(xp), science.to_module(xp))
+        if corrections is None:
+            corrected, corrections = self._correct_variances(timings, dict(zip(("template", "science"),
+                                                                               compute)))
+            compute = (corrected["template"], corrected["science"])
         if not convolve_template:
             fwhms = fwhms[::-1]
         to_convolve, reference = compute if convolve_template else compute[::-1]
@@ -309,9 +380,9 @@ class ImagePsfMatchTask:
         if not self.config.is_alard_lupton and self.config.use_regularization:
             regularization = make_regularization_matrix(self.config, basis.width, basis.width)
         with _timed(timings, "kernel fit"):
-            solution = solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
-                                    regularization)
-        diagnostics = {**solution.diagnostics, "stamp_half_size": half_size,
+            solution = self._solve(basis, to_convolve, reference, cell_set, half_size, regularization)
+        diagnostics = {**solution.diagnostics, "variance_correction": corrections,
+                       "stamp_half_size": half_size,
                        "bad_mask_planes": tuple(self.config.bad_mask_planes),
                        "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background)}
         with _timed(timings, "full-image convolution"):
@@ -325,7 +396,7 @@ class ImagePsfMatchTask:
                       kernel_basis=basis, convolved="template" if convolve_template else "science",
                       template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
                       diagnostics=diagnostics)
-        fields["_inputs"] = (template, science)
+        fields["_inputs"] = compute
         return fields, reference
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
@@ -335,7 +406,9 @@ class ImagePsfMatchTask:
         Parameters
         ----------
         template, science : MaskedImage
-            Aligned images (same shape and ``xy0``).
+            Images in one parent pixel frame: the same shape and ``xy0``, or
+            else they are matched on the overlap of their bounding boxes (a
+            warning is logged; the outputs cover the overlap).
         candidates : sequence of (x, y) or astropy.table.Table, optional
             Kernel candidate positions in parent pixels; detected on the
             science image when omitted.
@@ -353,16 +426,18 @@ class ImagePsfMatchTask:
         Raises
         ------
         ShapeError
-            If the images are not on the same grid.
+            If the images do not overlap.
+        InvalidVarianceError
+            If a variance plane cannot be corrected to the measured sky noise
+            (``config.variance_correction``).
         NoKernelCandidatesError
             If too few candidates survive selection and clipping.
         ConfigurationError
             For invalid FWHMs or candidates.
         """
-        fields, _ = self._fit(template, science, candidates, template_fwhm_pix, science_fwhm_pix,
-                              convolve_template)
-        fields["matched_image"] = fields["matched_image"].to_module(template.xp)
-        return self._write_debug_figures(MatchResult(**fields), template, science)
+        return self._match(template, science, False, candidates=candidates,
+                           template_fwhm_pix=template_fwhm_pix, science_fwhm_pix=science_fwhm_pix,
+                           convolve_template=convolve_template)
 
     def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
                                science_fwhm_pix=None, convolve_template=True):
@@ -374,32 +449,50 @@ class ImagePsfMatchTask:
             With ``subtracted_image`` = science minus the matched template and
             the background (see :class:`SubtractResult` for the other mode).
         """
+        return self._match(template, science, True, candidates=candidates,
+                           template_fwhm_pix=template_fwhm_pix, science_fwhm_pix=science_fwhm_pix,
+                           convolve_template=convolve_template)
+
+    def _match(self, template, science, subtract, *, candidates, template_fwhm_pix, science_fwhm_pix,
+               convolve_template, corrections=None, timings=None):
+        """Fit, then the matched image (and the difference if ``subtract``) in the inputs' module."""
         fields, reference = self._fit(template, science, candidates, template_fwhm_pix,
-                                      science_fwhm_pix, convolve_template)
-        timings = fields["timings"]
-        with _timed(timings, "subtraction"):
-            difference = _difference(fields["matched_image"], reference, fields["background_model"],
-                                     fields["psf_matching_kernel"], convolve_template)
+                                      science_fwhm_pix, convolve_template, corrections)
+        timings = fields["timings"] = {**(timings or {}), **fields["timings"]}
+        difference = None
+        if subtract:
+            with _timed(timings, "subtraction"):
+                difference = _difference(fields["matched_image"], reference, fields["background_model"],
+                                         fields["psf_matching_kernel"], convolve_template)
         moving = fields["matched_image"].xp is not template.xp
         with _timed(timings, "transfer") if moving else contextlib.nullcontext():
             fields["matched_image"] = fields["matched_image"].to_module(template.xp)
-            difference = difference.to_module(template.xp)
-        return self._write_debug_figures(SubtractResult(**fields, subtracted_image=difference),
-                                         template, science)
+            if subtract:
+                difference = difference.to_module(template.xp)
+        result = SubtractResult(**fields, subtracted_image=difference) if subtract else MatchResult(**fields)
+        return self._write_debug_figures(result, *fields["_inputs"])
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
+        for name, value in (("template", template), ("science", science)):
+            if not isinstance(value, Exposure):
+                msg = f"{name} must be a gpudiffim Exposure, got {type(value).__name__}"
+                raise TypeError(msg)
         timings = {}
+        # Before warping: the warp correlates the noise, and the correction measures pixel noise.
+        images, corrections = self._correct_variances(timings, {"template": template.masked_image,
+                                                                "science": science.masked_image})
+        template = dataclasses.replace(template, masked_image=images["template"])
+        science = dataclasses.replace(science, masked_image=images["science"])
         with _timed(timings, "registration"):
             warped, _ = register_template(template, science, do_warping=do_warping)
         fwhms = (template_fwhm_pix if template_fwhm_pix is not None else warped.fwhm(),
                  science_fwhm_pix if science_fwhm_pix is not None else science.fwhm())
-        method = self.subtract_masked_images if subtract else self.match_masked_images
-        result = method(warped.masked_image, science.masked_image, candidates=candidates,
-                        template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1],
-                        convolve_template=convolve_template)
+        result = self._match(warped.masked_image, science.masked_image, subtract, candidates=candidates,
+                             template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1],
+                             convolve_template=convolve_template, corrections=corrections,
+                             timings=timings)
         values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-        values["timings"] = {**timings, **result.timings}
         matched_fwhm = result.science_fwhm_pix if convolve_template else result.template_fwhm_pix
         values["warped_exposure"] = warped
         values["matched_exposure"] = Exposure(result.matched_image, wcs=science.wcs,

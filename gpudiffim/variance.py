@@ -21,15 +21,17 @@ measured sky variance is added instead of inflating the sources' noise.
 """
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import array_module_of, ndimage_of
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
 from .statistics import iqr_sigma
 
-__all__ = ["scale_variance"]
+__all__ = ["VarianceCorrection", "correct_variance", "scale_variance"]
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +39,72 @@ log = logging.getLogger(__name__)
 AUTO_SCALE_MAX = 2.0
 #: Planes whose pixels are left out of the noise estimate.
 EXCLUDED_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
+#: Modes of :func:`correct_variance`.
+MODES = ("scale", "add", "auto")
 
 
-def _sky_pixels(masked_image, residual, threshold):
-    """Pixels without excluded mask bits and not above ``threshold`` sigma (sources)."""
+@dataclass(frozen=True)
+class VarianceCorrection:
+    """What :func:`correct_variance` did to a variance plane.
+
+    Attributes
+    ----------
+    applied : {"scale", "add"}
+        The operation applied (``mode="auto"`` resolves to one of them).
+    value : float
+        The scale factor ("scale"), or the variance added ("add", counts^2).
+    n_sky_pixels : int
+        Sky pixels the noise was measured on.
+    """
+
+    applied: str
+    value: float
+    n_sky_pixels: int
+
+    def describe(self):
+        """One phrase for logs: ``"scaled by 1.02"`` or ``"added 812.3"``."""
+        return f"scaled by {self.value:.4g}" if self.applied == "scale" else f"added {self.value:.4g}"
+
+
+#: Largest number of pixels a noise statistic is computed from (a regular subsample beyond it).
+MAX_SAMPLE = 1 << 20
+
+
+def _sample(array, where):
+    """``array[where]``, from every k-th pixel when more than :data:`MAX_SAMPLE` would be selected.
+
+    A regular subsample of a million sky pixels measures a variance to
+    about 0.2 % and keeps the quantiles cheap on large images.
+    """
+    step = max(1, int(array.size // MAX_SAMPLE))
+    return array.ravel()[::step][where.ravel()[::step]]
+
+
+def _sky_pixels(masked_image, residual, threshold, grow):
+    """Pixels without excluded mask bits and farther than ``grow`` px from a source.
+
+    Sources are pixels beyond ``threshold`` robust sigmas of ``residual`` (and
+    negative ones, e.g. artefacts); growing them keeps the faint wings of
+    bright stars out of the noise estimate, which would otherwise read them
+    as noise (about +15 % in variance on a simulated field with stars of up
+    to 5e4 sigma).
+    """
     good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
     good &= masked_image.variance > 0
-    sigma = iqr_sigma(residual[good])
-    return good & (np.abs(residual) < threshold * max(sigma, np.finfo(float).tiny))
+    sigma = iqr_sigma(_sample(residual, good))
+    sources = array_module_of(residual).abs(residual) >= threshold * max(sigma, np.finfo(float).tiny)
+    if grow > 0:
+        sources = ndimage_of(sources).maximum_filter(sources, size=2 * grow + 1)
+    return good & ~sources
 
 
-def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=5.0):
-    """Rescale the variance plane to the pixel noise (or add the missing sky variance).
+def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
+    """Correct the variance plane to the pixel noise on the sky.
 
     Parameters
     ----------
     masked_image : MaskedImage
+        NumPy or CuPy planes; the statistics are computed where they live.
     mode : {"scale", "add", "auto"}
         Multiply the plane by a factor, add a constant, or choose (see the
         module notes): scale when the factor is at most :data:`AUTO_SCALE_MAX`.
@@ -63,54 +115,67 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
         Bin size (px) of the background removed first.
     threshold : float
         Pixels beyond ``threshold`` robust sigmas of the background-free image
-        (sources, and their negative counterparts) are left out.
+        (sources, and their negative counterparts) are left out...
+    grow : int
+        ... with every pixel within ``grow`` px of them (a square box).
 
     Returns
     -------
-    scaled : MaskedImage
+    corrected : MaskedImage
         A new masked image with ``variance * factor`` (or ``variance + added``).
-    factor : float
-        The factor, or in "add" mode the constant added (counts^2).
+    correction : VarianceCorrection
 
     Raises
     ------
+    ConfigurationError
+        For an unknown ``mode``.
     InvalidVarianceError
         If no usable sky pixel is left or the factor is not in ``(0, limit]``.
     """
+    if mode not in MODES:
+        msg = f"invalid mode={mode!r}: expected one of {MODES}"
+        raise ConfigurationError(msg)
+    xp = masked_image.xp
     image = masked_image.image.astype(np.float64)
     exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
     residual = image - coarse_background(image, bin_size, exclude)
-    sky = _sky_pixels(masked_image, residual, threshold)
-    if np.count_nonzero(sky) < 100:
-        msg = f"only {np.count_nonzero(sky)} sky pixels to measure the noise on: cannot scale the variance"
+    sky = _sky_pixels(masked_image, residual, threshold, grow)
+    n_sky = int(xp.count_nonzero(sky))
+    if n_sky < 100:
+        msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
-    variance = masked_image.variance[sky].astype(np.float64)
-    if mode not in ("scale", "add", "auto"):
-        msg = f"invalid mode={mode!r}: expected 'scale', 'add' or 'auto'"
-        raise ConfigurationError(msg)
+    variance = _sample(masked_image.variance, sky).astype(np.float64)
+    values = _sample(residual, sky)
     if mode == "add":
-        return _add_sky_variance(masked_image, residual[sky], variance, limit)
-    factor = iqr_sigma(residual[sky] / np.sqrt(variance)) ** 2
+        return _add_sky_variance(masked_image, values, variance, limit, n_sky)
+    factor = iqr_sigma(values / xp.sqrt(variance)) ** 2
     if mode == "auto" and factor > AUTO_SCALE_MAX:
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
-        return _add_sky_variance(masked_image, residual[sky], variance, limit)
+        return _add_sky_variance(masked_image, values, variance, limit, n_sky)
     if not 0 < factor <= limit:
-        factor = iqr_sigma(residual[sky]) ** 2 / np.median(variance)
+        factor = iqr_sigma(values) ** 2 / float(xp.median(variance))
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
         raise InvalidVarianceError(msg)
     level = logging.WARNING if not 0.1 <= factor <= 10.0 else logging.INFO
-    log.log(level, "variance scaled by %.4g (from %d sky pixels)", factor, np.count_nonzero(sky))
+    log.log(level, "variance scaled by %.4g (from %d sky pixels)", factor, n_sky)
     scaled = MaskedImage._from_planes(masked_image.image, masked_image.mask,
                                       masked_image.variance * masked_image.dtype.type(factor),
                                       masked_image.xy0, masked_image.mask_planes)
-    return scaled, float(factor)
+    return scaled, VarianceCorrection("scale", float(factor), n_sky)
 
 
-def _add_sky_variance(masked_image, sky_values, sky_variance, limit):
+def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
+    """:func:`correct_variance` returning ``(corrected, factor or added variance)``."""
+    corrected, correction = correct_variance(masked_image, mode=mode, limit=limit, bin_size=bin_size,
+                                             threshold=threshold, grow=grow)
+    return corrected, correction.value
+
+
+def _add_sky_variance(masked_image, sky_values, sky_variance, limit, n_sky):
     measured = iqr_sigma(sky_values) ** 2
-    median = float(np.median(sky_variance))
+    median = float(array_module_of(sky_variance).median(sky_variance))
     if not 0 < measured <= limit * median:
         msg = (f"measured sky variance {measured:.4g} is not within (0, {limit} x {median:.4g}]: "
                f"the variance plane does not describe the noise")
@@ -118,5 +183,6 @@ def _add_sky_variance(masked_image, sky_values, sky_variance, limit):
     added = max(measured - median, 0.0)
     log.info("added %.4g to the variance (sky variance %.4g, plane median %.4g)", added, measured, median)
     variance = masked_image.variance + masked_image.dtype.type(added)
-    return MaskedImage._from_planes(masked_image.image, masked_image.mask, variance, masked_image.xy0,
-                                    masked_image.mask_planes), added
+    corrected = MaskedImage._from_planes(masked_image.image, masked_image.mask, variance, masked_image.xy0,
+                                         masked_image.mask_planes)
+    return corrected, VarianceCorrection("add", added, n_sky)
