@@ -4,10 +4,21 @@ Each case runs a fresh interpreter that imports gpudiffim from the place under
 test and asks :func:`gpudiffim._cuda._loader.kernel_dir` where the ``.cu``
 files are: inside the unpacked wheel, the checkout's ``kernels/`` (editable
 install and plain checkout), with every unit present.
+
+A failing pip build fails the test (a broken ``setup.cfg`` must not read as
+"skipped").  Builds use ``--no-build-isolation`` when the environment has the
+build requirements (setuptools, wheel; ``.ci/run`` installs them), else pip
+fetches them from its index; only when it finds none there at all (offline)
+is the test skipped.  The wheel is built from a copy of the checkout, so that
+concurrent test runs do not share setuptools' ``build/`` folder.  The pip
+helpers are those of ``.ci/check_docker_context.py`` (also used by
+``tests/test_docker_context.py``).
 """
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,6 +31,24 @@ import pytest
 from gpudiffim._cuda._loader import units
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_checker():
+    """``.ci/check_docker_context.py`` as a module (one instance per process)."""
+    name = "gpudiffim_ci_check_docker_context"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / "check_docker_context.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+checker = _load_checker()
+
+#: Generated or private folders of a checkout, never part of a build.
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__",
+                                      ".pytest_cache", ".benchmarks", "*.fits")
 PROBE = ("import json, gpudiffim; from gpudiffim._cuda._loader import kernel_dir, units, source; "
          "first = kernel_dir() / (units()[0] + '.cu'); "
          "print(json.dumps({'package': gpudiffim.__file__, 'kernels': str(first.parent), 'units': units(), "
@@ -36,11 +65,8 @@ def _probe(python, cwd, pythonpath=None):
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _pip(python, *args, cwd=ROOT):
-    run = subprocess.run([str(python), "-m", "pip", *args], cwd=cwd, capture_output=True, text=True,
-                         check=False)
-    if run.returncode != 0:
-        pytest.skip(f"pip {' '.join(args[:2])} failed here (offline build tools?): {run.stderr[-300:]}")
+def _offline_skip(error):
+    pytest.skip(f"build tools unavailable offline: {error}")
 
 
 def test_source_checkout(tmp_path):
@@ -52,8 +78,12 @@ def test_source_checkout(tmp_path):
 
 @pytest.mark.slow
 def test_wheel(tmp_path):
-    _pip(sys.executable, "wheel", ".", "--no-deps", "-q", "-w", str(tmp_path / "dist"))
-    wheel = next((tmp_path / "dist").glob("gpudiffim-*.whl"))
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=_NOT_SOURCES, symlinks=True)
+    try:
+        wheel = checker.build_wheel(checkout, tmp_path / "dist")
+    except checker.BuildBackendUnavailable as error:
+        _offline_skip(error)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(tmp_path / "site")
@@ -82,12 +112,20 @@ def _dependencies_without_gpudiffim(folder):
 @pytest.mark.slow
 def test_editable_install(tmp_path):
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)  # pip, like NumPy, comes through dependencies.pth
     python = env_dir / "bin" / "python"
     site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
     (Path(site_dir) / "dependencies.pth").write_text(f"{_dependencies_without_gpudiffim(tmp_path / 'deps')}\n")
-    _pip(python, "install", "-q", "--no-deps", "-e", ".")
+    command = [str(python), "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "-e", "."]
+    if checker.build_requirements_installed(ROOT):  # the new environment sees this one's packages
+        command.insert(4, "--no-build-isolation")
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    output = (run.stdout + run.stderr).strip()
+    if run.returncode != 0 and "--no-build-isolation" not in command and "(from versions: none)" in output:
+        missing = [line for line in output.splitlines() if "(from versions: none)" in line]
+        _offline_skip(f"pip found no build requirement on its index: {missing[0].strip()}")
+    assert run.returncode == 0, f"`{' '.join(command)}` failed:\n{output[-3000:]}"
     found = _probe(python, tmp_path)
     assert Path(found["package"]).parent == ROOT / "gpudiffim"
     assert Path(found["kernels"]).resolve() == (ROOT / "kernels").resolve()
