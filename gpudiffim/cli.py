@@ -260,7 +260,7 @@ def _provenance(config, result, centre):
     for key, name in (("VCT", "template"), ("VCS", "science")):
         done = diagnostics["variance_correction"][name]
         cards[f"{key}APPL"] = done.applied if done else "none"
-        if done:
+        if done and done.applied != "none":
             cards[f"{key}VAL"] = done.value
     cards["CONFIG"] = json.dumps(config.to_dict(), sort_keys=True)
     return cards

@@ -262,8 +262,19 @@ class _Solver:
         inverse = xp.asarray(np.argsort(np.concatenate(order)))
         return xp.concatenate(matrices)[inverse], xp.concatenate(vectors)[inverse]
 
+    def order_reduced(self):
+        """Whether the last spatial fit used a lower order than configured."""
+        config = self.config
+        return (self.kernel_function.order < config.spatial_kernel_order
+                or (config.fit_for_background and self.bg_function.order < config.spatial_bg_order))
+
     def assess_stage(self, kernel, background):
-        """Residual statistics under the spatial model; return (#good, #rejected)."""
+        """Residual statistics under the spatial model; return (#good, #rejected).
+
+        A model of reduced order (too few candidates for the configured one)
+        is a fallback: its statistics are recorded but do not reject, or the
+        candidates that forced the reduction would be clipped against it.
+        """
         visited = self.visit_built()
         if not len(visited):
             return 0, 0
@@ -272,7 +283,11 @@ class _Solver:
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
                                           self.core_radius())
-        return self._judge(visited, stats, "spatial", self.config.spatial_kernel_clipping)
+        clipping = self.config.spatial_kernel_clipping and not self.order_reduced()
+        if self.config.spatial_kernel_clipping and not clipping:
+            log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
+                     len(visited))
+        return self._judge(visited, stats, "spatial", clipping)
 
 
 def _clip_reason(config, mean, rms, stage, clipping):
@@ -363,7 +378,8 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
             wanted = solver.spatial_function(order).n_terms
             complain(f"spatial {what} order lowered from {order} to {function.order}: {solution[3]} "
                      f"candidate(s) in the spatial fit, and order {order} ({wanted} terms) needs two per "
-                     f"term (reduce_spatial_order=False keeps it)", warn=False)
+                     f"term; no spatial-kernel clipping under the lowered model "
+                     f"(reduce_spatial_order=False keeps the order)", warn=False)
     if cond > config.max_spatial_condition_number:
         complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}")
     if n_bad > 2 * n_good:

@@ -13,11 +13,15 @@ sky variance minus the plane's median there): right when the plane already
 holds the source photon noise and only the sky term is missing, where scaling
 would inflate the variance on stars by the same factor.
 
-``mode="auto"`` chooses: a scale factor up to :data:`AUTO_SCALE_MAX` means
-the plane describes the noise up to a calibration error, so it is scaled;
-a larger factor means a noise term is missing from the plane altogether
-(typically the sky's photon noise of a sky-subtracted frame), so the
-measured sky variance is added instead of inflating the sources' noise.
+``mode="auto"`` chooses: a scale factor between :data:`AUTO_SCALE_MIN` and
+:data:`AUTO_SCALE_MAX` means the plane describes the noise up to a
+calibration error, so it is scaled; a larger factor means a noise term is
+missing from the plane altogether (typically the sky's photon noise of a
+sky-subtracted frame), so the measured sky variance is added instead of
+inflating the sources' noise; a smaller one means the pixels are smoother
+than their variance says (noise-free simulations and models, smoothed or
+resampled data), where shrinking the plane would understate the noise, so
+the plane is kept and a warning logged.
 """
 
 import logging
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Largest scale factor that ``mode="auto"`` applies by scaling (above it, it adds).
 AUTO_SCALE_MAX = 2.0
+#: Below this factor ``mode="auto"`` keeps the plane (the pixels are smoother than it says).
+AUTO_SCALE_MIN = 0.5
 #: Planes whose pixels are left out of the noise estimate.
 EXCLUDED_PLANES = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP", "EDGE")
 #: Modes of :func:`correct_variance`.
@@ -49,10 +55,12 @@ class VarianceCorrection:
 
     Attributes
     ----------
-    applied : {"scale", "add"}
-        The operation applied (``mode="auto"`` resolves to one of them).
+    applied : {"scale", "add", "none"}
+        The operation applied (``mode="auto"`` resolves to one of them;
+        "none" when it kept a plane that claims more noise than the pixels show).
     value : float
-        The scale factor ("scale"), or the variance added ("add", counts^2).
+        The scale factor ("scale"; for "none" the factor measured and not
+        applied), or the variance added ("add", counts^2).
     n_sky_pixels : int
         Sky pixels the noise was measured on.
     """
@@ -63,6 +71,8 @@ class VarianceCorrection:
 
     def describe(self):
         """One phrase for logs: ``"scaled by 1.02"`` or ``"added 812.3"``."""
+        if self.applied == "none":
+            return f"kept (measured factor {self.value:.4g} not applied)"
         return f"scaled by {self.value:.4g}" if self.applied == "scale" else f"added {self.value:.4g}"
 
 
@@ -107,7 +117,8 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
         NumPy or CuPy planes; the statistics are computed where they live.
     mode : {"scale", "add", "auto"}
         Multiply the plane by a factor, add a constant, or choose (see the
-        module notes): scale when the factor is at most :data:`AUTO_SCALE_MAX`.
+        module notes): scale when the factor is within
+        [:data:`AUTO_SCALE_MIN`, :data:`AUTO_SCALE_MAX`], add above, keep below.
     limit : float
         Largest factor accepted (in "add" mode: largest ratio of the measured
         sky variance to the plane's median there).
@@ -153,6 +164,10 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
         return _add_sky_variance(masked_image, values, variance, limit, n_sky)
+    if mode == "auto" and factor < AUTO_SCALE_MIN:
+        log.warning("variance plane %.3g x above the pixel noise on the sky (noise-free, smoothed or "
+                    "resampled image?): kept unchanged", 1.0 / factor if factor > 0 else float("inf"))
+        return masked_image, VarianceCorrection("none", float(factor), n_sky)
     if not 0 < factor <= limit:
         factor = iqr_sigma(values) ** 2 / float(xp.median(variance))
     if not 0 < factor <= limit:

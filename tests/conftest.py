@@ -25,10 +25,14 @@ def variable_star_pair():
 
 @pytest.fixture(scope="session")
 def variable_star_fit(variable_star_pair):
-    """Subtraction of ``variable_star_pair`` (spatial kernel order 1, background fitted)."""
+    """Subtraction of ``variable_star_pair`` (spatial kernel order 1, background fitted).
+
+    The variance planes are used as simulated (no correction), so that tests
+    can recompute statistics from the fixture's images independently.
+    """
     from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
 
-    config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1)
+    config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=1, variance_correction="none")
     return ImagePsfMatchTask(config).subtract_masked_images(variable_star_pair.template,
                                                            variable_star_pair.science)
 

@@ -38,7 +38,7 @@ AFW_MONOMIALS = [(0, 0),
                  (4, 0), (3, 1), (2, 2), (1, 3), (0, 4)]
 
 AL_CONFIG = PsfMatchConfig()
-DF_CONFIG = PsfMatchConfig(kernel_basis_set="delta-function")
+DF_CONFIG = PsfMatchConfig(kernel_basis_set="delta-function", fit_for_background=False)  # ip_diffim defaults
 
 
 def fwhm(sigma):

@@ -299,18 +299,33 @@ def _with_xy0(masked, xy0):
 
 class TestTaskArguments:
     @pytest.mark.parametrize("method", METHODS)
-    def test_different_shapes(self, pair, method):
+    def test_different_shapes_are_matched_on_the_overlap(self, pair, method, caplog):
         crop = pair.science
         science = MaskedImage(crop.image[:150], crop.mask[:150], crop.variance[:150], xy0=crop.xy0)
-        with pytest.raises(ShapeError, match="shape"):
-            getattr(ImagePsfMatchTask(FAST_CONFIG), method)(pair.template, science)
-        with pytest.raises(ShapeError, match="shape"):
-            getattr(ImagePsfMatchTask(FAST_CONFIG), method)(science, pair.template)
+        with caplog.at_level("WARNING", logger="gpudiffim.task"):
+            result = getattr(ImagePsfMatchTask(FAST_CONFIG), method)(pair.template, science)
+        assert result.matched_image.shape == (150, pair.template.shape[1])
+        assert result.matched_image.xy0 == crop.xy0
+        assert "matching on their overlap" in caplog.text
 
     @pytest.mark.parametrize("method", METHODS)
-    def test_different_xy0(self, pair, method):
-        science = _with_xy0(pair.science, (1, 0))
-        with pytest.raises(ShapeError, match="xy0"):
+    def test_different_xy0_are_matched_on_the_overlap(self, pair, method):
+        rows, cols = pair.template.shape
+        bbox = (20, 0, cols - 1, rows - 11)
+        science = pair.science.subimage(bbox)              # its own xy0 (20, 0) in the parent frame
+        task = ImagePsfMatchTask(FAST_CONFIG)
+        result = getattr(task, method)(pair.template, science)
+        assert result.matched_image.bbox() == bbox
+        # the same as matching the two overlapping parts given explicitly
+        explicit = getattr(task, method)(pair.template.subimage(bbox), science.subimage(bbox))
+        np.testing.assert_array_equal(result.matched_image.image, explicit.matched_image.image)
+        np.testing.assert_array_equal(result.matched_image.variance, explicit.matched_image.variance)
+
+    @pytest.mark.parametrize("method", METHODS)
+    def test_disjoint_images(self, pair, method):
+        rows, cols = pair.template.shape
+        science = _with_xy0(pair.science, (cols, 0))
+        with pytest.raises(ShapeError, match="do not overlap"):
             getattr(ImagePsfMatchTask(FAST_CONFIG), method)(pair.template, science)
 
     @pytest.mark.parametrize("method", METHODS)
@@ -377,7 +392,7 @@ class TestTaskArguments:
         brightest = np.argsort(pair.stars["flux"])[::-1]
         inside = [k for k in brightest if 30 < pair.stars["x"][k] < 130 and 30 < pair.stars["y"][k] < 130]
         candidates = [(pair.stars["x"][k], pair.stars["y"][k]) for k in inside[:2]]
-        config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2)
+        config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2, reduce_spatial_order=False)
         with pytest.warns(FitQualityWarning) as caught:
             result = ImagePsfMatchTask(config).subtract_masked_images(
                 pair.template, pair.science, candidates=candidates)

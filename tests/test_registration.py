@@ -95,4 +95,7 @@ def test_same_grid_is_not_warped(rotated_pair):
     pair, _, science, _ = rotated_pair
     template = Exposure(pair.template, wcs=science.wcs)
     result = ImagePsfMatchTask(CONFIG).match_exposures(template, science, do_warping=False)
-    assert result.warped_exposure is template
+    warped = result.warped_exposure
+    assert warped.wcs is template.wcs
+    np.testing.assert_array_equal(warped.masked_image.image, template.masked_image.image)
+    np.testing.assert_array_equal(warped.masked_image.mask, template.masked_image.mask)
