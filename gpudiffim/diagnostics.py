@@ -176,12 +176,13 @@ def _unit(unit, *sources):
 
     Sources are exposures, masked images (no header) or fit results, whose
     ``matched_exposure`` (science header) and ``warped_exposure`` (template
-    header) are looked at.
+    header) are looked at.  A blank ``unit`` counts as none given (so that a
+    header's empty ``BUNIT`` can be passed as it is).
     """
-    if unit is not None:
-        if not isinstance(unit, str) or not unit.strip():
-            msg = f"unit must be a non-empty string or None, got {unit!r}"
-            raise ConfigurationError(msg)
+    if unit is not None and not isinstance(unit, str):
+        msg = f"unit must be a string or None, got {type(unit).__name__}"
+        raise ConfigurationError(msg)
+    if unit is not None and unit.strip():
         return unit.strip()
     for source in sources:
         for exposure in (source, getattr(source, "matched_exposure", None),
@@ -1402,7 +1403,7 @@ def write_figures(result, template, science, folder, names=None, *, stretch="zsc
         header card of ``science`` (else ``template``) when they are
         exposures read from FITS files (:func:`gpudiffim.io.read_exposure`
         keeps the header in ``Exposure.info.header``), else
-        :data:`DEFAULT_UNIT`.
+        :data:`DEFAULT_UNIT`.  None or a blank string: that default.
 
     Returns
     -------
@@ -1414,7 +1415,7 @@ def write_figures(result, template, science, folder, names=None, *, stretch="zsc
     MissingDependencyError
         If matplotlib is not installed.
     ConfigurationError
-        For an unknown name or stretch, or an empty unit.
+        For an unknown name or stretch, or a unit that is not a string.
     """
     require_matplotlib()
     selected = FIGURE_NAMES if names is None else check_debug_names(names)

@@ -299,8 +299,9 @@ def test_unit_from_the_bunit_header(result, pair, jwst_like):
     # masked images carry no header: the fallback; an explicit unit wins over the header
     assert diagnostics.display_sci_im(result, pair.science).axes[1].get_ylabel() == diagnostics.DEFAULT_UNIT
     assert diagnostics.display_sci_im(result, science, unit="e-/s").axes[1].get_ylabel() == "e-/s"
+    assert diagnostics.display_sci_im(result, science, unit=" ").axes[1].get_ylabel() == "MJy/sr"
     with pytest.raises(ConfigurationError, match="unit"):
-        diagnostics.display_sci_im(result, science, unit=" ")
+        diagnostics.display_sci_im(result, science, unit=3)
 
 
 def test_unit_reaches_the_spatial_model_through_write_figures(result, jwst_like, tmp_path, monkeypatch):
