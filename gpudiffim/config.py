@@ -9,9 +9,11 @@ in ``ip_diffim`` (``useAfwBackground``, ``calculateKernelUncertainty``,
 ``useBicForKernelBasis``, the deprecated ``alard*Deconv`` degree fields and the
 risk-minimisation lambda scan, which cannot run there) are left out.
 gpudiffim adds ``reduce_spatial_order``, ``variance_correction`` (with its
-limit) and ``max_solve_restarts``; ``PsfMatchConfig(fit_for_background=False,
-reduce_spatial_order=False, variance_correction="none")`` behaves as
-``ip_diffim``'s ``ImagePsfMatchTask``.
+limit), ``noise_correlation`` and ``max_solve_restarts``;
+``PsfMatchConfig(fit_for_background=False, reduce_spatial_order=False,
+variance_correction="none", noise_correlation=False)`` behaves as
+``ip_diffim``'s ``ImagePsfMatchTask`` (``noise_correlation`` changes nothing
+on images whose noise is white).
 
 Two defaults depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
 ``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
@@ -233,6 +235,14 @@ class PsfMatchConfig:
     variance_correction_limit : float
         Largest correction factor (or ratio of measured to planned sky
         variance) accepted; beyond it the plane is reported as wrong.
+    noise_correlation : bool
+        Measure the noise autocorrelation of the convolved image on its sky
+        (lags up to 3 px) and multiply the matched image's variance ``sum K^2
+        V`` by the factor it implies for the fitted kernel
+        (:mod:`gpudiffim.covariance`; drizzled or resampled images), when the
+        correlation is significant; logged and recorded in the result's
+        ``diagnostics["noise_correlation"]``.  False propagates the variance
+        as for white noise (``ip_diffim``).
     max_solve_restarts : int
         Bound on the kernel-sum and PCA restarts of the solve loop, which are
         unbounded in ``ip_diffim``; exceeding it raises
@@ -293,6 +303,7 @@ class PsfMatchConfig:
     # gpudiffim additions
     variance_correction: str = "auto"
     variance_correction_limit: float = 1000.0
+    noise_correlation: bool = True
     max_solve_restarts: int = 20
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -331,6 +342,7 @@ class PsfMatchConfig:
         _check_int(self, "max_solve_restarts", minimum=0)
         _check_choice(self, "variance_correction", VARIANCE_CORRECTIONS)
         _check_float(self, "variance_correction_limit", minimum=1.0)
+        _check_bool(self, "noise_correlation")
 
     def _validate_clipping_fields(self):
         for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",

@@ -33,6 +33,7 @@ from .candidates import (
 )
 from .cellset import KernelCellSet, SpatialCellSet
 from .config import PsfMatchConfig
+from .covariance import correct_matched_variance
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
 from .exposure import Exposure
 from .fwhm import estimate_fwhm
@@ -387,6 +388,11 @@ class ImagePsfMatchTask:
                        "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background)}
         with _timed(timings, "full-image convolution"):
             image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
+        diagnostics["noise_correlation"] = None
+        if self.config.noise_correlation:
+            with _timed(timings, "noise correlation"):
+                variance, diagnostics["noise_correlation"] = correct_matched_variance(
+                    to_convolve, solution.kernel, variance)
         matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
         if not convolve_template:
             fwhms = fwhms[::-1]

@@ -1,10 +1,12 @@
 """Why the DECam pair's isolated-star statistic cannot reach 1.2: properties of the data.
 
-``tests/test_cli.py::test_decam_pair_isolated_stars`` (issue 5) measures the std of D/sigma over
-boxes on the isolated stars of the DECam pair (science DEC-OBS04a, 2018; template DEC-OBS18a,
-2016) and gets 1.34.  These tests pin down the cause, so that the expected failure stays
-explained: the stars moved between the epochs, each by its own amount, which no smooth
-kernel can follow.
+``tests/test_cli.py::test_decam_pair_isolated_stars`` measures the std of D/sigma over boxes on
+the isolated stars of the DECam pair (science DEC-OBS04a, 2018; template DEC-OBS18a, 2016): 1.36.
+Issue 5 asked for < 1.2; issue 14 (item 11) replaced that by a side-by-side criterion, <= 1.37 =
+1.03 x what HOTPANTS and the best spatially constant kernel leave on the same boxes.  These
+tests pin down why: the stars moved between the epochs, each by its own amount, which no
+smooth kernel can follow, and the best constant kernel, fitted to the boxes themselves, leaves
+1.35.
 """
 
 import warnings
@@ -17,6 +19,7 @@ from gpudiffim import NoDataWarning
 from gpudiffim.basis import make_kernel_basis
 from gpudiffim.candidates import detect_candidates
 from gpudiffim.config import DetectionConfig, PsfMatchConfig
+from gpudiffim.covariance import measure_noise_correlation
 from gpudiffim.fwhm import SIGMA_TO_FWHM, adaptive_sigma
 from gpudiffim.io import read_exposure
 from gpudiffim.variance import scale_variance
@@ -101,8 +104,11 @@ def _star_boxes(science, threshold=10.0, fwhm=HEADER_FWHM):
 def test_decam_no_constant_kernel_reaches_the_threshold(shared_data):
     """The best spatially constant Alard-Lupton kernel and background, least-squares fitted
     to the star boxes of the statistic themselves (in-sample, a lower bound for any constant
-    kernel, with the variance V_S + sum K^2 V_T of the fitted kernel), leaves D/sigma std 1.33
-    there: 1.2 is out of reach for a spatially constant kernel on this pair."""
+    kernel of this basis), leaves D/sigma std 1.35 there, with the pipeline's variance
+    V_S + f sum K^2 V_T of the fitted kernel (f = 1.12: the template's noise correlation,
+    gpudiffim.covariance; 1.35 also with f = 1).  1.2 is out of reach for a spatially constant
+    kernel on this pair; the criterion 1.37 of test_decam_pair_isolated_stars is within 2 %
+    of this bound."""
     science, template = _frame(shared_data, "04a"), _frame(shared_data, "18a")
     boxes = _star_boxes(science)
     basis = make_kernel_basis(PsfMatchConfig(), 3.85, 5.23)     # header FWHMs, as the fit does
@@ -111,14 +117,16 @@ def test_decam_no_constant_kernel_reaches_the_threshold(shared_data):
                        + [np.ones(np.count_nonzero(boxes))]).T
     target = science.image.astype(np.float64)[boxes]
     variance = science.variance.astype(np.float64)[boxes]
+    correlation = measure_noise_correlation(template)
     for _ in range(2):                   # weights 1/V_S, then 1/(V_S + sum K^2 V_T) of that kernel
         weight = 1.0 / np.sqrt(variance)
         coefficients = np.linalg.lstsq(columns * weight[:, None], target * weight, rcond=None)[0]
         kernel = np.tensordot(coefficients[:-1], basis.kernels, axes=1)
         variance = (science.variance.astype(np.float64)
-                    + ndimage.correlate(template.variance.astype(np.float64), kernel**2,
+                    + correlation.variance_factor(kernel)
+                    * ndimage.correlate(template.variance.astype(np.float64), kernel**2,
                                         mode="nearest"))[boxes]
     z = (target - columns @ coefficients) / np.sqrt(variance)
     print(f"best constant kernel on the star boxes: D/sigma std {np.std(z):.3f} "
-          f"over {z.size} px")
-    assert np.std(z) > 1.25                                                  # 1.33
+          f"over {z.size} px, f = {correlation.variance_factor(kernel):.3f}")
+    assert 1.25 < np.std(z) <= 1.37                                          # 1.345
