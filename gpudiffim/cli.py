@@ -299,7 +299,10 @@ def _subtract(args):
     if plot_names is not None:
         from .diagnostics import write_figures
 
-        written = write_figures(result, result.warped_exposure, science, args.plots, names=plot_names)
+        # the images the kernel was fitted to (variance-corrected, cut to the overlap), and the unit
+        template_fit, science_fit = (image.to_module(np) for image in result.fitted_images)
+        written = write_figures(result, template_fit, science_fit, args.plots, names=plot_names,
+                                unit=science.info.header.get("BUNIT"))
         log.info("%d figure file(s) written to %s", len(written), args.plots)
     return 0
 

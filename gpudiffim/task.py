@@ -94,6 +94,12 @@ class MatchResult:
     diagnostics: dict = field(default_factory=dict)
     _inputs: tuple = field(default=None, repr=False, compare=False)
 
+    @property
+    def fitted_images(self):
+        """``(template, science)`` as the kernel was fitted to them: cut to their overlap,
+        variance-corrected, in the compute backend's array module (for figures and checks)."""
+        return self._inputs
+
     @functools.cached_property
     def quality(self):
         """The quality report (see the class attributes); computed once, on first access."""

@@ -68,6 +68,9 @@ def test_variance_correction_runs_in_the_task(sky_pair):
     assert record["science"].value == pytest.approx(8.0 / 9.0 * 25.0**2, rel=0.05)
     assert record["template"].applied == "scale" and record["template"].value == pytest.approx(1.0, abs=0.05)
     assert abs(_noise_ratio(result, sky_pair)[1] - 1.0) < 0.06
+    fitted_science = result.fitted_images[1]        # what the figures and checks are shown
+    np.testing.assert_allclose(fitted_science.variance, science.variance + np.float32(record["science"].value),
+                               rtol=1e-6)
     none = PsfMatchConfig(spatial_kernel_order=1, variance_correction="none")
     with pytest.raises(NoKernelCandidatesError, match="variance_correction='auto'"):
         ImagePsfMatchTask(none).subtract_masked_images(sky_pair.template, science)

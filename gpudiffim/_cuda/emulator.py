@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..errors import BackendUnavailableError
 from ._loader import source
 from .signatures import KERNELS, parse_ctype
 
@@ -75,8 +76,9 @@ def library(unit, defines=()):
     """The loaded ``ctypes.CDLL`` of ``unit`` (built with g++ on first use)."""
     cxx = compiler()
     if cxx is None:
-        msg = "the CUDA emulator needs a C++20 compiler (g++ or $CXX) and none was found"
-        raise RuntimeError(msg)
+        msg = ("the cuda-emulator backend needs a C++20 compiler (g++ or $CXX) and none was found; "
+               "use GPUDIFFIM_BACKEND=numpy or auto")
+        raise BackendUnavailableError(msg)
     text = translation_unit(unit, defines)
     key = hashlib.sha256("\0".join((cxx, *FLAGS, text)).encode()).hexdigest()[:20]
     folder = _cache_dir() / "emulator"
