@@ -249,7 +249,10 @@ def _provenance(config, result, centre):
     what was applied to the template/science ("scale", "add" or "none") and
     ``VCTVAL``/``VCSVAL`` the factor or the variance added.  ``SPKORDER`` and
     ``SPBORDER`` are the spatial orders used (lowered when the candidates
-    support fewer terms).
+    support fewer terms).  ``NCORAPPL`` says how the matched variance took the
+    convolved image's noise correlation into account ("none", "constant",
+    "map", or "off" when disabled), ``NCORFAC`` is the variance factor at the
+    centre and ``NCORRHO1`` the measured correlation at a lag of one pixel in x.
     """
     diagnostics = result.diagnostics
     cards = {"GDIFFVER": __version__, "CONVOLVD": result.convolved,
@@ -262,6 +265,12 @@ def _provenance(config, result, centre):
         cards[f"{key}APPL"] = done.applied if done else "none"
         if done and done.applied != "none":
             cards[f"{key}VAL"] = done.value
+    correlation = diagnostics.get("noise_correlation")
+    cards["NCORAPPL"] = correlation.applied if correlation else "off"
+    if correlation:
+        cards["NCORFAC"] = correlation.factor
+        cards["NCORRHO1"] = float(correlation.correlation.rho[correlation.correlation.max_lag,
+                                                               correlation.correlation.max_lag + 1])
     cards["CONFIG"] = json.dumps(config.to_dict(), sort_keys=True)
     return cards
 

@@ -9,7 +9,9 @@ with ``T`` the image that is convolved (the template by default), ``S`` the
 image it is matched to, ``K`` the spatially varying PSF-matching kernel
 (``afw`` correlation convention, see :mod:`gpudiffim.convolve`) and ``b`` a
 differential background.  The difference is ``D = S - T * K - b`` with
-variance ``V_S + sum K^2 V_T`` and the OR of the masks.
+variance ``V_S + f sum K^2 V_T`` and the OR of the masks, where ``f`` accounts
+for the noise correlation of ``T`` measured on its sky (1 for white noise; see
+:mod:`gpudiffim.covariance`).
 """
 
 import contextlib
@@ -56,7 +58,8 @@ class MatchResult:
     Attributes
     ----------
     matched_image : MaskedImage
-        The convolved image ``T * K`` (no background added), on the input grid.
+        The convolved image ``T * K`` (no background added), on the input grid
+        (their overlap), with variance ``f sum K^2 V_T``.
     psf_matching_kernel : SpatialKernel
         ``.image(x, y)`` and ``.kernel_sum(x, y)`` at any parent position.
     background_model : BackgroundModel
@@ -72,9 +75,14 @@ class MatchResult:
     timings : dict of str to float
         Wall time per stage in seconds.
     diagnostics : dict
-        Kernel sum at the centre, spatial condition number, warnings, and the
-        settings the quality report needs (``stamp_half_size``,
-        ``bad_mask_planes``, ``n_stamp_parameters``).
+        Kernel sum at the centre, spatial condition number, the spatial orders
+        used (``spatial_kernel_order``, ``spatial_bg_order``), the variance
+        correction of the inputs (``variance_correction``: the mode and a
+        :class:`~gpudiffim.variance.VarianceCorrection` per image or None),
+        the matched variance's noise-correlation factor (``noise_correlation``:
+        a :class:`~gpudiffim.covariance.MatchedVarianceCorrection`, or None
+        when disabled), warnings, and the settings the quality report needs
+        (``stamp_half_size``, ``bad_mask_planes``, ``n_stamp_parameters``).
     quality : astropy.table.Table
         Per-candidate quality report (:func:`gpudiffim.quality.quality_table`):
         LOCAL and SPATIAL residual statistics, kernel moments, aggregates in
