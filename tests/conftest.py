@@ -1,11 +1,38 @@
-"""Shared fixtures: the real-data folder and simulated pairs."""
+"""Shared fixtures and helpers: the real-data folder, simulated pairs, the CI checker, CLI errors."""
 
+import functools
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 _ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def ci_checker():
+    """``.ci/check_docker_context.py`` as a module (its pip and Dockerfile helpers), loaded once."""
+    name = "gpudiffim_ci_check_docker_context"
+    spec = importlib.util.spec_from_file_location(name, _ROOT / ".ci" / "check_docker_context.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_line_error(capsys):
+    """Reads stderr and returns the command line's one ``gpudiffim: ...`` error line (no traceback)."""
+
+    def read():
+        err = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in err if line.startswith("gpudiffim:")]
+        assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+        return errors[0]
+
+    return read
 
 
 def data_dir():

@@ -50,13 +50,6 @@ def fits_pair(tmp_path_factory):
                 template_var=template_var, folder=folder, pair=pair)
 
 
-def _one_line_error(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("gpudiffim:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
-    return errors[0]
-
-
 def test_subtract_plain_files(fits_pair, tmp_path):
     output = tmp_path / "diff.fits"
     code = main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o", str(output),
@@ -78,41 +71,41 @@ def test_info(capsys):
     assert "gpudiffim" in capsys.readouterr().out
 
 
-def test_missing_file(tmp_path, capsys):
+def test_missing_file(tmp_path, one_line_error):
     code = main(["subtract", str(tmp_path / "nope.fits"), str(tmp_path / "nope2.fits"),
                  "-o", str(tmp_path / "d.fits")])
     assert code == EXIT_BAD_INPUT
-    assert "nope.fits" in _one_line_error(capsys)
+    assert "nope.fits" in one_line_error()
 
 
 @pytest.mark.parametrize("config", [["kernel_size=20"], ["no_such_field=1"], ["kernel_size"],
                                     ["detection.det_threshold=1"]])
-def test_malformed_config(fits_pair, tmp_path, capsys, config):
+def test_malformed_config(fits_pair, tmp_path, one_line_error, config):
     args = ["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o",
             str(tmp_path / "d.fits")]
     for item in config:
         args += ["--config", item]
     assert main(args) == EXIT_BAD_INPUT
-    _one_line_error(capsys)
+    one_line_error()
 
 
-def test_malformed_config_file(fits_pair, tmp_path, capsys):
+def test_malformed_config_file(fits_pair, tmp_path, one_line_error):
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     assert main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o",
                  str(tmp_path / "d.fits"), "--config-file", str(bad)]) == EXIT_BAD_INPUT
-    assert "config" in _one_line_error(capsys)
+    assert "config" in one_line_error()
 
 
-def test_non_overlapping_pair(fits_pair, tmp_path, capsys):
+def test_non_overlapping_pair(fits_pair, tmp_path, one_line_error):
     far = tmp_path / "far.fits"
     _write_plain(far, fits_pair["pair"].template, _wcs((256, 256), ra=10.0, dec=-40.0))
     code = main(["subtract", str(fits_pair["science"]), str(far), "-o", str(tmp_path / "d.fits")])
     assert code == EXIT_BAD_INPUT
-    assert "overlap" in _one_line_error(capsys)
+    assert "overlap" in one_line_error()
 
 
-def test_fit_failure_exit_code(tmp_path, capsys):
+def test_fit_failure_exit_code(tmp_path, one_line_error):
     rng = np.random.default_rng(3)
     paths = []
     for name in ("s.fits", "t.fits"):
@@ -123,7 +116,7 @@ def test_fit_failure_exit_code(tmp_path, capsys):
     code = main(["subtract", *paths, "-o", str(tmp_path / "d.fits"), "--template-fwhm", "3",
                  "--science-fwhm", "4"])
     assert code == EXIT_FIT_FAILED
-    assert "candidate" in _one_line_error(capsys)
+    assert "candidate" in one_line_error()
 
 
 def _source_footprints(science, threshold, fwhm):

@@ -9,28 +9,16 @@ skip only when no build backend can be had at all (not installed, and pip's
 index offline), which is :class:`BuildBackendUnavailable`.
 """
 
-import importlib.util
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ci_checker
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_checker():
-    """``.ci/check_docker_context.py`` as a module (one instance per process)."""
-    name = "gpudiffim_ci_check_docker_context"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / "check_docker_context.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-checker = _load_checker()
+checker = ci_checker()
 
 
 def _check(dockerfile, work):

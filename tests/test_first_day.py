@@ -119,13 +119,6 @@ def files(tmp_path_factory):
     return dict(folder=folder, science=science, template=template, pair=pair)
 
 
-def _one_line_error(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("gpudiffim:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
-    return errors[0]
-
-
 def test_different_xy0_are_matched_on_the_overlap(files, tmp_path):
     output = tmp_path / "diff.fits"
     code = main(["subtract", str(files["science"]), str(files["template"]), "-o", str(output),
@@ -143,7 +136,7 @@ def test_different_xy0_are_matched_on_the_overlap(files, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["exists", "no folder", "is an input", "matched = output", "plots file"])
-def test_outputs_are_checked_before_the_inputs_are_read(files, tmp_path, capsys, case):
+def test_outputs_are_checked_before_the_inputs_are_read(files, tmp_path, one_line_error, case):
     """The inputs here do not exist: an output error proves the outputs were checked first."""
     existing = tmp_path / "existing.fits"
     existing.write_bytes(b"")
@@ -155,7 +148,7 @@ def test_outputs_are_checked_before_the_inputs_are_read(files, tmp_path, capsys,
             "plots file": ["-o", str(tmp_path / "d.fits"), "--plots", str(existing)]}[case]
     code = main(["subtract", str(missing_input), str(tmp_path / "missing-template.fits"), *args])
     assert code == EXIT_BAD_INPUT
-    message = _one_line_error(capsys)
+    message = one_line_error()
     assert "missing" not in message.split(":")[-1] or case == "is an input"
     expected = {"exists": "pass --overwrite", "no folder": "does not exist", "is an input": "is also an input",
                 "matched = output": "two different output files", "plots file": "not a folder"}[case]
@@ -180,13 +173,13 @@ def test_candidates_file(files, tmp_path):
             assert hdus[0].header["NGOOD"] + hdus[0].header["NBAD"] <= 12
 
 
-def test_bad_candidates_file(files, tmp_path, capsys):
+def test_bad_candidates_file(files, tmp_path, one_line_error):
     path = tmp_path / "bad.csv"
     path.write_text("ra,dec\n1,2\n")
     code = main(["subtract", str(files["science"]), str(files["template"]), "-o", str(tmp_path / "d.fits"),
                  "--candidates", str(path)])
     assert code == EXIT_BAD_INPUT
-    assert "columns x and y" in _one_line_error(capsys)
+    assert "columns x and y" in one_line_error()
 
 
 def test_no_candidates_message_names_the_option():

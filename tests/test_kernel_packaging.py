@@ -15,7 +15,6 @@ helpers are those of ``.ci/check_docker_context.py`` (also used by
 ``tests/test_docker_context.py``).
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,24 +26,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import ci_checker
 
 from gpudiffim._cuda._loader import units
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_checker():
-    """``.ci/check_docker_context.py`` as a module (one instance per process)."""
-    name = "gpudiffim_ci_check_docker_context"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / ".ci" / "check_docker_context.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-checker = _load_checker()
+checker = ci_checker()
 
 #: Generated or private folders of a checkout, never part of a build.
 _NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "*.egg-info", "__pycache__",
