@@ -22,10 +22,38 @@ images (IRAF or SWarp cut-outs, e.g. the DECam frames) are ignored, because
 there they describe a physical-pixel system, not an LSST parent box.
 
 WCS: the celestial part of the image HDU's primary WCS (``astropy.wcs.WCS``
-with ``relax=True``; ``None`` without a celestial WCS).  A FITS WCS refers to
-the stored array, so its reference pixel is shifted by ``xy0`` to give the
-parent-coordinate WCS of :class:`~gpudiffim.Exposure` (``afw`` does the same);
-:func:`write_exposure` shifts it back.
+with ``relax=True``; ``None`` without ``CTYPE1``/``CTYPE2`` or a celestial
+axis pair; a WCS that astropy or wcslib rejects is an error, see below).  A
+FITS WCS refers to the stored array, so its reference pixel is shifted by
+``xy0`` to give the parent-coordinate WCS of :class:`~gpudiffim.Exposure`
+(``afw`` does the same); :func:`write_exposure` shifts it back.
+
+Malformed files
+---------------
+Whatever is wrong with a file ends in a one-line
+:class:`~gpudiffim.FitsFormatError` naming the file (and the HDU and
+keyword where known), never in an astropy exception: not FITS, truncated or
+corrupted (HDUs that overlap, a negative ``NAXISn``), pixels astropy cannot
+read, and, among the cards gpudiffim reads, one that astropy cannot parse or
+whose value has the wrong type (e.g. ``GAIN = 'banana'``).  The cards read
+are ``GAIN``, ``RDNOISE``/``READNOIS`` and ``SATURATE``/``SATURATION``
+(unless given as arguments, which is then the way round a damaged card), the
+WCS and ``A``-WCS keywords, ``LTV1``/``LTV2`` (LSST layout), the ``MP_*``
+mask-plane cards and ``EXTNAME``; a card whose keyword is damaged (astropy
+shows a flipped byte as ``?``) counts as read when it may be one of them.  A
+WCS that astropy or wcslib rejects (an unknown projection, a singular
+matrix) is refused too: ignoring it would let registration take two
+different pixel grids for one.
+
+Other malformed cards are repaired with astropy's ``verify('fix')`` (or left
+out when that fails), with a log WARNING showing the card.  Values of the
+right type but out of range are logged and ignored: a gain <= 0 (SWarp writes
+0 for an unknown gain), a negative read noise, a saturation <= 0.  Optional
+metadata of the wrong type (``FILTER``, ``DATE-OBS``, ``TIME-OBS``,
+``MJD-OBS``, zero point, ``FWHM``/``SEEING``) is logged and ignored as well.
+Astropy's warnings while reading are logged, not re-issued, so that a
+``-W error`` setting does not turn them into tracebacks.  Signalling NaNs
+(a damaged byte can make one) are stored as quiet NaNs.
 
 Writing
 -------
@@ -42,6 +70,7 @@ write never leaves a truncated file.
 import contextlib
 import datetime
 import errno
+import itertools
 import json
 import logging
 import math
@@ -59,6 +88,7 @@ from .errors import (
     ConfigurationError,
     FitsFormatError,
     GpudiffimError,
+    GpudiffimWarning,
     InvalidImageError,
     InvalidVarianceError,
     ShapeError,
@@ -105,6 +135,9 @@ _COMMENTARY = frozenset({"", "COMMENT", "HISTORY"})
 _SHORT_KEY = re.compile(r"[A-Z0-9_-]{1,8}")
 _BRACKET = re.compile(r"^(?P<path>.+)\[(?P<hdu>[^\[\]]+)\]$")
 _MAX_KEY_LENGTH = 40
+_KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+#: Astropy's advice in its VerifyError messages, which means nothing to a command-line user.
+_VERIFY_ADVICE = re.compile(r",?\s*fix it first with \.verify\('fix'\)\.?")
 
 
 def _is_structural(key):
@@ -163,8 +196,31 @@ def _split_spec(spec, hdu=None, what="image"):
     return path, _check_hdu(hdu)
 
 
+def _foreign(error):
+    """Whether ``error`` must pass the reading boundary unchanged (not a property of the file).
+
+    Out of memory, no permission, and programming or installation errors
+    (``NameError``, an ``ImportError`` other than gpudiffim's own) are not
+    reported as a malformed file.
+    """
+    return (isinstance(error, (MemoryError, PermissionError, NameError))
+            or (isinstance(error, ImportError) and not isinstance(error, GpudiffimError)))
+
+
 def _with_fits(path, reader):
-    """Open ``path`` and return ``reader(hdus)``, mapping astropy errors to FitsFormatError."""
+    """Open ``path`` and return ``reader(hdus)``, mapping astropy errors to FitsFormatError.
+
+    Every exception raised while the file is open (astropy's ``VerifyError``
+    for an unparsable card, ``OSError`` or ``EOFError`` for a short file,
+    ``UnicodeDecodeError``, ``KeyError``, ...) becomes a one-line
+    :class:`FitsFormatError` naming the file, except gpudiffim's own errors
+    and the ones :func:`_foreign` lets through.  Warnings are held until the
+    file is closed: those telling of a damaged file (truncated, a header
+    astropy cannot validate, an HDU it treats as corrupted) become the
+    error; astropy's other warnings are logged (WARNING, with the file
+    name), so that they never turn into exceptions under ``-W error``;
+    gpudiffim's own and deprecation warnings are re-issued unchanged.
+    """
     from astropy.io import fits
     from astropy.io.fits.verify import VerifyError
 
@@ -174,39 +230,94 @@ def _with_fits(path, reader):
         raise IsADirectoryError(errno.EISDIR, "a folder, not a FITS file", path)
     caught = []
     try:
-        # Warnings are held until the file is closed: astropy's "may have been
-        # truncated" becomes an error, the others are re-issued unchanged.
-        with warnings.catch_warnings(record=True) as caught:
+        # The file is opened here, not by astropy, so that it is closed even when astropy fails
+        # half-way through opening it (astropy then leaves it to the garbage collector).
+        with warnings.catch_warnings(record=True) as caught, open(path, "rb") as handle:
             warnings.simplefilter("always")
-            with fits.open(path, memmap=False) as hdus:
+            with fits.open(handle, memmap=False) as hdus:
+                _walk(hdus, path)
                 result = reader(hdus)
-    except (PermissionError, MemoryError):
-        raise
-    except (GpudiffimError, OSError, ValueError, TypeError, KeyError, IndexError, EOFError,
-            VerifyError) as error:
-        truncated = _truncation(caught)
-        if truncated:
-            msg = f"{path} is truncated ({truncated})"
+    except Exception as error:
+        if _foreign(error):
+            raise
+        damage = _damage(caught)
+        if damage:
+            msg = f"{path} is {damage}"
             raise FitsFormatError(msg) from error
         if isinstance(error, GpudiffimError):
             raise
-        msg = f"{path} is not a readable FITS file ({_one_line(error)})"
+        if isinstance(error, VerifyError):
+            msg = f"{path} has an unparsable header card ({_VERIFY_ADVICE.sub('', _one_line(error))})"
+        else:
+            msg = f"{path} is not a readable FITS file ({_one_line(error)})"
         raise FitsFormatError(msg) from error
-    truncated = _truncation(caught)
-    if truncated:
-        msg = f"{path} is truncated ({truncated})"
+    damage = _damage(caught)
+    if damage:
+        msg = f"{path} is {damage}"
         raise FitsFormatError(msg)
-    for item in caught:
-        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno, source=item.source)
+    _pass_on(caught, path)
     return result
 
 
-def _truncation(caught):
-    """Text of astropy's truncation warning among ``caught``, or None."""
+def _walk(hdus, path):
+    """Read every HDU header once, refusing HDUs that do not follow one another in the file.
+
+    A negative ``NAXISn`` gives a negative data size, and astropy then finds
+    the next HDU inside (or before) the current one, again and again: an
+    endless HDU list that would fill the memory.
+    """
+    end = 0
+    for index in itertools.count():
+        try:
+            hdu = hdus[index]
+        except IndexError:
+            return
+        header = hdu.header
+        naxis = header.get("NAXIS", 0)
+        axes = [f"NAXIS{i}" for i in range(1, naxis + 1)] if isinstance(naxis, int) else []
+        bad = [f"{key} = {header[key]!r}" for key in axes
+               if key in header and not (isinstance(header[key], int) and header[key] >= 0)]
+        if bad:
+            msg = f"{path} is corrupted: HDU {index} has {', '.join(bad)}"
+            raise FitsFormatError(msg)
+        info = hdu.fileinfo()
+        if info is None:
+            return
+        if info["hdrLoc"] < end or info["datSpan"] < 0:
+            msg = (f"{path} is corrupted: HDU {index} (header at byte {info['hdrLoc']}, "
+                   f"{info['datSpan']} data bytes) overlaps the HDU before it, which ends at byte {end}")
+            raise FitsFormatError(msg)
+        end = info["datLoc"] + info["datSpan"]
+
+
+def _damage(caught):
+    """What astropy's warnings among ``caught`` say is wrong with the file, or None."""
     for item in caught:
-        if "truncated" in str(item.message) and "file" in str(item.message).lower():
-            return " ".join(str(item.message).split())
+        text = " ".join(str(item.message).split())
+        if "truncated" in text and "file" in text.lower():
+            return f"truncated ({text})"
+        if "file is corrupted" in text or "treated as corrupted" in text:
+            return f"corrupted ({_VERIFY_ADVICE.sub('', text)})"
     return None
+
+
+#: Fragments of astropy's VerifyWarning reports that say nothing by themselves.
+_NOISE = ("Verification reported errors:", "Note: astropy.io.fits uses zero-based indexing.")
+
+
+def _pass_on(caught, path):
+    """Log astropy's (and other libraries') warnings; re-issue gpudiffim's and deprecation warnings."""
+    logged = set()
+    for item in caught:
+        if issubclass(item.category, (GpudiffimWarning, DeprecationWarning, PendingDeprecationWarning,
+                                      FutureWarning)):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno,
+                                   source=item.source)
+            continue
+        text = " ".join(str(item.message).split())
+        if text and text not in _NOISE and text not in logged:
+            logged.add(text)
+            log.warning("%s: %s", path, text)
 
 
 def _label(path, hdus, index):
@@ -255,7 +366,9 @@ def _image_data(hdus, index, path):
         raise FitsFormatError(msg)
     try:
         data = hdu.data
-    except (OSError, ValueError, TypeError, EOFError) as error:
+    except Exception as error:
+        if _foreign(error):
+            raise
         msg = f"cannot read the pixels of {label} ({_one_line(error)})"
         raise FitsFormatError(msg) from error
     if data is None or data.size == 0:
@@ -267,7 +380,14 @@ def _image_data(hdus, index, path):
     if data.ndim != 2:
         msg = f"{label} holds a {data.ndim}-D array of shape {data.shape}; expected a 2-D image"
         raise FitsFormatError(msg)
-    return _native(data), label
+    data = _native(data)
+    if data.dtype.kind == "f":
+        # A damaged byte can make a signalling NaN, on which later arithmetic raises FE_INVALID
+        # (a RuntimeWarning) in whatever code touches it first: make every NaN a quiet one.
+        nan = np.isnan(data)
+        if nan.any():
+            data[nan] = np.nan
+    return data, label
 
 
 def _lsst_indices(hdus):
@@ -285,56 +405,302 @@ def _lsst_indices(hdus):
 
 
 # ---------------------------------------------------------------------------
-# Header metadata
+# Header cards: parsing, value types, metadata
 # ---------------------------------------------------------------------------
+
+#: Keywords gpudiffim reads to build the variance and the SAT plane.
+_VALUE_KEYWORDS = (*GAIN_KEYWORDS, *READ_NOISE_KEYWORDS, *SATURATION_KEYWORDS)
+#: WCS keywords (an alternate-WCS letter may follow) by the type of their value.
+_WCS_PATTERNS = (
+    ("number", re.compile(r"(?:(?:CRPIX|CRVAL|CDELT|CROTA|CRDER|CSYER)\d+|(?:PC|CD|PV)\d+_\d+"
+                          r"|(?:PC|CD)\d{6}|WCSAXES|LONPOLE|LATPOLE|(?:A|B|AP|BP)_(?:\d+_\d+|ORDER|DMAX))"
+                          r"(?P<alt>[A-Z]?)")),
+    ("string", re.compile(r"(?:(?:CTYPE|CUNIT|CNAME)\d+|PS\d+_\d+|RADESYS|WCSNAME)(?P<alt>[A-Z]?)")),
+    ("other", re.compile(r"(?:EQUINOX|RADECSYS|EPOCH|MJDREF|(?:DP|DQ|CPDIS|CQDIS|D2IMDIS|D2IMERR)\d+"
+                         r"|D2IMEXT)(?P<alt>[A-Z]?)")),
+)
+
 
 def _is_number(value):
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)
             and math.isfinite(float(value)))
 
 
-def _header_value(headers, keys, accept):
-    for header in headers:
-        for key in keys:
-            if key in header and accept(header[key]):
-                return header[key]
+def _wcs_kind(key):
+    """``(kind, alternate letter)`` of a WCS keyword (kind "number", "string" or "other"), or None."""
+    base = key.split(".")[0]
+    for kind, pattern in _WCS_PATTERNS:
+        match = pattern.fullmatch(base)
+        if match:
+            return kind, match["alt"]
     return None
 
 
-def _header_positive(headers, keys):
-    value = _header_value(headers, keys, lambda v: _is_number(v) and v > 0)
-    return None if value is None else float(value)
+def _read_wcs_keys(header):
+    """Alternate-WCS letters whose keywords gpudiffim reads from an image header.
+
+    ``A`` always (the ``afw`` pixel origin); the primary WCS ("") when
+    ``CTYPE1`` and ``CTYPE2`` are present, as :func:`_read_wcs` requires.
+    """
+    return {"A", ""} if "CTYPE1" in header and "CTYPE2" in header else {"A"}
 
 
-def _header_string(headers, keys):
-    value = _header_value(headers, keys, lambda v: isinstance(v, str) and v.strip())
-    return None if value is None else value.strip()
+def _image_keys(header, overridden, use_ltv):
+    """Predicate: keywords of an image header whose values gpudiffim reads (``overridden`` left out)."""
+    keys = {key for key in _VALUE_KEYWORDS if key not in overridden} | {"EXTNAME", "EXTVER"}
+    if use_ltv:
+        keys |= {"LTV1", "LTV2"}
+    letters = _read_wcs_keys(header)
+
+    def used(key):
+        kind = _wcs_kind(key)
+        return key in keys or (kind is not None and kind[1] in letters)
+
+    return used
+
+
+def _mask_keys(key):
+    """Keywords of a mask header whose values gpudiffim reads: ``MP_<NAME>`` and the HDU name."""
+    return key.upper().startswith("MP_") or key in ("EXTNAME", "EXTVER")
+
+
+def _card_errors():
+    from astropy.io.fits.verify import VerifyError
+
+    return (VerifyError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
+
+def _raw_text(card):
+    """The 80 characters of a card as read, for messages (astropy re-formats ``card.image``)."""
+    text = getattr(card, "_image", None)
+    return " ".join(text.split()) if isinstance(text, str) and text.strip() else None
+
+
+def _card_keyword(card):
+    try:
+        return card.keyword
+    except _card_errors():
+        text = _raw_text(card) or "?"
+        return text.split("=")[0].strip() if text.upper().startswith("HIERARCH") else text[:8].strip()
+
+
+def _parsed(card):
+    """``(keyword, value)`` of a card, or None when astropy cannot parse it without complaint."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            key, value, _ = card.keyword, card.value, card.comment
+    except (*_card_errors(), Warning):
+        return None
+    return key, value
+
+
+def _standard(card):
+    """Whether a parsed card is FITS-standard as it stands (so astropy writes it without a warning)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            card.verify("exception")
+            _ = card.image
+    except (*_card_errors(), Warning):
+        return False
+    return True
+
+
+def _repaired(card, parsed):
+    """A FITS-standard copy of ``card``, or None.
+
+    Astropy's ``verify('fix')`` of the card's text, else, when its value
+    parsed, a new card of the same keyword and value without the comment.
+    """
+    from astropy.io import fits
+
+    text = getattr(card, "_image", None)
+    candidates = []
+    if isinstance(text, str):
+        candidates.append(lambda: fits.Card.fromstring(text))
+    if parsed is not None:
+        candidates.append(lambda: fits.Card(*parsed))
+    for make in candidates:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fixed = make()
+                fixed.verify("fix")
+        except (*_card_errors(), Warning):
+            continue
+        if _parsed(fixed) is not None and _standard(fixed):
+            return fixed
+    return None
+
+
+def _may_be_used(key, used):
+    """Whether ``key`` may be a keyword that ``used`` accepts, its non-FITS characters read as unknown.
+
+    A flipped byte that astropy shows as ``?`` (or a space) inside a keyword
+    hides which card it was: ``CRV?L1`` may have been ``CRVAL1``.
+    """
+    key = key.upper()
+    unknown = [i for i, char in enumerate(key) if char not in _KEY_CHARACTERS]
+    if not unknown:
+        return used(key)
+    if len(unknown) > 2:
+        return True
+    for chars in itertools.product(_KEY_CHARACTERS, repeat=len(unknown)):
+        candidate = list(key)
+        for i, char in zip(unknown, chars):
+            candidate[i] = char
+        if used("".join(candidate)):
+            return True
+    return False
+
+
+def _clean_header(header, label, used):
+    """A copy of ``header`` in which every card parses and is FITS-standard.
+
+    A card that is not is repaired with astropy's ``verify('fix')`` (or,
+    failing that, rebuilt from its keyword and value, or left out), with a
+    log WARNING giving the card's text.  When gpudiffim reads the card's
+    value (``used(keyword)``, or a damaged keyword may be such a one), the
+    file is refused instead unless the value parsed and the repair kept it
+    unchanged (e.g. a lower-case keyword).
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+    label : str
+        ``"HDU n (NAME) of path"``, for messages.
+    used : callable
+        Keyword -> whether gpudiffim reads that card's value.
+
+    Raises
+    ------
+    FitsFormatError
+        Naming ``label`` and the keyword, for a card that gpudiffim reads
+        and whose value cannot be parsed or would change.
+    """
+    from astropy.io import fits
+
+    cards = []
+    for card in header.cards:
+        parsed = _parsed(card)
+        if parsed is not None and _standard(card):
+            cards.append(card)
+            continue
+        key, text = (parsed[0] if parsed else _card_keyword(card)), _raw_text(card)
+        fixed = _repaired(card, parsed)
+        damaged = any(char not in _KEY_CHARACTERS for char in key.upper())
+        kept = (parsed is not None and fixed is not None and type(fixed.value) is type(parsed[1])
+                and fixed.value == parsed[1])
+        if _may_be_used(key, used) and (damaged or not kept):
+            msg = (f"{label}: header card {key} has a damaged keyword that may be one gpudiffim reads: "
+                   f"{text or key!r}" if damaged else
+                   f"{label}: header card {key} cannot be parsed: {text or key!r}")
+            raise FitsFormatError(msg)
+        if fixed is None:
+            log.warning("%s: malformed header card %r left out (not used by gpudiffim)", label,
+                        text or key)
+            continue
+        log.warning("%s: malformed header card %r read as %r", label, text or key,
+                    " ".join(fixed.image.split()))
+        cards.append(fixed)
+    return fits.Header(cards)
+
+
+def _check_wcs_values(header, label):
+    """Refuse WCS cards of the wrong type among those gpudiffim reads.
+
+    wcslib reads a string where it expects a number as 0 and carries on
+    (only printing a note), so ``CRVAL1 = 'x'`` would silently move the
+    image on the sky.
+    """
+    letters = _read_wcs_keys(header)
+    for card in header.cards:
+        kind = _wcs_kind(card.keyword)
+        if kind is None or kind[1] not in letters or kind[0] == "other":
+            continue
+        value = card.value
+        if kind[0] == "number" and not _is_number(value):
+            msg = f"{label}: WCS card {card.keyword} = {value!r} is not a finite number"
+            raise FitsFormatError(msg)
+        if kind[0] == "string" and not isinstance(value, str):
+            msg = f"{label}: WCS card {card.keyword} = {value!r} is not a string"
+            raise FitsFormatError(msg)
+
+
+def _cards(headers, keys):
+    """``(key, value, header, label)`` of each card named in ``keys``: headers in order, then keys."""
+    for header, label in headers:
+        for key in keys:
+            if key in header:
+                yield key, header[key], header, label
+
+
+def _header_number(headers, keys, what, argument, valid, meaning):
+    """The first valid number among the cards ``keys`` (image header first), or None.
+
+    A card that is not a finite number is refused (:class:`FitsFormatError`
+    naming the file, HDU and keyword); one outside the valid range
+    (``valid(value)`` false) is logged with ``meaning`` and skipped.
+    """
+    for key, value, _, label in _cards(headers, keys):
+        if not _is_number(value):
+            msg = (f"{label}: header card {key} = {value!r} is not a number ({what}); fix the card or "
+                   f"give the {what} explicitly (read_exposure {argument}=, or the command line's "
+                   f"--science-{argument.replace('_', '-')}/--template-{argument.replace('_', '-')})")
+            raise FitsFormatError(msg)
+        if valid(value):
+            return float(value)
+        log.warning("%s: header card %s = %r ignored: %s", label, key, value, meaning)
+    return None
+
+
+def _header_optional(headers, keys, kind):
+    """The first usable value of optional metadata ``keys``, or None.
+
+    ``kind`` is "number" or "string"; a value of another type is logged
+    (WARNING) and skipped, an empty string skipped.
+    """
+    for key, value, _, label in _cards(headers, keys):
+        if kind == "number" and _is_number(value):
+            return float(value)
+        if kind == "string" and isinstance(value, str):
+            if value.strip():
+                return value.strip()
+            continue
+        log.warning("%s: header card %s = %r ignored: expected a %s", label, key, value, kind)
+    return None
 
 
 def _header_date(headers):
-    date = _header_string(headers, ("DATE-OBS",))
+    date = _header_optional(headers, ("DATE-OBS",), "string")
     if date is not None:
-        time = _header_string(headers, ("TIME-OBS",))
+        time = _header_optional(headers, ("TIME-OBS",), "string")
         return f"{date}T{time}" if time and "T" not in date else date
-    mjd = _header_value(headers, ("MJD-OBS",), _is_number)
+    mjd = _header_optional(headers, ("MJD-OBS",), "number")
     if mjd is None:
         return None
-    moment = datetime.datetime(1858, 11, 17) + datetime.timedelta(days=float(mjd))
+    try:
+        moment = datetime.datetime(1858, 11, 17) + datetime.timedelta(days=mjd)
+    except OverflowError:
+        log.warning("header card MJD-OBS = %r ignored: out of range", mjd)
+        return None
     return moment.isoformat(timespec="milliseconds")
 
 
 def _header_fwhm(headers):
     """PSF FWHM in pixels: FWHM unless its comment names arcsec; SEEING only if its comment names pixels."""
-    for header in headers:
-        for key in FWHM_KEYWORDS:
-            if key not in header or not (_is_number(header[key]) and header[key] > 0):
-                continue
-            comment = header.comments[key].lower()
-            if "arcsec" in comment or '"' in comment:
-                continue
-            if key == "SEEING" and "pix" not in comment:
-                continue
-            return float(header[key])
+    for key, value, header, label in _cards(headers, FWHM_KEYWORDS):
+        if not (_is_number(value) and value > 0):
+            log.warning("%s: header card %s = %r ignored: expected a positive number of pixels", label,
+                        key, value)
+            continue
+        comment = header.comments[key].lower()
+        if "arcsec" in comment or '"' in comment:
+            continue
+        if key == "SEEING" and "pix" not in comment:
+            continue
+        return float(value)
     return None
 
 
@@ -364,13 +730,22 @@ def _header_dict(headers):
     return cards
 
 
-def _mask_planes(header):
-    """Plane name -> bit from the ``MP_<NAME>`` cards of a mask header."""
+def _mask_planes(header, label):
+    """Plane name -> bit from the ``MP_<NAME>`` cards of a mask header.
+
+    Raises
+    ------
+    FitsFormatError
+        If an ``MP_`` card does not hold a bit number from 0 to 31.
+    """
     planes = {}
     for key, value in header.items():
-        if (key.upper().startswith("MP_") and isinstance(value, (int, np.integer))
-                and not isinstance(value, bool) and 0 <= value < 32):
-            planes[key[3:].upper()] = int(value)
+        if not key.upper().startswith("MP_"):
+            continue
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= value < 32):
+            msg = f"{label}: mask-plane card {key} = {value!r} is not a bit number from 0 to 31"
+            raise FitsFormatError(msg)
+        planes[key[3:].upper()] = int(value)
     return planes
 
 
@@ -379,21 +754,28 @@ def _read_xy0(header, use_ltv, label):
 
     Like ``afw``, the ``A`` WCS counts when ``CRVAL1A`` and ``CRVAL2A`` are
     present and ``CTYPE1A``/``CTYPE2A``, where present, are ``LINEAR``.
+    The value types were checked by :func:`_check_wcs_values`; ``LTV``
+    cards that are not numbers are refused here.
     """
     linear = all(str(header.get(f"CTYPE{i}A", "LINEAR")).strip().upper() == "LINEAR" for i in (1, 2))
     if linear and "CRVAL1A" in header and "CRVAL2A" in header:
         source = "CRVAL1A/CRVAL2A"
-        values = [header[f"CRVAL{i}A"] - header.get(f"CRPIX{i}A", 1) + 1
-                  if _is_number(header[f"CRVAL{i}A"]) and _is_number(header.get(f"CRPIX{i}A", 1))
-                  else None for i in (1, 2)]
+        values = [header[f"CRVAL{i}A"] - header.get(f"CRPIX{i}A", 1) + 1 for i in (1, 2)]
     elif use_ltv and "LTV1" in header and "LTV2" in header:
         source = "LTV1/LTV2"
-        values = [-header[key] if _is_number(header[key]) else None for key in ("LTV1", "LTV2")]
+        for key in ("LTV1", "LTV2"):
+            if not _is_number(header[key]):
+                msg = f"{label}: pixel-origin card {key} = {header[key]!r} is not a finite number"
+                raise FitsFormatError(msg)
+        values = [-header["LTV1"], -header["LTV2"]]
     else:
         return (0, 0)
-    if not all(v is not None and float(v).is_integer() for v in values):
+    if not all(float(v).is_integer() for v in values):
         log.warning("%s: non-integer pixel origin %s from %s ignored; xy0 = (0, 0)", label, values, source)
         return (0, 0)
+    if not all(abs(v) < 2**31 for v in values):
+        msg = f"{label}: pixel origin {values} from {source} is out of the 32-bit range"
+        raise FitsFormatError(msg)
     return (int(values[0]), int(values[1]))
 
 
@@ -418,7 +800,15 @@ def _shift_wcs(wcs, dx, dy):
 
 
 def _read_wcs(header, hdus, xy0, label):
-    """Celestial parent-coordinate WCS of an image header, or None."""
+    """Celestial parent-coordinate WCS of an image header, or None without ``CTYPE1``/``CTYPE2``.
+
+    Raises
+    ------
+    FitsFormatError
+        If astropy or wcslib rejects the WCS (an unknown projection, a
+        singular CD matrix, ...): ignoring it would let registration take
+        two different grids for one.
+    """
     from astropy.wcs import WCS, FITSFixedWarning
 
     if not ("CTYPE1" in header and "CTYPE2" in header):
@@ -427,14 +817,15 @@ def _read_wcs(header, hdus, xy0, label):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(header, fobj=hdus, relax=True)
-    except (ValueError, KeyError, TypeError, AttributeError, MemoryError) as error:
-        log.warning("%s: unreadable WCS ignored (%s)", label, _one_line(error))
-        return None
-    if not wcs.has_celestial:
-        return None
-    if wcs.naxis != 2:
-        wcs = wcs.celestial
-    return _shift_wcs(wcs, *xy0)
+            if not wcs.has_celestial:
+                return None
+            if wcs.naxis != 2:
+                wcs = wcs.celestial
+            wcs.wcs.set()  # wcslib's own checks (e.g. a singular CD matrix) now, not in the fit
+            return _shift_wcs(wcs, *xy0)
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as error:
+        msg = f"{label}: unusable WCS ({_one_line(error)}); fix its cards or remove them"
+        raise FitsFormatError(msg) from error
 
 
 def _wcs_cards(wcs, xy0):
@@ -465,6 +856,7 @@ class _Loaded:
     header: object
     primary_header: object
     xy0: tuple
+    primary_label: str = None
     wcs: object = None
     mask: np.ndarray = None
     mask_planes: dict = field(default_factory=dict)
@@ -472,15 +864,28 @@ class _Loaded:
     psf: np.ndarray = None
 
 
-def _load(hdus, path, hdu):
-    """Read the main file: the LSST layout when ``hdu`` is None and it applies, else one image HDU."""
+def _load(hdus, path, hdu, overridden=frozenset()):
+    """Read the main file: the LSST layout when ``hdu`` is None and it applies, else one image HDU.
+
+    Headers are checked card by card (:func:`_clean_header`); ``overridden``
+    names the keywords whose values the caller gave, which are then not read.
+    """
     indices = _lsst_indices(hdus) if hdu is None else None
     index = indices[0] if indices else _hdu_index(hdus, hdu, path)
+    if hdu is None and not indices and hdus[index].name.upper() in _LSST_NAMES[1:]:
+        names = ", ".join(h.name for h in hdus)
+        msg = f"{path} has a {hdus[index].name.upper()} HDU but no IMAGE HDU (HDUs: {names})"
+        raise FitsFormatError(msg)
     image, label = _image_data(hdus, index, path)
-    header = hdus[index].header
-    loaded = _Loaded(image=image, label=label, header=header.copy(),
-                     primary_header=hdus[0].header.copy() if index else None,
-                     xy0=_read_xy0(header, indices is not None, label))
+    use_ltv = indices is not None
+    header = _clean_header(hdus[index].header, label, _image_keys(hdus[index].header, overridden, use_ltv))
+    _check_wcs_values(header, label)
+    primary = None
+    if index:
+        primary = _clean_header(hdus[0].header, _label(path, hdus, 0),
+                                lambda key: key in _VALUE_KEYWORDS and key not in overridden)
+    loaded = _Loaded(image=image, label=label, header=header, primary_header=primary,
+                     xy0=_read_xy0(header, use_ltv, label), primary_label=_label(path, hdus, 0))
     loaded.wcs = _read_wcs(header, hdus, loaded.xy0, label)
     loaded.mask_planes = dict(DEFAULT_MASK_PLANES)
     if indices and indices[1] is not None:
@@ -489,7 +894,8 @@ def _load(hdus, path, hdu):
         if loaded.mask.dtype.kind not in "iub":
             msg = f"mask {mask_label} must hold integers, got {loaded.mask.dtype}"
             raise FitsFormatError(msg)
-        loaded.mask_planes = _mask_planes(hdus[indices[1]].header) or loaded.mask_planes
+        mask_header = _clean_header(hdus[indices[1]].header, mask_label, _mask_keys)
+        loaded.mask_planes = _mask_planes(mask_header, mask_label) or loaded.mask_planes
     if indices and indices[2] is not None:
         loaded.variance, variance_label = _image_data(hdus, indices[2], path)
         _check_same_shape(loaded.variance, variance_label, image, label)
@@ -512,7 +918,8 @@ def _read_source(spec, what):
         def reader(hdus):
             index = _hdu_index(hdus, hdu, path)
             data, label = _image_data(hdus, index, path)
-            return data, hdus[index].header.copy(), f"{what} {label}"
+            label = f"{what} {label}"
+            return data, _clean_header(hdus[index].header, label, _mask_keys), label
 
         return _with_fits(path, reader)
     array = np.asarray(spec)
@@ -579,7 +986,7 @@ def _add_plane(planes, name):
 
 def _merge_mask(mask, planes, extra, header, label):
     """OR a separate mask into ``mask``: by plane name if it has MP_ cards, else nonzero -> BAD."""
-    source_planes = _mask_planes(header) if header is not None else {}
+    source_planes = _mask_planes(header, label) if header is not None else {}
     if not source_planes:
         mask[extra != 0] |= 1 << _add_plane(planes, "BAD")
         return
@@ -682,8 +1089,16 @@ def read_exposure(path, *, hdu=None, variance=None, inverse_variance=None, sigma
     FileNotFoundError
         If ``path`` or a map file does not exist.
     FitsFormatError
-        If a file is not readable FITS (not FITS, truncated), an HDU is
-        missing, not an image or empty, or the data are not 2-D.
+        If a file is not readable FITS (not FITS, truncated, corrupted), an
+        HDU is missing, not an image or empty, the data are not 2-D, a
+        header card gpudiffim reads cannot be parsed or has a value of the
+        wrong type (the message names the file, HDU and keyword; for the
+        gain, read noise and saturation, passing the value as an argument
+        bypasses the card), astropy rejects the WCS (see the module
+        notes), or the LSST layout has MASK or VARIANCE but no IMAGE HDU.
+    InvalidImageError
+        If the pixels hold no data (all non-finite, or a constant image
+        without a variance); the message starts with the image HDU and file.
     ShapeError
         If a map's shape differs from the image's (both shapes are named).
     ConfigurationError
@@ -710,24 +1125,41 @@ def read_exposure(path, *, hdu=None, variance=None, inverse_variance=None, sigma
     read_noise = _number_argument("read_noise", read_noise, ">= 0")
     saturation = _number_argument("saturation", saturation)
     psf_fwhm_pix = _number_argument("psf_fwhm_pix", psf_fwhm_pix, "> 0")
-    loaded = _with_fits(path, lambda hdus: _load(hdus, path, hdu))
-    headers = [loaded.header] + ([loaded.primary_header] if loaded.primary_header is not None else [])
+    overridden = {key for keys, value in ((GAIN_KEYWORDS, gain), (READ_NOISE_KEYWORDS, read_noise),
+                                          (SATURATION_KEYWORDS, saturation)) if value is not None
+                  for key in keys}
+    loaded = _with_fits(path, lambda hdus: _load(hdus, path, hdu, overridden))
+    headers = [(loaded.header, loaded.label)]
+    if loaded.primary_header is not None:
+        headers.append((loaded.primary_header, loaded.primary_label))
     if gain is None:
-        gain = _header_positive(headers, GAIN_KEYWORDS)
+        gain = _header_number(headers, GAIN_KEYWORDS, "gain", "gain", lambda v: v > 0,
+                              "not positive, so the gain is taken as unknown")
     if read_noise is None:
-        read_noise = _header_value(headers, READ_NOISE_KEYWORDS, lambda v: _is_number(v) and v >= 0)
-        read_noise = None if read_noise is None else float(read_noise)
+        read_noise = _header_number(headers, READ_NOISE_KEYWORDS, "read noise", "read_noise",
+                                    lambda v: v >= 0, "negative, so the read noise is taken as unknown")
     if saturation is None:
-        saturation = _header_positive(headers, SATURATION_KEYWORDS)
-    masked = _assemble(loaded, sources, mask, gain, read_noise, saturation)
-    psf_image = _read_psf(psf) if psf is not None else loaded.psf
-    zero_point = _header_value(headers, ZERO_POINT_KEYWORDS, _is_number)
-    info = ExposureInfo(gain=gain, read_noise=read_noise, saturation=saturation,
-                        filter=_header_string(headers, FILTER_KEYWORDS), date=_header_date(headers),
-                        zero_point=None if zero_point is None else float(zero_point),
-                        header=_header_dict(headers[::-1]))
-    return Exposure(masked, wcs=loaded.wcs, psf_fwhm_pix=psf_fwhm_pix or _header_fwhm(headers),
-                    psf_image=psf_image, info=info)
+        saturation = _header_number(headers, SATURATION_KEYWORDS, "saturation level", "saturation",
+                                    lambda v: v > 0, "not positive, so no SAT flags are set from it")
+    try:
+        masked = _assemble(loaded, sources, mask, gain, read_noise, saturation)
+        psf_image = _read_psf(psf) if psf is not None else loaded.psf
+        info = ExposureInfo(gain=gain, read_noise=read_noise, saturation=saturation,
+                            filter=_header_optional(headers, FILTER_KEYWORDS, "string"),
+                            date=_header_date(headers),
+                            zero_point=_header_optional(headers, ZERO_POINT_KEYWORDS, "number"),
+                            header=_header_dict([header for header, _ in headers[::-1]]))
+        return Exposure(masked, wcs=loaded.wcs, psf_fwhm_pix=psf_fwhm_pix or _header_fwhm(headers),
+                        psf_image=psf_image, info=info)
+    except GpudiffimError as error:
+        raise _naming(error, path, loaded.label) from error
+
+
+def _naming(error, path, label):
+    """``error``, or one of its class whose message starts with ``label`` when it does not name ``path``."""
+    if path in str(error):
+        return error
+    return type(error)(f"{label}: {error}")
 
 
 def _assemble(loaded, sources, mask, gain, read_noise, saturation):

@@ -15,6 +15,7 @@ from gpudiffim import (
     BackgroundModel,
     ConfigurationError,
     FitsFormatError,
+    InvalidImageError,
     InvalidVarianceError,
     MaskedImage,
     NoDataWarning,
@@ -266,6 +267,17 @@ def test_compressed_hdu(tmp_path, kind):
         read = read_exposure(spec).masked_image
         np.testing.assert_array_equal(read.image, data.astype(np.float64))
         assert read.dtype == np.float64
+
+
+def test_gzipped_file(tmp_path):
+    """The reader opens the file itself and hands astropy the handle: gzip is still recognised."""
+    import gzip
+
+    data = _noisy()
+    plain = _plain_file(tmp_path / "plain.fits", data)
+    zipped = tmp_path / "plain.fits.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    np.testing.assert_array_equal(read_exposure(zipped).masked_image.image, data)
 
 
 def test_degenerate_axes_squeezed(tmp_path):
@@ -586,6 +598,212 @@ def test_inputs_not_modified(tmp_path):
     for array, copy in zip((sigma, mask), copies):
         np.testing.assert_array_equal(array, copy)
         assert array.dtype == copy.dtype and array.flags.writeable
+
+
+# ---------------------------------------------------------------------------
+# Malformed headers: unparsable cards, values of the wrong type
+# ---------------------------------------------------------------------------
+
+def _with_card_bytes(path, key, column, byte, out):
+    """Copy of ``path`` with ``byte`` at ``column`` (0-based) of the first card named ``key``."""
+    raw = bytearray(Path(path).read_bytes())
+    start = raw.index(f"{key:<8}=".encode())
+    raw[start + column] = byte[0]
+    Path(out).write_bytes(bytes(raw))
+    return out
+
+
+def _pair_files(tmp_path, **cards):
+    """A plain science file with GAIN/RDNOISE (and ``cards``) and a template, from one simulated pair."""
+    from gpudiffim.testing import make_fake_pair
+
+    pair = make_fake_pair(shape=(64, 64), n_stars=6, seed=1, flux_range=(3e3, 3e4))
+    science = _plain_file(tmp_path / "science.fits", np.asarray(pair.science.image),
+                          **{"GAIN": 2.0, "RDNOISE": 5.0, **cards})
+    template = tmp_path / "template.fits"
+    write_masked_image(template, pair.template)
+    return science, template
+
+
+def _subtract(capsys, science, template, output):
+    from gpudiffim.cli import main
+
+    code = main(["-q", "subtract", str(science), str(template), "-o", str(output),
+                 "--config", "spatial_kernel_order=0", "--config", "spatial_bg_order=0"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::gpudiffim.FitQualityWarning")
+def test_corrupted_header_byte_exits_2_naming_the_file(tmp_path, capsys):
+    science, template = _pair_files(tmp_path)
+    broken = _with_card_bytes(science, "GAIN", 12, b"#", tmp_path / "broken.fits")
+    output = tmp_path / "difference.fits"
+    code, err = _subtract(capsys, broken, template, output)
+    assert code == 2 and "Traceback" not in err and not output.exists()
+    assert "broken.fits" in err and "GAIN" in err and "cannot be parsed" in err
+    # the same file reads with the gain given explicitly: the broken card is then not used
+    exposure = read_exposure(broken, gain=2.0)
+    assert exposure.info.gain == 2.0 and exposure.info.read_noise == 5.0
+
+
+def test_unparsable_card_in_each_used_value_is_refused(tmp_path):
+    image = _noisy()
+    path = _plain_file(tmp_path / "cards.fits", image, GAIN=2.0, RDNOISE=5.0, SATURATE=1e4, LTV1=3,
+                       **_wcs(sip=False).to_header())
+    for key in ("RDNOISE", "SATURATE", "CRVAL1", "CTYPE2", "PC1_1"):
+        broken = _with_card_bytes(path, key, 29, b"'", tmp_path / f"{key}.fits")
+        message = _one_line_error(FitsFormatError, "cannot be parsed|unusable WCS", broken)
+        assert message.startswith(f"HDU 0 of {broken}: ")
+        # CTYPE2 = 'DEC--TAN'  ' parses, as "DEC--TAN'": wcslib then refuses the WCS
+        assert f"header card {key} cannot be parsed" in message or key == "CTYPE2"
+
+
+def test_unparsable_card_not_used_is_repaired_or_left_out(tmp_path, caplog):
+    path = _plain_file(tmp_path / "cards.fits", _noisy(), GAIN=2.0, RDNOISE=5.0, OBSERVER="someone",
+                       EXPTIME=30.0)
+    broken = _with_card_bytes(path, "EXPTIME", 29, b"x", tmp_path / "exptime.fits")
+    broken = _with_card_bytes(broken, "OBSERVER", 12, b"\x00", tmp_path / "both.fits")
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        exposure = read_exposure(broken)
+    assert exposure.info.gain == 2.0 and exposure.info.read_noise == 5.0
+    assert exposure.info.header["EXPTIME"] == "30.x"               # verify('fix') made it a string
+    assert "OBSERVER" not in exposure.info.header                  # a NUL byte: cannot be fixed
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("both.fits" in m and "EXPTIME" in m and "read as" in m for m in messages)
+    assert any("both.fits" in m and "OBSERVER" in m and "left out" in m for m in messages)
+
+
+def test_damaged_keyword_that_may_be_a_used_one_is_refused(tmp_path, caplog):
+    path = _plain_file(tmp_path / "cards.fits", _noisy(), GAIN=2.0, RDNOISE=5.0, OBSERVER="someone")
+    hidden = _with_card_bytes(path, "GAIN", 2, b"\xff", tmp_path / "hidden.fits")   # GA?N: GAIN?
+    _one_line_error(FitsFormatError, "hidden.fits: header card GA.N has a damaged keyword", hidden)
+    other = _with_card_bytes(path, "OBSERVER", 3, b"\xff", tmp_path / "other.fits")  # OBS?RVER: unused
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        assert read_exposure(other).info.gain == 2.0
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("other.fits" in m and "non-ASCII" in m for m in messages)   # logged, not warned
+
+
+def test_lower_case_keyword_is_still_read(tmp_path, caplog):
+    path = _plain_file(tmp_path / "lower.fits", _noisy(), GAIN=2.0, RDNOISE=5.0)
+    raw = path.read_bytes().replace(b"GAIN    =", b"gain    =")
+    path.write_bytes(raw)
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        assert read_exposure(path).info.gain == 2.0
+    assert any("gain" in record.getMessage() and "read as" in record.getMessage()
+               for record in caplog.records)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("GAIN", "banana", "header card GAIN = 'banana' is not a number"),
+    ("GAIN", True, "header card GAIN = True is not a number"),
+    ("RDNOISE", "low", "header card RDNOISE = 'low' is not a number"),
+    ("READNOIS", "2 e-", "header card READNOIS = '2 e-' is not a number"),
+    ("SATURATE", "high", "header card SATURATE = 'high' is not a number"),
+])
+def test_header_value_of_wrong_type_is_refused(tmp_path, key, value, match):
+    cards = {"GAIN": 2.0, "RDNOISE" if key != "READNOIS" else "READNOIS": 5.0, key: value}
+    path = _plain_file(tmp_path / "typed.fits", np.abs(_noisy()), **cards)
+    message = _one_line_error(FitsFormatError, match, path)
+    assert f"HDU 0 of {path}" in message
+    argument = {"GAIN": "gain", "RDNOISE": "read_noise", "READNOIS": "read_noise",
+                "SATURATE": "saturation"}[key]
+    assert f"{argument}=" in message
+    assert read_exposure(path, **{argument: 3.0}).masked_image.shape == SHAPE   # overriding: not read
+
+
+def test_gain_banana_through_the_command_line(tmp_path, capsys):
+    science, template = _pair_files(tmp_path, **{"GAIN": "banana"})
+    output = tmp_path / "difference.fits"
+    code, err = _subtract(capsys, science, template, output)
+    assert code == 2 and not output.exists() and "Traceback" not in err
+    assert "science.fits" in err and "GAIN = 'banana'" in err and "--science-gain" in err
+
+
+def test_header_values_out_of_range_are_logged_and_ignored(tmp_path, caplog):
+    path = _plain_file(tmp_path / "zero.fits", _noisy(), GAIN=0.0, RDNOISE=-1.0, SATURATE=0.0)
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        info = read_exposure(path).info
+    assert info.gain is None and info.read_noise is None and info.saturation is None
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    for key in ("GAIN = 0.0", "RDNOISE = -1.0", "SATURATE = 0.0"):
+        assert key in messages and "zero.fits" in messages
+
+
+def test_optional_metadata_of_wrong_type_is_logged_and_ignored(tmp_path, caplog):
+    path = _plain_file(tmp_path / "optional.fits", _noisy(), FILTER=5, MAGZERO="x", FWHM="wide",
+                       **{"MJD-OBS": "yesterday"})
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        exposure = read_exposure(path)
+    info = exposure.info
+    assert (info.filter, info.zero_point, info.date, exposure.psf_fwhm_pix) == (None, None, None, None)
+    messages = " ".join(record.getMessage() for record in caplog.records)
+    for text in ("FILTER = 5 ignored", "MAGZERO = 'x' ignored", "FWHM = 'wide' ignored",
+                 "MJD-OBS = 'yesterday' ignored"):
+        assert text in messages
+
+
+@pytest.mark.parametrize(("cards", "match"), [
+    ({"CRVAL1": "x"}, "WCS card CRVAL1 = 'x' is not a finite number"),
+    ({"CRPIX2": False}, "WCS card CRPIX2 = False is not a finite number"),
+    ({"CTYPE1": 5}, "WCS card CTYPE1 = 5 is not a string"),
+    ({"CTYPE1": "RA---XYZ"}, "unusable WCS .*XYZ"),
+    ({"PC1_1": 0.0, "PC1_2": 0.0}, "unusable WCS .*[Ss]ingular"),
+])
+def test_wcs_of_wrong_type_or_unusable_is_refused(tmp_path, cards, match):
+    header = _wcs(sip=False).to_header()
+    header.update(cards)
+    path = tmp_path / "wcs.fits"
+    fits.PrimaryHDU(_noisy(), header=header).writeto(path)
+    assert f"HDU 0 of {path}" in _one_line_error(FitsFormatError, match, path)
+
+
+def test_lsst_cards_of_wrong_type_are_refused(tmp_path):
+    path = tmp_path / "exposure.fits"
+    write_exposure(path, Exposure(_masked()))
+    for hdu, key, value, match in ((2, "HIERARCH MP_SAT", "y", "mask-plane card MP_SAT = 'y'"),
+                                   (2, "HIERARCH MP_CR", 40, "MP_CR = 40 is not a bit number"),
+                                   (1, "CRVAL1A", "origin", "WCS card CRVAL1A = 'origin'")):
+        broken = tmp_path / f"{key.split()[-1]}.fits"
+        with fits.open(path) as hdus:
+            hdus[hdu].header[key] = value
+            hdus.writeto(broken)
+        assert str(broken) in _one_line_error(FitsFormatError, match, broken)
+    with fits.open(path) as hdus:
+        del hdus[1].header["CRVAL1A"], hdus[1].header["CRVAL2A"]
+        hdus[1].header["LTV1"] = "left"
+        hdus.writeto(tmp_path / "ltv.fits")
+    _one_line_error(FitsFormatError, "pixel-origin card LTV1 = 'left'", tmp_path / "ltv.fits")
+
+
+def test_mask_and_variance_without_image_hdu_is_refused(tmp_path):
+    masked = _masked()
+    path = tmp_path / "no-image.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(masked.mask, name="MASK"),
+                  fits.ImageHDU(masked.variance, name="VARIANCE")]).writeto(path)
+    _one_line_error(FitsFormatError, "no-image.fits has a MASK HDU but no IMAGE HDU", path)
+
+
+def test_unusable_pixels_error_names_the_file(tmp_path):
+    path = _plain_file(tmp_path / "nan.fits", np.full(SHAPE, np.nan, dtype=np.float32))
+    message = _one_line_error(InvalidImageError, "no finite pixel", path)
+    assert message.startswith(f"HDU 0 of {path}: ")
+
+
+def test_corrupted_hdu_header_is_refused(tmp_path):
+    path = tmp_path / "exposure.fits"
+    write_exposure(path, Exposure(_masked(), psf_image=_psf()))
+    broken = _with_card_bytes(path, "NAXIS1", 28, b"x", tmp_path / "naxis.fits")
+    _one_line_error(FitsFormatError, "naxis.fits is (corrupted|not a readable)", broken)
+
+
+def test_astropy_warnings_are_logged_not_raised(tmp_path, caplog):
+    """Under ``-W error`` (this project's pytest setting) a re-issued astropy warning would raise."""
+    path = _plain_file(tmp_path / "comment.fits", _noisy(), GAIN=(2.0, "gain in e-/ADU"), RDNOISE=5.0)
+    broken = _with_card_bytes(path, "GAIN", 40, b"\xe9", tmp_path / "accent.fits")   # in the comment
+    with caplog.at_level(logging.WARNING, logger="gpudiffim"):
+        assert read_exposure(broken).info.gain == 2.0
+    assert any(record.getMessage().startswith(f"{broken}: non-ASCII") for record in caplog.records)
 
 
 # ---------------------------------------------------------------------------
