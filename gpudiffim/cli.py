@@ -19,7 +19,13 @@ import numpy as np
 
 from . import __version__
 from .config import PsfMatchConfig
-from .errors import ConfigurationError, GpudiffimError, NoKernelCandidatesError, SingularSystemError
+from .errors import (
+    ConfigurationError,
+    GpudiffimError,
+    NoKernelCandidatesError,
+    RegistrationError,
+    SingularSystemError,
+)
 
 __all__ = ["main"]
 
@@ -36,7 +42,7 @@ def _residual_summary(difference, exclude=()):
     for x, y, radius in exclude:
         col, row = int(round(x)) - x0, int(round(y)) - y0
         good[max(row - radius, 0):row + radius + 1, max(col - radius, 0):col + radius + 1] = False
-    z = difference.image[good] / np.sqrt(difference.variance[good])
+    z = difference.image[good].astype(np.float64) / np.sqrt(difference.variance[good].astype(np.float64))
     return float(np.mean(z)), float(np.std(z)), int(good.sum())
 
 
@@ -285,11 +291,15 @@ def _subtract(args):
     candidates = _read_candidates(args.candidates)
     science, template = _read("science", args), _read("template", args)
     task = ImagePsfMatchTask(config)
-    result = task.subtract_exposures(template, science, candidates=candidates,
-                                     template_fwhm_pix=args.template_fwhm,
-                                     science_fwhm_pix=args.science_fwhm,
-                                     do_warping=not args.no_warp,
-                                     convolve_template=args.convolve == "template")
+    try:
+        result = task.subtract_exposures(template, science, candidates=candidates,
+                                         template_fwhm_pix=args.template_fwhm,
+                                         science_fwhm_pix=args.science_fwhm,
+                                         do_warping=not args.no_warp,
+                                         convolve_template=args.convolve == "template")
+    except RegistrationError as error:
+        msg = f"{error} (science {args.science}, template {args.template})"
+        raise RegistrationError(msg) from None
     x0, y0, x1, y1 = result.subtracted_image.bbox()
     centre = (0.5 * (x0 + x1), 0.5 * (y0 + y1))
     provenance = _provenance(config, result, centre)

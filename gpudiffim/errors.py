@@ -48,9 +48,11 @@ class RegistrationError(GpudiffimError, ValueError):
 class FitsFormatError(GpudiffimError, ValueError):
     """A file is not readable FITS or lacks the expected image data.
 
-    Raised for files that are not FITS or are truncated, a missing or
-    non-image HDU, an HDU without data, or an array that is not 2-D; the
-    message names the file and the HDU.
+    Raised for files that are not FITS or are truncated or corrupted, a
+    missing or non-image HDU, an HDU without data, an array that is not 2-D,
+    a header card gpudiffim reads (gain, read noise, saturation, WCS, XY0,
+    mask planes) that cannot be parsed or has the wrong type, and a WCS that
+    astropy rejects; the message names the file, the HDU and the keyword.
     """
 
 

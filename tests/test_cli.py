@@ -102,7 +102,8 @@ def test_non_overlapping_pair(fits_pair, tmp_path, one_line_error):
     _write_plain(far, fits_pair["pair"].template, _wcs((256, 256), ra=10.0, dec=-40.0))
     code = main(["subtract", str(fits_pair["science"]), str(far), "-o", str(tmp_path / "d.fits")])
     assert code == EXIT_BAD_INPUT
-    assert "overlap" in one_line_error()
+    message = one_line_error()
+    assert "overlap" in message and str(far) in message and str(fits_pair["science"]) in message
 
 
 def test_fit_failure_exit_code(tmp_path, one_line_error):
