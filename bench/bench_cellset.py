@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from gpudiffim.cellset import Candidates, KernelCellSet, SpatialCellSet
+from gpudiffim.cellset import Candidates, KernelCellSet, RejectReason, SpatialCellSet
 
 
 def _best_ms(func, rounds=5):
@@ -49,7 +49,8 @@ def main():
                               np.full(len(visited), 529))
         cell_set.mark_good(visited)
         rejected = visited[::10]
-        cell_set.reject(rejected, [f"single-kernel residual rms {v:.3g} > 1.5" for v in rng.random(len(rejected))])
+        cell_set.reject(rejected, RejectReason.SINGLE_KERNEL_RESIDUAL,
+                        [f"single-kernel residual rms {v:.3g} > 1.5" for v in rng.random(len(rejected))])
         cell_set.status[:] = 0
 
     rows = {"build": _best_ms(build), "visit": _best_ms(lambda: cell_set.visit(5)), "decide": _best_ms(decide),

@@ -8,6 +8,8 @@ clipping; the matched and difference images carry propagated variance and
 mask planes.
 """
 
+import importlib
+
 from ._backend import backend_info, compute_backend, use_backend
 from .config import DetectionConfig, PsfMatchConfig
 from .errors import (
@@ -29,15 +31,29 @@ from .errors import (
 from .exposure import Exposure, ExposureInfo
 from .image import DEFAULT_MASK_PLANES, MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
-from .task import (
-    ExposureMatchResult,
-    ExposureSubtractResult,
-    ImagePsfMatchTask,
-    MatchResult,
-    SubtractResult,
-)
 
 __version__ = "0.1.0"
+
+#: Public names loaded on first access (PEP 562), so that importing a low-level
+#: module (``import gpudiffim.basis``) does not load detection, stamp fitting and
+#: the solve loop through this package's ``__init__``.
+_LAZY = {name: ".task" for name in ("ExposureMatchResult", "ExposureSubtractResult", "ImagePsfMatchTask",
+                                     "MatchResult", "SubtractResult")}
+
+
+def __getattr__(name):
+    """Import a lazily exported name (see :data:`_LAZY`) on first access."""
+    if name not in _LAZY:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    """Module attributes, the lazily exported names included."""
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "__version__",

@@ -39,7 +39,7 @@ from scipy import sparse
 
 from ._validate import check_int, check_real, fail, is_int
 from .errors import ConfigurationError, ShapeError
-from .fwhm import SIGMA_TO_FWHM
+from .gaussian import fwhm_to_sigma
 
 __all__ = [
     "KernelBasis",
@@ -85,28 +85,6 @@ def _as_tuple(values):
 # --------------------------------------------------------------------------
 # Alard-Lupton sigmas and kernel size (reference section 2.1)
 # --------------------------------------------------------------------------
-
-def fwhm_to_sigma(fwhm):
-    """Convert a Gaussian full width at half maximum to its standard deviation.
-
-    Parameters
-    ----------
-    fwhm : float or ndarray
-        Full width at half maximum (px).
-
-    Returns
-    -------
-    sigma : float or ndarray
-        Standard deviation (px), ``fwhm / (2 sqrt(2 ln 2))`` (about
-        ``fwhm / 2.3548``).
-
-    Examples
-    --------
-    >>> round(float(fwhm_to_sigma(2.3548200450309493)), 12)
-    1.0
-    """
-    return fwhm / SIGMA_TO_FWHM
-
 
 def _sigma_series(wide, narrow, min_sigma, n_gauss, beta):
     """Geometric series of Gaussian sigmas matching ``narrow`` to ``wide``.

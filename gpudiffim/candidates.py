@@ -14,9 +14,9 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ._backend import array_module_of, to_host
-from .cellset import Candidates
+from .cellset import Candidates, RejectReason
+from .cutouts import cut_stamps, stamps_fit
 from .errors import ConfigurationError, NoKernelCandidatesError
-from .stamps import stamps_fit
 from .statistics import mad_sigma
 
 __all__ = [
@@ -466,26 +466,13 @@ def candidate_positions(candidates):
     return positions
 
 
-def _gather_stamps(plane, centres_rc, radius):
-    """Host stack (n, 2r+1, 2r+1) of ``plane`` around each (row, col) centre, edge-clamped.
-
-    Cut where the plane lives (NumPy or CuPy), so only the stamps cross to the host.
-    """
-    xp = array_module_of(plane)
-    offsets = np.arange(-radius, radius + 1)
-    centres_rc = np.asarray(centres_rc)
-    rows = np.clip(centres_rc[:, 0, None, None] + offsets[None, :, None], 0, plane.shape[0] - 1)
-    cols = np.clip(centres_rc[:, 1, None, None] + offsets[None, None, :], 0, plane.shape[1] - 1)
-    return to_host(plane[xp.asarray(rows), xp.asarray(cols)])
-
-
 def core_snr(science, centres_rc, radius):
     """Mean of S/sigma over the (2r+1)^2 core around each (row, col) centre.
 
     ``science`` may have NumPy or CuPy planes; the result is a host array.
     """
-    image = _gather_stamps(science.image, centres_rc, radius)
-    sigma = np.sqrt(_gather_stamps(science.variance, centres_rc, radius))
+    image = cut_stamps(science.image, centres_rc, radius)
+    sigma = np.sqrt(cut_stamps(science.variance, centres_rc, radius))
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(sigma > 0, image / sigma, 0.0)
     return snr.mean(axis=(1, 2))
@@ -514,8 +501,9 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     Returns
     -------
     kept : Candidates
-    rejected : dict of str to int
-        Count of candidates dropped for each reason.
+    rejected : dict of RejectReason to int
+        Count of candidates dropped for each reason: ``STAMP_OUTSIDE``,
+        ``BAD_MASK`` and ``LOW_SNR``, in that order (zeros included).
     """
     x0, y0 = science.xy0
     centres = np.floor(positions + 0.5).astype(int) - np.array([x0, y0])
@@ -527,9 +515,9 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     rating = np.full(len(positions), -np.inf)
     rating[clean] = core_snr(science, centres_rc[clean], core_radius)
     bright = rating >= min_snr
-    rejected = {"stamp outside the image": int((~inside).sum()),
-                "bad mask bit in the stamp": int((inside & ~clean).sum()),
-                f"core S/N below {min_snr}": int((clean & ~bright).sum())}
+    rejected = {RejectReason.STAMP_OUTSIDE: int((~inside).sum()),
+                RejectReason.BAD_MASK: int((inside & ~clean).sum()),
+                RejectReason.LOW_SNR: int((clean & ~bright).sum())}
     ids = np.flatnonzero(bright)
     kept = Candidates.from_arrays(ids, centres[ids, 0] + x0, centres[ids, 1] + y0, rating[ids])
     return kept, rejected

@@ -16,6 +16,7 @@ view (:class:`CandidateRecord`) is only built when a user asks for it.
 Positions are parent-pixel coordinates (x = column, y = row).
 """
 
+import enum
 import functools
 from dataclasses import dataclass, field
 
@@ -24,13 +25,86 @@ import numpy as np
 from .errors import ConfigurationError
 
 __all__ = ["Candidates", "SpatialCellSet", "StampSolutions", "CandidateRecord", "KernelCellSet",
-           "UNKNOWN", "GOOD", "BAD"]
+           "RejectReason", "rejection_counts", "UNKNOWN", "GOOD", "BAD"]
 
 UNKNOWN, GOOD, BAD = "UNKNOWN", "GOOD", "BAD"
 
 #: Status names by code (the cell set stores codes).
 _STATUS_NAMES = np.array([UNKNOWN, GOOD, BAD])
 _CODE = {name: code for code, name in enumerate(_STATUS_NAMES)}
+
+
+class RejectReason(enum.IntEnum):
+    """Why a kernel candidate was rejected: an integer code and its display ``label``.
+
+    The cell set stores one code per candidate (:data:`NONE` while it is not
+    rejected) beside the full sentence of its reason, which carries the
+    numbers; counts and summaries go by code, and show the label.  The
+    labels of the fit stages are the opening words of their sentences
+    ("kernel sum 1.12 differs from ..." is a :data:`KERNEL_SUM` rejection).
+
+    The first three are selection rejects: positions dropped before they
+    enter the cell set (:attr:`KernelCellSet.selection_rejects`).
+
+    Examples
+    --------
+    >>> RejectReason.KERNEL_SUM.label
+    'kernel sum'
+    >>> RejectReason(8) is RejectReason.KERNEL_SUM
+    True
+    """
+
+    def __new__(cls, code, label):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.label = label
+        return member
+
+    #: Not rejected.
+    NONE = 0, ""
+    #: Selection: the stamp does not lie inside the image.
+    STAMP_OUTSIDE = 1, "stamp outside the image"
+    #: Selection: a bad mask bit in the stamp of either image.
+    BAD_MASK = 2, "bad mask bit in the stamp"
+    #: Selection: core S/N below ``detection.min_snr``.
+    LOW_SNR = 3, "core S/N below detection.min_snr"
+    #: Stamp fit: a variance pixel of the stamp is zero or negative.
+    NONPOSITIVE_VARIANCE = 4, "non-positive variance"
+    #: Stamp fit: the normal matrix is worse conditioned than the limit.
+    CONDITION_NUMBER = 5, "condition number"
+    #: Stamp fit: the solver failed.
+    FIT_FAILED = 6, "stamp fit"
+    #: Residual statistics under the candidate's own kernel (clipped or undefined).
+    SINGLE_KERNEL_RESIDUAL = 7, "single-kernel residual"
+    #: Kernel sum beyond ``max_ksum_sigma`` of the clipped mean.
+    KERNEL_SUM = 8, "kernel sum"
+    #: Residual statistics under the spatial model (clipped or undefined).
+    SPATIAL_KERNEL_RESIDUAL = 9, "spatial-kernel residual"
+    #: Visited but never fitted before the final spatial solution.
+    NOT_FITTED = 10, "not fitted"
+
+
+def rejection_counts(codes):
+    """Number of rejections per reason, as ``{label: n}`` sorted by label.
+
+    Parameters
+    ----------
+    codes : array_like of int
+        :class:`RejectReason` codes; :data:`RejectReason.NONE` is not counted.
+
+    Returns
+    -------
+    dict of str to int
+        Only the reasons that occur.
+
+    Examples
+    --------
+    >>> rejection_counts([0, 8, 7, 8])
+    {'kernel sum': 2, 'single-kernel residual': 1}
+    """
+    values, counts = np.unique(np.asarray(codes, dtype=np.int64), return_counts=True)
+    labelled = {RejectReason(int(v)).label: int(n) for v, n in zip(values, counts) if v != RejectReason.NONE}
+    return dict(sorted(labelled.items()))
 
 
 @dataclass(frozen=True)
@@ -129,7 +203,9 @@ class SpatialCellSet:
     status : ndarray of int8, shape (n,)
         Status codes; use :meth:`statuses` for names.
     reason : ndarray of object, shape (n,)
-        Why each candidate was rejected ("" if not).
+        Why each candidate was rejected ("" if not), as a sentence.
+    reason_code : ndarray of int8, shape (n,)
+        The :class:`RejectReason` of each (``NONE`` if not rejected).
     solutions : dict of str to StampSolutions
         ``"orig"`` (the original basis) and, with PCA, ``"pca"``.
     stats : dict of str to dict of ndarray
@@ -151,6 +227,7 @@ class SpatialCellSet:
         n = len(order)
         self.status = np.zeros(n, dtype=np.int8)
         self.reason = np.full(n, "", dtype=object)
+        self.reason_code = np.zeros(n, dtype=np.int8)
         self.solutions = {}
         self.stats = {}
         # rank of each candidate among the usable ones of its cell: cumulative count minus
@@ -192,10 +269,29 @@ class SpatialCellSet:
     def mark_good(self, index):
         self.status[index] = _CODE[GOOD]
 
-    def reject(self, index, reasons):
-        """Mark the candidates ``index`` BAD with one reason each (or one for all)."""
+    def reject(self, index, code, reasons):
+        """Mark the candidates ``index`` BAD.
+
+        Parameters
+        ----------
+        index : ndarray of int
+            Candidates to reject.
+        code : RejectReason or ndarray of int
+            Why: one for all, or one each; never :data:`RejectReason.NONE`.
+        reasons : str or sequence of str
+            The same as sentences (with the numbers): one for all, or one each.
+        """
+        codes = np.broadcast_to(np.asarray(code, dtype=np.int8), np.shape(index))
+        if np.any(codes == RejectReason.NONE):
+            msg = "a rejection needs a reason code other than RejectReason.NONE"
+            raise ValueError(msg)
         self.status[index] = _CODE[BAD]
         self.reason[index] = reasons
+        self.reason_code[index] = codes
+
+    def rejection_counts(self):
+        """Rejected candidates per reason, ``{label: n}`` (see :func:`rejection_counts`)."""
+        return rejection_counts(self.reason_code[self.status == _CODE[BAD]])
 
     def solution(self, key, n_basis):
         """The :class:`StampSolutions` under ``key``, created (empty) on first use."""
@@ -241,7 +337,9 @@ class CandidateRecord:
     status : {"GOOD", "BAD", "UNKNOWN"}
         UNKNOWN: never visited (its cell had enough better candidates).
     reason : str
-        Why it was rejected ("" otherwise).
+        Why it was rejected ("" otherwise), as a sentence with the numbers.
+    reason_code : RejectReason
+        The same as a code (``RejectReason.NONE`` otherwise).
     kernel_sum : float
         Kernel sum of its own stamp solution (NaN if never fitted).
     background : float
@@ -268,6 +366,7 @@ class CandidateRecord:
     rating: float
     status: str
     reason: str
+    reason_code: RejectReason
     kernel_sum: float
     background: float
     single_mean: float
@@ -290,8 +389,9 @@ class KernelCellSet:
     size_cell_x, size_cell_y : int
     candidates : tuple of CandidateRecord
         In cell order, then rating order.
-    selection_rejects : dict of str to int
-        Positions dropped before entering the cell set, by reason.
+    selection_rejects : dict of RejectReason to int
+        Positions dropped before entering the cell set, by reason
+        (``STAMP_OUTSIDE``, ``BAD_MASK``, ``LOW_SNR``; ``.label`` to display).
     """
 
     bbox: tuple
@@ -309,7 +409,7 @@ class KernelCellSet:
         spatial = cell_set.stats.get("spatial", {})
         columns = {"id": cell_set.id, "x": cell_set.x, "y": cell_set.y, "cell": cell_set.cell,
                    "rating": cell_set.rating, "status": cell_set.statuses(),
-                   "reason": cell_set.reason,
+                   "reason": cell_set.reason, "reason_code": cell_set.reason_code,
                    "single_mean": single.get("mean", nan), "single_rms": single.get("rms", nan),
                    "spatial_mean": spatial.get("mean", nan), "spatial_rms": spatial.get("rms", nan),
                    "n_pixels": single.get("n", zero)}
@@ -346,8 +446,9 @@ class KernelCellSet:
     def candidates(self):
         """Tuple of :class:`CandidateRecord`, in cell order, then rating order."""
         c = self._columns
-        scalars = [c[name].tolist() for name in ("id", "x", "y", "cell", "rating", "status", "reason",
-                                                  "kernel_sum", "background", "single_mean", "single_rms",
+        scalars = [c[name].tolist() for name in ("id", "x", "y", "cell", "rating", "status", "reason")]
+        scalars.append([RejectReason(code) for code in c["reason_code"].tolist()])
+        scalars += [c[name].tolist() for name in ("kernel_sum", "background", "single_mean", "single_rms",
                                                   "spatial_mean", "spatial_rms", "n_pixels")]
         vectors = [[tuple(row) if done else () for row, done in zip(c[prefix + "coefficients"].tolist(),
                                                                      c[prefix + "fitted"])]
@@ -358,6 +459,13 @@ class KernelCellSet:
     def count(self, status):
         """Number of candidates with the given status."""
         return int(np.count_nonzero(self._columns["status"] == status))
+
+    def rejection_counts(self):
+        """Rejected candidates per reason, ``{label: n}`` sorted by label.
+
+        Selection rejects are not included (see :attr:`selection_rejects`).
+        """
+        return rejection_counts(self._columns["reason_code"][self._columns["status"] == BAD])
 
     @property
     def n_good(self):
@@ -370,7 +478,8 @@ class KernelCellSet:
     def to_table(self):
         """The candidates as an :class:`astropy.table.Table`, one row each.
 
-        The coefficient vectors are left out (see :class:`CandidateRecord`).
+        The coefficient vectors are left out (see :class:`CandidateRecord`);
+        ``reason_code`` holds the :class:`RejectReason` codes as integers.
         """
         from astropy.table import Table
 

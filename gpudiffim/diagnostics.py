@@ -1149,7 +1149,7 @@ def display_spatial_cells(result, science, *, stretch="zscale", unit=None):
     width, height = figure.get_size_inches()
     axes.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.05 / width, 0.02), ncol=3,
                 frameon=False, bbox_transform=figure.transFigure)
-    dropped = "; ".join(f"{k}: {v}" for k, v in cells.selection_rejects.items() if v) or "none"
+    dropped = "; ".join(f"{k.label}: {v}" for k, v in cells.selection_rejects.items() if v) or "none"
     title = (f"Spatial cells ({cells.size_cell_x}×{cells.size_cell_y} px, cyan, numbered) and kernel "
              f"candidates on the science image ({_stretch_words(stretch)}); dropped before the fit: "
              f"{dropped}")
@@ -1233,12 +1233,7 @@ def summary_figure(result):
              f"spatial condition number: {diagnostics.get('spatial_condition_number', math.nan):.3g}",
              f"candidates: {cells.n_good} GOOD, {cells.n_bad} BAD, {cells.count('UNKNOWN')} not needed",
              ""]
-    reasons = {}
-    for record in cells.candidates:
-        if record.status == "BAD":
-            key = " ".join(record.reason.split(" ")[:2])
-            reasons[key] = reasons.get(key, 0) + 1
-    lines += [f"  rejected by {k}: {v}" for k, v in reasons.items()]
+    lines += [f"  rejected by {k}: {v}" for k, v in cells.rejection_counts().items()]
     warnings = diagnostics.get("warnings", [])
     lines += ["", f"warnings ({len(warnings)}):"] + [f"  {w}" for w in warnings or ["none"]]
     quality = getattr(result, "quality", None)

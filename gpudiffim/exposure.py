@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigurationError, ShapeError
-from .fwhm import SIGMA_TO_FWHM, adaptive_sigma
+from .fwhm import adaptive_sigma
+from .gaussian import SIGMA_TO_FWHM
 from .image import MaskedImage
 
 __all__ = ["Exposure", "ExposureInfo"]

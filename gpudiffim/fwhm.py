@@ -9,17 +9,16 @@ iterating ``s^2 <- 2 m`` converges to ``s = sigma``.  The FWHM is
 import numpy as np
 
 from ._backend import to_host
-from .candidates import _gather_stamps
+from .cutouts import cut_stamps
 from .errors import NoKernelCandidatesError
+from .gaussian import SIGMA_TO_FWHM
 
 __all__ = ["estimate_fwhm", "SIGMA_TO_FWHM"]
-
-SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
 def _cutouts(image, centres_rc, radius):
     """Host stack of background-free cutouts (cut where ``image`` lives: NumPy or CuPy)."""
-    cut = _gather_stamps(image, centres_rc, radius).astype(np.float64)
+    cut = cut_stamps(image, centres_rc, radius).astype(np.float64)
     border = np.concatenate([cut[:, 0, :], cut[:, -1, :], cut[:, :, 0], cut[:, :, -1]], axis=1)
     return cut - np.median(border, axis=1)[:, None, None]
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._backend import array_module_of, to_host
 from .basis import renormalize_kernel_list
-from .cellset import BAD, GOOD
+from .cellset import BAD, GOOD, RejectReason
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
@@ -33,12 +33,37 @@ from .spatial_fit import local_parameter_structure, solve_spatial, spatial_norma
 from .stamps import StampBatch, fit_stamps, stamp_residual_statistics
 from .statistics import clipped_mean_std
 
-__all__ = ["KernelSolution", "solve_kernel"]
+__all__ = ["KernelSolution", "SpatialFit", "solve_kernel"]
 
 log = logging.getLogger(__name__)
 
 #: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
 _DESIGN_BATCH_VALUES = 25_000_000
+
+
+#: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
+_RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
+
+
+@dataclass(frozen=True)
+class SpatialFit:
+    """Outcome of one spatial fit (:meth:`_Solver.spatial_stage`).
+
+    Attributes
+    ----------
+    kernel : SpatialKernel
+    background : BackgroundModel
+        Zero (one zero coefficient) when no background is fitted.
+    condition_number : float
+        Condition number of the spatial normal matrix.
+    n_candidates : int
+        Candidates in the fit.
+    """
+
+    kernel: SpatialKernel
+    background: BackgroundModel
+    condition_number: float
+    n_candidates: int
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,8 @@ class _Solver:
         visited = self.visit()
         solution = self.cell_set.solutions.get(key)
         built = solution.fitted[visited] if solution is not None else np.zeros(len(visited), dtype=bool)
-        self.cell_set.reject(visited[~built], "not fitted before the final spatial solution")
+        self.cell_set.reject(visited[~built], RejectReason.NOT_FITTED,
+                             "not fitted before the final spatial solution")
         return visited[built]
 
     def batch(self, index):
@@ -142,10 +168,14 @@ class _Solver:
                                           self.core_radius())
         solution.store(index, fit.coefficients, fit.background, fit.kernel_sum, len(self.systems))
         self.systems.append((fit.normal_matrix, fit.normal_vector))
-        return self._judge(index, stats, "single", self.config.single_kernel_clipping, fit.failure)[1]
+        return self._judge(index, stats, "single", self.config.single_kernel_clipping, fit)[1]
 
-    def _judge(self, index, stats, stage, clipping, failure=None):
-        """Record residual statistics, mark GOOD or BAD; return (#good, #rejected)."""
+    def _judge(self, index, stats, stage, clipping, fit=None):
+        """Record residual statistics, mark GOOD or BAD; return (#good, #rejected).
+
+        ``fit`` (a :class:`~gpudiffim.stamps.StampFit`) supplies the stamp-fit
+        failures, which take precedence over the residual statistics.
+        """
         config = self.config
         means, rmses, counts = (to_host(a) for a in (stats.mean, stats.rms, stats.n_pixels))
         self.cell_set.record_stats(stage, index, means, rmses, counts)
@@ -154,12 +184,14 @@ class _Solver:
             if clipping:
                 suspect |= (np.abs(means) > config.candidate_residual_mean_max) \
                     | (rmses > config.candidate_residual_std_max)
-        failed = np.array([bool(reason) for reason in failure]) if failure else np.zeros(len(index), bool)
+        failure_code = fit.failure_code if fit is not None else np.zeros(len(index), dtype=np.int8)
+        failed = failure_code != RejectReason.NONE
         rejected = np.flatnonzero(failed | suspect)
-        reasons = [failure[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
-                                                               clipping) for k in rejected]
+        codes = np.where(failed[rejected], failure_code[rejected], _RESIDUAL_REASON[stage])
+        reasons = [fit.failure[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
+                                                                   clipping) for k in rejected]
         self.cell_set.mark_good(index)
-        self.cell_set.reject(index[rejected], reasons)
+        self.cell_set.reject(index[rejected], codes, reasons)
         return len(index) - len(rejected), len(rejected)
 
     def single_kernel_stage(self):
@@ -191,7 +223,7 @@ class _Solver:
         if not self.config.kernel_sum_clipping:
             return 0
         outliers = np.flatnonzero(np.abs(sums - mean) > limit)
-        self.cell_set.reject(visited[outliers], [
+        self.cell_set.reject(visited[outliers], RejectReason.KERNEL_SUM, [
             f"kernel sum {value:.4g} differs from the clipped mean {mean:.4g} "
             f"by more than {self.config.max_ksum_sigma} sigma ({std:.3g})" for value in sums[outliers]])
         return len(outliers)
@@ -212,7 +244,7 @@ class _Solver:
         return self.build(visited, self.pca_basis, "pca", None)
 
     def spatial_stage(self):
-        """Fit the spatial model to the visited candidates."""
+        """Fit the spatial model to the visited candidates; return a :class:`SpatialFit`."""
         config = self.config
         basis = self.pca_basis if config.pca_spatial_kernel else self.basis.kernels
         key = "pca" if config.pca_spatial_kernel else "orig"
@@ -237,8 +269,8 @@ class _Solver:
             bg = np.zeros(1)
         log.info("spatial fit: %d candidates, %d unknowns, condition number %.3g (%s)",
                  len(used), len(theta), cond, method)
-        return (SpatialKernel(basis, coefficients, self.kernel_function),
-                BackgroundModel(bg, self.bg_function), cond, len(used))
+        return SpatialFit(SpatialKernel(basis, coefficients, self.kernel_function),
+                          BackgroundModel(bg, self.bg_function), cond, len(used))
 
     def gather_systems(self, index, key):
         """Stacked stamp normal matrices and vectors of the candidates ``index`` (solution ``key``).
@@ -346,19 +378,15 @@ def pca_kernel_basis(images, n_components, subtract_mean):
 
 
 def _all_rejected_message(cell_set):
-    reasons = {}
-    for reason in cell_set.reason.tolist():
-        stage = " ".join(reason.split(" ")[:2])
-        reasons[stage] = reasons.get(stage, 0) + 1
-    summary = ", ".join(f"{n} by {stage}" for stage, n in sorted(reasons.items()))
+    summary = ", ".join(f"{n} by {label}" for label, n in cell_set.rejection_counts().items())
     return f"every kernel candidate was rejected ({summary}); see the candidates' reasons"
 
 
 def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
-    """Warn about poorly constrained fits (``_diagnostic`` of ``ip_diffim``)."""
+    """Warn about poorly constrained fits (``_diagnostic`` of ``ip_diffim``); ``solution`` is a :class:`SpatialFit`."""
     config, cell_set = solver.config, solver.cell_set
     n_good, n_bad = cell_set.count(GOOD), cell_set.count(BAD)
-    kernel, cond = solution[0], solution[2]
+    kernel, cond = solution.kernel, solution.condition_number
     x0, y0, x1, y1 = cell_set.bbox
     diagnostics = {"kernel_sum_at_centre": kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1)),
                    "spatial_condition_number": cond, "n_good": n_good, "n_bad": n_bad,
@@ -376,7 +404,7 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
                                    ("background", solver.bg_function, config.spatial_bg_order)):
         if function.order < order and (what == "kernel" or config.fit_for_background):
             wanted = solver.spatial_function(order).n_terms
-            complain(f"spatial {what} order lowered from {order} to {function.order}: {solution[3]} "
+            complain(f"spatial {what} order lowered from {order} to {function.order}: {solution.n_candidates} "
                      f"candidate(s) in the spatial fit, and order {order} ({wanted} terms) needs two per "
                      f"term; no spatial-kernel clipping under the lowered model "
                      f"(reduce_spatial_order=False keeps the order)", warn=False)
@@ -435,7 +463,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
                 raise NoKernelCandidatesError(msg)
             continue
         solution = solver.spatial_stage()
-        n_good, n_rejected = solver.assess_stage(solution[0], solution[1])
+        n_good, n_rejected = solver.assess_stage(solution.kernel, solution.background)
         log.info("spatial iteration %d: %d GOOD, %d rejected", iteration + 1, n_good, n_rejected)
         if n_good == 0 and n_rejected == 0:
             msg = "no kernel candidate could be assessed against the spatial model"
@@ -449,4 +477,5 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         solution = solver.spatial_stage()
     n_bg_terms = solver.bg_function.n_terms if config.fit_for_background else 0
     diagnostics = _diagnose(solver, solution, solver.kernel_function.n_terms, n_bg_terms)
-    return KernelSolution(solution[0], solution[1], solution[2], solution[3], diagnostics)
+    return KernelSolution(solution.kernel, solution.background, solution.condition_number,
+                          solution.n_candidates, diagnostics)

@@ -32,30 +32,13 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ._backend import array_module_of, kernel_path_for, to_host
+from .cellset import RejectReason
 from .convolve import correlate_stamps, correlate_stamps_each
+from .cutouts import stamps_fit
 from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
-
-
-def stamps_fit(centres, shape, half_size):
-    """Whether the ``(2 half_size + 1)^2`` stamp around each centre lies inside an image.
-
-    Parameters
-    ----------
-    centres : ndarray of int, shape (N, 2)
-        ``(x, y)`` centres relative to the image origin (column, row).
-    shape : tuple of int
-        Image ``(rows, columns)``.
-    half_size : int
-
-    Returns
-    -------
-    ndarray of bool, shape (N,)
-    """
-    limits = np.array(shape[::-1]) - half_size
-    return np.all((centres >= half_size) & (centres < limits), axis=1)
 
 
 @dataclass(frozen=True)
@@ -141,6 +124,9 @@ class StampFit:
     kernel_sum : ndarray of shape (N,)
     failure : list of str
         "" for a good solution, else why it failed.
+    failure_code : ndarray of int8, shape (N,)
+        The same as :class:`~gpudiffim.cellset.RejectReason` codes (``NONE``
+        for a good solution).
     """
 
     coefficients: np.ndarray
@@ -149,22 +135,39 @@ class StampFit:
     normal_vector: np.ndarray
     kernel_sum: np.ndarray
     failure: list
+    failure_code: np.ndarray
+
+
+class _Failures:
+    """Why stamps of a batch failed: a :class:`RejectReason` code and a sentence each."""
+
+    def __init__(self, n):
+        self.code = np.full(n, RejectReason.NONE, dtype=np.int8)
+        self.text = ["" for _ in range(n)]
+
+    def mark(self, k, code, text):
+        self.code[k] = code
+        self.text[k] = text
+
+    def pending(self):
+        """Whether each stamp has not failed yet."""
+        return self.code == RejectReason.NONE
 
 
 def _stamp_weights(batch, half_width, constant):
-    """Inverse-variance weights on the fit region, and per-stamp failures."""
+    """Inverse-variance weights on the fit region, and the per-stamp :class:`_Failures`."""
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
-    failure = ["" for _ in range(len(batch))]
+    failures = _Failures(len(batch))
     if constant:
         level = xp.median(total.reshape(len(batch), -1), axis=1)
         level = xp.where(level > 0, level, 1.0)
         fit_shape = batch.fit_region(total, half_width).shape
-        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), failure
+        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), failures
     bad = to_host(total.reshape(len(batch), -1).min(axis=1) <= 0)
     for k in np.flatnonzero(bad):
-        failure[k] = "non-positive variance in the stamp"
-    return _inverse(batch.fit_region(total, half_width)), failure
+        failures.mark(k, RejectReason.NONPOSITIVE_VARIANCE, "non-positive variance in the stamp")
+    return _inverse(batch.fit_region(total, half_width)), failures
 
 
 def _inverse(variance):
@@ -239,21 +242,21 @@ def _regularization_lambdas(config, systems, regularization):
     return xp.full(len(systems), config.lambda_value)
 
 
-def _solve_batch(matrix, vector, config, regularization, failure):
-    """Solve the stamp systems; ``failure`` gets the reason of every failed one.
+def _solve_batch(matrix, vector, config, regularization, failures):
+    """Solve the stamp systems; ``failures`` (:class:`_Failures`) gets the reason of every failed one.
 
     ``matrix`` and ``vector`` live on the host or the GPU; the solutions are
     returned as a NumPy array (the solve loop's bookkeeping is on the host).
     """
     xp = array_module_of(matrix)
-    pending = np.array([not reason for reason in failure])
+    pending = failures.pending()
     if config.check_condition_number:
         limit = config.condition_number_limit
         host = to_host(matrix)
         for k in np.flatnonzero(pending):
             cond = condition_number(host[k], config.condition_number_type)
             if cond > limit:
-                failure[k] = f"condition number {cond:.3g} > {limit:.3g}"
+                failures.mark(k, RejectReason.CONDITION_NUMBER, f"condition number {cond:.3g} > {limit:.3g}")
                 pending[k] = False
     index = np.flatnonzero(pending)
     systems = matrix[xp.asarray(index)]
@@ -265,7 +268,7 @@ def _solve_batch(matrix, vector, config, regularization, failure):
     solutions[pending] = solved
     for k, method, bad in zip(index, methods, failed):
         if bad:
-            failure[k] = f"stamp fit failed: {method}"
+            failures.mark(k, RejectReason.FIT_FAILED, f"stamp fit failed: {method}")
     return solutions
 
 
@@ -295,18 +298,18 @@ def fit_stamps(batch, basis, config, regularization=None):
     n_basis = basis.shape[0]
     fit_background = config.fit_for_background
     columns, target = _design(batch, basis, fit_background)
-    weights, failure = _stamp_weights(batch, half_width, config.constant_variance_weighting)
+    weights, failures = _stamp_weights(batch, half_width, config.constant_variance_weighting)
     matrix, vector = _normal_equations(columns, target, weights, fit_background)
-    solution = _solve_batch(matrix, vector, config, regularization, failure)
+    solution = _solve_batch(matrix, vector, config, regularization, failures)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
         kernels = _candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(batch, kernels))
         matrix, vector = _normal_equations(columns, target, weights, fit_background)
-        solution = _solve_batch(matrix, vector, config, regularization, failure)
+        solution = _solve_batch(matrix, vector, config, regularization, failures)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, failure)
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, failures.text, failures.code)
 
 
 def _difference_variance(batch, kernels):

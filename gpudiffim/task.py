@@ -308,7 +308,7 @@ class ImagePsfMatchTask:
             bad_mask_planes=detection.bad_mask_planes,
             core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr)
         log.info("candidates: %d usable of %d (%s)", len(kept), len(positions),
-                 ", ".join(f"{v} {k}" for k, v in rejects.items() if v) or "none rejected")
+                 ", ".join(f"{v} {k.label}" for k, v in rejects.items() if v) or "none rejected")
         require_candidates(kept)
         cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y, kept)
         return cell_set, rejects

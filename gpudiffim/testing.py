@@ -19,7 +19,7 @@ import numpy as np
 import scipy.signal
 
 from .errors import ConfigurationError
-from .fwhm import SIGMA_TO_FWHM
+from .gaussian import SIGMA_TO_FWHM
 from .image import DEFAULT_MASK_PLANES, MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction

@@ -8,7 +8,16 @@ equal ratings), visited by taking the first ``n_max`` non-BAD entries.
 import numpy as np
 import pytest
 
-from gpudiffim.cellset import BAD, GOOD, UNKNOWN, Candidates, KernelCellSet, SpatialCellSet
+from gpudiffim.cellset import (
+    BAD,
+    GOOD,
+    UNKNOWN,
+    Candidates,
+    KernelCellSet,
+    RejectReason,
+    SpatialCellSet,
+    rejection_counts,
+)
 from gpudiffim.errors import ConfigurationError
 
 BBOX = (10, 20, 409, 319)          # 400 x 300 px, cells of 100 x 80: a 4 x 4 grid, last row short
@@ -62,18 +71,20 @@ def test_visit_takes_first_usable_per_cell(seed, n_max):
         np.testing.assert_array_equal(visited, expected)
         rejected = visited[rng.random(len(visited)) < 0.3]
         cell_set.mark_good(visited)
-        cell_set.reject(rejected, [f"test {k}" for k in rejected])
+        cell_set.reject(rejected, RejectReason.KERNEL_SUM, [f"test {k}" for k in rejected])
     assert cell_set.count(BAD) > 0
     assert cell_set.count(GOOD) + cell_set.count(BAD) + cell_set.count(UNKNOWN) == len(cell_set)
     bad = np.flatnonzero(cell_set.status == 2)
     assert cell_set.reason[bad].tolist() == [f"test {k}" for k in bad]
+    assert np.all(cell_set.reason_code[bad] == RejectReason.KERNEL_SUM)
+    assert np.all(cell_set.reason_code[cell_set.status != 2] == RejectReason.NONE)
 
 
 def test_has_usable_cells_and_counts():
     candidates = Candidates.from_arrays([1, 2], [10, 409], [20, 319], [1.0, 2.0])
     cell_set = SpatialCellSet(BBOX, 100, 80, candidates)
     assert cell_set.has_usable_cells()
-    cell_set.reject(np.array([0, 1]), "gone")
+    cell_set.reject(np.array([0, 1]), RejectReason.NOT_FITTED, "gone")
     assert not cell_set.has_usable_cells()
     assert cell_set.count(BAD) == 2 and cell_set.visit(5).size == 0
 
@@ -104,13 +115,17 @@ def test_frozen_view_records_columns_and_table():
                    np.array([1.0, 0.9]), batch=0)
     cell_set.record_stats("single", fitted, np.array([0.1, 0.7]), np.array([1.1, 2.0]), np.array([50, 60]))
     cell_set.mark_good(fitted[:1])
-    cell_set.reject(fitted[1:], "single-kernel residual rms 2 > 1.5")
-    frozen = KernelCellSet.from_cell_set(cell_set, {"stamp outside the image": 4})
-    cell_set.reject(np.arange(3), "changed afterwards")          # the view is a copy
+    cell_set.reject(fitted[1:], RejectReason.SINGLE_KERNEL_RESIDUAL, "single-kernel residual rms 2 > 1.5")
+    frozen = KernelCellSet.from_cell_set(cell_set, {RejectReason.STAMP_OUTSIDE: 4})
+    cell_set.reject(np.arange(3), RejectReason.KERNEL_SUM, "changed afterwards")  # the view is a copy
     records = frozen.candidates
     assert [r.id for r in records] == [7, 8, 9]
     assert [r.status for r in records] == [GOOD, UNKNOWN, BAD]
     assert records[2].reason == "single-kernel residual rms 2 > 1.5" and records[0].reason == ""
+    assert records[2].reason_code is RejectReason.SINGLE_KERNEL_RESIDUAL
+    assert records[0].reason_code is RejectReason.NONE and records[1].reason_code is RejectReason.NONE
+    assert frozen.rejection_counts() == {"single-kernel residual": 1}
+    assert frozen.selection_rejects == {RejectReason.STAMP_OUTSIDE: 4}
     assert records[0].coefficients == (1.0, 0.5) and records[1].coefficients == ()
     assert records[2].pca_coefficients == ()
     assert (records[2].kernel_sum, records[2].background, records[2].n_pixels) == (0.9, 4.0, 60)
@@ -121,3 +136,65 @@ def test_frozen_view_records_columns_and_table():
         frozen.column("coefficients")
     table = frozen.to_table()
     assert table["status"].tolist() == [GOOD, UNKNOWN, BAD] and table["cell"].tolist() == [0, 5, 14]
+    assert table.colnames[table.colnames.index("reason") + 1] == "reason_code"
+    assert table["reason_code"].tolist() == [0, 0, RejectReason.SINGLE_KERNEL_RESIDUAL]
+    np.testing.assert_array_equal(frozen.column("reason_code"), [0, 0, 7])
+
+
+# ----------------------------------------------------------------------------
+# Rejection reasons: codes, labels, counting
+
+
+def test_reject_reason_codes_and_labels_are_unique():
+    members = list(RejectReason)
+    assert len({int(m) for m in members}) == len(members)
+    assert len({m.label for m in members}) == len(members)
+    assert RejectReason.NONE == 0 and RejectReason.NONE.label == ""
+    assert all(m.label for m in members if m is not RejectReason.NONE)
+    assert max(members) <= np.iinfo(np.int8).max            # the cell set stores int8 codes
+    assert all(RejectReason(int(m)) is m for m in members)
+
+
+def test_rejection_counts_by_label_sorted_without_none():
+    codes = [RejectReason.SPATIAL_KERNEL_RESIDUAL, 0, RejectReason.KERNEL_SUM, RejectReason.SINGLE_KERNEL_RESIDUAL,
+             RejectReason.KERNEL_SUM, RejectReason.CONDITION_NUMBER]
+    assert rejection_counts(codes) == {"condition number": 1, "kernel sum": 2, "single-kernel residual": 1,
+                                       "spatial-kernel residual": 1}
+    assert list(rejection_counts(codes)) == sorted(rejection_counts(codes))
+    assert rejection_counts([]) == {} and rejection_counts(np.zeros(5, np.int8)) == {}
+
+
+def test_cell_set_counts_rejections_by_code():
+    rng = np.random.default_rng(4)
+    cell_set = SpatialCellSet(BBOX, 100, 80, _random_candidates(rng, 40))
+    cell_set.mark_good(np.arange(40))
+    cell_set.reject(np.arange(0, 6), RejectReason.SINGLE_KERNEL_RESIDUAL,
+                    [f"single-kernel residual rms {2 + k} > 1.5" for k in range(6)])
+    cell_set.reject(np.array([10, 11]), np.array([RejectReason.CONDITION_NUMBER, RejectReason.FIT_FAILED]),
+                    ["condition number 1e+09 > 1e+07", "stamp fit failed: lstsq"])
+    cell_set.reject(np.array([20]), RejectReason.KERNEL_SUM, "kernel sum 3 differs from the clipped mean 1")
+    assert cell_set.rejection_counts() == {"condition number": 1, "kernel sum": 1, "single-kernel residual": 6,
+                                           "stamp fit": 1}
+    frozen = KernelCellSet.from_cell_set(cell_set, {})
+    assert frozen.rejection_counts() == cell_set.rejection_counts()
+    assert sum(frozen.rejection_counts().values()) == frozen.n_bad == 9
+
+
+def test_reject_needs_a_reason_code():
+    cell_set = SpatialCellSet(BBOX, 100, 80, Candidates.from_arrays([1, 2], [10, 409], [20, 319], [1.0, 2.0]))
+    with pytest.raises(ValueError, match="reason code"):
+        cell_set.reject(np.array([0]), RejectReason.NONE, "no reason")
+    with pytest.raises(ValueError, match="reason code"):
+        cell_set.reject(np.array([0, 1]), np.array([RejectReason.KERNEL_SUM, 0]), ["a", "b"])
+    assert cell_set.count(BAD) == 0
+
+
+def test_all_rejected_message_keeps_its_wording():
+    from gpudiffim.solve import _all_rejected_message
+
+    cell_set = SpatialCellSet(BBOX, 100, 80, Candidates.from_arrays([1, 2, 3], [10, 200, 409], [20, 100, 319],
+                                                                    [1.0, 2.0, 3.0]))
+    cell_set.reject(np.array([0, 2]), RejectReason.SINGLE_KERNEL_RESIDUAL, "single-kernel residual rms 2 > 1.5")
+    cell_set.reject(np.array([1]), RejectReason.CONDITION_NUMBER, "condition number 1e+09 > 1e+07")
+    assert _all_rejected_message(cell_set) == ("every kernel candidate was rejected (1 by condition number, "
+                                               "2 by single-kernel residual); see the candidates' reasons")

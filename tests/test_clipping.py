@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
+from gpudiffim.cellset import RejectReason
 from gpudiffim.testing import make_fake_pair
 
 SHAPE = (512, 512)
@@ -46,9 +47,12 @@ def test_variable_star_rejected_by_kernel_sum():
         record = _record_at(result, star["x"], star["y"])
         assert record.status == "BAD"
         assert record.reason.startswith("kernel sum")
+        assert record.reason_code is RejectReason.KERNEL_SUM
         assert record.kernel_sum == pytest.approx(3.0, rel=0.05)
     assert result.psf_matching_kernel.kernel_sum(256, 256) == pytest.approx(1.0, abs=0.01)
     assert result.kernel_cell_set.n_good >= 3
+    counts = result.kernel_cell_set.rejection_counts()
+    assert counts["kernel sum"] >= len(variables) and sum(counts.values()) == result.kernel_cell_set.n_bad
 
 
 def _with_spike(masked, x, y, value):
@@ -75,6 +79,8 @@ def test_cosmic_ray_rejected_and_replaced_from_same_cell():
     spare_record = _record_at(result, spare["x"], spare["y"])
     assert hit_record.status == "BAD"
     assert hit_record.reason.startswith("single-kernel residual")
+    assert hit_record.reason_code is RejectReason.SINGLE_KERNEL_RESIDUAL
+    assert spare_record.reason_code is RejectReason.NONE and spare_record.reason == ""
     assert hit_record.single_rms > 1.5
     assert hit_record.cell == spare_record.cell
     assert spare_record.status == "GOOD"
@@ -98,6 +104,7 @@ def test_spatial_clipping_rejects_outlier_under_spatial_model():
     assert record.kernel_sum == pytest.approx(1.5, rel=0.05)
     assert record.status == "BAD"
     assert record.reason.startswith("spatial-kernel residual")
+    assert record.reason_code is RejectReason.SPATIAL_KERNEL_RESIDUAL
     assert abs(record.spatial_mean) > 0.25 or record.spatial_rms > 1.5
     # as in ip_diffim, the outlier biases the first spatial fit (weights scale with flux^2),
     # so some good stars can be rejected with it; the final fit is clean again
@@ -116,3 +123,4 @@ def test_clipping_off_keeps_everything():
         pair.template, pair.science, candidates=[(s["x"], s["y"]) for s in stars])
     assert result.kernel_cell_set.n_bad == 0
     assert result.kernel_cell_set.n_good == len(stars)
+    assert result.kernel_cell_set.rejection_counts() == {}

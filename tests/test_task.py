@@ -6,6 +6,7 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
+from gpudiffim.cellset import RejectReason
 from gpudiffim.cli import main
 from gpudiffim.errors import NoKernelCandidatesError
 from gpudiffim.io import write_masked_image
@@ -128,7 +129,7 @@ def test_options_give_good_subtractions(pair, changes):
 def test_condition_number_check_rejects_candidates(pair):
     config = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=0, check_condition_number=True,
                             max_condition_number=10.0)
-    rejected = r"every kernel candidate was rejected \(\d+ by condition number\)"
+    rejected = r"every kernel candidate was rejected \(\d+ by condition number\); see the candidates' reasons$"
     with pytest.raises(NoKernelCandidatesError, match=rejected):
         ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
 
@@ -144,6 +145,10 @@ def test_match_masked_images_and_result_fields(pair):
     assert set(table["status"]) <= {"GOOD", "BAD", "UNKNOWN"}
     bad = table[table["status"] == "BAD"]
     assert all(reason for reason in bad["reason"])
+    assert table.colnames.index("reason_code") == table.colnames.index("reason") + 1
+    for status, reason, code in zip(table["status"], table["reason"], table["reason_code"]):
+        assert (status == "BAD") == (code != RejectReason.NONE)
+        assert reason.startswith(RejectReason(code).label)      # the sentence opens with the label
     with pytest.raises(AttributeError):
         result.matched_image = None
 
