@@ -275,7 +275,8 @@ def _threshold(detection, variance, residual=None, valid=None):
     xp = array_module_of(variance)
     kind, value = detection.det_threshold_type, detection.det_threshold
     if kind == "pixel_stdev":
-        return lambda rows: value * xp.sqrt(variance[rows])
+        # NO_DATA pixels may carry a negative variance; they are not ``valid`` and never detected
+        return lambda rows: value * xp.sqrt(xp.maximum(variance[rows], 0))
     if kind == "variance":
         level = value * xp.median(variance[valid])
     elif kind == "stdev":

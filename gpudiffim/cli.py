@@ -47,12 +47,7 @@ def _residual_summary(difference, exclude=()):
 
 
 def _candidate_summary(cells):
-    rejected = {}
-    for record in cells.candidates:
-        if record.status == "BAD":
-            key = " ".join(record.reason.split(" ")[:2])
-            rejected[key] = rejected.get(key, 0) + 1
-    reasons = ", ".join(f"{v} {k}" for k, v in rejected.items()) or "none rejected"
+    reasons = ", ".join(f"{v} {k}" for k, v in cells.rejection_counts().items()) or "none rejected"
     return f"{cells.n_good} GOOD, {cells.n_bad} BAD ({reasons}), {cells.count('UNKNOWN')} not needed"
 
 
