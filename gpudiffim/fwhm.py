@@ -91,6 +91,7 @@ def estimate_fwhm(masked_image, positions, *, radius=12, max_stars=50):
     sigmas = adaptive_sigma(_cutouts(masked_image.image, centres_rc, radius))
     sigmas = sigmas[np.isfinite(sigmas)]
     if sigmas.size == 0:
-        msg = "could not measure a PSF size on any candidate; pass template_fwhm_pix/science_fwhm_pix"
+        msg = ("could not measure a PSF size on any candidate; pass template_fwhm_pix/science_fwhm_pix "
+               "(command line: --template-fwhm/--science-fwhm, or --template-psf/--science-psf)")
         raise NoKernelCandidatesError(msg)
     return float(SIGMA_TO_FWHM * np.median(sigmas))
