@@ -95,10 +95,13 @@ SYSTEMATIC = 0.002
 PLATEAU_RINGS = 2
 #: Normalised sky values beyond this many sigmas are left out (artefacts, missed sources).
 CLIP = 6.0
-#: Images of more pixels are sampled in evenly spaced bands of :data:`BAND_ROWS` rows.
-MAX_PIXELS = 1 << 22
+#: Images of more pixels are sampled in evenly spaced bands of :data:`BAND_ROWS` rows
+#: (a million sky pixels measure ``rho`` to about 0.001).
+MAX_PIXELS = 1 << 20
 #: Height (rows) of the sampled bands.
 BAND_ROWS = 64
+#: Rows read beyond each band for its background and source masks (one background bin).
+BAND_MARGIN = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,17 +260,15 @@ def _bands(shape, max_pixels):
     return [(int(start), int(start) + BAND_ROWS) for start in starts]
 
 
-def _stacked(values, weights, bands, gap):
-    """The bands one above the other, ``gap`` rows of weight 0 between them (no pair crosses)."""
-    if len(bands) == 1 and bands[0] == (0, values.shape[0]):
-        return values, weights
-    xp = array_module_of(values)
-    blank = xp.zeros((gap, values.shape[1]), dtype=np.float64)
-    stacked_values, stacked_weights = [], []
-    for start, stop in bands:
-        stacked_values += [values[start:stop], blank]
-        stacked_weights += [weights[start:stop], blank]
-    return xp.concatenate(stacked_values), xp.concatenate(stacked_weights)
+def _stacked(pieces, gap):
+    """``(values, weights)`` pieces one above the other, ``gap`` rows of weight 0 between them."""
+    if len(pieces) == 1:
+        return pieces[0]
+    xp = array_module_of(pieces[0][0])
+    blank = xp.zeros((gap, pieces[0][0].shape[1]), dtype=np.float64)
+    values = xp.concatenate([part for values, _ in pieces for part in (values, blank)])
+    weights = xp.concatenate([part for _, weights in pieces for part in (weights, blank)])
+    return values, weights
 
 
 def _autocorrelation(values, far):
@@ -288,11 +289,8 @@ def _autocorrelation(values, far):
     return np.asarray(to_host(near), dtype=np.float64)
 
 
-def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max_pixels):
-    """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
-
-    Returns ``(values, weights, n)`` with ``n`` the sky pixels used.
-    """
+def _band_sky(masked_image, smoothing, threshold, grow, bin_size):
+    """Normalised sky values ``z`` and the 0/1 sky weights of one image or band."""
     xp = masked_image.xp
     image = masked_image.image.astype(np.float64)
     exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
@@ -303,7 +301,28 @@ def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max
     sky = _sky_pixels(masked_image, detection, threshold, grow)
     z = residual / xp.sqrt(xp.where(sky, masked_image.variance, 1.0).astype(np.float64))
     sky &= xp.isfinite(z) & (xp.abs(z) < CLIP)
-    values, weights = _stacked(z, sky.astype(np.float64), _bands(z.shape, max_pixels), gap)
+    return z, sky.astype(np.float64)
+
+
+def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max_pixels):
+    """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
+
+    Each sampled band is prepared on its own, with :data:`BAND_MARGIN` rows
+    around it for the background and the source masks, so that large images
+    cost what :data:`MAX_PIXELS` pixels cost.  Returns ``(values, weights, n)``
+    with ``n`` the sky pixels used.
+    """
+    xp = masked_image.xp
+    rows = masked_image.shape[0]
+    x0, y0, x1, _ = masked_image.bbox()
+    pieces = []
+    for start, stop in _bands(masked_image.shape, max_pixels):
+        low, high = max(start - BAND_MARGIN, 0), min(stop + BAND_MARGIN, rows)
+        band = masked_image if (low, high) == (0, rows) else masked_image.subimage((x0, y0 + low, x1,
+                                                                                  y0 + high - 1))
+        z, sky = _band_sky(band, smoothing, threshold, grow, bin_size)
+        pieces.append((z[start - low:stop - low], sky[start - low:stop - low]))
+    values, weights = _stacked(pieces, gap)
     n_sky = int(xp.count_nonzero(weights))
     if n_sky < 100:
         log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
