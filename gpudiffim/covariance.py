@@ -80,7 +80,7 @@ import scipy.stats
 from ._backend import array_module_of, ndimage_of, to_host
 from .candidates import coarse_background
 from .errors import ConfigurationError
-from .variance import AUTO_SCALE_MIN, EXCLUDED_PLANES, _sky_pixels
+from .variance import AUTO_SCALE_MIN, EXCLUDED_PLANES, MAX_PIXELS, _sky_pixels, sampled_bands
 
 __all__ = ["FALSE_ALARM", "MatchedVarianceCorrection", "NoiseCorrelation", "correct_matched_variance",
            "kernel_autocorrelation", "measure_noise_correlation"]
@@ -95,13 +95,6 @@ SYSTEMATIC = 0.002
 PLATEAU_RINGS = 2
 #: Normalised sky values beyond this many sigmas are left out (artefacts, missed sources).
 CLIP = 6.0
-#: Images of more pixels are sampled in evenly spaced bands of :data:`BAND_ROWS` rows
-#: (a million sky pixels measure ``rho`` to about 0.001).
-MAX_PIXELS = 1 << 20
-#: Height (rows) of the sampled bands.
-BAND_ROWS = 64
-#: Rows read beyond each band for its background and source masks (one background bin).
-BAND_MARGIN = 32
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,16 +243,6 @@ def kernel_autocorrelation(kernel_image, max_lag):
     return _cross_correlations(np.asarray(kernel_image, dtype=np.float64)[None], max_lag)[0, 0]
 
 
-def _bands(shape, max_pixels):
-    """Row ranges sampled: the whole image, or evenly spaced bands of :data:`BAND_ROWS` rows."""
-    rows, columns = shape
-    if rows * columns <= max_pixels or rows <= BAND_ROWS:
-        return [(0, rows)]
-    n_bands = max(1, min(rows // BAND_ROWS, max_pixels // (BAND_ROWS * columns)))
-    starts = np.linspace(0, rows - BAND_ROWS, n_bands).astype(int)
-    return [(int(start), int(start) + BAND_ROWS) for start in starts]
-
-
 def _stacked(pieces, gap):
     """``(values, weights)`` pieces one above the other, ``gap`` rows of weight 0 between them."""
     if len(pieces) == 1:
@@ -307,21 +290,16 @@ def _band_sky(masked_image, smoothing, threshold, grow, bin_size):
 def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max_pixels):
     """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
 
-    Each sampled band is prepared on its own, with :data:`BAND_MARGIN` rows
-    around it for the background and the source masks, so that large images
-    cost what :data:`MAX_PIXELS` pixels cost.  Returns ``(values, weights, n)``
+    Each band of :func:`gpudiffim.variance.sampled_bands` is prepared on its
+    own, with margins for the background and the source masks, so that large
+    images cost what ``max_pixels`` pixels cost.  Returns ``(values, weights, n)``
     with ``n`` the sky pixels used.
     """
     xp = masked_image.xp
-    rows = masked_image.shape[0]
-    x0, y0, x1, _ = masked_image.bbox()
     pieces = []
-    for start, stop in _bands(masked_image.shape, max_pixels):
-        low, high = max(start - BAND_MARGIN, 0), min(stop + BAND_MARGIN, rows)
-        band = masked_image if (low, high) == (0, rows) else masked_image.subimage((x0, y0 + low, x1,
-                                                                                  y0 + high - 1))
+    for band, inner in sampled_bands(masked_image, max_pixels):
         z, sky = _band_sky(band, smoothing, threshold, grow, bin_size)
-        pieces.append((z[start - low:stop - low], sky[start - low:stop - low]))
+        pieces.append((z[inner], sky[inner]))
     values, weights = _stacked(pieces, gap)
     n_sky = int(xp.count_nonzero(weights))
     if n_sky < 100:

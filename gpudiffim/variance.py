@@ -76,18 +76,49 @@ class VarianceCorrection:
         return f"scaled by {self.value:.4g}" if self.applied == "scale" else f"added {self.value:.4g}"
 
 
-#: Largest number of pixels a noise statistic is computed from (a regular subsample beyond it).
-MAX_SAMPLE = 1 << 20
+#: Images of more pixels are measured on evenly spaced bands of :data:`BAND_ROWS` rows
+#: totalling about this many pixels (a million sky pixels measure a variance to ~0.2 %).
+MAX_PIXELS = 1 << 20
+#: Height (rows) of the sampled bands.
+BAND_ROWS = 64
+#: Rows read beyond each band for its background and source masks (one background bin).
+BAND_MARGIN = 32
 
 
-def _sample(array, where):
-    """``array[where]``, from every k-th pixel when more than :data:`MAX_SAMPLE` would be selected.
+def _bands(shape, max_pixels):
+    """Row ranges sampled: the whole image, or evenly spaced bands of :data:`BAND_ROWS` rows."""
+    rows, columns = shape
+    if rows * columns <= max_pixels or rows <= BAND_ROWS:
+        return [(0, rows)]
+    n_bands = max(1, min(rows // BAND_ROWS, max_pixels // (BAND_ROWS * columns)))
+    starts = np.linspace(0, rows - BAND_ROWS, n_bands).astype(int)
+    return [(int(start), int(start) + BAND_ROWS) for start in starts]
 
-    A regular subsample of a million sky pixels measures a variance to
-    about 0.2 % and keeps the quantiles cheap on large images.
+
+def sampled_bands(masked_image, max_pixels=MAX_PIXELS):
+    """The parts of an image that its noise is measured on, each with margins for its own preparation.
+
+    Parameters
+    ----------
+    masked_image : MaskedImage
+    max_pixels : int
+        Images of at most this many pixels are measured whole.
+
+    Yields
+    ------
+    band : MaskedImage
+        A band of rows with :data:`BAND_MARGIN` rows around it (the image itself when measured whole).
+    inner : slice
+        The band's own rows within ``band`` (outside them are margins).
     """
-    step = max(1, int(array.size // MAX_SAMPLE))
-    return array.ravel()[::step][where.ravel()[::step]]
+    rows = masked_image.shape[0]
+    x0, y0, x1, _ = masked_image.bbox()
+    for start, stop in _bands(masked_image.shape, max_pixels):
+        low, high = max(start - BAND_MARGIN, 0), min(stop + BAND_MARGIN, rows)
+        if (low, high) == (0, rows):
+            yield masked_image, slice(start, stop)
+        else:
+            yield masked_image.subimage((x0, y0 + low, x1, y0 + high - 1)), slice(start - low, stop - low)
 
 
 def _sky_pixels(masked_image, residual, threshold, grow):
@@ -101,7 +132,7 @@ def _sky_pixels(masked_image, residual, threshold, grow):
     """
     good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
     good &= masked_image.variance > 0
-    sigma = iqr_sigma(_sample(residual, good))
+    sigma = iqr_sigma(residual[good])
     sources = array_module_of(residual).abs(residual) >= threshold * max(sigma, np.finfo(float).tiny)
     if grow > 0:
         sources = ndimage_of(sources).maximum_filter(sources, size=2 * grow + 1)
@@ -147,16 +178,19 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
         msg = f"invalid mode={mode!r}: expected one of {MODES}"
         raise ConfigurationError(msg)
     xp = masked_image.xp
-    image = masked_image.image.astype(np.float64)
-    exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
-    residual = image - coarse_background(image, bin_size, exclude)
-    sky = _sky_pixels(masked_image, residual, threshold, grow)
-    n_sky = int(xp.count_nonzero(sky))
+    values, variance = [], []
+    for band, inner in sampled_bands(masked_image):
+        image = band.image.astype(np.float64)
+        exclude = (band.mask & band.bits(EXCLUDED_PLANES)) != 0
+        residual = image - coarse_background(image, bin_size, exclude)
+        sky = _sky_pixels(band, residual, threshold, grow)[inner]
+        values.append(residual[inner][sky])
+        variance.append(band.variance[inner][sky].astype(np.float64))
+    values, variance = xp.concatenate(values), xp.concatenate(variance)
+    n_sky = int(values.size)
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
-    variance = _sample(masked_image.variance, sky).astype(np.float64)
-    values = _sample(residual, sky)
     if mode == "add":
         return _add_sky_variance(masked_image, values, variance, limit, n_sky)
     factor = iqr_sigma(values / xp.sqrt(variance)) ** 2

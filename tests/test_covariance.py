@@ -220,7 +220,7 @@ def test_cupy_planes_give_the_numpy_result():
 
 def test_large_images_are_sampled_in_bands():
     """Beyond ``max_pixels`` the correlation is measured on bands prepared one by one: same answer."""
-    from gpudiffim.covariance import _bands
+    from gpudiffim.variance import _bands
 
     noise = ndimage.uniform_filter(np.random.default_rng(7).normal(size=(768, 512)), 2, mode="wrap")
     image = MaskedImage(noise, variance=np.full(noise.shape, 0.25))
