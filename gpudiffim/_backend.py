@@ -25,6 +25,11 @@ The backends run two code paths:
   ``gpudiffim/_cuda/emulator.h``, on NumPy arrays (FFTs through SciPy).  It is
   slow and meant for verification without a GPU: its results must equal the
   ``numpy`` backend's to 1e-6 relative.
+
+Two questions, one function each: :func:`on_kernel_path` (here) decides
+whether an operation on an array takes the kernel path or the NumPy
+reference; :func:`gpudiffim._cuda.launch.launcher_for` decides, from where
+the data live, whether the kernels run through CuPy or the CPU emulator.
 """
 
 import contextlib
@@ -38,7 +43,7 @@ import numpy as np
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
-           "kernel_path_for", "ndimage_of", "stage_timer", "synchronize", "to_host", "use_backend"]
+           "ndimage_of", "on_kernel_path", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
 BACKENDS = ("auto", "cupy", "numpy", "cuda-emulator")
@@ -103,16 +108,16 @@ def compute_backend():
     return "numpy"
 
 
-def kernel_path_for(array):
-    """How the kernels run on ``array``: ``"cupy"`` for a CuPy array, ``"emulator"``
-    for a NumPy array under the ``cuda-emulator`` backend, else None (NumPy reference).
+def on_kernel_path(array):
+    """Whether operations on ``array`` take the kernel path (else the NumPy reference).
 
-    The data decide: a NumPy array never goes to the GPU behind the caller's
-    back (the task moves its images to the compute backend explicitly).
+    True for a CuPy array, and for a NumPy array under the ``cuda-emulator``
+    backend.  Where the kernels then run is not decided here but by
+    :func:`gpudiffim._cuda.launch.launcher_for`, from the array's type: a
+    NumPy array never goes to the GPU behind the caller's back (the task moves
+    its images to the compute backend explicitly).
     """
-    if is_device_array(array):
-        return "cupy"
-    return "emulator" if requested_backend() == "cuda-emulator" else None
+    return is_device_array(array) or requested_backend() == "cuda-emulator"
 
 
 def array_module(backend=None):

@@ -45,7 +45,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from . import _validate
-from ._backend import array_module_of, kernel_path_for
+from ._backend import array_module_of, on_kernel_path
 from .convolve import FourierCorrelator
 from .spatial import SpatialFunction, product_expansion
 
@@ -73,7 +73,7 @@ def _weighted_correlations(image, kernels, factors, dtype):
     correlation, so no term image is ever formed.
     """
     xp = array_module_of(image)
-    path = kernel_path_for(image)
+    kernel_path = on_kernel_path(image)
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
     out = xp.zeros(image.shape, dtype=dtype)
     for kernel, (rows, cols) in zip(kernels, factors):
@@ -81,14 +81,14 @@ def _weighted_correlations(image, kernels, factors, dtype):
             continue
         term = correlator.correlate(kernel)
         rows, cols = xp.asarray(rows.astype(dtype)), xp.asarray(cols.astype(dtype))
-        if path is None:
+        if not kernel_path:
             term *= rows[:, None]
             term *= cols[None, :]
             out += term
         else:
-            from ._cuda import image_kernels
+            from ._cuda import image_apply
 
-            image_kernels.accumulate_term(out, xp.ascontiguousarray(term), rows, cols, backend=path)
+            image_apply.accumulate_term(out, xp.ascontiguousarray(term), rows, cols)
     return out
 
 
@@ -118,12 +118,11 @@ def propagate_mask(mask, footprint):
         Output pixel ``(x, y)`` carries bit ``b`` when some input pixel
         ``(x + u, y + v)`` with ``footprint[h + v, h + u]`` carries it.
     """
-    path = kernel_path_for(mask)
-    if path is not None:
-        from ._cuda import image_kernels
+    if on_kernel_path(mask):
+        from ._cuda import image_apply
 
         xp = array_module_of(mask)
-        return image_kernels.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint, backend=path)
+        return image_apply.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint)
     out = np.zeros_like(mask)
     full_box = bool(np.all(footprint))
     kh, kw = footprint.shape

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, kernel_path_for, to_host
+from ._backend import array_module_of, on_kernel_path, to_host
 from .linalg import condition_number, solve_symmetric
 
 __all__ = ["LocalParameterMaps", "local_parameter_maps", "local_parameter_structure", "spatial_normal_equations",
@@ -77,7 +77,7 @@ def _distinct_columns(array):
 
 def _structure_of_dense(maps):
     """:class:`LocalParameterMaps` of a dense ``J`` stack (one non-zero row per column)."""
-    from ._cuda.stamp_kernels import spatial_map_structure
+    from ._cuda.spatial_assembly import spatial_map_structure
 
     maps = to_host(maps).astype(np.float64, copy=False)
     owner, weights = spatial_map_structure(maps)
@@ -146,14 +146,13 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     """
     if not isinstance(maps, LocalParameterMaps):
         maps = _structure_of_dense(maps)
-    path = kernel_path_for(normal_matrices)
-    if path is not None:
-        from ._cuda import stamp_kernels
+    if on_kernel_path(normal_matrices):
+        from ._cuda import spatial_assembly
 
         xp = array_module_of(normal_matrices)
-        matrix, vector = stamp_kernels.spatial_normal_equations_structured(
+        matrix, vector = spatial_assembly.spatial_normal_equations_structured(
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
-            xp.asarray(maps.owner), xp.asarray(maps.weights), backend=path)
+            xp.asarray(maps.owner), xp.asarray(maps.weights))
         return to_host(matrix), to_host(vector)
     normal_matrices = to_host(normal_matrices).astype(np.float64, copy=False)
     normal_vectors = to_host(normal_vectors)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, kernel_path_for, to_host
+from ._backend import array_module_of, on_kernel_path, to_host
 from .cellset import RejectReason
 from .convolve import correlate_stamps, correlate_stamps_each
 from .cutouts import stamps_fit
@@ -183,19 +183,17 @@ def _correlate(stamps, kernels, per_stamp=False):
     ``per_stamp``: stamp ``n`` with kernel ``n`` (shape (N, F, F)); else every
     stamp with every kernel (shape (N, K, F, F)).
     """
-    path = kernel_path_for(stamps)
     host_fft = correlate_stamps_each if per_stamp else correlate_stamps
-    if path is None:
+    if not on_kernel_path(stamps):
         return host_fft(stamps, kernels)
-    from ._cuda import stamp_kernels
+    from ._cuda import stamp_fit
 
     xp = array_module_of(stamps)
-    if kernels.shape[-2] * kernels.shape[-1] > stamp_kernels.CORRELATE_MAX_TAPS:
+    if kernels.shape[-2] * kernels.shape[-1] > stamp_fit.CORRELATE_MAX_TAPS:
         # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
         # 35^2): the host FFT path, correct but with a round trip
         return xp.asarray(host_fft(to_host(stamps), to_host(kernels)))
-    out = stamp_kernels.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype),
-                                         per_stamp=per_stamp, backend=path)
+    out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
     return out[:, 0] if per_stamp else out
 
 
@@ -209,7 +207,7 @@ def _design(batch, basis, fit_background):
     correlated = _correlate(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
-    if fit_background and kernel_path_for(columns) is None:
+    if fit_background and not on_kernel_path(columns):
         columns = np.concatenate([columns, np.ones((n, 1, fy * fx))], axis=1)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
@@ -220,14 +218,12 @@ def _normal_equations(columns, target, weights, fit_background=False):
 
     ``fit_background`` matters on the kernel path only (implicit ones column).
     """
-    path = kernel_path_for(columns)
-    if path is not None:
-        from ._cuda import stamp_kernels
+    if on_kernel_path(columns):
+        from ._cuda import stamp_fit
 
         xp = array_module_of(columns)
         weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
-        return stamp_kernels.normal_equations(columns, weights.reshape(target.shape), target,
-                                              int(fit_background), backend=path)
+        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, int(fit_background))
     weighted = columns * weights.reshape(len(columns), 1, -1)
     matrix = weighted @ columns.transpose(0, 2, 1)
     vector = np.einsum("npk,nk->np", weighted, target)
@@ -321,11 +317,10 @@ def _difference_variance(batch, kernels):
 def _dilated_bad_pixels(mask, bad_bits, half_width):
     """Pixels whose kernel box holds a ``bad_bits`` pixel of ``mask``, on the fit region."""
     h = half_width
-    path = kernel_path_for(mask)
-    if path is not None:
-        from ._cuda import image_kernels
+    if on_kernel_path(mask):
+        from ._cuda import image_apply
 
-        grown = image_kernels.or_filter_box(mask & bad_bits, h, h, backend=path) != 0
+        grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
         return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
     flagged = (mask & bad_bits) != 0
     if not flagged.any():
@@ -375,9 +370,8 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     ResidualStatistics
     """
     difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
-    path = kernel_path_for(difference)
-    if path is not None:
-        from ._cuda.kernels import residual_moments
+    if on_kernel_path(difference):
+        from ._cuda.residual_moments import residual_moments
 
-        return residual_moments(difference, variance, mask, bad_bits, core_radius, backend=path)
+        return residual_moments(difference, variance, mask, bad_bits, core_radius)
     return residual_statistics(difference, variance, mask, bad_bits, core_radius)

@@ -68,7 +68,7 @@ from astropy.wcs import NoConvergence
 from astropy.wcs.wcsapi import high_level_objects_to_values
 
 from . import _validate
-from ._backend import kernel_path_for
+from ._backend import on_kernel_path
 from .errors import RegistrationError, ShapeError
 from .image import MaskedImage, check_xy0
 
@@ -591,7 +591,7 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     accumulation, on up to 8 threads (one block each).
 
     On the kernel path (CuPy planes, or NumPy planes under the
-    ``cuda-emulator`` backend; see :func:`gpudiffim._backend.kernel_path_for`) the
+    ``cuda-emulator`` backend; see :func:`gpudiffim._backend.on_kernel_path`) the
     pixel mapping is computed the same way on the host and each output pixel
     is resampled by the CUDA kernel ``gdi_warp_lanczos3``
     (``kernels/warp.cu``), in row blocks of about 4M pixels: the same float64
@@ -628,11 +628,10 @@ def warp_masked_image(masked_image, source_wcs, target_wcs, target_shape, target
     coarse = _CoarseMapping(source_wcs, target_wcs, target_shape, target_xy0, masked_image.xy0,
                             interp_length)
     jacobian = coarse.jacobian_determinant() if conserve_flux else None
-    path = kernel_path_for(masked_image.image)
-    if path is None:
-        image, variance, mask = _warp_reference(masked_image, coarse, jacobian, no_data, outside_bits)
+    if on_kernel_path(masked_image.image):
+        image, variance, mask = _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits)
     else:
-        image, variance, mask = _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, path)
+        image, variance, mask = _warp_reference(masked_image, coarse, jacobian, no_data, outside_bits)
     n_empty = int(masked_image.xp.count_nonzero(mask & no_data))  # synchronizes! (CuPy planes)
     if n_empty == mask.size:
         msg = (f"the source image ({masked_image.shape} at xy0 {masked_image.xy0}) covers no pixel of "
@@ -678,7 +677,7 @@ def _warp_reference(masked_image, coarse, jacobian, no_data, outside_bits):
     return image, variance, mask
 
 
-def _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, path):
+def _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits):
     """The resampling through ``gdi_warp_lanczos3`` (``kernels/warp.cu``), in the planes' array module.
 
     The pixel mapping (and the Jacobian of ``conserve_flux``) is interpolated
@@ -686,7 +685,7 @@ def _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, pat
     the planes' module in row blocks of about :data:`_KERNEL_BLOCK_PIXELS`
     target pixels, one kernel launch each.
     """
-    from ._cuda import image_kernels
+    from ._cuda import warp as warp_kernel
 
     xp, dtype = masked_image.xp, masked_image.dtype
     rows, columns = coarse.shape
@@ -699,9 +698,9 @@ def _warp_kernel_path(masked_image, coarse, jacobian, no_data, outside_bits, pat
         x = xp.asarray(coarse.interpolate(coarse.x, start, stop))
         y = xp.asarray(coarse.interpolate(coarse.y, start, stop))
         scale = None if jacobian is None else xp.asarray(coarse.interpolate(jacobian, start, stop))
-        image[start:stop], variance[start:stop], mask[start:stop] = image_kernels.warp_resample(
+        image[start:stop], variance[start:stop], mask[start:stop] = warp_kernel.warp_resample(
             masked_image.image, masked_image.variance, masked_image.mask, x, y, no_data=no_data,
-            outside_bits=outside_bits, scale=scale, backend=path)
+            outside_bits=outside_bits, scale=scale)
     return image, variance, mask
 
 

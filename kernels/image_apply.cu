@@ -30,7 +30,7 @@
 // value; for non-negative masks this is what propagate_mask's per-bit loop
 // does.
 //
-// Launch geometry (gpudiffim/_cuda/image_kernels.py): 1-D grid-stride loops
+// Launch geometry (gpudiffim/_cuda/image_apply.py): 1-D grid-stride loops
 // over all output elements, any grid and block; out must not alias an input
 // of the same launch.
 //

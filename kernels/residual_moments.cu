@@ -13,7 +13,7 @@
 // Stamps are C-contiguous (n_stamps, ny, nx); image sizes are runtime
 // arguments.  GDI_RM_THREADS (a power of two) fixes the shared-memory size
 // and must equal blockDim.x; the launch-geometry helper in
-// gpudiffim/_cuda/kernels.py uses the same value.
+// gpudiffim/_cuda/residual_moments.py uses the same value.
 //
 // No #include: NVRTC (CuPy RawModule) and the CPU emulator
 // (gpudiffim/_cuda/emulator.h) both compile this text as is.

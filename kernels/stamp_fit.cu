@@ -73,7 +73,7 @@
 #endif
 
 // Kernels whose taps one block stages (>= 1 when n_taps <= GDI_CS_MAX_TAPS);
-// gpudiffim/_cuda/stamp_kernels.py computes the grid with the same formula.
+// gpudiffim/_cuda/stamp_fit.py computes the grid with the same formula.
 __device__ __forceinline__ int gdi_cs_kernels_per_block(int n_taps)
 {
     const int fit = GDI_CS_MAX_TAPS / (n_taps > 0 ? n_taps : 1);

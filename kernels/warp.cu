@@ -35,7 +35,7 @@
 // set of pixels.  Everything warp.py does around this (the coarse grid of
 // the pixel mapping and its bilinear interpolation, the Jacobian on that
 // grid, the "no overlap" check) stays in the host wrapper
-// gpudiffim/_cuda/image_kernels.py::warp_resample and warp.py.  Off-image
+// gpudiffim/_cuda/warp.py::warp_resample and gpudiffim/warp.py.  Off-image
 // pixels are set directly to (0, 0, outside_bits): warp.py computes throwaway
 // sums for them and zeroes them in step 7, which is the same result when
 // outside_bits has a no_data bit; the wrapper requires that.

@@ -6,7 +6,8 @@
   and launched through :func:`gpudiffim._cuda.launch`, equals
   :func:`gpudiffim.statistics.residual_statistics` (fresh seeds, NaN-poisoned
   output buffers);
-* the launch helper rejects wrong argument types and counts;
+* the launch helper rejects wrong argument types and counts, and runs where the
+  data live (:func:`gpudiffim._cuda.launch.launcher_for`), whatever backend is requested;
 * with a GPU, the CuPy launch equals NumPy (``@pytest.mark.gpu``).
 """
 
@@ -19,9 +20,11 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from gpudiffim._backend import use_backend
 from gpudiffim._cuda import launch
 from gpudiffim._cuda._loader import kernel_dir, source, units
-from gpudiffim._cuda.kernels import residual_moments, residual_moments_geometry
+from gpudiffim._cuda.launch import launcher_for
+from gpudiffim._cuda.residual_moments import residual_moments, residual_moments_geometry
 from gpudiffim._cuda.nvcc_check import ARCHS, compile_ptx
 from gpudiffim._cuda.signatures import KERNELS
 from gpudiffim.statistics import residual_statistics
@@ -116,7 +119,7 @@ def test_emulated_residual_moments_match_numpy(emulator, rng, dtype, shape, core
     gen, seed = rng
     diff, var, mask = _stamps(gen, shape, dtype)
     out = np.full((shape[0], 3), np.nan)  # poisoned: an unwritten element fails
-    got = residual_moments(diff, var, mask, BAD_BITS, core_radius, backend="emulator", out=out)
+    got = residual_moments(diff, var, mask, BAD_BITS, core_radius, out=out)
     want = residual_statistics(diff, var, mask, BAD_BITS, core_radius)
     note = f"seed={seed} shape={shape} dtype={np.dtype(dtype).name} core_radius={core_radius}"
     assert np.isfinite(out).all(), note
@@ -142,7 +145,7 @@ def test_emulated_surplus_blocks_write_nothing(emulator, rng):
     out = np.full((5, 3), np.nan)
     launch("gdi_residual_moments<double>", (5,), residual_moments_geometry(3)[1],
            (diff, var, mask, BAD_BITS, 3, 11, 13, 0, 11, 0, 13, out),
-           defines=(("GDI_RM_THREADS", 128),), backend="emulator")
+           defines=(("GDI_RM_THREADS", 128),))
     assert np.isfinite(out[:3]).all(), seed
     assert np.isnan(out[3:]).all(), seed
 
@@ -153,7 +156,7 @@ def test_emulated_block_smaller_than_shared_size(emulator, rng):
     diff, var, mask = _stamps(gen, (4, 15, 15), np.float64)
     out = np.full((4, 3), np.nan)
     launch("gdi_residual_moments<double>", 4, 32, (diff, var, mask, BAD_BITS, 4, 15, 15, 0, 15, 0, 15, out),
-           defines=(("GDI_RM_THREADS", 128),), backend="emulator")
+           defines=(("GDI_RM_THREADS", 128),))
     assert _max_rel(out, _reference_sums(diff, var, mask)) <= 1e-12, seed
 
 
@@ -180,30 +183,46 @@ def test_launch_rejects_wrong_argument_types(index, value, match):
     args = _good_args()
     args[index] = value
     with pytest.raises(TypeError, match=match):
-        launch("gdi_residual_moments<double>", 2, 128, args, backend="emulator")
+        launch("gdi_residual_moments<double>", 2, 128, args)
 
 
 def test_launch_rejects_read_only_output():
     args = _good_args()
     args[11].setflags(write=False)
     with pytest.raises(TypeError, match=r"argument 11 .* read-only"):
-        launch("gdi_residual_moments<double>", 2, 128, args, backend="emulator")
+        launch("gdi_residual_moments<double>", 2, 128, args)
 
 
 @pytest.mark.parametrize("count", [11, 13])
 def test_launch_rejects_wrong_argument_count(count):
     args = (_good_args() + [0])[:count]
     with pytest.raises(TypeError, match=rf"takes 12 arguments, got {count}"):
-        launch("gdi_residual_moments<double>", 2, 128, args, backend="emulator")
+        launch("gdi_residual_moments<double>", 2, 128, args)
 
 
-def test_launch_rejects_unknown_kernel_and_backend():
+def test_launch_rejects_unknown_kernel_and_geometry():
     with pytest.raises(TypeError, match="unknown kernel 'gdi_residual_moments<half>'"):
-        launch("gdi_residual_moments<half>", 2, 128, _good_args(), backend="emulator")
-    with pytest.raises(ValueError, match="backend must be"):
-        launch("gdi_residual_moments<double>", 2, 128, _good_args(), backend="numba")
+        launch("gdi_residual_moments<half>", 2, 128, _good_args())
     with pytest.raises(ValueError, match="block must be"):
-        launch("gdi_residual_moments<double>", 2, (0,), _good_args(), backend="emulator")
+        launch("gdi_residual_moments<double>", 2, (0,), _good_args())
+
+
+def test_launcher_follows_the_data():
+    assert launcher_for(np.zeros(3), 2, 1.5) == "emulator"
+    assert launcher_for() == "emulator"
+    assert launcher_for([1.0], np.zeros(2)) == "emulator"
+
+
+@pytest.mark.parametrize("requested", ["numpy", "cupy", "auto", "cuda-emulator"])
+def test_numpy_arrays_launch_on_the_emulator_whatever_the_backend(emulator, rng, requested):
+    """No ambient lookup: NumPy arguments run on the emulator even under ``use_backend("cupy")``."""
+    gen, seed = rng
+    diff, var, mask = _stamps(gen, (3, 9, 9), np.float64)
+    out = np.full((3, 3), np.nan)
+    with use_backend(requested):
+        launch("gdi_residual_moments<double>", 3, 128, (diff, var, mask, BAD_BITS, 3, 9, 9, 0, 9, 0, 9, out),
+               defines=(("GDI_RM_THREADS", 128),))
+    assert _max_rel(out, _reference_sums(diff, var, mask)) <= 1e-12, seed
 
 
 # ---------------------------------------------------------------------------
@@ -218,8 +237,7 @@ def test_cupy_residual_moments_match_numpy(rng, dtype, core_radius):
     gen, seed = rng
     diff, var, mask = _stamps(gen, (37, 41, 41), dtype)
     out = cupy.full((37, 3), cupy.nan)
-    got = residual_moments(*(cupy.asarray(a) for a in (diff, var, mask)), BAD_BITS, core_radius,
-                           backend="cupy", out=out)
+    got = residual_moments(*(cupy.asarray(a) for a in (diff, var, mask)), BAD_BITS, core_radius, out=out)
     want = residual_statistics(diff, var, mask, BAD_BITS, core_radius)
     note = f"seed={seed} dtype={np.dtype(dtype).name} core_radius={core_radius}"
     assert bool(cupy.isfinite(out).all()), note

@@ -2,7 +2,7 @@
 
 ``kernels/image_apply.cu`` and ``kernels/warp.cu``, compiled by g++ with
 ``gpudiffim/_cuda/emulator.h`` and launched through the wrappers of
-:mod:`gpudiffim._cuda.image_kernels` (or :func:`gpudiffim._cuda.launch`
+:mod:`gpudiffim._cuda.image_apply` and :mod:`gpudiffim._cuda.warp` (or :func:`gpudiffim._cuda.launch`
 directly, with small grids that exercise the grid-stride loops):
 
 * ``gdi_accumulate_term`` equals the accumulation step of
@@ -28,7 +28,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim import MaskedImage, apply, stamps, use_backend, warp
 from gpudiffim._cuda import launch
-from gpudiffim._cuda.image_kernels import (
+from gpudiffim._cuda.image_apply import (
     MAX_BLOCKS,
     THREADS,
     accumulate_term,
@@ -36,8 +36,8 @@ from gpudiffim._cuda.image_kernels import (
     or_filter_box,
     or_filter_footprint,
     propagate_mask,
-    warp_resample,
 )
+from gpudiffim._cuda.warp import warp_resample
 from gpudiffim.convolve import FourierCorrelator
 from gpudiffim.image import DEFAULT_MASK_PLANES
 
@@ -66,7 +66,7 @@ def test_grid_stride_geometry():
     assert grid_stride_geometry(10**9, "emulator") == ((MAX_BLOCKS["emulator"],), (THREADS,))
     assert grid_stride_geometry(10**9, "cupy") == ((MAX_BLOCKS["cupy"],), (THREADS,))
     assert MAX_BLOCKS["emulator"] <= 256 and THREADS <= 256  # emulator budget: a few hundred blocks
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ValueError, match="launcher must be"):
         grid_stride_geometry(10, "numba")
 
 
@@ -102,7 +102,7 @@ def test_emulated_accumulate_term_small_grid(emulator, rng):
     out = gen.normal(size=(17, 23))
     term, rows, cols = gen.normal(size=(17, 23)), gen.normal(size=17), gen.normal(size=23)
     want = _numpy_accumulate(out, term, rows, cols, np.float64)
-    launch("gdi_accumulate_term<double>", 2, 32, (term, rows, cols, 17, 23, out), backend="emulator")
+    launch("gdi_accumulate_term<double>", 2, 32, (term, rows, cols, 17, 23, out))
     assert_array_equal(out, want, err_msg=f"seed={seed}")
 
 
@@ -120,7 +120,7 @@ def test_emulated_weighted_correlations_match_apply(emulator, rng, dtype):
         got = np.zeros(image.shape, dtype=dtype)
         for kernel, (rows, cols) in zip(kernels, factors):
             if np.any(kernel):
-                accumulate_term(got, correlator.correlate(kernel), rows, cols, backend="emulator")
+                accumulate_term(got, correlator.correlate(kernel), rows, cols)
     assert got.dtype == want.dtype
     assert_array_equal(got, want, err_msg=f"seed={seed}")
 
@@ -193,15 +193,15 @@ def test_emulated_or_filters_with_poisoned_outputs(emulator, rng, footprint_kind
     if footprint_kind == "box":
         tmp = np.full(mask.shape, SENTINEL, dtype=np.int32)
         out = np.full(mask.shape, SENTINEL, dtype=np.int32)
-        launch("gdi_or_filter_1d", 3, 32, (mask, 2, 17, 23, 2, 0, tmp), backend="emulator")
-        launch("gdi_or_filter_1d", 3, 32, (tmp, 2, 17, 23, 3, 1, out), backend="emulator")
+        launch("gdi_or_filter_1d", 3, 32, (mask, 2, 17, 23, 2, 0, tmp))
+        launch("gdi_or_filter_1d", 3, 32, (tmp, 2, 17, 23, 3, 1, out))
         footprint = np.ones((5, 7), dtype=bool)
     else:
         footprint = gen.random((5, 4)) < 0.5
         footprint[0, 0] = True
         out = np.full(mask.shape, SENTINEL, dtype=np.int32)
         launch("gdi_or_filter_footprint", 3, 32,
-               (mask, footprint.astype(np.int32), 2, 17, 23, 5, 4, out), backend="emulator")
+               (mask, footprint.astype(np.int32), 2, 17, 23, 5, 4, out))
     assert not (out == SENTINEL).any(), seed
     for n in range(2):
         assert_array_equal(out[n], _reference_propagate(mask[n], footprint), err_msg=f"seed={seed} image={n}")
@@ -361,8 +361,7 @@ def test_emulated_warp_small_grid_and_poisoned_outputs(emulator, rng):
     x, y = _mapping(gen, (17, 23), (19, 21))
     out = (np.full(x.shape, np.nan), np.full(x.shape, np.nan), np.full(x.shape, SENTINEL, dtype=np.int32))
     launch("gdi_warp_lanczos3<double>", 3, 32,
-           (image, variance, mask, 17, 23, x, y, np.ones(1), 0, x.size, NO_DATA, OUTSIDE, *out),
-           backend="emulator")
+           (image, variance, mask, 17, 23, x, y, np.ones(1), 0, x.size, NO_DATA, OUTSIDE, *out))
     assert not (out[2] == SENTINEL).any(), seed
     _assert_warp_close(out, _numpy_resample(image, variance, mask, x, y), np.float64, f"seed={seed}")
 

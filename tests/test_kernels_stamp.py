@@ -27,16 +27,18 @@ from gpudiffim import stamps as stamps_module
 from gpudiffim._backend import use_backend
 from gpudiffim._cuda import launch
 from gpudiffim._cuda.signatures import KERNELS
-from gpudiffim._cuda.stamp_kernels import (
+from gpudiffim._cuda.spatial_assembly import (
+    spatial_map_structure,
+    spatial_normal_equations,
+    spatial_normal_equations_geometry,
+)
+from gpudiffim._cuda.stamp_fit import (
     CORRELATE_MAX_TAPS,
     NORMAL_EQUATIONS_SHARED_DOUBLES,
     STAMP_FIT_DEFINES,
     correlate_stamps,
     correlate_stamps_geometry,
     normal_equations,
-    spatial_map_structure,
-    spatial_normal_equations,
-    spatial_normal_equations_geometry,
 )
 from gpudiffim.convolve import correlate_stamps as fft_correlate_stamps
 from gpudiffim.convolve import correlate_stamps_each as fft_correlate_stamps_each
@@ -171,7 +173,7 @@ def test_emulated_correlate_stamps_match_numpy(emulator, rng, dtype, kernel_shap
     stamps, kernels = _correlation_case(gen, n, n if per_stamp else 4, (13, 11), kernel_shape, dtype)
     fy, fx = 13 - kernel_shape[0] + 1, 11 - kernel_shape[1] + 1
     out = np.full((n, 1 if per_stamp else 4, fy, fx), np.nan, dtype)  # poisoned: an unwritten element fails
-    got = correlate_stamps(stamps, kernels, per_stamp=per_stamp, backend="emulator", out=out)
+    got = correlate_stamps(stamps, kernels, per_stamp=per_stamp, out=out)
     assert got is out
     note = f"seed={seed} kernel={kernel_shape} dtype={np.dtype(dtype).name} per_stamp={per_stamp}"
     _check_correlation(got, stamps, kernels, per_stamp, dtype, note)
@@ -196,15 +198,14 @@ def test_emulated_correlate_surplus_blocks_and_small_blocks(emulator, rng):
     size = n * n_kernels * fy * fx
     buffer = np.full(size + 50, np.nan)
     launch("gdi_correlate_stamps<double>", (n_kernels + 2, n + 1), (32,),
-           (stamps, kernels, n, n_kernels, 0, sy, sx, kh, kw, buffer), defines=STAMP_FIT_DEFINES,
-           backend="emulator")
+           (stamps, kernels, n, n_kernels, 0, sy, sx, kh, kw, buffer), defines=STAMP_FIT_DEFINES)
     assert np.isnan(buffer[size:]).all(), seed
     _check_correlation(buffer[:size].reshape(n, n_kernels, fy, fx), stamps, kernels, False, np.float64,
                        f"seed={seed} blockDim 32")
     # per_stamp with the grid of all kernels: blocks k >= 1 are surplus
     buffer = np.full(size + 50, np.nan)
     launch("gdi_correlate_stamps<double>", (n_kernels, n), (7,),
-           (stamps, kernels[:n], n, n, 1, sy, sx, kh, kw, buffer), defines=STAMP_FIT_DEFINES, backend="emulator")
+           (stamps, kernels[:n], n, n, 1, sy, sx, kh, kw, buffer), defines=STAMP_FIT_DEFINES)
     assert np.isnan(buffer[n * fy * fx:]).all(), seed
     _check_correlation(buffer[:n * fy * fx].reshape(n, 1, fy, fx), stamps, kernels[:n], True, np.float64,
                        f"seed={seed} per_stamp blockDim 7")
@@ -215,7 +216,7 @@ def test_emulated_correlate_too_many_taps_writes_nothing(emulator, rng):
     stamps, kernels = _correlation_case(gen, 2, 2, (9, 9), (5, 5), np.float64)
     out = np.full((2, 2, 5, 5), np.nan)
     launch("gdi_correlate_stamps<double>", *correlate_stamps_geometry(2, 2),
-           (stamps, kernels, 2, 2, 0, 9, 9, 5, 5, out), defines=(("GDI_CS_MAX_TAPS", 16),), backend="emulator")
+           (stamps, kernels, 2, 2, 0, 9, 9, 5, 5, out), defines=(("GDI_CS_MAX_TAPS", 16),))
     assert np.isnan(out).all(), seed
 
 
@@ -285,7 +286,7 @@ def test_emulated_normal_equations_match_numpy(emulator, rng, dtype, with_backgr
     columns, weights, target = _normal_case(gen, n, n_basis, n_pix, dtype)
     p = n_basis + with_background
     matrix, vector = np.full((n, p, p), np.nan), np.full((n, p), np.nan)
-    got = normal_equations(columns, weights, target, with_background, backend="emulator", out=(matrix, vector))
+    got = normal_equations(columns, weights, target, with_background, out=(matrix, vector))
     assert got[0] is matrix and got[1] is vector
     note = f"seed={seed} shape={(n, n_basis, n_pix)} dtype={np.dtype(dtype).name} background={with_background}"
     _check_normal_equations(matrix, vector, columns, weights, target, with_background, note)
@@ -301,7 +302,7 @@ def test_emulated_normal_equations_tiles_rounds_and_surplus_blocks(emulator, rng
     matrix, vector = np.full(n * p * p + 40, np.nan), np.full(n * p + 9, np.nan)
     launch("gdi_normal_equations<double>", (n + 2,), (32,),
            (columns, weights, target, n, n_basis, n_pix, 1, matrix, vector),
-           defines=(("GDI_NE_SHARED_DOUBLES", 40),), backend="emulator")
+           defines=(("GDI_NE_SHARED_DOUBLES", 40),))
     assert np.isnan(matrix[n * p * p:]).all() and np.isnan(vector[n * p:]).all(), seed
     _check_normal_equations(matrix[:n * p * p].reshape(n, p, p), vector[:n * p].reshape(n, p), columns, weights,
                             target, True, f"seed={seed} small tile")
@@ -312,7 +313,7 @@ def test_emulated_normal_equations_too_many_columns_write_nothing(emulator, rng)
     columns, weights, target = _normal_case(gen, 2, 8, 10, np.float64)
     matrix, vector = np.full((2, 9, 9), np.nan), np.full((2, 9), np.nan)
     launch("gdi_normal_equations<double>", 2, 32, (columns, weights, target, 2, 8, 10, 1, matrix, vector),
-           defines=(("GDI_NE_SHARED_DOUBLES", 10),), backend="emulator")
+           defines=(("GDI_NE_SHARED_DOUBLES", 10),))
     assert np.isnan(matrix).all() and np.isnan(vector).all(), seed
 
 
@@ -359,7 +360,7 @@ def test_emulated_spatial_normal_equations_match_numpy(emulator, rng, constant_f
     matrices, vectors, maps = _spatial_case(gen, n, n_basis, n_k, n_g, constant_first_term)
     n_theta = maps.shape[2]
     matrix, vector = np.full((n_theta, n_theta), np.nan), np.full(n_theta, np.nan)
-    got = spatial_normal_equations(matrices, vectors, maps, backend="emulator", out=(matrix, vector))
+    got = spatial_normal_equations(matrices, vectors, maps, out=(matrix, vector))
     assert got[0] is matrix and got[1] is vector
     note = f"seed={seed} n={n} n_basis={n_basis} n_k={n_k} n_g={n_g} constant_first_term={constant_first_term}"
     _check_spatial(matrix, vector, matrices, vectors, maps, note)
@@ -376,7 +377,7 @@ def test_emulated_spatial_surplus_threads_write_nothing(emulator, rng):
     grid, block = spatial_normal_equations_geometry(n_theta)
     assert grid == (2, 2)
     launch("gdi_spatial_normal_equations", grid, block,
-           (matrices, vectors, owner, weights, 6, maps.shape[1], n_theta, matrix, vector), backend="emulator")
+           (matrices, vectors, owner, weights, 6, maps.shape[1], n_theta, matrix, vector))
     assert np.isnan(matrix[n_theta**2:]).all() and np.isnan(vector[n_theta:]).all(), seed
     _check_spatial(matrix[:n_theta**2].reshape(n_theta, n_theta), vector[:n_theta], matrices, vectors, maps,
                    f"seed={seed}")
@@ -409,7 +410,7 @@ def test_spatial_wrapper_rejects_bad_shapes_and_dtypes(emulator):
     with pytest.raises(TypeError, match=r"argument 2 \(const int\* owner\): expected dtype int32, got int64"):
         launch("gdi_spatial_normal_equations", 1, (16, 16),
                (np.ones((2, 3, 3)), np.ones((2, 3)), np.zeros(3, np.int64), np.ones((2, 3)), 2, 3, 3,
-                np.empty((3, 3)), np.empty(3)), backend="emulator")
+                np.empty((3, 3)), np.empty(3)))
 
 
 def test_spatial_all_zero_columns_and_no_stamps(emulator, rng):
@@ -447,7 +448,7 @@ def test_spatial_all_zero_columns_and_no_stamps(emulator, rng):
 ])
 def test_launch_rejects_wrong_dtypes(name, args, match):
     with pytest.raises(TypeError, match=match):
-        launch(name, 1, 32, args, backend="emulator")
+        launch(name, 1, 32, args)
 
 
 def test_signatures_declare_the_new_entry_points():

@@ -9,6 +9,13 @@ this test session has already imported does not hide a load:
 * ``import gpudiffim.basis`` loads neither detection nor stamp fitting;
 * no algorithm module (every module of ``gpudiffim/`` but ``_backend`` and
   the ``_cuda`` package) imports ``gpudiffim._cuda`` when it is imported.
+
+Where work runs is decided in two functions, each defined once:
+``_backend.on_kernel_path`` (kernel path or NumPy reference) and
+``_cuda.launch.launcher_for`` (CuPy or the CPU emulator, from the data); the
+``_cuda`` package reads no backend setting, holds one dtype -> C type table
+(``signatures.C_TYPES``) and names each host-wrapper module after its ``.cu``
+file.
 """
 
 import ast
@@ -137,3 +144,73 @@ def test_public_names_load_on_first_access():
     assert set(gpudiffim.__all__) <= set(dir(gpudiffim))
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         gpudiffim.not_a_name  # noqa: B018
+
+
+# ---------------------------------------------------------------------------
+# where work runs: one function per question (issue 12)
+
+CUDA_PACKAGE = PACKAGE / "_cuda"
+#: Modules of ``gpudiffim._cuda`` that are not the host wrapper of a ``.cu`` file.
+CUDA_INFRASTRUCTURE = {"__init__", "_host", "_loader", "emulator", "launch", "nvcc_check", "signatures"}
+
+
+def _package_sources():
+    return sorted(PACKAGE.glob("*.py")) + sorted(CUDA_PACKAGE.glob("*.py"))
+
+
+def _names_used(tree):
+    """Identifiers read or imported in ``tree`` (names, attributes, imported names)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def _functions_defined(tree):
+    return {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_one_function_decides_each_question_of_where_work_runs():
+    """``_backend.on_kernel_path`` (kernel path or NumPy reference) and ``_cuda.launch.launcher_for``
+    (CuPy or the CPU emulator) are defined once; the CUDA package reads no backend setting and
+    its functions take no ``backend`` argument: the launcher follows the data."""
+    definers = {"on_kernel_path": set(), "launcher_for": set(), "kernel_path_for": set()}
+    for path in _package_sources():
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(PACKAGE).as_posix()
+        for name in _functions_defined(tree) & set(definers):
+            definers[name].add(where)
+        if path.parent == CUDA_PACKAGE:
+            ambient = _names_used(tree) & {"compute_backend", "requested_backend", "use_backend", "_override"}
+            assert not ambient, f"{where} reads the requested backend ({sorted(ambient)})"
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    args = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                    assert "backend" not in {a.arg for a in args}, f"{where}::{node.name} takes backend="
+    assert definers == {"on_kernel_path": {"_backend.py"}, "launcher_for": {"_cuda/launch.py"},
+                        "kernel_path_for": set()}
+
+
+def test_one_dtype_to_ctype_table():
+    """Only ``_cuda/signatures.py`` maps dtypes to the kernels' C types (``C_TYPES``)."""
+    tables = []
+    for path in _package_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict):
+                constants = {c.value for c in node.keys + node.values if isinstance(c, ast.Constant)}
+                if constants & {"float", "double"}:
+                    tables.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}")
+    assert len(tables) == 1 and tables[0].startswith("_cuda/signatures.py:"), tables
+
+
+def test_cuda_wrappers_are_named_after_their_units():
+    """One host-wrapper module per ``kernels/*.cu`` file, with the file's name, and no other."""
+    from gpudiffim._cuda._loader import units
+
+    wrappers = {path.stem for path in CUDA_PACKAGE.glob("*.py")} - CUDA_INFRASTRUCTURE
+    assert wrappers == set(units())

@@ -13,7 +13,7 @@ import pytest
 from astropy.wcs import WCS
 
 from gpudiffim import MaskedImage, use_backend, warp
-from gpudiffim._cuda import image_kernels
+from gpudiffim._cuda import warp as warp_kernel
 from gpudiffim.errors import NoDataWarning, RegistrationError
 from gpudiffim.warp import warp_masked_image
 
@@ -62,15 +62,15 @@ def source_image(dtype, shape=(N, N), xy0=(0, 0), seed=51):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Shapes of the x_src of every ``image_kernels.warp_resample`` call (the kernel path's launches)."""
+    """Shapes of the x_src of every ``warp_kernel.warp_resample`` call (the kernel path's launches)."""
     calls = []
-    original = image_kernels.warp_resample
+    original = warp_kernel.warp_resample
 
     def spy(image, variance, mask, x_src, y_src, **kwargs):
         calls.append(x_src.shape)
         return original(image, variance, mask, x_src, y_src, **kwargs)
 
-    monkeypatch.setattr(image_kernels, "warp_resample", spy)
+    monkeypatch.setattr(warp_kernel, "warp_resample", spy)
     return calls
 
 

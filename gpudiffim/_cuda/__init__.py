@@ -5,8 +5,11 @@ The kernel sources are the ``.cu`` files of the top-level ``kernels/`` folder
 ``warp``), installed as package data of ``gpudiffim.kernels``.  The NumPy
 reference modules (:mod:`gpudiffim.stamps`, :mod:`gpudiffim.apply`,
 :mod:`gpudiffim.spatial_fit`, :mod:`gpudiffim.warp`) call the host wrappers
-below when :func:`gpudiffim._backend.kernel_path_for` says so: ``"cupy"`` for
-CuPy arrays, ``"emulator"`` for NumPy arrays under ``cuda-emulator``.
+below when :func:`gpudiffim._backend.on_kernel_path` says so (CuPy arrays, or
+NumPy arrays under ``cuda-emulator``).  The wrappers then run the kernels where
+the data live, as :func:`.launch.launcher_for` says: CuPy arrays on the GPU,
+NumPy arrays on the CPU emulator.  Those two functions are the only places
+that choose.
 
 Loading and launching:
 
@@ -15,9 +18,13 @@ Loading and launching:
   ``kernels/common.cuh`` if one is added, the ``.cu`` file) and compiles it
   with NVRTC into a ``cupy.RawModule``, once per process, device and defines.
 * :mod:`.signatures` declares every entry point's parameter types
-  (:data:`~.signatures.KERNELS`); CuPy does not check kernel arguments.
+  (:data:`~.signatures.KERNELS`; CuPy does not check kernel arguments) and
+  holds the one C type <-> dtype table (:data:`~.signatures.C_TYPES`).
 * :mod:`.launch` holds :func:`launch`, the one launch helper: it checks the
-  arguments against the signatures, then launches through CuPy or the emulator.
+  arguments against the signatures, then launches through CuPy or the
+  emulator, as :func:`~.launch.launcher_for` of the arguments says.
+* :mod:`._host` prepares the wrappers' arguments (dtypes, contiguity, int32
+  masks, output buffers) in the launcher's array module.
 * :mod:`.emulator` compiles the same source text with g++ and ``emulator.h``
   (threads, blocks, ``__shared__``, ``__syncthreads``, ``atomicAdd``) into a
   shared library, cached under ``$GPUDIFFIM_CACHE_DIR`` (default
@@ -26,15 +33,18 @@ Loading and launching:
 * :mod:`.nvcc_check` compiles every unit to PTX with nvcc, warnings as errors
   (``python -m gpudiffim._cuda.nvcc_check``, run by ``.ci/run``).
 
-Launch geometry and host wrappers, one module per group of units:
+Launch geometry and host wrappers, one module per unit, named after it:
 
-* :mod:`.stamp_kernels`: ``stamp_fit.cu`` and ``spatial_assembly.cu``: basis
-  correlation of the candidate stamps, per-stamp normal equations and the
-  spatial normal equations.
-* :mod:`.image_kernels`: ``image_apply.cu`` and ``warp.cu``: term
-  accumulation and mask propagation of the full-image application, the box
-  dilation of bad pixels, the Lanczos-3 warp.
-* :mod:`.kernels`: ``residual_moments.cu``: residual statistics of the stamps.
+* :mod:`.stamp_fit`: ``stamp_fit.cu``: basis correlation of the candidate
+  stamps and the per-stamp normal equations.
+* :mod:`.spatial_assembly`: ``spatial_assembly.cu``: the spatial normal
+  equations.
+* :mod:`.residual_moments`: ``residual_moments.cu``: residual statistics of
+  the stamps.
+* :mod:`.image_apply`: ``image_apply.cu``: term accumulation and mask
+  propagation of the full-image application, the box dilation of bad pixels
+  (and the grid-stride geometry shared with ``warp``).
+* :mod:`.warp`: ``warp.cu``: the Lanczos-3 warp.
 """
 
 from .launch import launch

@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BackendUnavailableError
 from ._loader import source
 from .signatures import KERNELS, parse_ctype
@@ -28,7 +30,6 @@ __all__ = ["compiler", "library", "run", "symbol"]
 
 FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Werror",
          "-Wno-unknown-pragmas")  # "#pragma unroll" is a CUDA hint
-_CTYPES = {"int": ctypes.c_int32, "float": ctypes.c_float, "double": ctypes.c_double}
 
 
 def compiler():
@@ -109,11 +110,11 @@ def run(unit, defines, kernel_name, grid, block, args):
     fn = getattr(library(unit, tuple(defines)), symbol(kernel_name))
     holders = []
     for (_, ctype), arg in zip(KERNELS[kernel_name].params, args):
-        kind, _, _ = parse_ctype(ctype)
+        kind, dtype, _ = parse_ctype(ctype)
         if kind == "pointer":
             holders.append(ctypes.c_void_p(arg.ctypes.data))
         else:
-            holders.append(_CTYPES[ctype.strip()](arg.item()))
+            holders.append(np.ctypeslib.as_ctypes_type(dtype)(arg.item()))
     argv = (ctypes.c_void_p * len(holders))(*(ctypes.addressof(h) for h in holders))
     status = fn(*grid, *block, argv)
     if status != 0:

@@ -1,13 +1,22 @@
-"""One launch helper for every kernel: argument checks, then CuPy or the CPU emulator."""
+"""One launch helper for every kernel: argument checks, then CuPy or the CPU emulator.
+
+:func:`launcher_for` is the one place that chooses between the two launchers,
+from where the data live: CuPy arrays run on the GPU, NumPy arrays on the CPU
+emulator.  :func:`launch` and every host wrapper (:mod:`.stamp_fit`,
+:mod:`.spatial_assembly`, :mod:`.residual_moments`, :mod:`.image_apply`,
+:mod:`.warp`) ask it; nothing here reads the requested backend.  Whether an
+operation takes the kernel path at all (rather than the NumPy reference) is
+decided before, by :func:`gpudiffim._backend.on_kernel_path`.
+"""
 
 import numbers
 
 import numpy as np
 
-from .._backend import compute_backend
+from .._backend import is_device_array
 from .signatures import KERNELS, parse_ctype
 
-__all__ = ["launch", "check_args"]
+__all__ = ["launch", "launcher_for", "check_args"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -18,6 +27,23 @@ def _dims(value, what):
         msg = f"{what} must be a positive int or a tuple of 1 to 3 positive ints, got {value!r}"
         raise ValueError(msg)
     return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+def launcher_for(*arrays):
+    """The launcher of kernels on ``arrays``: ``"cupy"`` or ``"emulator"``.
+
+    ``"cupy"`` when any argument is a CuPy array, else ``"emulator"`` (NumPy
+    arrays; scalars and array-likes count as host data).  Mixed arguments are
+    caught by :func:`check_args`, which wants every array of the launcher's type.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpudiffim._cuda.launch import launcher_for
+    >>> launcher_for(np.zeros(3), 2)
+    'emulator'
+    """
+    return "cupy" if any(is_device_array(a) for a in arrays) else "emulator"
 
 
 def check_args(kernel_name, args, array_type):
@@ -77,8 +103,11 @@ def check_args(kernel_name, args, array_type):
     return tuple(out)
 
 
-def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=(), backend=None):
-    """Launch ``kernel_name`` on ``grid`` x ``block`` with ``args``.
+def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):
+    """Launch ``kernel_name`` on ``grid`` x ``block`` with ``args``, on the launcher of ``args``.
+
+    The launcher is :func:`launcher_for` of the arguments: CuPy when they are
+    CuPy arrays, the CPU emulator when they are NumPy arrays.
 
     Parameters
     ----------
@@ -93,15 +122,19 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=(), backend=
         ``__shared__`` arrays only).
     defines : tuple of (str, int) pairs
         Compile-time constants of the unit's ``#define`` preamble.
-    backend : {"cupy", "emulator"}, optional
-        Default: ``"cupy"`` when :func:`gpudiffim.compute_backend` is ``"cupy"``,
-        else ``"emulator"``.
+
+    Raises
+    ------
+    TypeError
+        From :func:`check_args`: an unknown kernel or a wrong argument.
+    ValueError
+        On a bad geometry, or dynamic shared memory on the emulator.
     """
-    if backend is None:
-        backend = "cupy" if compute_backend() == "cupy" else "emulator"
+    args = tuple(args)
+    launcher = launcher_for(*args)
     grid, block = _dims(grid, "grid"), _dims(block, "block")
     spec_unit = KERNELS[kernel_name].unit if kernel_name in KERNELS else None
-    if backend == "cupy":
+    if launcher == "cupy":
         import cupy
 
         from ._loader import cupy_module
@@ -109,7 +142,7 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=(), backend=
         converted = check_args(kernel_name, args, cupy.ndarray)
         function = cupy_module(spec_unit, defines).get_function(kernel_name)
         function(grid, block, converted, shared_mem=int(shared_mem))
-    elif backend == "emulator":
+    else:
         from . import emulator
 
         converted = check_args(kernel_name, args, np.ndarray)
@@ -117,6 +150,3 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=(), backend=
             msg = "the CUDA emulator supports static __shared__ arrays only (shared_mem must be 0)"
             raise ValueError(msg)
         emulator.run(spec_unit, tuple(defines), kernel_name, grid, block, converted)
-    else:
-        msg = f"backend must be 'cupy' or 'emulator', got {backend!r}"
-        raise ValueError(msg)

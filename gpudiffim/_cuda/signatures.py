@@ -12,12 +12,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["KernelSpec", "KERNELS", "SCALAR_TYPES", "POINTER_TYPES"]
+__all__ = ["C_TYPES", "KernelSpec", "KERNELS", "ctype_of", "float_ctype", "parse_ctype"]
 
-#: C scalar type -> NumPy dtype.
-SCALAR_TYPES = {"int": np.dtype(np.int32), "float": np.dtype(np.float32), "double": np.dtype(np.float64)}
-#: C pointee type -> NumPy dtype.
-POINTER_TYPES = {"int": np.dtype(np.int32), "float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+#: The one C type <-> NumPy dtype table of the kernels (scalars and pointees
+#: alike).  Everything that needs a dtype's C type (the wrappers' template
+#: arguments, the argument checks of :func:`~gpudiffim._cuda.launch.launch`, the
+#: emulator's ``ctypes`` holders) reads it through :func:`ctype_of` or
+#: :func:`parse_ctype`.
+C_TYPES = {"int": np.dtype(np.int32), "float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+_BY_DTYPE = {dtype: ctype for ctype, dtype in C_TYPES.items()}
+
+
+def ctype_of(dtype):
+    """C type of ``dtype`` (any byte order): ``"int"``, ``"float"`` or ``"double"``, else None."""
+    return _BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
+
+
+def float_ctype(name, dtype):
+    """C type of a floating-point argument's ``dtype``: ``"float"`` or ``"double"``.
+
+    Raises
+    ------
+    TypeError
+        If ``dtype`` is neither float32 nor float64 (``name`` is the argument's name).
+    """
+    ctype = ctype_of(dtype)
+    if ctype not in ("float", "double"):
+        msg = f"{name} must be float32 or float64, got {np.dtype(dtype)}"
+        raise TypeError(msg)
+    return ctype
 
 
 @dataclass(frozen=True)
@@ -43,12 +66,12 @@ def parse_ctype(ctype):
         base = text[:-1].strip()
         const = base.startswith("const ")
         base = base.removeprefix("const ").strip()
-        if base not in POINTER_TYPES:
+        if base not in C_TYPES:
             raise ValueError(f"unsupported pointer type {ctype!r}")
-        return "pointer", POINTER_TYPES[base], const
-    if text not in SCALAR_TYPES:
+        return "pointer", C_TYPES[base], const
+    if text not in C_TYPES:
         raise ValueError(f"unsupported scalar type {ctype!r}")
-    return "scalar", SCALAR_TYPES[text], True
+    return "scalar", C_TYPES[text], True
 
 
 def _residual_moments(t):

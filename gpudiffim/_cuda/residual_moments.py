@@ -1,10 +1,12 @@
-"""Launch geometry and host wrapper of the residual-moments kernel."""
+"""Launch geometry and host wrapper of ``kernels/residual_moments.cu``."""
 
 import numpy as np
 
 from .._backend import to_host
 from ..statistics import core_slice, moments_to_statistics
+from ._host import on_launcher
 from .launch import launch
+from .signatures import float_ctype
 
 __all__ = ["RESIDUAL_MOMENTS_THREADS", "residual_moments_geometry", "residual_moments"]
 
@@ -17,12 +19,13 @@ def residual_moments_geometry(n_stamps):
     return (max(int(n_stamps), 1),), (RESIDUAL_MOMENTS_THREADS,)
 
 
-def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, backend=None, out=None):
+def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, out=None):
     """:func:`gpudiffim.statistics.residual_statistics` through the ``residual_moments`` kernel.
 
     ``difference`` and ``variance`` are (N, H, W) float32 or float64 arrays
-    of one dtype, ``mask`` an int32 array of the same shape; NumPy arrays for
-    the emulator, CuPy arrays for CuPy.  ``out``, if given, is the (N, 3)
+    of one dtype, ``mask`` an int32 array of the same shape; NumPy arrays run
+    on the emulator, CuPy arrays on CuPy
+    (:func:`~gpudiffim._cuda.launch.launcher_for`).  ``out``, if given, is the (N, 3)
     float64 buffer of the sums (count, sum z, sum z^2), written by the kernel.
 
     Returns
@@ -34,27 +37,19 @@ def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, 
     if variance.shape != difference.shape or mask.shape != difference.shape:
         msg = f"difference, variance and mask shapes differ: {difference.shape}, {variance.shape}, {mask.shape}"
         raise ValueError(msg)
-    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}.get(np.dtype(difference.dtype))
-    if ctype is None:
-        msg = f"difference must be float32 or float64, got {difference.dtype}"
-        raise TypeError(msg)
+    ctype = float_ctype("difference", difference.dtype)
     if core_radius is None:
         rows, cols = slice(0, ny), slice(0, nx)
     else:
         rows, cols = core_slice(ny, core_radius), core_slice(nx, core_radius)
     if out is None:
-        out = np.full((n, 3), np.nan) if isinstance(difference, np.ndarray) else _cupy_full((n, 3))
+        _, xp = on_launcher(difference)
+        out = xp.full((n, 3), np.nan)
     if n:
         grid, block = residual_moments_geometry(n)
         launch(f"gdi_residual_moments<{ctype}>", grid, block,
                (difference, variance, mask, int(bad_bits), n, ny, nx, rows.start, rows.stop, cols.start, cols.stop,
                 out),
-               defines=(("GDI_RM_THREADS", RESIDUAL_MOMENTS_THREADS),), backend=backend)
+               defines=(("GDI_RM_THREADS", RESIDUAL_MOMENTS_THREADS),))
     sums = to_host(out)
     return moments_to_statistics(sums[:, 0].astype(np.int64), sums[:, 1], sums[:, 2])
-
-
-def _cupy_full(shape):
-    import cupy
-
-    return cupy.full(shape, cupy.nan)
