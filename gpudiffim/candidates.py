@@ -472,8 +472,8 @@ def core_snr(science, centres_rc, radius):
 
     ``science`` may have NumPy or CuPy planes; the result is a host array.
     """
-    image = cut_stamps(science.image, centres_rc, radius)
-    sigma = np.sqrt(cut_stamps(science.variance, centres_rc, radius))
+    image = to_host(cut_stamps(science.image, centres_rc, radius, clamp=True))
+    sigma = np.sqrt(to_host(cut_stamps(science.variance, centres_rc, radius, clamp=True)))
     with np.errstate(divide="ignore", invalid="ignore"):
         snr = np.where(sigma > 0, image / sigma, 0.0)
     return snr.mean(axis=(1, 2))
@@ -553,9 +553,9 @@ def _stamps_flagged(template, science, bad_bits, centres_rc, half_size):
         xp.logical_or(window[:n], window[size - power:size - power + n], out=column_any[rows])
 
     _for_row_blocks(xp, column_any.shape, any_in_window, min_rows=4 * size)
-    box_cols = xp.asarray(centres_rc[:, 1, None] + np.arange(-half_size, half_size + 1))
-    box_top = xp.asarray(centres_rc[:, 0, None] - half_size)
-    return to_host(column_any[box_top, box_cols].any(axis=1))
+    # row s of column_any, the box top, across the box's 2g+1 columns: a (1, 2g+1) stamp
+    box_tops = np.asarray(centres_rc) - np.array([half_size, 0])
+    return to_host(cut_stamps(column_any, box_tops, (0, half_size)).any(axis=(1, 2)))
 
 
 def require_candidates(candidates, minimum=1):

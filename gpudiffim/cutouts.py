@@ -1,14 +1,14 @@
-"""Stamp geometry: whether a stamp lies inside an image, and edge-clamped cutouts.
+"""Stamp geometry: whether a stamp lies inside an image, and the one stamp cutter.
 
 A bottom-layer module (it needs only the array-module helpers), shared by
-candidate vetting, the PSF-size measurement and the stamp fits.  Centres are
-integer pixels relative to the image origin; a stamp of half-size ``r`` is
-the ``(2r + 1)^2`` box around its centre.
+candidate vetting, the PSF-size measurement, the stamp fits and the quality
+report.  Centres are integer pixels relative to the image origin; a stamp of
+half-size ``r`` is the ``(2r + 1)^2`` box around its centre.
 """
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of
 
 __all__ = ["stamps_fit", "cut_stamps"]
 
@@ -37,35 +37,62 @@ def stamps_fit(centres, shape, half_size):
     return np.all((centres >= half_size) & (centres < limits), axis=1)
 
 
-def cut_stamps(plane, centres_rc, radius):
-    """Host stack of ``(2 radius + 1)^2`` stamps of ``plane``, clamped at the image edges.
+def cut_stamps(plane, centres_rc, radius, *, clamp=False):
+    """Stack of the stamps of ``plane`` around each centre, cut where the plane lives.
 
-    Pixels beyond an edge repeat the nearest edge pixel, so every centre
-    gives a full stamp.  The cut is made where the plane lives (NumPy or
-    CuPy), so only the stamps cross to the host.
+    The one stamp cutter: the stamp fits, the quality report, the mask test
+    of candidate vetting, the S/N rating and the PSF-size measurement all cut
+    with it.  Only the row and column indices cross to the device (NumPy or
+    CuPy plane); the ``(n, rows, columns)`` index is built there.
 
     Parameters
     ----------
     plane : ndarray of shape (M, N)
         NumPy or CuPy array.
-    centres_rc : ndarray of int, shape (n, 2)
+    centres_rc : array_like of int, shape (n, 2)
         ``(row, column)`` centres relative to the image origin.
-    radius : int
-        Stamp half-size (px).
+    radius : int or (int, int)
+        Stamp half-size (px), or the half-sizes ``(rows, columns)`` of a
+        rectangular stamp.
+    clamp : bool
+        If True, pixels beyond an edge repeat the nearest edge pixel, so every
+        centre gives a full stamp (detection).  If False, every stamp must lie
+        inside the plane.
 
     Returns
     -------
-    ndarray of shape (n, 2 radius + 1, 2 radius + 1)
-        In the dtype of ``plane``, on the host.
+    ndarray of shape (n, 2 rows + 1, 2 columns + 1)
+        In the dtype and the array module of ``plane``.
+
+    Raises
+    ------
+    ValueError
+        If ``clamp`` is False and a stamp does not lie inside the plane.
 
     Examples
     --------
-    >>> cut_stamps(np.arange(9.0).reshape(3, 3), np.array([[0, 0]]), 1)[0].tolist()
+    >>> plane = np.arange(9.0).reshape(3, 3)
+    >>> cut_stamps(plane, [[1, 1]], 1)[0].tolist()
+    [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    >>> cut_stamps(plane, [[0, 0]], 1, clamp=True)[0].tolist()
     [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [3.0, 3.0, 4.0]]
+    >>> cut_stamps(plane, [[2, 1]], (0, 1))[0].tolist()
+    [[6.0, 7.0, 8.0]]
     """
     xp = array_module_of(plane)
-    offsets = np.arange(-radius, radius + 1)
-    centres_rc = np.asarray(centres_rc)
-    rows = np.clip(centres_rc[:, 0, None, None] + offsets[None, :, None], 0, plane.shape[0] - 1)
-    cols = np.clip(centres_rc[:, 1, None, None] + offsets[None, None, :], 0, plane.shape[1] - 1)
-    return to_host(plane[xp.asarray(rows), xp.asarray(cols)])
+    half_rows, half_cols = (radius, radius) if np.ndim(radius) == 0 else radius
+    centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
+    rows = centres_rc[:, 0, None] + np.arange(-half_rows, half_rows + 1)
+    cols = centres_rc[:, 1, None] + np.arange(-half_cols, half_cols + 1)
+    n_rows, n_cols = plane.shape
+    if clamp:
+        rows, cols = np.clip(rows, 0, n_rows - 1), np.clip(cols, 0, n_cols - 1)
+    else:
+        outside = (rows[:, 0] < 0) | (rows[:, -1] >= n_rows) | (cols[:, 0] < 0) | (cols[:, -1] >= n_cols)
+        if outside.any():
+            k = int(np.flatnonzero(outside)[0])
+            msg = (f"{int(outside.sum())} stamp(s) of half-size {radius} do not fit in the image "
+                   f"of shape {plane.shape}, first centred at (row, column) ({centres_rc[k, 0]}, "
+                   f"{centres_rc[k, 1]}) from its first pixel")
+            raise ValueError(msg)
+    return plane[xp.asarray(rows)[:, :, None], xp.asarray(cols)[:, None, :]]

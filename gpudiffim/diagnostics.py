@@ -54,6 +54,7 @@ import numpy as np
 
 from .errors import ConfigurationError, MissingDependencyError
 from .quality import candidate_differences, kernel_moments, normalized_residuals
+from .statistics import usable_normalised_residual
 
 __all__ = [
     "DEBUG_NAMES",
@@ -259,14 +260,6 @@ def _records(result, show_bad, fitted=True):
     return [r for r in records if show_bad or r.status != "BAD"]
 
 
-def _z_stamp(difference, variance, mask, bad_bits):
-    """D / sigma with unusable pixels set to NaN."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = difference / np.sqrt(variance)
-    usable = np.isfinite(z) & (variance > 0) & ((mask & bad_bits) == 0)
-    return np.where(usable, z, np.nan)
-
-
 def _fmt(value, digits=2):
     return f"{value:.{digits}f}" if np.isfinite(value) else "n/a"
 
@@ -344,8 +337,8 @@ def _spatial_residual_std(result, template, science, records):
     for start in range(0, len(records), _RANKING_CHUNK):
         differences = candidate_differences(result, template, science,
                                             records=records[start:start + _RANKING_CHUNK])
-        z = _z_stamp(*differences.spatial, differences.bad_bits).reshape(len(differences.records), -1)
-        usable = np.isfinite(z)
+        z, usable = (a.reshape(len(differences.records), -1)
+                     for a in usable_normalised_residual(*differences.spatial, differences.bad_bits))
         n = usable.sum(axis=1)
         mean = np.where(usable, z, 0.0).sum(axis=1) / np.maximum(n, 1)
         variance = (np.where(usable, z - mean[:, None], 0.0) ** 2).sum(axis=1) / np.maximum(n, 1)
@@ -461,8 +454,9 @@ def display_candidates(result, template, science, *, show_bad=True, n_each=12, t
             mosaic.text(x_in, y_top, _candidate_label(record, score_of[id(record)]), color=colour,
                         fontsize=7.5, va="top", ha="left", linespacing=1.25,
                         gid=f"candidate-{record.id}")
-            z_local = _z_stamp(*(p[k] for p in differences.local), differences.bad_bits)
-            z_spatial = _z_stamp(*(p[k] for p in differences.spatial), differences.bad_bits)
+            z_local, z_spatial = (usable_normalised_residual(*(p[k] for p in planes), differences.bad_bits,
+                                                             fill=np.nan)[0]
+                                  for planes in (differences.local, differences.spatial))
             panels = (("science", science_stamps[k], cmap_s, _stamp_norm(science_stamps[k])),
                       ("template", template_stamps[k], cmap_s, _stamp_norm(template_stamps[k])),
                       ("D/σ local", z_local, cmap_z, z_norm), ("D/σ spatial", z_spatial, cmap_z, z_norm))

@@ -17,8 +17,8 @@ __all__ = ["estimate_fwhm", "SIGMA_TO_FWHM"]
 
 
 def _cutouts(image, centres_rc, radius):
-    """Host stack of background-free cutouts (cut where ``image`` lives: NumPy or CuPy)."""
-    cut = cut_stamps(image, centres_rc, radius).astype(np.float64)
+    """Host stack of background-free, edge-clamped cutouts (cut where ``image`` lives: NumPy or CuPy)."""
+    cut = to_host(cut_stamps(image, centres_rc, radius, clamp=True)).astype(np.float64)
     border = np.concatenate([cut[:, 0, :], cut[:, -1, :], cut[:, :, 0], cut[:, :, -1]], axis=1)
     return cut - np.median(border, axis=1)[:, None, None]
 

@@ -8,15 +8,16 @@ fit region (the stamp shrunk by the kernel half-width):
 * SPATIAL: ``D = S - (T * K(x_c, y_c) + b(x_c, y_c))`` with the spatial
   kernel and background realised at its centre.
 
-Over the pixels with no bad mask bit and a finite positive variance,
-``z = D / sqrt(V)`` (``V = V_S + sum K^2 V_T``) gives: mean, median,
-interquartile range, maximum-likelihood standard deviation (``ddof=0``),
-the Kolmogorov-Smirnov and Anderson-Darling tests of ``z`` against the fully
-specified N(0, 1), and the reduced chi-square ``sum z^2 / (n - 1 - dof)``
-(``dof`` = parameters of one stamp fit for LOCAL, 0 for SPATIAL: the
-spatial model is not fitted to one stamp).  The kernel centroid and width are
-the first and second moments of the *squared* kernel image, in pixels from
-the kernel centre.
+Over the usable pixels (no bad mask bit, a positive variance with a finite
+inverse and a finite ``D``; :func:`gpudiffim.statistics.usable_normalised_residual`,
+the definition the stamp fits use), ``z = D / sqrt(V)``
+(``V = V_S + sum K^2 V_T``) gives: mean, median, interquartile range,
+maximum-likelihood standard deviation (``ddof=0``), the Kolmogorov-Smirnov
+and Anderson-Darling tests of ``z`` against the fully specified N(0, 1), and
+the reduced chi-square ``sum z^2 / (n - 1 - dof)`` (``dof`` = parameters of
+one stamp fit for LOCAL, 0 for SPATIAL: the spatial model is not fitted to
+one stamp).  The kernel centroid and width are the first and second moments
+of the *squared* kernel image, in pixels from the kernel centre.
 
 :func:`quality_table` returns one row per fitted candidate as an astropy
 Table; its ``meta`` holds the spatial condition number, the warnings of the
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .stamps import StampBatch, difference_stamps
+from .statistics import usable_normalised_residual
 
 __all__ = [
     "RESIDUAL_STATISTICS",
@@ -73,8 +75,10 @@ AD_CRITICAL_VALUES = (1.610, 1.933, 2.492, 3.070, 3.857)
 def normalized_residuals(difference, variance, mask=None, bad_bits=0):
     """``D / sqrt(V)`` over the usable pixels of one stamp, as a flat array.
 
-    A pixel is usable when it has none of ``bad_bits`` in ``mask``, a finite
-    difference and a finite positive variance.
+    Usable pixels are those of
+    :func:`~gpudiffim.statistics.usable_normalised_residual`: none of
+    ``bad_bits`` in ``mask``, a finite difference and a positive variance
+    with a finite inverse.
 
     Parameters
     ----------
@@ -89,13 +93,10 @@ def normalized_residuals(difference, variance, mask=None, bad_bits=0):
     -------
     ndarray of float64, shape (n,)
     """
-    difference = np.asarray(difference, dtype=np.float64)
-    variance = np.asarray(variance, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        good = np.isfinite(difference) & np.isfinite(variance) & (variance > 0)
-    if mask is not None and bad_bits:
-        good &= (np.asarray(mask) & bad_bits) == 0
-    return difference[good] / np.sqrt(variance[good])
+    z, usable = usable_normalised_residual(np.asarray(difference, dtype=np.float64),
+                                           np.asarray(variance, dtype=np.float64),
+                                           0 if mask is None else np.asarray(mask), bad_bits)
+    return z[usable]
 
 
 def _anderson_darling_p(a2):
@@ -423,10 +424,8 @@ def candidate_differences(result, template, science, *, records=None, stamp_half
 
 def _z_rows(difference, variance, mask, bad_bits):
     """D / sigma of each stamp as a row, NaN where unusable."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = difference / np.sqrt(variance)
-        usable = np.isfinite(z) & (variance > 0) & ((mask & bad_bits) == 0)
-    return np.where(usable, z, np.nan).reshape(len(z), -1)
+    z, _ = usable_normalised_residual(difference, variance, mask, bad_bits, fill=np.nan)
+    return z.reshape(len(z), -1)
 
 
 def _columns(differences):

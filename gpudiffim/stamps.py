@@ -34,7 +34,7 @@ import scipy.ndimage as ndi
 from ._backend import array_module_of, on_kernel_path, to_host
 from .cellset import RejectReason
 from .convolve import correlate_stamps, correlate_stamps_each
-from .cutouts import stamps_fit
+from .cutouts import cut_stamps, stamps_fit
 from .linalg import condition_number, solve_symmetric_batch
 from .statistics import residual_statistics
 
@@ -70,30 +70,18 @@ class StampBatch:
         ----------
         centres : array_like of int, shape (N, 2)
             Parent ``(x, y)`` pixel of each stamp centre; every stamp must lie
-            inside the images.
+            inside the images (else :func:`~gpudiffim.cutouts.cut_stamps` raises
+            ValueError).
         template, science : MaskedImage
             Same grid (shape and ``xy0``) and array module; the stamps are
             cut where the planes live (host or GPU).
         half_size : int
         """
         x0, y0 = science.xy0
-        xp = science.xp
-        offsets = np.arange(-half_size, half_size + 1)
-        width = science.shape[1]
-        centres = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
-        outside = ~stamps_fit(centres - np.array([x0, y0]), science.shape, half_size)
-        if outside.any():
-            k = int(np.flatnonzero(outside)[0])
-            msg = (f"{int(outside.sum())} stamp(s) of half-size {half_size} do not fit in the image, "
-                   f"first centred at ({centres[k, 0]}, {centres[k, 1]})")
-            raise ValueError(msg)
-        centres = centres[:, 1] * width + centres[:, 0]
-        window = offsets[:, None] * width + offsets[None, :]
-        # only the centres and the window travel to the device; the (N, S, S) index is built there
-        flat = xp.asarray(centres - (y0 * width + x0))[:, None, None] + xp.asarray(window)[None]
+        centres_rc = np.asarray(centres, dtype=np.int64).reshape(-1, 2)[:, ::-1] - np.array([y0, x0])
 
         def cut(plane, dtype):
-            return plane.ravel().take(flat).astype(dtype, copy=False)
+            return cut_stamps(plane, centres_rc, half_size).astype(dtype, copy=False)
 
         return cls(cut(template.image, np.float64), cut(science.image, np.float64),
                    cut(template.variance, np.float64), cut(science.variance, np.float64),

@@ -1,9 +1,10 @@
 """Residual statistics of candidate difference stamps, and afw-style clipping.
 
 :func:`residual_statistics` is ``ip_diffim``'s ``ImageStatistics`` batched over
-candidates: for each stamp, over pixels with no bad mask bit and finite
-positive variance, ``z = D / sqrt(V)``, ``mean = sum(z)/n`` and
-``rms = sqrt((sum(z^2)/n - mean^2) n/(n-1))``.
+candidates: for each stamp, over the usable pixels (no bad mask bit, finite
+positive variance, finite D; :func:`usable_normalised_residual`, the one
+definition the quality report and the figures share), ``z = D / sqrt(V)``,
+``mean = sum(z)/n`` and ``rms = sqrt((sum(z^2)/n - mean^2) n/(n-1))``.
 
 :func:`clipped_mean_std` is ``afw``'s MEANCLIP / STDEVCLIP with the default
 StatisticsControl (3 sigma, 3 iterations), used by kernel-sum clipping.
@@ -15,8 +16,8 @@ import numpy as np
 
 from ._backend import array_module_of
 
-__all__ = ["ResidualStatistics", "residual_statistics", "moments_to_statistics", "clipped_mean_std",
-           "core_slice", "iqr_sigma", "mad_sigma"]
+__all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "moments_to_statistics",
+           "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 _IQR_TO_SIGMA = 0.741301109
@@ -70,6 +71,48 @@ def core_slice(size, radius):
     return slice(max(centre - radius, 0), min(centre + radius + 1, size))
 
 
+def usable_normalised_residual(difference, variance, mask, bad_bits, *, fill=0.0):
+    """``z = D / sigma`` and the pixels where it is usable: the one definition of usable D/sigma.
+
+    A pixel is usable when it has none of ``bad_bits`` in ``mask``, ``V > 0``,
+    ``1/V`` finite (computed in the dtype of ``V``; ``V = inf`` gives
+    ``z = 0``) and ``D`` finite; there ``z = D sqrt(1/V)``.  The CUDA
+    residual-moments kernel (``kernels/residual_moments.cu``) applies the
+    same selection and arithmetic.
+
+    Parameters
+    ----------
+    difference : ndarray
+        Difference ``D`` (any shape).
+    variance : ndarray
+        Variance ``V`` of ``D`` (same shape).
+    mask : ndarray of int or int
+        Mask of ``D`` (same shape, or a scalar such as 0 for none).
+    bad_bits : int
+        Pixels with any of these bits are unusable.
+    fill : float
+        ``z`` at unusable pixels (0 for sums, NaN for samples and figures).
+
+    Returns
+    -------
+    z : ndarray
+        In the dtype of ``D sqrt(1/V)``.
+    usable : ndarray of bool
+
+    Examples
+    --------
+    >>> d, v = np.array([2.0, 1.0, 3.0, np.nan]), np.array([4.0, 0.0, np.inf, 1.0])
+    >>> z, usable = usable_normalised_residual(d, v, np.zeros(4, int), 1, fill=np.nan)
+    >>> z.tolist(), usable.tolist()
+    ([1.0, nan, 0.0, nan], [True, False, True, False])
+    """
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # unusable pixels are discarded
+        inverse = 1.0 / variance
+        usable = ((mask & bad_bits) == 0) & np.isfinite(inverse) & (variance > 0) & np.isfinite(difference)
+        z = np.where(usable, difference * np.sqrt(np.where(usable, inverse, 0.0)), fill)
+    return z, usable
+
+
 def residual_statistics(difference, variance, mask, bad_bits, core_radius=None):
     """Mean, rms and pixel count of D/sigma for a stack of stamps.
 
@@ -94,10 +137,7 @@ def residual_statistics(difference, variance, mask, bad_bits, core_radius=None):
         rows = core_slice(difference.shape[1], core_radius)
         cols = core_slice(difference.shape[2], core_radius)
         difference, variance, mask = (a[:, rows, cols] for a in (difference, variance, mask))
-    with np.errstate(divide="ignore", invalid="ignore"):  # inf D times 0 at unused pixels is discarded
-        inverse = 1.0 / variance
-        good = ((mask & bad_bits) == 0) & np.isfinite(inverse) & (variance > 0) & np.isfinite(difference)
-        z = np.where(good, difference * np.sqrt(np.where(good, inverse, 0.0)), 0.0)
+    z, good = usable_normalised_residual(difference, variance, mask, bad_bits)
     n = good.sum(axis=(1, 2))
     sum_z = z.sum(axis=(1, 2))
     sum_z2 = (z * z).sum(axis=(1, 2))

@@ -20,7 +20,7 @@ from gpudiffim.convolve import FourierCorrelator, correlate_stamps, correlate_st
 from gpudiffim.errors import ConfigurationError, SingularSystemError
 from gpudiffim.linalg import condition_number, solve_symmetric
 from gpudiffim.spatial import SpatialFunction, product_expansion, term_exponents
-from gpudiffim.statistics import clipped_mean_std, residual_statistics
+from gpudiffim.statistics import clipped_mean_std, residual_statistics, usable_normalised_residual
 
 IQR_TO_SIGMA = 0.741301109
 BAD, SAT, EDGE, DETECTED = 1 << 0, 1 << 1, 1 << 4, 1 << 5
@@ -54,6 +54,47 @@ def _reference_statistics(difference, variance, mask, bad_bits):
         means.append(z.mean() if z.size else np.nan)
         rmss.append(z.std(ddof=1) if z.size > 1 else np.nan)
     return np.array(means), np.array(rmss), np.array(counts)
+
+
+def _edge_stamps():
+    """Stamps whose pixels cover every case of the usable selection."""
+    difference, variance, mask = _random_stamps(seed=7)
+    variance[0, 0, :6] = [np.inf, -1.0, np.nan, 1e-320, 0.0, 2.0]  # 1e-320: 1/V overflows
+    difference[0, 1, :3] = [np.nan, np.inf, -np.inf]
+    difference[0, 2, 0], variance[0, 2, 0] = np.inf, np.inf
+    return difference, variance, mask
+
+
+class TestUsableNormalisedResidual:
+    """The one definition of usable D/sigma, shared by the stamp fits, the quality report and the figures."""
+
+    def test_selection(self):
+        difference, variance, mask = _edge_stamps()
+        z, usable = usable_normalised_residual(difference, variance, mask, BAD | SAT, fill=np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            want = (((mask & (BAD | SAT)) == 0) & (variance > 0) & np.isfinite(variance) & (variance > 1e-300)
+                    & np.isfinite(difference))
+        want[0, 0, 0] = (mask[0, 0, 0] & (BAD | SAT)) == 0   # V = inf: usable, z = 0
+        assert_array_equal(usable, want)
+        assert_array_equal(np.isnan(z), ~usable)
+        if usable[0, 0, 0]:
+            assert z[0, 0, 0] == 0.0
+        assert_allclose(z[usable], difference[usable] / np.sqrt(variance[usable]), rtol=1e-15)
+
+    def test_fill_and_scalar_mask(self):
+        difference, variance, _ = _edge_stamps()
+        z, usable = usable_normalised_residual(difference, variance, 0, BAD)
+        assert usable.shape == difference.shape and (z[~usable] == 0).all()
+
+    def test_every_user_selects_the_same_pixels(self):
+        from gpudiffim.quality import _z_rows, normalized_residuals
+
+        difference, variance, mask = _edge_stamps()
+        z, usable = usable_normalised_residual(difference, variance, mask, BAD | SAT, fill=np.nan)
+        assert_array_equal(residual_statistics(difference, variance, mask, BAD | SAT).n_pixels,
+                           usable.sum(axis=(1, 2)))
+        assert_array_equal(_z_rows(difference, variance, mask, BAD | SAT), z.reshape(len(z), -1))
+        assert_array_equal(normalized_residuals(difference[0], variance[0], mask[0], BAD | SAT), z[0][usable[0]])
 
 
 class TestResidualStatistics:
