@@ -14,12 +14,13 @@ one batched FFT product (see :func:`gpudiffim.convolve.correlate_stamps`) and
 the normal equations one batched product, so the same structure maps onto one
 GPU launch per step.
 
-Backends: on the NumPy backend these are NumPy/SciPy operations (the
-reference).  On the kernel path (``cupy`` and ``cuda-emulator``, see
-:mod:`gpudiffim._backend`) the stamps live in the backend's array module and
-the correlations, normal equations, mask dilation and residual moments are
-the CUDA kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
-``residual_moments.cu``.  The small per-stamp systems (``N x P x P``) are
+Backends: the correlations, normal equations, mask dilation and residual
+moments are operations of :mod:`gpudiffim._ops`, chosen once per call from
+where the stamps live: NumPy/SciPy (the reference), or on the kernel path
+(``cupy`` and ``cuda-emulator``, see :mod:`gpudiffim._backend`) the CUDA
+kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
+``residual_moments.cu``.  The design columns, background column included,
+are the same on every path.  The small per-stamp systems (``N x P x P``) are
 solved by LU with partial pivoting and the same pivot rank test on every
 backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
 :func:`gpudiffim.linalg.solve_symmetric_batch`), and the accept/reject
@@ -29,14 +30,12 @@ decisions are taken on the host.
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.ndimage as ndi
 
-from ._backend import array_module_of, on_kernel_path, to_host
+from ._backend import array_module_of, to_host
+from ._ops import operations_for
 from .cellset import RejectReason
-from .convolve import correlate_stamps, correlate_stamps_each
 from .cutouts import cut_stamps, stamps_fit
 from .linalg import condition_number, solve_symmetric_batch
-from .statistics import residual_statistics
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
 
@@ -165,57 +164,20 @@ def _inverse(variance):
         return xp.where(variance > 0, 1.0 / variance, 0.0)
 
 
-def _correlate(stamps, kernels, per_stamp=False):
-    """Stamp correlations (valid region) on the active backend.
+def _design(ops, batch, basis, fit_background):
+    """Design columns (N, n_basis [+1], F) and target (N, F), the same on every path.
 
-    ``per_stamp``: stamp ``n`` with kernel ``n`` (shape (N, F, F)); else every
-    stamp with every kernel (shape (N, K, F, F)).
-    """
-    host_fft = correlate_stamps_each if per_stamp else correlate_stamps
-    if not on_kernel_path(stamps):
-        return host_fft(stamps, kernels)
-    from ._cuda import stamp_fit
-
-    xp = array_module_of(stamps)
-    if kernels.shape[-2] * kernels.shape[-1] > stamp_fit.CORRELATE_MAX_TAPS:
-        # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
-        # 35^2): the host FFT path, correct but with a round trip
-        return xp.asarray(host_fft(to_host(stamps), to_host(kernels)))
-    out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
-    return out[:, 0] if per_stamp else out
-
-
-def _design(batch, basis, fit_background):
-    """Design columns (N, n_basis [+1], F) and target (N, F).
-
-    On the kernel path the background column of ones is implicit (the
-    normal-equation kernel adds it), so the columns are (N, n_basis, F).
+    With ``fit_background`` the last column is the background's column of ones.
     """
     half_width = basis.shape[1] // 2
-    correlated = _correlate(batch.template, basis)
+    correlated = ops.correlate_stamps(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
-    if fit_background and not on_kernel_path(columns):
-        columns = np.concatenate([columns, np.ones((n, 1, fy * fx))], axis=1)
+    if fit_background:
+        xp = array_module_of(columns)
+        columns = xp.concatenate([columns, xp.ones((n, 1, fy * fx))], axis=1)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
-
-
-def _normal_equations(columns, target, weights, fit_background=False):
-    """``M = C^T W C`` and ``b = C^T W y`` per stamp, in the columns' array module.
-
-    ``fit_background`` matters on the kernel path only (implicit ones column).
-    """
-    if on_kernel_path(columns):
-        from ._cuda import stamp_fit
-
-        xp = array_module_of(columns)
-        weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
-        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, int(fit_background))
-    weighted = columns * weights.reshape(len(columns), 1, -1)
-    matrix = weighted @ columns.transpose(0, 2, 1)
-    vector = np.einsum("npk,nk->np", weighted, target)
-    return matrix, vector
 
 
 def _regularization_lambdas(config, systems, regularization):
@@ -280,15 +242,15 @@ def fit_stamps(batch, basis, config, regularization=None):
     """
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
-    fit_background = config.fit_for_background
-    columns, target = _design(batch, basis, fit_background)
+    ops = operations_for(batch.template)
+    columns, target = _design(ops, batch, basis, config.fit_for_background)
     weights, failures = _stamp_weights(batch, half_width, config.constant_variance_weighting)
-    matrix, vector = _normal_equations(columns, target, weights, fit_background)
+    matrix, vector = ops.stamp_normal_equations(columns, target, weights)
     solution = _solve_batch(matrix, vector, config, regularization, failures)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
         kernels = _candidate_kernels(solution[:, :n_basis], basis)
-        weights = _inverse(_difference_variance(batch, kernels))
-        matrix, vector = _normal_equations(columns, target, weights, fit_background)
+        weights = _inverse(_difference_variance(ops, batch, kernels))
+        matrix, vector = ops.stamp_normal_equations(columns, target, weights)
         solution = _solve_batch(matrix, vector, config, regularization, failures)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
@@ -296,25 +258,10 @@ def fit_stamps(batch, basis, config, regularization=None):
     return StampFit(coefficients, background, matrix, vector, kernel_sum, failures.text, failures.code)
 
 
-def _difference_variance(batch, kernels):
+def _difference_variance(ops, batch, kernels):
     half_width = kernels.shape[1] // 2
-    convolved = _correlate(batch.template_variance, kernels**2, per_stamp=True)
+    convolved = ops.correlate_stamps(batch.template_variance, kernels**2, per_stamp=True)
     return batch.fit_region(batch.science_variance, half_width) + convolved
-
-
-def _dilated_bad_pixels(mask, bad_bits, half_width):
-    """Pixels whose kernel box holds a ``bad_bits`` pixel of ``mask``, on the fit region."""
-    h = half_width
-    if on_kernel_path(mask):
-        from ._cuda import image_apply
-
-        grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
-        return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
-    flagged = (mask & bad_bits) != 0
-    if not flagged.any():
-        return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
-    grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
-    return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
 
 
 def difference_stamps(batch, kernels, background, bad_bits):
@@ -340,12 +287,13 @@ def difference_stamps(batch, kernels, background, bad_bits):
     """
     half_width = kernels.shape[1] // 2
     xp = array_module_of(batch.science)
+    ops = operations_for(batch.science)
     kernels = xp.asarray(kernels, dtype=np.float64)
     background = xp.asarray(background, dtype=np.float64)
-    model = _correlate(batch.template, kernels, per_stamp=True) + background[:, None, None]
+    model = ops.correlate_stamps(batch.template, kernels, per_stamp=True) + background[:, None, None]
     difference = batch.fit_region(batch.science, half_width) - model
-    variance = _difference_variance(batch, kernels)
-    template_bad = _dilated_bad_pixels(batch.template_mask, bad_bits, half_width)
+    variance = _difference_variance(ops, batch, kernels)
+    template_bad = ops.dilated_bad_pixels(batch.template_mask, bad_bits, half_width)
     mask = batch.fit_region(batch.science_mask, half_width) | xp.where(template_bad, np.int32(bad_bits), 0)
     return difference, variance, mask.astype(np.int32, copy=False)
 
@@ -358,8 +306,4 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     ResidualStatistics
     """
     difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
-    if on_kernel_path(difference):
-        from ._cuda.residual_moments import residual_moments
-
-        return residual_moments(difference, variance, mask, bad_bits, core_radius)
-    return residual_statistics(difference, variance, mask, bad_bits, core_radius)
+    return operations_for(difference).residual_moments(difference, variance, mask, bad_bits, core_radius)

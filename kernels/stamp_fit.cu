@@ -27,7 +27,7 @@
 // (the host wrapper refuses it first).
 //
 // gdi_normal_equations -- the weighted least-squares normal equations of
-// every stamp (gpudiffim.stamps._normal_equations): with the P = n_basis +
+// every stamp (gpudiffim._ops.NUMPY.stamp_normal_equations): with the P = n_basis +
 // with_background columns c_a (c_{n_basis} = 1, the background column,
 // implicit and never stored), weights w and target y of stamp n,
 //

@@ -4,7 +4,7 @@
   :func:`gpudiffim.convolve.correlate_stamps` / ``correlate_stamps_each``
   (FFT) and a direct float64 sum;
 * ``gdi_normal_equations`` (``kernels/stamp_fit.cu``) equals
-  ``gpudiffim.stamps._normal_equations`` with a ones column appended for the
+  ``gpudiffim._ops.NUMPY.stamp_normal_equations`` with a ones column appended for the
   background;
 * ``gdi_spatial_normal_equations`` (``kernels/spatial_assembly.cu``) equals
   :func:`gpudiffim.spatial_fit.spatial_normal_equations` on maps from
@@ -23,8 +23,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.testing import assert_array_equal
 
-from gpudiffim import stamps as stamps_module
 from gpudiffim._backend import use_backend
+from gpudiffim._ops import NUMPY, operations_for
 from gpudiffim._cuda import launch
 from gpudiffim._cuda.signatures import KERNELS
 from gpudiffim._cuda.spatial_assembly import (
@@ -110,13 +110,11 @@ def _check_correlation(got, stamps, kernels, per_stamp, dtype, note):
 
 
 def _reference_normal_equations(columns, weights, target, with_background):
-    """``stamps._normal_equations`` on float64 copies, a ones column appended for the background."""
+    """The NumPy stamp normal equations on float64 copies, a ones column appended for the background."""
     columns = np.asarray(columns, np.float64)
     if with_background:
         columns = np.concatenate([columns, np.ones((columns.shape[0], 1, columns.shape[2]))], axis=1)
-    with use_backend("numpy"):  # the reference, not the kernel path it dispatches to on other backends
-        return stamps_module._normal_equations(columns, np.asarray(target, np.float64),
-                                               np.asarray(weights, np.float64))
+    return NUMPY.stamp_normal_equations(columns, np.asarray(target, np.float64), np.asarray(weights, np.float64))
 
 
 def _normal_case(gen, n, n_basis, n_pix, dtype):
@@ -260,7 +258,7 @@ def test_stamp_fit_correlation_of_wide_kernels_falls_back_to_fft(emulator, rng, 
     kernels = gen.standard_normal((3 if per_stamp else 2, side, side))
     expected = (fft_correlate_stamps_each if per_stamp else fft_correlate_stamps)(stamps, kernels)
     with use_backend("cuda-emulator"):
-        got = stamps_module._correlate(stamps, kernels, per_stamp=per_stamp)
+        got = operations_for(stamps).correlate_stamps(stamps, kernels, per_stamp=per_stamp)
     assert got.shape == expected.shape == ((3,) if per_stamp else (3, 2)) + (7, 7)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-10, err_msg=f"seed {seed}")
 

@@ -11,8 +11,11 @@ this test session has already imported does not hide a load:
   the ``_cuda`` package) imports ``gpudiffim._cuda`` when it is imported.
 
 Where work runs is decided in two functions, each defined once:
-``_backend.on_kernel_path`` (kernel path or NumPy reference) and
-``_cuda.launch.launcher_for`` (CuPy or the CPU emulator, from the data); the
+``_backend.on_kernel_path`` (kernel path or NumPy reference), asked only by
+the operations layer ``_ops.operations_for``, and
+``_cuda.launch.launcher_for`` (CuPy or the CPU emulator, from the data); no
+algorithm module asks ``on_kernel_path`` or imports ``_cuda``, even inside a
+function (only ``_backend``, ``_ops`` and ``__init__`` may); the
 ``_cuda`` package reads no backend setting, holds one dtype -> C type table
 (``signatures.C_TYPES``) and names each host-wrapper module after its ``.cu``
 file.
@@ -38,6 +41,8 @@ LAYERS = (
      "correlation", {"statistics", "gaussian", "cutouts", "fwhm", "linalg", "convolve"}),
     ("containers: images, exposures, spatial functions, kernels, the cell set and its reject reasons",
      {"image", "exposure", "spatial", "kernel", "cellset"}),
+    ("operations: where each hot operation runs (NumPy reference or CUDA kernels), one data contract",
+     {"_ops"}),
     ("basis and spatial-fit functions", {"basis", "spatial_fit"}),
     ("stamps and fits, detection and vetting, whole-image operations, quality",
      {"stamps", "candidates", "quality", "apply", "variance", "covariance", "warp", "registration"}),
@@ -194,6 +199,30 @@ def test_one_function_decides_each_question_of_where_work_runs():
                     assert "backend" not in {a.arg for a in args}, f"{where}::{node.name} takes backend="
     assert definers == {"on_kernel_path": {"_backend.py"}, "launcher_for": {"_cuda/launch.py"},
                         "kernel_path_for": set()}
+
+
+#: Modules that may ask ``on_kernel_path`` or import ``gpudiffim._cuda`` anywhere (function bodies included).
+BACKEND_CHOOSERS = {"_backend", "_ops"}
+#: Modules not moved onto the operations layer yet (shrinks to nothing).
+NOT_YET_MOVED = {"apply", "spatial_fit", "warp"}
+
+
+@pytest.mark.parametrize("module", sorted(set(_modules()) - BACKEND_CHOOSERS - NOT_YET_MOVED))
+def test_algorithm_modules_leave_the_backend_to_the_operations_layer(module):
+    """No branch on the path and no ``_cuda`` import outside ``_backend`` and ``_ops`` (issue 12, item 1)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    assert "on_kernel_path" not in _names_used(tree), f"gpudiffim.{module} asks on_kernel_path; use _ops.operations_for"
+    cuda = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module or ""] + ([a.name for a in node.names] if not node.module else [])
+            if any(name.split(".")[0] == "_cuda" for name in names):
+                cuda.append(node.lineno)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(m.startswith("gpudiffim._cuda") for m in modules):
+                cuda.append(node.lineno)
+    assert not cuda, f"gpudiffim.{module} imports gpudiffim._cuda (lines {cuda}); go through gpudiffim._ops"
 
 
 def test_one_dtype_to_ctype_table():

@@ -8,7 +8,7 @@ Full-image application (issue 4, kernel 5):
 * :func:`or_filter_box`, :func:`or_filter_footprint` and
   :func:`propagate_mask`: the mask propagation of
   :func:`gpudiffim.apply.propagate_mask` and the box dilation of
-  :func:`gpudiffim.stamps._dilated_bad_pixels`.
+  ``gpudiffim._ops.NUMPY.dilated_bad_pixels``.
 
 The Lanczos-3 warp of ``kernels/warp.cu`` (:mod:`gpudiffim._cuda.warp`) shares
 the grid-stride geometry of this module (:func:`grid_stride_geometry`).

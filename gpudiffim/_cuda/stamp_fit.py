@@ -7,8 +7,8 @@ wrapper                                NumPy reference
 =====================================  ===========================================================
 :func:`correlate_stamps`               :func:`gpudiffim.convolve.correlate_stamps` (and
                                        ``correlate_stamps_each`` with ``per_stamp=True``)
-:func:`normal_equations`               ``gpudiffim.stamps._normal_equations`` (ones column
-                                       appended when ``with_background``)
+:func:`normal_equations`               ``gpudiffim._ops.NUMPY.stamp_normal_equations``
+                                       (ones column appended when ``with_background``)
 =====================================  ===========================================================
 
 Every wrapper takes NumPy arrays (run by the CPU emulator) or CuPy arrays

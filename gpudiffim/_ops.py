@@ -1,0 +1,136 @@
+"""The operations layer: the one place that decides where each hot operation runs.
+
+An algorithm module (:mod:`~gpudiffim.stamps`, :mod:`~gpudiffim.apply`,
+:mod:`~gpudiffim.spatial_fit`, :mod:`~gpudiffim.warp`) asks
+:func:`operations_for` once per solve step, application or warp, from the
+arrays it works on, and then calls the returned object's methods.  Both
+implementations offer the same methods with the same data contracts (shapes,
+dtypes, array module of the results):
+
+* :data:`NUMPY` -- the NumPy/SciPy reference;
+* :data:`KERNELS` -- the CUDA kernels of ``kernels/*.cu`` through the
+  :mod:`gpudiffim._cuda` host wrappers.  Whether those run on the GPU (CuPy
+  arrays) or on the CPU emulator (NumPy arrays under the ``cuda-emulator``
+  backend) is decided by :func:`gpudiffim._cuda.launch.launcher_for`, from
+  the arrays, not here.
+
+No algorithm module imports :mod:`gpudiffim._cuda` or asks
+:func:`~gpudiffim._backend.on_kernel_path` itself; this module is the only
+one that does (checked by ``tests/test_layering.py``).
+
+=================================  ==============================================================
+method                             contract
+=================================  ==============================================================
+``correlate_stamps``               valid-region correlation of stamps (N, S, S) with kernels:
+                                   (N, K, F, F), or (N, F, F) with ``per_stamp``
+``stamp_normal_equations``         ``M = C^T W C`` (N, P, P), ``b = C^T W y`` (N, P) for explicit
+                                   columns ``C`` (N, P, n_pix): the background column of ones,
+                                   when fitted, is a stored column on every path
+``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
+``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps
+``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
+=================================  ==============================================================
+"""
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from ._backend import array_module_of, on_kernel_path, to_host
+from .convolve import correlate_stamps, correlate_stamps_each
+from .statistics import residual_statistics
+
+__all__ = ["KERNELS", "NUMPY", "operations_for"]
+
+
+def operations_for(*arrays):
+    """:data:`KERNELS` when any of ``arrays`` takes the kernel path, else :data:`NUMPY`.
+
+    See :func:`gpudiffim._backend.on_kernel_path`: CuPy arrays, and NumPy
+    arrays under the ``cuda-emulator`` backend, take the kernel path.
+    """
+    return KERNELS if any(on_kernel_path(array) for array in arrays) else NUMPY
+
+
+class NumpyOperations:
+    """The NumPy/SciPy reference of every operation (host arrays in, host arrays out)."""
+
+    name = "numpy"
+
+    def correlate_stamps(self, stamps, kernels, per_stamp=False):
+        """Valid-region correlations: ``per_stamp``, stamp ``n`` with kernel ``n`` (N, F, F);
+        else every stamp with every kernel (N, K, F, F).  Batched FFT products."""
+        return (correlate_stamps_each if per_stamp else correlate_stamps)(stamps, kernels)
+
+    def stamp_normal_equations(self, columns, target, weights):
+        """``M = C^T W C`` (N, P, P) and ``b = C^T W y`` (N, P) per stamp.
+
+        ``columns`` (N, P, n_pix) holds every column, the background's ones
+        included; ``target`` (N, n_pix); ``weights`` broadcasts to (N, n_pix).
+        """
+        weighted = columns * weights.reshape(len(columns), 1, -1)
+        matrix = weighted @ columns.transpose(0, 2, 1)
+        vector = np.einsum("npk,nk->np", weighted, target)
+        return matrix, vector
+
+    def dilated_bad_pixels(self, mask, bad_bits, half_width):
+        """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
+        h = half_width
+        flagged = (mask & bad_bits) != 0
+        if not flagged.any():
+            return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
+        grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
+        return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
+        """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
+        return residual_statistics(difference, variance, mask, bad_bits, core_radius)
+
+
+class KernelOperations(NumpyOperations):
+    """The CUDA kernels (GPU for CuPy arrays, CPU emulator for NumPy arrays).
+
+    Results stay in the inputs' array module.  Methods not overridden here
+    have no kernel and run the reference where the arrays live.
+    """
+
+    name = "kernels"
+
+    def correlate_stamps(self, stamps, kernels, per_stamp=False):
+        """``gdi_correlate_stamps``; kernels wider than its shared-memory stage use the host FFT."""
+        from ._cuda import stamp_fit
+
+        xp = array_module_of(stamps)
+        if kernels.shape[-2] * kernels.shape[-1] > stamp_fit.CORRELATE_MAX_TAPS:
+            # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
+            # 35^2): the host FFT path, correct but with a round trip
+            return xp.asarray(super().correlate_stamps(to_host(stamps), to_host(kernels), per_stamp))
+        out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
+        return out[:, 0] if per_stamp else out
+
+    def stamp_normal_equations(self, columns, target, weights):
+        """``gdi_normal_equations`` on the stored columns (its implicit ones column unused)."""
+        from ._cuda import stamp_fit
+
+        xp = array_module_of(columns)
+        weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
+        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, 0)
+
+    def dilated_bad_pixels(self, mask, bad_bits, half_width):
+        """``gdi_or_filter_box`` over the kernel box, cut to the fit region."""
+        from ._cuda import image_apply
+
+        h = half_width
+        grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
+        return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
+        """``gdi_residual_moments``, finished on the host."""
+        from ._cuda.residual_moments import residual_moments
+
+        return residual_moments(difference, variance, mask, bad_bits, core_radius)
+
+
+#: The NumPy reference.
+NUMPY = NumpyOperations()
+#: The CUDA kernels.
+KERNELS = KernelOperations()
