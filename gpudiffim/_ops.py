@@ -28,6 +28,8 @@ method                             contract
                                    when fitted, is a stored column on every path
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps
+``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
+``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 =================================  ==============================================================
 """
@@ -85,6 +87,30 @@ class NumpyOperations:
         """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
         return residual_statistics(difference, variance, mask, bad_bits, core_radius)
 
+    def accumulate_term(self, out, term, rows, cols):
+        """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``."""
+        term *= rows[:, None]
+        term *= cols[None, :]
+        out += term
+        return out
+
+    def propagate_mask(self, mask, footprint):
+        """OR every bit of ``mask`` (M, N) over the kernel footprint (kh, kw), ``afw`` orientation."""
+        out = np.zeros_like(mask)
+        full_box = bool(np.all(footprint))
+        kh, kw = footprint.shape
+        for bit in range(int(mask.max()).bit_length()):
+            plane = (mask >> bit) & 1
+            if not plane.any():
+                continue
+            if full_box:
+                grown = ndi.maximum_filter1d(ndi.maximum_filter1d(plane, kh, axis=0, mode="constant"),
+                                             kw, axis=1, mode="constant")
+            else:
+                grown = ndi.maximum_filter(plane, footprint=footprint, mode="constant")
+            out |= grown.astype(mask.dtype) << bit
+        return out
+
 
 class KernelOperations(NumpyOperations):
     """The CUDA kernels (GPU for CuPy arrays, CPU emulator for NumPy arrays).
@@ -128,6 +154,21 @@ class KernelOperations(NumpyOperations):
         from ._cuda.residual_moments import residual_moments
 
         return residual_moments(difference, variance, mask, bad_bits, core_radius)
+
+    def accumulate_term(self, out, term, rows, cols):
+        """``gdi_accumulate_term`` (bit-identical to the reference's three in-place steps)."""
+        from ._cuda import image_apply
+
+        xp = array_module_of(out)
+        image_apply.accumulate_term(out, xp.ascontiguousarray(term), rows, cols)
+        return out
+
+    def propagate_mask(self, mask, footprint):
+        """``gdi_or_filter_box`` / ``gdi_or_filter_footprint`` (int32 result)."""
+        from ._cuda import image_apply
+
+        xp = array_module_of(mask)
+        return image_apply.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint)
 
 
 #: The NumPy reference.

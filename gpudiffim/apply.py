@@ -26,10 +26,11 @@ NO_DATA pixels enter the sums as 0 and their NO_DATA bit spreads the same way,
 so an affected output pixel is flagged, never silently wrong.
 
 Backends: the correlations are FFT products (``scipy.fft`` on the host, cuFFT
-for CuPy arrays).  On the kernel path (``cupy``, ``cuda-emulator``) the
-weighting and accumulation of each term and the mask propagation are the
-kernels of ``kernels/image_apply.cu``; the planes stay in the backend's array
-module throughout.
+for CuPy arrays).  The weighting and accumulation of each term and the mask
+propagation are operations of :mod:`gpudiffim._ops`, chosen once per
+application from where the planes live: NumPy/SciPy, or on the kernel path
+(``cupy``, ``cuda-emulator``) the kernels of ``kernels/image_apply.cu``; the
+planes stay in their array module throughout.
 
 Tiling: the image is processed in horizontal bands of at most
 ``max_tile_pixels`` input pixels (:data:`MAX_TILE_PIXELS` by default), each
@@ -42,10 +43,10 @@ import itertools
 import logging
 
 import numpy as np
-import scipy.ndimage as ndi
 
 from . import _validate
-from ._backend import array_module_of, on_kernel_path
+from ._backend import array_module_of
+from ._ops import operations_for
 from .convolve import FourierCorrelator
 from .spatial import SpatialFunction, product_expansion
 
@@ -66,14 +67,15 @@ def _grid_factors(function, shape, xy0):
     return function.grid_factors(xy0[0] + np.arange(shape[1]), xy0[1] + np.arange(shape[0]))
 
 
-def _weighted_correlations(image, kernels, factors, dtype):
+def _weighted_correlations(image, kernels, factors, dtype, ops=None):
     """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])``.
 
-    All-zero kernels are skipped; the weighting is done in place on each
-    correlation, so no term image is ever formed.
+    All-zero kernels are skipped; each correlation is weighted and added by
+    ``ops.accumulate_term`` (:mod:`gpudiffim._ops`; chosen from ``image``
+    when not given), so no term image is ever formed.
     """
     xp = array_module_of(image)
-    kernel_path = on_kernel_path(image)
+    ops = operations_for(image) if ops is None else ops
     correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
     out = xp.zeros(image.shape, dtype=dtype)
     for kernel, (rows, cols) in zip(kernels, factors):
@@ -81,14 +83,7 @@ def _weighted_correlations(image, kernels, factors, dtype):
             continue
         term = correlator.correlate(kernel)
         rows, cols = xp.asarray(rows.astype(dtype)), xp.asarray(cols.astype(dtype))
-        if not kernel_path:
-            term *= rows[:, None]
-            term *= cols[None, :]
-            out += term
-        else:
-            from ._cuda import image_apply
-
-            image_apply.accumulate_term(out, xp.ascontiguousarray(term), rows, cols)
+        ops.accumulate_term(out, term, rows, cols)
     return out
 
 
@@ -118,25 +113,7 @@ def propagate_mask(mask, footprint):
         Output pixel ``(x, y)`` carries bit ``b`` when some input pixel
         ``(x + u, y + v)`` with ``footprint[h + v, h + u]`` carries it.
     """
-    if on_kernel_path(mask):
-        from ._cuda import image_apply
-
-        xp = array_module_of(mask)
-        return image_apply.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint)
-    out = np.zeros_like(mask)
-    full_box = bool(np.all(footprint))
-    kh, kw = footprint.shape
-    for bit in range(int(mask.max()).bit_length()):
-        plane = (mask >> bit) & 1
-        if not plane.any():
-            continue
-        if full_box:
-            grown = ndi.maximum_filter1d(ndi.maximum_filter1d(plane, kh, axis=0, mode="constant"),
-                                         kw, axis=1, mode="constant")
-        else:
-            grown = ndi.maximum_filter(plane, footprint=footprint, mode="constant")
-        out |= grown.astype(mask.dtype) << bit
-    return out
+    return operations_for(mask).propagate_mask(mask, footprint)
 
 
 def _band_ranges(rows, columns, halo, max_tile_pixels):
@@ -171,19 +148,20 @@ def _convolve_band(masked_image, parts, start, stop, halo):
     the image, with the band's own ``xy0`` so that the spatial terms are
     evaluated at the parent coordinates of its rows; the rows that a clipped
     halo would need lie off the image, where the whole-image correlation has
-    zeros too.  ``parts`` is ``((terms, function), (squared, square_function),
-    footprint)`` of the kernel.
+    zeros too.  ``parts`` is ``(ops, (terms, function), (squared,
+    square_function), footprint)``: the operations of the application
+    (:func:`gpudiffim._ops.operations_for`) and the kernel's parts.
     """
     rows, columns = masked_image.shape
     low, high = max(0, start - halo), min(rows, stop + halo)
     shape, dtype = (high - low, columns), masked_image.dtype
     xy0 = (masked_image.xy0[0], masked_image.xy0[1] + low)
-    (terms, function), (squared, square_function), footprint = parts
+    ops, (terms, function), (squared, square_function), footprint = parts
     image = _weighted_correlations(masked_image.image[low:high], terms,
-                                   _grid_factors(function, shape, xy0), dtype)
+                                   _grid_factors(function, shape, xy0), dtype, ops)
     variance = _weighted_correlations(masked_image.variance[low:high], squared,
-                                      _grid_factors(square_function, shape, xy0), dtype)
-    mask = propagate_mask(masked_image.mask[low:high], footprint)
+                                      _grid_factors(square_function, shape, xy0), dtype, ops)
+    mask = ops.propagate_mask(masked_image.mask[low:high], footprint)
     keep = slice(start - low, stop - low)
     return image[keep], variance[keep], mask[keep]
 
@@ -252,7 +230,8 @@ def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
     (rows, columns), dtype, xp = masked_image.shape, masked_image.dtype, masked_image.xp
     halo = kernel.shape[0] // 2
     terms = kernel.term_kernels()
-    parts = ((terms, kernel.spatial_function), _squared_kernel_terms(kernel), np.any(terms != 0, axis=0))
+    parts = (operations_for(masked_image.image), (terms, kernel.spatial_function), _squared_kernel_terms(kernel),
+             np.any(terms != 0, axis=0))
     bands = _band_ranges(rows, columns, halo, max_tile_pixels)
     if len(bands) == 1:
         image, variance, mask = _convolve_band(masked_image, parts, 0, rows, halo)
