@@ -53,6 +53,27 @@ def operations_for(*arrays):
     return KERNELS if any(on_kernel_path(array) for array in arrays) else NUMPY
 
 
+def _probe(n):
+    """Fixed, irregular projection vector of length ``n`` for :func:`_distinct_columns`."""
+    return np.cos(np.arange(n) * 0.7548776662466927 + 0.5)
+
+
+def _distinct_columns(array):
+    """``(distinct, index)`` with ``array == distinct[:, index]``, exactly.
+
+    Columns are told apart by a fixed projection (fast), checked exactly; on
+    a projection collision, ``np.unique(axis=1)`` (slow: it sorts whole columns).
+    """
+    # an elementwise product summed down axis 0 adds every column in the same order,
+    # so equal columns get bitwise equal keys (a BLAS product does not promise that)
+    keys = (_probe(array.shape[0])[:, None] * array).sum(axis=0)
+    _, first, index = np.unique(keys, return_index=True, return_inverse=True)
+    distinct = array[:, first]
+    if not np.array_equal(distinct[:, index], array, equal_nan=True):
+        distinct, index = np.unique(array, axis=1, return_inverse=True)
+    return distinct, index.reshape(-1)
+
+
 class NumpyOperations:
     """The NumPy/SciPy reference of every operation (host arrays in, host arrays out)."""
 
@@ -93,6 +114,31 @@ class NumpyOperations:
         term *= cols[None, :]
         out += term
         return out
+
+    def spatial_map_structure(self, maps):
+        """``(owner, weights)`` of dense host maps ``J`` (N, P, n_theta) (one host helper on every path)."""
+        from ._cuda.spatial_assembly import spatial_map_structure
+
+        return spatial_map_structure(maps)
+
+    def spatial_normal_equations(self, normal_matrices, normal_vectors, owner, weights):
+        """Host ``M = sum J^T Q J`` (n_theta, n_theta), exactly symmetric, and ``b = sum J^T w`` (n_theta,).
+
+        ``J`` in sparse form: unknown ``a`` feeds local parameter ``owner[a]``
+        with weight ``weights[n, a]`` at stamp ``n``.
+        """
+        normal_matrices = to_host(normal_matrices).astype(np.float64, copy=False)
+        normal_vectors = to_host(normal_vectors)
+        n, p = normal_matrices.shape[:2]
+        # M[a, b] = sum_n w[n, a] w[n, b] Q_n[owner a, owner b].  The weight columns
+        # repeat (every basis shares the kernel's spatial terms), so with the distinct
+        # columns u[n, c] one product G[c, d, i, j] = sum_n u_c u_d Q_n[i, j] holds it all.
+        distinct, column = _distinct_columns(weights)
+        pairs = (distinct[:, :, None] * distinct[:, None, :]).reshape(n, -1)
+        gram = (pairs.T @ normal_matrices.reshape(n, p * p)).reshape(distinct.shape[1], distinct.shape[1], p, p)
+        matrix = gram[column[:, None], column[None, :], owner[:, None], owner[None, :]]
+        vector = np.einsum("na,na->a", weights, np.asarray(normal_vectors, dtype=np.float64)[:, owner])
+        return 0.5 * (matrix + matrix.T), vector
 
     def propagate_mask(self, mask, footprint):
         """OR every bit of ``mask`` (M, N) over the kernel footprint (kh, kw), ``afw`` orientation."""
@@ -169,6 +215,16 @@ class KernelOperations(NumpyOperations):
 
         xp = array_module_of(mask)
         return image_apply.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint)
+
+    def spatial_normal_equations(self, normal_matrices, normal_vectors, owner, weights):
+        """``gdi_spatial_normal_equations`` on the sparse maps; host results."""
+        from ._cuda import spatial_assembly
+
+        xp = array_module_of(normal_matrices)
+        matrix, vector = spatial_assembly.spatial_normal_equations_structured(
+            xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
+            xp.asarray(owner), xp.asarray(weights))
+        return to_host(matrix), to_host(vector)
 
 
 #: The NumPy reference.

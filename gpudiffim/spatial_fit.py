@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, on_kernel_path, to_host
+from ._backend import to_host
+from ._ops import operations_for
 from .linalg import condition_number, solve_symmetric
 
 __all__ = ["LocalParameterMaps", "local_parameter_maps", "local_parameter_structure", "spatial_normal_equations",
@@ -54,33 +55,10 @@ class LocalParameterMaps:
         return maps
 
 
-def _probe(n):
-    """Fixed, irregular projection vector of length ``n`` for :func:`_distinct_columns`."""
-    return np.cos(np.arange(n) * 0.7548776662466927 + 0.5)
-
-
-def _distinct_columns(array):
-    """``(distinct, index)`` with ``array == distinct[:, index]``, exactly.
-
-    Columns are told apart by a fixed projection (fast), checked exactly; on
-    a projection collision, ``np.unique(axis=1)`` (slow: it sorts whole columns).
-    """
-    # an elementwise product summed down axis 0 adds every column in the same order,
-    # so equal columns get bitwise equal keys (a BLAS product does not promise that)
-    keys = (_probe(array.shape[0])[:, None] * array).sum(axis=0)
-    _, first, index = np.unique(keys, return_index=True, return_inverse=True)
-    distinct = array[:, first]
-    if not np.array_equal(distinct[:, index], array, equal_nan=True):
-        distinct, index = np.unique(array, axis=1, return_inverse=True)
-    return distinct, index.reshape(-1)
-
-
-def _structure_of_dense(maps):
+def _structure_of_dense(ops, maps):
     """:class:`LocalParameterMaps` of a dense ``J`` stack (one non-zero row per column)."""
-    from ._cuda.spatial_assembly import spatial_map_structure
-
     maps = to_host(maps).astype(np.float64, copy=False)
-    owner, weights = spatial_map_structure(maps)
+    owner, weights = ops.spatial_map_structure(maps)
     return LocalParameterMaps(owner, weights, maps.shape[1])
 
 
@@ -140,33 +118,15 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     -------
     matrix : ndarray of shape (n_theta, n_theta)
     vector : ndarray of shape (n_theta,)
-        NumPy arrays.  On the kernel path (``cupy``, ``cuda-emulator``) the
-        sums are the ``gdi_spatial_normal_equations`` kernel
-        (``kernels/spatial_assembly.cu``), fed with the sparse maps.
+        NumPy arrays.  The sums are an operation of :mod:`gpudiffim._ops`:
+        on the kernel path (``cupy``, ``cuda-emulator``) the
+        ``gdi_spatial_normal_equations`` kernel (``kernels/spatial_assembly.cu``),
+        fed with the sparse maps.
     """
+    ops = operations_for(normal_matrices)
     if not isinstance(maps, LocalParameterMaps):
-        maps = _structure_of_dense(maps)
-    if on_kernel_path(normal_matrices):
-        from ._cuda import spatial_assembly
-
-        xp = array_module_of(normal_matrices)
-        matrix, vector = spatial_assembly.spatial_normal_equations_structured(
-            xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
-            xp.asarray(maps.owner), xp.asarray(maps.weights))
-        return to_host(matrix), to_host(vector)
-    normal_matrices = to_host(normal_matrices).astype(np.float64, copy=False)
-    normal_vectors = to_host(normal_vectors)
-    n, p = normal_matrices.shape[:2]
-    owner, weights = maps.owner, maps.weights
-    # M[a, b] = sum_n w[n, a] w[n, b] Q_n[owner a, owner b].  The weight columns
-    # repeat (every basis shares the kernel's spatial terms), so with the distinct
-    # columns u[n, c] one product G[c, d, i, j] = sum_n u_c u_d Q_n[i, j] holds it all.
-    distinct, column = _distinct_columns(weights)
-    pairs = (distinct[:, :, None] * distinct[:, None, :]).reshape(n, -1)
-    gram = (pairs.T @ normal_matrices.reshape(n, p * p)).reshape(distinct.shape[1], distinct.shape[1], p, p)
-    matrix = gram[column[:, None], column[None, :], owner[:, None], owner[None, :]]
-    vector = np.einsum("na,na->a", weights, np.asarray(normal_vectors, dtype=np.float64)[:, owner])
-    return 0.5 * (matrix + matrix.T), vector
+        maps = _structure_of_dense(ops, maps)
+    return ops.spatial_normal_equations(normal_matrices, normal_vectors, maps.owner, maps.weights)
 
 
 def solve_spatial(matrix, vector, condition_type="EIGENVALUE"):

@@ -204,7 +204,7 @@ def test_one_function_decides_each_question_of_where_work_runs():
 #: Modules that may ask ``on_kernel_path`` or import ``gpudiffim._cuda`` anywhere (function bodies included).
 BACKEND_CHOOSERS = {"_backend", "_ops"}
 #: Modules not moved onto the operations layer yet (shrinks to nothing).
-NOT_YET_MOVED = {"spatial_fit", "warp"}
+NOT_YET_MOVED = {"warp"}
 
 
 @pytest.mark.parametrize("module", sorted(set(_modules()) - BACKEND_CHOOSERS - NOT_YET_MOVED))
