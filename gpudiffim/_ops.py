@@ -31,6 +31,7 @@ method                             contract
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
+``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
 =================================  ==============================================================
 """
 
@@ -38,6 +39,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ._backend import array_module_of, on_kernel_path, to_host
+from ._resample import resample_reference
 from .convolve import correlate_stamps, correlate_stamps_each
 from .statistics import residual_statistics
 
@@ -140,6 +142,17 @@ class NumpyOperations:
         vector = np.einsum("na,na->a", weights, np.asarray(normal_vectors, dtype=np.float64)[:, owner])
         return 0.5 * (matrix + matrix.T), vector
 
+    def warp_resample(self, masked_image, coarse, jacobian, no_data, outside_bits, *, launch_pixels):
+        """Lanczos-3 image, variance and int32 mask planes of the warp's target grid.
+
+        ``coarse`` is the warp's pixel mapping (``gpudiffim.warp._CoarseMapping``),
+        ``jacobian`` its coarse flux scale or None; pixels with ``no_data`` set
+        hold 0, pixels off the source ``outside_bits``.  ``launch_pixels``:
+        target pixels per kernel launch (kernel path only).  The planes are in
+        the source's array module.
+        """
+        return resample_reference(masked_image, coarse, jacobian, no_data, outside_bits)
+
     def propagate_mask(self, mask, footprint):
         """OR every bit of ``mask`` (M, N) over the kernel footprint (kh, kw), ``afw`` orientation."""
         out = np.zeros_like(mask)
@@ -215,6 +228,31 @@ class KernelOperations(NumpyOperations):
 
         xp = array_module_of(mask)
         return image_apply.propagate_mask(xp.asarray(mask, dtype=np.int32), footprint)
+
+    def warp_resample(self, masked_image, coarse, jacobian, no_data, outside_bits, *, launch_pixels):
+        """``gdi_warp_lanczos3`` (``kernels/warp.cu``) in row blocks of about ``launch_pixels`` target pixels.
+
+        The pixel mapping (and the Jacobian) is interpolated from the coarse
+        grid on the host, as on the reference path, and moved to the planes'
+        module one block at a time, one kernel launch each.
+        """
+        from ._cuda import warp as warp_kernel
+
+        xp, dtype = masked_image.xp, masked_image.dtype
+        rows, columns = coarse.shape
+        image = xp.empty(coarse.shape, dtype=dtype)
+        variance = xp.empty(coarse.shape, dtype=dtype)
+        mask = xp.empty(coarse.shape, dtype=np.int32)
+        step = max(1, launch_pixels // columns)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            x = xp.asarray(coarse.interpolate(coarse.x, start, stop))
+            y = xp.asarray(coarse.interpolate(coarse.y, start, stop))
+            scale = None if jacobian is None else xp.asarray(coarse.interpolate(jacobian, start, stop))
+            image[start:stop], variance[start:stop], mask[start:stop] = warp_kernel.warp_resample(
+                masked_image.image, masked_image.variance, masked_image.mask, x, y, no_data=no_data,
+                outside_bits=outside_bits, scale=scale)
+        return image, variance, mask
 
     def spatial_normal_equations(self, normal_matrices, normal_vectors, owner, weights):
         """``gdi_spatial_normal_equations`` on the sparse maps; host results."""

@@ -26,7 +26,7 @@ import scipy.ndimage as ndi
 from astropy.wcs import WCS
 from numpy.testing import assert_allclose, assert_array_equal
 
-from gpudiffim import MaskedImage, apply, use_backend, warp
+from gpudiffim import MaskedImage, _resample, apply, use_backend, warp
 from gpudiffim._ops import NUMPY
 from gpudiffim._cuda import launch
 from gpudiffim._cuda.image_apply import (
@@ -290,7 +290,7 @@ def _source_planes(gen, shape, dtype):
 
 
 def _mapping(gen, source_shape, target_shape):
-    """Random small rotation + shift, plus every special case of warp._resample_block."""
+    """Random small rotation + shift, plus every special case of _resample.resample_block."""
     theta = gen.uniform(-0.06, 0.06)
     shift = gen.uniform(-2.5, 2.5, size=2)
     yy, xx = np.indices(target_shape, dtype=np.float64)
@@ -312,11 +312,11 @@ def _mapping(gen, source_shape, target_shape):
 
 
 def _numpy_resample(image, variance, mask, x, y, scale=None):
-    """warp._resample_block plus the per-block tail of warp.warp_masked_image."""
+    """_resample.resample_block plus the per-block tail of warp.warp_masked_image."""
     masked = MaskedImage._from_planes(image, mask, variance, (0, 0), PLANES)
     with use_backend("numpy"):
-        source = warp._PaddedSource(masked, OUTSIDE)
-        out_image, out_variance, out_mask, off_image = warp._resample_block(source, x, y)
+        source = _resample.PaddedSource(masked, OUTSIDE)
+        out_image, out_variance, out_mask, off_image = _resample.resample_block(source, x, y)
     out_mask[off_image] = OUTSIDE
     if scale is not None:
         out_image *= scale

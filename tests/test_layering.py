@@ -38,7 +38,8 @@ LAYERS = (
     ("foundation: errors, argument checks, backend choice, configuration",
      {"errors", "_validate", "_backend", "config"}),
     ("array helpers: statistics, Gaussian widths, stamp geometry and cutting, PSF size, linear algebra, "
-     "correlation", {"statistics", "gaussian", "cutouts", "fwhm", "linalg", "convolve"}),
+     "correlation, Lanczos resampling", {"statistics", "gaussian", "cutouts", "fwhm", "linalg", "convolve",
+                                          "_resample"}),
     ("containers: images, exposures, spatial functions, kernels, the cell set and its reject reasons",
      {"image", "exposure", "spatial", "kernel", "cellset"}),
     ("operations: where each hot operation runs (NumPy reference or CUDA kernels), one data contract",
@@ -203,11 +204,9 @@ def test_one_function_decides_each_question_of_where_work_runs():
 
 #: Modules that may ask ``on_kernel_path`` or import ``gpudiffim._cuda`` anywhere (function bodies included).
 BACKEND_CHOOSERS = {"_backend", "_ops"}
-#: Modules not moved onto the operations layer yet (shrinks to nothing).
-NOT_YET_MOVED = {"warp"}
 
 
-@pytest.mark.parametrize("module", sorted(set(_modules()) - BACKEND_CHOOSERS - NOT_YET_MOVED))
+@pytest.mark.parametrize("module", sorted(set(_modules()) - BACKEND_CHOOSERS))
 def test_algorithm_modules_leave_the_backend_to_the_operations_layer(module):
     """No branch on the path and no ``_cuda`` import outside ``_backend`` and ``_ops`` (issue 12, item 1)."""
     tree = ast.parse((PACKAGE / f"{module}.py").read_text())
