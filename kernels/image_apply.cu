@@ -17,7 +17,7 @@
 //   pixels along one axis, zeros outside the image.  Two passes (axis 0 then
 //   axis 1, or the reverse: OR is associative) give the OR over a full
 //   (2 hy + 1) x (2 hx + 1) box: apply.propagate_mask's full-box case and the
-//   box dilation of stamps._dilated_bad_pixels.
+//   box dilation of _ops.NUMPY.dilated_bad_pixels.
 // * gdi_or_filter_footprint: the general case of apply.propagate_mask,
 //   out[y, x] = OR of mask[y + v, x + u] over the footprint pixels
 //   footprint[kh / 2 + v, kw / 2 + u] != 0 (C integer division; afw

@@ -6,22 +6,22 @@
 // (x the column, y the row; pixel centres at integers), i.e. the pixel
 // mapping of warp.pixel_mapping / warp._CoarseMapping.interpolate.  It does,
 // per pixel and in the same float64 operations in the same order, what
-// warp._resample_block and the per-block tail of warp.warp_masked_image do:
+// _resample.resample_block and the per-block tail of _resample.resample_reference do:
 //
 // 1. A non-finite x or y is "unmapped": off the image.
-// 2. Per axis (warp._axis_weights): snap the coordinate to rint() within
+// 2. Per axis (_resample._axis_weights): snap the coordinate to rint() within
 //    1e-6, i = floor, f = coordinate - i, and the 6 Lanczos-3 tap weights
 //    w_k for the source pixels i - 2 + k, k = 0 .. 5, by the three-sine form
-//    of warp._lanczos_taps (the same constants, the same products), and
+//    of _resample.lanczos_taps (the same constants, the same products), and
 //    their sum S, added in tap order.
-// 3. The window is inside the source padded by 3 pixels (warp._PaddedSource)
+// 3. The window is inside the source padded by 3 pixels (_resample.PaddedSource)
 //    when -1 <= floor(x) <= nx - 1 and -1 <= floor(y) <= ny - 1; otherwise
 //    the pixel is off the image: mask = outside_bits, image = variance = 0.
 // 4. Mask: OR of the source mask over the 6 x 6 window (only the column
 //    floor(x) when f_x == 0, only the row floor(y) when f_y == 0: the taps
 //    with non-zero weight), a pixel outside the source contributing
-//    outside_bits (the padding of warp._PaddedSource).
-// 5. Image and variance (warp._weighted_sums), in double, pixels outside
+//    outside_bits (the padding of _resample.PaddedSource).
+// 5. Image and variance (_resample._weighted_sums), in double, pixels outside
 //    the source counting 0: for each window row r (in order), the row sums
 //    sum_c w_x[c] I and sum_c w_x[c]^2 V (columns in order), multiplied by
 //    w_y[r] and w_y[r]^2 and added; then divided by S_x S_y and (S_x S_y)^2.
@@ -61,12 +61,12 @@ inline double gdi_warp_mul(double a, double b) { return a * b; }
 #endif
 
 // Snapped floor, fraction, the 6 tap weights and their sum along one axis
-// (warp._axis_weights and warp._lanczos_taps for LANCZOS_ORDER = 3).
+// (_resample._axis_weights and _resample.lanczos_taps for LANCZOS_ORDER = 3).
 __device__ __forceinline__ void gdi_warp_axis(double coordinate, double* floor_out, double* fraction_out,
                                               double* weights, double* sum_out)
 {
     const double nearest = rint(coordinate);  // round half to even, as np.rint
-    if (fabs(coordinate - nearest) < 1e-6) {  // warp._SNAP_TOLERANCE
+    if (fabs(coordinate - nearest) < 1e-6) {  // _resample.SNAP_TOLERANCE
         coordinate = nearest;
     }
     const double lower = floor(coordinate);
@@ -88,7 +88,7 @@ __device__ __forceinline__ void gdi_warp_axis(double coordinate, double* floor_o
         double offset = f - static_cast<double>(k);
         offset = gdi_warp_mul(offset, offset);
         double numerator = gdi_warp_mul(cos_k[t], sin_part);
-        if (k != 0 && k != 3) {  // k % 3 != 0 in warp._lanczos_taps
+        if (k != 0 && k != 3) {  // k % 3 != 0 in _resample.lanczos_taps
             numerator = numerator - gdi_warp_mul(sin_k[t], cos_part);
         }
         if (k == 0 && offset == 0.0) {  // integer coordinate: the exact delta
