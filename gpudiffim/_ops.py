@@ -1,9 +1,10 @@
 """The operations layer: the one place that decides where each hot operation runs.
 
 An algorithm module (:mod:`~gpudiffim.stamps`, :mod:`~gpudiffim.apply`,
-:mod:`~gpudiffim.spatial_fit`, :mod:`~gpudiffim.warp`) asks
-:func:`operations_for` once per solve step, application or warp, from the
-arrays it works on, and then calls the returned object's methods.  Both
+:mod:`~gpudiffim.spatial_fit`, :mod:`~gpudiffim.warp`,
+:mod:`~gpudiffim.candidates`) asks :func:`operations_for` once per stamp
+fit, application, spatial system, warp or background, from the arrays it
+works on, and then calls the returned object's methods.  Both
 implementations offer the same methods with the same data contracts (shapes,
 dtypes, array module of the results):
 
@@ -28,6 +29,7 @@ method                             contract
                                    when fitted, is a stored column on every path
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps
+``bin_medians``                    per-bin medians of the detection background (host grid)
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
@@ -41,7 +43,7 @@ import scipy.ndimage as ndi
 from ._backend import array_module_of, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import correlate_stamps, correlate_stamps_each
-from .statistics import residual_statistics
+from .statistics import bin_medians_loop, bin_medians_sorted, residual_statistics
 
 __all__ = ["KERNELS", "NUMPY", "operations_for"]
 
@@ -109,6 +111,14 @@ class NumpyOperations:
     def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
         """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
         return residual_statistics(difference, variance, mask, bad_bits, core_radius)
+
+    def bin_medians(self, image, keep, edges_y, edges_x):
+        """Host grid (n_y, n_x) of ``np.median`` of each bin's kept pixels (NaN for empty bins or a NaN).
+
+        ``keep`` is a boolean plane or None (every pixel); the bin edges are
+        row and column indices.  A loop over bins (the fastest on the host).
+        """
+        return bin_medians_loop(image, keep, edges_y, edges_x)
 
     def accumulate_term(self, out, term, rows, cols):
         """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``."""
@@ -213,6 +223,10 @@ class KernelOperations(NumpyOperations):
         from ._cuda.residual_moments import residual_moments
 
         return residual_moments(difference, variance, mask, bad_bits, core_radius)
+
+    def bin_medians(self, image, keep, edges_y, edges_x):
+        """One sort by (bin, value) in the image's array module (no loop over bins): the same values."""
+        return bin_medians_sorted(image, keep, edges_y, edges_x)
 
     def accumulate_term(self, out, term, rows, cols):
         """``gdi_accumulate_term`` (bit-identical to the reference's three in-place steps)."""

@@ -14,6 +14,7 @@ import scipy.ndimage as ndi
 
 from gpudiffim import MaskedImage, PsfMatchConfig
 from gpudiffim import candidates as cand
+from gpudiffim import statistics
 from gpudiffim.config import DetectionConfig
 from gpudiffim.fwhm import adaptive_sigma, estimate_fwhm
 from gpudiffim.testing import make_fake_pair
@@ -188,7 +189,7 @@ def test_bin_medians_equal_np_median(seed, dtype, shape, bin_size, host_mode):
             kept = block[~exclude[edges_y[j]:edges_y[j + 1], edges_x[i]:edges_x[i + 1]]]
             if kept.size:
                 raw_expected[j, i] = np.median(kept)
-    for medians in (cand._bin_medians_loop, cand._bin_medians_sorted):
+    for medians in (statistics.bin_medians_loop, statistics.bin_medians_sorted):
         got = medians(image, ~exclude, edges_y, edges_x)
         np.testing.assert_array_equal(got, raw_expected, err_msg=medians.__name__)
     np.testing.assert_array_equal(cand._Background(image, bin_size, ~exclude).grid, expected)
@@ -212,10 +213,10 @@ def test_bin_medians_nan_and_no_exclusion(dtype):
         expected = np.array([[np.median(image[edges_y[j]:edges_y[j + 1], edges_x[i]:edges_x[i + 1]])
                               for i in range(len(edges_x) - 1)] for j in range(len(edges_y) - 1)])
     assert np.isnan(expected[0, 0]) and np.isnan(expected[1, 0])
-    for medians in (cand._bin_medians_loop, cand._bin_medians_sorted):
+    for medians in (statistics.bin_medians_loop, statistics.bin_medians_sorted):
         np.testing.assert_array_equal(medians(image, None, edges_y, edges_x), expected)
     every = np.ones(image.shape, dtype=bool)
-    for medians in (cand._bin_medians_loop, cand._bin_medians_sorted):
+    for medians in (statistics.bin_medians_loop, statistics.bin_medians_sorted):
         assert np.isnan(medians(image, ~every, edges_y, edges_x)).all()
     np.testing.assert_array_equal(cand.coarse_background(image, 16, every), np.zeros(image.shape))
 
