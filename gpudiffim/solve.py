@@ -409,13 +409,16 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
                      f"term; no spatial-kernel clipping under the lowered model "
                      f"(reduce_spatial_order=False keeps the order)", warn=False)
     if cond > config.max_spatial_condition_number:
-        complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}")
+        complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}: "
+                 f"the spatial model or the basis has more freedom than the candidates constrain")
     if n_bad > 2 * n_good:
         complain(f"many rejected candidates: {n_bad} BAD for {n_good} GOOD", warn=False)
     for what, n_terms in (("kernel", n_kernel_terms), ("background", n_bg_terms)):
         if n_terms and n_good < n_terms:
+            option = "spatial_kernel_order" if what == "kernel" else "spatial_bg_order"
             complain(f"spatial {what} model underconstrained: {n_good} GOOD candidates "
-                     f"for {n_terms} spatial terms")
+                     f"for {n_terms} spatial terms; lower {option}, give more candidates, or let "
+                     f"reduce_spatial_order=True lower it")
         elif n_terms and n_good <= 2 * n_terms:
             complain(f"spatial {what} model poorly constrained: {n_good} GOOD candidates "
                      f"for {n_terms} spatial terms", warn=False)
