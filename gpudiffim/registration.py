@@ -14,7 +14,7 @@ from .errors import RegistrationError
 from .exposure import Exposure
 from .warp import same_grid, warp_masked_image, wcs_overlap
 
-__all__ = ["register_template"]
+__all__ = ["check_exposures", "register_template"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 def _grid(exposure):
     image = exposure.masked_image
     return exposure.wcs, image.shape, image.xy0
+
+
+def check_exposures(template, science):
+    """Raise :class:`TypeError` unless ``template`` and ``science`` are both :class:`Exposure`."""
+    for name, value in (("template", template), ("science", science)):
+        if not isinstance(value, Exposure):
+            msg = f"{name} must be a gpudiffim Exposure, got {type(value).__name__}"
+            raise TypeError(msg)
 
 
 def register_template(template, science, *, do_warping=True):
@@ -48,10 +56,7 @@ def register_template(template, science, *, do_warping=True):
         in one parent pixel frame; images placed differently there are
         matched on their overlap by the task.
     """
-    for name, value in (("template", template), ("science", science)):
-        if not isinstance(value, Exposure):
-            msg = f"{name} must be a gpudiffim Exposure, got {type(value).__name__}"
-            raise TypeError(msg)
+    check_exposures(template, science)
     t_image, s_image = template.masked_image, science.masked_image
     if template.wcs is None or science.wcs is None:
         log.info("an exposure has no WCS: assuming both are in one parent pixel frame (xy0)")

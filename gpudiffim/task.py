@@ -33,7 +33,7 @@ from .candidates import (
     require_candidates,
     vet_candidates,
 )
-from .cellset import KernelCellSet, SpatialCellSet
+from .cellset import KernelCellSet, RejectReason, SpatialCellSet
 from .config import PsfMatchConfig
 from .covariance import correct_matched_variance
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
@@ -41,7 +41,7 @@ from .exposure import Exposure
 from .fwhm import estimate_fwhm
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
-from .registration import register_template
+from .registration import check_exposures, register_template
 from .solve import solve_kernel
 from .variance import correct_variance
 
@@ -347,7 +347,10 @@ class ImagePsfMatchTask:
             return solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
                                 regularization)
         except NoKernelCandidatesError as error:
-            if self.config.variance_correction != "none" or "residual" not in str(error):
+            residual = {RejectReason.SINGLE_KERNEL_RESIDUAL.label, RejectReason.SPATIAL_KERNEL_RESIDUAL.label}
+            all_rejected = not cell_set.has_usable_cells()
+            if (self.config.variance_correction != "none" or not all_rejected
+                    or residual.isdisjoint(cell_set.rejection_counts())):
                 raise
             msg = (f"{error}. The variance planes were used as given (variance_correction='none'); if "
                    "they miss noise (e.g. the sky of a sky-subtracted frame), use "
@@ -494,10 +497,7 @@ class ImagePsfMatchTask:
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
-        for name, value in (("template", template), ("science", science)):
-            if not isinstance(value, Exposure):
-                msg = f"{name} must be a gpudiffim Exposure, got {type(value).__name__}"
-                raise TypeError(msg)
+        check_exposures(template, science)  # before the variance correction replaces their images
         timings = {}
         # Before warping: the warp correlates the noise, and the correction measures pixel noise.
         images, corrections = self._correct_variances(timings, {"template": template.masked_image,
