@@ -349,7 +349,8 @@ def candidate_positions(candidates):
                                       np.asarray(candidates[lower[cy]], dtype=float)], axis=1)
                 break
         else:
-            msg = f"candidate table needs x/y or xcentroid/ycentroid columns, has {list(names)}"
+            msg = (f"candidate table needs columns x and y (parent pixels; or xcentroid/ycentroid, "
+                   f"x_image/y_image), has {list(names)}")
             raise ConfigurationError(msg)
     else:
         positions = np.asarray(candidates, dtype=float)

@@ -193,12 +193,16 @@ def _check_outputs(args):
 def _read_candidates(path):
     """Candidate positions (x, y in parent pixels) from a CSV or FITS table.
 
+    The columns are those :func:`gpudiffim.candidates.candidate_positions` reads.
+
     Raises
     ------
     ConfigurationError
-        If the file cannot be read as a table with columns ``x`` and ``y``.
+        If the file cannot be read as such a table.
     """
     from astropy.table import Table
+
+    from .candidates import candidate_positions
 
     if path is None:
         return None
@@ -210,13 +214,13 @@ def _read_candidates(path):
     except Exception as error:  # astropy raises many kinds for a malformed file
         msg = f"--candidates {path}: cannot read a table ({type(error).__name__}: {error})"
         raise ConfigurationError(msg) from None
-    columns = {name.lower(): name for name in table.colnames}
-    if "x" not in columns or "y" not in columns:
-        msg = f"--candidates {path}: needs columns x and y (parent pixels), found {table.colnames}"
-        raise ConfigurationError(msg)
-    log.info("%d kernel candidate(s) read from %s", len(table), path)
-    return np.stack([np.asarray(table[columns["x"]], dtype=float),
-                     np.asarray(table[columns["y"]], dtype=float)], axis=1)
+    try:
+        positions = candidate_positions(table)  # the task's own reading of a candidate table
+    except ConfigurationError as error:
+        msg = f"--candidates {path}: {error}"
+        raise ConfigurationError(msg) from None
+    log.info("%d kernel candidate(s) read from %s", len(positions), path)
+    return positions
 
 
 def _plot_names(args):
