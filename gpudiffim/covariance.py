@@ -78,9 +78,8 @@ import scipy.fft
 import scipy.stats
 
 from ._backend import array_module_of, ndimage_of, to_host
-from .candidates import coarse_background
 from .errors import ConfigurationError
-from .variance import AUTO_SCALE_MIN, EXCLUDED_PLANES, MAX_PIXELS, _sky_pixels, sampled_bands
+from .variance import AUTO_SCALE_MIN, MAX_PIXELS, background_free, sampled_bands, sky_pixels
 
 __all__ = ["FALSE_ALARM", "MatchedVarianceCorrection", "NoiseCorrelation", "correct_matched_variance",
            "kernel_autocorrelation", "measure_noise_correlation"]
@@ -275,13 +274,11 @@ def _autocorrelation(values, far):
 def _band_sky(masked_image, smoothing, threshold, grow, bin_size):
     """Normalised sky values ``z`` and the 0/1 sky weights of one image or band."""
     xp = masked_image.xp
-    image = masked_image.image.astype(np.float64)
-    exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
-    residual = image - coarse_background(image, bin_size, exclude)
+    residual, exclude = background_free(masked_image, bin_size)
     detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
     if smoothing > 0:
         detection = ndimage_of(detection).gaussian_filter(detection, smoothing)
-    sky = _sky_pixels(masked_image, detection, threshold, grow)
+    sky = sky_pixels(masked_image, detection, threshold, grow)
     z = residual / xp.sqrt(xp.where(sky, masked_image.variance, 1.0).astype(np.float64))
     sky &= xp.isfinite(z) & (xp.abs(z) < CLIP)
     return z, sky.astype(np.float64)

@@ -37,7 +37,8 @@ from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
 from .statistics import iqr_sigma
 
-__all__ = ["VarianceCorrection", "correct_variance", "scale_variance"]
+__all__ = ["VarianceCorrection", "background_free", "correct_variance", "sampled_bands", "scale_variance",
+           "sky_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,18 @@ def sampled_bands(masked_image, max_pixels=MAX_PIXELS):
             yield masked_image.subimage((x0, y0 + low, x1, y0 + high - 1)), slice(start - low, stop - low)
 
 
-def _sky_pixels(masked_image, residual, threshold, grow):
+def background_free(masked_image, bin_size):
+    """The image less its coarse background (float64), and its pixels with an excluded mask bit.
+
+    The background is :func:`gpudiffim.candidates.coarse_background` over bins
+    of ``bin_size`` px, leaving out the :data:`EXCLUDED_PLANES` pixels.
+    """
+    image = masked_image.image.astype(np.float64)
+    exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
+    return image - coarse_background(image, bin_size, exclude), exclude
+
+
+def sky_pixels(masked_image, residual, threshold, grow):
     """Pixels without excluded mask bits and farther than ``grow`` px from a source.
 
     Sources are pixels beyond ``threshold`` robust sigmas of ``residual`` (and
@@ -187,10 +199,8 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     xp = masked_image.xp
     values, variance = [], []
     for band, inner in sampled_bands(masked_image):
-        image = band.image.astype(np.float64)
-        exclude = (band.mask & band.bits(EXCLUDED_PLANES)) != 0
-        residual = image - coarse_background(image, bin_size, exclude)
-        sky = _sky_pixels(band, residual, threshold, grow)[inner]
+        residual, _ = background_free(band, bin_size)
+        sky = sky_pixels(band, residual, threshold, grow)[inner]
         values.append(residual[inner][sky])
         variance.append(band.variance[inner][sky].astype(np.float64))
     values, variance = xp.concatenate(values), xp.concatenate(variance)
