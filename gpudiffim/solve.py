@@ -294,11 +294,13 @@ class _Solver:
         inverse = xp.asarray(np.argsort(np.concatenate(order)))
         return xp.concatenate(matrices)[inverse], xp.concatenate(vectors)[inverse]
 
-    def order_reduced(self):
-        """Whether the last spatial fit used a lower order than configured."""
+    def reduced_orders(self):
+        """``(what, function, configured order)`` of each model the last spatial fit used at a lower order."""
         config = self.config
-        return (self.kernel_function.order < config.spatial_kernel_order
-                or (config.fit_for_background and self.bg_function.order < config.spatial_bg_order))
+        models = [("kernel", self.kernel_function, config.spatial_kernel_order)]
+        if config.fit_for_background:
+            models.append(("background", self.bg_function, config.spatial_bg_order))
+        return [(what, function, order) for what, function, order in models if function.order < order]
 
     def assess_stage(self, kernel, background):
         """Residual statistics under the spatial model; return (#good, #rejected).
@@ -315,7 +317,7 @@ class _Solver:
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
                                           self.core_radius())
-        clipping = self.config.spatial_kernel_clipping and not self.order_reduced()
+        clipping = self.config.spatial_kernel_clipping and not self.reduced_orders()
         if self.config.spatial_kernel_clipping and not clipping:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
                      len(visited))
@@ -400,14 +402,12 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
         else:
             log.warning(message)
 
-    for what, function, order in (("kernel", solver.kernel_function, config.spatial_kernel_order),
-                                   ("background", solver.bg_function, config.spatial_bg_order)):
-        if function.order < order and (what == "kernel" or config.fit_for_background):
-            wanted = solver.spatial_function(order).n_terms
-            complain(f"spatial {what} order lowered from {order} to {function.order}: {solution.n_candidates} "
-                     f"candidate(s) in the spatial fit, and order {order} ({wanted} terms) needs two per "
-                     f"term; no spatial-kernel clipping under the lowered model "
-                     f"(reduce_spatial_order=False keeps the order)", warn=False)
+    for what, function, order in solver.reduced_orders():
+        wanted = solver.spatial_function(order).n_terms
+        complain(f"spatial {what} order lowered from {order} to {function.order}: {solution.n_candidates} "
+                 f"candidate(s) in the spatial fit, and order {order} ({wanted} terms) needs two per "
+                 f"term; no spatial-kernel clipping under the lowered model "
+                 f"(reduce_spatial_order=False keeps the order)", warn=False)
     if cond > config.max_spatial_condition_number:
         complain(f"spatial condition number {cond:.3g} exceeds {config.max_spatial_condition_number:.3g}: "
                  f"the spatial model or the basis has more freedom than the candidates constrain")
