@@ -289,7 +289,9 @@ def _subtract(args):
     config = build_config(args.config, args.config_file, defaults=_config_defaults(args))
     candidates = _read_candidates(args.candidates)
     science, template = _read("science", args), _read("template", args)
-    task = ImagePsfMatchTask(config)
+    # --plots: the task draws the figures from the images it fitted (variance-corrected, cut to
+    # the overlap); results do not keep them
+    task = ImagePsfMatchTask(config, debug=plot_names or (), debug_dir=args.plots if plot_names else None)
     try:
         result = task.subtract_exposures(template, science, candidates=candidates,
                                          template_fwhm_pix=args.template_fwhm,
@@ -314,14 +316,8 @@ def _subtract(args):
     log.info("difference / sigma over %d unflagged px: mean %+.4f, std %.4f", n_good, mean, std)
     log.info("time per stage (s): %s", ", ".join(f"{k} {v:.3f}" for k, v in result.timings.items()))
     log.info("difference written to %s", args.output)
-    if plot_names is not None:
-        from .diagnostics import write_figures
-
-        # the images the kernel was fitted to (variance-corrected, cut to the overlap), and the unit
-        template_fit, science_fit = (image.to_module(np) for image in result.fitted_images)
-        written = write_figures(result, template_fit, science_fit, args.plots, names=plot_names,
-                                unit=science.info.header.get("BUNIT"))
-        log.info("%d figure file(s) written to %s", len(written), args.plots)
+    if plot_names:
+        log.info("figures written to %s", args.plots)
     return 0
 
 

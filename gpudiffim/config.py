@@ -243,6 +243,13 @@ class PsfMatchConfig:
         correlation is significant; logged and recorded in the result's
         ``diagnostics["noise_correlation"]``.  False propagates the variance
         as for white noise (``ip_diffim``).
+    quality_report : bool
+        Keep the residual ``D/sigma`` of every fitted candidate's stamp, under
+        its own kernel (recorded as it is fitted) and under the final spatial
+        model (one more stamp pass at the end of the fit), so that
+        ``result.quality`` can be computed later without the input images;
+        about 16 bytes per fit-region pixel per fitted candidate.  False
+        skips that pass; ``result.quality`` then raises and says so.
     max_solve_restarts : int
         Bound on the kernel-sum and PCA restarts of the solve loop, which are
         unbounded in ``ip_diffim``; exceeding it raises
@@ -304,6 +311,7 @@ class PsfMatchConfig:
     variance_correction: str = "auto"
     variance_correction_limit: float = 1000.0
     noise_correlation: bool = True
+    quality_report: bool = True
     max_solve_restarts: int = 20
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
@@ -343,6 +351,7 @@ class PsfMatchConfig:
         _check_choice(self, "variance_correction", VARIANCE_CORRECTIONS)
         _check_float(self, "variance_correction_limit", minimum=1.0)
         _check_bool(self, "noise_correlation")
+        _check_bool(self, "quality_report")
 
     def _validate_clipping_fields(self):
         for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",

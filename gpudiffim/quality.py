@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import to_host
 from .stamps import StampBatch, difference_stamps
 from .statistics import usable_normalised_residual
 
@@ -401,25 +402,42 @@ def candidate_differences(result, template, science, *, records=None, stamp_half
     planes = tuple(_fit_setting(result, "bad_mask_planes", bad_mask_planes))
     dof = int(_fit_setting(result, "n_stamp_parameters", n_stamp_parameters))
     to_convolve, reference = _planes(result, template, science)
-    if records is None:
-        records = [r for r in result.kernel_cell_set.candidates if r.coefficients]
-    records = tuple(records)
+    records = _fitted_records(result) if records is None else tuple(records)
     if not records:
         msg = "no fitted kernel candidate to assess"
         raise ValueError(msg)
-    basis = result.kernel_basis.kernels
     bad_bits = reference.bits(planes) | to_convolve.bits(planes)
     batch = StampBatch.extract([(r.x, r.y) for r in records], to_convolve, reference, half_size)
-    local_kernels = np.tensordot(np.array([r.coefficients for r in records]), basis, axes=1)
-    local_bg = np.array([r.background for r in records], dtype=np.float64)
+    models = _models(result, records)
+    return CandidateDifferences(
+        records, batch, models.local_kernels, models.spatial_kernels, models.local_background,
+        models.spatial_background,
+        difference_stamps(batch, models.local_kernels, models.local_background, bad_bits),
+        difference_stamps(batch, models.spatial_kernels, models.spatial_background, bad_bits), bad_bits, dof)
+
+
+def _fitted_records(result):
+    """The candidates with a stamp solution on the original basis, in cell-set order."""
+    return tuple(r for r in result.kernel_cell_set.candidates if r.coefficients)
+
+
+@dataclass(frozen=True)
+class _Models:
+    """Each candidate's own kernel and background, and the spatial ones at its centre."""
+
+    local_kernels: np.ndarray
+    spatial_kernels: np.ndarray
+    local_background: np.ndarray
+    spatial_background: np.ndarray
+
+
+def _models(result, records):
     xs = np.array([r.x for r in records], dtype=np.float64)
     ys = np.array([r.y for r in records], dtype=np.float64)
-    spatial_kernels = result.psf_matching_kernel.images(xs, ys)
-    spatial_bg = np.asarray(result.background_model(xs, ys), dtype=np.float64)
-    return CandidateDifferences(
-        records, batch, local_kernels, spatial_kernels, local_bg, spatial_bg,
-        difference_stamps(batch, local_kernels, local_bg, bad_bits),
-        difference_stamps(batch, spatial_kernels, spatial_bg, bad_bits), bad_bits, dof)
+    return _Models(np.tensordot(np.array([r.coefficients for r in records]), result.kernel_basis.kernels, axes=1),
+                   result.psf_matching_kernel.images(xs, ys),
+                   np.array([r.background for r in records], dtype=np.float64),
+                   np.asarray(result.background_model(xs, ys), dtype=np.float64))
 
 
 def _z_rows(difference, variance, mask, bad_bits):
@@ -428,25 +446,23 @@ def _z_rows(difference, variance, mask, bad_bits):
     return z.reshape(len(z), -1)
 
 
-def _columns(differences):
-    records = differences.records
+def _columns(records, rows, models, dof):
+    """Table columns of ``records`` from their D/sigma ``rows`` ({"local", "spatial"}: (N, F*F))."""
     columns = {name: [getattr(r, name) for r in records]
                for name in ("id", "x", "y", "cell", "status", "reason")}
     for stage in ("local", "spatial"):
-        dof = differences.dof if stage == "local" else 0
-        stats = sample_statistics(_z_rows(*getattr(differences, stage), differences.bad_bits), dof)
+        stats = sample_statistics(rows[stage], dof if stage == "local" else 0)
         if stage == "local":
             columns["n_pixels"] = stats["n"]
         columns.update({f"{stage}_{name}": stats[name] for name in RESIDUAL_STATISTICS})
     for stage in ("local", "spatial"):
-        kernels = getattr(differences, f"{stage}_kernels")
+        kernels = getattr(models, f"{stage}_kernels")
         cx, cy, ixx, iyy, _ = _moments_batch(kernels)
         columns[f"kernel_sum_{stage}"] = kernels.sum(axis=(1, 2))
         columns[f"kernel_cx_{stage}"], columns[f"kernel_cy_{stage}"] = cx, cy
         columns[f"kernel_sx_{stage}"], columns[f"kernel_sy_{stage}"] = np.sqrt(ixx), np.sqrt(iyy)
-        columns[f"background_{stage}"] = getattr(differences, f"{stage}_background")
-    columns["kernel_mse"] = np.mean((differences.spatial_kernels - differences.local_kernels) ** 2,
-                                    axis=(1, 2))
+        columns[f"background_{stage}"] = getattr(models, f"{stage}_background")
+    columns["kernel_mse"] = np.mean((models.spatial_kernels - models.local_kernels) ** 2, axis=(1, 2))
     return columns
 
 
@@ -488,20 +504,27 @@ def _aggregate(table, status="GOOD"):
     return len(rows), out
 
 
-def quality_table(result, template, science, *, stamp_half_size=None, bad_mask_planes=None,
+def quality_table(result, template=None, science=None, *, stamp_half_size=None, bad_mask_planes=None,
                   n_stamp_parameters=None):
     """Quality report of a fit: one row per fitted candidate (spec section 4.5).
+
+    Computed from the ``D/sigma`` the fit kept (``result.residual_rows``, see
+    ``config.quality_report``) unless the images are given, in which case
+    every stamp is cut and differenced again (for any other settings).
 
     Parameters
     ----------
     result : MatchResult
         A fit of :class:`~gpudiffim.ImagePsfMatchTask` (or any object with its
         ``psf_matching_kernel``, ``background_model``, ``kernel_cell_set``,
-        ``kernel_basis``, ``convolved`` and ``diagnostics``).
-    template, science : MaskedImage or Exposure
-        The inputs of the fit (registered template for exposure fits).
+        ``kernel_basis``, ``convolved``, ``diagnostics`` and, without images,
+        ``residual_rows``).
+    template, science : MaskedImage or Exposure, optional
+        The inputs of the fit (registered template for exposure fits); both
+        or neither.
     stamp_half_size, bad_mask_planes, n_stamp_parameters
-        Override the fit's settings (see :func:`candidate_differences`).
+        Override the fit's settings (see :func:`candidate_differences`); the
+        first two need the images.
 
     Returns
     -------
@@ -515,21 +538,24 @@ def quality_table(result, template, science, *, stamp_half_size=None, bad_mask_p
         str), ``dof_local``, ``dof_spatial`` (0), ``stamp_half_size``, ``bad_mask_planes``,
         ``ad_critical_values``, ``ad_significance_levels``,
         ``n_aggregated`` (GOOD rows) and ``<column>_MEAN/_MEDIAN/_STDEV``.
+
+    Raises
+    ------
+    ValueError
+        If no candidate was fitted, only one image is given, or the fit kept
+        no residuals and no images are given.
     """
     from astropy.table import Table, vstack
 
-    fitted = [r for r in result.kernel_cell_set.candidates if r.coefficients]
+    fitted = _fitted_records(result)
     if not fitted:
         msg = "no fitted kernel candidate to assess"
         raise ValueError(msg)
-    chunks = []
-    for start in range(0, len(fitted), _CHUNK):
-        differences = candidate_differences(result, template, science,
-                                            records=fitted[start:start + _CHUNK],
-                                            stamp_half_size=stamp_half_size,
-                                            bad_mask_planes=bad_mask_planes,
-                                            n_stamp_parameters=n_stamp_parameters)
-        chunks.append(Table(_columns(differences)))
+    dof = int(_fit_setting(result, "n_stamp_parameters", n_stamp_parameters))
+    half_size = int(_fit_setting(result, "stamp_half_size", stamp_half_size))
+    chunks = [Table(_columns(part, rows, _models(result, part), dof))
+              for part, rows in _row_chunks(result, fitted, template, science, stamp_half_size,
+                                            bad_mask_planes, dof)]
     table = chunks[0] if len(chunks) == 1 else vstack(chunks, join_type="exact")
     _describe(table)
     diagnostics = result.diagnostics
@@ -538,14 +564,43 @@ def quality_table(result, template, science, *, stamp_half_size=None, bad_mask_p
         "spatial_condition_number": float(diagnostics.get("spatial_condition_number", math.nan)),
         "kernel_sum_at_centre": float(diagnostics.get("kernel_sum_at_centre", math.nan)),
         "n_good": int(result.kernel_cell_set.n_good), "n_bad": int(result.kernel_cell_set.n_bad),
-        "warnings": list(diagnostics.get("warnings", ())), "dof_local": differences.dof,
-        "dof_spatial": 0,
-        "stamp_half_size": int(differences.batch.science.shape[1] // 2),
+        "warnings": list(diagnostics.get("warnings", ())), "dof_local": dof,
+        "dof_spatial": 0, "stamp_half_size": half_size,
         "bad_mask_planes": list(_fit_setting(result, "bad_mask_planes", bad_mask_planes)),
         "ad_critical_values": list(AD_CRITICAL_VALUES),
         "ad_significance_levels": list(AD_SIGNIFICANCE_LEVELS),
         "n_aggregated": n_aggregated, **aggregates})
     return table
+
+
+def _row_chunks(result, fitted, template, science, stamp_half_size, bad_mask_planes, dof):
+    """``(records, {"local": z, "spatial": z})`` per chunk of :data:`_CHUNK` candidates, on the host."""
+    if (template is None) != (science is None):
+        msg = "quality_table needs both the template and the science image, or neither"
+        raise ValueError(msg)
+    if template is not None:
+        for start in range(0, len(fitted), _CHUNK):
+            differences = candidate_differences(result, template, science, records=fitted[start:start + _CHUNK],
+                                                stamp_half_size=stamp_half_size,
+                                                bad_mask_planes=bad_mask_planes, n_stamp_parameters=dof)
+            yield differences.records, {stage: _z_rows(*getattr(differences, stage), differences.bad_bits)
+                                        for stage in ("local", "spatial")}
+        return
+    residuals = getattr(result, "residual_rows", None)
+    if residuals is None:
+        msg = ("this fit kept no residuals for the quality report (config.quality_report=False): "
+               "pass the fit's template and science images to quality_table")
+        raise ValueError(msg)
+    if stamp_half_size is not None or bad_mask_planes is not None:
+        msg = "stamp_half_size and bad_mask_planes other than the fit's need the images: pass template and science"
+        raise ValueError(msg)
+    if len(residuals.index) != len(fitted):
+        msg = f"result.residual_rows has {len(residuals.index)} rows for {len(fitted)} fitted candidates"
+        raise ValueError(msg)
+    for start in range(0, len(fitted), _CHUNK):
+        stop = start + _CHUNK
+        yield fitted[start:stop], {stage: to_host(getattr(residuals, stage)[start:stop])
+                                   for stage in ("local", "spatial")}
 
 
 def quality_summary(table):

@@ -24,22 +24,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_module_of, to_host
+from ._ops import operations_for
 from .basis import renormalize_kernel_list
 from .cellset import BAD, GOOD, RejectReason
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
 from .spatial_fit import local_parameter_structure, solve_spatial, spatial_normal_equations, unpack_spatial
-from .stamps import StampBatch, fit_stamps, stamp_residual_statistics
+from .stamps import StampBatch, fit_stamps, stamp_residual_rows, stamp_residual_statistics
 from .statistics import clipped_mean_std
 
-__all__ = ["KernelSolution", "SpatialFit", "solve_kernel"]
+__all__ = ["KernelSolution", "ResidualRows", "SpatialFit", "solve_kernel"]
 
 log = logging.getLogger(__name__)
 
 #: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
 _DESIGN_BATCH_VALUES = 25_000_000
 
+
+#: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
+_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
 _RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
@@ -67,6 +71,27 @@ class SpatialFit:
 
 
 @dataclass(frozen=True)
+class ResidualRows:
+    """``D/sigma`` of every fitted candidate's stamp, kept for the quality report.
+
+    Attributes
+    ----------
+    index : ndarray of int
+        Cell-set index of each candidate with a stamp solution on the
+        original basis, ascending (the order of the result's candidates).
+    local, spatial : ndarray of shape (N, F*F)
+        ``D/sigma`` over the fit region (``F = 2 half_size + 2 - kernel
+        width``, row-major) under the candidate's own kernel and background,
+        and under the final spatial model; float64, NaN at unusable pixels;
+        in the fit's array module (CuPy arrays on the GPU).
+    """
+
+    index: np.ndarray
+    local: object
+    spatial: object
+
+
+@dataclass(frozen=True)
 class KernelSolution:
     """Outcome of the solve loop.
 
@@ -80,6 +105,8 @@ class KernelSolution:
         Candidates in the final spatial fit.
     diagnostics : dict
         Kernel sum at the centre, counts, warnings issued.
+    residuals : ResidualRows or None
+        None unless ``config.quality_report``.
     """
 
     kernel: SpatialKernel
@@ -87,6 +114,7 @@ class KernelSolution:
     condition_number: float
     n_spatial_candidates: int
     diagnostics: dict
+    residuals: ResidualRows = None
 
 
 class _Solver:
@@ -103,12 +131,15 @@ class _Solver:
         self.half_size = half_size
         self.regularization = regularization
         self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
+        #: Where the hot operations of the whole solve run, chosen once from where the images live.
+        self.ops = operations_for(template.image, science.image)
         self.kernel_function = self.spatial_function(config.spatial_kernel_order)
         self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
-        #: (normal matrices, normal vectors) of every fitted batch, where they were computed
-        #: (device arrays on the GPU); the solutions refer to them by (batch, row).
-        self.systems = []
+        #: Per fitted batch, where they were computed (device arrays on the GPU): "matrix" and
+        #: "vector" of the stamp normal equations and, with ``quality_report``, the "rows" of
+        #: D/sigma of original-basis fits; the solutions refer to them by (batch, row).
+        self.batches = []
 
     def spatial_function(self, order):
         return SpatialFunction(self.config.spatial_model_type, order, self.cell_set.bbox)
@@ -157,17 +188,19 @@ class _Solver:
         fit_pixels = (2 * self.half_size + 2 - basis.shape[1]) ** 2
         size = max(1, _DESIGN_BATCH_VALUES // (len(basis) * fit_pixels))
         solution = self.cell_set.solution(key, len(basis))
-        return sum(self._build_batch(index[start:start + size], basis, solution, regularization)
+        keep_rows = key == "orig" and self.config.quality_report
+        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows)
                    for start in range(0, len(index), size))
 
-    def _build_batch(self, index, basis, solution, regularization):
+    def _build_batch(self, index, basis, solution, regularization, keep_rows):
         batch = self.batch(index)
-        fit = fit_stamps(batch, basis, self.config, regularization)
+        fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops)
         kernels = np.tensordot(fit.coefficients, basis, axes=1)
         stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
-                                          self.core_radius())
-        solution.store(index, fit.coefficients, fit.background, fit.kernel_sum, len(self.systems))
-        self.systems.append((fit.normal_matrix, fit.normal_vector))
+                                          self.core_radius(), rows=keep_rows, ops=self.ops)
+        stats, rows = stats if keep_rows else (stats, None)
+        solution.store(index, fit.coefficients, fit.background, fit.kernel_sum, len(self.batches))
+        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows})
         return self._judge(index, stats, "single", self.config.single_kernel_clipping, fit)[1]
 
     def _judge(self, index, stats, stage, clipping, fit=None):
@@ -260,7 +293,7 @@ class _Solver:
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
         maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
                                          config.constant_first_term)
-        matrix, vector = spatial_normal_equations(*self.gather_systems(used, key), maps)
+        matrix, vector = spatial_normal_equations(*self.gather(used, key, "matrix", "vector"), maps, ops=self.ops)
         theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type)
         n_bg = self.bg_function.n_terms if config.fit_for_background else 0
         coefficients, bg = unpack_spatial(theta, len(basis), self.kernel_function.n_terms, n_bg,
@@ -272,27 +305,46 @@ class _Solver:
         return SpatialFit(SpatialKernel(basis, coefficients, self.kernel_function),
                           BackgroundModel(bg, self.bg_function), cond, len(used))
 
-    def gather_systems(self, index, key):
-        """Stacked stamp normal matrices and vectors of the candidates ``index`` (solution ``key``).
+    def gather(self, index, key, *names):
+        """Rows of the per-batch arrays ``names`` for the candidates ``index`` (solution ``key``).
 
         One gather per fitted batch, in the batches' array module: on the GPU
-        the systems never leave the device.
+        the stamp normal equations never leave the device.  Returns one
+        stacked array per name, in the order of ``index``.
         """
         solution = self.cell_set.solutions[key]
         batches, rows = solution.batch[index], solution.row[index]
-        matrices, vectors, order = [], [], []
+        parts, order = [], []
         for batch_id in np.unique(batches):
             members = np.flatnonzero(batches == batch_id)
-            batch_matrices, batch_vectors = self.systems[batch_id]
-            where = array_module_of(batch_matrices).asarray(rows[members])
-            matrices.append(batch_matrices[where])
-            vectors.append(batch_vectors[where])
+            stored = [self.batches[batch_id][name] for name in names]
+            where = array_module_of(stored[0]).asarray(rows[members])
+            parts.append([array[where] for array in stored])
             order.append(members)
-        if not matrices:
-            return np.zeros((0, 0, 0)), np.zeros((0, 0))
-        xp = array_module_of(matrices[0])
+        if not parts:
+            return tuple(np.zeros((0,) * _STORED_NDIM[name]) for name in names)
+        xp = array_module_of(parts[0][0])
         inverse = xp.asarray(np.argsort(np.concatenate(order)))
-        return xp.concatenate(matrices)[inverse], xp.concatenate(vectors)[inverse]
+        return tuple(xp.concatenate(column)[inverse] for column in zip(*parts))
+
+    def residual_rows(self, kernel, background):
+        """:class:`ResidualRows` of every original-basis fit under its own and the final spatial model.
+
+        The local rows were kept as the candidates were fitted; the spatial
+        ones take one more pass over their stamps, in batches of about
+        ``_DESIGN_BATCH_VALUES / 16`` stamp pixels.
+        """
+        index = np.flatnonzero(self.cell_set.solutions["orig"].fitted)
+        (local,) = self.gather(index, "orig", "rows")
+        size = max(1, _DESIGN_BATCH_VALUES // (16 * (2 * self.half_size + 1) ** 2))
+        spatial = []
+        for start in range(0, len(index), size):
+            part = index[start:start + size]
+            xs, ys = self.cell_set.x[part].astype(np.float64), self.cell_set.y[part].astype(np.float64)
+            spatial.append(stamp_residual_rows(self.batch(part), kernel.images(xs, ys), background(xs, ys),
+                                               self.bad_bits, ops=self.ops))
+        spatial = array_module_of(spatial[0]).concatenate(spatial) if spatial else local[:0]
+        return ResidualRows(index, local, spatial)
 
     def reduced_orders(self):
         """``(what, function, configured order)`` of each model the last spatial fit used at a lower order."""
@@ -316,7 +368,7 @@ class _Solver:
         ys = self.cell_set.y[visited].astype(np.float64)
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
-                                          self.core_radius())
+                                          self.core_radius(), ops=self.ops)
         clipping = self.config.spatial_kernel_clipping and not self.reduced_orders()
         if self.config.spatial_kernel_clipping and not clipping:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
@@ -480,5 +532,6 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         solution = solver.spatial_stage()
     n_bg_terms = solver.bg_function.n_terms if config.fit_for_background else 0
     diagnostics = _diagnose(solver, solution, solver.kernel_function.n_terms, n_bg_terms)
+    residuals = solver.residual_rows(solution.kernel, solution.background) if config.quality_report else None
     return KernelSolution(solution.kernel, solution.background, solution.condition_number,
-                          solution.n_candidates, diagnostics)
+                          solution.n_candidates, diagnostics, residuals)

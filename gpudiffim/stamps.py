@@ -36,8 +36,10 @@ from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import cut_stamps, stamps_fit
 from .linalg import condition_number, solve_symmetric_batch
+from .statistics import usable_normalised_residual
 
-__all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics"]
+__all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics",
+           "stamp_residual_rows"]
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def _candidate_kernels(coefficients, basis):
     return np.tensordot(coefficients, basis, axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -235,6 +237,9 @@ def fit_stamps(batch, basis, config, regularization=None):
         ``iterate_single_kernel``, condition-number and lambda fields.
     regularization : ndarray of shape (P, P), optional
         ``H``; the system solved is ``(M + lambda H) a = b``.
+    ops : object, optional
+        The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
+        caller once for its whole solve; chosen from the batch when omitted.
 
     Returns
     -------
@@ -242,7 +247,7 @@ def fit_stamps(batch, basis, config, regularization=None):
     """
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
-    ops = operations_for(batch.template)
+    ops = operations_for(batch.template) if ops is None else ops
     columns, target = _design(ops, batch, basis, config.fit_for_background)
     weights, failures = _stamp_weights(batch, half_width, config.constant_variance_weighting)
     matrix, vector = ops.stamp_normal_equations(columns, target, weights)
@@ -264,7 +269,7 @@ def _difference_variance(ops, batch, kernels):
     return batch.fit_region(batch.science_variance, half_width) + convolved
 
 
-def difference_stamps(batch, kernels, background, bad_bits):
+def difference_stamps(batch, kernels, background, bad_bits, *, ops=None):
     """Difference ``D = S - (T * K + bg)`` of each stamp on its fit region.
 
     Parameters
@@ -275,6 +280,9 @@ def difference_stamps(batch, kernels, background, bad_bits):
     background : ndarray of shape (N,)
     bad_bits : int
         Mask bits that disqualify a pixel.
+    ops : object, optional
+        The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
+        caller once for its whole solve; chosen from the batch when omitted.
 
     Returns
     -------
@@ -287,7 +295,7 @@ def difference_stamps(batch, kernels, background, bad_bits):
     """
     half_width = kernels.shape[1] // 2
     xp = array_module_of(batch.science)
-    ops = operations_for(batch.science)
+    ops = operations_for(batch.science) if ops is None else ops
     kernels = xp.asarray(kernels, dtype=np.float64)
     background = xp.asarray(background, dtype=np.float64)
     model = ops.correlate_stamps(batch.template, kernels, per_stamp=True) + background[:, None, None]
@@ -298,12 +306,51 @@ def difference_stamps(batch, kernels, background, bad_bits):
     return difference, variance, mask.astype(np.int32, copy=False)
 
 
-def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None):
+def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
     """Residual statistics of the stamps' differences (``ImageStatistics``).
+
+    Parameters
+    ----------
+    batch : StampBatch
+    kernels : ndarray of shape (N, kh, kw)
+    background : ndarray of shape (N,)
+    bad_bits : int
+    core_radius : int, optional
+        Statistics over the central ``(2r+1)^2`` pixels only.
+    rows : bool
+        Also return every stamp's ``D/sigma`` over its whole fit region.
+    ops : object, optional
+        The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
+        caller once for its whole solve; chosen from the batch when omitted.
 
     Returns
     -------
     ResidualStatistics
+        Or ``(statistics, z)`` with ``rows``: ``z`` of shape (N, F*F), float64,
+        NaN at unusable pixels (:func:`~gpudiffim.statistics.usable_normalised_residual`),
+        in the batch's array module.
     """
-    difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits)
-    return operations_for(difference).residual_moments(difference, variance, mask, bad_bits, core_radius)
+    ops = operations_for(batch.science) if ops is None else ops
+    difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits, ops=ops)
+    stats = ops.residual_moments(difference, variance, mask, bad_bits, core_radius)
+    if not rows:
+        return stats
+    return stats, _rows(difference, variance, mask, bad_bits)
+
+
+def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):
+    """Every stamp's ``D/sigma`` over its fit region, as rows.
+
+    Parameters are those of :func:`stamp_residual_statistics`.
+
+    Returns
+    -------
+    ndarray of shape (N, F*F)
+        float64, NaN at unusable pixels, in the batch's array module.
+    """
+    return _rows(*difference_stamps(batch, kernels, background, bad_bits, ops=ops), bad_bits)
+
+
+def _rows(difference, variance, mask, bad_bits):
+    z, _ = usable_normalised_residual(difference, variance, mask, bad_bits, fill=np.nan)
+    return z.reshape(len(z), -1)

@@ -42,7 +42,7 @@ from .fwhm import estimate_fwhm
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
-from .solve import solve_kernel
+from .solve import ResidualRows, solve_kernel
 from .variance import correct_variance
 
 __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
@@ -83,11 +83,16 @@ class MatchResult:
         a :class:`~gpudiffim.covariance.MatchedVarianceCorrection`, or None
         when disabled), warnings, and the settings the quality report needs
         (``stamp_half_size``, ``bad_mask_planes``, ``n_stamp_parameters``).
+    residual_rows : ResidualRows or None
+        ``D/sigma`` of every fitted candidate's stamp under its own kernel and
+        under the spatial model, in the compute backend's array module: what
+        the quality report is computed from (None when
+        ``config.quality_report`` is False).  The result keeps no input image.
     quality : astropy.table.Table
         Per-candidate quality report (:func:`gpudiffim.quality.quality_table`):
         LOCAL and SPATIAL residual statistics, kernel moments, aggregates in
-        ``meta``.  Computed on first access (about a third of the kernel-fit
-        time) and then kept; its one-line summary is logged then.
+        ``meta``.  Computed from ``residual_rows`` on first access and then
+        kept; its one-line summary is logged then.
     """
 
     matched_image: MaskedImage
@@ -100,20 +105,20 @@ class MatchResult:
     science_fwhm_pix: float
     timings: dict = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
-    _inputs: tuple = field(default=None, repr=False, compare=False)
-
-    @property
-    def fitted_images(self):
-        """``(template, science)`` as the kernel was fitted to them: cut to their overlap,
-        variance-corrected, in the compute backend's array module (for figures and checks)."""
-        return self._inputs
+    residual_rows: ResidualRows = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def quality(self):
-        """The quality report (see the class attributes); computed once, on first access."""
+        """The quality report (see the class attributes); computed once, on first access.
+
+        Raises
+        ------
+        ValueError
+            If the fit kept no residuals (``config.quality_report=False``).
+        """
         from .quality import quality_summary, quality_table
 
-        table = quality_table(self, *self._inputs)
+        table = quality_table(self)
         log.info("%s", quality_summary(table))
         return table
 
@@ -261,12 +266,17 @@ class ImagePsfMatchTask:
         self.config = config
         self.debug, self.debug_dir = _check_debug(debug, debug_dir)
 
-    def _write_debug_figures(self, result, template, science):
+    def _write_debug_figures(self, result, fitted):
+        """Write the ``debug`` figures of ``result`` (``fitted``: the images it was fitted to); return it.
+
+        The units are those of the science exposure's ``BUNIT`` when the
+        inputs were exposures read from FITS.
+        """
         if self.debug:
             from .diagnostics import write_figures
 
-            write_figures(_on_host(result), template.to_module(np), science.to_module(np), self.debug_dir,
-                          names=self.debug)
+            template, science = (image.to_module(np) for image in fitted)
+            write_figures(_on_host(result), template, science, self.debug_dir, names=self.debug)
         return result
 
     def _positions(self, candidates, template, science):
@@ -366,7 +376,7 @@ class ImagePsfMatchTask:
         per-candidate results are).  Images placed differently in the parent
         frame are cut to their overlap first.  ``corrections`` is the record
         of a variance correction already applied (by the exposure methods,
-        before warping); None corrects here.  Returns ``(fields, reference)``
+        before warping); None corrects here.  Returns ``(fields, reference, fitted)``
         with the matched image and ``reference`` in that module;
         ``fields["_inputs"]`` holds the (cut, corrected) input images, copied
         to the host only if the quality report is asked for.
@@ -418,9 +428,8 @@ class ImagePsfMatchTask:
                       kernel_cell_set=KernelCellSet.from_cell_set(cell_set, rejects),
                       kernel_basis=basis, convolved="template" if convolve_template else "science",
                       template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1], timings=timings,
-                      diagnostics=diagnostics)
-        fields["_inputs"] = compute
-        return fields, reference
+                      diagnostics=diagnostics, residual_rows=solution.residuals)
+        return fields, reference, compute
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
                             science_fwhm_pix=None, convolve_template=True):
@@ -458,9 +467,9 @@ class ImagePsfMatchTask:
         ConfigurationError
             For invalid FWHMs or candidates.
         """
-        return self._match(template, science, False, candidates=candidates,
-                           template_fwhm_pix=template_fwhm_pix, science_fwhm_pix=science_fwhm_pix,
-                           convolve_template=convolve_template)
+        return self._write_debug_figures(*self._match(
+            template, science, False, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
+            science_fwhm_pix=science_fwhm_pix, convolve_template=convolve_template))
 
     def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
                                science_fwhm_pix=None, convolve_template=True):
@@ -472,14 +481,17 @@ class ImagePsfMatchTask:
             With ``subtracted_image`` = science minus the matched template and
             the background (see :class:`SubtractResult` for the other mode).
         """
-        return self._match(template, science, True, candidates=candidates,
-                           template_fwhm_pix=template_fwhm_pix, science_fwhm_pix=science_fwhm_pix,
-                           convolve_template=convolve_template)
+        return self._write_debug_figures(*self._match(
+            template, science, True, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
+            science_fwhm_pix=science_fwhm_pix, convolve_template=convolve_template))
 
     def _match(self, template, science, subtract, *, candidates, template_fwhm_pix, science_fwhm_pix,
                convolve_template, corrections=None, timings=None):
-        """Fit, then the matched image (and the difference if ``subtract``) in the inputs' module."""
-        fields, reference = self._fit(template, science, candidates, template_fwhm_pix,
+        """Fit, then the matched image (and the difference if ``subtract``) in the inputs' module.
+
+        Returns ``(result, fitted)``: ``fitted`` as of :meth:`_fit`.
+        """
+        fields, reference, fitted = self._fit(template, science, candidates, template_fwhm_pix,
                                       science_fwhm_pix, convolve_template, corrections)
         timings = fields["timings"] = {**(timings or {}), **fields["timings"]}
         difference = None
@@ -493,7 +505,7 @@ class ImagePsfMatchTask:
             if subtract:
                 difference = difference.to_module(template.xp)
         result = SubtractResult(**fields, subtracted_image=difference) if subtract else MatchResult(**fields)
-        return self._write_debug_figures(result, *fields["_inputs"])
+        return result, fitted
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
@@ -508,7 +520,7 @@ class ImagePsfMatchTask:
             warped, _ = register_template(template, science, do_warping=do_warping)
         fwhms = (template_fwhm_pix if template_fwhm_pix is not None else warped.fwhm(),
                  science_fwhm_pix if science_fwhm_pix is not None else science.fwhm())
-        result = self._match(warped.masked_image, science.masked_image, subtract, candidates=candidates,
+        result, fitted = self._match(warped.masked_image, science.masked_image, subtract, candidates=candidates,
                              template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1],
                              convolve_template=convolve_template, corrections=corrections,
                              timings=timings)
@@ -520,7 +532,7 @@ class ImagePsfMatchTask:
         if subtract:
             values["subtracted_exposure"] = Exposure(result.subtracted_image, wcs=science.wcs,
                                                      psf_fwhm_pix=matched_fwhm, info=science.info)
-        return values
+        return values, fitted
 
     def match_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
                         science_fwhm_pix=None, do_warping=True, convolve_template=True):
@@ -549,10 +561,10 @@ class ImagePsfMatchTask:
         RegistrationError
             If the WCSs differ and ``do_warping`` is False, or the fields do not overlap.
         """
-        return ExposureMatchResult(**self._fit_exposures(
+        values, fitted = self._fit_exposures(
             template, science, False, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
-            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping,
-            convolve_template=convolve_template))
+            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping, convolve_template=convolve_template)
+        return self._write_debug_figures(ExposureMatchResult(**values), fitted)
 
     def subtract_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
                            science_fwhm_pix=None, do_warping=True, convolve_template=True):
@@ -562,10 +574,10 @@ class ImagePsfMatchTask:
         -------
         ExposureSubtractResult
         """
-        return ExposureSubtractResult(**self._fit_exposures(
+        values, fitted = self._fit_exposures(
             template, science, True, candidates=candidates, template_fwhm_pix=template_fwhm_pix,
-            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping,
-            convolve_template=convolve_template))
+            science_fwhm_pix=science_fwhm_pix, do_warping=do_warping, convolve_template=convolve_template)
+        return self._write_debug_figures(ExposureSubtractResult(**values), fitted)
 
 
 def _on_host(result):

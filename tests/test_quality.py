@@ -271,7 +271,7 @@ def test_quality_table_needs_the_fit_settings(result, pair):
     import dataclasses
 
     bare = dataclasses.replace(result, diagnostics={})
-    with pytest.raises(ValueError, match="stamp_half_size"):
+    with pytest.raises(ValueError, match="not made by ImagePsfMatchTask"):
         quality_table(bare, pair.template, pair.science)
     table = quality_table(bare, pair.template, pair.science,
                           stamp_half_size=result.diagnostics["stamp_half_size"],
@@ -317,3 +317,46 @@ def test_write_exposure_rejects_bad_table_names(result, tmp_path, tables):
     with pytest.raises(ConfigurationError):
         write_exposure(tmp_path / "x.fits", Exposure(result.subtracted_image), tables=tables)
     assert not (tmp_path / "x.fits").exists()
+
+
+def test_the_report_from_the_kept_residuals_equals_the_one_from_the_images(result, pair):
+    """What the fit kept (``residual_rows``) gives the table that cutting the stamps again gives."""
+    kept, again = quality_table(result), quality_table(result, pair.template, pair.science)
+    assert kept.colnames == again.colnames and len(kept) == len(again) > 10
+    for name in kept.colnames:
+        if kept[name].dtype.kind == "f":     # stamp correlations batched differently: last bits
+            np.testing.assert_allclose(kept[name], again[name], rtol=1e-12, atol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(kept[name], again[name])
+    rows = result.residual_rows
+    fit_width = 2 * result.diagnostics["stamp_half_size"] + 2 - result.kernel_basis.kernels.shape[1]
+    assert rows.local.shape == rows.spatial.shape == (len(kept), fit_width**2)
+
+
+def test_results_do_not_keep_the_input_images_alive():
+    import gc
+    import weakref
+
+    from gpudiffim.testing import make_fake_pair
+
+    pair = make_fake_pair(shape=(192, 192), n_stars=40, seed=11)
+    planes = [weakref.ref(getattr(image, name)) for image in (pair.template, pair.science)
+              for name in ("image", "variance", "mask")]
+    result = ImagePsfMatchTask(CONFIG).subtract_masked_images(pair.template, pair.science)
+    del pair
+    gc.collect()
+    assert [ref() is None for ref in planes] == [True] * 6
+    assert len(result.quality) == len(result.residual_rows.index) > 0
+
+
+def test_without_kept_residuals_the_report_says_what_to_do(pair):
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, quality_report=False)
+    result = ImagePsfMatchTask(config).match_masked_images(pair.template, pair.science)
+    assert result.residual_rows is None
+    with pytest.raises(ValueError, match="quality_report=False"):
+        _ = result.quality
+    assert len(quality_table(result, pair.template, pair.science)) > 0
+    with pytest.raises(ValueError, match="both the template and the science image"):
+        quality_table(result, pair.template)
