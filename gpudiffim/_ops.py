@@ -2,8 +2,9 @@
 
 An algorithm module (:mod:`~gpudiffim.stamps`, :mod:`~gpudiffim.apply`,
 :mod:`~gpudiffim.spatial_fit`, :mod:`~gpudiffim.warp`,
-:mod:`~gpudiffim.candidates`) asks :func:`operations_for` once per stamp
-fit, application, spatial system, warp or background, from the arrays it
+:mod:`~gpudiffim.candidates`) asks :func:`operations_for` once per solve
+(:mod:`~gpudiffim.solve` passes its choice to every stamp fit, residual pass
+and spatial system), application, warp or background, from the arrays it
 works on, and then calls the returned object's methods.  Both
 implementations offer the same methods with the same data contracts (shapes,
 dtypes, array module of the results):

@@ -105,7 +105,7 @@ def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
     return local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term).dense()
 
 
-def spatial_normal_equations(normal_matrices, normal_vectors, maps):
+def spatial_normal_equations(normal_matrices, normal_vectors, maps, *, ops=None):
     """Accumulate ``M = sum J^T Q J`` and ``b = sum J^T w``.
 
     Parameters
@@ -113,6 +113,8 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
     normal_matrices : ndarray of shape (N, P, P)
     normal_vectors : ndarray of shape (N, P)
     maps : LocalParameterMaps or ndarray of shape (N, P, n_theta)
+    ops : object, optional
+        The operations chosen once for the solve; from ``normal_matrices`` when omitted.
 
     Returns
     -------
@@ -123,7 +125,7 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps):
         ``gdi_spatial_normal_equations`` kernel (``kernels/spatial_assembly.cu``),
         fed with the sparse maps.
     """
-    ops = operations_for(normal_matrices)
+    ops = operations_for(normal_matrices) if ops is None else ops
     if not isinstance(maps, LocalParameterMaps):
         maps = _structure_of_dense(ops, maps)
     return ops.spatial_normal_equations(normal_matrices, normal_vectors, maps.owner, maps.weights)
