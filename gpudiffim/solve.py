@@ -140,6 +140,8 @@ class _Solver:
         #: "vector" of the stamp normal equations and, with ``quality_report``, the "rows" of
         #: D/sigma of original-basis fits; the solutions refer to them by (batch, row).
         self.batches = []
+        #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
+        self.assessed = None
 
     def spatial_function(self, order):
         return SpatialFunction(self.config.spatial_model_type, order, self.cell_set.bbox)
@@ -330,20 +332,29 @@ class _Solver:
     def residual_rows(self, kernel, background):
         """:class:`ResidualRows` of every original-basis fit under its own and the final spatial model.
 
-        The local rows were kept as the candidates were fitted; the spatial
-        ones take one more pass over their stamps, in batches of about
-        ``_DESIGN_BATCH_VALUES / 16`` stamp pixels.
+        The local rows were kept as the candidates were fitted, and the
+        spatial ones of the candidates the last assessment judged under this
+        same ``kernel``; the others (candidates rejected before, or every one
+        when the spatial fit was redone after the assessment) take one more
+        pass over their stamps, in batches of about ``_DESIGN_BATCH_VALUES / 16``
+        stamp pixels.
         """
         index = np.flatnonzero(self.cell_set.solutions["orig"].fitted)
         (local,) = self.gather(index, "orig", "rows")
+        xp = array_module_of(local)
+        assessed_kernel, assessed, assessed_rows = self.assessed or (None, index[:0], local[:0])
+        if assessed_kernel is not kernel:
+            assessed, assessed_rows = index[:0], local[:0]
+        missing = np.setdiff1d(index, assessed)
         size = max(1, _DESIGN_BATCH_VALUES // (16 * (2 * self.half_size + 1) ** 2))
-        spatial = []
-        for start in range(0, len(index), size):
-            part = index[start:start + size]
+        parts = [assessed_rows]
+        for start in range(0, len(missing), size):
+            part = missing[start:start + size]
             xs, ys = self.cell_set.x[part].astype(np.float64), self.cell_set.y[part].astype(np.float64)
-            spatial.append(stamp_residual_rows(self.batch(part), kernel.images(xs, ys), background(xs, ys),
-                                               self.bad_bits, ops=self.ops))
-        spatial = array_module_of(spatial[0]).concatenate(spatial) if spatial else local[:0]
+            parts.append(stamp_residual_rows(self.batch(part), kernel.images(xs, ys), background(xs, ys),
+                                             self.bad_bits, ops=self.ops))
+        order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable"))
+        spatial = xp.concatenate(parts)[order]
         return ResidualRows(index, local, spatial)
 
     def reduced_orders(self):
@@ -367,8 +378,12 @@ class _Solver:
         xs = self.cell_set.x[visited].astype(np.float64)
         ys = self.cell_set.y[visited].astype(np.float64)
         kernels, bg = kernel.images(xs, ys), background(xs, ys)
+        keep_rows = self.config.quality_report
         stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
-                                          self.core_radius(), ops=self.ops)
+                                          self.core_radius(), rows=keep_rows, ops=self.ops)
+        if keep_rows:
+            stats, rows = stats
+            self.assessed = (kernel, visited, rows)
         clipping = self.config.spatial_kernel_clipping and not self.reduced_orders()
         if self.config.spatial_kernel_clipping and not clipping:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
