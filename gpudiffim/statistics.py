@@ -107,10 +107,11 @@ def usable_normalised_residual(difference, variance, mask, bad_bits, *, fill=0.0
     >>> z.tolist(), usable.tolist()
     ([1.0, nan, 0.0, nan], [True, False, True, False])
     """
+    xp = array_module_of(difference)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # unusable pixels are discarded
         inverse = 1.0 / variance
-        usable = ((mask & bad_bits) == 0) & np.isfinite(inverse) & (variance > 0) & np.isfinite(difference)
-        z = np.where(usable, difference * np.sqrt(np.where(usable, inverse, 0.0)), fill)
+        usable = ((mask & bad_bits) == 0) & xp.isfinite(inverse) & (variance > 0) & xp.isfinite(difference)
+        z = xp.where(usable, difference * xp.sqrt(xp.where(usable, inverse, 0.0)), fill)
     return z, usable
 
 

@@ -1,0 +1,836 @@
+"""A counting stand-in for CuPy: the pipeline's CuPy branches, run and measured on the CPU.
+
+:func:`cupy_standin` installs fake ``cupy``, ``cupyx`` and ``cupy_backends``
+modules whose arrays (:class:`ndarray`) wrap NumPy arrays.  The pipeline takes
+them for device arrays (``gpudiffim._backend.is_device_array`` looks at the
+type's module, ``"cupy"``) and runs its CuPy branches unchanged: array
+functions and methods run on the wrapped NumPy arrays, ``RawModule`` kernels
+run on the CUDA emulator (the same ``kernels/*.cu`` text compiled by g++),
+cuFFT is ``scipy.fft``, cuBLAS batched LU is LAPACK.
+
+Every event a GPU run would pay for is recorded with its call site (the
+innermost ``gpudiffim`` frame): a CuPy call (module function, array method or
+operator), a kernel launch, a device->host synchronisation (``.get()``,
+``asnumpy``, ``float()``/``int()``/``bool()``/``item()``/``tolist()``,
+``deviceSynchronize``, event and stream waits) and a host->device copy (with its
+bytes).  The CPU time spent inside the emulated device work is kept apart,
+so that :attr:`Recorder.host_seconds` is the host's own Python and NumPy time.
+
+What real CuPy refuses is an error here too, so that the counts are those of
+a program that would run: ``__array__`` (implicit conversion to NumPy),
+arithmetic between a device array and a host array, and a host array passed
+to a CuPy function other than ``asarray``/``array`` (and friends).  NumPy
+ufuncs called on device arrays run as CuPy's (as ``__array_ufunc__`` does in
+CuPy); other NumPy functions on device arrays (``__array_function__``) are
+refused, stricter than CuPy, so that the pipeline names its array module.
+"""
+
+import contextlib
+import ctypes
+import functools
+import sys
+import time
+import types
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.fft
+import scipy.linalg
+import scipy.ndimage
+
+import gpudiffim
+
+PACKAGE_DIR = str(Path(gpudiffim.__file__).parent)
+_THIS_FILE = __file__
+
+
+class StandinError(RuntimeError):
+    """Something real CuPy would refuse (or that the stand-in cannot emulate).
+
+    Not a TypeError (which CuPy raises): NumPy swallows a TypeError from ``__array__``
+    and falls back to the sequence protocol.
+    """
+
+
+@dataclass
+class Event:
+    kind: str       # "call", "launch", "sync", "h2d"
+    name: str
+    site: str
+    stage: str
+    nbytes: int = 0
+
+
+@dataclass
+class Recorder:
+    """What a run through the stand-in cost.
+
+    Attributes
+    ----------
+    events : list of Event
+    device_seconds : float
+        Process CPU time inside emulated device work (array operations,
+        kernel launches, FFTs): what a GPU would do.
+    instrument_seconds : float
+        Process CPU time of the stand-in's own bookkeeping (recording events).
+    host_seconds : float
+        Process CPU time of the recorded block minus ``device_seconds`` and
+        ``instrument_seconds``: the pipeline's own host work.
+    stage : str
+        Current stage name (set by :meth:`in_stage`).
+    """
+
+    events: list = field(default_factory=list)
+    device_seconds: float = 0.0
+    host_seconds: float = 0.0
+    stage: str = "-"
+    stage_host: dict = field(default_factory=lambda: defaultdict(float))
+    stage_device: dict = field(default_factory=lambda: defaultdict(float))
+    launch_seconds: dict = field(default_factory=lambda: defaultdict(float))
+    instrument_seconds: float = 0.0
+    stage_instrument: dict = field(default_factory=lambda: defaultdict(float))
+    _depth: int = 0
+
+    def add(self, kind, name, nbytes=0):
+        self.events.append(Event(kind, name, _call_site(), self.stage, int(nbytes)))
+
+    def count(self, kind, stage=None):
+        return sum(1 for e in self.events if e.kind == kind and (stage is None or e.stage == stage))
+
+    def bytes(self, kind, stage=None):
+        return sum(e.nbytes for e in self.events if e.kind == kind and (stage is None or e.stage == stage))
+
+    def sites(self, kind, stage=None):
+        """``Counter`` of call sites of one kind of event."""
+        return Counter(e.site for e in self.events if e.kind == kind and (stage is None or e.stage == stage))
+
+    @property
+    def syncs(self):
+        return self.count("sync")
+
+    @property
+    def calls(self):
+        return self.count("call")
+
+    @property
+    def launches(self):
+        return self.count("launch")
+
+    @property
+    def uploads(self):
+        return self.count("h2d")
+
+    def stages(self):
+        """Stage names in order of first appearance."""
+        seen = {}
+        for e in self.events:
+            seen.setdefault(e.stage, None)
+        for name in self.stage_host:
+            seen.setdefault(name, None)
+        return list(seen)
+
+    def table(self):
+        """Per-stage rows: (stage, calls, launches, syncs, uploads, upload kB, host ms, device ms)."""
+        rows = []
+        for stage in self.stages():
+            rows.append((stage, self.count("call", stage), self.count("launch", stage), self.count("sync", stage),
+                         self.count("h2d", stage), self.bytes("h2d", stage) / 1e3,
+                         1e3 * self.stage_host.get(stage, 0.0), 1e3 * self.stage_device.get(stage, 0.0)))
+        rows.append(("total", self.calls, self.launches, self.syncs, self.uploads, self.bytes("h2d") / 1e3,
+                     1e3 * self.host_seconds, 1e3 * self.device_seconds))
+        return rows
+
+    def format_table(self):
+        head = ("stage", "CuPy calls", "launches", "syncs", "uploads", "upload kB", "host ms", "emulated device ms")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.table():
+            lines.append(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]:.1f} | {row[6]:.1f} | "
+                         f"{row[7]:.1f} |")
+        return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def in_stage(self, name):
+        """Attribute the events and times of the block to stage ``name``."""
+        previous, self.stage = self.stage, name
+        host0, device0, instrument0 = time.process_time(), self.device_seconds, self.instrument_seconds
+        try:
+            yield
+        finally:
+            device = self.device_seconds - device0
+            self.stage_device[name] += device
+            self.stage_host[name] += (time.process_time() - host0 - device
+                                      - (self.instrument_seconds - instrument0))
+            self.stage = previous
+
+
+#: The recorder of the active stand-in (one at a time).
+_RECORDER = None
+
+
+def _call_site():
+    frame = sys._getframe(2)
+    fallback = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(PACKAGE_DIR):
+            return f"{Path(filename).relative_to(PACKAGE_DIR)}:{frame.f_lineno}"
+        if fallback is None and filename != _THIS_FILE:
+            fallback = f"{Path(filename).name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return fallback or "?"
+
+
+@contextlib.contextmanager
+def _device_work():
+    """Time the block as emulated device work (outermost block only)."""
+    recorder = _RECORDER
+    if recorder is None or recorder._depth:
+        if recorder is not None:
+            recorder._depth += 1
+        try:
+            yield
+        finally:
+            if recorder is not None:
+                recorder._depth -= 1
+        return
+    recorder._depth += 1
+    start = time.process_time()
+    try:
+        yield
+    finally:
+        recorder.device_seconds += time.process_time() - start
+        recorder._depth -= 1
+
+
+def _record(kind, name, nbytes=0):
+    """Record one event; the stand-in's own bookkeeping time is kept out of the host time."""
+    recorder = _RECORDER
+    if recorder is None:
+        return
+    if recorder._depth:         # inside a timed stand-in operation: its time is already kept apart
+        recorder.add(kind, name, nbytes)
+        return
+    start = time.process_time()
+    recorder.add(kind, name, nbytes)
+    spent = time.process_time() - start
+    recorder.instrument_seconds += spent
+    recorder.stage_instrument[recorder.stage] += spent
+
+
+# ---------------------------------------------------------------------------
+# arrays
+
+def _refuse(what):
+    raise StandinError(f"{what} (real CuPy refuses this) at {_call_site()}")
+
+
+def _unwrap(value, what, host_ok=False):
+    """NumPy data of a device argument; host arrays only where CuPy accepts them."""
+    if isinstance(value, ndarray):
+        return value._a
+    if isinstance(value, np.ndarray):
+        if host_ok:
+            _record("h2d", what, value.nbytes)
+            return value
+        if value.ndim == 0:
+            return value[()]
+        _refuse(f"a host numpy.ndarray {value.shape} passed to {what}")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unwrap(v, what, host_ok) for v in value)
+    if isinstance(value, dict):
+        return {k: _unwrap(v, what, host_ok) for k, v in value.items()}
+    return value
+
+
+def _wrap(value):
+    if isinstance(value, np.ndarray):
+        return ndarray(value)
+    if isinstance(value, np.generic):
+        return ndarray(np.asarray(value))
+    if isinstance(value, tuple):
+        return tuple(_wrap(v) for v in value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def _operand(value, op):
+    if isinstance(value, ndarray):
+        return value._a
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return value[()]
+        _refuse(f"device array {op} host numpy.ndarray {value.shape}")
+    if isinstance(value, (list, tuple)):
+        _refuse(f"device array {op} a Python {type(value).__name__}")
+    return value
+
+
+class _Pointer:
+    def __init__(self, array):
+        self.ptr = array.ctypes.data
+
+
+class ndarray:
+    """A device array of the stand-in: a NumPy array that only CuPy operations may touch."""
+
+    __slots__ = ("_a", "__weakref__")
+    __array_priority__ = 1000
+
+    def __init__(self, array):
+        if not isinstance(array, np.ndarray):
+            raise StandinError(f"stand-in ndarray of {type(array).__name__}")
+        self._a = array
+
+    # metadata (no device work)
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    data = property(lambda self: _Pointer(self._a))
+    device = property(lambda self: _Device(0))
+
+    def __len__(self):
+        return len(self._a)
+
+    # conversions that CuPy refuses or that synchronise
+    def __array__(self, *args, **kwargs):
+        _refuse("implicit conversion of a device array to NumPy (__array__)")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """CuPy runs NumPy ufuncs called on device arrays (``np.float64(2) * a``) as its own."""
+        if method != "__call__" or "out" in kwargs:
+            _refuse(f"NumPy ufunc numpy.{ufunc.__name__}.{method} on a device array")
+        with _device_work():
+            _record("call", f"cupy.{ufunc.__name__}")
+            return _wrap(ufunc(*(_operand(x, ufunc.__name__) for x in inputs), **kwargs))
+
+    def __array_function__(self, func, types, args, kwargs):
+        _refuse(f"NumPy function numpy.{func.__name__} on a device array")
+
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        _record("sync", "ndarray.get", self._a.nbytes)
+        return np.array(self._a, order=order, copy=True)
+
+    def set(self, array, stream=None):
+        _record("h2d", "ndarray.set", np.asarray(array).nbytes)
+        self._a[...] = array
+
+    def _scalar(self, name):
+        _record("sync", name, self._a.itemsize)
+        return self._a
+
+    def item(self, *args):
+        return self._scalar("ndarray.item").item(*args)
+
+    def tolist(self):
+        _record("sync", "ndarray.tolist", self._a.nbytes)
+        return self._a.tolist()
+
+    def __float__(self):
+        return float(self._scalar("float(ndarray)"))
+
+    def __int__(self):
+        return int(self._scalar("int(ndarray)"))
+
+    def __index__(self):
+        return self._scalar("operator.index(ndarray)").__index__()
+
+    def __bool__(self):
+        return bool(self._scalar("bool(ndarray)"))
+
+    def __complex__(self):
+        return complex(self._scalar("complex(ndarray)"))
+
+    def __repr__(self):
+        return f"standin.{self._a!r}"
+
+    def __iter__(self):
+        for k in range(len(self._a)):
+            yield self[k]
+
+    # indexing
+    def __getitem__(self, key):
+        with _device_work():
+            _record("call", "ndarray.__getitem__")
+            return _wrap(self._a[_unwrap(key, "an index", host_ok=True)])
+
+    def __setitem__(self, key, value):
+        with _device_work():
+            _record("call", "ndarray.__setitem__")
+            self._a[_unwrap(key, "an index", host_ok=True)] = _unwrap(value, "a value", host_ok=True)
+
+    def argsort(self, axis=-1):
+        """CuPy's argsort is stable (NumPy's default is not)."""
+        with _device_work():
+            _record("call", "ndarray.argsort")
+            return ndarray(np.argsort(self._a, axis=axis, kind="stable"))
+
+    # any other array method
+    def __getattr__(self, name):
+        if name.startswith("__"):  # __array_interface__ and friends would expose the host buffer
+            raise AttributeError(name)
+        attribute = getattr(self._a, name)
+        if not callable(attribute):
+            return _wrap(attribute)
+
+        def method(*args, **kwargs):
+            with _device_work():
+                _record("call", f"ndarray.{name}")
+                return _wrap(attribute(*_unwrap(args, f"ndarray.{name}"), **_unwrap(kwargs, f"ndarray.{name}")))
+
+        return method
+
+    @property
+    def T(self):
+        return ndarray(self._a.T)
+
+    @property
+    def real(self):
+        return ndarray(self._a.real)
+
+    @property
+    def imag(self):
+        return ndarray(self._a.imag)
+
+
+def _binary(name):
+    def op(self, other):
+        with _device_work():
+            _record("call", f"ndarray.{name}")
+            result = getattr(self._a, name)(_operand(other, name))
+        if result is NotImplemented:
+            return result
+        return _wrap(result)
+
+    op.__name__ = name
+    return op
+
+
+def _inplace(name):
+    def op(self, other):
+        with _device_work():
+            _record("call", f"ndarray.{name}")
+            getattr(self._a, name)(_operand(other, name))
+        return self
+
+    op.__name__ = name
+    return op
+
+
+def _unary(name):
+    def op(self):
+        with _device_work():
+            _record("call", f"ndarray.{name}")
+            return _wrap(getattr(self._a, name)())
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
+              "lshift", "rshift"):
+    setattr(ndarray, f"__{_name}__", _binary(f"__{_name}__"))
+    setattr(ndarray, f"__r{_name}__", _binary(f"__r{_name}__"))
+    setattr(ndarray, f"__i{_name}__", _inplace(f"__i{_name}__"))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(ndarray, f"__{_name}__", _binary(f"__{_name}__"))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(ndarray, f"__{_name}__", _unary(f"__{_name}__"))
+ndarray.__hash__ = None
+ndarray.__module__ = "cupy"
+ndarray.__qualname__ = "ndarray"
+
+
+# ---------------------------------------------------------------------------
+# module functions
+
+_HOST_ACCEPTING = {"asarray", "array", "asanyarray", "ascontiguousarray", "asfortranarray", "copyto"}
+#: Keyword arguments that CuPy reads on the host (``cupyx.scipy.ndimage.label`` takes a NumPy structure).
+_HOST_KEYWORDS = {"label": {"structure"}}
+
+
+def _function(library, name, label):
+    target = getattr(library, name)
+
+    @functools.wraps(target)
+    def call(*args, **kwargs):
+        _record("call", label)
+        host_ok = name in _HOST_ACCEPTING
+        host_keywords = _HOST_KEYWORDS.get(name, ())
+        with _device_work():
+            args = _unwrap(args, label, host_ok)
+            kwargs = {k: v if k in host_keywords else _unwrap(v, label, host_ok) for k, v in kwargs.items()}
+            return _wrap(target(*args, **kwargs))
+
+    return call
+
+
+class _Ufunc:
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+        self.__name__ = ufunc.__name__
+
+    def __call__(self, *args, **kwargs):
+        with _device_work():
+            _record("call", f"cupy.{self.__name__}")
+            return _wrap(self._ufunc(*_unwrap(args, f"cupy.{self.__name__}"),
+                                     **_unwrap(kwargs, f"cupy.{self.__name__}")))
+
+    def __getattr__(self, method):
+        bound = getattr(self._ufunc, method)
+        label = f"cupy.{self.__name__}.{method}"
+
+        def call(*args, **kwargs):
+            with _device_work():
+                _record("call", label)
+                return _wrap(bound(*_unwrap(args, label), **_unwrap(kwargs, label)))
+
+        return call
+
+
+class _Module(types.ModuleType):
+    """A fake module: explicit attributes first, then ``library``'s functions as counted CuPy calls."""
+
+    def __init__(self, name, library, **attributes):
+        super().__init__(name)
+        self._library = library
+        self.__dict__.update(attributes)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or self._library is None:
+            raise AttributeError(name)
+        target = getattr(self._library, name)
+        if isinstance(target, np.ufunc):
+            value = _Ufunc(target)
+        elif callable(target) and not isinstance(target, type):
+            value = _function(self._library, name, f"{self.__name__}.{name}")
+        else:
+            value = target
+        setattr(self, name, value)
+        return value
+
+
+def _argsort(a, axis=-1):
+    """``cupy.argsort``: stable, as CuPy's (NumPy's default is not)."""
+    with _device_work():
+        _record("call", "cupy.argsort")
+        return ndarray(np.argsort(_unwrap(a, "cupy.argsort"), axis=axis, kind="stable"))
+
+
+def _asnumpy(array, stream=None, order="C", out=None, blocking=True):
+    if isinstance(array, ndarray):
+        return array.get(order=order)
+    return np.asarray(array)
+
+
+def _get_array_module(*args):
+    return _CUPY if any(isinstance(a, ndarray) for a in args) else np
+
+
+def _memoize(for_each_device=False):
+    return functools.cache
+
+
+# ---------------------------------------------------------------------------
+# cuda: runtime, devices, events, streams, kernels
+
+class _Device:
+    def __init__(self, device=0):
+        self.id = int(device)
+        self.compute_capability = "90"
+
+    def synchronize(self):
+        _record("sync", "Device.synchronize")
+
+    def use(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _CudaEvent:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.device_seconds = None
+
+    def record(self, stream=None):
+        _record("call", "Event.record")
+        self.device_seconds = _RECORDER.device_seconds if _RECORDER is not None else 0.0
+
+    def synchronize(self):
+        _record("sync", "Event.synchronize")
+
+    @property
+    def done(self):
+        return True
+
+
+def _get_elapsed_time(start, stop):
+    """Milliseconds of emulated device work between two recorded events."""
+    return 1e3 * (stop.device_seconds - start.device_seconds)
+
+
+class _Stream:
+    null = None
+
+    def __init__(self, null=False, non_blocking=False, ptr=0):
+        self.ptr = 0
+
+    def synchronize(self):
+        _record("sync", "Stream.synchronize")
+
+    def use(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_Stream.null = _Stream()
+
+
+def _device_synchronize():
+    _record("sync", "cudaDeviceSynchronize")
+
+
+_PROPERTIES = {"name": b"CuPy stand-in (NumPy + CUDA emulator)", "totalGlobalMem": 141 * 2**30,
+               "multiProcessorCount": 132, "major": 9, "minor": 0}
+
+
+def _parse_defines(code):
+    defines = []
+    for line in code.splitlines():
+        if not line.startswith("#define "):
+            break
+        _, key, value = line.split(maxsplit=2)
+        defines.append((key, int(value)))
+    return tuple(defines)
+
+
+class _RawModule:
+    """``cupy.RawModule`` of a ``kernels/*.cu`` unit: its functions launch the CUDA emulator."""
+
+    def __init__(self, code=None, options=(), name_expressions=(), **kwargs):
+        from gpudiffim._cuda.signatures import KERNELS
+
+        self._defines = _parse_defines(code or "")
+        self._names = tuple(name_expressions)
+        units = {KERNELS[name].unit for name in self._names}
+        if len(units) != 1:
+            raise StandinError(f"RawModule with kernels of units {units}")
+        (self._unit,) = units
+
+    def get_function(self, name):
+        if name not in self._names:
+            raise StandinError(f"{name} is not a name expression of this RawModule")
+        return _RawKernel(self._unit, self._defines, name)
+
+
+class _RawKernel:
+    def __init__(self, unit, defines, name):
+        self.unit, self.defines, self.name = unit, defines, name
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        from gpudiffim._cuda import emulator
+
+        _record("launch", self.name)
+        start = time.process_time()
+        if shared_mem:
+            raise StandinError(f"{self.name}: dynamic shared memory cannot be emulated")
+        leaked = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
+        if leaked:
+            _refuse(f"host arrays as kernel arguments {leaked} of {self.name}")
+        host_args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
+        fast = _FAST_KERNELS.get(self.name) if _KERNEL_MODE == "numpy" else None
+        with _device_work():
+            if fast is not None:
+                fast(*host_args)
+            else:
+                emulator.run(self.unit, self.defines, self.name, _dims(grid), _dims(block), host_args)
+        if _RECORDER is not None:
+            _RECORDER.launch_seconds[self.name] += time.process_time() - start
+
+
+def _dims(value):
+    dims = (value,) if isinstance(value, (int, np.integer)) else tuple(value)
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+# ---------------------------------------------------------------------------
+# cuBLAS batched LU (pointer arrays hold the host addresses of the wrapped buffers)
+
+def _matrix_at(address, shape):
+    size = int(np.prod(shape))
+    buffer = (ctypes.c_double * size).from_address(int(address))
+    return np.frombuffer(buffer, dtype=np.float64).reshape(shape)
+
+
+def _int32_at(address, count):
+    return np.frombuffer((ctypes.c_int32 * count).from_address(int(address)), dtype=np.int32)
+
+
+def _uintp_at(address, count):
+    return np.frombuffer((ctypes.c_size_t * count).from_address(int(address)), dtype=np.uintp)
+
+
+def _dgetrf_batched(handle, n, a_array, lda, pivots, info, batch):
+    """Column-major LU with partial pivoting of ``batch`` n x n matrices (LAPACK getrf)."""
+    with _device_work():
+        _record("launch", "cublasDgetrfBatched")
+        addresses = _uintp_at(a_array, batch)
+        pivot_rows = _int32_at(pivots, batch * n).reshape(batch, n)
+        infos = _int32_at(info, batch)
+        for k, address in enumerate(addresses):
+            column_major = _matrix_at(address, (n, n))       # row j holds column j
+            lu, piv = scipy.linalg.lu_factor(column_major.T, check_finite=False)
+            column_major[...] = lu.T
+            pivot_rows[k] = piv + 1
+            infos[k] = 0
+
+
+def _dgetrs_batched(handle, trans, n, nrhs, a_array, lda, pivots, b_array, ldb, info, batch):
+    """Solve with the factors of :func:`_dgetrf_batched` (one right-hand side)."""
+    with _device_work():
+        _record("launch", "cublasDgetrsBatched")
+        a_addresses, b_addresses = _uintp_at(a_array, batch), _uintp_at(b_array, batch)
+        pivot_rows = _int32_at(pivots, batch * n).reshape(batch, n)
+        for k in range(batch):
+            lu = _matrix_at(a_addresses[k], (n, n)).T
+            rhs = _matrix_at(b_addresses[k], (nrhs, n))
+            rhs[...] = scipy.linalg.lu_solve((lu, pivot_rows[k] - 1), rhs.T, check_finite=False).T
+        _int32_at(info, 1)[0] = 0
+
+
+# ---------------------------------------------------------------------------
+# installation
+
+def _scipy_fft_module(name):
+    return _Module(name, scipy.fft)
+
+
+def _build_modules():
+    cuda_runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, deviceSynchronize=_device_synchronize, runtimeGetVersion=lambda: 13000,
+        driverGetVersion=lambda: 13000, getDeviceProperties=lambda device: dict(_PROPERTIES),
+        memGetInfo=lambda: (140 * 2**30, 141 * 2**30), getDevice=lambda: 0)
+    cuda_device = types.SimpleNamespace(get_cublas_handle=lambda: 0, Device=_Device)
+    cuda = _Module("cupy.cuda", None, runtime=cuda_runtime, device=cuda_device, Device=_Device,
+                   Event=_CudaEvent, Stream=_Stream, get_elapsed_time=_get_elapsed_time,
+                   get_current_stream=lambda: _Stream.null, is_available=lambda: True)
+    cupy = _Module("cupy", np, ndarray=ndarray, cuda=cuda, asnumpy=_asnumpy, argsort=_argsort,
+                   get_array_module=_get_array_module, memoize=_memoize, RawModule=_RawModule,
+                   __version__="13.0.0+standin", fft=_Module("cupy.fft", np.fft),
+                   linalg=_Module("cupy.linalg", np.linalg))
+    cupyx_scipy = types.ModuleType("cupyx.scipy")
+    cupyx_scipy.fft = _scipy_fft_module("cupyx.scipy.fft")
+    cupyx_scipy.ndimage = _Module("cupyx.scipy.ndimage", scipy.ndimage)
+    cupyx = _Module("cupyx", None, scipy=cupyx_scipy)
+    cublas = types.SimpleNamespace(dgetrfBatched=_dgetrf_batched, dgetrsBatched=_dgetrs_batched,
+                                   CUBLAS_OP_N=0, CUBLAS_OP_T=1)
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = cublas
+    backends_cuda = types.ModuleType("cupy_backends.cuda")
+    backends_cuda.libs = libs
+    backends = types.ModuleType("cupy_backends")
+    backends.cuda = backends_cuda
+    return {"cupy": cupy, "cupy.cuda": cuda, "cupy.cuda.runtime": cuda_runtime, "cupy.fft": cupy.fft,
+            "cupy.linalg": cupy.linalg, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+            "cupyx.scipy.fft": cupyx_scipy.fft, "cupyx.scipy.ndimage": cupyx_scipy.ndimage,
+            "cupy_backends": backends, "cupy_backends.cuda": backends_cuda,
+            "cupy_backends.cuda.libs": libs, "cupy_backends.cuda.libs.cublas": cublas}
+
+
+_CUPY = None
+#: How RawModule kernels run: "emulator" (the .cu text, thread by thread) or "numpy" (tests/standin_kernels.py).
+_KERNEL_MODE = "emulator"
+_FAST_KERNELS = {}
+
+
+def _clear_caches():
+    from gpudiffim import _backend
+    from gpudiffim._cuda import _loader
+
+    _backend._cupy_probe.cache_clear()
+    _loader._memoized_module.cache_clear()
+
+
+@contextlib.contextmanager
+def cupy_standin(recorder=None, kernels="emulator"):
+    """Run the block with the stand-in as ``cupy`` and the ``cupy`` backend selected.
+
+    Parameters
+    ----------
+    recorder : Recorder, optional
+    kernels : {"emulator", "numpy"}
+        Run the RawModule kernels on the CUDA emulator (faithful, slow) or as
+        the NumPy versions of ``tests/standin_kernels.py`` (fast; the warp
+        kernel always runs on the emulator).
+
+    Yields the :class:`Recorder` (a new one unless given); its
+    ``host_seconds`` covers the whole block.
+    """
+    global _RECORDER, _CUPY, _KERNEL_MODE, _FAST_KERNELS
+    from gpudiffim import use_backend
+
+    if kernels not in ("emulator", "numpy"):
+        raise ValueError(f"kernels must be 'emulator' or 'numpy', got {kernels!r}")
+    if kernels == "numpy":
+        from standin_kernels import FAST
+
+        _FAST_KERNELS = FAST
+    _KERNEL_MODE = kernels
+
+    if _RECORDER is not None:
+        raise RuntimeError("the CuPy stand-in is already active")
+    recorder = Recorder() if recorder is None else recorder
+    modules = _build_modules()
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    _CUPY = modules["cupy"]
+    _clear_caches()
+    _RECORDER = recorder
+    start, device0, instrument0 = time.process_time(), recorder.device_seconds, recorder.instrument_seconds
+    from gpudiffim import task
+
+    stage_timer = task.stage_timer
+
+    @contextlib.contextmanager
+    def staged(timings, stage):
+        with recorder.in_stage(stage), stage_timer(timings, stage):
+            yield
+
+    task.stage_timer = staged
+    try:
+        with use_backend("cupy"):
+            yield recorder
+    finally:
+        task.stage_timer = stage_timer
+        recorder.host_seconds += (time.process_time() - start - (recorder.device_seconds - device0)
+                                  - (recorder.instrument_seconds - instrument0))
+        _RECORDER = None
+        _CUPY = None
+        _KERNEL_MODE = "emulator"
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        _clear_caches()
+
+
+def to_device(masked_image):
+    """A MaskedImage with stand-in device planes (one recorded upload per plane)."""
+    return masked_image.to_module(_CUPY)

@@ -1,0 +1,112 @@
+"""NumPy versions of the ``kernels/*.cu`` launches, for the fast mode of the CuPy stand-in.
+
+The CUDA emulator runs each kernel thread by thread: faithful, but at
+4096² the full-image kernels alone would take many minutes.  The stand-in's
+``kernels="numpy"`` mode runs these instead: the same argument list as the
+kernel (the declared order of ``gpudiffim._cuda.signatures.KERNELS``), the same
+outputs written in place, by whole-array NumPy.  ``tests/test_cupy_standin.py``
+checks each against the emulator on random inputs (to 1e-12 relative: sums in
+another order).  The warp kernel has no fast version (the budget runs do not
+warp); it always runs on the emulator.
+"""
+
+import numpy as np
+
+from gpudiffim.convolve import correlate_stamps, correlate_stamps_each
+
+
+def residual_moments(diff, var, mask, bad_bits, n_stamps, ny, nx, row0, row1, col0, col1, out):
+    shape = (n_stamps, ny, nx)
+    window = (slice(None), slice(row0, row1), slice(col0, col1))
+    d, v = diff.reshape(shape)[window], var.reshape(shape)[window]
+    m = mask.reshape(shape)[window]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inverse = v.dtype.type(1) / v
+        usable = ((m & bad_bits) == 0) & (v > 0) & np.isfinite(inverse) & np.isfinite(d)
+        z = np.where(usable, d.astype(np.float64) * np.sqrt(np.where(usable, inverse, 0).astype(np.float64)), 0.0)
+    moments = out.reshape(n_stamps, 3)
+    moments[:, 0] = usable.sum(axis=(1, 2))
+    moments[:, 1] = z.sum(axis=(1, 2))
+    moments[:, 2] = (z * z).sum(axis=(1, 2))
+
+
+def correlate_stamps_kernel(stamps, kernels, n_stamps, n_kernels, per_stamp, sy, sx, kh, kw, out):
+    stamps = stamps.reshape(n_stamps, sy, sx).astype(np.float64)
+    kernels = kernels.reshape(n_kernels, kh, kw).astype(np.float64)
+    if per_stamp:
+        result = correlate_stamps_each(stamps, kernels)[:, None]
+    else:
+        result = correlate_stamps(stamps, kernels)
+    out.reshape(result.shape)[...] = result
+
+
+def normal_equations(columns, weights, target, n_stamps, n_basis, n_pix, with_background, matrix, vector):
+    c = columns.reshape(n_stamps, n_basis, n_pix).astype(np.float64)
+    if with_background:
+        c = np.concatenate([c, np.ones((n_stamps, 1, n_pix))], axis=1)
+    w = weights.reshape(n_stamps, n_pix).astype(np.float64)
+    y = target.reshape(n_stamps, n_pix).astype(np.float64)
+    weighted = c * w[:, None, :]
+    p = c.shape[1]
+    m = np.matmul(weighted, c.transpose(0, 2, 1))
+    matrix.reshape(n_stamps, p, p)[...] = np.triu(m) + np.triu(m, 1).transpose(0, 2, 1)
+    vector.reshape(n_stamps, p)[...] = np.matmul(weighted, y[:, :, None])[:, :, 0]
+
+
+def spatial_normal_equations(normal_matrices, normal_vectors, owner, weights, n_stamps, p, n_theta, matrix,
+                             vector):
+    q = normal_matrices.reshape(n_stamps, p, p)
+    w = weights.reshape(n_stamps, n_theta)
+    total = np.zeros((n_theta, n_theta))
+    for start in range(0, n_stamps, 256):
+        part = slice(start, start + 256)
+        symmetric = 0.5 * (q[part] + q[part].transpose(0, 2, 1))
+        gathered = symmetric[:, owner][:, :, owner]
+        total += np.einsum("na,nb,nab->ab", w[part], w[part], gathered)
+    matrix.reshape(n_theta, n_theta)[...] = total
+    vector.reshape(n_theta)[...] = np.einsum("na,na->a", w, normal_vectors.reshape(n_stamps, p)[:, owner])
+
+
+def accumulate_term(term, rows, cols, ny, nx, out):
+    out2 = out.reshape(ny, nx)
+    out2 += (term.reshape(ny, nx) * rows[:, None]) * cols[None, :]
+
+
+def or_filter_1d(mask, n_images, ny, nx, half, axis, out):
+    m = mask.reshape(n_images, ny, nx)
+    result = m.copy()
+    length = ny if axis == 0 else nx
+    for shift in range(1, min(half, length - 1) + 1):
+        if axis == 0:
+            result[:, shift:, :] |= m[:, :-shift, :]
+            result[:, :-shift, :] |= m[:, shift:, :]
+        else:
+            result[:, :, shift:] |= m[:, :, :-shift]
+            result[:, :, :-shift] |= m[:, :, shift:]
+    out.reshape(n_images, ny, nx)[...] = result
+
+
+def or_filter_footprint(mask, footprint, n_images, ny, nx, kh, kw, out):
+    m = mask.reshape(n_images, ny, nx)
+    result = np.zeros_like(m)
+    cy, cx = kh // 2, kw // 2
+    for i, j in zip(*np.nonzero(footprint.reshape(kh, kw))):
+        v, u = int(i) - cy, int(j) - cx
+        # out[y, x] |= mask[y + v, x + u] where inside
+        ys, yd = (slice(v, ny), slice(0, ny - v)) if v >= 0 else (slice(0, ny + v), slice(-v, ny))
+        xs, xd = (slice(u, nx), slice(0, nx - u)) if u >= 0 else (slice(0, nx + u), slice(-u, nx))
+        result[:, yd, xd] |= m[:, ys, xs]
+    out.reshape(n_images, ny, nx)[...] = result
+
+
+#: Kernel name -> NumPy version (both template instantiations share one).
+FAST = {}
+for _name, _function in (("gdi_residual_moments", residual_moments),
+                         ("gdi_correlate_stamps", correlate_stamps_kernel),
+                         ("gdi_normal_equations", normal_equations),
+                         ("gdi_accumulate_term", accumulate_term)):
+    for _type in ("float", "double"):
+        FAST[f"{_name}<{_type}>"] = _function
+FAST["gdi_spatial_normal_equations"] = spatial_normal_equations
+FAST["gdi_or_filter_1d"] = or_filter_1d
+FAST["gdi_or_filter_footprint"] = or_filter_footprint
