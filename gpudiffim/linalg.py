@@ -18,10 +18,10 @@ import warnings
 import numpy as np
 import scipy.linalg
 
-from ._backend import is_device_array
+from ._backend import array_module_of, is_device_array, to_host
 from .errors import SingularSystemError
 
-__all__ = ["solve_symmetric", "solve_symmetric_batch", "condition_number"]
+__all__ = ["STATUS_TEXT", "solve_batch_status", "solve_symmetric", "solve_symmetric_batch", "condition_number"]
 
 
 def _pseudo_inverse_solve(matrix, vector):
@@ -33,15 +33,125 @@ def _pseudo_inverse_solve(matrix, vector):
     return vectors @ (inverse * (vectors.T @ vector))
 
 
-def solve_symmetric_batch(matrices, vectors):
-    """Solve a stack of symmetric positive semi-definite systems (see module notes).
+#: Status codes of :func:`solve_batch_status`, and what each means for a stamp fit.
+LU, EIGENVECTOR, NOT_FINITE, ZERO_MATRIX, NOT_FINITE_SOLUTION = range(5)
+STATUS_TEXT = {LU: "LU", EIGENVECTOR: "EIGENVECTOR",
+               NOT_FINITE: "normal equations contain NaN or inf",
+               ZERO_MATRIX: "normal matrix is identically zero (no signal in the stamp?)",
+               NOT_FINITE_SOLUTION: "solution of the normal equations is not finite"}
+
+#: Largest system size whose pseudo-inverse solution the device computes for every system
+#: (a batched eigen-decomposition, no branch on the data); above it, only for the rank-deficient
+#: ones, which costs a synchronisation.
+_DEVICE_EIGEN_ALWAYS = 64
+
+
+def solve_batch_status(matrices, vectors):
+    """Solve a stack of symmetric positive semi-definite systems; status codes instead of text.
 
     Parameters
     ----------
     matrices : ndarray of shape (N, n, n)
         NumPy (LAPACK ``getrf``/``getrs`` per system) or CuPy (cuBLAS
-        ``getrfBatched``/``getrsBatched``, one call for the whole stack;
-        the rank test is the same, on the pivots of the same partial-pivoting LU).
+        ``getrfBatched``/``getrsBatched`` for the whole stack, and no
+        synchronisation: every decision stays on the device).  The rank test
+        is the same on both, on the pivots of the same partial-pivoting LU.
+    vectors : ndarray of shape (N, n)
+
+    Returns
+    -------
+    solutions : ndarray of shape (N, n)
+        Zero where the system failed; in the module of ``matrices``.
+    status : ndarray of int8, shape (N,)
+        :data:`LU`, :data:`EIGENVECTOR` (rank-deficient: pseudo-inverse), or
+        why it failed (:data:`NOT_FINITE`, :data:`ZERO_MATRIX`,
+        :data:`NOT_FINITE_SOLUTION`); :data:`STATUS_TEXT` says it in words.
+    """
+    xp = array_module_of(matrices)
+    matrices = xp.asarray(matrices, dtype=np.float64)
+    vectors = xp.asarray(vectors, dtype=np.float64)
+    n_systems = len(matrices)
+    finite = xp.isfinite(matrices).all(axis=(1, 2)) & xp.isfinite(vectors).all(axis=1)
+    if n_systems == 0 or matrices.shape[-1] == 0:
+        return xp.zeros(vectors.shape), xp.full(n_systems, np.int8(ZERO_MATRIX))
+    nonzero = xp.abs(matrices).reshape(n_systems, -1).max(axis=1) > 0
+    usable = finite & nonzero
+    solve = _solve_device if is_device_array(matrices) else _solve_host
+    solutions, full_rank = solve(matrices, vectors, usable)
+    status = xp.where(full_rank, np.int8(LU), np.int8(EIGENVECTOR))
+    status = xp.where(finite, xp.where(nonzero, status, np.int8(ZERO_MATRIX)), np.int8(NOT_FINITE))
+    bad_solution = usable & ~xp.isfinite(solutions).all(axis=1)
+    status = xp.where(bad_solution, np.int8(NOT_FINITE_SOLUTION), status).astype(np.int8)
+    solutions = xp.where((status <= EIGENVECTOR)[:, None], solutions, 0.0)
+    return solutions, status
+
+
+def _solve_host(matrices, vectors, usable):
+    """LAPACK LU of the usable systems, the pseudo-inverse of the rank-deficient ones; (solutions, full rank)."""
+    n = matrices.shape[-1]
+    solutions = np.zeros_like(vectors)
+    full_rank = np.zeros(len(matrices), dtype=bool)
+    index = np.flatnonzero(usable)
+    if index.size:
+        with warnings.catch_warnings():
+            # exactly singular matrices are expected here; the rank test below handles them
+            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+            lu, piv = scipy.linalg.lu_factor(matrices[index], check_finite=False)
+        pivots = np.abs(np.diagonal(lu, axis1=1, axis2=2))
+        ranked = np.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True), axis=1)
+        full_rank[index] = ranked
+        if ranked.any():
+            solutions[index[ranked]] = scipy.linalg.lu_solve(
+                (lu[ranked], piv[ranked]), vectors[index[ranked], :, None], check_finite=False)[..., 0]
+        for k in index[~ranked]:
+            solutions[k] = _pseudo_inverse_solve(matrices[k], vectors[k])
+    return solutions, full_rank
+
+
+def _solve_device(matrices, vectors, usable):
+    """cuBLAS batched LU of every system (unusable ones replaced by the identity); no synchronisation.
+
+    The pseudo-inverse solutions of rank-deficient systems come from one
+    batched eigen-decomposition of every system when ``n`` is at most
+    :data:`_DEVICE_EIGEN_ALWAYS`, else from one of the rank-deficient ones
+    only (after one synchronisation to find them).
+    """
+    xp = array_module_of(matrices)
+    n = matrices.shape[-1]
+    safe = xp.where(usable[:, None, None], matrices, xp.eye(n, dtype=np.float64))
+    rhs = xp.where(usable[:, None], vectors, 0.0)
+    solved, pivots = _lu_batch_cublas(safe, rhs)
+    eps = n * np.finfo(np.float64).eps
+    full_rank = usable & xp.all(pivots > eps * pivots.max(axis=1, keepdims=True), axis=1)
+    if n <= _DEVICE_EIGEN_ALWAYS:
+        return xp.where(full_rank[:, None], solved, _pseudo_inverse_solve_batch(safe, rhs)), full_rank
+    deficient = np.flatnonzero(to_host(usable & ~full_rank))
+    if deficient.size:
+        where = xp.asarray(deficient)
+        solved[where] = _pseudo_inverse_solve_batch(safe[where], rhs[where])
+    return solved, full_rank
+
+
+def _pseudo_inverse_solve_batch(matrices, vectors):
+    """:func:`_pseudo_inverse_solve` of a stack, in its array module (one batched ``eigh``)."""
+    xp = array_module_of(matrices)
+    eigenvalues, rotation = xp.linalg.eigh(matrices)
+    magnitude = xp.abs(eigenvalues)
+    keep = magnitude > matrices.shape[-1] * np.finfo(np.float64).eps * magnitude.max(axis=1, keepdims=True)
+    inverse = xp.where(keep, 1.0 / xp.where(keep, eigenvalues, 1.0), 0.0)
+    projected = xp.matmul(rotation.transpose(0, 2, 1), vectors[:, :, None])[:, :, 0]
+    return xp.matmul(rotation, (inverse * projected)[:, :, None])[:, :, 0]
+
+
+def solve_symmetric_batch(matrices, vectors):
+    """Solve a stack of symmetric positive semi-definite systems (see module notes).
+
+    :func:`solve_batch_status` with host results and the status in words.
+
+    Parameters
+    ----------
+    matrices : ndarray of shape (N, n, n)
+        NumPy or CuPy.
     vectors : ndarray of shape (N, n)
 
     Returns
@@ -53,41 +163,9 @@ def solve_symmetric_batch(matrices, vectors):
     failed : ndarray of bool, shape (N,)
         Systems holding NaN/inf, identically zero, or with a non-finite solution.
     """
-    if is_device_array(matrices):
-        return _solve_symmetric_batch_device(matrices, vectors)
-    matrices = np.asarray(matrices, dtype=np.float64)
-    vectors = np.asarray(vectors, dtype=np.float64)
-    n = matrices.shape[-1]
-    solutions = np.zeros_like(vectors)
-    methods = ["LU"] * len(matrices)
-    finite = np.isfinite(matrices).all(axis=(1, 2)) & np.isfinite(vectors).all(axis=1)
-    nonzero = np.abs(matrices).max(axis=(1, 2), initial=0.0) > 0
-    _classify(finite, nonzero, methods)
-    usable = np.flatnonzero(finite & nonzero)
-    if usable.size:
-        with warnings.catch_warnings():
-            # exactly singular matrices are expected here; the rank test below handles them
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            lu, piv = scipy.linalg.lu_factor(matrices[usable], check_finite=False)
-        pivots = np.abs(np.diagonal(lu, axis1=1, axis2=2))
-        full_rank = np.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True),
-                           axis=1)
-        if full_rank.any():
-            solutions[usable[full_rank]] = scipy.linalg.lu_solve(
-                (lu[full_rank], piv[full_rank]), vectors[usable[full_rank], :, None],
-                check_finite=False)[..., 0]
-        for k in usable[~full_rank]:
-            solutions[k] = _pseudo_inverse_solve(matrices[k], vectors[k])
-            methods[k] = "EIGENVECTOR"
-    return _finish(solutions, methods, finite, nonzero)
-
-
-def _classify(finite, nonzero, methods):
-    """Record why non-finite or all-zero systems fail."""
-    for k in np.flatnonzero(~finite):
-        methods[k] = "normal equations contain NaN or inf"
-    for k in np.flatnonzero(finite & ~nonzero):
-        methods[k] = "normal matrix is identically zero (no signal in the stamp?)"
+    solutions, status = solve_batch_status(matrices, vectors)
+    status = to_host(status)
+    return to_host(solutions), [STATUS_TEXT[int(code)] for code in status], status > EIGENVECTOR
 
 
 def _lu_batch_cublas(matrices, vectors):
@@ -118,40 +196,6 @@ def _lu_batch_cublas(matrices, vectors):
         msg = f"cuBLAS getrsBatched rejected argument {-host_info[0]}"
         raise SingularSystemError(msg)
     return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
-
-
-def _solve_symmetric_batch_device(matrices, vectors):
-    """:func:`solve_symmetric_batch` for CuPy stacks: one batched LU on the GPU."""
-    import cupy
-
-    n = matrices.shape[-1]
-    matrices = cupy.asarray(matrices, dtype=np.float64)
-    vectors = cupy.asarray(vectors, dtype=np.float64)
-    methods = ["LU"] * len(matrices)
-    finite = (cupy.isfinite(matrices).all(axis=(1, 2)) & cupy.isfinite(vectors).all(axis=1)).get()
-    nonzero = (cupy.abs(matrices).max(axis=(1, 2)) > 0).get() if len(matrices) else finite
-    _classify(finite, nonzero, methods)
-    solutions = np.zeros(vectors.shape)
-    usable = np.flatnonzero(finite & nonzero)
-    if usable.size:
-        solved, pivots = _lu_batch_cublas(matrices[cupy.asarray(usable)], vectors[cupy.asarray(usable)])
-        eps = n * np.finfo(np.float64).eps
-        full_rank = cupy.all(pivots > eps * pivots.max(axis=1, keepdims=True), axis=1).get()
-        solutions[usable[full_rank]] = solved[cupy.asarray(np.flatnonzero(full_rank))].get()
-        for k in usable[~full_rank]:
-            solutions[k] = _pseudo_inverse_solve(matrices[int(k)].get(), vectors[int(k)].get())
-            methods[k] = "EIGENVECTOR"
-    return _finish(solutions, methods, finite, nonzero)
-
-
-def _finish(solutions, methods, finite, nonzero):
-    """Zero and explain failed systems; the return value of :func:`solve_symmetric_batch`."""
-    bad_solution = ~np.isfinite(solutions).all(axis=1)
-    for k in np.flatnonzero(bad_solution & finite & nonzero):
-        methods[k] = "solution of the normal equations is not finite"
-    failed = ~finite | ~nonzero | bad_solution
-    solutions[failed] = 0.0
-    return solutions, methods, failed
 
 
 def solve_symmetric(matrix, vector):

@@ -12,7 +12,8 @@ Every event a GPU run would pay for is recorded with its call site (the
 innermost ``gpudiffim`` frame): a CuPy call (module function, array method or
 operator), a kernel launch, a device->host synchronisation (``.get()``,
 ``asnumpy``, ``float()``/``int()``/``bool()``/``item()``/``tolist()``,
-``deviceSynchronize``, event and stream waits) and a host->device copy (with its
+``deviceSynchronize``, event and stream waits, and what reads a count back:
+boolean-mask indexing, ``nonzero``, ``flatnonzero``, ``unique`` and the like) and a host->device copy (with its
 bytes).  The CPU time spent inside the emulated device work is kept apart,
 so that :attr:`Recorder.host_seconds` is the host's own Python and NumPy time.
 
@@ -256,6 +257,17 @@ def _wrap(value):
     return value
 
 
+def _record_mask_sync(key, what):
+    """CuPy counts the True entries of a device boolean index on the host (``int(cumsum[-1])``): a sync."""
+    keys = key if isinstance(key, tuple) else (key,)
+    if any(isinstance(k, ndarray) and k.dtype == np.bool_ for k in keys):
+        _record("sync", what)
+
+
+#: CuPy functions whose output size depends on the data: they read a count back (one sync each).
+_SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+
+
 def _operand(value, op):
     if isinstance(value, ndarray):
         return value._a
@@ -359,11 +371,13 @@ class ndarray:
     def __getitem__(self, key):
         with _device_work():
             _record("call", "ndarray.__getitem__")
+            _record_mask_sync(key, "ndarray.__getitem__ with a boolean mask")
             return _wrap(self._a[_unwrap(key, "an index", host_ok=True)])
 
     def __setitem__(self, key, value):
         with _device_work():
             _record("call", "ndarray.__setitem__")
+            _record_mask_sync(key, "ndarray.__setitem__ with a boolean mask")
             self._a[_unwrap(key, "an index", host_ok=True)] = _unwrap(value, "a value", host_ok=True)
 
     def argsort(self, axis=-1):
@@ -383,6 +397,8 @@ class ndarray:
         def method(*args, **kwargs):
             with _device_work():
                 _record("call", f"ndarray.{name}")
+                if name in _SIZE_FROM_DATA:
+                    _record("sync", f"ndarray.{name} (output size from the data)")
                 return _wrap(attribute(*_unwrap(args, f"ndarray.{name}"), **_unwrap(kwargs, f"ndarray.{name}")))
 
         return method
@@ -462,6 +478,8 @@ def _function(library, name, label):
     @functools.wraps(target)
     def call(*args, **kwargs):
         _record("call", label)
+        if name in _SIZE_FROM_DATA or (name == "where" and len(args) + len(kwargs) == 1):
+            _record("sync", f"{label} (output size from the data)")
         host_ok = name in _HOST_ACCEPTING
         host_keywords = _HOST_KEYWORDS.get(name, ())
         with _device_work():

@@ -1,0 +1,90 @@
+"""What one subtraction would ask of a GPU, counted on the CPU with the CuPy stand-in.
+
+Runs ``ImagePsfMatchTask.subtract_masked_images`` on a simulated pair whose
+planes are stand-in device arrays (``tests/cupy_standin.py``: the pipeline's
+real CuPy branches, kernels as NumPy versions of ``kernels/*.cu``), after one
+warm-up run (imports, caches), and prints per stage: CuPy calls, kernel
+launches, device->host synchronisations, host->device uploads (count, kB),
+host CPU time outside the emulated device work, and the emulated device time
+(CPU time of the NumPy stand-ins; not a GPU time).  Then the sites of the
+syncs and uploads, and an estimate of the GPU's host-side cost from the counts.
+
+    python bench/gpu_budget.py --size 4096 --stars 8000
+    python bench/gpu_budget.py --size 2048 --stars 4000 --json out.json
+
+The budgets of issue 17 (4096², 8000 stars): at most 5 + 2 per clipping pass
+syncs (25 in all), 400 CuPy calls, no upload beyond the input planes and a
+few kB per pass, host time <= 20 ms on the 2-core CI machine (<= 10 ms at 2048²).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from cupy_standin import cupy_standin, to_device  # noqa: E402
+
+from gpudiffim import ImagePsfMatchTask, PsfMatchConfig  # noqa: E402
+from gpudiffim.testing import make_fake_pair  # noqa: E402
+
+#: Host cost per CuPy call and per synchronisation on a GPU machine (seconds), for the estimate:
+#: CuPy's Python overhead per call and launch, and one round trip through the driver per sync.
+CALL_SECONDS, SYNC_SECONDS = 10e-6, 30e-6
+
+
+def run(size, stars, seed=1, kernels="numpy", config=None):
+    """(recorder, result) of one warm subtraction of a ``size``² pair with ``stars`` stars."""
+    pair = make_fake_pair(shape=(size, size), n_stars=stars, seed=seed)
+    config = PsfMatchConfig() if config is None else config
+    with cupy_standin(kernels=kernels):
+        ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template), to_device(pair.science))
+    with cupy_standin(kernels=kernels) as recorder:
+        template, science = to_device(pair.template), to_device(pair.science)
+        recorder.events.clear()           # the input planes are not part of the budget
+        recorder.stage_host.clear()
+        result = ImagePsfMatchTask(config).subtract_masked_images(template, science)
+    return recorder, result
+
+
+def summary(recorder, result):
+    cells = result.kernel_cell_set
+    return {"calls": recorder.calls, "launches": recorder.launches, "syncs": recorder.syncs,
+            "uploads": recorder.uploads, "upload_bytes": recorder.bytes("h2d"),
+            "host_ms": 1e3 * recorder.host_seconds, "device_ms_emulated": 1e3 * recorder.device_seconds,
+            "n_good": cells.n_good, "n_bad": cells.n_bad, "n_candidates": len(cells),
+            "estimated_host_overhead_ms": 1e3 * (recorder.host_seconds + CALL_SECONDS * recorder.calls
+                                                 + SYNC_SECONDS * recorder.syncs)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--stars", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kernels", choices=("numpy", "emulator"), default="numpy")
+    parser.add_argument("--top", type=int, default=12, help="call sites listed per kind")
+    parser.add_argument("--json", help="write the summary and the per-stage rows here")
+    args = parser.parse_args(argv)
+    recorder, result = run(args.size, args.stars, args.seed, args.kernels)
+    print(f"{args.size}² pair, {args.stars} stars: {len(result.kernel_cell_set)} candidates, "
+          f"{result.kernel_cell_set.n_good} GOOD, {result.kernel_cell_set.n_bad} BAD")
+    print(recorder.format_table())
+    for kind in ("sync", "h2d", "call"):
+        print(f"\n{kind} sites:", ", ".join(f"{site} ×{n}" for site, n in recorder.sites(kind).most_common(args.top)))
+    numbers = summary(recorder, result)
+    print(f"\nestimated host-side cost on a GPU machine: {numbers['estimated_host_overhead_ms']:.1f} ms "
+          f"(host {numbers['host_ms']:.1f} ms + {CALL_SECONDS * 1e6:.0f} µs per call + "
+          f"{SYNC_SECONDS * 1e6:.0f} µs per sync)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"size": args.size, "stars": args.stars, **numbers,
+                                               "stages": recorder.table()}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())
