@@ -30,6 +30,7 @@ __all__ = [
     "correlate_stamps",
     "correlate_stamps_each",
     "FourierCorrelator",
+    "TiledCorrelator",
 ]
 
 #: Number of stamps processed per chunk, to bound temporary memory.
@@ -186,3 +187,94 @@ class FourierCorrelator:
         full = self._fft["irfft2"](product, s=self._fft_shape, overwrite_x=True)
         cy, cx = kh // 2, kw // 2
         return full[cy:cy + self.shape[0], cx:cx + self.shape[1]]
+
+
+#: Target FFT tile side (px) of :class:`TiledCorrelator`: large enough that
+#: the kernel overlap costs little (about 10 % of the pixels at 21^2
+#: kernels), small enough that a tile's transforms stay in the caches
+#: (2048^2 images are 9 tiles of 720^2; 256 to 1024 run within 20 % of it).
+TILE_SIDE = 768
+
+
+def _tile_grid(length, kernel_length, target):
+    """``(starts, valid, period)`` of the tiles along one axis.
+
+    ``n`` tiles of ``valid`` output pixels each (the last one clipped) cover
+    ``length``; each is correlated as a circular correlation of ``period =
+    next_fast_len(valid + kernel_length - 1)`` input pixels, which is exact
+    on its ``valid`` outputs.
+    """
+    n_tiles = max(1, -(-length // max(1, target - kernel_length + 1)))
+    valid = -(-length // n_tiles)
+    period = scipy.fft.next_fast_len(valid + kernel_length - 1, real=True)
+    return list(range(0, length, valid)), valid, period
+
+
+class TiledCorrelator:
+    """Correlate one host image with many kernels by overlap-save FFTs of tiles.
+
+    Same result as :class:`FourierCorrelator` (zero outside the image,
+    output pixel ``[y, x]`` the direct sum of the module notes), up to FFT
+    rounding, but the image is cut into tiles of about :data:`TILE_SIDE`
+    px, each with the kernel's halo, transformed all at once.  A kernel's
+    transform is then that of a tile (not of the whole padded image), and
+    the inverse transforms are small and batched: about twice as fast as one
+    whole-image transform per kernel with pocketfft.
+
+    Parameters
+    ----------
+    image : ndarray of shape (M, N)
+        Host (NumPy) image.
+    kernel_shape : tuple of int
+        Odd kernel shape ``(kh, kw)`` shared by every kernel to be applied.
+    dtype : {numpy.float64, numpy.float32}
+        Precision of the transforms (see :class:`FourierCorrelator`).
+    tile_side : int, optional
+        Target tile side including the halo (px); default :data:`TILE_SIDE`.
+
+    Notes
+    -----
+    A tile with outputs at rows ``y0 .. y0 + valid`` holds input rows ``y0 -
+    h .. y0 - h + period`` (``h = kh // 2``; zeros beyond the image), and its
+    circular correlation of that period equals the linear one on its first
+    ``valid`` rows (likewise for the columns).
+    """
+
+    def __init__(self, image, kernel_shape, dtype=np.float64, tile_side=None):
+        self.dtype = np.dtype(dtype)
+        image = np.asarray(image, dtype=self.dtype)
+        self.shape = image.shape
+        self.kernel_shape = tuple(kernel_shape)
+        side = TILE_SIDE if tile_side is None else tile_side
+        grid = [_tile_grid(n, k, side) for n, k in zip(self.shape, self.kernel_shape)]
+        (self._y0, self._valid_y, py), (self._x0, self._valid_x, px) = grid
+        self.period = (py, px)
+        hy, hx = self.kernel_shape[0] // 2, self.kernel_shape[1] // 2
+        padded = np.zeros((self.shape[0] + py, self.shape[1] + px), dtype=self.dtype)
+        padded[hy:hy + self.shape[0], hx:hx + self.shape[1]] = image
+        tiles = np.stack([padded[y:y + py, x:x + px] for y in self._y0 for x in self._x0])
+        self._tiles_ft = scipy.fft.rfft2(tiles, workers=-1)
+
+    def correlate_tiles(self, kernel):
+        """Correlations of every tile with one kernel.
+
+        Parameters
+        ----------
+        kernel : ndarray of shape ``kernel_shape``
+
+        Returns
+        -------
+        list of (tuple of slice, ndarray)
+            ``(rows, cols)`` of the output image and the tile's correlation
+            there (views into one array; writable).
+        """
+        kernel_ft = np.conj(scipy.fft.rfft2(np.asarray(kernel, dtype=self.dtype), s=self.period, workers=-1))
+        tiles = scipy.fft.irfft2(self._tiles_ft * kernel_ft, s=self.period, workers=-1, overwrite_x=True)
+        out, index = [], 0
+        for y in self._y0:
+            rows = slice(y, min(y + self._valid_y, self.shape[0]))
+            for x in self._x0:
+                cols = slice(x, min(x + self._valid_x, self.shape[1]))
+                out.append(((rows, cols), tiles[index, :rows.stop - y, :cols.stop - x]))
+                index += 1
+        return out

@@ -1,0 +1,78 @@
+"""The host (NumPy) speed-ups of issue 17 against the exact computations they replace.
+
+* :class:`gpudiffim.convolve.TiledCorrelator` (overlap-save tiles) against
+  the direct correlation sum and :class:`~gpudiffim.convolve.FourierCorrelator`;
+* the NumPy full-image application by tiles against the whole-image
+  transforms of the kernel path's routine.
+"""
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from numpy.testing import assert_allclose
+
+from gpudiffim import apply
+from gpudiffim._ops import NUMPY
+from gpudiffim.convolve import FourierCorrelator, TiledCorrelator
+
+
+def _direct(image, kernel):
+    """Same-size ``afw`` correlation with zeros outside the image, as a direct sum (float64)."""
+    hy, hx = kernel.shape[0] // 2, kernel.shape[1] // 2
+    padded = np.pad(np.asarray(image, dtype=np.float64), ((hy, hy), (hx, hx)))
+    return np.einsum("yxji,ji->yx", sliding_window_view(padded, kernel.shape), kernel)
+
+
+def _assemble(correlator, kernel):
+    out = np.full(correlator.shape, np.nan, dtype=correlator.dtype)
+    for (rows, cols), values in correlator.correlate_tiles(kernel):
+        out[rows, cols] = values
+    return out
+
+
+@pytest.mark.parametrize(("shape", "kernel_shape", "tile_side"), [
+    ((64, 64), (5, 5), 24),         # many tiles, last ones clipped
+    ((97, 53), (7, 3), 32),         # odd, non-square image and kernel
+    ((40, 30), (11, 11), 768),      # one tile larger than the image
+    ((131, 70), (21, 21), 40),      # tiles barely larger than the kernel
+])
+def test_tiled_correlator_equals_direct_sum(shape, kernel_shape, tile_side):
+    rng = np.random.default_rng(sum(shape) + tile_side)
+    image = rng.normal(size=shape) * 10 + 100
+    image[shape[0] // 2, shape[1] // 3] += 1e4
+    kernel = rng.normal(size=kernel_shape)
+    got = _assemble(TiledCorrelator(image, kernel_shape, np.float64, tile_side), kernel)
+    expected = _direct(image, kernel)
+    assert np.isfinite(got).all()                      # every output pixel covered once
+    assert_allclose(got, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_tiled_correlator_float32_at_fft_rounding():
+    """float32 tiles are as close to the exact sum as the whole-image float32 transform."""
+    rng = np.random.default_rng(3)
+    image = (rng.normal(size=(300, 260)) * 5 + 50).astype(np.float32)
+    image[150, 100] = 5e4
+    kernel = rng.normal(size=(21, 21))
+    expected = _direct(image, kernel)
+    scale = np.abs(expected).max()
+    tiled = _assemble(TiledCorrelator(image, kernel.shape, np.float32, 96), kernel)
+    whole = FourierCorrelator(image, kernel.shape, np.float32).correlate(kernel)
+    assert tiled.dtype == np.float32
+    assert np.abs(tiled - expected).max() < 1e-6 * scale
+    assert np.abs(tiled - expected).max() < 4 * max(np.abs(whole - expected).max(), 1e-7 * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tiled_application_equals_whole_image_application(dtype):
+    """The NumPy routine (tiles) and the kernel path's routine (whole image) give the same weighted sum."""
+    rng = np.random.default_rng(11)
+    image = (rng.normal(size=(150, 120)) * 5 + 40).astype(dtype)
+    kernels = rng.normal(size=(4, 9, 9))
+    kernels[2] = 0.0                                   # an all-zero term is skipped by both
+    factors = [(rng.normal(size=150), rng.normal(size=120)) for _ in kernels]
+    assert apply._correlations_for(NUMPY) is apply._weighted_tile_correlations
+    tiled = apply._weighted_tile_correlations(image, kernels, factors, dtype, NUMPY)
+    whole = apply._weighted_correlations(image, kernels, factors, dtype, NUMPY)
+    rtol = 1e-12 if dtype == np.float64 else 1e-6
+    assert tiled.dtype == dtype
+    assert_allclose(tiled, whole, rtol=0, atol=rtol * np.abs(whole).max())
