@@ -33,8 +33,10 @@ __all__ = [
     "TiledCorrelator",
 ]
 
-#: Number of stamps processed per chunk, to bound temporary memory.
-_STAMP_CHUNK = 128
+#: Number of stamps processed per chunk, to bound temporary memory.  16 keeps
+#: a chunk's product (16 x 27 x 45 x 23 complex128 at the defaults, 7 MB) in
+#: the caches: 0.14 s instead of 0.25-0.34 s with 128 for 1383 stamps.
+_STAMP_CHUNK = 16
 
 
 def _stamp_transforms(stamps, kernels):
