@@ -42,10 +42,23 @@ except ImportError:       # running from a checkout that is not installed
 from _machine import machine_info  # noqa: E402
 
 from gpudiffim import ImagePsfMatchTask, PsfMatchConfig  # noqa: E402
+from gpudiffim.convolve import TILE_SIDE, _tile_grid  # noqa: E402
 from gpudiffim.testing import make_fake_pair  # noqa: E402
 
-#: Like-for-like configuration (HOTPANTS: -ko 2 -bgo 1, background fitted).
-CONFIG_KWARGS = dict(fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1)
+#: gpudiffim's configuration: its defaults, ``PsfMatchConfig()`` (issue 17
+#: compares each tool at its defaults).
+CONFIG_KWARGS = {}
+
+#: What makes the comparison like-for-like with HOTPANTS' -ko 2 -bgo 1
+#: (background fitted); the defaults have these values (checked at run time,
+#: and the like-for-like configuration gets its own row if they ever differ).
+LIKE_FOR_LIKE_KWARGS = dict(fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1)
+
+
+def defaults_are_like_for_like():
+    """Whether ``PsfMatchConfig()`` has the values of :data:`LIKE_FOR_LIKE_KWARGS`."""
+    config = PsfMatchConfig()
+    return all(getattr(config, key) == value for key, value in LIKE_FOR_LIKE_KWARGS.items())
 
 #: HOTPANTS options matching gpudiffim's defaults (21x21 kernel, 3 Gaussians
 #: sigma 0.7/1.5/3.0 with degrees 4/2/2, kernel order 2, background order 1,
@@ -57,12 +70,14 @@ HOTPANTS_OPTIONS = ["-r", "10", "-rss", "15", "-ng", "3", "4", "0.7", "2", "1.5"
                     "-tu", "1e6", "-tl", "-1e4", "-iu", "1e6", "-il", "-1e4",
                     "-tg", "4", "-tr", "0", "-ig", "4", "-ir", "0", "-nss", "3", "-v", "0"]
 HOTPANTS_GRIDS = (10, 40)
+#: HOTPANTS' own default stamp grid (-nsx/-nsy 10).
+HOTPANTS_DEFAULT_GRID = 10
 
 #: gpudiffim with about as many stamps as HOTPANTS' default 10x10 grid: one
 #: star per cell, cells sized for a 10x10 grid (the cell size scales with the image).
 def sparse_config_kwargs(size):
     cell = max(32, -(-size // 10))
-    return dict(CONFIG_KWARGS, size_cell_x=cell, size_cell_y=cell, n_star_per_cell=1)
+    return dict(LIKE_FOR_LIKE_KWARGS, size_cell_x=cell, size_cell_y=cell, n_star_per_cell=1)
 
 #: Bits that exclude a pixel from the quality statistic.
 BAD_PLANES = ("NO_DATA", "EDGE", "SAT")
@@ -197,19 +212,22 @@ def work_estimate(shape, n_stamps, n_basis, kernel_width, stamp_width, kernel_or
     bytes_ = n_stamps * n_params * fit_pixels * 8 * 3         # read C twice, weighted copy
     rows.append(("normal equations", flops, bytes_,
                  f"N x P^2={n_params}^2 x F^2 x 2"))
-    # full image: image and variance correlations by FFT
-    padded = [scipy.fft.next_fast_len(s + kernel_width - 1, real=True) for s in shape]
-    n_padded = padded[0] * padded[1]
+    # full image: image and variance correlations by FFT of overlap-save tiles (NumPy backend)
+    grids = [_tile_grid(s, kernel_width, TILE_SIDE) for s in shape]
+    n_tiles = len(grids[0][0]) * len(grids[1][0])
+    tile = grids[0][2] * grids[1][2]
+    n_padded = n_tiles * tile
     n_terms = (kernel_order + 1) * (kernel_order + 2) // 2
     n_var_terms = (2 * kernel_order + 1) * (2 * kernel_order + 2) // 2
     n_full = 2 + n_terms + n_var_terms                        # 2 forward, one inverse per term
     pixels = shape[0] * shape[1]
-    flops = n_full * _fft_flops(n_padded) + (n_terms + n_var_terms) * (3 * n_padded + 3 * pixels)
-    # each 2-D FFT: two passes over a complex64 spectrum (read + write);
-    # each term: weight the float32 output and accumulate into float64
-    bytes_ = n_full * 2 * 2 * (n_padded // 2 + 1) * 8 + (n_terms + n_var_terms) * pixels * (4 + 16)
+    flops = n_full * n_tiles * _fft_flops(tile) + (n_terms + n_var_terms) * (3 * n_padded + 3 * pixels)
+    # each 2-D FFT: two passes over a complex64 spectrum (read + write), and the
+    # complex product per term; each term: weight the float32 output and accumulate (3 passes)
+    spectrum = n_tiles * grids[0][2] * (grids[1][2] // 2 + 1) * 8
+    bytes_ = n_full * 2 * 2 * spectrum + (n_terms + n_var_terms) * (3 * spectrum + pixels * 4 * 5)
     rows.append(("full-image convolution", flops, bytes_,
-                 f"{n_full} FFTs of {padded[0]}x{padded[1]} ({n_terms} image + "
+                 f"{n_full} FFTs of {n_tiles} tiles of {grids[0][2]}x{grids[1][2]} ({n_terms} image + "
                  f"{n_var_terms} variance terms)"))
     return rows
 
@@ -480,7 +498,10 @@ def benchmark(args, workdir):
             run["z_std"], run["z_robust_std"] = normalised_std(z[region][selected])
 
     # --- table ----------------------------------------------------------------
-    gpu_row = dict(tool="gpudiffim", config=f"AL {basis.n_basis} bases {basis.width}^2, ko 2, bgo 1",
+    like_for_like = defaults_are_like_for_like()
+    gpu_row = dict(tool="gpudiffim", config=f"defaults (PsfMatchConfig(): AL {basis.n_basis} bases "
+                   f"{basis.width}^2, ko {config.spatial_kernel_order}, bgo {config.spatial_bg_order}"
+                   f"{', background fitted' if config.fit_for_background else ''})",
                    stamps=f"{cells.n_good} of {n_fitted}", wall_min_s=min(walls),
                    wall_median_s=statistics.median(walls),
                    peak_rss_mb=memory.get("process_peak_rss_mb"), z_std=g_std, z_robust_std=g_robust,
@@ -494,6 +515,18 @@ def benchmark(args, workdir):
                       peak_rss_mb=None, z_std=sparse_std, z_robust_std=sparse_robust,
                       kernel_sum=float(sparse_result.psf_matching_kernel.kernel_sum(*centre)))
     rows = [gpu_row, sparse_row]
+    if not like_for_like:
+        _, lfl_walls, lfl_result = time_gpudiffim(pair, args.rounds, LIKE_FOR_LIKE_KWARGS)
+        lfl_diff = lfl_result.subtracted_image
+        lfl_z = np.asarray(lfl_diff.image, np.float64) / np.sqrt(np.asarray(lfl_diff.variance, np.float64))
+        lfl_std, lfl_robust = normalised_std(lfl_z[region][selected])
+        lfl_cells = lfl_result.kernel_cell_set
+        rows.append(dict(tool="gpudiffim", config=f"like-for-like {LIKE_FOR_LIKE_KWARGS}",
+                         stamps=f"{lfl_cells.n_good} of {lfl_cells.n_good + lfl_cells.n_bad}",
+                         wall_min_s=min(lfl_walls), wall_median_s=statistics.median(lfl_walls),
+                         peak_rss_mb=None, z_std=lfl_std, z_robust_std=lfl_robust,
+                         kernel_sum=float(lfl_result.psf_matching_kernel.kernel_sum(*centre))))
+    n_gpudiffim_rows = len(rows)
     for run in hotpants_runs:
         if "error" in run:
             continue
@@ -521,18 +554,28 @@ def benchmark(args, workdir):
               f"| {_fmt(row['kernel_sum'], '.5f')} |")
     ratios = {}
     print()
-    for row in rows[2:]:
-        for reference in (gpu_row, sparse_row):
+    for row in rows[n_gpudiffim_rows:]:
+        for reference in rows[:n_gpudiffim_rows]:
             ratio = row["wall_min_s"] / reference["wall_min_s"]
             ratios[f"{row['config']} / gpudiffim {reference['config']}"] = ratio
             print(f"speed ratio HOTPANTS {row['config']} / gpudiffim {reference['config']} "
                   f"(min wall): {ratio:.2f}x")
+    default_hotpants = [row for row, run in zip(rows[n_gpudiffim_rows:], (r for r in hotpants_runs if "error" not in r))
+                        if run["grid"] == HOTPANTS_DEFAULT_GRID]
+    if default_hotpants:
+        ratio = default_hotpants[0]["wall_min_s"] / gpu_row["wall_min_s"]
+        ratios["each tool's defaults"] = ratio
+        print(f"\n**each tool's defaults** (HOTPANTS -nsx {HOTPANTS_DEFAULT_GRID} -nsy {HOTPANTS_DEFAULT_GRID} / "
+              f"gpudiffim PsfMatchConfig(), min wall): {ratio:.2f}x "
+              f"(medians {default_hotpants[0]['wall_median_s'] / gpu_row['wall_median_s']:.2f}x; "
+              f"defaults are{'' if like_for_like else ' NOT'} the like-for-like -ko 2 -bgo 1)")
     print(f"peak RSS measured with {RSS_METHOD}")
 
     for run in hotpants_runs:
         for key in [k for k in run if k.startswith("_")]:
             del run[key]
-    return dict(machine=machine, args=vars(args), config=CONFIG_KWARGS, rss_method=RSS_METHOD,
+    return dict(machine=machine, args=vars(args), config=CONFIG_KWARGS, like_for_like=like_for_like,
+                rss_method=RSS_METHOD,
                 basis=dict(kind=basis.kind, mode=basis.mode, sigmas=list(basis.sigmas),
                            degrees=list(basis.degrees), width=basis.width, n_basis=basis.n_basis),
                 stamp_width=stamp_width, n_good=cells.n_good, n_bad=cells.n_bad,
