@@ -42,7 +42,8 @@ import numpy as np
 
 from .errors import BackendUnavailableError, ConfigurationError
 
-__all__ = ["BACKENDS", "array_module", "array_module_of", "backend_info", "compute_backend", "is_device_array",
+__all__ = ["BACKENDS", "StageTimings", "array_module", "array_module_of", "backend_info", "compute_backend",
+           "is_device_array",
            "ndimage_of", "on_kernel_path", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
@@ -190,21 +191,74 @@ class _HostClock:
         return time.perf_counter() - self._t0
 
 
+class StageTimings(dict):
+    """Seconds per stage (a dict), filled by :func:`stage_timer`.
+
+    On the CuPy backend a stage is bracketed by two CUDA events recorded on
+    the current stream, with no synchronisation; :meth:`read` waits for the
+    last event once and turns every pending pair into seconds.  Elsewhere the
+    host clock fills the dict as each stage ends.  ``log`` (a logger, or
+    None) gets one line per stage when its time is known.
+    """
+
+    def __init__(self, *args, log=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = log
+        self._pending = []
+
+    def add(self, stage, seconds):
+        self[stage] = self.get(stage, 0.0) + seconds
+        if self.log is not None:
+            self.log.info("%s: %.3f s", stage, self[stage])
+
+    def read(self):
+        """Resolve the pending CUDA-event pairs (one synchronisation); returns self."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            import cupy
+
+            for stage, start, stop in self._pending:
+                self.add(stage, cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+            self._pending.clear()
+        return self
+
+
 @contextlib.contextmanager
 def stage_timer(timings, stage):
     """Add the wall time of the block to ``timings[stage]`` (seconds).
 
-    On the CuPy backend the time is that between two CUDA events recorded on
-    the current stream before and after the block, after the queued work is
-    done (``deviceSynchronize`` first, so earlier stages do not leak in): all
-    GPU work of the stage and the host time between its launches.  Elsewhere
-    it is the host clock.
+    On the CuPy backend with a :class:`StageTimings`, two CUDA events recorded
+    on the current stream before and after the block, read later by
+    :meth:`StageTimings.read` (the device time between them: all GPU work of
+    the stage and the host time between its launches) without a
+    synchronisation here.  With a plain dict on the CuPy backend, the same
+    events read at once (queued work first waited for, so earlier stages do
+    not leak in).  Elsewhere it is the host clock.
     """
-    clock = _EventClock() if compute_backend() == "cupy" else _HostClock()
-    synchronize()
-    clock.start()
-    yield
-    timings[stage] = timings.get(stage, 0.0) + clock.stop()
+    if compute_backend() != "cupy":
+        clock = _HostClock()
+        clock.start()
+        yield
+        seconds = clock.stop()
+    elif isinstance(timings, StageTimings):
+        import cupy
+
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        yield
+        stop.record()
+        timings._pending.append((stage, start, stop))
+        return
+    else:
+        clock = _EventClock()
+        synchronize()
+        clock.start()
+        yield
+        seconds = clock.stop()
+    if isinstance(timings, StageTimings):
+        timings.add(stage, seconds)
+    else:
+        timings[stage] = timings.get(stage, 0.0) + seconds
 
 
 def to_host(array):

@@ -29,7 +29,8 @@ method                             contract
                                    columns ``C`` (N, P, n_pix): the background column of ones,
                                    when fitted, is a stored column on every path
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
-``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps
+``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps (host)
+``residual_sums``                  their (N, 3) sums where the stamps live (no read-back)
 ``bin_medians``                    per-bin medians of the detection background (host grid)
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
@@ -44,7 +45,7 @@ import scipy.ndimage as ndi
 from ._backend import array_module_of, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import correlate_stamps, correlate_stamps_each
-from .statistics import bin_medians_loop, bin_medians_sorted, residual_statistics
+from .statistics import bin_medians_loop, bin_medians_sorted, residual_statistics, residual_sums
 
 __all__ = ["KERNELS", "NUMPY", "operations_for"]
 
@@ -112,6 +113,10 @@ class NumpyOperations:
     def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
         """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
         return residual_statistics(difference, variance, mask, bad_bits, core_radius)
+
+    def residual_sums(self, difference, variance, mask, bad_bits, core_radius=None):
+        """(N, 3) float64 count, sum z, sum z^2 of the stamps, where they live (:func:`~gpudiffim.statistics.residual_sums`)."""
+        return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
         """Host grid (n_y, n_x) of ``np.median`` of each bin's kept pixels (NaN for empty bins or a NaN).
@@ -224,6 +229,12 @@ class KernelOperations(NumpyOperations):
         from ._cuda.residual_moments import residual_moments
 
         return residual_moments(difference, variance, mask, bad_bits, core_radius)
+
+    def residual_sums(self, difference, variance, mask, bad_bits, core_radius=None):
+        """``gdi_residual_moments``'s (N, 3) sums, left where the stamps live."""
+        from ._cuda.residual_moments import residual_sums
+
+        return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
         """One sort by (bin, value) in the image's array module (no loop over bins): the same values."""

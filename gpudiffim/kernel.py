@@ -85,20 +85,26 @@ class SpatialKernel:
         """
         return np.tensordot(self.basis_coefficients(x, y), self.basis, axes=1)
 
-    def images(self, x, y):
+    def images(self, x, y, xp=np):
         """Kernel images realised at many parent positions at once.
 
         Parameters
         ----------
         x, y : array_like of shape (N,)
+            Host coordinates.
+        xp : module
+            Where to build the images (``numpy``, or ``cupy``: the spatial
+            terms (N, n_terms) and the small coefficient and basis arrays are
+            copied there, then two matrix products).
 
         Returns
         -------
         ndarray of shape (N, kh, kw)
         """
-        weights = self.spatial_function.terms(np.asarray(x, dtype=np.float64),
-                                              np.asarray(y, dtype=np.float64)) @ self.coefficients.T
-        return np.tensordot(weights, self.basis, axes=1)
+        terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        if xp is np:
+            return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
+        return xp.tensordot(xp.asarray(terms) @ xp.asarray(self.coefficients.T), xp.asarray(self.basis), axes=1)
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""
@@ -134,9 +140,10 @@ class BackgroundModel:
     def __post_init__(self):
         object.__setattr__(self, "coefficients", _read_only(self.coefficients))
 
-    def __call__(self, x, y):
-        """Background at parent coordinates ``(x, y)`` (scalars or arrays)."""
-        return self.spatial_function.evaluate(self.coefficients, x, y)
+    def __call__(self, x, y, xp=np):
+        """Background at parent coordinates ``(x, y)`` (host scalars or arrays), copied to ``xp`` if given."""
+        values = self.spatial_function.evaluate(self.coefficients, x, y)
+        return values if xp is np else xp.asarray(values)
 
     def image(self, shape, xy0=(0, 0), xp=np):
         """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``.

@@ -31,8 +31,15 @@ from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemEr
 from .kernel import BackgroundModel, SpatialKernel
 from .spatial import SpatialFunction
 from .spatial_fit import local_parameter_structure, solve_spatial, spatial_normal_equations, unpack_spatial
-from .stamps import StampBatch, fit_stamps, stamp_residual_rows, stamp_residual_statistics
-from .statistics import clipped_mean_std
+from .stamps import (
+    StampBatch,
+    candidate_kernels,
+    failure_texts,
+    fit_stamps,
+    stamp_residual_rows,
+    stamp_residual_sums,
+)
+from .statistics import clipped_mean_std, statistics_of_sums
 
 __all__ = ["KernelSolution", "ResidualRows", "SpatialFit", "solve_kernel"]
 
@@ -40,6 +47,30 @@ log = logging.getLogger(__name__)
 
 #: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
 _DESIGN_BATCH_VALUES = 25_000_000
+#: On the GPU a batch may be this many times larger (~400 MB of design): fewer launches and read-backs.
+_DEVICE_BATCH_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What the host needs of one fitted batch, read back in one transfer."""
+
+    statistics: object
+    failure_code: np.ndarray
+    solve_status: np.ndarray
+    kernel_sum: np.ndarray
+    background: np.ndarray
+    coefficients: np.ndarray
+
+
+def _read_back(xp, sums, fit):
+    """The batch's residual sums and stamp-fit results, packed in one array and copied to the host once."""
+    columns = [sums, fit.failure_code[:, None], fit.solve_status[:, None], fit.kernel_sum[:, None],
+               fit.background[:, None], fit.coefficients]
+    packed = to_host(xp.concatenate([xp.asarray(c, dtype=np.float64).reshape(len(sums), -1) for c in columns],
+                                    axis=1))
+    return _Outcome(statistics_of_sums(packed[:, :3]), packed[:, 3].astype(np.int8), packed[:, 4].astype(np.int8),
+                    packed[:, 5], packed[:, 6], packed[:, 7:])
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
@@ -133,6 +164,8 @@ class _Solver:
         self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
         #: Where the hot operations of the whole solve run, chosen once from where the images live.
         self.ops = operations_for(template.image, science.image)
+        self.xp = template.xp
+        self._on_device = {}
         self.kernel_function = self.spatial_function(config.spatial_kernel_order)
         self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
@@ -178,6 +211,22 @@ class _Solver:
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
         return StampBatch.extract(centres, self.template, self.science, self.half_size)
 
+    def where_images_live(self, array):
+        """A host array (basis, regularisation) in the images' module, copied there once per solve."""
+        if array is None or self.xp is np:
+            return array
+        key = id(array)
+        if key not in self._on_device:
+            self._on_device[key] = (array, self.xp.asarray(array, dtype=np.float64))
+        return self._on_device[key][1]
+
+    def batch_size(self, n_basis):
+        """Candidates per stamp-fit batch: design matrices near ``_DESIGN_BATCH_VALUES`` values
+        (``_DEVICE_BATCH_FACTOR`` times that on the GPU, where a batch costs launches and a read-back)."""
+        fit_pixels = (2 * self.half_size + 2 - self.basis.width) ** 2
+        values = _DESIGN_BATCH_VALUES * (_DEVICE_BATCH_FACTOR if self.xp is not np else 1)
+        return max(1, values // (n_basis * fit_pixels))
+
     def core_radius(self):
         return self.config.candidate_core_radius if self.config.use_core_stats else None
 
@@ -187,44 +236,47 @@ class _Solver:
         Candidates are fitted in batches sized so that the design matrices of
         a batch stay near ``_DESIGN_BATCH_VALUES`` float64 values.
         """
-        fit_pixels = (2 * self.half_size + 2 - basis.shape[1]) ** 2
-        size = max(1, _DESIGN_BATCH_VALUES // (len(basis) * fit_pixels))
+        size = self.batch_size(len(basis))
         solution = self.cell_set.solution(key, len(basis))
         keep_rows = key == "orig" and self.config.quality_report
         return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows)
                    for start in range(0, len(index), size))
 
     def _build_batch(self, index, basis, solution, regularization, keep_rows):
+        """Fit one batch where the images live, read its outcome back once, store and judge it."""
+        basis = self.where_images_live(basis)
         batch = self.batch(index)
-        fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops)
-        kernels = np.tensordot(fit.coefficients, basis, axes=1)
-        stats = stamp_residual_statistics(batch, kernels, fit.background, self.bad_bits,
-                                          self.core_radius(), rows=keep_rows, ops=self.ops)
-        stats, rows = stats if keep_rows else (stats, None)
-        solution.store(index, fit.coefficients, fit.background, fit.kernel_sum, len(self.batches))
+        fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops)
+        sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
+                                   self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops)
+        sums, rows = sums if keep_rows else (sums, None)
+        outcome = _read_back(self.xp, sums, fit)
+        solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
         self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows})
-        return self._judge(index, stats, "single", self.config.single_kernel_clipping, fit)[1]
+        failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
+        return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
+                           outcome.failure_code, failures)[1]
 
-    def _judge(self, index, stats, stage, clipping, fit=None):
-        """Record residual statistics, mark GOOD or BAD; return (#good, #rejected).
+    def _judge(self, index, stats, stage, clipping, failure_code=None, failures=None):
+        """Record residual statistics (host), mark GOOD or BAD; return (#good, #rejected).
 
-        ``fit`` (a :class:`~gpudiffim.stamps.StampFit`) supplies the stamp-fit
-        failures, which take precedence over the residual statistics.
+        ``failure_code`` and ``failures`` (codes and sentences of the stamp
+        fits) take precedence over the residual statistics.
         """
         config = self.config
-        means, rmses, counts = (to_host(a) for a in (stats.mean, stats.rms, stats.n_pixels))
+        means, rmses, counts = stats.mean, stats.rms, stats.n_pixels
         self.cell_set.record_stats(stage, index, means, rmses, counts)
         with np.errstate(invalid="ignore"):
             suspect = ~(np.isfinite(means) & np.isfinite(rmses))
             if clipping:
                 suspect |= (np.abs(means) > config.candidate_residual_mean_max) \
                     | (rmses > config.candidate_residual_std_max)
-        failure_code = fit.failure_code if fit is not None else np.zeros(len(index), dtype=np.int8)
+        failure_code = np.zeros(len(index), dtype=np.int8) if failure_code is None else failure_code
         failed = failure_code != RejectReason.NONE
         rejected = np.flatnonzero(failed | suspect)
         codes = np.where(failed[rejected], failure_code[rejected], _RESIDUAL_REASON[stage])
-        reasons = [fit.failure[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
-                                                                   clipping) for k in rejected]
+        reasons = [failures[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
+                                                                clipping) for k in rejected]
         self.cell_set.mark_good(index)
         self.cell_set.reject(index[rejected], codes, reasons)
         return len(index) - len(rejected), len(rejected)
@@ -377,13 +429,14 @@ class _Solver:
             return 0, 0
         xs = self.cell_set.x[visited].astype(np.float64)
         ys = self.cell_set.y[visited].astype(np.float64)
-        kernels, bg = kernel.images(xs, ys), background(xs, ys)
+        kernels, bg = kernel.images(xs, ys, xp=self.xp), background(xs, ys, xp=self.xp)
         keep_rows = self.config.quality_report
-        stats = stamp_residual_statistics(self.batch(visited), kernels, bg, self.bad_bits,
-                                          self.core_radius(), rows=keep_rows, ops=self.ops)
+        sums = stamp_residual_sums(self.batch(visited), kernels, bg, self.bad_bits,
+                                   self.core_radius(), rows=keep_rows, ops=self.ops)
         if keep_rows:
-            stats, rows = stats
+            sums, rows = sums
             self.assessed = (kernel, visited, rows)
+        stats = statistics_of_sums(to_host(sums))
         clipping = self.config.spatial_kernel_clipping and not self.reduced_orders()
         if self.config.spatial_kernel_clipping and not clipping:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",

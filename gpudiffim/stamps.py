@@ -23,8 +23,9 @@ kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
 are the same on every path.  The small per-stamp systems (``N x P x P``) are
 solved by LU with partial pivoting and the same pivot rank test on every
 backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
-:func:`gpudiffim.linalg.solve_symmetric_batch`), and the accept/reject
-decisions are taken on the host.
+:func:`gpudiffim.linalg.solve_batch_status`).  A fit's results stay where the
+stamps live (no synchronisation on the GPU); the solve loop reads each
+batch's decisions back once.
 """
 
 from dataclasses import dataclass
@@ -35,11 +36,11 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import cut_stamps, stamps_fit
-from .linalg import condition_number, solve_symmetric_batch
-from .statistics import usable_normalised_residual
+from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number, solve_batch_status
+from .statistics import statistics_of_sums, usable_normalised_residual
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics",
-           "stamp_residual_rows"]
+           "stamp_residual_rows", "stamp_residual_sums", "candidate_kernels", "failure_texts"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class StampBatch:
 
 @dataclass
 class StampFit:
-    """Solutions of a batch of stamps.
+    """Solutions of a batch of stamps, in the stamps' array module (on the GPU: no synchronisation).
 
     Attributes
     ----------
@@ -107,15 +108,15 @@ class StampFit:
     background : ndarray of shape (N,)
         Fitted constant background (0 when not fitted).
     normal_matrix : ndarray of shape (N, P, P)
-        ``M`` without regularisation (used by the spatial fit); left where it
-        was computed (a CuPy array on the GPU).
+        ``M`` without regularisation (used by the spatial fit).
     normal_vector : ndarray of shape (N, P)
     kernel_sum : ndarray of shape (N,)
-    failure : list of str
-        "" for a good solution, else why it failed.
     failure_code : ndarray of int8, shape (N,)
-        The same as :class:`~gpudiffim.cellset.RejectReason` codes (``NONE``
-        for a good solution).
+        :class:`~gpudiffim.cellset.RejectReason` codes (``NONE`` for a good solution).
+    solve_status : ndarray of int8, shape (N,)
+        :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
+    condition : dict of int to float
+        Condition numbers of the stamps rejected by ``check_condition_number`` (host).
     """
 
     coefficients: np.ndarray
@@ -123,40 +124,43 @@ class StampFit:
     normal_matrix: np.ndarray
     normal_vector: np.ndarray
     kernel_sum: np.ndarray
-    failure: list
     failure_code: np.ndarray
+    solve_status: np.ndarray
+    condition: dict
+
+    @property
+    def failure(self):
+        """Why each stamp failed, "" for a good solution (reads the codes back from the device)."""
+        return failure_texts(to_host(self.failure_code), to_host(self.solve_status), self.condition)
 
 
-class _Failures:
-    """Why stamps of a batch failed: a :class:`RejectReason` code and a sentence each."""
-
-    def __init__(self, n):
-        self.code = np.full(n, RejectReason.NONE, dtype=np.int8)
-        self.text = ["" for _ in range(n)]
-
-    def mark(self, k, code, text):
-        self.code[k] = code
-        self.text[k] = text
-
-    def pending(self):
-        """Whether each stamp has not failed yet."""
-        return self.code == RejectReason.NONE
+def failure_texts(codes, status, condition, limit=None):
+    """Sentences for stamp-fit failure ``codes`` (host arrays of :class:`StampFit`), "" where none."""
+    texts = []
+    for k, (code, solved) in enumerate(zip(codes.tolist(), status.tolist())):
+        if code == RejectReason.NONPOSITIVE_VARIANCE:
+            texts.append("non-positive variance in the stamp")
+        elif code == RejectReason.CONDITION_NUMBER:
+            texts.append(f"condition number {condition[k]:.3g} > {condition['limit']:.3g}")
+        elif code == RejectReason.FIT_FAILED:
+            texts.append(f"stamp fit failed: {STATUS_TEXT[int(solved)]}")
+        else:
+            texts.append("")
+    return texts
 
 
 def _stamp_weights(batch, half_width, constant):
-    """Inverse-variance weights on the fit region, and the per-stamp :class:`_Failures`."""
+    """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live)."""
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
-    failures = _Failures(len(batch))
+    flat = total.reshape(len(batch), -1)
     if constant:
-        level = xp.median(total.reshape(len(batch), -1), axis=1)
+        level = xp.median(flat, axis=1)
         level = xp.where(level > 0, level, 1.0)
         fit_shape = batch.fit_region(total, half_width).shape
-        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), failures
-    bad = to_host(total.reshape(len(batch), -1).min(axis=1) <= 0)
-    for k in np.flatnonzero(bad):
-        failures.mark(k, RejectReason.NONPOSITIVE_VARIANCE, "non-positive variance in the stamp")
-    return _inverse(batch.fit_region(total, half_width)), failures
+        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), xp.zeros(len(batch), dtype=np.int8)
+    codes = xp.where(flat.min(axis=1) <= 0, np.int8(RejectReason.NONPOSITIVE_VARIANCE), np.int8(RejectReason.NONE))
+    return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int8)
 
 
 def _inverse(variance):
@@ -190,38 +194,50 @@ def _regularization_lambdas(config, systems, regularization):
     return xp.full(len(systems), config.lambda_value)
 
 
-def _solve_batch(matrix, vector, config, regularization, failures):
-    """Solve the stamp systems; ``failures`` (:class:`_Failures`) gets the reason of every failed one.
+def _check_conditions(matrix, config, codes, condition):
+    """Mark stamps whose normal matrix is worse conditioned than the limit (host eigenvalues: one sync)."""
+    limit = config.condition_number_limit
+    host, pending = to_host(matrix), to_host(codes) == RejectReason.NONE
+    condition["limit"] = limit
+    rejected = []
+    for k in np.flatnonzero(pending):
+        cond = condition_number(host[k], config.condition_number_type)
+        if cond > limit:
+            condition[int(k)] = cond
+            rejected.append(int(k))
+    if not rejected:
+        return codes
+    xp = array_module_of(codes)
+    codes = codes.copy()
+    codes[xp.asarray(np.array(rejected))] = np.int8(RejectReason.CONDITION_NUMBER)
+    return codes
 
-    ``matrix`` and ``vector`` live on the host or the GPU; the solutions are
-    returned as a NumPy array (the solve loop's bookkeeping is on the host).
+
+def _solve_batch(matrix, vector, config, regularization, codes, condition):
+    """Solve every stamp system where it lives; return ``(solutions, codes, solve status)``.
+
+    Stamps already failed (``codes``) get zero solutions; a failed solve marks
+    ``FIT_FAILED``.  Every system of the batch is solved (failed ones too,
+    then masked), so that no decision leaves the device.
     """
     xp = array_module_of(matrix)
-    pending = failures.pending()
     if config.check_condition_number:
-        limit = config.condition_number_limit
-        host = to_host(matrix)
-        for k in np.flatnonzero(pending):
-            cond = condition_number(host[k], config.condition_number_type)
-            if cond > limit:
-                failures.mark(k, RejectReason.CONDITION_NUMBER, f"condition number {cond:.3g} > {limit:.3g}")
-                pending[k] = False
-    index = np.flatnonzero(pending)
-    systems = matrix[xp.asarray(index)]
+        codes = _check_conditions(matrix, config, codes, condition)
+    systems = matrix
     if regularization is not None and len(systems):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    solutions = np.zeros(vector.shape)
-    solved, methods, failed = solve_symmetric_batch(systems, vector[xp.asarray(index)])
-    solutions[pending] = solved
-    for k, method, bad in zip(index, methods, failed):
-        if bad:
-            failures.mark(k, RejectReason.FIT_FAILED, f"stamp fit failed: {method}")
-    return solutions
+    solutions, status = solve_batch_status(systems, vector)
+    pending = codes == RejectReason.NONE
+    codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
+    solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
+    return solutions, codes, status
 
 
-def _candidate_kernels(coefficients, basis):
-    return np.tensordot(coefficients, basis, axes=1)
+def candidate_kernels(coefficients, basis):
+    """Kernel images ``sum_i a[n, i] B_i`` (N, kh, kw) of coefficient rows, in their array module."""
+    xp = array_module_of(coefficients)
+    return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
 
 
 def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
@@ -231,7 +247,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     ----------
     batch : StampBatch
     basis : ndarray of shape (n_basis, kh, kw)
-        Basis kernels.
+        Basis kernels (in the batch's array module, or copied there).
     config : PsfMatchConfig
         ``fit_for_background``, ``constant_variance_weighting``,
         ``iterate_single_kernel``, condition-number and lambda fields.
@@ -244,23 +260,28 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     Returns
     -------
     StampFit
+        In the batch's array module: on the GPU nothing is read back
+        (``check_condition_number`` excepted: its eigenvalues are taken on the host).
     """
+    xp = array_module_of(batch.template)
+    basis = xp.asarray(basis, dtype=np.float64)
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
     columns, target = _design(ops, batch, basis, config.fit_for_background)
-    weights, failures = _stamp_weights(batch, half_width, config.constant_variance_weighting)
+    weights, codes = _stamp_weights(batch, half_width, config.constant_variance_weighting)
     matrix, vector = ops.stamp_normal_equations(columns, target, weights)
-    solution = _solve_batch(matrix, vector, config, regularization, failures)
+    condition = {}
+    solution, codes, status = _solve_batch(matrix, vector, config, regularization, codes, condition)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
-        kernels = _candidate_kernels(solution[:, :n_basis], basis)
+        kernels = candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights)
-        solution = _solve_batch(matrix, vector, config, regularization, failures)
+        solution, codes, status = _solve_batch(matrix, vector, config, regularization, codes, condition)
     coefficients = solution[:, :n_basis]
-    background = solution[:, n_basis] if config.fit_for_background else np.zeros(len(batch))
+    background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, failures.text, failures.code)
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition)
 
 
 def _difference_variance(ops, batch, kernels):
@@ -307,7 +328,23 @@ def difference_stamps(batch, kernels, background, bad_bits, *, ops=None):
 
 
 def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
-    """Residual statistics of the stamps' differences (``ImageStatistics``).
+    """Residual statistics of the stamps' differences (``ImageStatistics``), read back to the host.
+
+    Parameters are those of :func:`stamp_residual_sums`.
+
+    Returns
+    -------
+    ResidualStatistics
+        Or ``(statistics, z)`` with ``rows`` (see :func:`stamp_residual_sums`).
+    """
+    sums = stamp_residual_sums(batch, kernels, background, bad_bits, core_radius, rows=rows, ops=ops)
+    if rows:
+        return statistics_of_sums(to_host(sums[0])), sums[1]
+    return statistics_of_sums(to_host(sums))
+
+
+def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
+    """Per-stamp count, sum(z) and sum(z^2) of ``z = D/sigma``, where the stamps live (no read-back).
 
     Parameters
     ----------
@@ -316,7 +353,7 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     background : ndarray of shape (N,)
     bad_bits : int
     core_radius : int, optional
-        Statistics over the central ``(2r+1)^2`` pixels only.
+        Sums over the central ``(2r+1)^2`` pixels only.
     rows : bool
         Also return every stamp's ``D/sigma`` over its whole fit region.
     ops : object, optional
@@ -325,17 +362,17 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
 
     Returns
     -------
-    ResidualStatistics
-        Or ``(statistics, z)`` with ``rows``: ``z`` of shape (N, F*F), float64,
-        NaN at unusable pixels (:func:`~gpudiffim.statistics.usable_normalised_residual`),
-        in the batch's array module.
+    ndarray of shape (N, 3)
+        float64 sums (:func:`~gpudiffim.statistics.statistics_of_sums` finishes
+        them), or ``(sums, z)`` with ``rows``: ``z`` of shape (N, F*F), float64,
+        NaN at unusable pixels (:func:`~gpudiffim.statistics.usable_normalised_residual`).
     """
     ops = operations_for(batch.science) if ops is None else ops
     difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits, ops=ops)
-    stats = ops.residual_moments(difference, variance, mask, bad_bits, core_radius)
+    sums = ops.residual_sums(difference, variance, mask, bad_bits, core_radius)
     if not rows:
-        return stats
-    return stats, _rows(difference, variance, mask, bad_bits)
+        return sums
+    return sums, _rows(difference, variance, mask, bad_bits)
 
 
 def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):

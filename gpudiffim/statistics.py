@@ -16,7 +16,8 @@ import numpy as np
 
 from ._backend import array_module_of, to_host
 
-__all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "moments_to_statistics",
+__all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
+           "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "stable_argsort", "bin_medians_loop",
            "bin_medians_sorted"]
 
@@ -135,15 +136,30 @@ def residual_statistics(difference, variance, mask, bad_bits, core_radius=None):
     -------
     ResidualStatistics
     """
+    return statistics_of_sums(to_host(residual_sums(difference, variance, mask, bad_bits, core_radius)))
+
+
+def residual_sums(difference, variance, mask, bad_bits, core_radius=None):
+    """Per-stamp count, sum(z) and sum(z^2) of usable ``z = D/sigma``, as (N, 3) float64.
+
+    In the arrays' module; :func:`statistics_of_sums` finishes them (the CUDA
+    residual-moments kernel writes the same three sums).  Parameters as
+    :func:`residual_statistics`.
+    """
+    xp = array_module_of(difference)
     if core_radius is not None:
         rows = core_slice(difference.shape[1], core_radius)
         cols = core_slice(difference.shape[2], core_radius)
         difference, variance, mask = (a[:, rows, cols] for a in (difference, variance, mask))
     z, good = usable_normalised_residual(difference, variance, mask, bad_bits)
-    n = good.sum(axis=(1, 2))
-    sum_z = z.sum(axis=(1, 2))
-    sum_z2 = (z * z).sum(axis=(1, 2))
-    return moments_to_statistics(n, sum_z, sum_z2)
+    return xp.stack([good.sum(axis=(1, 2)).astype(np.float64), z.sum(axis=(1, 2)), (z * z).sum(axis=(1, 2))],
+                    axis=1)
+
+
+def statistics_of_sums(sums):
+    """:class:`ResidualStatistics` of host (N, 3) sums of :func:`residual_sums`."""
+    sums = np.asarray(sums, dtype=np.float64)
+    return moments_to_statistics(sums[:, 0].astype(np.int64), sums[:, 1], sums[:, 2])
 
 
 def moments_to_statistics(n, sum_z, sum_z2):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import array_module, stage_timer
+from ._backend import StageTimings, array_module, stage_timer
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
@@ -175,10 +175,10 @@ class ExposureSubtractResult(ExposureMatchResult):
 
 @contextmanager
 def _timed(timings, stage):
-    """Add the wall time of the block to ``timings[stage]`` (CUDA events on the GPU) and log it."""
+    """Add the wall time of the block to ``timings[stage]`` and log it (a :class:`StageTimings`:
+    on the GPU, CUDA events read once at the end of the subtraction)."""
     with stage_timer(timings, stage):
         yield
-    log.info("%s: %.3f s", stage, timings[stage])
 
 
 def _check_pair(template, science):
@@ -368,7 +368,7 @@ class ImagePsfMatchTask:
             raise NoKernelCandidatesError(msg) from None
 
     def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,
-             convolve_template, corrections=None):
+             convolve_template, corrections=None, timings=None):
         """Variance correction, detection, selection, kernel fit and full-image convolution.
 
         Everything runs in the compute backend's array module (CuPy inputs
@@ -376,16 +376,18 @@ class ImagePsfMatchTask:
         per-candidate results are).  Images placed differently in the parent
         frame are cut to their overlap first.  ``corrections`` is the record
         of a variance correction already applied (by the exposure methods,
-        before warping); None corrects here.  Returns ``(fields, reference, fitted)``
-        with the matched image and ``reference`` in that module;
-        ``fields["_inputs"]`` holds the (cut, corrected) input images, copied
-        to the host only if the quality report is asked for.
+        before warping); None corrects here.  ``timings`` (a
+        :class:`~gpudiffim._backend.StageTimings`, new if None) gets the stages.
+        Returns ``(fields, reference, fitted)`` with the matched image and
+        ``reference`` in that module, and ``fitted``, the (cut, corrected)
+        ``(template, science)`` the kernel was fitted to (for the debug
+        figures; results do not keep them).
         """
         _check_pair(template, science)
         fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
                  _check_fwhm("science_fwhm_pix", science_fwhm_pix))
         template, science = _common_grid(template, science)
-        timings = {}
+        timings = StageTimings(log=log) if timings is None else timings
         xp = array_module()
         with _timed(timings, "transfer") if xp is not template.xp else contextlib.nullcontext():
             compute = (template.to_module(xp), science.to_module(xp))
@@ -491,9 +493,9 @@ class ImagePsfMatchTask:
 
         Returns ``(result, fitted)``: ``fitted`` as of :meth:`_fit`.
         """
+        timings = StageTimings(log=log) if timings is None else timings
         fields, reference, fitted = self._fit(template, science, candidates, template_fwhm_pix,
-                                      science_fwhm_pix, convolve_template, corrections)
-        timings = fields["timings"] = {**(timings or {}), **fields["timings"]}
+                                              science_fwhm_pix, convolve_template, corrections, timings)
         difference = None
         if subtract:
             with _timed(timings, "subtraction"):
@@ -504,13 +506,14 @@ class ImagePsfMatchTask:
             fields["matched_image"] = fields["matched_image"].to_module(template.xp)
             if subtract:
                 difference = difference.to_module(template.xp)
+        fields["timings"] = timings.read()
         result = SubtractResult(**fields, subtracted_image=difference) if subtract else MatchResult(**fields)
         return result, fitted
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
         check_exposures(template, science)  # before the variance correction replaces their images
-        timings = {}
+        timings = StageTimings(log=log)
         # Before warping: the warp correlates the noise, and the correction measures pixel noise.
         images, corrections = self._correct_variances(timings, {"template": template.masked_image,
                                                                 "science": science.masked_image})
@@ -520,10 +523,10 @@ class ImagePsfMatchTask:
             warped, _ = register_template(template, science, do_warping=do_warping)
         fwhms = (template_fwhm_pix if template_fwhm_pix is not None else warped.fwhm(),
                  science_fwhm_pix if science_fwhm_pix is not None else science.fwhm())
-        result, fitted = self._match(warped.masked_image, science.masked_image, subtract, candidates=candidates,
-                             template_fwhm_pix=fwhms[0], science_fwhm_pix=fwhms[1],
-                             convolve_template=convolve_template, corrections=corrections,
-                             timings=timings)
+        result, fitted = self._match(warped.masked_image, science.masked_image, subtract,
+                                     candidates=candidates, template_fwhm_pix=fwhms[0],
+                                     science_fwhm_pix=fwhms[1], convolve_template=convolve_template,
+                                     corrections=corrections, timings=timings)
         values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
         matched_fwhm = result.science_fwhm_pix if convolve_template else result.template_fwhm_pix
         values["warped_exposure"] = warped

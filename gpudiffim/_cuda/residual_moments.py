@@ -3,12 +3,12 @@
 import numpy as np
 
 from .._backend import to_host
-from ..statistics import core_slice, moments_to_statistics
+from ..statistics import core_slice, statistics_of_sums
 from ._host import on_launcher
 from .launch import launch
 from .signatures import float_ctype
 
-__all__ = ["RESIDUAL_MOMENTS_THREADS", "residual_moments_geometry", "residual_moments"]
+__all__ = ["RESIDUAL_MOMENTS_THREADS", "residual_moments_geometry", "residual_moments", "residual_sums"]
 
 #: Threads per block of ``gdi_residual_moments`` (``GDI_RM_THREADS`` in the source).
 RESIDUAL_MOMENTS_THREADS = 128
@@ -31,7 +31,15 @@ def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, 
     Returns
     -------
     ResidualStatistics
-        Finished on the host by :func:`~gpudiffim.statistics.moments_to_statistics`.
+        Finished on the host by :func:`~gpudiffim.statistics.statistics_of_sums`.
+    """
+    return statistics_of_sums(to_host(residual_sums(difference, variance, mask, bad_bits, core_radius, out=out)))
+
+
+def residual_sums(difference, variance, mask, bad_bits, core_radius=None, *, out=None):
+    """The kernel's (N, 3) float64 sums (count, sum z, sum z^2), where the arrays live (no read-back).
+
+    Parameters as :func:`residual_moments`.
     """
     n, ny, nx = difference.shape
     if variance.shape != difference.shape or mask.shape != difference.shape:
@@ -51,5 +59,4 @@ def residual_moments(difference, variance, mask, bad_bits, core_radius=None, *, 
                (difference, variance, mask, int(bad_bits), n, ny, nx, rows.start, rows.stop, cols.start, cols.stop,
                 out),
                defines=(("GDI_RM_THREADS", RESIDUAL_MOMENTS_THREADS),))
-    sums = to_host(out)
-    return moments_to_statistics(sums[:, 0].astype(np.int64), sums[:, 1], sums[:, 2])
+    return out
