@@ -40,6 +40,7 @@ import numpy as np
 import scipy.fft
 import scipy.linalg
 import scipy.ndimage
+from threadpoolctl import threadpool_limits
 
 import gpudiffim
 
@@ -832,7 +833,8 @@ def cupy_standin(recorder=None, kernels="emulator"):
 
     task.stage_timer = staged
     try:
-        with use_backend("cupy"):
+        # single-threaded BLAS: process CPU time is then the work done, not threads spinning
+        with use_backend("cupy"), threadpool_limits(1):
             yield recorder
     finally:
         task.stage_timer = stage_timer
