@@ -281,14 +281,27 @@ class KernelOperations(NumpyOperations):
         return image, variance, mask
 
     def spatial_normal_equations(self, normal_matrices, normal_vectors, owner, weights):
-        """``gdi_spatial_normal_equations`` on the sparse maps; host results."""
+        """``gdi_spatial_normal_equations`` on the sparse maps; host results, read back together.
+
+        Only the distinct weight columns (the spatial terms at the stamps,
+        about 9 of ~170) cross to the device; the kernel's weights are
+        gathered from them there.
+        """
         from ._cuda import spatial_assembly
 
         xp = array_module_of(normal_matrices)
+        weights = np.asarray(weights, dtype=np.float64)
+        if xp is np:
+            device_weights = weights
+        else:
+            distinct, column = _distinct_columns(weights)
+            device_weights = xp.asarray(distinct)[:, xp.asarray(column)]
         matrix, vector = spatial_assembly.spatial_normal_equations_structured(
             xp.asarray(normal_matrices, dtype=np.float64), xp.asarray(normal_vectors, dtype=np.float64),
-            xp.asarray(owner), xp.asarray(weights))
-        return to_host(matrix), to_host(vector)
+            np.asarray(owner), device_weights)
+        n_theta = vector.shape[0]
+        packed = to_host(xp.concatenate([matrix.reshape(-1), vector]))
+        return packed[:n_theta * n_theta].reshape(n_theta, n_theta), packed[n_theta * n_theta:]
 
 
 #: The NumPy reference.

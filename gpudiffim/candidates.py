@@ -309,20 +309,19 @@ def _footprint_peaks(residual, pixels, footprint, n_footprints, npix_max):
     key = _order_key(xp, residual.ravel()[index])
     peak_key = xp.zeros(n_footprints, dtype=np.uint64)
     _scatter(xp, np.maximum, peak_key, segment, key)
-    at_peak = key == peak_key[segment]
+    # pixels that do not take part hold the neutral value of the reduction: no compaction, no read-back
     peak = xp.full(n_footprints, none, dtype=index_type)
-    _scatter(xp, np.minimum, peak, segment[at_peak], index[at_peak])
+    _scatter(xp, np.minimum, peak, segment, xp.where(key == peak_key[segment], index, none))
     in_big = (area > npix_max)[segment]
-    big_segment, big_index = segment[in_big], index[in_big]
-    big_col = big_index % n_cols
+    big_col = index % n_cols
     last = xp.zeros(n_footprints, dtype=index_type)
-    _scatter(xp, np.maximum, last, big_segment, big_index)
+    _scatter(xp, np.maximum, last, segment, xp.where(in_big, index, 0))
     col_min = xp.full(n_footprints, none, dtype=index_type)
-    _scatter(xp, np.minimum, col_min, big_segment, big_col)
+    _scatter(xp, np.minimum, col_min, segment, xp.where(in_big, big_col, none))
     col_max = xp.zeros(n_footprints, dtype=index_type)
-    _scatter(xp, np.maximum, col_max, big_segment, big_col)
-    area, first, peak, last, col_min, col_max = (to_host(a).astype(np.int64)
-                                                 for a in (area, first, peak, last, col_min, col_max))
+    _scatter(xp, np.maximum, col_max, segment, xp.where(in_big, big_col, 0))
+    packed = xp.stack([a.astype(np.int64) for a in (area, first, peak, last, col_min, col_max)])
+    area, first, peak, last, col_min, col_max = to_host(packed)
     big = area > npix_max
     rows = np.where(big, (first // n_cols + last // n_cols) // 2, peak // n_cols)
     cols = np.where(big, (col_min + col_max) // 2, peak % n_cols)
@@ -368,17 +367,21 @@ def candidate_positions(candidates):
 def core_snr(science, centres_rc, radius):
     """Mean of S/sigma over the (2r+1)^2 core around each (row, col) centre.
 
-    ``science`` may have NumPy or CuPy planes; the result is a host array.
+    ``science`` may have NumPy or CuPy planes (computed there); the result is
+    a host array (one read-back).
     """
-    image = to_host(cut_stamps(science.image, centres_rc, radius, clamp=True))
-    sigma = np.sqrt(to_host(cut_stamps(science.variance, centres_rc, radius, clamp=True)))
+    if len(centres_rc) == 0:
+        return np.zeros(0)
+    xp = science.xp
+    image = cut_stamps(science.image, centres_rc, radius, clamp=True)
+    sigma = xp.sqrt(cut_stamps(science.variance, centres_rc, radius, clamp=True))
     with np.errstate(divide="ignore", invalid="ignore"):
-        snr = np.where(sigma > 0, image / sigma, 0.0)
-    return snr.mean(axis=(1, 2))
+        snr = xp.where(sigma > 0, image / sigma, 0.0)
+    return to_host(snr.mean(axis=(1, 2)))
 
 
 def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, core_radius,
-                   min_snr):
+                   min_snr, ratings=None):
     """Keep candidates whose stamp fits in the image, is clean and bright enough.
 
     Parameters
@@ -396,6 +399,9 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
         Radius of the core over which the S/N rating is computed.
     min_snr : float
         Minimum rating.
+    ratings : ndarray of shape (n,), optional
+        :func:`core_snr` of ``science`` at the rounded positions, if already
+        computed (the task ranks the stars for the PSF size with them).
 
     Returns
     -------
@@ -412,7 +418,8 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     clean = inside.copy()
     clean[inside] = ~_stamps_flagged(template, science, bad_bits, centres_rc[inside], half_size)
     rating = np.full(len(positions), -np.inf)
-    rating[clean] = core_snr(science, centres_rc[clean], core_radius)
+    rating[clean] = (core_snr(science, centres_rc[clean], core_radius) if ratings is None
+                     else np.asarray(ratings, dtype=np.float64)[clean])
     bright = rating >= min_snr
     rejected = {RejectReason.STAMP_OUTSIDE: int((~inside).sum()),
                 RejectReason.BAD_MASK: int((inside & ~clean).sum()),

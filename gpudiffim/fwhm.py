@@ -8,17 +8,22 @@ iterating ``s^2 <- 2 m`` converges to ``s = sigma``.  The FWHM is
 
 import numpy as np
 
-from ._backend import to_host
+from ._backend import array_module_of, to_host
 from .cutouts import cut_stamps
 from .errors import NoKernelCandidatesError
 from .gaussian import SIGMA_TO_FWHM
 
-__all__ = ["estimate_fwhm", "SIGMA_TO_FWHM"]
+__all__ = ["estimate_fwhm", "estimate_fwhms", "SIGMA_TO_FWHM"]
 
 
-def _cutouts(image, centres_rc, radius):
-    """Host stack of background-free, edge-clamped cutouts (cut where ``image`` lives: NumPy or CuPy)."""
-    cut = to_host(cut_stamps(image, centres_rc, radius, clamp=True)).astype(np.float64)
+def _cutouts(images, centres_rc, radius):
+    """Host stack of background-free, edge-clamped cutouts of each image (cut where they live: NumPy or CuPy).
+
+    The cutouts of every image are copied to the host together (one read-back).
+    """
+    stacks = [cut_stamps(image, centres_rc, radius, clamp=True) for image in images]
+    xp = array_module_of(stacks[0])
+    cut = to_host(xp.concatenate(stacks) if len(stacks) > 1 else stacks[0]).astype(np.float64)
     border = np.concatenate([cut[:, 0, :], cut[:, -1, :], cut[:, :, 0], cut[:, :, -1]], axis=1)
     return cut - np.median(border, axis=1)[:, None, None]
 
@@ -86,9 +91,24 @@ def estimate_fwhm(masked_image, positions, *, radius=12, max_stars=50):
     NoKernelCandidatesError
         If no star gives a valid measurement.
     """
+    return estimate_fwhms([masked_image], positions, radius=radius, max_stars=max_stars)[0]
+
+
+def estimate_fwhms(masked_images, positions, *, radius=12, max_stars=50):
+    """:func:`estimate_fwhm` of several images on the same grid, with one read-back of all cutouts.
+
+    Returns
+    -------
+    tuple of float
+        One FWHM (px) per image.
+    """
     positions = np.asarray(positions)[:max_stars]
-    centres_rc = (positions - np.array(masked_image.xy0))[:, ::-1].astype(int)
-    sigmas = adaptive_sigma(_cutouts(masked_image.image, centres_rc, radius))
+    centres_rc = (positions - np.array(masked_images[0].xy0))[:, ::-1].astype(int)
+    sigmas = adaptive_sigma(_cutouts([m.image for m in masked_images], centres_rc, radius))
+    return tuple(_median_fwhm(part) for part in np.split(sigmas, len(masked_images)))
+
+
+def _median_fwhm(sigmas):
     sigmas = sigmas[np.isfinite(sigmas)]
     if sigmas.size == 0:
         msg = ("could not measure a PSF size on any candidate; pass template_fwhm_pix/science_fwhm_pix "

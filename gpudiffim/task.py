@@ -38,7 +38,7 @@ from .config import PsfMatchConfig
 from .covariance import correct_matched_variance
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
 from .exposure import Exposure
-from .fwhm import estimate_fwhm
+from .fwhm import estimate_fwhms
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
@@ -286,18 +286,24 @@ class ImagePsfMatchTask:
         return detect_candidates(detect_on, self.config.detection)
 
     def _fwhms(self, positions, to_convolve, reference, fwhms):
-        """FWHMs of (image to convolve, reference), estimated where missing."""
+        """FWHMs of (image to convolve, reference), estimated where missing, and the core S/N ratings.
+
+        The ratings (:func:`~gpudiffim.candidates.core_snr` of the reference at
+        every position) rank the stars measured; they are returned for the
+        candidate selection (None when no FWHM was estimated).
+        """
         if not (self.config.is_alard_lupton and self.config.scale_by_fwhm):
-            return fwhms
+            return fwhms, None
         if all(f is not None for f in fwhms):
-            return fwhms
+            return fwhms, None
         rc = (np.floor(positions + 0.5).astype(int) - np.array(reference.xy0))[:, ::-1]
-        order = np.argsort(-core_snr(reference, rc, self.config.candidate_core_radius))
-        ranked = positions[order]
-        estimated = tuple(f if f is not None else estimate_fwhm(image, ranked)
-                          for f, image in zip(fwhms, (to_convolve, reference)))
+        ratings = core_snr(reference, rc, self.config.candidate_core_radius)
+        ranked = positions[np.argsort(-ratings)]
+        missing = [image for f, image in zip(fwhms, (to_convolve, reference)) if f is None]
+        measured = iter(estimate_fwhms(missing, ranked))
+        estimated = tuple(f if f is not None else next(measured) for f in fwhms)
         log.info("PSF FWHM (px): image to convolve %.3f, reference %.3f", *estimated)
-        return estimated
+        return estimated, ratings
 
     def _stamp_half_size(self, kernel_width):
         detection = self.config.detection
@@ -311,12 +317,12 @@ class ImagePsfMatchTask:
             raise ConfigurationError(msg)
         return half_size
 
-    def _select(self, positions, to_convolve, reference, half_size):
+    def _select(self, positions, to_convolve, reference, half_size, ratings=None):
         detection = self.config.detection
         kept, rejects = vet_candidates(
             positions, to_convolve, reference, half_size,
             bad_mask_planes=detection.bad_mask_planes,
-            core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr)
+            core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr, ratings=ratings)
         log.info("candidates: %d usable of %d (%s)", len(kept), len(positions),
                  ", ".join(f"{v} {k.label}" for k, v in rejects.items() if v) or "none rejected")
         require_candidates(kept)
@@ -401,11 +407,11 @@ class ImagePsfMatchTask:
         with _timed(timings, "detection"):
             positions = self._positions(candidates, *compute)
             require_candidates(positions)
-            fwhms = self._fwhms(positions, to_convolve, reference, fwhms)
+            fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms)
         basis = make_kernel_basis(self.config, *fwhms)
         half_size = self._stamp_half_size(basis.width)
         with _timed(timings, "candidate selection"):
-            cell_set, rejects = self._select(positions, to_convolve, reference, half_size)
+            cell_set, rejects = self._select(positions, to_convolve, reference, half_size, ratings)
         regularization = None
         if not self.config.is_alard_lupton and self.config.use_regularization:
             regularization = make_regularization_matrix(self.config, basis.width, basis.width)

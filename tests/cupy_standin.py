@@ -171,12 +171,16 @@ class Recorder:
 _RECORDER = None
 
 
+#: Helpers whose callers are the call sites worth reporting.
+_PASS_THROUGH = (str(Path(PACKAGE_DIR) / "_backend.py"),)
+
+
 def _call_site():
     frame = sys._getframe(2)
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename
-        if filename.startswith(PACKAGE_DIR):
+        if filename.startswith(PACKAGE_DIR) and filename not in _PASS_THROUGH:
             return f"{Path(filename).relative_to(PACKAGE_DIR)}:{frame.f_lineno}"
         if fallback is None and filename != _THIS_FILE:
             fallback = f"{Path(filename).name}:{frame.f_lineno}"
@@ -265,8 +269,9 @@ def _record_mask_sync(key, what):
         _record("sync", what)
 
 
-#: CuPy functions whose output size depends on the data: they read a count back (one sync each).
-_SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+#: CuPy functions whose output size depends on the data: they read a count back (one sync each);
+#: ``cupyx.scipy.ndimage.label`` returns the number of labels as a Python int.
+_SIZE_FROM_DATA = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract", "label"}
 
 
 def _operand(value, op):

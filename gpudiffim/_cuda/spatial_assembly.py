@@ -13,6 +13,7 @@ allocated in the inputs' array module.
 
 import numpy as np
 
+from .._backend import to_host
 from ._host import on_launcher, output, prepare
 from .launch import launch
 
@@ -142,15 +143,16 @@ def spatial_normal_equations_structured(normal_matrices, normal_vectors, owner, 
     normal_matrices = prepare(xp, normal_matrices, np.float64, 3, "normal_matrices")
     normal_vectors = prepare(xp, normal_vectors, np.float64, 2, "normal_vectors")
     n, p = normal_vectors.shape
-    owner = xp.ascontiguousarray(xp.asarray(owner), dtype=np.int32)
+    host_owner = to_host(owner).astype(np.int64)   # checked on the host (a host array needs no read-back)
+    owner = xp.ascontiguousarray(xp.asarray(host_owner), dtype=np.int32)
     weights = prepare(xp, weights, np.float64, 2, "weights")
     n_theta = owner.shape[0]
     if normal_matrices.shape != (n, p, p) or weights.shape != (n, n_theta):
         msg = (f"normal_matrices {normal_matrices.shape}, normal_vectors {normal_vectors.shape} and weights "
                f"{weights.shape} do not match: expected {(n, p, p)} and {(n, n_theta)}")
         raise ValueError(msg)
-    if n_theta and p and not (0 <= int(owner.min()) and int(owner.max()) < p):
-        msg = f"owner rows must lie in [0, {p}), got [{int(owner.min())}, {int(owner.max())}]"
+    if n_theta and p and not (0 <= host_owner.min() and host_owner.max() < p):
+        msg = f"owner rows must lie in [0, {p}), got [{host_owner.min()}, {host_owner.max()}]"
         raise ValueError(msg)
     matrix, vector = (None, None) if out is None else out
     matrix = output(xp, matrix, (n_theta, n_theta), np.float64, "out[0] (matrix)")
