@@ -10,7 +10,7 @@ import numpy as np
 
 from ._backend import array_module_of
 
-__all__ = ["stamps_fit", "cut_stamps"]
+__all__ = ["stamps_fit", "cut_planes", "cut_stamps"]
 
 
 def stamps_fit(centres, shape, half_size):
@@ -42,8 +42,8 @@ def cut_stamps(plane, centres_rc, radius, *, clamp=False):
 
     The one stamp cutter: the stamp fits, the quality report, the mask test
     of candidate vetting, the S/N rating and the PSF-size measurement all cut
-    with it.  Only the row and column indices cross to the device (NumPy or
-    CuPy plane); the ``(n, rows, columns)`` index is built there.
+    with it.  Only the centres cross to the device (NumPy or CuPy plane; see
+    :func:`cut_planes`).
 
     Parameters
     ----------
@@ -79,20 +79,44 @@ def cut_stamps(plane, centres_rc, radius, *, clamp=False):
     >>> cut_stamps(plane, [[2, 1]], (0, 1))[0].tolist()
     [[6.0, 7.0, 8.0]]
     """
+    return cut_planes((plane,), centres_rc, radius, clamp=clamp)[0]
+
+
+def cut_planes(planes, centres_rc, radius, *, clamp=False):
+    """:func:`cut_stamps` of several planes of one shape, sharing one index.
+
+    Only the centres cross to the device (``n x 2`` int32); the row and
+    column indices are built there once and used for every plane.
+
+    Returns
+    -------
+    list of ndarray
+        One ``(n, 2 rows + 1, 2 columns + 1)`` stack per plane.
+    """
+    plane = planes[0]
     xp = array_module_of(plane)
     half_rows, half_cols = (radius, radius) if np.ndim(radius) == 0 else radius
     centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
-    rows = centres_rc[:, 0, None] + np.arange(-half_rows, half_rows + 1)
-    cols = centres_rc[:, 1, None] + np.arange(-half_cols, half_cols + 1)
     n_rows, n_cols = plane.shape
+    if not clamp:
+        _check_inside(centres_rc, (half_rows, half_cols), plane.shape, radius)
+    centres = xp.asarray(centres_rc.astype(np.int32 if max(n_rows, n_cols) < 2**31 else np.int64))
+    rows = centres[:, 0, None] + xp.arange(-half_rows, half_rows + 1, dtype=centres.dtype)
+    cols = centres[:, 1, None] + xp.arange(-half_cols, half_cols + 1, dtype=centres.dtype)
     if clamp:
-        rows, cols = np.clip(rows, 0, n_rows - 1), np.clip(cols, 0, n_cols - 1)
-    else:
-        outside = (rows[:, 0] < 0) | (rows[:, -1] >= n_rows) | (cols[:, 0] < 0) | (cols[:, -1] >= n_cols)
-        if outside.any():
-            k = int(np.flatnonzero(outside)[0])
-            msg = (f"{int(outside.sum())} stamp(s) of half-size {radius} do not fit in the image "
-                   f"of shape {plane.shape}, first centred at (row, column) ({centres_rc[k, 0]}, "
-                   f"{centres_rc[k, 1]}) from its first pixel")
-            raise ValueError(msg)
-    return plane[xp.asarray(rows)[:, :, None], xp.asarray(cols)[:, None, :]]
+        rows, cols = xp.clip(rows, 0, n_rows - 1), xp.clip(cols, 0, n_cols - 1)
+    rows, cols = rows[:, :, None], cols[:, None, :]
+    return [p[rows, cols] for p in planes]
+
+
+def _check_inside(centres_rc, halves, shape, radius):
+    """ValueError naming the first stamp that does not lie inside an image of ``shape``."""
+    (half_rows, half_cols), (n_rows, n_cols) = halves, shape
+    outside = ((centres_rc[:, 0] - half_rows < 0) | (centres_rc[:, 0] + half_rows >= n_rows)
+               | (centres_rc[:, 1] - half_cols < 0) | (centres_rc[:, 1] + half_cols >= n_cols))
+    if outside.any():
+        k = int(np.flatnonzero(outside)[0])
+        msg = (f"{int(outside.sum())} stamp(s) of half-size {radius} do not fit in the image "
+               f"of shape {shape}, first centred at (row, column) ({centres_rc[k, 0]}, "
+               f"{centres_rc[k, 1]}) from its first pixel")
+        raise ValueError(msg)

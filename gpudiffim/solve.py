@@ -65,10 +65,8 @@ class _Outcome:
 
 def _read_back(xp, sums, fit):
     """The batch's residual sums and stamp-fit results, packed in one array and copied to the host once."""
-    columns = [sums, fit.failure_code[:, None], fit.solve_status[:, None], fit.kernel_sum[:, None],
-               fit.background[:, None], fit.coefficients]
-    packed = to_host(xp.concatenate([xp.asarray(c, dtype=np.float64).reshape(len(sums), -1) for c in columns],
-                                    axis=1))
+    per_stamp = xp.stack([fit.failure_code, fit.solve_status, fit.kernel_sum, fit.background], axis=1)
+    packed = to_host(xp.concatenate([sums, per_stamp.astype(np.float64, copy=False), fit.coefficients], axis=1))
     return _Outcome(statistics_of_sums(packed[:, :3]), packed[:, 3].astype(np.int8), packed[:, 4].astype(np.int8),
                     packed[:, 5], packed[:, 6], packed[:, 7:])
 

@@ -35,7 +35,7 @@ import numpy as np
 from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
-from .cutouts import cut_stamps, stamps_fit
+from .cutouts import cut_planes, stamps_fit
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number, solve_batch_status
 from .statistics import statistics_of_sums, usable_normalised_residual
 
@@ -81,13 +81,10 @@ class StampBatch:
         """
         x0, y0 = science.xy0
         centres_rc = np.asarray(centres, dtype=np.int64).reshape(-1, 2)[:, ::-1] - np.array([y0, x0])
-
-        def cut(plane, dtype):
-            return cut_stamps(plane, centres_rc, half_size).astype(dtype, copy=False)
-
-        return cls(cut(template.image, np.float64), cut(science.image, np.float64),
-                   cut(template.variance, np.float64), cut(science.variance, np.float64),
-                   cut(template.mask, np.int32), cut(science.mask, np.int32))
+        planes = cut_planes((template.image, science.image, template.variance, science.variance,
+                             template.mask, science.mask), centres_rc, half_size)
+        dtypes = (np.float64,) * 4 + (np.int32,) * 2
+        return cls(*(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes)))
 
     def __len__(self):
         return self.template.shape[0]
