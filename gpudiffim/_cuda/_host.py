@@ -42,7 +42,12 @@ def float_dtype(*arrays):
 
 
 def prepare(xp, array, dtype, ndim, name):
-    """C-contiguous ``array`` of ``dtype`` in ``xp`` (a copy only where needed)."""
+    """C-contiguous ``array`` of ``dtype`` in ``xp`` (a copy only where needed; no call when none is)."""
+    if isinstance(array, xp.ndarray) and array.dtype == dtype and array.flags.c_contiguous:
+        if array.ndim != ndim:
+            msg = f"{name} must be {ndim}-D, got shape {array.shape}"
+            raise ValueError(msg)
+        return array
     array = xp.asarray(array, dtype=dtype)
     if array.ndim != ndim:
         msg = f"{name} must be {ndim}-D, got shape {array.shape}"
