@@ -31,6 +31,10 @@ method                             contract
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps (host)
 ``residual_sums``                  their (N, 3) sums where the stamps live (no read-back)
+``cut_stamp_planes``               a batch's six stamp stacks (float64 images, int32 masks)
+``difference_stamps``              ``(D, V, M)`` of stamps under per-stamp kernels and backgrounds
+``stamp_residuals``                their (N, 3) sums [and D/sigma rows]; fused into one launch
+                                   on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of the detection background (host grid)
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
@@ -45,7 +49,14 @@ import scipy.ndimage as ndi
 from ._backend import array_module_of, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import correlate_stamps, correlate_stamps_each
-from .statistics import bin_medians_loop, bin_medians_sorted, residual_statistics, residual_sums
+from .cutouts import cut_planes
+from .statistics import (
+    bin_medians_loop,
+    bin_medians_sorted,
+    residual_statistics,
+    residual_sums,
+    usable_normalised_residual,
+)
 
 __all__ = ["KERNELS", "NUMPY", "operations_for"]
 
@@ -109,6 +120,47 @@ class NumpyOperations:
             return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
         grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
         return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def cut_stamp_planes(self, template, science, centres_rc, half_size):
+        """The six stamp stacks of a batch, ``(template, science, template_variance,
+        science_variance, template_mask, science_mask)``: float64 images and
+        variances, int32 masks, (N, S, S), where the planes live.  ``template``
+        and ``science`` are MaskedImages of one grid; ``centres_rc`` host
+        ``(row, column)`` centres, every stamp inside (else ValueError)."""
+        planes = cut_planes((template.image, science.image, template.variance, science.variance,
+                             template.mask, science.mask), centres_rc, half_size)
+        dtypes = (np.float64,) * 4 + (np.int32,) * 2
+        return tuple(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes))
+
+    def difference_stamps(self, stamps, kernels, background, bad_bits):
+        """``(D, V, M)`` (N, F, F) of the six stamp stacks under per-stamp kernels (N, kh, kw) and backgrounds.
+
+        ``D = S - (T * K + bg)`` on the fit region, ``V = V_S + sum K^2 V_T``,
+        ``M`` the science mask plus ``bad_bits`` where a ``bad_bits`` template
+        pixel lies under the kernel box (see :func:`gpudiffim.stamps.difference_stamps`).
+        """
+        template, science, template_variance, science_variance, template_mask, science_mask = stamps
+        h = kernels.shape[1] // 2
+        xp = array_module_of(science)
+        kernels = xp.asarray(kernels, dtype=np.float64)
+        background = xp.asarray(background, dtype=np.float64)
+        inner = (slice(None), slice(h, science.shape[1] - h), slice(h, science.shape[2] - h))
+        model = self.correlate_stamps(template, kernels, per_stamp=True) + background[:, None, None]
+        difference = science[inner] - model
+        variance = science_variance[inner] + self.correlate_stamps(template_variance, kernels**2, per_stamp=True)
+        template_bad = self.dilated_bad_pixels(template_mask, bad_bits, h)
+        mask = science_mask[inner] | xp.where(template_bad, np.int32(bad_bits), 0)
+        return difference, variance, mask.astype(np.int32, copy=False)
+
+    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False):
+        """(N, 3) residual sums of :meth:`difference_stamps` (and, with ``rows``, D/sigma rows (N, F*F), NaN
+        where unusable), where the stamps live."""
+        difference, variance, mask = self.difference_stamps(stamps, kernels, background, bad_bits)
+        sums = self.residual_sums(difference, variance, mask, bad_bits, core_radius)
+        if not rows:
+            return sums
+        z, _ = usable_normalised_residual(difference, variance, mask, bad_bits, fill=np.nan)
+        return sums, z.reshape(len(z), -1)
 
     def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
         """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
@@ -223,6 +275,24 @@ class KernelOperations(NumpyOperations):
         h = half_width
         grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
         return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def cut_stamp_planes(self, template, science, centres_rc, half_size):
+        """``gdi_cut_stamps``: one launch per image (its three planes)."""
+        from ._cuda import stamp_fit
+
+        t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
+                                                           centres_rc, half_size)
+        s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,
+                                                           centres_rc, half_size)
+        return t_image, s_image, t_variance, s_variance, t_mask, s_mask
+
+    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False):
+        """``gdi_stamp_residuals``: the difference stamps and their sums fused, one launch."""
+        from ._cuda.residual_moments import STAMP_RESIDUALS_MAX_TAPS, stamp_residuals
+
+        if kernels.shape[-1] ** 2 > STAMP_RESIDUALS_MAX_TAPS:
+            return super().stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows)
+        return stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows=rows)
 
     def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
         """``gdi_residual_moments``, finished on the host."""

@@ -35,9 +35,9 @@ import numpy as np
 from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
-from .cutouts import cut_planes, stamps_fit
+from .cutouts import stamps_fit
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number, solve_batch_status
-from .statistics import statistics_of_sums, usable_normalised_residual
+from .statistics import statistics_of_sums
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics",
            "stamp_residual_rows", "stamp_residual_sums", "candidate_kernels", "failure_texts"]
@@ -65,26 +65,30 @@ class StampBatch:
     science_mask: np.ndarray
 
     @classmethod
-    def extract(cls, centres, template, science, half_size):
+    def extract(cls, centres, template, science, half_size, *, ops=None):
         """Cut ``(2 half_size + 1)^2`` stamps centred on each candidate.
 
         Parameters
         ----------
         centres : array_like of int, shape (N, 2)
             Parent ``(x, y)`` pixel of each stamp centre; every stamp must lie
-            inside the images (else :func:`~gpudiffim.cutouts.cut_stamps` raises
-            ValueError).
+            inside the images (else ValueError).
         template, science : MaskedImage
             Same grid (shape and ``xy0``) and array module; the stamps are
             cut where the planes live (host or GPU).
         half_size : int
+        ops : object, optional
+            The operations chosen by the caller for its solve (from the planes when omitted).
         """
         x0, y0 = science.xy0
         centres_rc = np.asarray(centres, dtype=np.int64).reshape(-1, 2)[:, ::-1] - np.array([y0, x0])
-        planes = cut_planes((template.image, science.image, template.variance, science.variance,
-                             template.mask, science.mask), centres_rc, half_size)
-        dtypes = (np.float64,) * 4 + (np.int32,) * 2
-        return cls(*(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes)))
+        ops = operations_for(science.image) if ops is None else ops
+        return cls(*ops.cut_stamp_planes(template, science, centres_rc, half_size))
+
+    def planes(self):
+        """The six stacks in field order (what the operations layer takes)."""
+        return (self.template, self.science, self.template_variance, self.science_variance,
+                self.template_mask, self.science_mask)
 
     def __len__(self):
         return self.template.shape[0]
@@ -311,17 +315,8 @@ def difference_stamps(batch, kernels, background, bad_bits, *, ops=None):
         the template lies under the kernel box (the part of the ``afw``
         kernel-dilated template mask that matters for the statistics).
     """
-    half_width = kernels.shape[1] // 2
-    xp = array_module_of(batch.science)
     ops = operations_for(batch.science) if ops is None else ops
-    kernels = xp.asarray(kernels, dtype=np.float64)
-    background = xp.asarray(background, dtype=np.float64)
-    model = ops.correlate_stamps(batch.template, kernels, per_stamp=True) + background[:, None, None]
-    difference = batch.fit_region(batch.science, half_width) - model
-    variance = _difference_variance(ops, batch, kernels)
-    template_bad = ops.dilated_bad_pixels(batch.template_mask, bad_bits, half_width)
-    mask = batch.fit_region(batch.science_mask, half_width) | xp.where(template_bad, np.int32(bad_bits), 0)
-    return difference, variance, mask.astype(np.int32, copy=False)
+    return ops.difference_stamps(batch.planes(), kernels, background, bad_bits)
 
 
 def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
@@ -365,11 +360,7 @@ def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, 
         NaN at unusable pixels (:func:`~gpudiffim.statistics.usable_normalised_residual`).
     """
     ops = operations_for(batch.science) if ops is None else ops
-    difference, variance, mask = difference_stamps(batch, kernels, background, bad_bits, ops=ops)
-    sums = ops.residual_sums(difference, variance, mask, bad_bits, core_radius)
-    if not rows:
-        return sums
-    return sums, _rows(difference, variance, mask, bad_bits)
+    return ops.stamp_residuals(batch.planes(), kernels, background, bad_bits, core_radius, rows)
 
 
 def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):
@@ -382,9 +373,4 @@ def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):
     ndarray of shape (N, F*F)
         float64, NaN at unusable pixels, in the batch's array module.
     """
-    return _rows(*difference_stamps(batch, kernels, background, bad_bits, ops=ops), bad_bits)
-
-
-def _rows(difference, variance, mask, bad_bits):
-    z, _ = usable_normalised_residual(difference, variance, mask, bad_bits, fill=np.nan)
-    return z.reshape(len(z), -1)
+    return stamp_residual_sums(batch, kernels, background, bad_bits, rows=True, ops=ops)[1]

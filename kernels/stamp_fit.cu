@@ -241,9 +241,46 @@ __global__ void gdi_normal_equations(const T* __restrict__ columns,
     }
 }
 
+// gdi_cut_stamps -- the stamps of a batch of candidates, cut from one image's
+// three planes (gpudiffim.stamps.StampBatch.extract on the kernel path):
+//
+//     out_image[n, r, c] = image[row_n - half + r, col_n - half + c]   (as double),
+//
+// the same for the variance (as double) and the mask (int), for
+// 0 <= r, c < s = 2 half + 1.  centres (n_stamps, 2) int holds (row_n, col_n)
+// relative to the image's first pixel; the image is (rows, nx), C-contiguous.
+// The caller has checked that every stamp lies inside the image (no bounds
+// test here).  One launch replaces a gather and a conversion per plane.
+// Grid-stride loop over the n_stamps s^2 outputs: any grid and block.
+template <typename T>
+__global__ void gdi_cut_stamps(const T* __restrict__ image,
+                               const T* __restrict__ variance,
+                               const int* __restrict__ mask,
+                               int nx,
+                               const int* __restrict__ centres,
+                               int n_stamps, int half,
+                               double* __restrict__ out_image,
+                               double* __restrict__ out_variance,
+                               int* __restrict__ out_mask)
+{
+    const long long s = 2LL * half + 1;
+    const long long total = static_cast<long long>(n_stamps) * s * s;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; p < total; p += stride) {
+        const long long n = p / (s * s);
+        const long long rest = p - n * s * s;
+        const long long r = rest / s;
+        const long long c = rest - r * s;
+        const long long q = (centres[2 * n] - half + r) * nx + (centres[2 * n + 1] - half + c);
+        out_image[p] = static_cast<double>(image[q]);
+        out_variance[p] = static_cast<double>(variance[q]);
+        out_mask[p] = mask[q];
+    }
+}
+
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and
-// CuPy's name_expressions find "gdi_correlate_stamps<float>" / "<double>" and
-// "gdi_normal_equations<float>" / "<double>".
+// CuPy's name_expressions find "gdi_correlate_stamps<float>" / "<double>" "gdi_normal_equations<float>" / "<double>"
+// and "gdi_cut_stamps<float>" / "<double>".
 template __global__ void gdi_correlate_stamps<float>(const float*, const float*, int, int, int, int, int, int,
                                                      int, float*);
 template __global__ void gdi_correlate_stamps<double>(const double*, const double*, int, int, int, int, int,
@@ -252,3 +289,7 @@ template __global__ void gdi_normal_equations<float>(const float*, const float*,
                                                      double*, double*);
 template __global__ void gdi_normal_equations<double>(const double*, const double*, const double*, int, int, int,
                                                       int, double*, double*);
+template __global__ void gdi_cut_stamps<float>(const float*, const float*, const int*, int, const int*, int, int,
+                                               double*, double*, int*);
+template __global__ void gdi_cut_stamps<double>(const double*, const double*, const int*, int, const int*, int, int,
+                                                double*, double*, int*);

@@ -99,14 +99,55 @@ def or_filter_footprint(mask, footprint, n_images, ny, nx, kh, kw, out):
     out.reshape(n_images, ny, nx)[...] = result
 
 
+def cut_stamps(image, variance, mask, nx, centres, n_stamps, half, out_image, out_variance, out_mask):
+    size = 2 * half + 1
+    rows = centres.reshape(n_stamps, 2)[:, 0, None] - half + np.arange(size)
+    cols = centres.reshape(n_stamps, 2)[:, 1, None] - half + np.arange(size)
+    index = (rows[:, :, None] * nx + cols[:, None, :]).reshape(n_stamps, size, size)
+    out_image.reshape(n_stamps, size, size)[...] = image.reshape(-1)[index]
+    out_variance.reshape(n_stamps, size, size)[...] = variance.reshape(-1)[index]
+    out_mask.reshape(n_stamps, size, size)[...] = mask.reshape(-1)[index]
+
+
+def stamp_residuals(template_image, template_variance, template_mask, science_image, science_variance,
+                    science_mask, kernels, background, n_stamps, s, kw, bad_bits, row0, row1, col0, col1,
+                    write_rows, fill, sums, rows):
+    shape = (n_stamps, s, s)
+    h, f = kw // 2, s - kw + 1
+    k = kernels.reshape(n_stamps, kw, kw)
+    t, tv = template_image.reshape(shape), template_variance.reshape(shape)
+    inner = (slice(None), slice(h, h + f), slice(h, h + f))
+    model = correlate_stamps_each(t, k) + background[:, None, None]
+    difference = science_image.reshape(shape)[inner] - model
+    variance = science_variance.reshape(shape)[inner] + correlate_stamps_each(tv, k * k)
+    flagged = (template_mask.reshape(shape) & bad_bits) != 0
+    windows = np.lib.stride_tricks.sliding_window_view(flagged, (kw, kw), axis=(1, 2))
+    template_bad = windows.any(axis=(3, 4))
+    mask = science_mask.reshape(shape)[inner] | np.where(template_bad, bad_bits, 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inverse = 1.0 / variance
+        usable = ((mask & bad_bits) == 0) & (variance > 0) & np.isfinite(inverse) & np.isfinite(difference)
+        z = np.where(usable, difference * np.sqrt(np.where(usable, inverse, 0.0)), fill)
+    if write_rows:
+        rows.reshape(n_stamps, f * f)[...] = z.reshape(n_stamps, -1)
+    window = (slice(None), slice(row0, row1), slice(col0, col1))
+    zw, uw = np.where(usable, z, 0.0)[window], usable[window]
+    moments = sums.reshape(n_stamps, 3)
+    moments[:, 0] = uw.sum(axis=(1, 2))
+    moments[:, 1] = zw.sum(axis=(1, 2))
+    moments[:, 2] = (zw * zw).sum(axis=(1, 2))
+
+
 #: Kernel name -> NumPy version (both template instantiations share one).
 FAST = {}
 for _name, _function in (("gdi_residual_moments", residual_moments),
                          ("gdi_correlate_stamps", correlate_stamps_kernel),
                          ("gdi_normal_equations", normal_equations),
-                         ("gdi_accumulate_term", accumulate_term)):
+                         ("gdi_accumulate_term", accumulate_term),
+                         ("gdi_cut_stamps", cut_stamps)):
     for _type in ("float", "double"):
         FAST[f"{_name}<{_type}>"] = _function
 FAST["gdi_spatial_normal_equations"] = spatial_normal_equations
 FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
+FAST["gdi_stamp_residuals"] = stamp_residuals

@@ -149,7 +149,8 @@ def _edit(folder, unit, old, new):
 
 
 SOURCE_PERTURBATIONS = {
-    "renamed parameter": ("residual_moments", "int bad_bits,", "int bad_bit_mask,",
+    "renamed parameter": ("residual_moments", "int bad_bits,\n                                     int n_stamps, int ny",
+                          "int bad_bit_mask,\n                                     int n_stamps, int ny",
                           "gdi_residual_moments<float>: parameter names"),
     "reordered parameters": ("spatial_assembly", "int n_stamps, int p, int n_theta,",
                              "int p, int n_stamps, int n_theta,", "gdi_spatial_normal_equations: parameter names"),

@@ -84,6 +84,15 @@ def _residual_moments(t):
 
 
 KERNELS = {f"gdi_residual_moments<{t}>": _residual_moments(t) for t in ("float", "double")}
+KERNELS["gdi_stamp_residuals"] = KernelSpec("residual_moments", (
+    ("template_image", "const double*"), ("template_variance", "const double*"), ("template_mask", "const int*"),
+    ("science_image", "const double*"), ("science_variance", "const double*"), ("science_mask", "const int*"),
+    ("kernels", "const double*"), ("background", "const double*"),
+    ("n_stamps", "int"), ("s", "int"), ("kw", "int"), ("bad_bits", "int"),
+    ("row0", "int"), ("row1", "int"), ("col0", "int"), ("col1", "int"),
+    ("write_rows", "int"), ("fill", "double"),
+    ("sums", "double*"), ("rows", "double*"),
+))
 
 
 # ---- kernels/stamp_fit.cu and kernels/spatial_assembly.cu (issue 4, kernels 1, 2 and 4)
@@ -107,6 +116,17 @@ def _normal_equations(t):
 
 KERNELS.update({f"gdi_correlate_stamps<{t}>": _correlate_stamps(t) for t in ("float", "double")})
 KERNELS.update({f"gdi_normal_equations<{t}>": _normal_equations(t) for t in ("float", "double")})
+
+
+def _cut_stamps(t):
+    return KernelSpec("stamp_fit", (
+        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"), ("nx", "int"),
+        ("centres", "const int*"), ("n_stamps", "int"), ("half", "int"),
+        ("out_image", "double*"), ("out_variance", "double*"), ("out_mask", "int*"),
+    ))
+
+
+KERNELS.update({f"gdi_cut_stamps<{t}>": _cut_stamps(t) for t in ("float", "double")})
 KERNELS["gdi_spatial_normal_equations"] = KernelSpec("spatial_assembly", (
     ("normal_matrices", "const double*"), ("normal_vectors", "const double*"),
     ("owner", "const int*"), ("weights", "const double*"),

@@ -9,6 +9,8 @@ wrapper                                NumPy reference
                                        ``correlate_stamps_each`` with ``per_stamp=True``)
 :func:`normal_equations`               ``gpudiffim._ops.NUMPY.stamp_normal_equations``
                                        (ones column appended when ``with_background``)
+:func:`cut_stamps`                     ``gpudiffim.cutouts.cut_planes`` of one image's planes
+                                       (image and variance as float64, mask as int32)
 =====================================  ===========================================================
 
 Every wrapper takes NumPy arrays (run by the CPU emulator) or CuPy arrays
@@ -31,8 +33,10 @@ __all__ = [
     "NORMAL_EQUATIONS_SHARED_DOUBLES",
     "NORMAL_EQUATIONS_THREADS",
     "STAMP_FIT_DEFINES",
+    "CUT_THREADS",
     "correlate_stamps",
     "correlate_stamps_geometry",
+    "cut_stamps",
     "normal_equations",
     "normal_equations_geometry",
 ]
@@ -217,3 +221,50 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
                (columns, weights, target, n, n_basis, n_pix, background, matrix, vector),
                defines=STAMP_FIT_DEFINES)
     return matrix, vector
+
+
+# ---------------------------------------------------------------------------
+# the stamps of a batch, cut from one image
+
+#: Threads per block of ``gdi_cut_stamps`` (a grid-stride loop: any count works).
+CUT_THREADS = 256
+
+
+def cut_stamps(image, variance, mask, centres_rc, half):
+    """The ``(2 half + 1)^2`` stamps of one image's planes around each centre (``gdi_cut_stamps``).
+
+    Parameters
+    ----------
+    image, variance : ndarray of shape (M, N)
+        float32 or float64 (one dtype), C-contiguous.
+    mask : ndarray of int32, shape (M, N)
+    centres_rc : ndarray of int, shape (n, 2)
+        Host ``(row, column)`` centres relative to the first pixel; every
+        stamp must lie inside (checked here, on the host).
+    half : int
+
+    Returns
+    -------
+    image, variance : ndarray of float64, shape (n, 2 half + 1, 2 half + 1)
+    mask : ndarray of int32, same shape
+        In the planes' array module.
+    """
+    _, xp = on_launcher(image, variance, mask)
+    dtype = float_dtype(image, variance)
+    image = prepare(xp, image, dtype, 2, "image")
+    variance = prepare(xp, variance, dtype, 2, "variance")
+    mask = prepare(xp, mask, np.int32, 2, "mask")
+    rows, nx = image.shape
+    centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
+    inside = ((centres_rc >= half) & (centres_rc < np.array([rows, nx]) - half)).all(axis=1)
+    if not inside.all():
+        msg = f"{int((~inside).sum())} stamp(s) of half-size {half} do not lie inside the {image.shape} image"
+        raise ValueError(msg)
+    n, size = len(centres_rc), 2 * int(half) + 1
+    outputs = (xp.empty((n, size, size)), xp.empty((n, size, size)), xp.empty((n, size, size), dtype=np.int32))
+    if n:
+        centres = xp.asarray(centres_rc.astype(np.int32))
+        grid = (min(-(-n * size * size // CUT_THREADS), 65535),)
+        launch(f"gdi_cut_stamps<{ctype_of(dtype)}>", grid, (CUT_THREADS,),
+               (image, variance, mask, nx, centres, n, int(half), *outputs))
+    return outputs
