@@ -37,6 +37,8 @@ method                             contract
                                    on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of the detection background (host grid)
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
+``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
+                                   term (reference), or batched transforms and one fused accumulation
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
@@ -48,7 +50,7 @@ import scipy.ndimage as ndi
 
 from ._backend import array_module_of, on_kernel_path, to_host
 from ._resample import resample_reference
-from .convolve import correlate_stamps, correlate_stamps_each
+from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
 from .cutouts import cut_planes
 from .statistics import (
     bin_medians_loop,
@@ -89,6 +91,11 @@ def _distinct_columns(array):
     if not np.array_equal(distinct[:, index], array, equal_nan=True):
         distinct, index = np.unique(array, axis=1, return_inverse=True)
     return distinct, index.reshape(-1)
+
+
+#: Terms transformed together on the kernel path (bounds the batched transforms' memory: about
+#: 8 x 2 padded band planes).
+TERMS_PER_BATCH = 8
 
 
 class NumpyOperations:
@@ -183,6 +190,39 @@ class NumpyOperations:
         term *= rows[:, None]
         term *= cols[None, :]
         out += term
+        return out
+
+    def weighted_correlations(self, image, kernels, factors, dtype):
+        """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])`` (M, N), in ``dtype``.
+
+        The reference: overlap-save tiles (:class:`~gpudiffim.convolve.TiledCorrelator`),
+        term by term and tile by tile, each weighted and added by
+        :meth:`accumulate_term`; all-zero kernels are skipped.  Agrees with
+        :meth:`weighted_correlations_whole` to FFT rounding (~1e-7 of the
+        largest term value in float32).
+        """
+        correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
+        out = np.zeros(image.shape, dtype=dtype)
+        for kernel, (rows, cols) in zip(kernels, factors):
+            if not np.any(kernel):
+                continue
+            rows, cols = rows.astype(dtype), cols.astype(dtype)
+            for (ys, xs), term in correlator.correlate_tiles(kernel):
+                self.accumulate_term(out[ys, xs], term, rows[ys], cols[xs])
+        return out
+
+    def weighted_correlations_whole(self, image, kernels, factors, dtype):
+        """:meth:`weighted_correlations` with one transform of the whole padded image per term
+        (:class:`~gpudiffim.convolve.FourierCorrelator`), in the image's array module."""
+        xp = array_module_of(image)
+        correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
+        out = xp.zeros(image.shape, dtype=dtype)
+        for kernel, (rows, cols) in zip(kernels, factors):
+            if not np.any(kernel):
+                continue
+            term = correlator.correlate(kernel)
+            rows, cols = xp.asarray(rows.astype(dtype)), xp.asarray(cols.astype(dtype))
+            self.accumulate_term(out, term, rows, cols)
         return out
 
     def spatial_map_structure(self, maps):
@@ -309,6 +349,24 @@ class KernelOperations(NumpyOperations):
     def bin_medians(self, image, keep, edges_y, edges_x):
         """One sort by (bin, value) in the image's array module (no loop over bins): the same values."""
         return bin_medians_sorted(image, keep, edges_y, edges_x)
+
+    def weighted_correlations(self, image, kernels, factors, dtype):
+        """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,
+        each batch weighted and summed by one ``gdi_accumulate_terms`` launch (the products and sums of
+        :meth:`NumpyOperations.weighted_correlations_whole`, bit for bit, given the same transforms)."""
+        from ._cuda import image_apply
+
+        xp = array_module_of(image)
+        used = [k for k, kernel in enumerate(kernels) if np.any(kernel)]
+        correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
+        out = xp.zeros(image.shape, dtype=dtype)
+        for start in range(0, len(used), TERMS_PER_BATCH):
+            batch = used[start:start + TERMS_PER_BATCH]
+            full, row0, col0 = correlator.correlate_batch(kernels[batch])
+            rows = xp.asarray(np.stack([factors[k][0] for k in batch]).astype(dtype))
+            cols = xp.asarray(np.stack([factors[k][1] for k in batch]).astype(dtype))
+            image_apply.accumulate_terms(out, full, row0, col0, rows, cols)
+        return out
 
     def accumulate_term(self, out, term, rows, cols):
         """``gdi_accumulate_term`` (bit-identical to the reference's three in-place steps)."""

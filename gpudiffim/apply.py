@@ -25,16 +25,17 @@ kernel footprint (pixels where some ``K_t`` is non-zero) covers it.  Input
 NO_DATA pixels enter the sums as 0 and their NO_DATA bit spreads the same way,
 so an affected output pixel is flagged, never silently wrong.
 
-Backends: the correlations are FFT products (``scipy.fft`` on the host, cuFFT
-for CuPy arrays).  On the host they are computed by overlap-save tiles of
-about 720^2 (:class:`~gpudiffim.convolve.TiledCorrelator`: a kernel's
-transform is a tile's, and the batched small transforms are about twice as
-fast in pocketfft as one whole-image transform); the kernel path keeps one
-transform of the whole padded image per term.  The weighting and accumulation of each term and the mask
-propagation are operations of :mod:`gpudiffim._ops`, chosen once per
-application from where the planes live: NumPy/SciPy, or on the kernel path
-(``cupy``, ``cuda-emulator``) the kernels of ``kernels/image_apply.cu``; the
-planes stay in their array module throughout.
+Backends: the weighted sums of correlations and the mask propagation are
+operations of :mod:`gpudiffim._ops` (``weighted_correlations``,
+``propagate_mask``), chosen once per application from where the planes live.
+The correlations are FFT products.  The NumPy reference computes them by
+overlap-save tiles of about 720^2 (:class:`~gpudiffim.convolve.TiledCorrelator`:
+a kernel's transform is a tile's, and the batched small transforms are about
+twice as fast in pocketfft as one whole-image transform), term by term.  The
+kernel path (``cupy``, ``cuda-emulator``) transforms the band once and all
+its terms in one batched transform (cuFFT on the GPU), and weights and sums
+them in one launch of ``gdi_accumulate_terms`` (``kernels/image_apply.cu``);
+the planes stay in their array module throughout.
 
 Tiling: the image is processed in horizontal bands of at most
 ``max_tile_pixels`` input pixels (:data:`MAX_TILE_PIXELS` by default), each
@@ -50,8 +51,7 @@ import numpy as np
 
 from . import _validate
 from ._backend import array_module_of
-from ._ops import NUMPY, operations_for
-from .convolve import FourierCorrelator, TiledCorrelator
+from ._ops import operations_for
 from .spatial import SpatialFunction, product_expansion
 
 __all__ = ["MAX_TILE_PIXELS", "convolve_masked_image", "propagate_mask"]
@@ -69,56 +69,6 @@ MAX_TILE_PIXELS = 1 << 23
 def _grid_factors(function, shape, xy0):
     """Separable factors of the spatial terms on the pixel grid."""
     return function.grid_factors(xy0[0] + np.arange(shape[1]), xy0[1] + np.arange(shape[0]))
-
-
-def _weighted_correlations(image, kernels, factors, dtype, ops=None):
-    """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])``.
-
-    All-zero kernels are skipped; each correlation is weighted and added by
-    ``ops.accumulate_term`` (:mod:`gpudiffim._ops`; chosen from ``image``
-    when not given), so no term image is ever formed.
-    """
-    xp = array_module_of(image)
-    ops = operations_for(image) if ops is None else ops
-    correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
-    out = xp.zeros(image.shape, dtype=dtype)
-    for kernel, (rows, cols) in zip(kernels, factors):
-        if not np.any(kernel):
-            continue
-        term = correlator.correlate(kernel)
-        rows, cols = xp.asarray(rows.astype(dtype)), xp.asarray(cols.astype(dtype))
-        ops.accumulate_term(out, term, rows, cols)
-    return out
-
-
-def _weighted_tile_correlations(image, kernels, factors, dtype, ops):
-    """:func:`_weighted_correlations` on the host by tiles (:class:`~gpudiffim.convolve.TiledCorrelator`).
-
-    The same sum, term by term and tile by tile, with the same products in
-    the same order (``ops.accumulate_term``); only the transforms differ
-    (tiles instead of the whole padded image), so the result agrees with
-    :func:`_weighted_correlations` to FFT rounding (~1e-7 of the largest
-    term value in float32).
-    """
-    correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
-    out = np.zeros(image.shape, dtype=dtype)
-    for kernel, (rows, cols) in zip(kernels, factors):
-        if not np.any(kernel):
-            continue
-        rows, cols = rows.astype(dtype), cols.astype(dtype)
-        for (ys, xs), term in correlator.correlate_tiles(kernel):
-            ops.accumulate_term(out[ys, xs], term, rows[ys], cols[xs])
-    return out
-
-
-def _correlations_for(ops):
-    """The weighted-sum routine of an application: by tiles for the NumPy reference, else whole.
-
-    The kernel path (CuPy, ``cuda-emulator``) keeps the whole-image
-    transforms of :func:`_weighted_correlations` (cuFFT is fastest on one
-    large transform, and its emulator must stay bit-comparable to it).
-    """
-    return _weighted_tile_correlations if ops is NUMPY else _weighted_correlations
 
 
 def _squared_kernel_terms(kernel):
@@ -191,25 +141,30 @@ def _convolve_band(masked_image, parts, start, stop, halo):
     shape, dtype = (high - low, columns), masked_image.dtype
     xy0 = (masked_image.xy0[0], masked_image.xy0[1] + low)
     ops, (terms, function), (squared, square_function), footprint = parts
-    weighted_correlations = _correlations_for(ops)
-    image = weighted_correlations(masked_image.image[low:high], terms,
-                                  _grid_factors(function, shape, xy0), dtype, ops)
-    variance = weighted_correlations(masked_image.variance[low:high], squared,
-                                     _grid_factors(square_function, shape, xy0), dtype, ops)
+    image = ops.weighted_correlations(masked_image.image[low:high], terms,
+                                      _grid_factors(function, shape, xy0), dtype)
+    variance = ops.weighted_correlations(masked_image.variance[low:high], squared,
+                                         _grid_factors(square_function, shape, xy0), dtype)
     mask = ops.propagate_mask(masked_image.mask[low:high], footprint)
     keep = slice(start - low, stop - low)
     return image[keep], variance[keep], mask[keep]
 
 
 def _copy_edge(masked_image, kernel_shape, image, variance, mask):
-    """Input image and variance, and the EDGE bit, within the kernel half-width of the border (in place)."""
+    """Input image and variance, and the EDGE bit, within the kernel half-width of the border (in place).
+
+    The border is four strips (slices: no boolean mask, so nothing is read
+    back on the GPU).
+    """
     rows, columns = masked_image.shape
-    hy, hx = kernel_shape[0] // 2, kernel_shape[1] // 2
-    edge = masked_image.xp.ones((rows, columns), dtype=bool)
-    edge[hy:rows - hy, hx:columns - hx] = False
-    image[edge] = masked_image.image[edge]
-    variance[edge] = masked_image.variance[edge]
-    mask[edge] |= masked_image.mask[edge] | np.int32(masked_image.bits(["EDGE"]))
+    hy, hx = min(kernel_shape[0] // 2, rows), min(kernel_shape[1] // 2, columns)
+    edge_bit = np.int32(masked_image.bits(["EDGE"]))
+    strips = [(slice(0, hy), slice(None)), (slice(rows - hy, rows), slice(None)),
+              (slice(hy, rows - hy), slice(0, hx)), (slice(hy, rows - hy), slice(columns - hx, columns))]
+    for strip in strips:     # (empty when the kernel is 1 px wide; overlapping ones repeat the same values)
+        image[strip] = masked_image.image[strip]
+        variance[strip] = masked_image.variance[strip]
+        mask[strip] |= masked_image.mask[strip] | edge_bit
 
 
 def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):

@@ -173,6 +173,28 @@ class FourierCorrelator:
         rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=1)
         return self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
 
+    def correlate_batch(self, kernels):
+        """Correlations with a stack of kernels at once: batched transforms, nothing cropped.
+
+        Parameters
+        ----------
+        kernels : ndarray of shape (n, kh, kw)
+
+        Returns
+        -------
+        full : ndarray of shape (n, *padded shape)
+            The inverse transforms; correlation ``k`` is
+            ``full[k, row0:row0 + M, col0:col0 + N]``.
+        row0, col0 : int
+        """
+        kh, kw = self.kernel_shape
+        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernels, dtype=self.dtype)[:, ::-1, ::-1])
+        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=2)
+        product = self._fft["fft"](rows, n=self._fft_shape[0], axis=1)
+        product *= self._image_ft
+        full = self._fft["irfft2"](product, s=self._fft_shape, axes=(1, 2), overwrite_x=True)
+        return full, kh // 2, kw // 2
+
     def correlate(self, kernel):
         """Same-size correlation of the image with one kernel image.
 

@@ -64,6 +64,41 @@ __global__ void gdi_accumulate_term(const T* __restrict__ term,
     }
 }
 
+// gdi_accumulate_terms<T>: every term of a batch at once,
+//
+//     out[y, x] = (...((out[y, x] + w_0) + w_1) ...) + w_{n-1},   w_t = (term_t[y, x] * rows[t, y]) * cols[t, x],
+//
+// with term_t[y, x] = terms[t, row0 + y, col0 + x] read in place from the
+// (n_terms, term_rows, term_cols) stack of batched inverse transforms (no
+// cropped copy).  Each step rounds in T as gdi_accumulate_term does, in term
+// order, so the result equals n_terms launches of it bit for bit.  rows
+// (n_terms, ny), cols (n_terms, nx), out (ny, nx), all C-contiguous.
+template <typename T>
+__global__ void gdi_accumulate_terms(const T* __restrict__ terms,
+                                     int n_terms, int term_rows, int term_cols,
+                                     int row0, int col0,
+                                     const T* __restrict__ rows,
+                                     const T* __restrict__ cols,
+                                     int ny, int nx,
+                                     T* __restrict__ out)
+{
+    const long long total = static_cast<long long>(ny) * nx;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    const long long plane = static_cast<long long>(term_rows) * term_cols;
+    for (long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; p < total; p += stride) {
+        const long long y = p / nx;
+        const long long x = p - y * nx;
+        const long long source = (row0 + y) * term_cols + (col0 + x);
+        T acc = out[p];
+        for (int t = 0; t < n_terms; ++t) {
+            const T weighted = gdi_ia_mul(gdi_ia_mul(terms[t * plane + source], rows[t * static_cast<long long>(ny) + y]),
+                                          cols[t * static_cast<long long>(nx) + x]);
+            acc = acc + weighted;
+        }
+        out[p] = acc;
+    }
+}
+
 __global__ void gdi_or_filter_1d(const int* __restrict__ mask,
                                  int n_images, int ny, int nx,
                                  int half, int axis,
@@ -127,3 +162,7 @@ __global__ void gdi_or_filter_footprint(const int* __restrict__ mask,
 template __global__ void gdi_accumulate_term<float>(const float*, const float*, const float*, int, int, float*);
 template __global__ void gdi_accumulate_term<double>(const double*, const double*, const double*, int, int,
                                                      double*);
+template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int, int, const float*,
+                                                     const float*, int, int, float*);
+template __global__ void gdi_accumulate_terms<double>(const double*, int, int, int, int, int, const double*,
+                                                      const double*, int, int, double*);

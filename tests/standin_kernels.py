@@ -72,6 +72,14 @@ def accumulate_term(term, rows, cols, ny, nx, out):
     out2 += (term.reshape(ny, nx) * rows[:, None]) * cols[None, :]
 
 
+def accumulate_terms(terms, n_terms, term_rows, term_cols, row0, col0, rows, cols, ny, nx, out):
+    image = out.reshape(ny, nx)
+    stack = terms.reshape(n_terms, term_rows, term_cols)
+    for t in range(n_terms):
+        image += (stack[t, row0:row0 + ny, col0:col0 + nx] * rows.reshape(n_terms, ny)[t][:, None]) \
+            * cols.reshape(n_terms, nx)[t][None, :]
+
+
 def or_filter_1d(mask, n_images, ny, nx, half, axis, out):
     m = mask.reshape(n_images, ny, nx)
     result = m.copy()
@@ -144,6 +152,7 @@ for _name, _function in (("gdi_residual_moments", residual_moments),
                          ("gdi_correlate_stamps", correlate_stamps_kernel),
                          ("gdi_normal_equations", normal_equations),
                          ("gdi_accumulate_term", accumulate_term),
+                         ("gdi_accumulate_terms", accumulate_terms),
                          ("gdi_cut_stamps", cut_stamps)):
     for _type in ("float", "double"):
         FAST[f"{_name}<{_type}>"] = _function

@@ -70,9 +70,8 @@ def test_tiled_application_equals_whole_image_application(dtype):
     kernels = rng.normal(size=(4, 9, 9))
     kernels[2] = 0.0                                   # an all-zero term is skipped by both
     factors = [(rng.normal(size=150), rng.normal(size=120)) for _ in kernels]
-    assert apply._correlations_for(NUMPY) is apply._weighted_tile_correlations
-    tiled = apply._weighted_tile_correlations(image, kernels, factors, dtype, NUMPY)
-    whole = apply._weighted_correlations(image, kernels, factors, dtype, NUMPY)
+    tiled = NUMPY.weighted_correlations(image, kernels, factors, dtype)
+    whole = NUMPY.weighted_correlations_whole(image, kernels, factors, dtype)
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     assert tiled.dtype == dtype
     assert_allclose(tiled, whole, rtol=0, atol=rtol * np.abs(whole).max())

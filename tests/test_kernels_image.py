@@ -27,9 +27,10 @@ from astropy.wcs import WCS
 from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim import MaskedImage, _resample, apply, use_backend, warp
-from gpudiffim._ops import NUMPY
+from gpudiffim._ops import KERNELS, NUMPY
 from gpudiffim._cuda import launch
 from gpudiffim._cuda.image_apply import (
+    accumulate_terms,
     MAX_BLOCKS,
     THREADS,
     accumulate_term,
@@ -72,11 +73,11 @@ def test_grid_stride_geometry():
 
 
 # ---------------------------------------------------------------------------
-# term accumulation == apply._weighted_correlations' step, bit for bit
+# term accumulation == _ops.NUMPY.accumulate_term, bit for bit
 
 
 def _numpy_accumulate(out, term, rows, cols, dtype):
-    """The three lines of apply._weighted_correlations."""
+    """The three lines of _ops.NUMPY.accumulate_term."""
     out, term = out.copy(), term.copy()
     term *= rows[:, None].astype(dtype)
     term *= cols[None, :].astype(dtype)
@@ -109,14 +110,15 @@ def test_emulated_accumulate_term_small_grid(emulator, rng):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_emulated_weighted_correlations_match_apply(emulator, rng, dtype):
-    """FFT correlation (library call) + gdi_accumulate_term == apply._weighted_correlations."""
+    """FFT correlation (library call) + gdi_accumulate_term == NUMPY.weighted_correlations_whole, and the
+    kernel path's batched transforms + one gdi_accumulate_terms launch give the same sums bit for bit."""
     gen, seed = rng
     image = gen.normal(size=(19, 26)).astype(dtype)
     kernels = gen.normal(size=(4, 5, 5))
     kernels[2] = 0.0  # skipped by both
     factors = [(gen.normal(size=19), gen.normal(size=26)) for _ in range(4)]
     with use_backend("numpy"):
-        want = apply._weighted_correlations(image, kernels, factors, dtype)
+        want = NUMPY.weighted_correlations_whole(image, kernels, factors, dtype)
         correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
         got = np.zeros(image.shape, dtype=dtype)
         for kernel, (rows, cols) in zip(kernels, factors):
@@ -124,6 +126,27 @@ def test_emulated_weighted_correlations_match_apply(emulator, rng, dtype):
                 accumulate_term(got, correlator.correlate(kernel), rows, cols)
     assert got.dtype == want.dtype
     assert_array_equal(got, want, err_msg=f"seed={seed}")
+    batched = KERNELS.weighted_correlations(image, kernels, factors, dtype)
+    tolerance = (1e-13 if dtype == np.float64 else 2e-6) * np.abs(want).max()   # batched vs single transforms
+    assert batched.dtype == want.dtype
+    np.testing.assert_allclose(batched, want, rtol=0, atol=tolerance, err_msg=f"seed={seed}")
+
+
+def test_emulated_accumulate_terms_is_bit_exact(emulator, rng):
+    """One gdi_accumulate_terms launch == one gdi_accumulate_term launch per term, bit for bit, reading
+    the terms in place from an uncropped stack."""
+    gen, seed = rng
+    for dtype in (np.float32, np.float64):
+        out = gen.normal(size=(13, 17)).astype(dtype)
+        full = gen.normal(size=(3, 20, 24)).astype(dtype)
+        rows, cols = gen.normal(size=(3, 13)), gen.normal(size=(3, 17))
+        want = out.copy()
+        for t in range(3):
+            accumulate_term(want, np.ascontiguousarray(full[t, 2:15, 4:21]), rows[t], cols[t])
+        accumulate_terms(out, full, 2, 4, rows, cols)
+        assert_array_equal(out.view(np.uint8), want.view(np.uint8), err_msg=f"seed={seed} {dtype}")
+    with pytest.raises(ValueError, match="do not match"):
+        accumulate_terms(out, full, 8, 4, rows, cols)
 
 
 # ---------------------------------------------------------------------------

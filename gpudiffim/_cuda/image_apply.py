@@ -22,7 +22,7 @@ input's array module.  Index conventions: images are C-contiguous ``(ny, nx)``
 import numpy as np
 
 from .._backend import is_device_array
-from ._host import check_array, int32_mask, native, on_launcher
+from ._host import check_array, int32_mask, native, on_launcher, prepare
 from .launch import launch
 from .signatures import float_ctype
 
@@ -31,6 +31,7 @@ __all__ = [
     "MAX_BLOCKS",
     "grid_stride_geometry",
     "accumulate_term",
+    "accumulate_terms",
     "or_filter_box",
     "or_filter_footprint",
     "propagate_mask",
@@ -140,6 +141,51 @@ def accumulate_term(out, term, rows, cols):
                         for a in (term, rows, cols))
     grid, block = grid_stride_geometry(ny * nx, launcher)
     launch(f"gdi_accumulate_term<{ctype}>", grid, block, (term, rows, cols, ny, nx, out))
+    return out
+
+
+def accumulate_terms(out, terms, row0, col0, rows, cols):
+    """``out += sum_t (terms[t, row0:row0+ny, col0:col0+nx] * rows[t, :, None]) * cols[t, None, :]``, in place.
+
+    One launch of ``gdi_accumulate_terms``: the same products and sums as
+    ``len(terms)`` calls of :func:`accumulate_term`, in term order, bit for bit,
+    reading each term in place from the uncropped stack of inverse transforms.
+
+    Parameters
+    ----------
+    out : ndarray of shape (ny, nx), float32 or float64
+        C-contiguous accumulator, updated in place.
+    terms : ndarray of shape (n, term_rows, term_cols)
+        C-contiguous stack in ``out``'s dtype (converted if not).
+    row0, col0 : int
+        Offset of ``out``'s pixel (0, 0) in each term.
+    rows : ndarray of shape (n, ny)
+    cols : ndarray of shape (n, nx)
+
+    Returns
+    -------
+    ndarray
+        ``out``.
+    """
+    check_array("out", out)
+    launcher, xp = on_launcher(out)
+    ctype = float_ctype("out", out.dtype)
+    if out.dtype != native(out.dtype) or not out.flags.c_contiguous or out.ndim != 2:
+        msg = f"out must be a 2-D C-contiguous array in native byte order, got {out.shape} {out.dtype}"
+        raise TypeError(msg)
+    ny, nx = out.shape
+    terms = prepare(xp, terms, out.dtype, 3, "terms")
+    n, term_rows, term_cols = terms.shape
+    rows, cols = prepare(xp, rows, out.dtype, 2, "rows"), prepare(xp, cols, out.dtype, 2, "cols")
+    if (rows.shape != (n, ny) or cols.shape != (n, nx) or not 0 <= row0 <= term_rows - ny
+            or not 0 <= col0 <= term_cols - nx):
+        msg = (f"terms {terms.shape} at ({row0}, {col0}), rows {rows.shape} and cols {cols.shape} do not match "
+               f"out {out.shape}")
+        raise ValueError(msg)
+    if n:
+        grid, block = grid_stride_geometry(ny * nx, launcher)
+        launch(f"gdi_accumulate_terms<{ctype}>", grid, block,
+               (terms, n, term_rows, term_cols, int(row0), int(col0), rows, cols, ny, nx, out))
     return out
 
 

@@ -155,6 +155,17 @@ def _warp_lanczos3(t):
 
 
 KERNELS.update({f"gdi_accumulate_term<{t}>": _accumulate_term(t) for t in ("float", "double")})
+
+
+def _accumulate_terms(t):
+    return KernelSpec("image_apply", (
+        ("terms", f"const {t}*"), ("n_terms", "int"), ("term_rows", "int"), ("term_cols", "int"),
+        ("row0", "int"), ("col0", "int"), ("rows", f"const {t}*"), ("cols", f"const {t}*"),
+        ("ny", "int"), ("nx", "int"), ("out", f"{t}*"),
+    ))
+
+
+KERNELS.update({f"gdi_accumulate_terms<{t}>": _accumulate_terms(t) for t in ("float", "double")})
 KERNELS.update({
     "gdi_or_filter_1d": KernelSpec("image_apply", (
         ("mask", "const int*"), ("n_images", "int"), ("ny", "int"), ("nx", "int"),
