@@ -43,7 +43,7 @@ import numpy as np
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "StageTimings", "array_module", "array_module_of", "backend_info", "compute_backend",
-           "is_device_array",
+           "fft_functions", "is_device_array", "moved", "on_device", "row_blocks", "scatter_at", "stable_argsort",
            "ndimage_of", "on_kernel_path", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
@@ -154,6 +154,80 @@ def ndimage_of(array):
     from scipy import ndimage
 
     return ndimage
+
+
+# ---------------------------------------------------------------------------
+# Where NumPy and CuPy differ.  The one place outside the operations layer that
+# names a library by array type: every algorithm module calls these instead.
+
+#: Pixels per host row block of :func:`row_blocks`: small enough for a block and
+#: its temporaries to stay in cache.
+HOST_BLOCK_PIXELS = 1 << 15
+
+
+def on_device(xp):
+    """Whether array module ``xp`` is CuPy's (work there is launched, not run)."""
+    return xp is not np
+
+
+def moved(array, xp):
+    """``array`` in array module ``xp`` (a copy between host and device, else as it is)."""
+    if xp is np:
+        return to_host(array)
+    return xp.asarray(array)
+
+
+def fft_functions(xp):
+    """``rfft``, ``fft``, ``irfft2``, ``rfft2`` for arrays of ``xp``, with a common signature.
+
+    NumPy arrays use ``scipy.fft`` on every core; CuPy arrays ``cupyx.scipy.fft``
+    (cuFFT).
+    """
+    names = ("rfft", "fft", "irfft2", "rfft2")
+    if xp is np:
+        import scipy.fft
+
+        return {name: functools.partial(getattr(scipy.fft, name), workers=-1) for name in names}
+    import cupyx.scipy.fft as cufft
+
+    return {name: getattr(cufft, name) for name in names}
+
+
+def scatter_at(xp, ufunc, target, index, values):
+    """``ufunc.at(target, index, values)`` for ``np.maximum``/``np.minimum``, also on CuPy arrays.
+
+    On the GPU, ``cupy.maximum.at``/``cupy.minimum.at`` (``cupyx.scatter_max``/
+    ``scatter_min`` where ``.at`` is missing; CuPy 14 deprecates those):
+    atomic operations, exact for int32 and uint64 targets (CuPy has no int64
+    ones, and its float64 ones round through float32).
+    """
+    at = getattr(getattr(xp, ufunc.__name__), "at", None)
+    if at is None:  # old CuPy
+        import cupyx
+
+        at = cupyx.scatter_max if ufunc is np.maximum else cupyx.scatter_min
+    at(target, index, values)
+
+
+def stable_argsort(xp, values):
+    """Stable argsort (CuPy's argsort is always stable; NumPy's default is not)."""
+    return np.argsort(values, kind="stable") if xp is np else xp.argsort(values)
+
+
+def row_blocks(xp, shape, min_rows=1):
+    """Row slices covering an image of ``shape``, for passes that are faster in blocks on the host.
+
+    With CuPy one slice covers every row (a launch per block would cost more
+    than it saves).  On the host the rows go in blocks of about
+    :data:`HOST_BLOCK_PIXELS` pixels (at least ``min_rows`` rows), so that
+    the temporaries of a pass stay in cache: three times faster than
+    whole-image passes at 4096^2.
+    """
+    n_rows, n_cols = shape
+    if xp is not np:
+        return [slice(0, n_rows)]
+    block = max(min_rows, HOST_BLOCK_PIXELS // max(n_cols, 1))
+    return [slice(start, min(start + block, n_rows)) for start in range(0, n_rows, block)]
 
 
 def synchronize():

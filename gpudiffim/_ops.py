@@ -28,6 +28,8 @@ method                             contract
 ``stamp_normal_equations``         ``M = C^T W C`` (N, P, P), ``b = C^T W y`` (N, P) for explicit
                                    columns ``C`` (N, P, n_pix): the background column of ones,
                                    when fitted, is a stored column on every path
+``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
+                                   cuBLAS batched LU on the GPU with no read-back
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps (host)
 ``residual_sums``                  their (N, 3) sums where the stamps live (no read-back)
@@ -48,10 +50,12 @@ method                             contract
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, on_kernel_path, to_host
+from ._backend import array_module_of, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
 from .cutouts import cut_planes
+from .errors import SingularSystemError
+from .linalg import pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
@@ -93,6 +97,68 @@ def _distinct_columns(array):
     return distinct, index.reshape(-1)
 
 
+#: Largest system size whose pseudo-inverse solution the device computes for every system
+#: (a batched eigen-decomposition, no branch on the data); above it, only for the rank-deficient
+#: ones, which costs a synchronisation.
+_DEVICE_EIGEN_ALWAYS = 64
+
+
+def _solve_device(matrices, vectors, usable):
+    """cuBLAS batched LU of every system (unusable ones replaced by the identity); no synchronisation.
+
+    The pseudo-inverse solutions of rank-deficient systems come from one
+    batched eigen-decomposition of every system when ``n`` is at most
+    :data:`_DEVICE_EIGEN_ALWAYS`, else from one of the rank-deficient ones
+    only (after one synchronisation to find them).
+    """
+    xp = array_module_of(matrices)
+    n = matrices.shape[-1]
+    safe = xp.where(usable[:, None, None], matrices, xp.eye(n, dtype=np.float64))
+    rhs = xp.where(usable[:, None], vectors, 0.0)
+    solved, pivots = _lu_batch_cublas(safe, rhs)
+    eps = n * np.finfo(np.float64).eps
+    full_rank = usable & xp.all(pivots > eps * pivots.max(axis=1, keepdims=True), axis=1)
+    if n <= _DEVICE_EIGEN_ALWAYS:
+        return xp.where(full_rank[:, None], solved, pseudo_inverse_solve_batch(safe, rhs)), full_rank
+    deficient = np.flatnonzero(to_host(usable & ~full_rank))
+    if deficient.size:
+        where = xp.asarray(deficient)
+        solved[where] = pseudo_inverse_solve_batch(safe[where], rhs[where])
+    return solved, full_rank
+
+
+
+
+def _lu_batch_cublas(matrices, vectors):
+    """cuBLAS batched LU with partial pivoting and solve of CuPy stacks.
+
+    Returns ``(solutions, |diag U|)``.  cuBLAS is column-major: the stack is
+    transposed into a contiguous copy, so any (not only symmetric) matrix is
+    factored as given.  ``getrsBatched`` reports argument errors only (host
+    ``info``); singular systems are found by the caller's rank test.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    batch, n = matrices.shape[0], matrices.shape[-1]
+    lu = cupy.ascontiguousarray(matrices.transpose(0, 2, 1), dtype=np.float64)
+    rhs = cupy.array(vectors, dtype=np.float64, order="C")
+    handle = cupy.cuda.device.get_cublas_handle()
+    a_step, b_step = n * n * 8, n * 8
+    a_ptrs = cupy.arange(lu.data.ptr, lu.data.ptr + a_step * batch, a_step, dtype=cupy.uintp)
+    b_ptrs = cupy.arange(rhs.data.ptr, rhs.data.ptr + b_step * batch, b_step, dtype=cupy.uintp)
+    pivots = cupy.empty((batch, n), dtype=np.int32)
+    device_info = cupy.empty(batch, dtype=np.int32)
+    host_info = np.zeros(1, dtype=np.int32)
+    cublas.dgetrfBatched(handle, n, a_ptrs.data.ptr, n, pivots.data.ptr, device_info.data.ptr, batch)
+    cublas.dgetrsBatched(handle, cublas.CUBLAS_OP_N, n, 1, a_ptrs.data.ptr, n, pivots.data.ptr,
+                         b_ptrs.data.ptr, n, host_info.ctypes.data, batch)
+    if host_info[0] != 0:
+        msg = f"cuBLAS getrsBatched rejected argument {-host_info[0]}"
+        raise SingularSystemError(msg)
+    return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
+
+
 #: Terms transformed together on the kernel path (bounds the batched transforms' memory: about
 #: 8 x 2 padded band planes).
 TERMS_PER_BATCH = 8
@@ -118,6 +184,11 @@ class NumpyOperations:
         matrix = weighted @ columns.transpose(0, 2, 1)
         vector = np.einsum("npk,nk->np", weighted, target)
         return matrix, vector
+
+    def solve_systems(self, matrices, vectors):
+        """``(solutions, status)`` of a stack of small symmetric systems (:func:`gpudiffim.linalg.solve_batch_status`):
+        LAPACK per system, the pseudo-inverse for rank-deficient ones."""
+        return solve_batch_status(matrices, vectors)
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
@@ -315,6 +386,13 @@ class KernelOperations(NumpyOperations):
         h = half_width
         grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
         return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def solve_systems(self, matrices, vectors):
+        """On the GPU, cuBLAS ``getrfBatched``/``getrsBatched`` for the whole stack and no synchronisation
+        (the same pivot rank test); NumPy stacks (the emulator) as the reference."""
+        if not is_device_array(matrices):
+            return super().solve_systems(matrices, vectors)
+        return solve_batch_status(matrices, vectors, solve=_solve_device)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes)."""

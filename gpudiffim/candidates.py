@@ -11,9 +11,8 @@ Positions are parent-pixel coordinates (x = column, y = row).
 import logging
 
 import numpy as np
-import scipy.ndimage as ndi
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, ndimage_of, row_blocks, scatter_at, to_host
 from ._ops import operations_for
 from .cellset import Candidates, RejectReason
 from .cutouts import cut_stamps, stamps_fit
@@ -29,41 +28,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Pixels per host row block: small enough for the block and its temporaries to stay in cache.
-_BLOCK_PIXELS = 1 << 15
-
-
 def _for_row_blocks(xp, shape, func, min_rows=1):
-    """Call ``func(rows)`` with row slices covering an image of ``shape``.
-
-    With CuPy one call covers every row.  On the host the rows go in small
-    blocks of about :data:`_BLOCK_PIXELS` pixels (at least ``min_rows`` rows),
-    so that the temporaries of ``func`` stay in cache: three times faster than
-    whole-image passes at 4096^2.
-    """
-    n_rows, n_cols = shape
-    if xp is not np:
-        func(slice(0, n_rows))
-        return
-    block = max(min_rows, _BLOCK_PIXELS // max(n_cols, 1))
-    for start in range(0, n_rows, block):
-        func(slice(start, min(start + block, n_rows)))
-
-
-def _scatter(xp, ufunc, target, index, values):
-    """``ufunc.at(target, index, values)`` for ``np.maximum``/``np.minimum``, also on CuPy arrays.
-
-    On the GPU, ``cupy.maximum.at``/``cupy.minimum.at`` (``cupyx.scatter_max``/
-    ``scatter_min`` where ``.at`` is missing; CuPy 14 deprecates those): atomic operations, exact for the
-    int32 and uint64 targets used here (CuPy has no int64 ones, and its
-    float64 ones round through float32, see :func:`_order_key`).
-    """
-    at = getattr(getattr(xp, ufunc.__name__), "at", None)
-    if at is None:  # old CuPy
-        import cupyx
-
-        at = cupyx.scatter_max if ufunc is np.maximum else cupyx.scatter_min
-    at(target, index, values)
+    """Call ``func(rows)`` for the row slices of :func:`~gpudiffim._backend.row_blocks`."""
+    for rows in row_blocks(xp, shape, min_rows):
+        func(rows)
 
 
 def _interpolation_matrix(n, centres):
@@ -115,12 +83,14 @@ class _Background:
         along_x = grid[:, first_x] * weight1_x + grid[:, second_x] * weight2_x
         self.grid = grid
         self._along_x = xp.asarray(np.ascontiguousarray(along_x))
-        self._y = tuple(xp.asarray(a) for a in _two_point_weights(ny, edges_y))
+        self._y_host = _two_point_weights(ny, edges_y)
+        self._y = tuple(xp.asarray(a) for a in self._y_host)
 
     def rows(self, rows):
         """Background of the image rows ``rows`` (a slice), float64."""
         first, second, weight1, weight2 = (a[rows] for a in self._y)
-        if self.xp is np and first[0] == first[-1] and second[0] == second[-1]:
+        host_first, host_second = self._y_host[0][rows], self._y_host[1][rows]
+        if host_first[0] == host_first[-1] and host_second[0] == host_second[-1]:
             first, second = first[:1], second[:1]  # one pair of bin rows: broadcast, no gather
         out = self._along_x[first] * weight1[:, None]
         out += self._along_x[second] * weight2[:, None]
@@ -196,13 +166,8 @@ def _footprints(above):
     """
     xp = array_module_of(above)
     pixels = xp.flatnonzero(above)
-    if xp is np:
-        labels, n_labels = ndi.label(above, structure=_EIGHT_CONNECTED)
-    else:
-        from cupyx.scipy import ndimage as cupy_ndi
-
-        labels, n_labels = cupy_ndi.label(above, structure=_EIGHT_CONNECTED)
-    return pixels, labels.ravel()[pixels] - 1, n_labels
+    labels, n_labels = ndimage_of(above).label(above, structure=_EIGHT_CONNECTED)
+    return pixels, labels.ravel()[pixels] - 1, int(n_labels)
 
 
 def detect_candidates(masked_image, detection):
@@ -305,21 +270,21 @@ def _footprint_peaks(residual, pixels, footprint, n_footprints, npix_max):
     segment = footprint.astype(np.int32 if n_footprints < 2**31 else np.uint64)
     area = xp.bincount(segment, minlength=n_footprints)
     first = xp.full(n_footprints, none, dtype=index_type)
-    _scatter(xp, np.minimum, first, segment, index)
+    scatter_at(xp, np.minimum, first, segment, index)
     key = _order_key(xp, residual.ravel()[index])
     peak_key = xp.zeros(n_footprints, dtype=np.uint64)
-    _scatter(xp, np.maximum, peak_key, segment, key)
+    scatter_at(xp, np.maximum, peak_key, segment, key)
     # pixels that do not take part hold the neutral value of the reduction: no compaction, no read-back
     peak = xp.full(n_footprints, none, dtype=index_type)
-    _scatter(xp, np.minimum, peak, segment, xp.where(key == peak_key[segment], index, none))
+    scatter_at(xp, np.minimum, peak, segment, xp.where(key == peak_key[segment], index, none))
     in_big = (area > npix_max)[segment]
     big_col = index % n_cols
     last = xp.zeros(n_footprints, dtype=index_type)
-    _scatter(xp, np.maximum, last, segment, xp.where(in_big, index, 0))
+    scatter_at(xp, np.maximum, last, segment, xp.where(in_big, index, 0))
     col_min = xp.full(n_footprints, none, dtype=index_type)
-    _scatter(xp, np.minimum, col_min, segment, xp.where(in_big, big_col, none))
+    scatter_at(xp, np.minimum, col_min, segment, xp.where(in_big, big_col, none))
     col_max = xp.zeros(n_footprints, dtype=index_type)
-    _scatter(xp, np.maximum, col_max, segment, xp.where(in_big, big_col, 0))
+    scatter_at(xp, np.maximum, col_max, segment, xp.where(in_big, big_col, 0))
     packed = xp.stack([a.astype(np.int64) for a in (area, first, peak, last, col_min, col_max)])
     area, first, peak, last, col_min, col_max = to_host(packed)
     big = area > npix_max

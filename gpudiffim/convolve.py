@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import scipy.fft
 
-from ._backend import array_module_of
+from ._backend import array_module_of, fft_functions
 
 __all__ = [
     "correlate_stamps",
@@ -111,20 +111,14 @@ def correlate_stamps_each(stamps, kernels):
 
 
 def _fft_functions(xp):
-    """FFT functions for arrays of module ``xp``, with a common signature.
+    """FFT functions for arrays of module ``xp`` (:func:`gpudiffim._backend.fft_functions`).
 
-    NumPy arrays use ``scipy.fft`` on every core; CuPy arrays use
-    ``cupyx.scipy.fft``, i.e. cuFFT.  The full-image correlation stays a
-    library FFT on the GPU because it beats any direct kernel by far: a
-    4096^2 image with a 23^2 kernel is 8.9 GFLOP per term as a direct sum,
-    against ~0.3 GFLOP and two memory passes for the FFT product.
+    The full-image correlation stays a library FFT on the GPU because it
+    beats any direct kernel by far: a 4096^2 image with a 23^2 kernel is 8.9
+    GFLOP per term as a direct sum, against ~0.3 GFLOP and two memory passes
+    for the FFT product.
     """
-    if xp is np:
-        return {name: functools.partial(getattr(scipy.fft, name), workers=-1)
-                for name in ("rfft", "fft", "irfft2")}
-    import cupyx.scipy.fft as cufft
-
-    return {name: getattr(cufft, name) for name in ("rfft", "fft", "irfft2")}
+    return fft_functions(xp)
 
 
 class FourierCorrelator:

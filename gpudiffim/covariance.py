@@ -77,7 +77,7 @@ import numpy as np
 import scipy.fft
 import scipy.stats
 
-from ._backend import array_module_of, ndimage_of, to_host
+from ._backend import array_module_of, fft_functions, ndimage_of, to_host
 from .errors import ConfigurationError
 from .variance import AUTO_SCALE_MIN, MAX_PIXELS, background_free, sampled_bands, sky_pixels
 
@@ -260,12 +260,12 @@ def _autocorrelation(values, far):
     arrays); the padding by ``far`` keeps wrapped pairs out.
     """
     xp = array_module_of(values)
-    fft = scipy.fft if xp is np else xp.fft
+    fft = fft_functions(xp)
     rows, columns = values.shape
     shape = (scipy.fft.next_fast_len(rows + far, real=True),
              scipy.fft.next_fast_len(columns + far, real=True))
-    transform = fft.rfft2(values, s=shape)
-    correlation = fft.irfft2(transform * transform.conj(), s=shape)
+    transform = fft["rfft2"](values, s=shape)
+    correlation = fft["irfft2"](transform * transform.conj(), s=shape)
     near = xp.concatenate([correlation[-far:], correlation[:far + 1]])
     near = xp.concatenate([near[:, -far:], near[:, :far + 1]], axis=1)
     return np.asarray(to_host(near), dtype=np.float64)

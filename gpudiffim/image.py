@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from ._backend import array_module_of as _module_of
-from ._backend import is_device_array
+from ._backend import is_device_array, moved, on_device
 from .errors import InvalidImageError, InvalidVarianceError, NoDataWarning, ShapeError
 from .statistics import mad_sigma
 
@@ -133,7 +133,7 @@ class MaskedImage:
     def __init__(self, image, mask=None, variance=None, *, xy0=(0, 0), mask_planes=None):
         xp = _module_of(image)
         for name, plane in (("mask", mask), ("variance", variance)):
-            if plane is not None and is_device_array(plane) != (xp is not np):
+            if plane is not None and is_device_array(plane) != on_device(xp):
                 msg = f"image and {name} must both be NumPy or both be CuPy arrays"
                 raise InvalidImageError(msg)
         image = _check_float_array("image", image)
@@ -202,8 +202,7 @@ class MaskedImage:
         """
         if xp is self.xp:
             return self
-        move = (lambda a: a.get()) if xp is np else xp.asarray
-        return MaskedImage._wrap(*(move(a) for a in (self._image, self._mask, self._variance)), self._xy0,
+        return MaskedImage._wrap(*(moved(a, xp) for a in (self._image, self._mask, self._variance)), self._xy0,
                                  self._planes)
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._backend import moved, on_device
 from .spatial import SpatialFunction
 
 __all__ = ["SpatialKernel", "BackgroundModel"]
@@ -102,9 +103,8 @@ class SpatialKernel:
         ndarray of shape (N, kh, kw)
         """
         terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-        if xp is np:
-            return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
-        return xp.tensordot(xp.asarray(terms) @ xp.asarray(self.coefficients.T), xp.asarray(self.basis), axes=1)
+        weights = moved(terms, xp) @ moved(self.coefficients.T, xp)
+        return xp.tensordot(weights, moved(self.basis, xp), axes=1)
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""
@@ -143,7 +143,7 @@ class BackgroundModel:
     def __call__(self, x, y, xp=np):
         """Background at parent coordinates ``(x, y)`` (host scalars or arrays), copied to ``xp`` if given."""
         values = self.spatial_function.evaluate(self.coefficients, x, y)
-        return values if xp is np else xp.asarray(values)
+        return moved(values, xp) if on_device(xp) else values
 
     def image(self, shape, xy0=(0, 0), xp=np):
         """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``.

@@ -18,10 +18,11 @@ import warnings
 import numpy as np
 import scipy.linalg
 
-from ._backend import array_module_of, is_device_array, to_host
+from ._backend import array_module_of, to_host
 from .errors import SingularSystemError
 
-__all__ = ["STATUS_TEXT", "solve_batch_status", "solve_symmetric", "solve_symmetric_batch", "condition_number"]
+__all__ = ["STATUS_TEXT", "pseudo_inverse_solve_batch", "solve_batch_status", "solve_host", "solve_symmetric",
+           "solve_symmetric_batch", "condition_number"]
 
 
 def _pseudo_inverse_solve(matrix, vector):
@@ -40,23 +41,22 @@ STATUS_TEXT = {LU: "LU", EIGENVECTOR: "EIGENVECTOR",
                ZERO_MATRIX: "normal matrix is identically zero (no signal in the stamp?)",
                NOT_FINITE_SOLUTION: "solution of the normal equations is not finite"}
 
-#: Largest system size whose pseudo-inverse solution the device computes for every system
-#: (a batched eigen-decomposition, no branch on the data); above it, only for the rank-deficient
-#: ones, which costs a synchronisation.
-_DEVICE_EIGEN_ALWAYS = 64
-
-
-def solve_batch_status(matrices, vectors):
+def solve_batch_status(matrices, vectors, *, solve=None):
     """Solve a stack of symmetric positive semi-definite systems; status codes instead of text.
 
     Parameters
     ----------
     matrices : ndarray of shape (N, n, n)
-        NumPy (LAPACK ``getrf``/``getrs`` per system) or CuPy (cuBLAS
-        ``getrfBatched``/``getrsBatched`` for the whole stack, and no
-        synchronisation: every decision stays on the device).  The rank test
-        is the same on both, on the pivots of the same partial-pivoting LU.
+        In the array module of ``solve``: NumPy for the default (LAPACK
+        ``getrf``/``getrs`` per system); the operations layer passes the
+        cuBLAS ``getrfBatched``/``getrsBatched`` routine for CuPy stacks
+        (``gpudiffim._ops.KERNELS.solve_systems``: no synchronisation).  The
+        rank test is the same on both, on the pivots of the same
+        partial-pivoting LU.
     vectors : ndarray of shape (N, n)
+    solve : callable, optional
+        ``solve(matrices, vectors, usable) -> (solutions, full_rank)`` of the
+        usable systems; default the host routine.
 
     Returns
     -------
@@ -76,8 +76,7 @@ def solve_batch_status(matrices, vectors):
         return xp.zeros(vectors.shape), xp.full(n_systems, np.int8(ZERO_MATRIX))
     nonzero = xp.abs(matrices).reshape(n_systems, -1).max(axis=1) > 0
     usable = finite & nonzero
-    solve = _solve_device if is_device_array(matrices) else _solve_host
-    solutions, full_rank = solve(matrices, vectors, usable)
+    solutions, full_rank = (solve or solve_host)(matrices, vectors, usable)
     status = xp.where(full_rank, np.int8(LU), np.int8(EIGENVECTOR))
     status = xp.where(finite, xp.where(nonzero, status, np.int8(ZERO_MATRIX)), np.int8(NOT_FINITE))
     bad_solution = usable & ~xp.isfinite(solutions).all(axis=1)
@@ -86,7 +85,7 @@ def solve_batch_status(matrices, vectors):
     return solutions, status
 
 
-def _solve_host(matrices, vectors, usable):
+def solve_host(matrices, vectors, usable):
     """LAPACK LU of the usable systems, the pseudo-inverse of the rank-deficient ones; (solutions, full rank)."""
     n = matrices.shape[-1]
     solutions = np.zeros_like(vectors)
@@ -108,31 +107,7 @@ def _solve_host(matrices, vectors, usable):
     return solutions, full_rank
 
 
-def _solve_device(matrices, vectors, usable):
-    """cuBLAS batched LU of every system (unusable ones replaced by the identity); no synchronisation.
-
-    The pseudo-inverse solutions of rank-deficient systems come from one
-    batched eigen-decomposition of every system when ``n`` is at most
-    :data:`_DEVICE_EIGEN_ALWAYS`, else from one of the rank-deficient ones
-    only (after one synchronisation to find them).
-    """
-    xp = array_module_of(matrices)
-    n = matrices.shape[-1]
-    safe = xp.where(usable[:, None, None], matrices, xp.eye(n, dtype=np.float64))
-    rhs = xp.where(usable[:, None], vectors, 0.0)
-    solved, pivots = _lu_batch_cublas(safe, rhs)
-    eps = n * np.finfo(np.float64).eps
-    full_rank = usable & xp.all(pivots > eps * pivots.max(axis=1, keepdims=True), axis=1)
-    if n <= _DEVICE_EIGEN_ALWAYS:
-        return xp.where(full_rank[:, None], solved, _pseudo_inverse_solve_batch(safe, rhs)), full_rank
-    deficient = np.flatnonzero(to_host(usable & ~full_rank))
-    if deficient.size:
-        where = xp.asarray(deficient)
-        solved[where] = _pseudo_inverse_solve_batch(safe[where], rhs[where])
-    return solved, full_rank
-
-
-def _pseudo_inverse_solve_batch(matrices, vectors):
+def pseudo_inverse_solve_batch(matrices, vectors):
     """:func:`_pseudo_inverse_solve` of a stack, in its array module (one batched ``eigh``)."""
     xp = array_module_of(matrices)
     eigenvalues, rotation = xp.linalg.eigh(matrices)
@@ -151,7 +126,7 @@ def solve_symmetric_batch(matrices, vectors):
     Parameters
     ----------
     matrices : ndarray of shape (N, n, n)
-        NumPy or CuPy.
+        NumPy (CuPy stacks: ``gpudiffim._ops.KERNELS.solve_systems``).
     vectors : ndarray of shape (N, n)
 
     Returns
@@ -166,36 +141,6 @@ def solve_symmetric_batch(matrices, vectors):
     solutions, status = solve_batch_status(matrices, vectors)
     status = to_host(status)
     return to_host(solutions), [STATUS_TEXT[int(code)] for code in status], status > EIGENVECTOR
-
-
-def _lu_batch_cublas(matrices, vectors):
-    """cuBLAS batched LU with partial pivoting and solve of CuPy stacks.
-
-    Returns ``(solutions, |diag U|)``.  cuBLAS is column-major: the stack is
-    transposed into a contiguous copy, so any (not only symmetric) matrix is
-    factored as given.  ``getrsBatched`` reports argument errors only (host
-    ``info``); singular systems are found by the caller's rank test.
-    """
-    import cupy
-    from cupy_backends.cuda.libs import cublas
-
-    batch, n = matrices.shape[0], matrices.shape[-1]
-    lu = cupy.ascontiguousarray(matrices.transpose(0, 2, 1), dtype=np.float64)
-    rhs = cupy.array(vectors, dtype=np.float64, order="C")
-    handle = cupy.cuda.device.get_cublas_handle()
-    a_step, b_step = n * n * 8, n * 8
-    a_ptrs = cupy.arange(lu.data.ptr, lu.data.ptr + a_step * batch, a_step, dtype=cupy.uintp)
-    b_ptrs = cupy.arange(rhs.data.ptr, rhs.data.ptr + b_step * batch, b_step, dtype=cupy.uintp)
-    pivots = cupy.empty((batch, n), dtype=np.int32)
-    device_info = cupy.empty(batch, dtype=np.int32)
-    host_info = np.zeros(1, dtype=np.int32)
-    cublas.dgetrfBatched(handle, n, a_ptrs.data.ptr, n, pivots.data.ptr, device_info.data.ptr, batch)
-    cublas.dgetrsBatched(handle, cublas.CUBLAS_OP_N, n, 1, a_ptrs.data.ptr, n, pivots.data.ptr,
-                         b_ptrs.data.ptr, n, host_info.ctypes.data, batch)
-    if host_info[0] != 0:
-        msg = f"cuBLAS getrsBatched rejected argument {-host_info[0]}"
-        raise SingularSystemError(msg)
-    return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
 
 
 def solve_symmetric(matrix, vector):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, on_device, to_host
 from ._ops import operations_for
 from .basis import renormalize_kernel_list
 from .cellset import BAD, GOOD, RejectReason
@@ -211,7 +211,7 @@ class _Solver:
 
     def where_images_live(self, array):
         """A host array (basis, regularisation) in the images' module, copied there once per solve."""
-        if array is None or self.xp is np:
+        if array is None or not on_device(self.xp):
             return array
         key = id(array)
         if key not in self._on_device:
@@ -222,7 +222,7 @@ class _Solver:
         """Candidates per stamp-fit batch: design matrices near ``_DESIGN_BATCH_VALUES`` values
         (``_DEVICE_BATCH_FACTOR`` times that on the GPU, where a batch costs launches and a read-back)."""
         fit_pixels = (2 * self.half_size + 2 - self.basis.width) ** 2
-        values = _DESIGN_BATCH_VALUES * (_DEVICE_BATCH_FACTOR if self.xp is not np else 1)
+        values = _DESIGN_BATCH_VALUES * (_DEVICE_BATCH_FACTOR if on_device(self.xp) else 1)
         return max(1, values // (n_basis * fit_pixels))
 
     def core_radius(self):

@@ -36,7 +36,7 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
-from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number, solve_batch_status
+from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
 from .statistics import statistics_of_sums
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics",
@@ -214,7 +214,7 @@ def _check_conditions(matrix, config, codes, condition):
     return codes
 
 
-def _solve_batch(matrix, vector, config, regularization, codes, condition):
+def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
     """Solve every stamp system where it lives; return ``(solutions, codes, solve status)``.
 
     Stamps already failed (``codes``) get zero solutions; a failed solve marks
@@ -228,7 +228,7 @@ def _solve_batch(matrix, vector, config, regularization, codes, condition):
     if regularization is not None and len(systems):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    solutions, status = solve_batch_status(systems, vector)
+    solutions, status = ops.solve_systems(systems, vector)
     pending = codes == RejectReason.NONE
     codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
     solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
@@ -273,12 +273,12 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     weights, codes = _stamp_weights(batch, half_width, config.constant_variance_weighting)
     matrix, vector = ops.stamp_normal_equations(columns, target, weights)
     condition = {}
-    solution, codes, status = _solve_batch(matrix, vector, config, regularization, codes, condition)
+    solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
         kernels = candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights)
-        solution, codes, status = _solve_batch(matrix, vector, config, regularization, codes, condition)
+        solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))

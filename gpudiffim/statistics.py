@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, stable_argsort, to_host
 
 __all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
            "statistics_of_sums", "moments_to_statistics",
-           "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "stable_argsort", "bin_medians_loop",
+           "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "bin_medians_loop",
            "bin_medians_sorted"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
@@ -224,11 +224,6 @@ def clipped_mean_std(values, n_sigma=3.0, n_iter=3):
 
 # ---------------------------------------------------------------------------
 # per-bin medians (the detection background; chosen by gpudiffim._ops)
-
-def stable_argsort(xp, values):
-    """Stable argsort (CuPy's argsort is always stable)."""
-    return np.argsort(values, kind="stable") if xp is np else xp.argsort(values)
-
 
 def _median_in_place(values):
     """``np.median(values)`` of a 1-D array, reordering it (NaN if empty or any NaN).

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
+import gpudiffim._backend
+
 from gpudiffim import MaskedImage, PsfMatchConfig
 from gpudiffim import candidates as cand
 from gpudiffim import statistics
@@ -127,9 +129,9 @@ def _reference_vet(positions, template, science, half_size, *, bad_mask_planes, 
 def host_mode(request, monkeypatch):
     """Host code on whole images, or in many small row blocks."""
     if request.param == "blocks":
-        monkeypatch.setattr(cand, "_BLOCK_PIXELS", 700)
+        monkeypatch.setattr(gpudiffim._backend, "HOST_BLOCK_PIXELS", 700)
     else:
-        monkeypatch.setattr(cand, "_BLOCK_PIXELS", 1 << 62)
+        monkeypatch.setattr(gpudiffim._backend, "HOST_BLOCK_PIXELS", 1 << 62)
     return request.param
 
 

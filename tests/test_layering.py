@@ -242,3 +242,30 @@ def test_cuda_wrappers_are_named_after_their_units():
 
     wrappers = {path.stem for path in CUDA_PACKAGE.glob("*.py")} - CUDA_INFRASTRUCTURE
     assert wrappers == set(units())
+
+
+#: Modules that may name CuPy: the array-library adapters and the operations layer.
+CUPY_ALLOWED = {"_backend", "_ops"}
+
+
+def _names_cupy_or_branches_on_it(path):
+    """Lines of ``path`` that import CuPy (or cupyx, cupy_backends) or test ``xp is np`` / ``xp is not np``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in {"cupy", "cupyx", "cupy_backends"}
+                                                for a in node.names):
+            found.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in {"cupy", "cupyx",
+                                                                                         "cupy_backends"}:
+            found.append(node.lineno)
+        elif (isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Is, ast.IsNot))
+              and isinstance(node.comparators[0], ast.Name) and node.comparators[0].id == "np"):
+            found.append(node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(set(_modules()) - CUPY_ALLOWED))
+def test_algorithm_modules_have_no_array_library_branches(module):
+    """Where NumPy and CuPy differ is said in ``_backend`` (and the kernel path in ``_ops``), nowhere else."""
+    lines = _names_cupy_or_branches_on_it(PACKAGE / f"{module}.py")
+    assert not lines, f"gpudiffim.{module} names CuPy or branches on the array module (lines {lines})"
