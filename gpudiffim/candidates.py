@@ -9,6 +9,7 @@ Positions are parent-pixel coordinates (x = column, y = row).
 """
 
 import logging
+import warnings
 
 import numpy as np
 
@@ -61,40 +62,46 @@ def _two_point_weights(n, edges):
 
 
 class _Background:
-    """Bin medians of an image, interpolated bilinearly between bin centres (clamped).
+    """Bin medians of an image (or of each image of a stack), interpolated bilinearly between bin centres.
 
     The medians are an operation of :mod:`gpudiffim._ops` (a loop over bins
     for the NumPy reference, one sort on the kernel path: the same values);
-    the interpolation runs along x on the small bin grid (host), then along y
-    over the image, in the image's array module, as separate element-wise
-    products and a sum, so NumPy and CuPy round alike.
+    the grid's gaps are filled and the interpolation runs along x on the
+    grid, then along y over the image, as separate element-wise products and
+    a sum, all in the image's array module (nothing is read back on the GPU),
+    so NumPy and CuPy round alike.
     """
 
     def __init__(self, image, bin_size, keep=None):
         xp = self.xp = array_module_of(image)
         if image.dtype.kind != "f":
             image = image.astype(np.float64)  # np.median averages integers in float64
-        ny, nx = image.shape
+        self.stacked = image.ndim == 3
+        ny, nx = image.shape[-2:]
         edges_y, edges_x = _bin_edges(ny, bin_size), _bin_edges(nx, bin_size)
         grid = operations_for(image).bin_medians(image, keep, edges_y, edges_x)
-        fill = np.nanmedian(grid) if np.isfinite(grid).any() else 0.0
-        grid = np.where(np.isfinite(grid), grid, fill)
-        first_x, second_x, weight1_x, weight2_x = _two_point_weights(nx, edges_x)
-        along_x = grid[:, first_x] * weight1_x + grid[:, second_x] * weight2_x
-        self.grid = grid
-        self._along_x = xp.asarray(np.ascontiguousarray(along_x))
+        grid = xp.asarray(grid).reshape((-1,) + grid.shape[-2:])
+        finite = xp.isfinite(grid)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN grid: filled with 0 below
+            fill = xp.nanmedian(grid, axis=(1, 2), keepdims=True)
+        fill = xp.where(finite.any(axis=(1, 2), keepdims=True), fill, 0.0)
+        grid = xp.where(finite, grid, fill)
+        first_x, second_x, weight1_x, weight2_x = (xp.asarray(a) for a in _two_point_weights(nx, edges_x))
+        self.grid = grid if self.stacked else grid[0]
+        self._along_x = grid[:, :, first_x] * weight1_x + grid[:, :, second_x] * weight2_x
         self._y_host = _two_point_weights(ny, edges_y)
         self._y = tuple(xp.asarray(a) for a in self._y_host)
 
     def rows(self, rows):
-        """Background of the image rows ``rows`` (a slice), float64."""
+        """Background of the image rows ``rows`` (a slice), float64: (R, N), or (B, R, N) for a stack."""
         first, second, weight1, weight2 = (a[rows] for a in self._y)
         host_first, host_second = self._y_host[0][rows], self._y_host[1][rows]
         if host_first[0] == host_first[-1] and host_second[0] == host_second[-1]:
             first, second = first[:1], second[:1]  # one pair of bin rows: broadcast, no gather
-        out = self._along_x[first] * weight1[:, None]
-        out += self._along_x[second] * weight2[:, None]
-        return out
+        out = self._along_x[:, first] * weight1[:, None]
+        out += self._along_x[:, second] * weight2[:, None]
+        return out if self.stacked else out[0]
 
 
 def coarse_background(image, bin_size, exclude=None):
@@ -102,8 +109,9 @@ def coarse_background(image, bin_size, exclude=None):
 
     Parameters
     ----------
-    image : ndarray of shape (M, N)
-        NumPy or CuPy array; the result lives in the same module.
+    image : ndarray of shape (M, N) or (B, M, N)
+        NumPy or CuPy array (a stack: each image on its own); the result
+        lives in the same module.
     bin_size : int
         Bin size in pixels.
     exclude : ndarray of bool, optional
@@ -111,7 +119,7 @@ def coarse_background(image, bin_size, exclude=None):
 
     Returns
     -------
-    ndarray of float64, shape (M, N)
+    ndarray of float64, shape of ``image``
 
     Notes
     -----
@@ -123,9 +131,9 @@ def coarse_background(image, bin_size, exclude=None):
     out = xp.empty(image.shape, dtype=np.float64)
 
     def fill(rows):
-        out[rows] = background.rows(rows)
+        out[..., rows, :] = background.rows(rows)
 
-    _for_row_blocks(xp, image.shape, fill)
+    _for_row_blocks(xp, image.shape[-2:], fill)
     return out
 
 

@@ -79,7 +79,7 @@ import scipy.stats
 
 from ._backend import array_module_of, fft_functions, ndimage_of, to_host
 from .errors import ConfigurationError
-from .variance import AUTO_SCALE_MIN, MAX_PIXELS, background_free, sampled_bands, sky_pixels
+from .variance import AUTO_SCALE_MIN, MAX_PIXELS, background_free, sampled_stack, sky_pixels
 
 __all__ = ["FALSE_ALARM", "MatchedVarianceCorrection", "NoiseCorrelation", "correct_matched_variance",
            "kernel_autocorrelation", "measure_noise_correlation"]
@@ -242,17 +242,6 @@ def kernel_autocorrelation(kernel_image, max_lag):
     return _cross_correlations(np.asarray(kernel_image, dtype=np.float64)[None], max_lag)[0, 0]
 
 
-def _stacked(pieces, gap):
-    """``(values, weights)`` pieces one above the other, ``gap`` rows of weight 0 between them."""
-    if len(pieces) == 1:
-        return pieces[0]
-    xp = array_module_of(pieces[0][0])
-    blank = xp.zeros((gap, pieces[0][0].shape[1]), dtype=np.float64)
-    values = xp.concatenate([part for values, _ in pieces for part in (values, blank)])
-    weights = xp.concatenate([part for _, weights in pieces for part in (weights, blank)])
-    return values, weights
-
-
 def _autocorrelation(values, far):
     """``sum_p a(p) a(p + d)`` for ``|dx|, |dy| <= far``, as a host array ``[far + dy, far + dx]``.
 
@@ -271,38 +260,49 @@ def _autocorrelation(values, far):
     return np.asarray(to_host(near), dtype=np.float64)
 
 
-def _band_sky(masked_image, smoothing, threshold, grow, bin_size):
-    """Normalised sky values ``z`` and the 0/1 sky weights of one image or band."""
-    xp = masked_image.xp
-    residual, exclude = background_free(masked_image, bin_size)
+def _sample_sky(sample, smoothing, threshold, grow, bin_size):
+    """Normalised sky values ``z`` and the sky pixels of a :class:`~gpudiffim.variance.SkySample` (B, H, N)."""
+    xp = array_module_of(sample.image)
+    residual, exclude = background_free(sample, bin_size)
     detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
     if smoothing > 0:
-        detection = ndimage_of(detection).gaussian_filter(detection, smoothing)
-    sky = sky_pixels(masked_image, detection, threshold, grow)
-    z = residual / xp.sqrt(xp.where(sky, masked_image.variance, 1.0).astype(np.float64))
-    sky &= xp.isfinite(z) & (xp.abs(z) < CLIP)
-    return z, sky.astype(np.float64)
+        detection = ndimage_of(detection).gaussian_filter(detection, (0, smoothing, smoothing))
+    sky = sky_pixels(sample, detection, threshold, grow)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = residual / xp.sqrt(xp.where(sky, sample.variance, 1.0).astype(np.float64))
+    sky &= xp.isfinite(z) & (xp.abs(z) < CLIP) & sample.inner
+    return z, sky
 
 
 def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max_pixels):
     """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
 
-    Each band of :func:`gpudiffim.variance.sampled_bands` is prepared on its
-    own, with margins for the background and the source masks, so that large
-    images cost what ``max_pixels`` pixels cost.  Returns ``(values, weights, n)``
-    with ``n`` the sky pixels used.
+    The bands of :func:`gpudiffim.variance.sampled_stack` are prepared
+    together, each with margins for its background and source masks, so that
+    large images cost what ``max_pixels`` pixels cost; their own rows are then
+    placed one above the other with ``gap`` rows of weight 0 after each (the
+    margins count as off the sky).  Returns ``(values, weights, n)`` with
+    ``n`` the sky pixels used; the count and the mean are read back together.
     """
-    xp = masked_image.xp
-    pieces = []
-    for band, inner in sampled_bands(masked_image, max_pixels):
-        z, sky = _band_sky(band, smoothing, threshold, grow, bin_size)
-        pieces.append((z[inner], sky[inner]))
-    values, weights = _stacked(pieces, gap)
-    n_sky = int(xp.count_nonzero(weights))
+    sample = sampled_stack(masked_image, max_pixels)
+    xp = array_module_of(sample.image)
+    z, sky = _sample_sky(sample, smoothing, threshold, grow, bin_size)
+    n_bands, height, columns = z.shape
+    if n_bands > 1:   # keep each band's own rows (their position varies at the image's top and bottom)
+        rows = xp.asarray(sample.own_rows)
+        z = xp.take_along_axis(z, rows[:, :, None], axis=1)
+        sky = xp.take_along_axis(sky, rows[:, :, None], axis=1)
+        z = xp.concatenate([z, xp.zeros((n_bands, gap, columns))], axis=1).reshape(-1, columns)
+        sky = xp.concatenate([sky, xp.zeros((n_bands, gap, columns), dtype=bool)], axis=1).reshape(-1, columns)
+    else:
+        z, sky = z[0], sky[0]
+    weights = sky.astype(np.float64)
+    n_sky, total = (float(v) for v in to_host(xp.stack([weights.sum(), xp.where(sky, z, 0.0).sum()])))
+    n_sky = int(n_sky)
     if n_sky < 100:
         log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
         return None, None, n_sky
-    values = xp.where(weights > 0, values - float(xp.sum(xp.where(weights > 0, values, 0.0))) / n_sky, 0.0)
+    values = xp.where(sky, z - total / n_sky, 0.0)
     return values, weights, n_sky
 
 

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, ndimage_of
+from ._backend import array_module_of, ndimage_of, to_host
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import iqr_sigma
+from .statistics import IQR_TO_SIGMA, masked_iqr_sigma, masked_median, masked_quantiles
 
-__all__ = ["VarianceCorrection", "background_free", "correct_variance", "sampled_bands", "scale_variance",
-           "sky_pixels"]
+__all__ = ["SkySample", "VarianceCorrection", "background_free", "correct_variance", "sampled_stack",
+           "scale_variance", "sky_pixels"]
 
 log = logging.getLogger(__name__)
 
@@ -102,30 +102,60 @@ def _bands(shape, max_pixels):
     return [(int(start), int(start) + BAND_ROWS) for start in starts]
 
 
-def sampled_bands(masked_image, max_pixels=MAX_PIXELS):
-    """The parts of an image that its noise is measured on, each with margins for its own preparation.
+@dataclass(frozen=True)
+class SkySample:
+    """The parts of an image its noise is measured on, stacked: equal bands with margins.
 
-    Parameters
+    Attributes
     ----------
-    masked_image : MaskedImage
-    max_pixels : int
-        Images of at most this many pixels are measured whole.
+    image, variance : ndarray of shape (B, H, N)
+        The bands' planes (the image's dtype), in its array module.
+    mask : ndarray of int32, shape (B, H, N)
+    bits : callable
+        ``bits(planes)`` of the image's mask planes.
+    inner : ndarray of bool, shape (B, H, 1)
+        The band's own rows (the rest are margins, read only for its own
+        background and source masks), in the image's array module.
+    own_rows : ndarray of int, shape (B, R)
+        Host: the indices of each band's own rows in its window.
+    """
 
-    Yields
-    ------
-    band : MaskedImage
-        A band of rows with :data:`BAND_MARGIN` rows around it (the image itself when measured whole).
-    inner : slice
-        The band's own rows within ``band`` (outside them are margins).
+    image: object
+    variance: object
+    mask: object
+    bits: object
+    inner: object
+    own_rows: np.ndarray
+
+
+def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
+    """The image whole (B = 1), or its :data:`BAND_ROWS`-row bands with :data:`BAND_MARGIN` rows of margin.
+
+    Every band is read as a window of the same height, ``BAND_ROWS + 2
+    BAND_MARGIN`` rows, moved inside the image at its top and bottom (so those
+    bands have a wider margin on the other side): the bands stack into one
+    array, and every later step treats all of them in one pass.
+
+    Returns
+    -------
+    SkySample
     """
     rows = masked_image.shape[0]
-    x0, y0, x1, _ = masked_image.bbox()
-    for start, stop in _bands(masked_image.shape, max_pixels):
-        low, high = max(start - BAND_MARGIN, 0), min(stop + BAND_MARGIN, rows)
-        if (low, high) == (0, rows):
-            yield masked_image, slice(start, stop)
-        else:
-            yield masked_image.subimage((x0, y0 + low, x1, y0 + high - 1)), slice(start - low, stop - low)
+    bands = _bands(masked_image.shape, max_pixels)
+    xp = masked_image.xp
+    if bands == [(0, rows)]:
+        inner = np.ones((1, rows, 1), dtype=bool)
+        return SkySample(masked_image.image[None], masked_image.variance[None], masked_image.mask[None],
+                         masked_image.bits, xp.asarray(inner), np.arange(rows)[None])
+    height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
+    starts = np.array([start for start, _ in bands])
+    windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
+    index = xp.asarray(windows[:, None] + np.arange(height))
+    offsets = np.arange(height)[None, :] - (starts - windows)[:, None]
+    inner = ((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None]
+    own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
+    return SkySample(masked_image.image[index], masked_image.variance[index], masked_image.mask[index],
+                     masked_image.bits, xp.asarray(inner), own_rows)
 
 
 def background_free(masked_image, bin_size):
@@ -133,6 +163,8 @@ def background_free(masked_image, bin_size):
 
     The background is :func:`gpudiffim.candidates.coarse_background` over bins
     of ``bin_size`` px, leaving out the :data:`EXCLUDED_PLANES` pixels.
+    ``masked_image`` is a MaskedImage or a :class:`SkySample` (each band on
+    its own).
     """
     image = masked_image.image.astype(np.float64)
     exclude = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) != 0
@@ -146,15 +178,23 @@ def sky_pixels(masked_image, residual, threshold, grow):
     negative ones, e.g. artefacts); growing them keeps the faint wings of
     bright stars out of the noise estimate, which would otherwise read them
     as noise (about +15 % in variance on a simulated field with stars of up
-    to 5e4 sigma).
+    to 5e4 sigma).  For a :class:`SkySample` each band has its own sigma and
+    is grown on its own; nothing is read back on the GPU.
     """
+    xp = array_module_of(residual)
+    stacked = residual.ndim == 3
+    residual3 = residual if stacked else residual[None]
     good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
     good &= masked_image.variance > 0
-    sigma = iqr_sigma(residual[good])
-    sources = array_module_of(residual).abs(residual) >= threshold * max(sigma, np.finfo(float).tiny)
+    good3 = good if stacked else good[None]
+    n_bands = residual3.shape[0]
+    sigma = masked_iqr_sigma(residual3.reshape(n_bands, -1), good3.reshape(n_bands, -1))
+    level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
+    sources = xp.abs(residual3) >= level[:, None, None]
     if grow > 0:
-        sources = ndimage_of(sources).maximum_filter(sources, size=2 * grow + 1)
-    return good & ~sources
+        sources = ndimage_of(sources).maximum_filter(sources, size=(1, 2 * grow + 1, 2 * grow + 1))
+    sky = good3 & ~sources
+    return sky if stacked else sky[0]
 
 
 def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
@@ -196,25 +236,31 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     if mode not in MODES:
         msg = f"invalid mode={mode!r}: expected one of {MODES}"
         raise ConfigurationError(msg)
-    xp = masked_image.xp
-    values, variance = [], []
-    for band, inner in sampled_bands(masked_image):
-        residual, _ = background_free(band, bin_size)
-        sky = sky_pixels(band, residual, threshold, grow)[inner]
-        values.append(residual[inner][sky])
-        variance.append(band.variance[inner][sky].astype(np.float64))
-    values, variance = xp.concatenate(values), xp.concatenate(variance)
-    n_sky = int(values.size)
+    sample = sampled_stack(masked_image)
+    residual, _ = background_free(sample, bin_size)
+    sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(1, -1)
+    variance = sample.variance.astype(np.float64).reshape(1, -1)
+    residual = residual.reshape(1, -1)
+    xp = array_module_of(residual)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        normalised = residual / xp.sqrt(variance)
+    # everything the decision below may need, read back at once
+    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64),
+                                      masked_quantiles(normalised, sky, (0.25, 0.75))[:, 0],
+                                      masked_quantiles(residual, sky, (0.25, 0.75))[:, 0],
+                                      masked_median(variance, sky)]))
+    n_sky = int(numbers[0])
+    factor = _iqr_variance(numbers[1], numbers[2])
+    measured, median = _iqr_variance(numbers[3], numbers[4]), float(numbers[5])
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
     if mode == "add":
-        return _add_sky_variance(masked_image, values, variance, limit, n_sky)
-    factor = iqr_sigma(values / xp.sqrt(variance)) ** 2
+        return _add_sky_variance(masked_image, measured, median, limit, n_sky)
     if mode == "auto" and factor > AUTO_SCALE_MAX:
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
-        return _add_sky_variance(masked_image, values, variance, limit, n_sky)
+        return _add_sky_variance(masked_image, measured, median, limit, n_sky)
     if mode == "auto" and abs(factor - 1.0) <= AUTO_TOLERANCE:
         log.info("variance plane within %.0f %% of the sky noise (factor %.4g): kept", 100 * AUTO_TOLERANCE,
                  factor)
@@ -224,7 +270,7 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
                     "resampled image?): kept unchanged", 1.0 / factor if factor > 0 else float("inf"))
         return masked_image, VarianceCorrection("none", float(factor), n_sky)
     if not 0 < factor <= limit:
-        factor = iqr_sigma(values) ** 2 / float(xp.median(variance))
+        factor = measured / median
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
         raise InvalidVarianceError(msg)
@@ -243,9 +289,13 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
     return corrected, correction.value
 
 
-def _add_sky_variance(masked_image, sky_values, sky_variance, limit, n_sky):
-    measured = iqr_sigma(sky_values) ** 2
-    median = float(array_module_of(sky_variance).median(sky_variance))
+def _iqr_variance(q1, q3):
+    """``iqr_sigma(values) ** 2`` from the quartiles of the values."""
+    return float((IQR_TO_SIGMA * (q3 - q1)) ** 2)
+
+
+def _add_sky_variance(masked_image, measured, median, limit, n_sky):
+    """Add the measured sky variance missing from the plane (``measured`` less the plane's ``median`` on the sky)."""
     if not 0 < measured <= limit * median:
         msg = (f"measured sky variance {measured:.4g} is not within (0, {limit} x {median:.4g}]: "
                f"the variance plane does not describe the noise")
