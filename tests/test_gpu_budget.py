@@ -1,0 +1,102 @@
+"""What a subtraction asks of a GPU, counted without one (issue 17's instrument).
+
+The CuPy stand-in (``tests/cupy_standin.py``) runs the pipeline's real CuPy
+branches on the CPU and records every CuPy call, kernel launch,
+device->host synchronisation and host->device upload.  These tests run one
+subtraction at two image sizes and two star densities and hold the counts
+to budgets, so that a change which adds a read-back inside a loop over
+candidates or batches, or uploads per-candidate data, fails here rather than
+on the next GPU.
+
+Budgets (issue 17, item 2; the 4096², 8000-star figures are in
+``bench/RESULTS.md``, from ``bench/gpu_budget.py``):
+
+* synchronisations: at most 25 in all, one per stamp-fit batch or
+  assessment of the kernel fit, and at most :data:`FIXED_SYNCS` elsewhere
+  (the issue asks for 5 there: the variance correction reads back 1 per
+  image, detection and the PSF sizes 5, the noise correlation 3, the spatial
+  system and the stage timers 1 each);
+* uploads beyond the input planes: bounded and independent of the star
+  count (decisions per pass: stamp centres, spatial terms);
+* CuPy calls: may not grow by more than a pass's worth with four times more
+  stars.  The absolute call count is still above the issue's 400 (see the
+  bench record); :data:`CALL_CEILING` is a ratchet on what the code does now.
+"""
+
+import numpy as np
+import pytest
+
+from cupy_standin import cupy_standin, to_device
+from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
+from gpudiffim.testing import make_fake_pair
+
+#: (size, (few stars, many stars)).
+CASES = {384: (60, 240), 768: (250, 1000)}
+#: Synchronisations outside the kernel fit's per-batch read-backs (ratchet; issue target: 5).
+FIXED_SYNCS = 14
+#: Ratchet on the CuPy calls of one subtraction at these sizes (issue target: 400).
+CALL_CEILING = 1800
+#: Calls one more clipping pass may add (a stamp-fit batch, its residuals and its read-back).
+CALLS_PER_PASS = 160
+#: Upload ceiling beyond the input planes, bytes (per-pass decisions; ratchet, issue target: a few kB).
+UPLOAD_CEILING = 1_000_000
+
+
+def _count(size, stars):
+    pair = make_fake_pair(shape=(size, size), n_stars=stars, seed=3)
+    with cupy_standin(kernels="numpy") as recorder:
+        template, science = to_device(pair.template), to_device(pair.science)
+        recorder.events.clear()
+        result = ImagePsfMatchTask(PsfMatchConfig()).subtract_masked_images(template, science)
+    passes = recorder.sites("sync", "kernel fit")          # one read-back per stamp-fit batch and assessment
+    return recorder, result, sum(passes.values())
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def counts(request):
+    size = request.param
+    return size, [_count(size, stars) for stars in CASES[size]]
+
+
+def test_synchronisations_stay_within_budget(counts):
+    size, runs = counts
+    for recorder, result, passes in runs:
+        assert recorder.syncs <= 25, (size, recorder.sites("sync").most_common())
+        assert recorder.syncs - passes <= FIXED_SYNCS, (size, recorder.sites("sync").most_common())
+        assert result.kernel_cell_set.n_good > 10
+    (few, _, passes_few), (many, _, passes_many) = runs
+    assert many.syncs <= few.syncs + 2 * max(0, passes_many - passes_few) + 1
+
+
+def test_no_read_back_inside_a_loop_over_candidates(counts):
+    """Every sync site of the kernel fit is a per-batch read-back, never per candidate."""
+    _, runs = counts
+    for recorder, result, passes in runs:
+        assert passes <= 8 < len(result.kernel_cell_set)
+
+
+def test_uploads_do_not_grow_with_the_candidates(counts):
+    size, runs = counts
+    (few, _, _), (many, _, _) = runs
+    for recorder in (few, many):
+        assert recorder.bytes("h2d") <= UPLOAD_CEILING, recorder.sites("h2d").most_common(8)
+    assert many.bytes("h2d") <= few.bytes("h2d") * 1.5 + 50_000
+
+
+def test_calls_do_not_grow_with_the_candidates(counts):
+    size, runs = counts
+    (few, _, passes_few), (many, _, passes_many) = runs
+    for recorder in (few, many):
+        assert recorder.calls <= CALL_CEILING, (size, recorder.sites("call").most_common(10))
+    assert many.calls <= few.calls + CALLS_PER_PASS * max(1, passes_many - passes_few)
+
+
+def test_stage_table_adds_up(counts):
+    _, runs = counts
+    recorder = runs[0][0]
+    rows = recorder.table()
+    total = rows[-1]
+    assert total[0] == "total"
+    assert sum(row[1] for row in rows[:-1]) == total[1] == recorder.calls
+    assert sum(row[3] for row in rows[:-1]) == total[3] == recorder.syncs
+    assert np.isfinite(total[6]) and total[6] >= 0
