@@ -25,9 +25,9 @@ method                             contract
 =================================  ==============================================================
 ``correlate_stamps``               valid-region correlation of stamps (N, S, S) with kernels:
                                    (N, K, F, F), or (N, F, F) with ``per_stamp``
-``stamp_normal_equations``         ``M = C^T W C`` (N, P, P), ``b = C^T W y`` (N, P) for explicit
-                                   columns ``C`` (N, P, n_pix): the background column of ones,
-                                   when fitted, is a stored column on every path
+``stamp_normal_equations``         ``M = C^T W C`` (N, P, P), ``b = C^T W y`` (N, P) for the basis
+                                   columns ``C`` (N, n_basis, n_pix) and, when fitted, the
+                                   background's column of ones, implicit on every path
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
                                    cuBLAS batched LU on the GPU with no read-back
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
@@ -49,11 +49,12 @@ method                             contract
 
 import numpy as np
 import scipy.ndimage as ndi
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ._backend import array_module_of, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
-from .cutouts import cut_planes
+from .cutouts import check_inside
 from .errors import SingularSystemError
 from .linalg import pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
@@ -174,15 +175,27 @@ class NumpyOperations:
         else every stamp with every kernel (N, K, F, F).  Batched FFT products."""
         return (correlate_stamps_each if per_stamp else correlate_stamps)(stamps, kernels)
 
-    def stamp_normal_equations(self, columns, target, weights):
+    def stamp_normal_equations(self, columns, target, weights, background):
         """``M = C^T W C`` (N, P, P) and ``b = C^T W y`` (N, P) per stamp.
 
-        ``columns`` (N, P, n_pix) holds every column, the background's ones
-        included; ``target`` (N, n_pix); ``weights`` broadcasts to (N, n_pix).
+        ``columns`` (N, n_basis, n_pix) are the basis columns; with
+        ``background`` a column of ones follows them (``P = n_basis + 1``),
+        implicit on every path (never stored: its products are the weighted
+        sums); ``target`` (N, n_pix); ``weights`` broadcasts to (N, n_pix).
         """
-        weighted = columns * weights.reshape(len(columns), 1, -1)
-        matrix = weighted @ columns.transpose(0, 2, 1)
-        vector = np.einsum("npk,nk->np", weighted, target)
+        n, n_basis, n_pix = columns.shape
+        weights = np.broadcast_to(weights.reshape(n, 1, -1), (n, 1, n_pix))
+        weighted = columns * weights
+        p = n_basis + int(bool(background))
+        matrix = np.empty((n, p, p))
+        vector = np.empty((n, p))
+        matrix[:, :n_basis, :n_basis] = weighted @ columns.transpose(0, 2, 1)
+        vector[:, :n_basis] = np.einsum("npk,nk->np", weighted, target)
+        if background:
+            cross = weighted.sum(axis=2)
+            matrix[:, :n_basis, n_basis] = matrix[:, n_basis, :n_basis] = cross
+            matrix[:, n_basis, n_basis] = weights[:, 0, :].sum(axis=1)
+            vector[:, n_basis] = np.einsum("nk,nk->n", weights[:, 0, :], target)
         return matrix, vector
 
     def solve_systems(self, matrices, vectors):
@@ -205,10 +218,16 @@ class NumpyOperations:
         variances, int32 masks, (N, S, S), where the planes live.  ``template``
         and ``science`` are MaskedImages of one grid; ``centres_rc`` host
         ``(row, column)`` centres, every stamp inside (else ValueError)."""
-        planes = cut_planes((template.image, science.image, template.variance, science.variance,
-                             template.mask, science.mask), centres_rc, half_size)
+        planes = (template.image, science.image, template.variance, science.variance, template.mask,
+                  science.mask)
+        centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
+        check_inside(centres_rc, half_size, template.shape)
+        size = 2 * half_size + 1
+        corners = centres_rc - half_size
         dtypes = (np.float64,) * 4 + (np.int32,) * 2
-        return tuple(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes))
+        # a gather of whole windows: ~20x faster than fancy indexing by rows and columns
+        return tuple(sliding_window_view(plane, (size, size))[corners[:, 0], corners[:, 1]].astype(dtype)
+                     for plane, dtype in zip(planes, dtypes))
 
     def difference_stamps(self, stamps, kernels, background, bad_bits):
         """``(D, V, M)`` (N, F, F) of the six stamp stacks under per-stamp kernels (N, kh, kw) and backgrounds.
@@ -371,13 +390,13 @@ class KernelOperations(NumpyOperations):
         out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
         return out[:, 0] if per_stamp else out
 
-    def stamp_normal_equations(self, columns, target, weights):
-        """``gdi_normal_equations`` on the stored columns (its implicit ones column unused)."""
+    def stamp_normal_equations(self, columns, target, weights, background):
+        """``gdi_normal_equations`` with its implicit column of ones for the background."""
         from ._cuda import stamp_fit
 
         xp = array_module_of(columns)
         weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
-        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, 0)
+        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, int(bool(background)))
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """``gdi_or_filter_box`` over the kernel box, cut to the fit region."""

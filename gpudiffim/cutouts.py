@@ -10,7 +10,7 @@ import numpy as np
 
 from ._backend import array_module_of
 
-__all__ = ["stamps_fit", "cut_planes", "cut_stamps"]
+__all__ = ["check_inside", "stamps_fit", "cut_planes", "cut_stamps"]
 
 
 def stamps_fit(centres, shape, half_size):
@@ -99,7 +99,7 @@ def cut_planes(planes, centres_rc, radius, *, clamp=False):
     centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
     n_rows, n_cols = plane.shape
     if not clamp:
-        _check_inside(centres_rc, (half_rows, half_cols), plane.shape, radius)
+        check_inside(centres_rc, radius, plane.shape)
     centres = xp.asarray(centres_rc.astype(np.int32 if max(n_rows, n_cols) < 2**31 else np.int64))
     rows = centres[:, 0, None] + xp.arange(-half_rows, half_rows + 1, dtype=centres.dtype)
     cols = centres[:, 1, None] + xp.arange(-half_cols, half_cols + 1, dtype=centres.dtype)
@@ -109,9 +109,10 @@ def cut_planes(planes, centres_rc, radius, *, clamp=False):
     return [p[rows, cols] for p in planes]
 
 
-def _check_inside(centres_rc, halves, shape, radius):
-    """ValueError naming the first stamp that does not lie inside an image of ``shape``."""
-    (half_rows, half_cols), (n_rows, n_cols) = halves, shape
+def check_inside(centres_rc, radius, shape):
+    """Raise ValueError naming the first stamp (``radius`` as :func:`cut_stamps`) not inside an image of ``shape``."""
+    half_rows, half_cols = (radius, radius) if np.ndim(radius) == 0 else radius
+    n_rows, n_cols = shape
     outside = ((centres_rc[:, 0] - half_rows < 0) | (centres_rc[:, 0] + half_rows >= n_rows)
                | (centres_rc[:, 1] - half_cols < 0) | (centres_rc[:, 1] + half_cols >= n_cols))
     if outside.any():

@@ -19,8 +19,8 @@ moments are operations of :mod:`gpudiffim._ops`, chosen once per call from
 where the stamps live: NumPy/SciPy (the reference), or on the kernel path
 (``cupy`` and ``cuda-emulator``, see :mod:`gpudiffim._backend`) the CUDA
 kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
-``residual_moments.cu``.  The design columns, background column included,
-are the same on every path.  The small per-stamp systems (``N x P x P``) are
+``residual_moments.cu``.  The design columns are the same on every path,
+and the background's column of ones is implicit on every path.  The small per-stamp systems (``N x P x P``) are
 solved by LU with partial pivoting and the same pivot rank test on every
 backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
 :func:`gpudiffim.linalg.solve_batch_status`).  A fit's results stay where the
@@ -171,18 +171,16 @@ def _inverse(variance):
         return xp.where(variance > 0, 1.0 / variance, 0.0)
 
 
-def _design(ops, batch, basis, fit_background):
-    """Design columns (N, n_basis [+1], F) and target (N, F), the same on every path.
+def _design(ops, batch, basis):
+    """Basis design columns (N, n_basis, F) and target (N, F), the same on every path.
 
-    With ``fit_background`` the last column is the background's column of ones.
+    The background's column of ones, when fitted, is implicit in
+    ``ops.stamp_normal_equations`` (never stored).
     """
     half_width = basis.shape[1] // 2
     correlated = ops.correlate_stamps(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
-    if fit_background:
-        xp = array_module_of(columns)
-        columns = xp.concatenate([columns, xp.ones((n, 1, fy * fx))], axis=1)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
 
@@ -269,15 +267,15 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
-    columns, target = _design(ops, batch, basis, config.fit_for_background)
+    columns, target = _design(ops, batch, basis)
     weights, codes = _stamp_weights(batch, half_width, config.constant_variance_weighting)
-    matrix, vector = ops.stamp_normal_equations(columns, target, weights)
+    matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
     condition = {}
     solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
         kernels = candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(ops, batch, kernels))
-        matrix, vector = ops.stamp_normal_equations(columns, target, weights)
+        matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
         solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))

@@ -110,11 +110,22 @@ def _check_correlation(got, stamps, kernels, per_stamp, dtype, note):
 
 
 def _reference_normal_equations(columns, weights, target, with_background):
-    """The NumPy stamp normal equations on float64 copies, a ones column appended for the background."""
+    """The NumPy stamp normal equations on float64 copies (the background's ones column implicit)."""
     columns = np.asarray(columns, np.float64)
-    if with_background:
-        columns = np.concatenate([columns, np.ones((columns.shape[0], 1, columns.shape[2]))], axis=1)
-    return NUMPY.stamp_normal_equations(columns, np.asarray(target, np.float64), np.asarray(weights, np.float64))
+    return NUMPY.stamp_normal_equations(columns, np.asarray(target, np.float64), np.asarray(weights, np.float64),
+                                        with_background)
+
+
+def test_implicit_background_column_equals_a_stored_one(rng):
+    """The reference's implicit ones column gives the system of the stored column, to rounding."""
+    gen, seed = rng
+    columns, weights, target = _normal_case(gen, 9, 5, 77, np.float64)
+    stored = np.concatenate([columns, np.ones((9, 1, 77))], axis=1)
+    want = NUMPY.stamp_normal_equations(stored, target, weights, False)
+    got = NUMPY.stamp_normal_equations(columns, target, weights, True)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-12 * np.abs(b).max(), err_msg=f"seed={seed}")
+    assert np.array_equal(got[0][:, -1, :], got[0][:, :, -1])      # the background row and column agree exactly
 
 
 def _normal_case(gen, n, n_basis, n_pix, dtype):

@@ -4,8 +4,10 @@
 three configurations (Alard-Lupton with a background, delta-function,
 Alard-Lupton with a PCA spatial basis), every candidate's status and reject
 reason (compared exactly), the spatial kernel and background coefficients
-and the kernel sum at the centre (to 1e-9 relative: the arithmetic may be
-reordered by a refactoring or by another BLAS, no more), and summaries of the
+and the kernel sum at the centre (to 1e-9 of the largest coefficient: the
+arithmetic may be reordered by a refactoring or by another BLAS, and the
+stamp systems' condition numbers of ~1e8 turn 1e-16 into ~1e-8 of a small
+coefficient, no more), and summaries of the
 float32 difference image and variance (to 1e-6 relative: float32 rounding of
 an FFT or accumulation done in another order).  A change that alters the algorithm must
 regenerate the file on purpose::
@@ -96,4 +98,5 @@ def test_results_match_the_snapshot(name, pair, recorded):
     assert 0 < got["status"].count("GOOD")
     for key in sorted(set(got) - {"id", "status", "reason_code", "mask_or", "mask_sum"}):
         rtol = IMAGE_RTOL if key in IMAGE_KEYS else RTOL
-        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-12, err_msg=key)
+        atol = max(1e-12, RTOL * float(np.max(np.abs(want[key]))))
+        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=key)
