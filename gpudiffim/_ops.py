@@ -466,7 +466,7 @@ class KernelOperations(NumpyOperations):
         return out
 
     def accumulate_term(self, out, term, rows, cols):
-        """``gdi_accumulate_term`` (bit-identical to the reference's three in-place steps)."""
+        """One-term ``gdi_accumulate_terms`` (bit-identical to the reference's three in-place steps)."""
         from ._cuda import image_apply
 
         xp = array_module_of(out)

@@ -5,14 +5,15 @@
 // on the GPU, SciPy/NumPy on the host); this unit does what apply.py does
 // around them:
 //
-// * gdi_accumulate_term<T>: out[y, x] += (term[y, x] * rows[y]) * cols[x], the
-//   step "term *= rows[:, None]; term *= cols[None, :]; out += term" of
-//   apply._weighted_correlations, in T arithmetic and in exactly that order.
-//   On the GPU the products go through __fmul_rn / __dmul_rn, which the
-//   compiler never contracts into an FMA with the following addition (nvcc
-//   and NVRTC contract by default), so the result equals NumPy's bit for bit
-//   (measured on an H100), except that CuPy compiles with -ftz=true: float32
-//   subnormal operands and results are flushed to zero on the GPU.
+// * gdi_accumulate_terms<T>: for each term t in order, out[y, x] += (term_t[y, x]
+//   * rows[t, y]) * cols[t, x], the step "term *= rows[:, None]; term *=
+//   cols[None, :]; out += term" of _ops.NUMPY.accumulate_term, in T arithmetic
+//   and in exactly that order.  On the GPU the products go through __fmul_rn /
+//   __dmul_rn, which the compiler never contracts into an FMA with the
+//   following addition (nvcc and NVRTC contract by default), so the result
+//   equals NumPy's bit for bit (measured on an H100 for one term), except that
+//   CuPy compiles with -ftz=true: float32 subnormal operands and results are
+//   flushed to zero on the GPU.
 // * gdi_or_filter_1d: OR of int32 mask bits over a window of 2 half + 1
 //   pixels along one axis, zeros outside the image.  Two passes (axis 0 then
 //   axis 1, or the reverse: OR is associative) give the OR over a full
@@ -47,31 +48,14 @@ template <typename T>
 inline T gdi_ia_mul(T a, T b) { return a * b; }
 #endif
 
-template <typename T>
-__global__ void gdi_accumulate_term(const T* __restrict__ term,
-                                    const T* __restrict__ rows,
-                                    const T* __restrict__ cols,
-                                    int ny, int nx,
-                                    T* __restrict__ out)
-{
-    const long long total = static_cast<long long>(ny) * nx;
-    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
-    for (long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; p < total; p += stride) {
-        const long long y = p / nx;
-        const long long x = p - y * nx;
-        const T weighted = gdi_ia_mul(gdi_ia_mul(term[p], rows[y]), cols[x]);
-        out[p] = out[p] + weighted;
-    }
-}
-
 // gdi_accumulate_terms<T>: every term of a batch at once,
 //
 //     out[y, x] = (...((out[y, x] + w_0) + w_1) ...) + w_{n-1},   w_t = (term_t[y, x] * rows[t, y]) * cols[t, x],
 //
 // with term_t[y, x] = terms[t, row0 + y, col0 + x] read in place from the
 // (n_terms, term_rows, term_cols) stack of batched inverse transforms (no
-// cropped copy).  Each step rounds in T as gdi_accumulate_term does, in term
-// order, so the result equals n_terms launches of it bit for bit.  rows
+// cropped copy).  Each step rounds in T, in term order, so the result equals
+// n_terms NumPy accumulation steps bit for bit.  rows
 // (n_terms, ny), cols (n_terms, nx), out (ny, nx), all C-contiguous.
 template <typename T>
 __global__ void gdi_accumulate_terms(const T* __restrict__ terms,
@@ -158,10 +142,7 @@ __global__ void gdi_or_filter_footprint(const int* __restrict__ mask,
 }
 
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and
-// CuPy's name_expressions find "gdi_accumulate_term<float>" / "<double>".
-template __global__ void gdi_accumulate_term<float>(const float*, const float*, const float*, int, int, float*);
-template __global__ void gdi_accumulate_term<double>(const double*, const double*, const double*, int, int,
-                                                     double*);
+// CuPy's name_expressions find "gdi_accumulate_terms<float>" / "<double>".
 template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int, int, const float*,
                                                      const float*, int, int, float*);
 template __global__ void gdi_accumulate_terms<double>(const double*, int, int, int, int, int, const double*,

@@ -22,6 +22,31 @@
 #define GDI_RM_THREADS 128
 #endif
 
+// The block's tree reduction of (count, sum z, sum z^2), written by thread 0
+// to out[0..2]; every thread of the block must call it (it holds barriers).
+__device__ __forceinline__ void gdi_rm_reduce(double* s_n, double* s_z, double* s_z2,
+                                              double c, double sz, double sz2, double* out)
+{
+    const int tid = static_cast<int>(threadIdx.x);
+    s_n[tid] = c;
+    s_z[tid] = sz;
+    s_z2[tid] = sz2;
+    __syncthreads();
+    for (int s = static_cast<int>(blockDim.x) / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            s_n[tid] += s_n[tid + s];
+            s_z[tid] += s_z[tid + s];
+            s_z2[tid] += s_z2[tid + s];
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        out[0] = s_n[0];
+        out[1] = s_z[0];
+        out[2] = s_z2[0];
+    }
+}
+
 template <typename T>
 __global__ void gdi_residual_moments(const T* __restrict__ diff,
                                      const T* __restrict__ var,
@@ -59,23 +84,7 @@ __global__ void gdi_residual_moments(const T* __restrict__ diff,
             sz2 += z * z;
         }
     }
-    s_n[tid] = c;
-    s_z[tid] = sz;
-    s_z2[tid] = sz2;
-    __syncthreads();
-    for (int s = static_cast<int>(blockDim.x) / 2; s > 0; s >>= 1) {
-        if (tid < s) {
-            s_n[tid] += s_n[tid + s];
-            s_z[tid] += s_z[tid + s];
-            s_z2[tid] += s_z2[tid + s];
-        }
-        __syncthreads();
-    }
-    if (tid == 0) {
-        out[3 * static_cast<long long>(n)] = s_n[0];
-        out[3 * static_cast<long long>(n) + 1] = s_z[0];
-        out[3 * static_cast<long long>(n) + 2] = s_z2[0];
-    }
+    gdi_rm_reduce(s_n, s_z, s_z2, c, sz, sz2, out + 3 * static_cast<long long>(n));
 }
 
 #ifndef GDI_SR_MAX_TAPS
@@ -175,23 +184,7 @@ __global__ void gdi_stamp_residuals(const double* __restrict__ template_image,
             sz2 += z * z;
         }
     }
-    s_n[tid] = c;
-    s_z[tid] = sz;
-    s_z2[tid] = sz2;
-    __syncthreads();
-    for (int r = stride / 2; r > 0; r >>= 1) {
-        if (tid < r) {
-            s_n[tid] += s_n[tid + r];
-            s_z[tid] += s_z[tid + r];
-            s_z2[tid] += s_z2[tid + r];
-        }
-        __syncthreads();
-    }
-    if (tid == 0) {
-        sums[3 * static_cast<long long>(n)] = s_n[0];
-        sums[3 * static_cast<long long>(n) + 1] = s_z[0];
-        sums[3 * static_cast<long long>(n) + 2] = s_z2[0];
-    }
+    gdi_rm_reduce(s_n, s_z, s_z2, c, sz, sz2, sums + 3 * static_cast<long long>(n));
 }
 
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and

@@ -570,13 +570,8 @@ def _memoize(for_each_device=False):
 # ---------------------------------------------------------------------------
 # cuda: runtime, devices, events, streams, kernels
 
-class _Device:
-    def __init__(self, device=0):
-        self.id = int(device)
-        self.compute_capability = "90"
-
-    def synchronize(self):
-        _record("sync", "Device.synchronize")
+class _Context:
+    """``use()`` and ``with``: nothing to switch on the one stand-in device and stream."""
 
     def use(self):
         return self
@@ -586,6 +581,15 @@ class _Device:
 
     def __exit__(self, *exc):
         return False
+
+
+class _Device(_Context):
+    def __init__(self, device=0):
+        self.id = int(device)
+        self.compute_capability = "90"
+
+    def synchronize(self):
+        _record("sync", "Device.synchronize")
 
 
 class _CudaEvent:
@@ -609,7 +613,7 @@ def _get_elapsed_time(start, stop):
     return 1e3 * (stop.device_seconds - start.device_seconds)
 
 
-class _Stream:
+class _Stream(_Context):
     null = None
 
     def __init__(self, null=False, non_blocking=False, ptr=0):
@@ -617,15 +621,6 @@ class _Stream:
 
     def synchronize(self):
         _record("sync", "Stream.synchronize")
-
-    def use(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 _Stream.null = _Stream()

@@ -67,11 +67,6 @@ def spatial_normal_equations(normal_matrices, normal_vectors, owner, weights, n_
     vector.reshape(n_theta)[...] = np.einsum("na,na->a", w, normal_vectors.reshape(n_stamps, p)[:, owner])
 
 
-def accumulate_term(term, rows, cols, ny, nx, out):
-    out2 = out.reshape(ny, nx)
-    out2 += (term.reshape(ny, nx) * rows[:, None]) * cols[None, :]
-
-
 def accumulate_terms(terms, n_terms, term_rows, term_cols, row0, col0, rows, cols, ny, nx, out):
     image = out.reshape(ny, nx)
     stack = terms.reshape(n_terms, term_rows, term_cols)
@@ -151,7 +146,6 @@ FAST = {}
 for _name, _function in (("gdi_residual_moments", residual_moments),
                          ("gdi_correlate_stamps", correlate_stamps_kernel),
                          ("gdi_normal_equations", normal_equations),
-                         ("gdi_accumulate_term", accumulate_term),
                          ("gdi_accumulate_terms", accumulate_terms),
                          ("gdi_cut_stamps", cut_stamps)):
     for _type in ("float", "double"):

@@ -169,9 +169,9 @@ SOURCE_PERTURBATIONS = {
                    "__global__ void gdi_new_kernel(int n) {}\n__global__ void gdi_spatial_normal_equations(",
                    "gdi_new_kernel: in the .cu sources (spatial_assembly.cu), not in signatures.KERNELS"),
     "instantiation disagrees with definition": (
-        "image_apply", "template __global__ void gdi_accumulate_term<float>(const float*, const float*, const float*,",
-        "template __global__ void gdi_accumulate_term<float>(const float*, const float*, float*,",
-        "gdi_accumulate_term<float> instantiated as"),
+        "image_apply", "template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int, int,",
+        "template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int,",
+        "gdi_accumulate_terms<float> instantiated as"),
 }
 
 

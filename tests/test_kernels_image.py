@@ -5,7 +5,7 @@
 :mod:`gpudiffim._cuda.image_apply` and :mod:`gpudiffim._cuda.warp` (or :func:`gpudiffim._cuda.launch`
 directly, with small grids that exercise the grid-stride loops):
 
-* ``gdi_accumulate_term`` equals the accumulation step of
+* ``gdi_accumulate_terms`` (one term) equals the accumulation step of
   :func:`gpudiffim.apply._weighted_correlations` bit for bit;
 * the OR filters equal :func:`gpudiffim.apply.propagate_mask` (full boxes and
   irregular footprints, several bits) and
@@ -104,13 +104,13 @@ def test_emulated_accumulate_term_small_grid(emulator, rng):
     out = gen.normal(size=(17, 23))
     term, rows, cols = gen.normal(size=(17, 23)), gen.normal(size=17), gen.normal(size=23)
     want = _numpy_accumulate(out, term, rows, cols, np.float64)
-    launch("gdi_accumulate_term<double>", 2, 32, (term, rows, cols, 17, 23, out))
+    launch("gdi_accumulate_terms<double>", 2, 32, (term[None], 1, 17, 23, 0, 0, rows[None], cols[None], 17, 23, out))
     assert_array_equal(out, want, err_msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_emulated_weighted_correlations_match_apply(emulator, rng, dtype):
-    """FFT correlation (library call) + gdi_accumulate_term == NUMPY.weighted_correlations_whole, and the
+    """FFT correlation (library call) + one-term gdi_accumulate_terms == NUMPY.weighted_correlations_whole, and the
     kernel path's batched transforms + one gdi_accumulate_terms launch give the same sums bit for bit."""
     gen, seed = rng
     image = gen.normal(size=(19, 26)).astype(dtype)

@@ -91,7 +91,7 @@ def _stack(mask):
 
 
 def accumulate_term(out, term, rows, cols):
-    """``out += (term * rows[:, None]) * cols[None, :]`` in place, through ``gdi_accumulate_term``.
+    """``out += (term * rows[:, None]) * cols[None, :]`` in place: :func:`accumulate_terms` of one term.
 
     The products and the sum are in ``out``'s dtype and in this order, so the
     result equals NumPy's ``term *= rows[:, None]; term *= cols[None, :];
@@ -137,11 +137,7 @@ def accumulate_term(out, term, rows, cols):
         msg = (f"term must have out's shape {out.shape}, rows ({ny},) and cols ({nx},); "
                f"got {term.shape}, {rows.shape} and {cols.shape}")
         raise ValueError(msg)
-    term, rows, cols = (xp.ascontiguousarray(xp.asarray(a).astype(out.dtype, copy=False))
-                        for a in (term, rows, cols))
-    grid, block = grid_stride_geometry(ny * nx, launcher)
-    launch(f"gdi_accumulate_term<{ctype}>", grid, block, (term, rows, cols, ny, nx, out))
-    return out
+    return accumulate_terms(out, term[None], 0, 0, rows[None], cols[None])
 
 
 def accumulate_terms(out, terms, row0, col0, rows, cols):

@@ -137,13 +137,6 @@ KERNELS["gdi_spatial_normal_equations"] = KernelSpec("spatial_assembly", (
 
 # ---- kernels/image_apply.cu and kernels/warp.cu (full-image application, Lanczos-3 warp) ----
 
-def _accumulate_term(t):
-    return KernelSpec("image_apply", (
-        ("term", f"const {t}*"), ("rows", f"const {t}*"), ("cols", f"const {t}*"),
-        ("ny", "int"), ("nx", "int"), ("out", f"{t}*"),
-    ))
-
-
 def _warp_lanczos3(t):
     return KernelSpec("warp", (
         ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"),
@@ -152,9 +145,6 @@ def _warp_lanczos3(t):
         ("n_out", "int"), ("no_data", "int"), ("outside_bits", "int"),
         ("out_image", f"{t}*"), ("out_variance", f"{t}*"), ("out_mask", "int*"),
     ))
-
-
-KERNELS.update({f"gdi_accumulate_term<{t}>": _accumulate_term(t) for t in ("float", "double")})
 
 
 def _accumulate_terms(t):
