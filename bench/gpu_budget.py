@@ -75,6 +75,9 @@ def main(argv=None):
     print(recorder.format_table())
     for kind in ("sync", "h2d", "call"):
         print(f"\n{kind} sites:", ", ".join(f"{site} ×{n}" for site, n in recorder.sites(kind).most_common(args.top)))
+    gaps = sorted(recorder.host_gaps.items(), key=lambda item: -item[1])[:args.top]
+    print("\nhost time before each device operation, by site (where the host time goes):",
+          ", ".join(f"{site} {1e3 * seconds:.1f} ms" for site, seconds in gaps))
     numbers = summary(recorder, result)
     print(f"\nestimated host-side cost on a GPU machine: {numbers['estimated_host_overhead_ms']:.1f} ms "
           f"(host {numbers['host_ms']:.1f} ms + {CALL_SECONDS * 1e6:.0f} µs per call + "

@@ -97,6 +97,10 @@ class Recorder:
     stage_device: dict = field(default_factory=lambda: defaultdict(float))
     launch_seconds: dict = field(default_factory=lambda: defaultdict(float))
     instrument_seconds: float = 0.0
+    #: Host CPU seconds spent before each device operation since the previous one, by call site
+    #: (where the host time goes; includes the call-site lookup itself).
+    host_gaps: dict = field(default_factory=lambda: defaultdict(float))
+    last_mark: float = None
     stage_instrument: dict = field(default_factory=lambda: defaultdict(float))
     _depth: int = 0
 
@@ -208,10 +212,14 @@ def _device_work():
         return
     recorder._depth += 1
     start = time.process_time()
+    if recorder.last_mark is not None:   # host time since the previous device work: charge it to this site
+        recorder.host_gaps[_call_site()] += start - recorder.last_mark
     try:
         yield
     finally:
-        recorder.device_seconds += time.process_time() - start
+        end = time.process_time()
+        recorder.device_seconds += end - start
+        recorder.last_mark = end
         recorder._depth -= 1
 
 
