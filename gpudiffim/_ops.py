@@ -184,6 +184,7 @@ class NumpyOperations:
         sums); ``target`` (N, n_pix); ``weights`` broadcasts to (N, n_pix).
         """
         n, n_basis, n_pix = columns.shape
+        columns = np.ascontiguousarray(columns)   # a strided view (cropped correlations) would miss BLAS
         weights = np.broadcast_to(weights.reshape(n, 1, -1), (n, 1, n_pix))
         weighted = columns * weights
         p = n_basis + int(bool(background))
