@@ -40,13 +40,16 @@ def iqr_sigma(values):
     return _IQR_TO_SIGMA * (q3 - q1)
 
 
-def masked_quantiles(values, mask, quantiles):
+def masked_quantiles(values, mask, quantiles, *, median=False):
     """``np.quantile(row[mask_row], quantiles)`` (linear) of every row, without compacting the rows.
 
     The selection stays where the arrays live (no read-back of a count on the
-    GPU): the rows are sorted with the unselected values as ``+inf``, and each
-    quantile is read at ``q (n - 1)`` of the row's own count ``n`` and
-    interpolated exactly as NumPy's ``linear`` method does.
+    GPU): the rows are sorted once, with the unselected values as ``+inf``,
+    and each quantile is read at ``q (n - 1)`` of the row's own count ``n``
+    and interpolated exactly as NumPy's ``linear`` method does; with
+    ``median``, ``np.median`` of the row too (the mean ``(a + b) / 2`` of the
+    two middle values for an even count, as NumPy, which differs from the 0.5
+    quantile in the last bit).
 
     Parameters
     ----------
@@ -56,10 +59,12 @@ def masked_quantiles(values, mask, quantiles):
         The values of each row taken.
     quantiles : sequence of float
         In [0, 1].
+    median : bool
+        Append ``np.median`` of each row.
 
     Returns
     -------
-    ndarray of shape (len(quantiles), B)
+    ndarray of shape (len(quantiles) [+ 1], B)
         float64, in the arrays' module; NaN for a row with no value taken or a
         NaN among its values.
     """
@@ -78,26 +83,17 @@ def masked_quantiles(values, mask, quantiles):
     with np.errstate(invalid="ignore"):  # inf - inf in rows with no value taken (NaN, then discarded)
         difference = b - a
         result = xp.where(gamma >= 0.5, b - difference * (1 - gamma), a + difference * gamma)
+        if median:
+            middle = xp.take_along_axis(ordered, xp.stack([last // 2, count // 2], axis=1), axis=1)
+            halves = xp.where(count % 2 == 1, middle[:, 1], (middle[:, 0] + middle[:, 1]) / 2)
+            result = xp.concatenate([result, halves[None, :]])
     valid = (count > 0) & ~(mask & xp.isnan(values)).any(axis=1)
     return xp.where(valid[None, :], result, np.nan)
 
 
 def masked_median(values, mask):
-    """``np.median(row[mask_row])`` of every row (B, n), without compaction (see :func:`masked_quantiles`).
-
-    Returns a (B,) float64 array in the arrays' module: the middle value, or
-    the mean ``(a + b) / 2`` of the two middle ones, as ``np.median``; NaN for
-    an empty row or one holding a NaN.
-    """
-    xp = array_module_of(values)
-    values = values.astype(np.float64, copy=False)
-    ordered = xp.sort(xp.where(mask, values, np.inf), axis=1)
-    count = mask.sum(axis=1)
-    upper = xp.take_along_axis(ordered, xp.maximum(count // 2, 0)[:, None].astype(np.int64), axis=1)[:, 0]
-    lower = xp.take_along_axis(ordered, xp.maximum((count - 1) // 2, 0)[:, None].astype(np.int64), axis=1)[:, 0]
-    median = xp.where(count % 2 == 1, upper, (lower + upper) / 2)
-    valid = (count > 0) & ~(mask & xp.isnan(values)).any(axis=1)
-    return xp.where(valid, median, np.nan)
+    """``np.median(row[mask_row])`` of every row (B, n) -> (B,), without compaction (:func:`masked_quantiles`)."""
+    return masked_quantiles(values, mask, (), median=True)[0]
 
 
 def masked_iqr_sigma(values, mask):

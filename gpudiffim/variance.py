@@ -35,7 +35,7 @@ from ._backend import array_module_of, ndimage_of, to_host
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import IQR_TO_SIGMA, masked_iqr_sigma, masked_median, masked_quantiles
+from .statistics import IQR_TO_SIGMA, masked_iqr_sigma, masked_quantiles
 
 __all__ = ["SkySample", "VarianceCorrection", "background_free", "correct_variance", "sampled_stack",
            "scale_variance", "sky_pixels"]
@@ -244,14 +244,15 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     xp = array_module_of(residual)
     with np.errstate(divide="ignore", invalid="ignore"):
         normalised = residual / xp.sqrt(variance)
-    # everything the decision below may need, read back at once
-    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64),
-                                      masked_quantiles(normalised, sky, (0.25, 0.75))[:, 0],
-                                      masked_quantiles(residual, sky, (0.25, 0.75))[:, 0],
-                                      masked_median(variance, sky)]))
+    # everything the decision below may need, from one sort, read back at once: the quartiles of
+    # D/sigma and of D, and the median of the variance, over the sky pixels
+    rows = xp.concatenate([normalised, residual, variance])
+    statistics = masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True)
+    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64), statistics.ravel()]))
     n_sky = int(numbers[0])
-    factor = _iqr_variance(numbers[1], numbers[2])
-    measured, median = _iqr_variance(numbers[3], numbers[4]), float(numbers[5])
+    (q1_z, q1_d, _), (q3_z, q3_d, _), (_, _, median) = numbers[1:].reshape(3, 3)
+    factor = _iqr_variance(q1_z, q3_z)
+    measured, median = _iqr_variance(q1_d, q3_d), float(median)
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
