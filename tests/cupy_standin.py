@@ -32,6 +32,7 @@ import functools
 import sys
 import time
 import types
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -727,7 +728,9 @@ def _dgetrf_batched(handle, n, a_array, lda, pivots, info, batch):
         infos = _int32_at(info, batch)
         for k, address in enumerate(addresses):
             column_major = _matrix_at(address, (n, n))       # row j holds column j
-            lu, piv = scipy.linalg.lu_factor(column_major.T, check_finite=False)
+            with warnings.catch_warnings():                  # singular systems are expected (rank test)
+                warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+                lu, piv = scipy.linalg.lu_factor(column_major.T, check_finite=False)
             column_major[...] = lu.T
             pivot_rows[k] = piv + 1
             infos[k] = 0

@@ -75,7 +75,8 @@ def test_device_reported():
     assert info["backend"] == "cupy" and info["device"] and info["cupy"]
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu,
+                                                                           pytest.mark.device_timing])])
 def test_stage_timer_adds_the_wall_time_of_each_block(backend):
     timings = {}
     with use_backend(backend):
@@ -87,6 +88,7 @@ def test_stage_timer_adds_the_wall_time_of_each_block(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.device_timing
 def test_stage_timer_counts_queued_device_work():
     import cupy
 
@@ -102,3 +104,31 @@ def test_stage_timer_counts_queued_device_work():
         cupy.cuda.runtime.deviceSynchronize()
         host = time.perf_counter() - host
     assert 0.5 * host <= timings["matmul"] <= 1.05 * host
+
+
+@pytest.mark.gpu
+@pytest.mark.device_timing
+def test_stage_timings_read_once_count_the_queued_work():
+    """StageTimings: CUDA events recorded without a synchronisation, read once at the end, still
+    cover the stage's queued device work."""
+    import cupy
+
+    from gpudiffim._backend import StageTimings
+
+    a = cupy.random.random((4096, 4096))
+    a = a @ a / 4096.0
+    cupy.cuda.runtime.deviceSynchronize()
+    timings = StageTimings()
+    with use_backend("cupy"):
+        host = time.perf_counter()
+        with stage_timer(timings, "first"):
+            for _ in range(10):
+                a = a @ a / 4096.0
+        with stage_timer(timings, "second"):
+            for _ in range(10):
+                a = a @ a / 4096.0
+        assert timings == {}                     # nothing read yet: no synchronisation per stage
+        timings.read()
+        host = time.perf_counter() - host
+    assert set(timings) == {"first", "second"}
+    assert 0.5 * host <= timings["first"] + timings["second"] <= 1.05 * host
