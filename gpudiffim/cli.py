@@ -1,7 +1,8 @@
-"""Command line gpudiffim: subtract, demo and info.
+"""Command line gpudiffim: subtract, batch, demo and info.
 
 Exit codes: 0 success, 2 bad input (files, FITS, configuration, registration),
-3 the kernel fit failed (too few candidates, singular system).  Errors are
+3 the kernel fit failed (too few candidates, singular system), 4 (batch)
+some pairs failed (the others are written; see the manifest).  Errors are
 reported as one line on stderr; progress and the summary go to stderr through
 ``logging``.
 """
@@ -411,7 +412,73 @@ def _parser():
 
     info = commands.add_parser("info", help="versions, backend and device")
     info.set_defaults(run=_info)
+    _add_batch_parser(commands, subtract)
     return parser
+
+
+def _add_batch_parser(commands, subtract):
+    """``gpudiffim batch``: its own options, then every subtract option a batch takes."""
+    from .batch import NOT_BATCH_OPTIONS
+
+    batch = commands.add_parser("batch", help="subtract the pairs of a CSV file on a Dask cluster")
+    batch.add_argument("pairs", help="CSV with columns science,template[,output][,subtract options]")
+    batch.add_argument("--out", required=True, metavar="DIR",
+                       help="folder of the outputs and of manifest.csv (created if missing)")
+    batch.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of a running Dask scheduler (default: a local cluster)")
+    batch.add_argument("--workers", type=int, help="worker processes of the local cluster (default: cores)")
+    batch.add_argument("--retries", type=int, default=1,
+                       help="retries of a pair after an unexpected error or a lost worker (default 1)")
+    batch.add_argument("--redo", action="store_true",
+                       help="run every pair again, even those complete or failed with the same inputs")
+    batch.add_argument("--no-dashboard", action="store_true", help="do not serve the Dask dashboard")
+    for action in subtract._actions:
+        if action.option_strings and action.dest not in NOT_BATCH_OPTIONS:
+            batch._add_action(action)
+    batch.set_defaults(run=_batch)
+
+
+def _batch_options(args):
+    """The subtract options given to ``gpudiffim batch`` (those differing from their defaults)."""
+    from .batch import batch_option_actions
+
+    return {dest: getattr(args, dest) for dest, action in batch_option_actions().items()
+            if getattr(args, dest, None) != action.default}
+
+
+def _batch(args):
+    from .batch import EXIT_PAIRS_FAILED, ProgressLine, _require_distributed, dashboard_address, subtract_many
+
+    distributed = _require_distributed()
+    if not args.verbose:  # the scheduler's and workers' INFO chatter; their warnings still show
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers must be at least 1, got {args.workers}"
+        raise ConfigurationError(msg)
+    if args.retries < 0:
+        msg = f"--retries must be at least 0, got {args.retries}"
+        raise ConfigurationError(msg)
+    client = None
+    if args.scheduler:
+        try:
+            client = distributed.Client(args.scheduler, timeout="30s")
+        except OSError as error:
+            msg = f"--scheduler {args.scheduler}: cannot connect ({error})"
+            raise ConfigurationError(msg) from None
+    try:
+        batch = subtract_many(args.pairs, args.out, client, options=_batch_options(args), retries=args.retries,
+                              redo=args.redo, wait=False, n_workers=args.workers,
+                              dashboard=not args.no_dashboard)
+        link = dashboard_address(batch.client)
+        if link:
+            log.info("Dask dashboard: %s", link)
+        batch.wait(ProgressLine())
+    finally:
+        if client is not None:
+            client.close()
+    log.info("%s", batch.summary())
+    counts = batch.counts()
+    return EXIT_PAIRS_FAILED if counts["failed"] + counts["error"] else 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -50,7 +50,7 @@ LAYERS = (
     ("the solve loop", {"solve"}),
     ("the task", {"task"}),
     ("I/O, figures, simulation, command line, the package's public names",
-     {"io", "diagnostics", "testing", "cli", "__init__"}),
+     {"io", "diagnostics", "testing", "cli", "batch", "__init__"}),
 )
 
 LAYER = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
