@@ -5,6 +5,14 @@
 #   docker run --rm --gpus all --user "$(id -u):$(id -g)" -v "$PWD":/data -v gpudiffim-cache:/cache \
 #       gpudiffim subtract /data/sci.fits /data/tmpl.fits -o /data/diff.fits
 # Without a GPU the NumPy backend runs: docker run --rm gpudiffim demo --output ''
+# The same image is a Dask worker for `gpudiffim batch` (dask and dask-cuda are installed);
+# the scheduler and the client may run anywhere that reaches it:
+#   docker run --rm --network host gpudiffim batch /data/pairs.csv --out /data/diffs   # local cluster
+#   docker run --rm --network host --entrypoint dask gpudiffim scheduler
+#   docker run --rm --network host --gpus all --user "$(id -u):$(id -g)" -v /survey:/survey \
+#       --entrypoint dask gpudiffim cuda worker tcp://SCHEDULER:8786 --resources GPU=1
+#   docker run --rm --network host -v /survey:/survey --entrypoint dask gpudiffim \
+#       worker tcp://SCHEDULER:8786 --nworkers auto --nthreads 1                    # CPU-only hosts
 # .ci/check_docker_context.py builds the wheel from exactly what the COPY lines below bring in.
 FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
@@ -28,7 +36,7 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY gpudiffim ./gpudiffim
 # setup.cfg maps the package gpudiffim.kernels to the top-level kernels/ (the CUDA sources)
 COPY kernels ./kernels
-RUN pip install --no-cache-dir ".[cuda12x,plot]" \
+RUN pip install --no-cache-dir ".[cuda12x,plot,dask-cuda]" \
     && useradd --no-log-init --no-create-home --uid 10001 astro \
     && mkdir -p /cache/cupy /cache/gpudiffim /data \
     && chmod 1777 /cache /data \
