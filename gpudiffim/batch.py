@@ -662,7 +662,10 @@ class Batch:
         pair = self.futures[future]
         if future.status == "finished":
             return future.result()
-        error = future.exception()
+        try:
+            error = future.exception()
+        except BaseException as cancelled:  # a cancelled future raises its CancelledError here
+            error = cancelled
         text = _one_line(error) if error is not None else future.status
         if type(error).__name__ == "KilledWorker":
             text = f"worker lost while running the pair ({text})"
@@ -841,7 +844,8 @@ def _submit(batch, options, redo):
         if not redo and batch.manifest.is_done(pair, batch._keys[pair.output]):
             batch.skipped += 1
         else:
-            batch.manifest.rows[pair.output].update(status="pending")
+            batch.manifest.rows[pair.output] = {name: "" for name in MANIFEST_COLUMNS} | {
+                "science": pair.science, "template": pair.template, "output": pair.output, "status": "pending"}
             todo.append(pair)
     batch.manifest.write()
     _clean_partials(batch.pairs)
