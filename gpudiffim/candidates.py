@@ -8,6 +8,7 @@ images.  The vetted candidates go into the spatial cell set
 Positions are parent-pixel coordinates (x = column, y = row).
 """
 
+import functools
 import logging
 import warnings
 
@@ -52,13 +53,23 @@ def _two_point_weights(n, edges):
     Pixel ``t`` takes ``w1[t] * v[b1[t]] + w2[t] * v[b2[t]]`` of the bin values ``v``;
     the weights are the two non-zero entries of the row ``t`` of
     :func:`_interpolation_matrix` (``w2 = 0`` beyond the outer bin centres).
+    Computed once per axis length and bin edges (read-only arrays).
     """
+    return _two_point_weights_cached(int(n), tuple(int(e) for e in edges))
+
+
+@functools.lru_cache(maxsize=64)
+def _two_point_weights_cached(n, edges):
+    edges = np.asarray(edges)
     centres = 0.5 * (edges[:-1] + edges[1:]) - 0.5
     weights = _interpolation_matrix(n, centres)
     t = np.arange(n)
     first = np.clip(np.searchsorted(centres, t, side="right") - 1, 0, len(centres) - 1)
     second = np.minimum(first + 1, len(centres) - 1)
-    return first, second, weights[t, first], np.where(second != first, weights[t, second], 0.0)
+    parts = (first, second, weights[t, first], np.where(second != first, weights[t, second], 0.0))
+    for part in parts:
+        part.flags.writeable = False
+    return parts
 
 
 class _Background:
