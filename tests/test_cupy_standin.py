@@ -105,3 +105,22 @@ def test_standin_run_gives_the_numpy_backends_answer():
     assert np.nanmax(np.abs(difference)) < 1e-3       # float32 rounding at bright stars (sigma ~ 5 ADU)
     np.testing.assert_array_equal(_host(result.subtracted_image.mask), reference.subtracted_image.mask)
     np.testing.assert_allclose(quality["spatial_std"], reference.quality["spatial_std"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    {"kernel_basis_set": "delta-function", "kernel_size": 9, "spatial_kernel_order": 1},
+    {"use_pca_for_spatial_kernel": True, "spatial_kernel_order": 1},
+    {"iterate_single_kernel": True, "constant_variance_weighting": False, "check_condition_number": True},
+], ids=["delta-function", "pca", "iterated-weights"])
+def test_other_configurations_on_the_cupy_branches(config):
+    """The device-resident solve in the other fitting modes: the NumPy backend's decisions and coefficients."""
+    pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)
+    config = PsfMatchConfig(**config)
+    reference = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
+    with cupy_standin(kernels="numpy"):
+        result = ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template),
+                                                                  to_device(pair.science))
+    np.testing.assert_array_equal(result.kernel_cell_set.column("status"),
+                                  reference.kernel_cell_set.column("status"))
+    np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
+                               rtol=0, atol=1e-7)
