@@ -53,12 +53,13 @@ __all__ = ["MANIFEST_COLUMNS", "Batch", "Pair", "read_pairs", "run_pair", "subtr
 log = logging.getLogger(__name__)
 
 #: Columns of ``manifest.csv``, in order.  ``time_s``: seconds the pair took
-#: on its worker (reading, fit, writing, checking); ``kernel_sum``: at the
+#: on its worker (reading, fit, writing, checking) and ``cpu_s`` the CPU
+#: seconds of the worker process meanwhile; ``kernel_sum``: at the
 #: centre of the difference image; ``residual_*``: mean, standard deviation
 #: and pixel count of D/sigma over unflagged pixels; ``sha256`` and ``bytes``
 #: of the output file; ``key``: a digest of the pair's paths, options and
 #: input file sizes and modification times; ``worker``: host:pid.
-MANIFEST_COLUMNS = ("science", "template", "output", "status", "error", "time_s", "kernel_sum",
+MANIFEST_COLUMNS = ("science", "template", "output", "status", "error", "time_s", "cpu_s", "kernel_sum",
                     "n_good", "n_bad", "residual_mean", "residual_std", "residual_pixels", "sha256",
                     "bytes", "warnings", "key", "worker")
 
@@ -419,7 +420,7 @@ def run_pair(pair, options=None, key=""):
     Exception
         Any other failure (e.g. out of memory), so that Dask retries the pair.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     record = {"science": pair.science, "template": pair.template, "output": pair.output,
               "key": key, "worker": _worker_name()}
     folder = os.path.join(os.path.dirname(pair.output), PARTIAL_FOLDER, uuid.uuid4().hex)
@@ -435,6 +436,7 @@ def run_pair(pair, options=None, key=""):
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     record["time_s"] = round(time.perf_counter() - start, 4)
+    record["cpu_s"] = round(time.process_time() - cpu_start, 4)
     return record
 
 
