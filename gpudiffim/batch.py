@@ -67,6 +67,11 @@ MANIFEST_COLUMNS = ("science", "template", "output", "status", "error", "time_s"
 NOT_BATCH_OPTIONS = frozenset({"help", "science", "template", "output", "matched", "overwrite",
                                "plots", "debug"})
 
+#: subtract options that name files: relative paths are made absolute on the client (from the
+#: working directory for batch-wide options, from the CSV's folder for per-pair ones).
+PATH_OPTIONS = frozenset({"candidates", "config_file"} | {f"{prefix}_{name}" for prefix in ("science", "template")
+                                                           for name in ("variance", "sigma", "mask", "weight", "psf")})
+
 #: Folder next to each output where pairs are written before their rename.
 PARTIAL_FOLDER = ".gpudiffim-partial"
 
@@ -165,7 +170,8 @@ def check_options(options):
     ----------
     options : mapping of str to object or None
         ``subtract`` option names (``science_fwhm`` or ``science-fwhm``) to
-        values; ``None`` values are dropped.
+        values; ``None`` values are dropped, relative paths of file options
+        (:data:`PATH_OPTIONS`) are made absolute.
 
     Returns
     -------
@@ -177,8 +183,10 @@ def check_options(options):
         For an unknown option or an invalid value.
     """
     actions = batch_option_actions()
-    return {name.replace("-", "_"): _coerce(name, value, actions)
-            for name, value in (options or {}).items() if value is not None}
+    checked = {name.replace("-", "_"): _coerce(name, value, actions)
+               for name, value in (options or {}).items() if value is not None}
+    return {name: _absolute(value, os.getcwd()) if name in PATH_OPTIONS else value
+            for name, value in checked.items()}
 
 
 # --------------------------------------------------------------------------- pairs
@@ -212,7 +220,9 @@ def _pair_from_row(row, number, base, out_dir, actions):
         if name in ("science", "template", "output") or value is None or value == "":
             continue
         try:
-            options.append((name.replace("-", "_"), _coerce(name, value, actions)))
+            value = _coerce(name, value, actions)
+            dest = name.replace("-", "_")
+            options.append((dest, _absolute(value, base) if dest in PATH_OPTIONS else value))
         except ConfigurationError as error:
             msg = f"pair {number}: {error}"
             raise ConfigurationError(msg) from None

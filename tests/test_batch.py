@@ -285,12 +285,15 @@ def test_cli_bad_pairs_file(tmp_path, one_line_error):
 
 def test_pair_options_and_defaults(tmp_path):
     (pair,) = gbatch.as_pairs([{"science": "a/sci.fits.fz", "template": "/x/t.fits", "convolve": "science",
-                                "no_warp": "yes", "config": "kernel_size=15; spatial_kernel_order=1"}],
+                                "no_warp": "yes", "config": "kernel_size=15; spatial_kernel_order=1",
+                                "science_variance": "a/var.fits"}],
                               tmp_path / "out", base=str(tmp_path))
     assert pair.science == str(tmp_path / "a" / "sci.fits.fz") and pair.template == "/x/t.fits"
     assert pair.output == str(tmp_path / "out" / "sci-diff.fits")
     assert dict(pair.options) == {"convolve": "science", "no_warp": True,
-                                  "config": ["kernel_size=15", "spatial_kernel_order=1"]}
+                                  "config": ["kernel_size=15", "spatial_kernel_order=1"],
+                                  "science_variance": str(tmp_path / "a" / "var.fits")}
+    assert gbatch.check_options({"candidates": "xy.csv"}) == {"candidates": os.path.abspath("xy.csv")}
     args = gbatch._subtract_args(pair, {"config": ["fit_for_background=false"], "science_fwhm": 3.0}, "o.fits")
     assert args.config == ["fit_for_background=false", "kernel_size=15", "spatial_kernel_order=1"]
     assert (args.convolve, args.no_warp, args.science_fwhm, args.output) == ("science", True, 3.0, "o.fits")
