@@ -181,22 +181,27 @@ class NumpyOperations:
         ``columns`` (N, n_basis, n_pix) are the basis columns; with
         ``background`` a column of ones follows them (``P = n_basis + 1``),
         implicit on every path (never stored: its products are the weighted
-        sums); ``target`` (N, n_pix); ``weights`` broadcasts to (N, n_pix).
+        sums); ``target`` (N, n_pix); ``weights`` (N, n_pix), or (N, 1, 1) for
+        one weight per stamp (``constant_variance_weighting``), which then
+        multiplies the unweighted products.
         """
         n, n_basis, n_pix = columns.shape
         columns = np.ascontiguousarray(columns)   # a strided view (cropped correlations) would miss BLAS
-        weights = np.broadcast_to(weights.reshape(n, 1, -1), (n, 1, n_pix))
-        weighted = columns * weights
+        per_stamp = weights.size == n
+        weights = weights.reshape(n, -1)
+        weighted = columns if per_stamp else columns * weights[:, None, :]
         p = n_basis + int(bool(background))
         matrix = np.empty((n, p, p))
         vector = np.empty((n, p))
         matrix[:, :n_basis, :n_basis] = weighted @ columns.transpose(0, 2, 1)
-        vector[:, :n_basis] = np.einsum("npk,nk->np", weighted, target)
+        vector[:, :n_basis] = (weighted @ target[:, :, None])[:, :, 0]
         if background:
-            cross = weighted.sum(axis=2)
-            matrix[:, :n_basis, n_basis] = matrix[:, n_basis, :n_basis] = cross
-            matrix[:, n_basis, n_basis] = weights[:, 0, :].sum(axis=1)
-            vector[:, n_basis] = np.einsum("nk,nk->n", weights[:, 0, :], target)
+            matrix[:, :n_basis, n_basis] = matrix[:, n_basis, :n_basis] = weighted.sum(axis=2)
+            matrix[:, n_basis, n_basis] = n_pix if per_stamp else weights.sum(axis=1)
+            vector[:, n_basis] = target.sum(axis=1) if per_stamp else np.einsum("nk,nk->n", weights, target)
+        if per_stamp:
+            matrix *= weights[:, :, None]
+            vector *= weights
         return matrix, vector
 
     def solve_systems(self, matrices, vectors):
@@ -396,8 +401,8 @@ class KernelOperations(NumpyOperations):
         from ._cuda import stamp_fit
 
         xp = array_module_of(columns)
-        weights = xp.ascontiguousarray(xp.broadcast_to(weights, target.shape[:1] + weights.shape[1:]))
-        return stamp_fit.normal_equations(columns, weights.reshape(target.shape), target, int(bool(background)))
+        weights = xp.ascontiguousarray(xp.broadcast_to(weights.reshape(len(target), -1), target.shape))
+        return stamp_fit.normal_equations(columns, weights, target, int(bool(background)))
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """``gdi_or_filter_box`` over the kernel box, cut to the fit region."""

@@ -151,15 +151,17 @@ def failure_texts(codes, status, condition, limit=None):
 
 
 def _stamp_weights(batch, half_width, constant):
-    """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live)."""
+    """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live).
+
+    With ``constant`` the weights are one number per stamp, shaped (N, 1, 1).
+    """
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
     flat = total.reshape(len(batch), -1)
     if constant:
         level = xp.median(flat, axis=1)
         level = xp.where(level > 0, level, 1.0)
-        fit_shape = batch.fit_region(total, half_width).shape
-        return xp.broadcast_to((1.0 / level)[:, None, None], fit_shape), xp.zeros(len(batch), dtype=np.int8)
+        return (1.0 / level)[:, None, None], xp.zeros(len(batch), dtype=np.int8)
     codes = xp.where(flat.min(axis=1) <= 0, np.int8(RejectReason.NONPOSITIVE_VARIANCE), np.int8(RejectReason.NONE))
     return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int8)
 
