@@ -235,12 +235,14 @@ class NumpyOperations:
         return tuple(sliding_window_view(plane, (size, size))[corners[:, 0], corners[:, 1]].astype(dtype)
                      for plane, dtype in zip(planes, dtypes))
 
-    def difference_stamps(self, stamps, kernels, background, bad_bits):
+    def difference_stamps(self, stamps, kernels, background, bad_bits, model=None):
         """``(D, V, M)`` (N, F, F) of the six stamp stacks under per-stamp kernels (N, kh, kw) and backgrounds.
 
         ``D = S - (T * K + bg)`` on the fit region, ``V = V_S + sum K^2 V_T``,
         ``M`` the science mask plus ``bad_bits`` where a ``bad_bits`` template
         pixel lies under the kernel box (see :func:`gpudiffim.stamps.difference_stamps`).
+        ``model``, if given, is ``T * K`` (N, F, F) already (the design
+        columns times the fitted coefficients), which saves a correlation.
         """
         template, science, template_variance, science_variance, template_mask, science_mask = stamps
         h = kernels.shape[1] // 2
@@ -248,17 +250,23 @@ class NumpyOperations:
         kernels = xp.asarray(kernels, dtype=np.float64)
         background = xp.asarray(background, dtype=np.float64)
         inner = (slice(None), slice(h, science.shape[1] - h), slice(h, science.shape[2] - h))
-        model = self.correlate_stamps(template, kernels, per_stamp=True) + background[:, None, None]
+        if model is None:
+            model = self.correlate_stamps(template, kernels, per_stamp=True)
+        model = model + background[:, None, None]
         difference = science[inner] - model
         variance = science_variance[inner] + self.correlate_stamps(template_variance, kernels**2, per_stamp=True)
         template_bad = self.dilated_bad_pixels(template_mask, bad_bits, h)
         mask = science_mask[inner] | xp.where(template_bad, np.int32(bad_bits), 0)
         return difference, variance, mask.astype(np.int32, copy=False)
 
-    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False):
+    #: Whether :meth:`stamp_residuals` uses a ``model`` given to it (the kernel path's fused kernel
+    #: computes its own, so the fit does not form one there).
+    uses_fitted_models = True
+
+    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
         """(N, 3) residual sums of :meth:`difference_stamps` (and, with ``rows``, D/sigma rows (N, F*F), NaN
         where unusable), where the stamps live."""
-        difference, variance, mask = self.difference_stamps(stamps, kernels, background, bad_bits)
+        difference, variance, mask = self.difference_stamps(stamps, kernels, background, bad_bits, model)
         sums = self.residual_sums(difference, variance, mask, bad_bits, core_radius)
         if not rows:
             return sums
@@ -429,12 +437,14 @@ class KernelOperations(NumpyOperations):
                                                            centres_rc, half_size)
         return t_image, s_image, t_variance, s_variance, t_mask, s_mask
 
-    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False):
-        """``gdi_stamp_residuals``: the difference stamps and their sums fused, one launch."""
+    uses_fitted_models = False
+
+    def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
+        """``gdi_stamp_residuals``: the difference stamps and their sums fused, one launch (``model`` unused)."""
         from ._cuda.residual_moments import STAMP_RESIDUALS_MAX_TAPS, stamp_residuals
 
         if kernels.shape[-1] ** 2 > STAMP_RESIDUALS_MAX_TAPS:
-            return super().stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows)
+            return super().stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows, model)
         return stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows=rows)
 
     def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):

@@ -246,7 +246,7 @@ class _Solver:
         batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops)
         sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
-                                   self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops)
+                                   self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)
         outcome = _read_back(self.xp, sums, fit)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))

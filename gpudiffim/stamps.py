@@ -118,6 +118,10 @@ class StampFit:
         :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
     condition : dict of int to float
         Condition numbers of the stamps rejected by ``check_condition_number`` (host).
+    model : ndarray of shape (N, F, F) or None
+        ``T * K`` of each stamp's own kernel, the design columns times its
+        coefficients (formed where ``ops.uses_fitted_models``: it saves the
+        residual pass a correlation).
     """
 
     coefficients: np.ndarray
@@ -128,6 +132,7 @@ class StampFit:
     failure_code: np.ndarray
     solve_status: np.ndarray
     condition: dict
+    model: np.ndarray = None
 
     @property
     def failure(self):
@@ -282,7 +287,11 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition)
+    model = None
+    if ops.uses_fitted_models:
+        fy = batch.science.shape[1] - 2 * half_width
+        model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model)
 
 
 def _difference_variance(ops, batch, kernels):
@@ -335,7 +344,8 @@ def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=
     return statistics_of_sums(to_host(sums))
 
 
-def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
+def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None,
+                        model=None):
     """Per-stamp count, sum(z) and sum(z^2) of ``z = D/sigma``, where the stamps live (no read-back).
 
     Parameters
@@ -351,6 +361,8 @@ def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, 
     ops : object, optional
         The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
         caller once for its whole solve; chosen from the batch when omitted.
+    model : ndarray of shape (N, F, F), optional
+        ``T * K`` already formed (:attr:`StampFit.model`).
 
     Returns
     -------
@@ -360,7 +372,7 @@ def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, 
         NaN at unusable pixels (:func:`~gpudiffim.statistics.usable_normalised_residual`).
     """
     ops = operations_for(batch.science) if ops is None else ops
-    return ops.stamp_residuals(batch.planes(), kernels, background, bad_bits, core_radius, rows)
+    return ops.stamp_residuals(batch.planes(), kernels, background, bad_bits, core_radius, rows, model)
 
 
 def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):

@@ -277,7 +277,8 @@ def test_quality_table_needs_the_fit_settings(result, pair):
                           stamp_half_size=result.diagnostics["stamp_half_size"],
                           bad_mask_planes=("NO_DATA", "EDGE", "SAT"),
                           n_stamp_parameters=result.diagnostics["n_stamp_parameters"])
-    np.testing.assert_array_equal(table["local_ad_a2"], result.quality["local_ad_a2"])
+    # the fit's own rows form T*K from the design columns, the images' recomputation by FFT: rounding apart
+    np.testing.assert_allclose(table["local_ad_a2"], result.quality["local_ad_a2"], rtol=1e-10)
 
 
 def test_quality_hdu_round_trips_through_write_exposure(result, tmp_path):
@@ -324,8 +325,8 @@ def test_the_report_from_the_kept_residuals_equals_the_one_from_the_images(resul
     kept, again = quality_table(result), quality_table(result, pair.template, pair.science)
     assert kept.colnames == again.colnames and len(kept) == len(again) > 10
     for name in kept.colnames:
-        if kept[name].dtype.kind == "f":     # stamp correlations batched differently: last bits
-            np.testing.assert_allclose(kept[name], again[name], rtol=1e-12, atol=1e-12, err_msg=name)
+        if kept[name].dtype.kind == "f":     # T*K from the design columns vs by FFT: rounding apart
+            np.testing.assert_allclose(kept[name], again[name], rtol=1e-10, atol=1e-10, err_msg=name)
         else:
             np.testing.assert_array_equal(kept[name], again[name])
     rows = result.residual_rows
