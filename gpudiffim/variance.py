@@ -244,24 +244,27 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     xp = array_module_of(residual)
     with np.errstate(divide="ignore", invalid="ignore"):
         normalised = residual / xp.sqrt(variance)
-    # everything the decision below may need, from one sort, read back at once: the quartiles of
-    # D/sigma and of D, and the median of the variance, over the sky pixels
-    rows = xp.concatenate([normalised, residual, variance])
-    statistics = masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True)
-    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64), statistics.ravel()]))
+    # the quartiles of D/sigma over the sky (and the count), read back at once
+    quartiles = masked_quantiles(normalised, sky, (0.25, 0.75))
+    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64), quartiles.ravel()]))
     n_sky = int(numbers[0])
-    (q1_z, q1_d, _), (q3_z, q3_d, _), (_, _, median) = numbers[1:].reshape(3, 3)
-    factor = _iqr_variance(q1_z, q3_z)
-    measured, median = _iqr_variance(q1_d, q3_d), float(median)
+    factor = _iqr_variance(numbers[1], numbers[2])
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
+
+    def sky_variance():
+        """(variance measured on the sky, the plane's median there): a second read-back, only when needed."""
+        rows = xp.concatenate([residual, variance])
+        stats = to_host(masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True))
+        return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
+
     if mode == "add":
-        return _add_sky_variance(masked_image, measured, median, limit, n_sky)
+        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
     if mode == "auto" and factor > AUTO_SCALE_MAX:
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
-        return _add_sky_variance(masked_image, measured, median, limit, n_sky)
+        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
     if mode == "auto" and abs(factor - 1.0) <= AUTO_TOLERANCE:
         log.info("variance plane within %.0f %% of the sky noise (factor %.4g): kept", 100 * AUTO_TOLERANCE,
                  factor)
@@ -271,6 +274,7 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
                     "resampled image?): kept unchanged", 1.0 / factor if factor > 0 else float("inf"))
         return masked_image, VarianceCorrection("none", float(factor), n_sky)
     if not 0 < factor <= limit:
+        measured, median = sky_variance()
         factor = measured / median
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
