@@ -12,6 +12,7 @@ Waiting is by polling with timeouts, never fixed sleeps.
 
 import csv
 import hashlib
+import io
 import os
 import signal
 import subprocess
@@ -163,6 +164,8 @@ def test_batch_of_six(pairs_csv, references, client, tmp_path):
     assert not (out / "bad-diff.fits").exists() and not (out / "noise_sci-diff.fits").exists()
     assert len({row["worker"] for row in rows.values()}) <= 2  # workers reused, not one process per pair
 
+    assert batch.summary().startswith("6 pairs: 4 written, 2 failed, 0 already done;")
+
     # a second run has nothing to do and changes nothing
     before = {path.name: path.stat().st_mtime_ns for path in out.glob("*.fits")}
     manifest = (out / "manifest.csv").read_text()
@@ -191,6 +194,45 @@ def test_as_completed_records(pairs_csv, client, tmp_path):
     assert seen == ["ok", "ok"]
     assert all(row["status"] == "ok" for row in _check_outputs_valid(tmp_path))
     assert '"spatial_kernel_order": 1' in fits.getheader(pairs[0].output)["CONFIG"]
+
+
+def test_cli_on_a_running_scheduler(pairs_csv, client, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="gpudiffim"):
+        code = main(["batch", str(pairs_csv), "--out", str(out), "--scheduler", client.scheduler.address,
+                     "--config", "spatial_kernel_order=1", "--retries", "0"])
+    assert code == gbatch.EXIT_PAIRS_FAILED
+    assert "6 pairs: 4 written, 2 failed, 0 already done;" in caplog.text
+    rows = _check_outputs_valid(out)
+    assert sorted(row["status"] for row in rows) == ["failed"] * 2 + ["ok"] * 4
+    assert all('"spatial_kernel_order": 1' in fits.getheader(row["output"])["CONFIG"]
+               for row in rows if row["status"] == "ok")
+    assert client.status == "running"  # the CLI closed its own connection only
+
+
+class _FakeBatch:
+    def __init__(self, done, total):
+        self.futures, self.started = dict.fromkeys(range(total)), time.perf_counter() - 10.0
+        self.records = [{"output": "x.fits", "status": "ok"}] * done
+
+    def counts(self):
+        done = len(self.records)
+        return {"ok": done, "failed": 0, "error": 0, "done": done, "running": len(self.futures) - done,
+                "skipped": 1, "total": len(self.futures) + 1}
+
+
+def test_progress_line_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = gbatch.ProgressLine(stream)
+    progress(_FakeBatch(2, 4))
+    progress(_FakeBatch(4, 4))
+    first, last = stream.getvalue().split("\r")[1:]
+    assert first.startswith("pairs 2/4 done (0 failed), 2 running or queued, 1 already done, 0.20 pairs/s, ETA 10 s")
+    assert last.startswith("pairs 4/4 done (0 failed), 0 running or queued") and last.endswith("\n")
 
 
 def test_killed_client_restarts(pairs_csv, tmp_path):
