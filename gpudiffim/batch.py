@@ -14,7 +14,8 @@ Nothing is lost:
   complete;
 * ``DIR/manifest.csv`` has one row per pair (columns :data:`MANIFEST_COLUMNS`)
   and is rewritten atomically (temporary file, then rename) after every
-  finished pair;
+  finished pair (once for pairs that finish together; ~20 ms for 10,000
+  rows);
 * a failing pair is recorded with its one-line message and the batch goes
   on.  ``failed`` is a failure that the same inputs and options would repeat
   (unreadable or corrupted file, no overlap, failed fit); ``error`` is
@@ -538,9 +539,13 @@ class Manifest:
         except (OSError, ValueError):
             return False
 
+    def set(self, record):
+        """Set the row of ``record["output"]`` (the file is rewritten by :meth:`write`)."""
+        self.rows[record["output"]] = {name: _cell(record.get(name)) for name in MANIFEST_COLUMNS}
+
     def update(self, record):
         """Set the row of ``record["output"]`` and rewrite the file atomically."""
-        self.rows[record["output"]] = {name: _cell(record.get(name)) for name in MANIFEST_COLUMNS}
+        self.set(record)
         self.write()
 
     def write(self):
@@ -694,11 +699,15 @@ class Batch:
             The pair's manifest row.
         """
         distributed = _require_distributed()
-        for future in distributed.as_completed(list(self.futures)):
-            record = self._record_of(future)
-            self.manifest.update(record)
-            self.records.append(record)
-            yield future, record
+        # pairs finished together are recorded with one rewrite of the manifest
+        for group in distributed.as_completed(list(self.futures)).batches():
+            finished = [(future, self._record_of(future)) for future in group]
+            for _, record in finished:
+                self.manifest.set(record)
+            self.manifest.write()
+            for future, record in finished:
+                self.records.append(record)
+                yield future, record
 
     def wait(self, progress=None):
         """Run the batch to its end, then clean up and close a cluster it started.
