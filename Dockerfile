@@ -36,7 +36,7 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY gpudiffim ./gpudiffim
 # setup.cfg maps the package gpudiffim.kernels to the top-level kernels/ (the CUDA sources)
 COPY kernels ./kernels
-RUN pip install --no-cache-dir ".[cuda12x,plot,dask-cuda]" \
+RUN pip install --no-cache-dir ".[cuda12x,plot,dask-cuda12x]" \
     && useradd --no-log-init --no-create-home --uid 10001 astro \
     && mkdir -p /cache/cupy /cache/gpudiffim /data \
     && chmod 1777 /cache /data \

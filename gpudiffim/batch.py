@@ -3,7 +3,7 @@
 A batch is a list of (science, template) pairs, each subtracted exactly as
 ``gpudiffim subtract`` does it (the same code, the same output file), as one
 ``dask.distributed`` task per pair.  Needs the optional ``dask`` extra
-(``pip install "gpudiffim[dask]"``; ``gpudiffim[dask-cuda]`` adds dask-cuda
+(``pip install "gpudiffim[dask]"``; ``gpudiffim[dask-cuda12x]`` or ``[dask-cuda13x]`` adds dask-cuda
 for one worker per GPU).
 
 Nothing is lost:
@@ -628,7 +628,7 @@ def local_cluster(n_workers=None, *, dashboard=True):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            log.warning('a GPU is present but dask-cuda is not: CPU workers (pip install "gpudiffim[dask-cuda]")')
+            log.warning('a GPU is present but dask-cuda is not: CPU workers (pip install "gpudiffim[dask-cuda12x]")')
         else:
             return LocalCUDACluster(resources={"GPU": 1}, threads_per_worker=1, host="127.0.0.1",
                                     dashboard_address=address)
