@@ -186,7 +186,7 @@ class NumpyOperations:
         multiplies the unweighted products.
         """
         n, n_basis, n_pix = columns.shape
-        columns = np.ascontiguousarray(columns)   # a strided view (cropped correlations) would miss BLAS
+        columns = np.ascontiguousarray(columns)   # (a no-op for the fit's design; a strided view would miss BLAS)
         per_stamp = weights.size == n
         weights = weights.reshape(n, -1)
         weighted = columns if per_stamp else columns * weights[:, None, :]

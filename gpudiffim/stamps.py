@@ -188,6 +188,8 @@ def _design(ops, batch, basis):
     correlated = ops.correlate_stamps(batch.template, basis)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
+    if not columns.flags.c_contiguous:     # cropped FFT correlations: products on a strided view miss BLAS
+        columns = array_module_of(columns).ascontiguousarray(columns)
     target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
     return columns, target
 
