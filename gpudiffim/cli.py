@@ -307,7 +307,8 @@ def _subtract(args):
     provenance = _provenance(config, result, centre)
     write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
                    background=result.background_model, provenance=provenance,
-                   tables={"QUALITY": result.quality}, overwrite=args.overwrite)
+                   tables={"QUALITY": result.quality} if config.quality_report else None,
+                   overwrite=args.overwrite)
     if args.matched:
         write_exposure(args.matched, result.matched_exposure, kernel=result.psf_matching_kernel,
                        provenance=provenance, overwrite=args.overwrite)

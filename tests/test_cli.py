@@ -66,6 +66,19 @@ def test_subtract_plain_files(fits_pair, tmp_path):
         assert json.loads(hdus[0].header["CONFIG"])["spatial_kernel_order"] == 1
 
 
+def test_subtract_without_the_quality_report(fits_pair, tmp_path):
+    """--config quality_report=false: no QUALITY table (the fit kept no residuals for it), no error."""
+    output = tmp_path / "diff.fits"
+    code = main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o", str(output),
+                 "--science-variance", str(fits_pair["science_var"]),
+                 "--template-variance", str(fits_pair["template_var"]),
+                 "--config", "spatial_kernel_order=1", "--config", "quality_report=false"])
+    assert code == 0
+    with fits.open(output) as hdus:
+        assert "QUALITY" not in [hdu.name for hdu in hdus]
+        assert json.loads(hdus[0].header["CONFIG"])["quality_report"] is False
+
+
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "gpudiffim" in capsys.readouterr().out
