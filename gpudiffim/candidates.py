@@ -95,8 +95,8 @@ class _Background:
         finite = xp.isfinite(grid)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN grid: filled with 0 below
-            fill = xp.nanmedian(grid, axis=(1, 2), keepdims=True)
-        fill = xp.where(finite.any(axis=(1, 2), keepdims=True), fill, 0.0)
+            fill = xp.nanmedian(grid.reshape(len(grid), -1), axis=1)[:, None, None]
+        fill = xp.where(finite.reshape(len(grid), -1).any(axis=1)[:, None, None], fill, 0.0)
         grid = xp.where(finite, grid, fill)
         first_x, second_x, weight1_x, weight2_x = (xp.asarray(a) for a in _two_point_weights(nx, edges_x))
         self.grid = grid if self.stacked else grid[0]

@@ -265,8 +265,9 @@ def _sample_sky(sample, smoothing, threshold, grow, bin_size):
     xp = array_module_of(sample.image)
     residual, exclude = background_free(sample, bin_size)
     detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
-    if smoothing > 0:
-        detection = ndimage_of(detection).gaussian_filter(detection, (0, smoothing, smoothing))
+    if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
+        ndimage = ndimage_of(detection)
+        detection = ndimage.gaussian_filter1d(ndimage.gaussian_filter1d(detection, smoothing, axis=1), smoothing, axis=2)
     sky = sky_pixels(sample, detection, threshold, grow)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = residual / xp.sqrt(xp.where(sky, sample.variance, 1.0).astype(np.float64))
@@ -289,9 +290,8 @@ def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max
     z, sky = _sample_sky(sample, smoothing, threshold, grow, bin_size)
     n_bands, height, columns = z.shape
     if n_bands > 1:   # keep each band's own rows (their position varies at the image's top and bottom)
-        rows = xp.asarray(sample.own_rows)
-        z = xp.take_along_axis(z, rows[:, :, None], axis=1)
-        sky = xp.take_along_axis(sky, rows[:, :, None], axis=1)
+        bands, rows = xp.asarray(np.arange(n_bands)[:, None]), xp.asarray(sample.own_rows)
+        z, sky = z[bands, rows], sky[bands, rows]
         z = xp.concatenate([z, xp.zeros((n_bands, gap, columns))], axis=1).reshape(-1, columns)
         sky = xp.concatenate([sky, xp.zeros((n_bands, gap, columns), dtype=bool)], axis=1).reshape(-1, columns)
     else:

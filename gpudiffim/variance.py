@@ -191,8 +191,9 @@ def sky_pixels(masked_image, residual, threshold, grow):
     sigma = masked_iqr_sigma(residual3.reshape(n_bands, -1), good3.reshape(n_bands, -1))
     level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
     sources = xp.abs(residual3) >= level[:, None, None]
-    if grow > 0:
-        sources = ndimage_of(sources).maximum_filter(sources, size=(1, 2 * grow + 1, 2 * grow + 1))
+    if grow > 0:   # on uint8 (every backend's filters take it), then back to bool
+        grown = ndimage_of(sources).maximum_filter(sources.astype(np.uint8), size=(1, 2 * grow + 1, 2 * grow + 1))
+        sources = grown != 0
     sky = good3 & ~sources
     return sky if stacked else sky[0]
 
