@@ -50,13 +50,17 @@ def fits_pair(tmp_path_factory):
                 template_var=template_var, folder=folder, pair=pair)
 
 
+def _subtract_plain(fits_pair, output, *options):
+    """``gpudiffim subtract`` of the plain-file pair with its variance maps and ``options``; the exit code."""
+    return main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o", str(output),
+                 "--science-variance", str(fits_pair["science_var"]),
+                 "--template-variance", str(fits_pair["template_var"]), "--config", "spatial_kernel_order=1",
+                 *options])
+
+
 def test_subtract_plain_files(fits_pair, tmp_path):
     output = tmp_path / "diff.fits"
-    code = main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o", str(output),
-                 "--science-variance", str(fits_pair["science_var"]),
-                 "--template-variance", str(fits_pair["template_var"]),
-                 "--variance-correction", "none", "--config", "spatial_kernel_order=1"])
-    assert code == 0
+    assert _subtract_plain(fits_pair, output, "--variance-correction", "none") == 0
     difference = read_exposure(output)
     good = difference.masked_image.mask == 0
     z = difference.masked_image.image[good] / np.sqrt(difference.masked_image.variance[good])
@@ -69,11 +73,7 @@ def test_subtract_plain_files(fits_pair, tmp_path):
 def test_subtract_without_the_quality_report(fits_pair, tmp_path):
     """--config quality_report=false: no QUALITY table (the fit kept no residuals for it), no error."""
     output = tmp_path / "diff.fits"
-    code = main(["subtract", str(fits_pair["science"]), str(fits_pair["template"]), "-o", str(output),
-                 "--science-variance", str(fits_pair["science_var"]),
-                 "--template-variance", str(fits_pair["template_var"]),
-                 "--config", "spatial_kernel_order=1", "--config", "quality_report=false"])
-    assert code == 0
+    assert _subtract_plain(fits_pair, output, "--config", "quality_report=false") == 0
     with fits.open(output) as hdus:
         assert "QUALITY" not in [hdu.name for hdu in hdus]
         assert json.loads(hdus[0].header["CONFIG"])["quality_report"] is False
