@@ -31,13 +31,12 @@ method                             contract
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
                                    cuBLAS batched LU on the GPU with no read-back
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
-``residual_moments``               :class:`~gpudiffim.statistics.ResidualStatistics` of stamps (host)
-``residual_sums``                  their (N, 3) sums where the stamps live (no read-back)
+``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
 ``cut_stamp_planes``               a batch's six stamp stacks (float64 images, int32 masks)
 ``difference_stamps``              ``(D, V, M)`` of stamps under per-stamp kernels and backgrounds
 ``stamp_residuals``                their (N, 3) sums [and D/sigma rows]; fused into one launch
                                    on the kernel path (``gdi_stamp_residuals``)
-``bin_medians``                    per-bin medians of the detection background (host grid)
+``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
@@ -60,7 +59,6 @@ from .linalg import pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
-    residual_statistics,
     residual_sums,
     usable_normalised_residual,
 )
@@ -273,19 +271,16 @@ class NumpyOperations:
         z, _ = usable_normalised_residual(difference, variance, mask, bad_bits, fill=np.nan)
         return sums, z.reshape(len(z), -1)
 
-    def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
-        """:func:`gpudiffim.statistics.residual_statistics` of the stamps."""
-        return residual_statistics(difference, variance, mask, bad_bits, core_radius)
-
     def residual_sums(self, difference, variance, mask, bad_bits, core_radius=None):
         """(N, 3) float64 count, sum z, sum z^2 of the stamps, where they live (:func:`~gpudiffim.statistics.residual_sums`)."""
         return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
-        """Host grid (n_y, n_x) of ``np.median`` of each bin's kept pixels (NaN for empty bins or a NaN).
+        """Host grid (n_y, n_x) of ``np.median`` of each bin's kept pixels (NaN for empty bins or a NaN),
+        or (B, n_y, n_x) for a stack of images (B, M, N) binned alike.
 
-        ``keep`` is a boolean plane or None (every pixel); the bin edges are
-        row and column indices.  A loop over bins (the fastest on the host).
+        ``keep`` is a boolean plane (or stack) or None (every pixel); the bin
+        edges are row and column indices.  A loop over bins (the fastest on the host).
         """
         return bin_medians_loop(image, keep, edges_y, edges_x)
 
@@ -446,12 +441,6 @@ class KernelOperations(NumpyOperations):
         if kernels.shape[-1] ** 2 > STAMP_RESIDUALS_MAX_TAPS:
             return super().stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows, model)
         return stamp_residuals(stamps, kernels, background, bad_bits, core_radius, rows=rows)
-
-    def residual_moments(self, difference, variance, mask, bad_bits, core_radius=None):
-        """``gdi_residual_moments``, finished on the host."""
-        from ._cuda.residual_moments import residual_moments
-
-        return residual_moments(difference, variance, mask, bad_bits, core_radius)
 
     def residual_sums(self, difference, variance, mask, bad_bits, core_radius=None):
         """``gdi_residual_moments``'s (N, 3) sums, left where the stamps live."""

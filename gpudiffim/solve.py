@@ -207,7 +207,13 @@ class _Solver:
 
     def batch(self, index):
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
-        return StampBatch.extract(centres, self.template, self.science, self.half_size)
+        return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops)
+
+    def spatial_models(self, index, kernel, background):
+        """The spatial kernel images and background at the candidates ``index``, where the images live."""
+        xs = self.cell_set.x[index].astype(np.float64)
+        ys = self.cell_set.y[index].astype(np.float64)
+        return kernel.images(xs, ys, xp=self.xp), background(xs, ys, xp=self.xp)
 
     def where_images_live(self, array):
         """A host array (basis, regularisation) in the images' module, copied there once per solve."""
@@ -400,8 +406,7 @@ class _Solver:
         parts = [assessed_rows]
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
-            xs, ys = self.cell_set.x[part].astype(np.float64), self.cell_set.y[part].astype(np.float64)
-            parts.append(stamp_residual_rows(self.batch(part), kernel.images(xs, ys), background(xs, ys),
+            parts.append(stamp_residual_rows(self.batch(part), *self.spatial_models(part, kernel, background),
                                              self.bad_bits, ops=self.ops))
         order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable"))
         spatial = xp.concatenate(parts)[order]
@@ -425,9 +430,7 @@ class _Solver:
         visited = self.visit_built()
         if not len(visited):
             return 0, 0
-        xs = self.cell_set.x[visited].astype(np.float64)
-        ys = self.cell_set.y[visited].astype(np.float64)
-        kernels, bg = kernel.images(xs, ys, xp=self.xp), background(xs, ys, xp=self.xp)
+        kernels, bg = self.spatial_models(visited, kernel, background)
         keep_rows = self.config.quality_report
         sums = stamp_residual_sums(self.batch(visited), kernels, bg, self.bad_bits,
                                    self.core_radius(), rows=keep_rows, ops=self.ops)

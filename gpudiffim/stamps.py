@@ -37,10 +37,9 @@ from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
-from .statistics import statistics_of_sums
 
-__all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_statistics",
-           "stamp_residual_rows", "stamp_residual_sums", "candidate_kernels", "failure_texts"]
+__all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
+           "stamp_residual_sums", "candidate_kernels", "failure_texts"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class StampFit:
         return failure_texts(to_host(self.failure_code), to_host(self.solve_status), self.condition)
 
 
-def failure_texts(codes, status, condition, limit=None):
+def failure_texts(codes, status, condition):
     """Sentences for stamp-fit failure ``codes`` (host arrays of :class:`StampFit`), "" where none."""
     texts = []
     for k, (code, solved) in enumerate(zip(codes.tolist(), status.tolist())):
@@ -330,22 +329,6 @@ def difference_stamps(batch, kernels, background, bad_bits, *, ops=None):
     return ops.difference_stamps(batch.planes(), kernels, background, bad_bits)
 
 
-def stamp_residual_statistics(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None):
-    """Residual statistics of the stamps' differences (``ImageStatistics``), read back to the host.
-
-    Parameters are those of :func:`stamp_residual_sums`.
-
-    Returns
-    -------
-    ResidualStatistics
-        Or ``(statistics, z)`` with ``rows`` (see :func:`stamp_residual_sums`).
-    """
-    sums = stamp_residual_sums(batch, kernels, background, bad_bits, core_radius, rows=rows, ops=ops)
-    if rows:
-        return statistics_of_sums(to_host(sums[0])), sums[1]
-    return statistics_of_sums(to_host(sums))
-
-
 def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, *, rows=False, ops=None,
                         model=None):
     """Per-stamp count, sum(z) and sum(z^2) of ``z = D/sigma``, where the stamps live (no read-back).
@@ -380,7 +363,7 @@ def stamp_residual_sums(batch, kernels, background, bad_bits, core_radius=None, 
 def stamp_residual_rows(batch, kernels, background, bad_bits, *, ops=None):
     """Every stamp's ``D/sigma`` over its fit region, as rows.
 
-    Parameters are those of :func:`stamp_residual_statistics`.
+    Parameters are those of :func:`stamp_residual_sums`.
 
     Returns
     -------
