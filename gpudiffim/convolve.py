@@ -157,15 +157,15 @@ class FourierCorrelator:
         self._image_ft = self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
 
     def _kernel_transform(self, kernel):
-        """``rfft2`` of the flipped, zero-padded kernel.
+        """``rfft2`` of the flipped, zero-padded kernel (kh, kw), or of each of a stack (n, kh, kw).
 
         The row transform is taken on the ``kh`` kernel rows only, and the
         column transform on the zero-padded result: half the work of a full
         2-D transform of the padded kernel.
         """
-        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernel, dtype=self.dtype)[::-1, ::-1])
-        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=1)
-        return self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
+        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernel, dtype=self.dtype)[..., ::-1, ::-1])
+        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=-1)
+        return self._fft["fft"](rows, n=self._fft_shape[0], axis=-2)
 
     def correlate_batch(self, kernels):
         """Correlations with a stack of kernels at once: batched transforms, nothing cropped.
@@ -182,9 +182,7 @@ class FourierCorrelator:
         row0, col0 : int
         """
         kh, kw = self.kernel_shape
-        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernels, dtype=self.dtype)[:, ::-1, ::-1])
-        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=2)
-        product = self._fft["fft"](rows, n=self._fft_shape[0], axis=1)
+        product = self._kernel_transform(kernels)
         product *= self._image_ft
         full = self._fft["irfft2"](product, s=self._fft_shape, axes=(1, 2), overwrite_x=True)
         return full, kh // 2, kw // 2

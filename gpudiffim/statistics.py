@@ -19,13 +19,18 @@ from ._backend import array_module_of, stable_argsort, to_host
 __all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
            "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
-           "masked_quantiles", "bin_medians_loop",
+           "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
            "bin_medians_sorted"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
-IQR_TO_SIGMA = _IQR_TO_SIGMA = 0.741301109
+IQR_TO_SIGMA = 0.741301109
 #: Ratio of the standard deviation to the median absolute deviation of a Gaussian.
 _MAD_TO_SIGMA = 1.4826
+
+
+def sigma_of_quartiles(q1, q3):
+    """Gaussian-equivalent standard deviation of a sample with quartiles ``q1`` and ``q3``."""
+    return IQR_TO_SIGMA * (q3 - q1)
 
 
 def iqr_sigma(values):
@@ -37,7 +42,7 @@ def iqr_sigma(values):
     """
     xp = array_module_of(values)
     q1, q3 = (float(q) for q in xp.quantile(xp.asarray(values, dtype=np.float64), xp.asarray([0.25, 0.75])))
-    return _IQR_TO_SIGMA * (q3 - q1)
+    return sigma_of_quartiles(q1, q3)
 
 
 def masked_quantiles(values, mask, quantiles, *, median=False):
@@ -99,7 +104,7 @@ def masked_median(values, mask):
 def masked_iqr_sigma(values, mask):
     """:func:`iqr_sigma` of every row's selected values (B, n) -> (B,), where the arrays live."""
     q1, q3 = masked_quantiles(values, mask, (0.25, 0.75))
-    return _IQR_TO_SIGMA * (q3 - q1)
+    return sigma_of_quartiles(q1, q3)
 
 
 def mad_sigma(values):
@@ -273,7 +278,7 @@ def clipped_mean_std(values, n_sigma=3.0, n_iter=3):
     if values.size == 1:
         return float(values[0]), 0.0
     median, iqr = _quartiles(values)
-    centre, half_width = median, n_sigma * _IQR_TO_SIGMA * iqr
+    centre, half_width = median, n_sigma * IQR_TO_SIGMA * iqr
     mean = std = np.nan
     for _ in range(n_iter):
         kept = values[np.abs(values - centre) <= half_width]

@@ -35,7 +35,7 @@ from ._backend import array_module_of, ndimage_of, to_host
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import IQR_TO_SIGMA, masked_iqr_sigma, masked_quantiles
+from .statistics import masked_iqr_sigma, masked_quantiles, sigma_of_quartiles
 
 __all__ = ["SkySample", "VarianceCorrection", "background_free", "correct_variance", "sampled_stack",
            "scale_variance", "sky_pixels"]
@@ -297,7 +297,7 @@ def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thres
 
 def _iqr_variance(q1, q3):
     """``iqr_sigma(values) ** 2`` from the quartiles of the values."""
-    return float((IQR_TO_SIGMA * (q3 - q1)) ** 2)
+    return float(sigma_of_quartiles(q1, q3) ** 2)
 
 
 def _add_sky_variance(masked_image, measured, median, limit, n_sky):
