@@ -48,12 +48,11 @@ method                             contract
 
 import numpy as np
 import scipy.ndimage as ndi
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ._backend import array_module_of, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
-from .cutouts import check_inside
+from .cutouts import cut_planes
 from .errors import SingularSystemError
 from .linalg import pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
@@ -222,16 +221,10 @@ class NumpyOperations:
         variances, int32 masks, (N, S, S), where the planes live.  ``template``
         and ``science`` are MaskedImages of one grid; ``centres_rc`` host
         ``(row, column)`` centres, every stamp inside (else ValueError)."""
-        planes = (template.image, science.image, template.variance, science.variance, template.mask,
-                  science.mask)
-        centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
-        check_inside(centres_rc, half_size, template.shape)
-        size = 2 * half_size + 1
-        corners = centres_rc - half_size
+        planes = cut_planes((template.image, science.image, template.variance, science.variance,
+                             template.mask, science.mask), centres_rc, half_size)
         dtypes = (np.float64,) * 4 + (np.int32,) * 2
-        # a gather of whole windows: ~20x faster than fancy indexing by rows and columns
-        return tuple(sliding_window_view(plane, (size, size))[corners[:, 0], corners[:, 1]].astype(dtype)
-                     for plane, dtype in zip(planes, dtypes))
+        return tuple(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes))
 
     def difference_stamps(self, stamps, kernels, background, bad_bits, model=None):
         """``(D, V, M)`` (N, F, F) of the six stamp stacks under per-stamp kernels (N, kh, kw) and backgrounds.
