@@ -38,6 +38,7 @@ from .statistics import usable_normalised_residual
 __all__ = [
     "RESIDUAL_STATISTICS",
     "CandidateDifferences",
+    "CandidateModels",
     "anderson_darling_normal",
     "candidate_differences",
     "kolmogorov_smirnov_normal",
@@ -329,9 +330,8 @@ class CandidateDifferences:
     batch : StampBatch
         Their stamps from the image that was convolved (``batch.template``)
         and the image it was matched to (``batch.science``).
-    local_kernels, spatial_kernels : ndarray of shape (N, kh, kw)
-        Each candidate's own kernel, and the spatial kernel at its centre.
-    local_background, spatial_background : ndarray of shape (N,)
+    models : CandidateModels
+        Each candidate's own kernel and background, and the spatial ones at its centre.
     local, spatial : tuple of ndarray
         ``(difference, variance, mask)`` on the fit region, each (N, F, F).
     bad_bits : int
@@ -342,10 +342,7 @@ class CandidateDifferences:
 
     records: tuple
     batch: StampBatch
-    local_kernels: np.ndarray
-    spatial_kernels: np.ndarray
-    local_background: np.ndarray
-    spatial_background: np.ndarray
+    models: "CandidateModels"
     local: tuple
     spatial: tuple
     bad_bits: int
@@ -410,8 +407,7 @@ def candidate_differences(result, template, science, *, records=None, stamp_half
     batch = StampBatch.extract([(r.x, r.y) for r in records], to_convolve, reference, half_size)
     models = _models(result, records)
     return CandidateDifferences(
-        records, batch, models.local_kernels, models.spatial_kernels, models.local_background,
-        models.spatial_background,
+        records, batch, models,
         difference_stamps(batch, models.local_kernels, models.local_background, bad_bits),
         difference_stamps(batch, models.spatial_kernels, models.spatial_background, bad_bits), bad_bits, dof)
 
@@ -422,8 +418,14 @@ def _fitted_records(result):
 
 
 @dataclass(frozen=True)
-class _Models:
-    """Each candidate's own kernel and background, and the spatial ones at its centre."""
+class CandidateModels:
+    """Each candidate's own kernel and background, and the spatial ones at its centre.
+
+    Attributes
+    ----------
+    local_kernels, spatial_kernels : ndarray of shape (N, kh, kw)
+    local_background, spatial_background : ndarray of shape (N,)
+    """
 
     local_kernels: np.ndarray
     spatial_kernels: np.ndarray
@@ -434,10 +436,10 @@ class _Models:
 def _models(result, records):
     xs = np.array([r.x for r in records], dtype=np.float64)
     ys = np.array([r.y for r in records], dtype=np.float64)
-    return _Models(np.tensordot(np.array([r.coefficients for r in records]), result.kernel_basis.kernels, axes=1),
-                   result.psf_matching_kernel.images(xs, ys),
-                   np.array([r.background for r in records], dtype=np.float64),
-                   np.asarray(result.background_model(xs, ys), dtype=np.float64))
+    return CandidateModels(np.tensordot(np.array([r.coefficients for r in records]), result.kernel_basis.kernels, axes=1),
+                           result.psf_matching_kernel.images(xs, ys),
+                           np.array([r.background for r in records], dtype=np.float64),
+                           np.asarray(result.background_model(xs, ys), dtype=np.float64))
 
 
 def _z_rows(difference, variance, mask, bad_bits):
@@ -553,8 +555,8 @@ def quality_table(result, template=None, science=None, *, stamp_half_size=None, 
         raise ValueError(msg)
     dof = int(_fit_setting(result, "n_stamp_parameters", n_stamp_parameters))
     half_size = int(_fit_setting(result, "stamp_half_size", stamp_half_size))
-    chunks = [Table(_columns(part, rows, _models(result, part), dof))
-              for part, rows in _row_chunks(result, fitted, template, science, stamp_half_size,
+    chunks = [Table(_columns(part, rows, models, dof))
+              for part, rows, models in _row_chunks(result, fitted, template, science, stamp_half_size,
                                             bad_mask_planes, dof)]
     table = chunks[0] if len(chunks) == 1 else vstack(chunks, join_type="exact")
     _describe(table)
@@ -574,7 +576,7 @@ def quality_table(result, template=None, science=None, *, stamp_half_size=None, 
 
 
 def _row_chunks(result, fitted, template, science, stamp_half_size, bad_mask_planes, dof):
-    """``(records, {"local": z, "spatial": z})`` per chunk of :data:`_CHUNK` candidates, on the host."""
+    """``(records, {"local": z, "spatial": z}, models)`` per chunk of :data:`_CHUNK` candidates, on the host."""
     if (template is None) != (science is None):
         msg = "quality_table needs both the template and the science image, or neither"
         raise ValueError(msg)
@@ -584,7 +586,7 @@ def _row_chunks(result, fitted, template, science, stamp_half_size, bad_mask_pla
                                                 stamp_half_size=stamp_half_size,
                                                 bad_mask_planes=bad_mask_planes, n_stamp_parameters=dof)
             yield differences.records, {stage: _z_rows(*getattr(differences, stage), differences.bad_bits)
-                                        for stage in ("local", "spatial")}
+                                        for stage in ("local", "spatial")}, differences.models
         return
     residuals = getattr(result, "residual_rows", None)
     if residuals is None:
@@ -598,9 +600,9 @@ def _row_chunks(result, fitted, template, science, stamp_half_size, bad_mask_pla
         msg = f"result.residual_rows has {len(residuals.index)} rows for {len(fitted)} fitted candidates"
         raise ValueError(msg)
     for start in range(0, len(fitted), _CHUNK):
-        stop = start + _CHUNK
-        yield fitted[start:stop], {stage: to_host(getattr(residuals, stage)[start:stop])
-                                   for stage in ("local", "spatial")}
+        part = fitted[start:start + _CHUNK]
+        yield part, {stage: to_host(getattr(residuals, stage)[start:start + _CHUNK])
+                     for stage in ("local", "spatial")}, _models(result, part)
 
 
 def quality_summary(table):
