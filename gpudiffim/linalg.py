@@ -25,15 +25,6 @@ __all__ = ["STATUS_TEXT", "pseudo_inverse_solve_batch", "solve_batch_status", "s
            "solve_symmetric_batch", "condition_number"]
 
 
-def _pseudo_inverse_solve(matrix, vector):
-    eigenvalues, vectors = np.linalg.eigh(matrix)
-    limit = matrix.shape[0] * np.finfo(np.float64).eps * np.max(np.abs(eigenvalues))
-    inverse = np.zeros_like(eigenvalues)
-    keep = np.abs(eigenvalues) > limit
-    inverse[keep] = 1.0 / eigenvalues[keep]
-    return vectors @ (inverse * (vectors.T @ vector))
-
-
 #: Status codes of :func:`solve_batch_status`, and what each means for a stamp fit.
 LU, EIGENVECTOR, NOT_FINITE, ZERO_MATRIX, NOT_FINITE_SOLUTION = range(5)
 STATUS_TEXT = {LU: "LU", EIGENVECTOR: "EIGENVECTOR",
@@ -102,13 +93,18 @@ def solve_host(matrices, vectors, usable):
         if ranked.any():
             solutions[index[ranked]] = scipy.linalg.lu_solve(
                 (lu[ranked], piv[ranked]), vectors[index[ranked], :, None], check_finite=False)[..., 0]
-        for k in index[~ranked]:
-            solutions[k] = _pseudo_inverse_solve(matrices[k], vectors[k])
+        deficient = index[~ranked]
+        if deficient.size:
+            solutions[deficient] = pseudo_inverse_solve_batch(matrices[deficient], vectors[deficient])
     return solutions, full_rank
 
 
 def pseudo_inverse_solve_batch(matrices, vectors):
-    """:func:`_pseudo_inverse_solve` of a stack, in its array module (one batched ``eigh``)."""
+    """Pseudo-inverse solutions of a stack of symmetric systems (module notes, step 2), one batched ``eigh``.
+
+    Eigenvalues with ``|lambda| <= n eps |lambda|_max`` are not inverted.  In
+    the stack's array module.
+    """
     xp = array_module_of(matrices)
     eigenvalues, rotation = xp.linalg.eigh(matrices)
     magnitude = xp.abs(eigenvalues)
