@@ -171,31 +171,27 @@ def background_free(masked_image, bin_size):
     return image - coarse_background(image, bin_size, exclude), exclude
 
 
-def sky_pixels(masked_image, residual, threshold, grow):
-    """Pixels without excluded mask bits and farther than ``grow`` px from a source.
+def sky_pixels(sample, residual, threshold, grow):
+    """Pixels of a :class:`SkySample` (B, H, N) without excluded mask bits and farther than ``grow`` px from a source.
 
     Sources are pixels beyond ``threshold`` robust sigmas of ``residual`` (and
     negative ones, e.g. artefacts); growing them keeps the faint wings of
     bright stars out of the noise estimate, which would otherwise read them
     as noise (about +15 % in variance on a simulated field with stars of up
-    to 5e4 sigma).  For a :class:`SkySample` each band has its own sigma and
-    is grown on its own; nothing is read back on the GPU.
+    to 5e4 sigma).  Each band has its own sigma and is grown on its own;
+    nothing is read back on the GPU.
     """
     xp = array_module_of(residual)
-    stacked = residual.ndim == 3
-    residual3 = residual if stacked else residual[None]
-    good = (masked_image.mask & masked_image.bits(EXCLUDED_PLANES)) == 0
-    good &= masked_image.variance > 0
-    good3 = good if stacked else good[None]
-    n_bands = residual3.shape[0]
-    sigma = masked_iqr_sigma(residual3.reshape(n_bands, -1), good3.reshape(n_bands, -1))
+    good = (sample.mask & sample.bits(EXCLUDED_PLANES)) == 0
+    good &= sample.variance > 0
+    n_bands = residual.shape[0]
+    sigma = masked_iqr_sigma(residual.reshape(n_bands, -1), good.reshape(n_bands, -1))
     level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
-    sources = xp.abs(residual3) >= level[:, None, None]
+    sources = xp.abs(residual) >= level[:, None, None]
     if grow > 0:   # on uint8 (every backend's filters take it), then back to bool
         grown = ndimage_of(sources).maximum_filter(sources.astype(np.uint8), size=(1, 2 * grow + 1, 2 * grow + 1))
         sources = grown != 0
-    sky = good3 & ~sources
-    return sky if stacked else sky[0]
+    return good & ~sources
 
 
 def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
