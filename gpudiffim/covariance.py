@@ -79,7 +79,7 @@ import scipy.stats
 
 from ._backend import array_module_of, fft_functions, ndimage_of, to_host
 from .errors import ConfigurationError
-from .variance import AUTO_SCALE_MIN, MAX_PIXELS, background_free, sampled_stack, sky_pixels
+from .variance import AUTO_SCALE_MIN, MAX_PIXELS, sky_pixels, sky_residual
 
 __all__ = ["FALSE_ALARM", "MatchedVarianceCorrection", "NoiseCorrelation", "correct_matched_variance",
            "kernel_autocorrelation", "measure_noise_correlation"]
@@ -260,10 +260,10 @@ def _autocorrelation(values, far):
     return np.asarray(to_host(near), dtype=np.float64)
 
 
-def _sample_sky(sample, smoothing, threshold, grow, bin_size):
-    """Normalised sky values ``z`` and the sky pixels of a :class:`~gpudiffim.variance.SkySample` (B, H, N)."""
+def _sample_sky(sky, smoothing, threshold, grow):
+    """Normalised sky values ``z`` and the sky pixels of a :class:`~gpudiffim.variance.SkyResidual` (B, H, N)."""
+    sample, residual, exclude = sky.sample, sky.residual, sky.exclude
     xp = array_module_of(sample.image)
-    residual, exclude = background_free(sample, bin_size)
     detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
     if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
         ndimage = ndimage_of(detection)
@@ -275,7 +275,7 @@ def _sample_sky(sample, smoothing, threshold, grow, bin_size):
     return z, sky
 
 
-def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max_pixels):
+def _normalised_sky(sky, smoothing, threshold, grow, gap):
     """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
 
     The bands of :func:`gpudiffim.variance.sampled_stack` are prepared
@@ -285,9 +285,9 @@ def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max
     margins count as off the sky).  Returns ``(values, weights, n)`` with
     ``n`` the sky pixels used; the count and the mean are read back together.
     """
-    sample = sampled_stack(masked_image, max_pixels)
+    sample = sky.sample
     xp = array_module_of(sample.image)
-    z, sky = _sample_sky(sample, smoothing, threshold, grow, bin_size)
+    z, sky = _sample_sky(sky, smoothing, threshold, grow)
     n_bands, height, columns = z.shape
     if n_bands > 1:   # keep each band's own rows (their position varies at the image's top and bottom)
         bands, rows = xp.asarray(np.arange(n_bands)[:, None]), xp.asarray(sample.own_rows)
@@ -307,7 +307,7 @@ def _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, gap, max
 
 
 def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, threshold=4.0, grow=4,
-                              bin_size=32, false_alarm=FALSE_ALARM, max_pixels=MAX_PIXELS):
+                              bin_size=32, false_alarm=FALSE_ALARM, max_pixels=MAX_PIXELS, sky=None):
     """Normalised autocorrelation ``rho(dx, dy)`` of the noise on the sky pixels.
 
     Parameters
@@ -331,6 +331,10 @@ def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, thresho
         Larger images are sampled in evenly spaced bands of :data:`BAND_ROWS`
         rows totalling about this many pixels (a million sky pixels measure
         ``rho`` to about 0.001).
+    sky : SkyResidual, optional
+        :func:`gpudiffim.variance.sky_residual` of ``masked_image`` (its image
+        plane) with ``bin_size`` and ``max_pixels``, made by the variance
+        correction; made here if None.
 
     Returns
     -------
@@ -371,8 +375,9 @@ def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, thresho
     dof = (size * size - 1) // 2
     white = np.zeros((size, size))
     white[lag, lag] = 1.0
-    values, weights, n_sky = _normalised_sky(masked_image, smoothing, threshold, grow, bin_size, far,
-                                             max_pixels)
+    sky = (sky_residual(masked_image, bin_size, max_pixels) if sky is None
+           else sky.check(masked_image, bin_size))
+    values, weights, n_sky = _normalised_sky(sky, smoothing, threshold, grow, far)
     if values is None:
         return NoiseCorrelation(white, float("inf"), 0.0, dof, False, n_sky)
     products, pairs = _autocorrelation(values, far), np.rint(_autocorrelation(weights, far))
@@ -438,7 +443,7 @@ def _factor_map(correlation, kernel, shape, xy0, xp):
     return xp.where(bottom > 0, top / xp.where(bottom > 0, bottom, 1.0), 1.0)
 
 
-def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3):
+def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=None):
     """Multiply the propagated variance of ``to_convolve * kernel`` by ``f`` (in place).
 
     Parameters
@@ -455,6 +460,9 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3):
         which hold the unconvolved input variance).
     max_lag : int
         Largest lag (px) of the correlation.
+    sky : SkyResidual, optional
+        :func:`gpudiffim.variance.sky_residual` of ``to_convolve``, if the
+        variance correction made one.
 
     Returns
     -------
@@ -462,7 +470,7 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3):
         The same array.
     correction : MatchedVarianceCorrection
     """
-    correlation = measure_noise_correlation(to_convolve, max_lag=max_lag)
+    correlation = measure_noise_correlation(to_convolve, max_lag=max_lag, sky=sky)
     x0, y0, x1, y1 = to_convolve.bbox()
     centre = kernel.image(0.5 * (x0 + x1), 0.5 * (y0 + y1))
     factor, error = correlation.variance_factor(centre), correlation.factor_error(centre)

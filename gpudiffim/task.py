@@ -43,7 +43,7 @@ from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
 from .solve import ResidualRows, solve_kernel
-from .variance import correct_variance
+from .variance import correct_variance, sky_residual
 
 __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
            "ExposureSubtractResult"]
@@ -329,7 +329,7 @@ class ImagePsfMatchTask:
         cell_set = SpatialCellSet(reference.bbox(), self.config.size_cell_x, self.config.size_cell_y, kept)
         return cell_set, rejects
 
-    def _correct_variances(self, timings, images):
+    def _correct_variances(self, timings, images, skies=None):
         """Images with their variance corrected (``config.variance_correction``), and the record.
 
         Parameters
@@ -338,6 +338,9 @@ class ImagePsfMatchTask:
             Stage times; "variance correction" is added.
         images : dict of str to MaskedImage
             ``{"template": ..., "science": ...}``.
+        skies : dict, optional
+            Filled with each image's :func:`~gpudiffim.variance.sky_residual`
+            (for the noise correlation measured later on the same planes).
 
         Returns
         -------
@@ -352,8 +355,11 @@ class ImagePsfMatchTask:
         corrected = {}
         with _timed(timings, "variance correction"):
             for name, image in images.items():
+                sky = sky_residual(image)
+                if skies is not None:
+                    skies[name] = sky
                 corrected[name], record[name] = correct_variance(
-                    image, mode=mode, limit=self.config.variance_correction_limit)
+                    image, mode=mode, limit=self.config.variance_correction_limit, sky=sky)
                 log.info("%s variance corrected (%s): %s", name, mode, record[name].describe())
         return corrected, record
 
@@ -397,13 +403,16 @@ class ImagePsfMatchTask:
         xp = array_module()
         with _timed(timings, "transfer") if xp is not template.xp else contextlib.nullcontext():
             compute = (template.to_module(xp), science.to_module(xp))
+        skies = {}
         if corrections is None:
             corrected, corrections = self._correct_variances(timings, dict(zip(("template", "science"),
-                                                                               compute)))
+                                                                               compute)), skies)
             compute = (corrected["template"], corrected["science"])
         if not convolve_template:
             fwhms = fwhms[::-1]
         to_convolve, reference = compute if convolve_template else compute[::-1]
+        sky = skies.pop("template" if convolve_template else "science", None)   # kept for the noise correlation
+        skies.clear()
         with _timed(timings, "detection"):
             positions = self._positions(candidates, *compute)
             require_candidates(positions)
@@ -427,7 +436,7 @@ class ImagePsfMatchTask:
         if self.config.noise_correlation:
             with _timed(timings, "noise correlation"):
                 variance, diagnostics["noise_correlation"] = correct_matched_variance(
-                    to_convolve, solution.kernel, variance)
+                    to_convolve, solution.kernel, variance, sky=sky)
         matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
         if not convolve_template:
             fwhms = fwhms[::-1]

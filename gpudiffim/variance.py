@@ -26,19 +26,21 @@ resampled data), where shrinking the plane would understate the noise, so
 the plane is kept and a warning logged.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, ndimage_of, to_host
+from ._backend import array_module_of, to_host
+from ._ops import operations_for
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
 from .statistics import masked_iqr_sigma, masked_quantiles, sigma_of_quartiles
 
-__all__ = ["SkySample", "VarianceCorrection", "background_free", "correct_variance", "sampled_stack",
-           "scale_variance", "sky_pixels"]
+__all__ = ["SkyResidual", "SkySample", "VarianceCorrection", "background_free", "correct_variance",
+           "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,9 @@ class SkySample:
         background and source masks), in the image's array module.
     own_rows : ndarray of int, shape (B, R)
         Host: the indices of each band's own rows in its window.
+    rows : ndarray of int, shape (B, H), or None
+        The image rows of every window (in the image's array module); None
+        when the sample is the whole image (B = 1).
     """
 
     image: object
@@ -126,6 +131,12 @@ class SkySample:
     bits: object
     inner: object
     own_rows: np.ndarray
+    rows: object = None
+
+    def with_variance(self, variance):
+        """The same sample with the bands of another variance plane (M, N) of the image."""
+        bands = variance[None] if self.rows is None else variance[self.rows]
+        return dataclasses.replace(self, variance=bands)
 
 
 def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
@@ -146,7 +157,7 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     if bands == [(0, rows)]:
         inner = np.ones((1, rows, 1), dtype=bool)
         return SkySample(masked_image.image[None], masked_image.variance[None], masked_image.mask[None],
-                         masked_image.bits, xp.asarray(inner), np.arange(rows)[None])
+                         masked_image.bits, xp.asarray(inner), np.arange(rows)[None], None)
     height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
     starts = np.array([start for start, _ in bands])
     windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
@@ -155,7 +166,71 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     inner = ((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None]
     own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
     return SkySample(masked_image.image[index], masked_image.variance[index], masked_image.mask[index],
-                     masked_image.bits, xp.asarray(inner), own_rows)
+                     masked_image.bits, xp.asarray(inner), own_rows, index)
+
+
+@dataclass(frozen=True, eq=False)
+class SkyResidual:
+    """An image's noise sample less its coarse background: what its noise measurements share.
+
+    Made once per image by :func:`sky_residual`, it serves the variance
+    correction (:func:`correct_variance`) and the noise-correlation
+    measurement of the convolved image
+    (:func:`gpudiffim.covariance.measure_noise_correlation`), which would
+    otherwise each take the bin medians again.  Both depend on the image
+    plane and the mask only, so the sample serves the image after its
+    variance is corrected (the measurements take that plane from the image
+    they are given).
+
+    Attributes
+    ----------
+    sample : SkySample
+    residual : ndarray of float64, shape (B, H, N)
+        The bands less their coarse background.
+    exclude : ndarray of bool, shape (B, H, N)
+        Pixels with an :data:`EXCLUDED_PLANES` bit.
+    bin_size : int
+        Background bin size (px).
+    shape : tuple of int
+        Shape of the image sampled.  The callers pass the residual of the
+        image plane they measure (checked: its shape and the bin size).
+    """
+
+    sample: SkySample
+    residual: object
+    exclude: object
+    bin_size: int
+    shape: tuple
+
+    def check(self, masked_image, bin_size):
+        """This residual with the variance plane of ``masked_image`` (the image it was measured on, after
+        a variance correction), or ValueError if the shape or bin size differ."""
+        if masked_image.shape != self.shape or bin_size != self.bin_size:
+            msg = (f"the sky residual was measured on a {self.shape} image with {self.bin_size}-px bins, "
+                   f"not on this {masked_image.shape} image with {bin_size}-px bins")
+            raise ValueError(msg)
+        return dataclasses.replace(self, sample=self.sample.with_variance(masked_image.variance))
+
+
+def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
+    """The :class:`SkyResidual` of ``masked_image``: its :func:`sampled_stack` less the coarse background.
+
+    Parameters
+    ----------
+    masked_image : MaskedImage
+        NumPy or CuPy planes.
+    bin_size : int
+        Bin size (px) of the background removed.
+    max_pixels : int
+        Pixels sampled (see :func:`sampled_stack`).
+
+    Returns
+    -------
+    SkyResidual
+    """
+    sample = sampled_stack(masked_image, max_pixels)
+    residual, exclude = background_free(sample, bin_size)
+    return SkyResidual(sample, residual, exclude, bin_size, tuple(masked_image.shape))
 
 
 def background_free(masked_image, bin_size):
@@ -188,13 +263,12 @@ def sky_pixels(sample, residual, threshold, grow):
     sigma = masked_iqr_sigma(residual.reshape(n_bands, -1), good.reshape(n_bands, -1))
     level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
     sources = xp.abs(residual) >= level[:, None, None]
-    if grow > 0:   # on uint8 (every backend's filters take it), then back to bool
-        grown = ndimage_of(sources).maximum_filter(sources.astype(np.uint8), size=(1, 2 * grow + 1, 2 * grow + 1))
-        sources = grown != 0
+    if grow > 0:
+        sources = operations_for(sources).or_box(sources, grow, grow)
     return good & ~sources
 
 
-def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
+def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4, sky=None):
     """Correct the variance plane to the pixel noise on the sky.
 
     Parameters
@@ -216,6 +290,9 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
         (sources, and their negative counterparts) are left out...
     grow : int
         ... with every pixel within ``grow`` px of them (a square box).
+    sky : SkyResidual, optional
+        :func:`sky_residual` of ``masked_image`` with ``bin_size``, when the
+        caller measures the image's noise again later (made here if None).
 
     Returns
     -------
@@ -233,8 +310,8 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     if mode not in MODES:
         msg = f"invalid mode={mode!r}: expected one of {MODES}"
         raise ConfigurationError(msg)
-    sample = sampled_stack(masked_image)
-    residual, _ = background_free(sample, bin_size)
+    sky = sky_residual(masked_image, bin_size) if sky is None else sky.check(masked_image, bin_size)
+    sample, residual = sky.sample, sky.residual
     sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(1, -1)
     variance = sample.variance.astype(np.float64).reshape(1, -1)
     residual = residual.reshape(1, -1)
@@ -278,9 +355,10 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
         raise InvalidVarianceError(msg)
     level = logging.WARNING if not 0.1 <= factor <= 10.0 else logging.INFO
     log.log(level, "variance scaled by %.4g (from %d sky pixels)", factor, n_sky)
-    scaled = MaskedImage._from_planes(masked_image.image, masked_image.mask,
-                                      masked_image.variance * masked_image.dtype.type(factor),
-                                      masked_image.xy0, masked_image.mask_planes)
+    # the read-only image and mask planes are shared, not copied
+    scaled = MaskedImage._wrap(masked_image.image, masked_image.mask,
+                               masked_image.variance * masked_image.dtype.type(factor),
+                               masked_image.xy0, masked_image.mask_planes)
     return scaled, VarianceCorrection("scale", float(factor), n_sky)
 
 
@@ -305,6 +383,6 @@ def _add_sky_variance(masked_image, measured, median, limit, n_sky):
     added = max(measured - median, 0.0)
     log.info("added %.4g to the variance (sky variance %.4g, plane median %.4g)", added, measured, median)
     variance = masked_image.variance + masked_image.dtype.type(added)
-    corrected = MaskedImage._from_planes(masked_image.image, masked_image.mask, variance, masked_image.xy0,
-                                         masked_image.mask_planes)
+    corrected = MaskedImage._wrap(masked_image.image, masked_image.mask, variance, masked_image.xy0,
+                                  masked_image.mask_planes)
     return corrected, VarianceCorrection("add", added, n_sky)

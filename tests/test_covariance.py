@@ -229,3 +229,24 @@ def test_large_images_are_sampled_in_bands():
     expected = [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]]
     assert sampled.significant and sampled.n_pixels <= 4 * 64 * 512      # a third of the image
     np.testing.assert_allclose(sampled.rho[2:5, 2:5], expected, atol=0.02)
+
+
+def test_sky_residual_of_the_variance_correction_gives_the_same_correlation():
+    """The background-free sample made by the variance correction serves the noise-correlation
+    measurement of the same image plane after its variance is scaled: the same rho, bit for bit;
+    an image of another shape is refused."""
+    from gpudiffim.variance import correct_variance, sky_residual
+
+    rng = np.random.default_rng(7)
+    noise = _correlated_noise(rng, (1200, 300))       # > MAX_PIXELS / 4: sampled in bands
+    image = MaskedImage(noise + 100.0, variance=np.full(noise.shape, 0.2))    # plane 0.2 / 0.375 of the noise
+    sky = sky_residual(image)
+    corrected, record = correct_variance(image, mode="scale", sky=sky)
+    assert record.applied == "scale"
+    shared = measure_noise_correlation(corrected, sky=sky)
+    fresh = measure_noise_correlation(corrected)
+    np.testing.assert_array_equal(shared.rho, fresh.rho)
+    assert shared.n_pixels == fresh.n_pixels and shared.significant
+    other = MaskedImage(noise[:600] + 100.0, variance=np.full((600, 300), 0.375))
+    with pytest.raises(ValueError, match=r"measured on a \(1200, 300\) image"):
+        measure_noise_correlation(other, sky=sky)

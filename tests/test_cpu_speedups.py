@@ -75,3 +75,34 @@ def test_tiled_application_equals_whole_image_application(dtype):
     rtol = 1e-12 if dtype == np.float64 else 1e-6
     assert tiled.dtype == dtype
     assert_allclose(tiled, whole, rtol=0, atol=rtol * np.abs(whole).max())
+
+
+@pytest.mark.parametrize(("shape", "half_y", "half_x"), [
+    ((3, 40, 50), 4, 4),        # a stack of bands, the sky masks' growth
+    ((30, 25), 10, 10),         # the kernel box of the default 21 x 21 kernel
+    ((6, 9), 7, 2),             # box larger than the plane along y
+    ((12, 12), 0, 3),           # one axis left alone
+])
+@pytest.mark.parametrize("dtype", [bool, np.int32])
+def test_or_box_equals_maximum_filter_per_bit(shape, half_y, half_x, dtype):
+    """The shifted-OR box of the host path is every bit's maximum filter (zeros outside), on both paths."""
+    from scipy import ndimage
+
+    from gpudiffim._ops import KERNELS
+
+    rng = np.random.default_rng(len(shape) + half_y)
+    if dtype is bool:
+        mask = rng.random(shape) > 0.97
+    else:
+        mask = np.where(rng.random(shape) > 0.95, rng.integers(1, 1 << 12, shape), 0).astype(np.int32)
+    size = (1,) * (mask.ndim - 2) + (2 * half_y + 1, 2 * half_x + 1)
+    expected = np.zeros(shape, dtype=np.int64)
+    for bit in range(12 if dtype is not bool else 1):
+        plane = ((mask.astype(np.int64) >> bit) & 1).astype(np.uint8)
+        expected |= ndimage.maximum_filter(plane, size=size, mode="constant").astype(np.int64) << bit
+    before = mask.copy()
+    for ops in (NUMPY, KERNELS):
+        out = ops.or_box(mask, half_y, half_x)
+        assert out.dtype == (bool if dtype is bool else np.int32)
+        np.testing.assert_array_equal(out.astype(np.int64), expected)
+    np.testing.assert_array_equal(mask, before)     # the input is not modified
