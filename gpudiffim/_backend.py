@@ -136,6 +136,12 @@ def is_device_array(array):
     return type(array).__module__.split(".")[0] == "cupy"
 
 
+def read_only_view(plane):
+    """A view of a read-only NumPy plane (its flag cannot be turned back on through it); a device
+    array as it is (CuPy has no read-only flag, so a view would protect nothing and cost a call)."""
+    return plane.view() if isinstance(plane, np.ndarray) else plane
+
+
 def array_module_of(array):
     """``cupy`` for a CuPy array, else ``numpy``."""
     if is_device_array(array):

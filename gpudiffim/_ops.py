@@ -293,9 +293,16 @@ class NumpyOperations:
         return bin_medians_loop(image, keep, edges_y, edges_x)
 
     def accumulate_term(self, out, term, rows, cols):
-        """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``."""
-        term *= rows[:, None]
-        term *= cols[None, :]
+        """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``.
+
+        A factor that is all ones (the constant spatial term's, and one of the
+        two of every pure-x or pure-y term) is not multiplied: bit for bit the
+        same sum, with a third to a half fewer passes over the tile.
+        """
+        if not np.all(rows == 1):
+            term *= rows[:, None]
+        if not np.all(cols == 1):
+            term *= cols[None, :]
         out += term
         return out
 

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from ._backend import array_module_of as _module_of
-from ._backend import is_device_array, moved, on_device
+from ._backend import is_device_array, moved, on_device, read_only_view
 from .errors import InvalidImageError, InvalidVarianceError, NoDataWarning, ShapeError
 from .statistics import mad_sigma
 
@@ -208,17 +208,17 @@ class MaskedImage:
     @property
     def image(self):
         """Read-only image plane, shape (M, N)."""
-        return self._image.view()
+        return read_only_view(self._image)
 
     @property
     def mask(self):
         """Read-only int32 mask plane, shape (M, N)."""
-        return self._mask.view()
+        return read_only_view(self._mask)
 
     @property
     def variance(self):
         """Read-only variance plane, shape (M, N)."""
-        return self._variance.view()
+        return read_only_view(self._variance)
 
     @property
     def xy0(self):
