@@ -38,12 +38,14 @@ import functools
 import os
 import time
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["BACKENDS", "StageTimings", "array_module", "array_module_of", "backend_info", "compute_backend",
-           "fft_functions", "is_device_array", "moved", "on_device", "row_blocks", "scatter_at", "stable_argsort",
+           "fft_functions", "HOST_THREADS_VARIABLE", "host_map", "host_threads", "is_device_array", "moved", "on_device", "row_blocks", "scatter_at", "stable_argsort",
            "ndimage_of", "on_kernel_path", "stage_timer", "synchronize", "to_host", "use_backend"]
 
 #: Accepted values of ``GPUDIFFIM_BACKEND`` and of :func:`use_backend`.
@@ -183,17 +185,62 @@ def moved(array, xp):
     return xp.asarray(array)
 
 
+#: Environment variable that sets the host threads of :func:`host_map` (default: the usable cores).
+HOST_THREADS_VARIABLE = "GPUDIFFIM_HOST_THREADS"
+
+_host_pool = {}
+
+
+def host_threads():
+    """Threads :func:`host_map` uses: ``GPUDIFFIM_HOST_THREADS`` if set (>= 1), else the usable cores.
+
+    Raises
+    ------
+    ConfigurationError
+        If the variable is not a positive integer.
+    """
+    value = os.environ.get(HOST_THREADS_VARIABLE, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            msg = f"{HOST_THREADS_VARIABLE}={value!r}: expected a positive integer"
+            raise ConfigurationError(msg)
+        return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:    # not on Linux
+        return os.cpu_count() or 1
+
+
+def host_map(function, items):
+    """``[function(item) for item in items]``, on :func:`host_threads` threads when more than one.
+
+    For host (NumPy/SciPy) work on disjoint outputs: NumPy and pocketfft
+    release the GIL in their loops, so independent blocks scale with the
+    cores, and every block computes exactly what it computes alone (results
+    do not depend on the thread count).  The pool is made once per thread
+    count and reused.
+    """
+    items = list(items)
+    threads = min(host_threads(), len(items))
+    if threads <= 1:
+        return [function(item) for item in items]
+    key = (os.getpid(), threads)      # a pool does not survive a fork (Dask and multiprocessing workers)
+    if key not in _host_pool:
+        _host_pool[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpudiffim-host")
+    return list(_host_pool[key].map(function, items))
+
+
 def fft_functions(xp):
     """``rfft``, ``fft``, ``irfft2``, ``rfft2`` for arrays of ``xp``, with a common signature.
 
-    NumPy arrays use ``scipy.fft`` on every core; CuPy arrays ``cupyx.scipy.fft``
+    NumPy arrays use ``scipy.fft`` on :func:`host_threads` threads; CuPy arrays ``cupyx.scipy.fft``
     (cuFFT).
     """
     names = ("rfft", "fft", "irfft2", "rfft2")
     if xp is np:
         import scipy.fft
 
-        return {name: functools.partial(getattr(scipy.fft, name), workers=-1) for name in names}
+        return {name: functools.partial(getattr(scipy.fft, name), workers=host_threads()) for name in names}
     import cupyx.scipy.fft as cufft
 
     return {name: getattr(cufft, name) for name in names}

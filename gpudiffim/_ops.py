@@ -50,7 +50,7 @@ method                             contract
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, is_device_array, on_kernel_path, to_host
+from ._backend import array_module_of, host_map, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
 from .cutouts import cut_planes
@@ -310,19 +310,23 @@ class NumpyOperations:
         """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])`` (M, N), in ``dtype``.
 
         The reference: overlap-save tiles (:class:`~gpudiffim.convolve.TiledCorrelator`),
-        term by term and tile by tile, each weighted and added by
-        :meth:`accumulate_term`; all-zero kernels are skipped.  Agrees with
+        the tiles on the host threads (:func:`~gpudiffim._backend.host_map`), every
+        term of a tile weighted and added by :meth:`accumulate_term` in term order;
+        all-zero kernels are skipped.  Agrees with
         :meth:`weighted_correlations_whole` to FFT rounding (~1e-7 of the
         largest term value in float32).
         """
         correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
+        terms = [(correlator.kernel_transform(kernel), rows.astype(dtype), cols.astype(dtype))
+                 for kernel, (rows, cols) in zip(kernels, factors) if np.any(kernel)]
         out = np.zeros(image.shape, dtype=dtype)
-        for kernel, (rows, cols) in zip(kernels, factors):
-            if not np.any(kernel):
-                continue
-            rows, cols = rows.astype(dtype), cols.astype(dtype)
-            for (ys, xs), term in correlator.correlate_tiles(kernel):
-                self.accumulate_term(out[ys, xs], term, rows[ys], cols[xs])
+
+        def tile(index):   # every term of one tile, in term order: the sums do not depend on the threads
+            ys, xs = correlator.tile_region(index)
+            for kernel_ft, rows, cols in terms:
+                self.accumulate_term(out[ys, xs], correlator.correlate_tile(index, kernel_ft), rows[ys], cols[xs])
+
+        host_map(tile, range(correlator.n_tiles))
         return out
 
     def weighted_correlations_whole(self, image, kernels, factors, dtype):

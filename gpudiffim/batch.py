@@ -47,6 +47,7 @@ import time
 import uuid
 import warnings
 
+from ._backend import HOST_THREADS_VARIABLE
 from .errors import ConfigurationError, GpudiffimError, MissingDependencyError
 
 __all__ = ["MANIFEST_COLUMNS", "Batch", "Pair", "read_pairs", "run_pair", "subtract_many"]
@@ -632,9 +633,12 @@ def local_cluster(n_workers=None, *, dashboard=True):
         else:
             return LocalCUDACluster(resources={"GPU": 1}, threads_per_worker=1, host="127.0.0.1",
                                     dashboard_address=address)
-    n_workers = n_workers or os.cpu_count() or 1
+    cores = os.cpu_count() or 1
+    n_workers = n_workers or cores
+    # the cores shared among the worker processes: each one's host threads (gpudiffim._backend.host_threads)
+    env = {HOST_THREADS_VARIABLE: str(max(1, cores // n_workers))}
     return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                    host="127.0.0.1", dashboard_address=address)
+                                    host="127.0.0.1", dashboard_address=address, env=env)
 
 
 def _resources(client):

@@ -24,7 +24,7 @@ import functools
 import numpy as np
 import scipy.fft
 
-from ._backend import array_module_of, fft_functions
+from ._backend import array_module_of, fft_functions, host_map, host_threads
 
 __all__ = [
     "correlate_stamps",
@@ -39,18 +39,44 @@ __all__ = [
 _STAMP_CHUNK = 16
 
 
-def _stamp_transforms(stamps, kernels):
-    """Transforms for circular correlation of stamps with kernels.
+def _stamp_period(stamps):
+    """FFT period of the stamps' circular correlations: the next fast length of each side.
 
     A circular correlation of period ``n >= S`` equals the linear one on the
     valid region (outputs ``0 .. S - kh``), where no kernel tap wraps; so the
-    stamps need no padding, and ``n`` is the next fast FFT length of ``S``.
+    stamps need no padding.
     """
-    n = (scipy.fft.next_fast_len(stamps.shape[1], real=True),
-         scipy.fft.next_fast_len(stamps.shape[2], real=True))
-    stamps_ft = scipy.fft.rfft2(np.asarray(stamps, dtype=np.float64), s=n, workers=-1)
-    kernels_ft = np.conj(scipy.fft.rfft2(np.asarray(kernels, dtype=np.float64), s=n, workers=-1))
-    return stamps_ft, kernels_ft, n
+    return (scipy.fft.next_fast_len(stamps.shape[1], real=True),
+            scipy.fft.next_fast_len(stamps.shape[2], real=True))
+
+
+def _kernel_transforms(kernels, period):
+    """Conjugate transforms of kernels (..., kh, kw) at the stamps' period."""
+    return np.conj(scipy.fft.rfft2(np.asarray(kernels, dtype=np.float64), s=period, workers=host_threads()))
+
+
+def _valid_correlations(stamps, kernels, per_stamp):
+    """The chunked correlations of :func:`correlate_stamps` (``per_stamp``: of :func:`correlate_stamps_each`).
+
+    Chunks of :data:`_STAMP_CHUNK` stamps (transform, product, inverse) run on
+    the host threads (:func:`gpudiffim._backend.host_map`), each on one core
+    and on its own rows of the output, so the result does not depend on the
+    number of threads.
+    """
+    period = _stamp_period(stamps)
+    kernels_ft = _kernel_transforms(kernels, period)
+    fy = stamps.shape[1] - kernels.shape[-2] + 1
+    fx = stamps.shape[2] - kernels.shape[-1] + 1
+    out = np.empty((len(stamps),) + (() if per_stamp else (len(kernels),)) + (fy, fx))
+
+    def chunk(start):
+        stop = min(start + _STAMP_CHUNK, len(stamps))
+        stamps_ft = scipy.fft.rfft2(np.asarray(stamps[start:stop], dtype=np.float64), s=period, workers=1)
+        product = stamps_ft * kernels_ft[start:stop] if per_stamp else stamps_ft[:, None] * kernels_ft[None]
+        out[start:stop] = _valid_inverse(product, period, fy, fx)
+
+    host_map(chunk, range(0, len(stamps), _STAMP_CHUNK))
+    return out
 
 
 def correlate_stamps(stamps, kernels):
@@ -71,25 +97,17 @@ def correlate_stamps(stamps, kernels):
     Notes
     -----
     Computed by FFT as circular correlations of the stamp period (exact on the
-    valid region), chunked over stamps.  For 43^2 stamps and 27 kernels of
-    21^2 this is ~4x faster than the direct matrix product over sliding
-    windows, whose 441-fold copy of the stamps is memory bound.
+    valid region), in chunks of stamps on the host threads.  For 43^2 stamps
+    and 27 kernels of 21^2 this is ~4x faster than the direct matrix product
+    over sliding windows, whose 441-fold copy of the stamps is memory bound.
     """
-    stamps_ft, kernels_ft, n = _stamp_transforms(stamps, kernels)
-    fy = stamps.shape[1] - kernels.shape[1] + 1
-    fx = stamps.shape[2] - kernels.shape[2] + 1
-    out = np.empty((len(stamps), len(kernels), fy, fx))
-    for start in range(0, len(stamps), _STAMP_CHUNK):
-        stop = start + _STAMP_CHUNK
-        product = stamps_ft[start:stop, None] * kernels_ft[None]
-        out[start:stop] = _valid_inverse(product, n, fy, fx)
-    return out
+    return _valid_correlations(stamps, kernels, per_stamp=False)
 
 
 def _valid_inverse(spectrum, n, fy, fx):
-    """``irfft2(spectrum, s=n)[..., :fy, :fx]``, transforming only the rows kept."""
-    rows = scipy.fft.ifft(spectrum, n=n[0], axis=-2, workers=-1, overwrite_x=True)[..., :fy, :]
-    return scipy.fft.irfft(rows, n=n[1], axis=-1, workers=-1)[..., :fx]
+    """``irfft2(spectrum, s=n)[..., :fy, :fx]``, transforming only the rows kept (one thread)."""
+    rows = scipy.fft.ifft(spectrum, n=n[0], axis=-2, workers=1, overwrite_x=True)[..., :fy, :]
+    return scipy.fft.irfft(rows, n=n[1], axis=-1, workers=1)[..., :fx]
 
 
 def correlate_stamps_each(stamps, kernels):
@@ -104,10 +122,7 @@ def correlate_stamps_each(stamps, kernels):
     -------
     ndarray of shape (N, S_y - kh + 1, S_x - kw + 1), float64
     """
-    stamps_ft, kernels_ft, n = _stamp_transforms(stamps, kernels)
-    fy = stamps.shape[1] - kernels.shape[1] + 1
-    fx = stamps.shape[2] - kernels.shape[2] + 1
-    return _valid_inverse(stamps_ft * kernels_ft, n, fy, fx)
+    return _valid_correlations(stamps, kernels, per_stamp=True)
 
 
 def _fft_functions(xp):
@@ -269,7 +284,29 @@ class TiledCorrelator:
         padded = np.zeros((self.shape[0] + py, self.shape[1] + px), dtype=self.dtype)
         padded[hy:hy + self.shape[0], hx:hx + self.shape[1]] = image
         tiles = np.stack([padded[y:y + py, x:x + px] for y in self._y0 for x in self._x0])
-        self._tiles_ft = scipy.fft.rfft2(tiles, workers=-1)
+        self._tiles_ft = scipy.fft.rfft2(tiles, workers=host_threads())
+
+    @property
+    def n_tiles(self):
+        """Number of tiles."""
+        return len(self._y0) * len(self._x0)
+
+    def tile_region(self, index):
+        """``(rows, cols)`` slices of the output image that tile ``index`` computes."""
+        y, x = self._y0[index // len(self._x0)], self._x0[index % len(self._x0)]
+        return (slice(y, min(y + self._valid_y, self.shape[0])),
+                slice(x, min(x + self._valid_x, self.shape[1])))
+
+    def kernel_transform(self, kernel):
+        """The conjugate transform of a kernel (``kernel_shape``) at the tiles' period."""
+        return np.conj(scipy.fft.rfft2(np.asarray(kernel, dtype=self.dtype), s=self.period, workers=host_threads()))
+
+    def correlate_tile(self, index, kernel_ft):
+        """Correlation of tile ``index`` with the kernel of :meth:`kernel_transform` ``kernel_ft``,
+        on its :meth:`tile_region` (a writable array); one thread's transform."""
+        rows, cols = self.tile_region(index)
+        tile = scipy.fft.irfft2(self._tiles_ft[index] * kernel_ft, s=self.period, workers=1, overwrite_x=True)
+        return tile[:rows.stop - rows.start, :cols.stop - cols.start]
 
     def correlate_tiles(self, kernel):
         """Correlations of every tile with one kernel.
@@ -282,15 +319,7 @@ class TiledCorrelator:
         -------
         list of (tuple of slice, ndarray)
             ``(rows, cols)`` of the output image and the tile's correlation
-            there (views into one array; writable).
+            there (writable).
         """
-        kernel_ft = np.conj(scipy.fft.rfft2(np.asarray(kernel, dtype=self.dtype), s=self.period, workers=-1))
-        tiles = scipy.fft.irfft2(self._tiles_ft * kernel_ft, s=self.period, workers=-1, overwrite_x=True)
-        out, index = [], 0
-        for y in self._y0:
-            rows = slice(y, min(y + self._valid_y, self.shape[0]))
-            for x in self._x0:
-                cols = slice(x, min(x + self._valid_x, self.shape[1]))
-                out.append(((rows, cols), tiles[index, :rows.stop - y, :cols.stop - x]))
-                index += 1
-        return out
+        kernel_ft = self.kernel_transform(kernel)
+        return [(self.tile_region(index), self.correlate_tile(index, kernel_ft)) for index in range(self.n_tiles)]

@@ -106,3 +106,50 @@ def test_or_box_equals_maximum_filter_per_bit(shape, half_y, half_x, dtype):
         assert out.dtype == (bool if dtype is bool else np.int32)
         np.testing.assert_array_equal(out.astype(np.int64), expected)
     np.testing.assert_array_equal(mask, before)     # the input is not modified
+
+
+def test_host_threads_do_not_change_the_result(monkeypatch):
+    """Stamp correlations and the tiled application split into blocks with disjoint outputs: one and
+    three host threads give bit-identical fits and images."""
+    from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
+    from gpudiffim.testing import make_fake_pair
+
+    pair = make_fake_pair(shape=(384, 384), n_stars=150, seed=3)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", threads)
+        results.append(ImagePsfMatchTask(PsfMatchConfig()).subtract_masked_images(pair.template, pair.science))
+    one, three = results
+    np.testing.assert_array_equal(one.psf_matching_kernel.coefficients, three.psf_matching_kernel.coefficients)
+    for plane in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(one.subtracted_image, plane), getattr(three.subtracted_image, plane))
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_host_threads_variable_is_checked(monkeypatch, value):
+    from gpudiffim import ConfigurationError
+    from gpudiffim._backend import host_threads
+
+    monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", value)
+    with pytest.raises(ConfigurationError, match="GPUDIFFIM_HOST_THREADS"):
+        host_threads()
+
+
+def test_tiled_application_is_the_same_on_any_number_of_threads(monkeypatch):
+    """Tiles of the full-image application run on the host threads, each with every term in order."""
+    import gpudiffim.convolve as convolve
+
+    monkeypatch.setattr(convolve, "TILE_SIDE", 64)          # 6 x 5 tiles of a 300 x 230 image
+    rng = np.random.default_rng(12)
+    image = (rng.normal(size=(300, 230)) * 5 + 40).astype(np.float32)
+    kernels = rng.normal(size=(5, 9, 9))
+    factors = [(rng.normal(size=300), rng.normal(size=230)) for _ in kernels]
+    sums = []
+    for threads in ("1", "2", "7"):
+        monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", threads)
+        sums.append(NUMPY.weighted_correlations(image, kernels, factors, np.float32))
+    assert TiledCorrelator(image, (9, 9), np.float32).n_tiles == 30
+    np.testing.assert_array_equal(sums[0], sums[1])
+    np.testing.assert_array_equal(sums[0], sums[2])
+    whole = NUMPY.weighted_correlations_whole(image, kernels, factors, np.float32)
+    assert_allclose(sums[0], whole, rtol=0, atol=1e-6 * np.abs(whole).max())
