@@ -163,6 +163,29 @@ def _lu_batch_cublas(matrices, vectors):
 TERMS_PER_BATCH = 8
 
 
+def _or_window(array, axis, half):
+    """OR of ``array`` over ``[i - half, i + half]`` along ``axis`` (zeros beyond the ends)."""
+    width = 2 * half + 1
+    padding = [(0, 0)] * array.ndim
+    padding[axis] = (half, half)
+    window = np.pad(array, padding)
+    span = 1
+    while 2 * span <= width:       # window[j] = OR over [j, j + span) of the padded array
+        length = window.shape[axis] - span
+        window = _take(window, axis, 0, length) | _take(window, axis, span, span + length)
+        span *= 2
+    n = array.shape[axis]
+    # [i - half, i + half] is the union of [i - half, i - half + span) and [i + half + 1 - span, i + half + 1)
+    return _take(window, axis, 0, n) | _take(window, axis, width - span, width - span + n)
+
+
+def _take(array, axis, start, stop):
+    """``array[..., start:stop, ...]`` along ``axis`` (a view)."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, stop)
+    return array[tuple(index)]
+
+
 class NumpyOperations:
     """The NumPy/SciPy reference of every operation (host arrays in, host arrays out)."""
 
@@ -217,17 +240,15 @@ class NumpyOperations:
 
     def or_box(self, mask, half_y, half_x):
         """``out[..., y, x]`` = OR of ``mask[..., y + v, x + u]`` over ``|v| <= half_y``, ``|u| <= half_x``
-        inside the plane (zeros beyond), for a (..., M, N) integer or boolean array: shifted ORs along
-        each axis (7-8 times faster than ``scipy.ndimage.maximum_filter`` on 0/1 planes, every bit at once)."""
+        inside the plane (zeros beyond), for a (..., M, N) integer or boolean array, every bit at once:
+        along each axis, ORs of windows doubled in width (``log2`` steps), then two overlapping windows
+        (a few times faster than ``scipy.ndimage.maximum_filter`` on 0/1 planes)."""
         out = np.array(mask, copy=True)
+        if not out.any():
+            return out
         for axis, half in ((-2, half_y), (-1, half_x)):
-            length = out.shape[axis]
-            source = out.copy() if half else out
-            for shift in range(1, min(half, length - 1) + 1):
-                near, far = [slice(None)] * out.ndim, [slice(None)] * out.ndim
-                near[axis], far[axis] = slice(0, length - shift), slice(shift, length)
-                out[tuple(near)] |= source[tuple(far)]
-                out[tuple(far)] |= source[tuple(near)]
+            if half > 0:
+                out = _or_window(out, axis % out.ndim, half)
         return out
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
