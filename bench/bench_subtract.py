@@ -42,6 +42,7 @@ except ImportError:       # running from a checkout that is not installed
 from _machine import machine_info  # noqa: E402
 
 from gpudiffim import ImagePsfMatchTask, PsfMatchConfig  # noqa: E402
+from gpudiffim._backend import tune_host_allocator  # noqa: E402
 from gpudiffim.convolve import TILE_SIDE, _tile_grid  # noqa: E402
 from gpudiffim.testing import make_fake_pair  # noqa: E402
 
@@ -147,6 +148,9 @@ def hwm():  # VmHWM belongs to this process image (reset at exec), unlike ru_max
 sys.path.insert(0, {repo!r})
 import numpy as np
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
+from gpudiffim._backend import tune_host_allocator
+if {tuned!r}:
+    tune_host_allocator()
 planes = np.load({planes!r})
 images = [MaskedImage(planes[k + "_image"], planes[k + "_mask"], planes[k + "_variance"])
           for k in ("template", "science")]
@@ -161,9 +165,9 @@ json.dump(dict(loaded_rss_mb=loaded, peak_rss_mb=peak, wall_s=wall), sys.stdout)
 """
 
 
-def gpudiffim_memory(workdir, planes_path):
-    """Peak RSS of one subtraction in a fresh Python process."""
-    code = _CHILD.format(repo=str(_REPO), planes=str(planes_path), config=CONFIG_KWARGS)
+def gpudiffim_memory(workdir, planes_path, tuned):
+    """Peak RSS of one subtraction in a fresh Python process (its allocator ``tuned`` as this one's)."""
+    code = _CHILD.format(repo=str(_REPO), planes=str(planes_path), config=CONFIG_KWARGS, tuned=bool(tuned))
     out, err = workdir / "gpudiffim_child.out", workdir / "gpudiffim_child.err"
     rc, wall, rss = run_measured([sys.executable, "-c", code], out, err)
     if rc != 0:
@@ -368,9 +372,13 @@ def main(argv=None):
                         help="HOTPANTS binary (default $HOTPANTS or /tmp/hotpants/hotpants)")
     parser.add_argument("--workdir", help="folder for the FITS files (temporary by default)")
     parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone (default: tune them as the command "
+                             "line does, gpudiffim._backend.tune_host_allocator)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    args.allocator_tuned = False if args.default_allocator else tune_host_allocator()
 
     if args.workdir:
         workdir = Path(args.workdir)
@@ -396,7 +404,8 @@ def benchmark(args, workdir):
     shape = (args.size, args.size)
     print(f"# gpudiffim vs HOTPANTS: {args.size}x{args.size}, {args.stars} stars, seed {args.seed}, "
           f"{args.rounds} round(s)")
-    print(f"date {machine['date_utc']}, gpudiffim {machine['gpudiffim']} @ {machine['git_revision']}")
+    print(f"date {machine['date_utc']}, gpudiffim {machine['gpudiffim']} @ {machine['git_revision']}, "
+          f"glibc malloc thresholds {'tuned' if args.allocator_tuned else 'default'}")
     print(f"CPU {machine['cpu_model']}, nproc {machine['nproc']}, memory {machine['memory_gib']} GiB; "
           f"Python {machine['python']}, NumPy {machine['numpy']}, SciPy {machine['scipy']}, "
           f"BLAS {machine['blas']}")
@@ -449,7 +458,7 @@ def benchmark(args, workdir):
           + ", ".join(f"{w:.3f}" for w in sparse_walls) + " s; stages of the fastest: "
           + ", ".join(f"{k} {v:.3f}" for k, v in sparse_result.timings.items()))
 
-    memory = gpudiffim_memory(workdir, planes_path)
+    memory = gpudiffim_memory(workdir, planes_path, args.allocator_tuned)
     if "error" in memory:
         print(f"gpudiffim memory subprocess failed: {memory['error']}")
     else:
