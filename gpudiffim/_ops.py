@@ -24,7 +24,8 @@ one that does (checked by ``tests/test_layering.py``).
 method                             contract
 =================================  ==============================================================
 ``correlate_stamps``               valid-region correlation of stamps (N, S, S) with kernels:
-                                   (N, K, F, F), or (N, F, F) with ``per_stamp``
+                                   (N, K, F, F), or (N, F, F) with ``per_stamp``; kernels may come
+                                   in separable form too (used by the host)
 ``stamp_normal_equations``         ``M = C^T W C`` (N, P, P), ``b = C^T W y`` (N, P) for the basis
                                    columns ``C`` (N, n_basis, n_pix) and, when fitted, the
                                    background's column of ones, implicit on every path
@@ -52,7 +53,13 @@ import scipy.ndimage as ndi
 
 from ._backend import array_module_of, host_map, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
-from .convolve import FourierCorrelator, TiledCorrelator, correlate_stamps, correlate_stamps_each
+from .convolve import (
+    FourierCorrelator,
+    TiledCorrelator,
+    correlate_stamps,
+    correlate_stamps_each,
+    correlate_stamps_separable,
+)
 from .cutouts import cut_planes
 from .errors import SingularSystemError
 from .linalg import pseudo_inverse_solve_batch, solve_batch_status
@@ -191,9 +198,13 @@ class NumpyOperations:
 
     name = "numpy"
 
-    def correlate_stamps(self, stamps, kernels, per_stamp=False):
+    def correlate_stamps(self, stamps, kernels, per_stamp=False, separable=None):
         """Valid-region correlations: ``per_stamp``, stamp ``n`` with kernel ``n`` (N, F, F);
-        else every stamp with every kernel (N, K, F, F).  Batched FFT products."""
+        else every stamp with every kernel (N, K, F, F).  Batched FFT products, or products of
+        1-D correlations when ``separable`` (:class:`~gpudiffim.basis.SeparableBasis`) gives the
+        kernels in separable form (twice as fast at the defaults)."""
+        if separable is not None and not per_stamp:
+            return correlate_stamps_separable(stamps, separable)
         return (correlate_stamps_each if per_stamp else correlate_stamps)(stamps, kernels)
 
     def stamp_normal_equations(self, columns, target, weights, background):
@@ -422,8 +433,9 @@ class KernelOperations(NumpyOperations):
 
     name = "kernels"
 
-    def correlate_stamps(self, stamps, kernels, per_stamp=False):
-        """``gdi_correlate_stamps``; kernels wider than its shared-memory stage use the host FFT."""
+    def correlate_stamps(self, stamps, kernels, per_stamp=False, separable=None):
+        """``gdi_correlate_stamps`` (``separable`` unused: a direct sum per output); kernels wider
+        than its shared-memory stage use the host FFT."""
         from ._cuda import stamp_fit
 
         xp = array_module_of(stamps)

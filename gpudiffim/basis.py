@@ -52,6 +52,8 @@ __all__ = [
     "regularization_matrix",
     "renormalization_mixing",
     "renormalize_kernel_list",
+    "SeparableBasis",
+    "separable_form",
 ]
 
 log = logging.getLogger(__name__)
@@ -718,3 +720,72 @@ def make_kernel_basis(config, target_fwhm_pix=None, reference_fwhm_pix=None):
              "(%d kernels)", mode, ", ".join(f"{s:.3f}" for s in sigmas), degrees, size,
              basis.n_basis)
     return basis
+
+
+# --------------------------------------------------------------------------
+# Separable form of the Alard-Lupton basis (fast stamp correlations on the host)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SeparableBasis:
+    """Basis kernels as mixtures of separable products (the form of an Alard-Lupton basis).
+
+    ``kernels[k] = sum_m mixing[k, m] * outer(profiles[pairs[m, 0]], profiles[pairs[m, 1]])``:
+    raw kernel ``m`` is a 1-D profile along the rows (y) times one along the
+    columns (x), both from ``profiles``, and the renormalisation of
+    :func:`renormalize_kernel_list` mixes them (``mixing``, mostly zeros).
+
+    Attributes
+    ----------
+    profiles : ndarray of shape (P, w)
+        1-D factors ``G_sigma(t) (t / h)^p`` sampled at ``t = -h .. h``
+        (the Gaussian normalised to unit sum along the axis).
+    pairs : ndarray of int, shape (M, 2)
+        (row profile, column profile) of every raw kernel.
+    mixing : ndarray of shape (K, M)
+    """
+
+    profiles: np.ndarray
+    pairs: np.ndarray
+    mixing: np.ndarray
+
+
+def separable_form(basis):
+    """The :class:`SeparableBasis` of an Alard-Lupton :class:`KernelBasis`, else None.
+
+    Rebuilt from the basis' sigmas and degrees and checked against its
+    kernels (to 1e-12 of their largest value; None, logged, if it does not
+    hold).  The 2-D Gaussian of :func:`_gaussian_times_monomials` is the
+    product of two 1-D Gaussians, each normalised to unit sum, and every
+    monomial ``x^px y^py`` the product of its two powers.
+
+    Parameters
+    ----------
+    basis : KernelBasis
+
+    Returns
+    -------
+    SeparableBasis or None
+    """
+    if basis.kind != "alard-lupton" or not basis.sigmas:
+        return None
+    h = basis.half_width
+    offsets = np.arange(-h, h + 1, dtype=np.float64)
+    profiles, pairs = [], []
+    for sigma, degree in zip(basis.sigmas, basis.degrees):
+        base = len(profiles)
+        gauss = np.exp(-0.5 * (offsets / sigma) ** 2)
+        gauss /= gauss.sum()
+        profiles.extend(gauss * (offsets / h) ** power for power in range(degree + 1))
+        pairs.extend((base + py, base + px) for px, py in _monomial_exponents(degree))
+    profiles, pairs = np.array(profiles), np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    raw = profiles[pairs[:, 0], :, None] * profiles[pairs[:, 1], None, :]
+    mixing = renormalization_mixing(raw)
+    rebuilt = (mixing @ raw.reshape(len(raw), -1)).reshape(basis.kernels.shape)
+    error = float(np.max(np.abs(rebuilt - basis.kernels)))
+    if error > 1e-12 * float(np.max(np.abs(basis.kernels))):
+        log.debug("separable form of the Alard-Lupton basis off by %.3g: not used", error)
+        return None
+    for array in (profiles, pairs, mixing):
+        array.flags.writeable = False
+    return SeparableBasis(profiles, pairs, mixing)

@@ -25,11 +25,12 @@ import threading
 import numpy as np
 import scipy.fft
 
-from ._backend import array_module_of, fft_functions, host_map, host_threads
+from ._backend import array_module_of, fft_functions, host_map, host_threads, single_threaded_blas
 
 __all__ = [
     "correlate_stamps",
     "correlate_stamps_each",
+    "correlate_stamps_separable",
     "FourierCorrelator",
     "TiledCorrelator",
 ]
@@ -126,6 +127,77 @@ def correlate_stamps(stamps, kernels):
     over sliding windows, whose 441-fold copy of the stamps is memory bound.
     """
     return _valid_correlations(stamps, kernels, per_stamp=False)
+
+
+#: Stamps per block of :func:`correlate_stamps_separable` (one host thread's work, about 8 MB of
+#: temporaries at the defaults).  Fixed: the blocks' matrix products, and so their roundings, do
+#: not depend on the number of threads.
+_SEPARABLE_BLOCK = 64
+
+
+def _banded(profiles, length):
+    """``band[p, i, i + t] = profiles[p, t]``: (P, length - w + 1, length), the 1-D correlations as matrices."""
+    n_profiles, width = profiles.shape
+    valid = length - width + 1
+    band = np.zeros((n_profiles, valid, length))
+    index = np.arange(valid)
+    for tap in range(width):
+        band[:, index, index + tap] = profiles[:, tap, None]
+    return band
+
+
+def correlate_stamps_separable(stamps, separable):
+    """:func:`correlate_stamps` with kernels given in separable form (:class:`~gpudiffim.basis.SeparableBasis`).
+
+    Parameters
+    ----------
+    stamps : ndarray of shape (N, S_y, S_x)
+    separable : SeparableBasis
+        The kernels ``sum_m mixing[k, m] outer(profiles[a_m], profiles[b_m])`` (w x w).
+
+    Returns
+    -------
+    ndarray of shape (N, K, S_y - w + 1, S_x - w + 1), float64
+        As :func:`correlate_stamps` of the kernels (to ~1e-15 of the largest
+        value: the sums are taken in another order).
+
+    Notes
+    -----
+    Every stamp row is correlated with every profile at once, one matrix
+    product with the banded matrices of the profiles; then, for each raw
+    kernel, its row profile is applied down the columns of all the stamps'
+    results of its column profile, one matrix product again; the mixing
+    adds the raw correlations up (two terms per kernel for an Alard-Lupton
+    basis).  At the defaults (43^2 stamps, 27 kernels from 11 profiles)
+    this is about 2.5 times faster than the FFT products on two cores,
+    being BLAS products throughout; blocks of stamps run on the host threads
+    (:func:`~gpudiffim._backend.host_map`), each with single-threaded BLAS.
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    profiles, pairs, mixing = separable.profiles, separable.pairs, separable.mixing
+    n, size_y, size_x = stamps.shape
+    n_profiles, width = profiles.shape
+    fy, fx = size_y - width + 1, size_x - width + 1
+    along_x = _banded(profiles, size_x).transpose(2, 0, 1).reshape(size_x, n_profiles * fx)
+    along_y = _banded(profiles, size_y)
+    terms = [np.flatnonzero(row) for row in mixing]
+    out = np.empty((n, len(mixing), fy, fx))
+
+    def block(start):
+        stamp_block = stamps[start:start + _SEPARABLE_BLOCK]
+        m = len(stamp_block)
+        rows = (stamp_block.reshape(m * size_y, size_x) @ along_x).reshape(m, size_y, n_profiles, fx)
+        rows = np.ascontiguousarray(rows.transpose(2, 1, 0, 3)).reshape(n_profiles, size_y, m * fx)
+        raw = [(along_y[a] @ rows[b]).reshape(fy, m, fx) for a, b in pairs]
+        for k, used in enumerate(terms):
+            total = mixing[k, used[0]] * raw[used[0]]
+            for term in used[1:]:
+                total += mixing[k, term] * raw[term]
+            out[start:start + m, k] = total.transpose(1, 0, 2)
+
+    with single_threaded_blas():
+        host_map(block, range(0, n, _SEPARABLE_BLOCK))
+    return out
 
 
 def _valid_inverse(spectrum, n, fy, fx):

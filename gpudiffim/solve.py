@@ -25,7 +25,7 @@ import numpy as np
 
 from ._backend import array_module_of, on_device, to_host
 from ._ops import operations_for
-from .basis import renormalize_kernel_list
+from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
@@ -155,6 +155,8 @@ class _Solver:
     def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
         self.config = config
         self.basis = basis
+        #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations.
+        self.separable = separable_form(basis)
         self.template, self.science = template, science
         self.cell_set = cell_set
         self.half_size = half_size
@@ -248,9 +250,11 @@ class _Solver:
 
     def _build_batch(self, index, basis, solution, regularization, keep_rows):
         """Fit one batch where the images live, read its outcome back once, store and judge it."""
+        separable = self.separable if basis is self.basis.kernels else None
         basis = self.where_images_live(basis)
         batch = self.batch(index)
-        fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops)
+        fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops,
+                         separable=separable)
         sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
                                    self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)

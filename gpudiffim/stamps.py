@@ -177,14 +177,15 @@ def _inverse(variance):
         return xp.where(variance > 0, 1.0 / variance, 0.0)
 
 
-def _design(ops, batch, basis):
+def _design(ops, batch, basis, separable=None):
     """Basis design columns (N, n_basis, F) and target (N, F), the same on every path.
 
     The background's column of ones, when fitted, is implicit in
-    ``ops.stamp_normal_equations`` (never stored).
+    ``ops.stamp_normal_equations`` (never stored).  ``separable``: the basis
+    in separable form, if it has one.
     """
     half_width = basis.shape[1] // 2
-    correlated = ops.correlate_stamps(batch.template, basis)
+    correlated = ops.correlate_stamps(batch.template, basis, separable=separable)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
     if not columns.flags.c_contiguous:     # cropped FFT correlations: products on a strided view miss BLAS
@@ -247,7 +248,7 @@ def candidate_kernels(coefficients, basis):
     return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -263,6 +264,9 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     ops : object, optional
         The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
         caller once for its whole solve; chosen from the batch when omitted.
+    separable : SeparableBasis, optional
+        ``basis`` in separable form (:func:`gpudiffim.basis.separable_form`),
+        which the host correlates faster.
 
     Returns
     -------
@@ -275,7 +279,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None):
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
-    columns, target = _design(ops, batch, basis)
+    columns, target = _design(ops, batch, basis, separable)
     weights, codes = _stamp_weights(batch, half_width, config.constant_variance_weighting)
     matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
     condition = {}

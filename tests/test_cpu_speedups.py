@@ -180,3 +180,65 @@ print(before, faults())
                                             text=True).stdout.split())
     assert before > 1000             # ~500 faults per round by default (mapped afresh, then unmapped)
     assert after < before / 20
+
+
+@pytest.mark.parametrize(("sigmas", "degrees", "half_width"), [
+    ((0.7, 1.5, 3.0), (4, 2, 2), 10),    # the defaults
+    ((1.2,), (0,), 3),                   # one Gaussian, no polynomial
+    ((0.5, 2.0), (6, 1), 7),
+])
+def test_separable_form_rebuilds_the_alard_lupton_basis(sigmas, degrees, half_width):
+    from gpudiffim.basis import KernelBasis, make_alard_lupton_basis, separable_form
+
+    kernels = make_alard_lupton_basis(half_width, sigmas, degrees)
+    form = separable_form(KernelBasis(kernels, kind="alard-lupton", sigmas=sigmas, degrees=degrees))
+    raw = form.profiles[form.pairs[:, 0], :, None] * form.profiles[form.pairs[:, 1], None, :]
+    rebuilt = np.einsum("km,mij->kij", form.mixing, raw)
+    assert_allclose(rebuilt, kernels, rtol=0, atol=1e-13 * np.abs(kernels).max())
+    assert form.profiles.shape == (sum(d + 1 for d in degrees), 2 * half_width + 1)
+    assert np.count_nonzero(form.mixing) <= 2 * len(kernels)     # raw_k / s_k - B_0: two terms at most
+
+
+def test_separable_form_only_for_alard_lupton():
+    from gpudiffim.basis import KernelBasis, make_delta_function_basis, separable_form
+
+    assert separable_form(KernelBasis(make_delta_function_basis(5, 5), kind="delta-function")) is None
+
+
+@pytest.mark.parametrize(("n", "shape"), [(1, (43, 43)), (37, (31, 45)), (300, (25, 25))])
+def test_separable_stamp_correlations_equal_the_fft_ones(monkeypatch, n, shape):
+    """Products of 1-D correlations give the FFT products' design columns, on any number of threads."""
+    from gpudiffim.basis import KernelBasis, make_alard_lupton_basis, separable_form
+    from gpudiffim.convolve import correlate_stamps, correlate_stamps_separable
+
+    kernels = make_alard_lupton_basis(7, (0.8, 2.0), (3, 2))
+    form = separable_form(KernelBasis(kernels, kind="alard-lupton", sigmas=(0.8, 2.0), degrees=(3, 2)))
+    stamps = np.random.default_rng(n).normal(size=(n,) + shape) * 30 + 100
+    expected = correlate_stamps(stamps, kernels)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", threads)
+        results.append(correlate_stamps_separable(stamps, form))
+    assert results[0].shape == expected.shape
+    assert_allclose(results[0], expected, rtol=0, atol=1e-13 * np.abs(expected).max())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_fit_with_the_separable_form_equals_the_fit_without():
+    """The solve uses the separable design for the original basis: the same decisions, and the same
+    coefficients to 1e-8 of the largest (design roundings of 1e-15 through condition numbers ~1e6)."""
+    from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
+    from gpudiffim import solve as solve_module
+    from gpudiffim.testing import make_fake_pair
+
+    pair = make_fake_pair(shape=(384, 384), n_stars=150, seed=5)
+    fast = ImagePsfMatchTask(PsfMatchConfig()).subtract_masked_images(pair.template, pair.science)
+    original = solve_module.separable_form
+    solve_module.separable_form = lambda basis: None
+    try:
+        slow = ImagePsfMatchTask(PsfMatchConfig()).subtract_masked_images(pair.template, pair.science)
+    finally:
+        solve_module.separable_form = original
+    a, b = fast.psf_matching_kernel.coefficients, slow.psf_matching_kernel.coefficients
+    assert_allclose(a, b, rtol=0, atol=1e-8 * np.abs(b).max())
+    np.testing.assert_array_equal(fast.kernel_cell_set.column("status"), slow.kernel_cell_set.column("status"))
