@@ -590,3 +590,28 @@ class TestCorrelation:
         first = correlator.correlate(kernels[0])
         correlator.correlate(kernels[1])
         assert_allclose(correlator.correlate(kernels[0]), first, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_masked_quantiles_are_numpy_quantiles_bit_for_bit(seed):
+    """Every row's np.quantile / np.median of its selected values, exactly: rows with few, many, one,
+    none, and a NaN among the selected values, with ties; on the host (partitions) and as the
+    kernel path's sorted rows would give them."""
+    from gpudiffim.statistics import masked_quantiles
+
+    rng = np.random.default_rng(seed)
+    values = np.round(rng.normal(size=(7, 5001)) * 10, 1)     # rounded: many ties
+    mask = rng.random(values.shape) < np.array([0.9, 0.5, 0.01, 0.0, 0.7, 1.0, 0.3])[:, None]
+    mask[2, :] = False
+    mask[2, 17] = True                                          # one value
+    values[4, np.flatnonzero(mask[4])[3]] = np.nan              # a NaN among the taken values
+    values[6, ~mask[6]] = np.nan                                # NaN only where not taken
+    qs = (0.25, 0.5, 0.75, 0.1)
+    got = masked_quantiles(values, mask, qs, median=True)
+    for row in range(len(values)):
+        taken = values[row][mask[row]]
+        if taken.size == 0 or np.isnan(taken).any():
+            assert np.isnan(got[:, row]).all()
+            continue
+        expected = np.append(np.quantile(taken, qs), np.median(taken))
+        np.testing.assert_array_equal(got[:, row], expected)
