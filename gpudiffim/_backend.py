@@ -46,7 +46,7 @@ from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["array_module", "array_module_of", "backend_info", "BACKENDS", "compute_backend", "fft_functions",
            "host_map", "host_threads", "HOST_THREADS_VARIABLE", "is_device_array", "moved", "ndimage_of",
-           "on_device", "on_kernel_path", "order_statistics", "row_blocks", "scatter_at", "single_threaded_blas", "stable_argsort", "stage_timer",
+           "on_device", "on_kernel_path", "row_blocks", "scatter_at", "single_threaded_blas", "stable_argsort", "stage_timer",
            "StageTimings", "synchronize", "read_only_view", "to_host", "tune_host_allocator",
            "use_backend"]
 
@@ -326,24 +326,6 @@ def scatter_at(xp, ufunc, target, index, values):
 def stable_argsort(xp, values):
     """Stable argsort (CuPy's argsort is always stable; NumPy's default is not)."""
     return np.argsort(values, kind="stable") if xp is np else xp.argsort(values)
-
-
-def order_statistics(xp, values, positions):
-    """``np.sort(values, axis=1)`` read at ``positions``: (B, n) values, (B, P) int positions -> (B, P).
-
-    CuPy sorts the rows.  NumPy partitions each row at its own positions
-    only (``np.partition`` with every position as a ``kth``: the values there
-    are those of the sorted row, bit for bit), three to five times faster
-    than sorting rows of 10^5-10^6 values for a few positions.  NaN sorts last
-    on both.
-    """
-    if xp is not np:
-        return xp.take_along_axis(xp.sort(values, axis=1), positions, axis=1)
-    out = np.empty(positions.shape, dtype=values.dtype)
-    for row, (line, wanted) in enumerate(zip(values, positions)):
-        kth = np.unique(wanted)
-        out[row] = np.partition(line, kth)[wanted]
-    return out
 
 
 def row_blocks(xp, shape, min_rows=1):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, order_statistics, stable_argsort, to_host
+from ._backend import array_module_of, stable_argsort, to_host
 
 __all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
            "statistics_of_sums", "moments_to_statistics",
@@ -49,10 +49,8 @@ def masked_quantiles(values, mask, quantiles, *, median=False):
     """``np.quantile(row[mask_row], quantiles)`` (linear) of every row, without compacting the rows.
 
     The selection stays where the arrays live (no read-back of a count on the
-    GPU): the rows' order statistics are taken with the unselected values
-    as ``+inf`` (:func:`~gpudiffim._backend.order_statistics`: a sort on
-    the GPU, partitions at the positions needed on the host), and each
-    quantile is read at ``q (n - 1)`` of the row's own count ``n``
+    GPU): the rows are sorted once, with the unselected values as ``+inf``,
+    and each quantile is read at ``q (n - 1)`` of the row's own count ``n``
     and interpolated exactly as NumPy's ``linear`` method does; with
     ``median``, ``np.median`` of the row too (the mean ``(a + b) / 2`` of the
     two middle values for an even count, as NumPy, which differs from the 0.5
@@ -77,6 +75,7 @@ def masked_quantiles(values, mask, quantiles, *, median=False):
     """
     xp = array_module_of(values)
     values = values.astype(np.float64, copy=False)
+    ordered = xp.sort(xp.where(mask, values, np.inf), axis=1)
     count = mask.sum(axis=1)
     last = xp.maximum(count - 1, 0)
     virtual = last[None, :].astype(np.float64) * xp.asarray(np.asarray(quantiles, dtype=np.float64))[:, None]
@@ -84,16 +83,13 @@ def masked_quantiles(values, mask, quantiles, *, median=False):
     gamma = virtual - previous
     low = xp.minimum(previous.astype(np.int64), last[None, :])
     high = xp.minimum(low + 1, last[None, :])
-    # the sorted rows (unselected values as +inf, after the taken ones) at the positions read below
-    positions = [low.T, high.T] + ([xp.stack([last // 2, count // 2], axis=1)] if median else [])
-    picked = order_statistics(xp, xp.where(mask, values, np.inf), xp.concatenate(positions, axis=1))
-    n_q = low.shape[0]
-    a, b = picked[:, :n_q].T, picked[:, n_q:2 * n_q].T
+    a = xp.take_along_axis(ordered, low.T, axis=1).T
+    b = xp.take_along_axis(ordered, high.T, axis=1).T
     with np.errstate(invalid="ignore"):  # inf - inf in rows with no value taken (NaN, then discarded)
         difference = b - a
         result = xp.where(gamma >= 0.5, b - difference * (1 - gamma), a + difference * gamma)
         if median:
-            middle = picked[:, 2 * n_q:]
+            middle = xp.take_along_axis(ordered, xp.stack([last // 2, count // 2], axis=1), axis=1)
             halves = xp.where(count % 2 == 1, middle[:, 1], (middle[:, 0] + middle[:, 1]) / 2)
             result = xp.concatenate([result, halves[None, :]])
     valid = (count > 0) & ~(mask & xp.isnan(values)).any(axis=1)
