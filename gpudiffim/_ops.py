@@ -30,7 +30,7 @@ method                             contract
                                    columns ``C`` (N, n_basis, n_pix) and, when fitted, the
                                    background's column of ones, implicit on every path
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
-                                   cuBLAS batched LU on the GPU with no read-back
+                                   ``gdi_solve_small`` (one launch) on the GPU with no read-back
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
@@ -62,7 +62,7 @@ from .convolve import (
 )
 from .cutouts import cut_planes
 from .errors import SingularSystemError
-from .linalg import pseudo_inverse_solve_batch, solve_batch_status
+from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
@@ -470,11 +470,27 @@ class KernelOperations(NumpyOperations):
         return out != 0 if mask.dtype == bool else out
 
     def solve_systems(self, matrices, vectors):
-        """On the GPU, cuBLAS ``getrfBatched``/``getrsBatched`` for the whole stack and no synchronisation
-        (the same pivot rank test); NumPy stacks (the emulator) as the reference."""
+        """On the GPU, ``gdi_solve_small`` (``kernels/linear_solve.cu``: checks, partial-pivoting LU, the
+        pivot rank test and the status in one launch) and the pseudo-inverse solutions of the
+        rank-deficient systems by a batched eigen-decomposition, with no synchronisation; systems
+        larger than the kernel's shared memory take cuBLAS ``getrfBatched``/``getrsBatched``.  NumPy
+        stacks (the emulator) as the reference."""
+        from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_small
+
         if not is_device_array(matrices):
             return super().solve_systems(matrices, vectors)
-        return solve_batch_status(matrices, vectors, solve=_solve_device)
+        if matrices.shape[-1] > SOLVE_SMALL_MAX_N or matrices.shape[-1] == 0 or len(matrices) == 0:
+            return solve_batch_status(matrices, vectors, solve=_solve_device)
+        xp = array_module_of(matrices)
+        solutions, _, status = solve_small(matrices, vectors)
+        status = status.astype(np.int8)
+        deficient = status == EIGENVECTOR
+        safe = xp.where(deficient[:, None, None], matrices, xp.eye(matrices.shape[-1]))
+        pseudo = pseudo_inverse_solve_batch(safe, xp.where(deficient[:, None], vectors, 0.0))
+        solutions = xp.where(deficient[:, None], pseudo, solutions)
+        bad = deficient & ~xp.isfinite(solutions).all(axis=1)
+        status = xp.where(bad, np.int8(NOT_FINITE_SOLUTION), status)
+        return xp.where(bad[:, None], 0.0, solutions), status
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes)."""

@@ -10,6 +10,8 @@ another order).  The warp kernel has no fast version (the budget runs do not
 warp); it always runs on the emulator.
 """
 
+import warnings
+
 import numpy as np
 
 from gpudiffim.convolve import correlate_stamps, correlate_stamps_each
@@ -141,6 +143,34 @@ def stamp_residuals(template_image, template_variance, template_mask, science_im
     moments[:, 2] = (zw * zw).sum(axis=(1, 2))
 
 
+def solve_small(matrices, vectors, n_systems, n, solutions, pivots, status):
+    """``gdi_solve_small`` by LAPACK (``getrf`` pivots, the same rank test and status codes)."""
+    import scipy.linalg
+
+    m = matrices.reshape(n_systems, n, n)
+    b = vectors.reshape(n_systems, n)
+    x, piv, st = solutions.reshape(n_systems, n), pivots.reshape(n_systems, n), status.reshape(n_systems)
+    x[...] = 0.0
+    piv[...] = 0.0
+    for k in range(n_systems):
+        if not (np.isfinite(m[k]).all() and np.isfinite(b[k]).all()):
+            st[k] = 2
+        elif not m[k].any():
+            st[k] = 3
+        else:
+            with warnings.catch_warnings():      # exactly singular: the rank test below says so
+                warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+                lu, order = scipy.linalg.lu_factor(m[k], check_finite=False)
+            piv[k] = np.abs(np.diagonal(lu))
+            if not np.all(piv[k] > n * np.finfo(np.float64).eps * piv[k].max()):
+                st[k] = 1
+                continue
+            solved = scipy.linalg.lu_solve((lu, order), b[k], check_finite=False)
+            finite = np.isfinite(solved).all()
+            st[k] = 0 if finite else 4
+            x[k] = solved if finite else 0.0
+
+
 #: Kernel name -> NumPy version (both template instantiations share one).
 FAST = {}
 for _name, _function in (("gdi_residual_moments", residual_moments),
@@ -154,3 +184,4 @@ FAST["gdi_spatial_normal_equations"] = spatial_normal_equations
 FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
+FAST["gdi_solve_small"] = solve_small

@@ -167,3 +167,11 @@ KERNELS.update({
     )),
 })
 KERNELS.update({f"gdi_warp_lanczos3<{t}>": _warp_lanczos3(t) for t in ("float", "double")})
+
+
+# ---- kernels/linear_solve.cu (issue 17: the stamp systems in one launch) ----
+
+KERNELS["gdi_solve_small"] = KernelSpec("linear_solve", (
+    ("matrices", "const double*"), ("vectors", "const double*"), ("n_systems", "int"), ("n", "int"),
+    ("solutions", "double*"), ("pivots", "double*"), ("status", "int*"),
+))

@@ -1,0 +1,68 @@
+"""Launch geometry and host wrapper of ``kernels/linear_solve.cu``.
+
+``gdi_solve_small`` solves a stack of small systems in one launch, one block
+per system, with the status codes, rank test and pivots of
+:func:`gpudiffim.linalg.solve_batch_status` (LAPACK ``getrf``/``getrs`` on
+the host, cuBLAS batched LU before).  The wrapper takes NumPy arrays (run by
+the CPU emulator) or CuPy arrays (run on the GPU), as
+:func:`~gpudiffim._cuda.launch.launcher_for` says.
+"""
+
+import numpy as np
+
+from ._host import on_launcher, prepare
+from .launch import launch
+
+__all__ = ["SOLVE_SMALL_DEFINES", "SOLVE_SMALL_MAX_N", "SOLVE_SMALL_THREADS", "solve_small"]
+
+#: Threads per block of ``gdi_solve_small`` (``GDI_LS_THREADS``).
+SOLVE_SMALL_THREADS = 64
+#: Largest system the kernel solves (``GDI_LS_MAX_N``: the augmented matrix in 33 kB of shared memory).
+SOLVE_SMALL_MAX_N = 64
+#: The unit's compile-time constants.
+SOLVE_SMALL_DEFINES = (("GDI_LS_THREADS", SOLVE_SMALL_THREADS), ("GDI_LS_MAX_N", SOLVE_SMALL_MAX_N))
+
+
+def solve_small(matrices, vectors):
+    """Solve every system ``matrices[s] x = vectors[s]`` (``gdi_solve_small``).
+
+    Parameters
+    ----------
+    matrices : ndarray of shape (N, n, n)
+        float64 (converted if needed), ``n <= SOLVE_SMALL_MAX_N``.
+    vectors : ndarray of shape (N, n)
+
+    Returns
+    -------
+    solutions : ndarray of shape (N, n)
+        The LU solution where the status is ``LU``, else 0.
+    pivots : ndarray of shape (N, n)
+        ``|U[k, k]|`` of the partial-pivoting factorisation (0 for systems
+        not factored).
+    status : ndarray of int32, shape (N,)
+        :data:`gpudiffim.linalg.LU`, ``EIGENVECTOR`` (rank-deficient by the
+        pivot test; no solution here), ``NOT_FINITE``, ``ZERO_MATRIX`` or
+        ``NOT_FINITE_SOLUTION``.
+
+    All three are in the inputs' array module.
+
+    Raises
+    ------
+    ValueError
+        For shapes that do not match or ``n`` above :data:`SOLVE_SMALL_MAX_N`.
+    """
+    _, xp = on_launcher(matrices, vectors)
+    matrices = prepare(xp, matrices, np.float64, 3, "matrices")
+    vectors = prepare(xp, vectors, np.float64, 2, "vectors")
+    n_systems, n = vectors.shape
+    if matrices.shape != (n_systems, n, n) or n > SOLVE_SMALL_MAX_N:
+        msg = (f"matrices {matrices.shape} and vectors {vectors.shape} must be (N, n, n) and (N, n) "
+               f"with n <= {SOLVE_SMALL_MAX_N}")
+        raise ValueError(msg)
+    solutions = xp.zeros((n_systems, n))
+    pivots = xp.zeros((n_systems, n))
+    status = xp.zeros(n_systems, dtype=np.int32)
+    if n_systems and n:
+        launch("gdi_solve_small", (n_systems,), (SOLVE_SMALL_THREADS,),
+               (matrices, vectors, n_systems, n, solutions, pivots, status), defines=SOLVE_SMALL_DEFINES)
+    return solutions, pivots, status
