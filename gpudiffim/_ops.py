@@ -342,21 +342,28 @@ class NumpyOperations:
         """``sum_t P_t * (image * kernels[t])`` with ``P_t = outer(*factors[t])`` (M, N), in ``dtype``.
 
         The reference: overlap-save tiles (:class:`~gpudiffim.convolve.TiledCorrelator`),
-        the tiles on the host threads (:func:`~gpudiffim._backend.host_map`), every
-        term of a tile weighted and added by :meth:`accumulate_term` in term order;
-        all-zero kernels are skipped.  Agrees with
+        the tiles on the host threads (:func:`~gpudiffim._backend.host_map`); the terms
+        that share a column factor are summed after their transforms along y and take
+        one inverse transform along x
+        (:meth:`~gpudiffim.convolve.TiledCorrelator.weighted_tile_sum`); all-zero
+        kernels are skipped.  Agrees with
         :meth:`weighted_correlations_whole` to FFT rounding (~1e-7 of the
         largest term value in float32).
         """
         correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
-        terms = [(correlator.kernel_transform(kernel), rows.astype(dtype), cols.astype(dtype))
-                 for kernel, (rows, cols) in zip(kernels, factors) if np.any(kernel)]
+        groups = {}     # terms by their column factor (the spatial terms share a few x-powers)
+        for kernel, (rows, cols) in zip(kernels, factors):
+            if np.any(kernel):
+                cols = cols.astype(dtype)
+                key = cols.tobytes()
+                groups.setdefault(key, (cols, []))[1].append((correlator.kernel_transform(kernel),
+                                                               rows.astype(dtype)))
         out = np.zeros(image.shape, dtype=dtype)
 
-        def tile(index):   # every term of one tile, in term order: the sums do not depend on the threads
+        def tile(index):   # every group of one tile, in a fixed order: the sums do not depend on the threads
             ys, xs = correlator.tile_region(index)
-            for kernel_ft, rows, cols in terms:
-                self.accumulate_term(out[ys, xs], correlator.correlate_tile(index, kernel_ft), rows[ys], cols[xs])
+            out[ys, xs] = correlator.weighted_tile_sum(
+                index, [(cols[xs], [(ft, rows[ys]) for ft, rows in terms]) for cols, terms in groups.values()])
 
         host_map(tile, range(correlator.n_tiles))
         return out

@@ -405,6 +405,55 @@ class TiledCorrelator:
         tile = scipy.fft.irfft2(product, s=self.period, workers=1, overwrite_x=True)
         return tile[:rows.stop - rows.start, :cols.stop - cols.start]
 
+    def weighted_tile_sum(self, index, groups):
+        """``sum_t outer(rows_t, cols_t) * (tile * K_t)`` on tile ``index``'s :meth:`tile_region`.
+
+        Parameters
+        ----------
+        index : int
+        groups : sequence of (cols, terms)
+            Terms that share one column factor: ``cols`` (this tile's valid
+            columns, length ``valid_x``) and ``terms``, pairs ``(kernel_ft,
+            rows)`` of :meth:`kernel_transform` and the row factor on this
+            tile's valid rows.
+
+        Returns
+        -------
+        ndarray
+            The tile's sum over its region, in the correlator's dtype.
+
+        Notes
+        -----
+        A row factor commutes with the transform along x, so every term is
+        transformed back along y only, weighted by its row factor there
+        (rows beyond the tile's valid ones, which wrap, get 0), and summed
+        with the other terms of its group; each group then takes one real
+        inverse transform along x and its column factor.  At spatial order 2
+        that is 3 inverse x-transforms instead of 6 for the image and 5
+        instead of 15 for the variance.
+        """
+        rows, cols = self.tile_region(index)
+        n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+        spectrum = self._tiles_ft[index]
+        out = np.zeros((n_rows, n_cols), dtype=self.dtype)
+        weights = np.zeros((self.period[0], 1), dtype=self.dtype)
+        for column_factor, terms in groups:
+            summed = None
+            for kernel_ft, row_factor in terms:
+                product = np.multiply(spectrum, kernel_ft, out=_work_buffer(kernel_ft.shape, kernel_ft.dtype))
+                along_y = scipy.fft.ifft(product, axis=0, workers=1, overwrite_x=True)
+                weights[:n_rows, 0] = row_factor
+                along_y *= weights
+                if summed is None:
+                    summed = along_y.copy()
+                else:
+                    summed += along_y
+            tile = scipy.fft.irfft(summed[:n_rows], n=self.period[1], axis=1, workers=1)[:, :n_cols]
+            if not np.all(column_factor == 1):
+                tile *= column_factor
+            out += tile
+        return out
+
     def correlate_tiles(self, kernel):
         """Correlations of every tile with one kernel.
 
