@@ -36,6 +36,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 import time
 
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,8 @@ def moved(array, xp):
 HOST_THREADS_VARIABLE = "GPUDIFFIM_HOST_THREADS"
 
 _host_pool = {}
+#: Name prefix of the pool's threads (a :func:`host_map` inside one of them runs inline).
+_POOL_PREFIX = "gpudiffim-host"
 
 
 def host_threads():
@@ -220,16 +223,19 @@ def host_map(function, items):
     release the GIL in their loops, so independent blocks scale with the
     cores, and every block computes exactly what it computes alone (results
     do not depend on the thread count).  The pool is made once per thread
-    count and reused.
+    count and reused; a call from one of its threads runs inline.  Each item
+    runs in a copy of the caller's context (:func:`use_backend` holds there).
     """
     items = list(items)
     threads = min(host_threads(), len(items))
-    if threads <= 1:
-        return [function(item) for item in items]
+    if threads <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+        return [function(item) for item in items]   # nested in a pool thread: inline (no deadlock)
     key = (os.getpid(), threads)      # a pool does not survive a fork (Dask and multiprocessing workers)
     if key not in _host_pool:
-        _host_pool[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpudiffim-host")
-    return list(_host_pool[key].map(function, items))
+        _host_pool[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_POOL_PREFIX)
+    # each item in a copy of the caller's context: use_backend() and the like hold in the pool threads
+    contexts = [contextvars.copy_context() for _ in items]
+    return list(_host_pool[key].map(lambda context, item: context.run(function, item), contexts, items))
 
 
 #: ``mallopt`` parameters of glibc (``malloc.h``) and the value :func:`tune_host_allocator` sets.

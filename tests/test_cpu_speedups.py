@@ -261,3 +261,29 @@ def test_grouped_tile_sums_equal_the_whole_image_sum(monkeypatch, model_type):
     tiled = NUMPY.weighted_correlations(image, kernels, factors, np.float32)
     whole = NUMPY.weighted_correlations_whole(image, kernels, factors, np.float32)
     assert_allclose(tiled, whole, rtol=0, atol=2e-6 * np.abs(whole).max())
+
+
+def test_nested_host_map_runs_inline(monkeypatch):
+    """A host_map inside a pool thread runs in that thread instead of waiting for a busy pool."""
+    import threading
+
+    from gpudiffim._backend import host_map
+
+    monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", "2")
+
+    def outer(i):
+        return host_map(lambda j: (i, j, threading.current_thread().name), range(3))
+
+    results = host_map(outer, range(2))
+    assert [[(i, j) for i, j, _ in inner] for inner in results] == [[(0, 0), (0, 1), (0, 2)], [(1, 0), (1, 1), (1, 2)]]
+    for inner in results:
+        assert len({name for _, _, name in inner}) == 1           # each inner map ran in one thread
+
+
+def test_host_map_keeps_the_callers_backend(monkeypatch):
+    from gpudiffim._backend import compute_backend, host_map, use_backend
+
+    monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", "2")
+    with use_backend("cuda-emulator"):
+        assert host_map(lambda _: compute_backend(), range(4)) == ["cuda-emulator"] * 4
+    assert host_map(lambda _: compute_backend(), range(2)) == [compute_backend()] * 2
