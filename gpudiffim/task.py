@@ -43,7 +43,7 @@ from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
 from .solve import ResidualRows, solve_kernel
-from .variance import correct_variance, sky_residual
+from .variance import correct_variances
 
 __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
            "ExposureSubtractResult"]
@@ -354,13 +354,11 @@ class ImagePsfMatchTask:
             return images, record
         corrected = {}
         with _timed(timings, "variance correction"):
-            for name, image in images.items():
-                sky = sky_residual(image)
-                if skies is not None:
-                    skies[name] = sky
-                corrected[name], record[name] = correct_variance(
-                    image, mode=mode, limit=self.config.variance_correction_limit, sky=sky)
-                log.info("%s variance corrected (%s): %s", name, mode, record[name].describe())
+            results = correct_variances(images, mode=mode, limit=self.config.variance_correction_limit)
+        for name, (corrected[name], record[name], sky) in results.items():
+            if skies is not None:
+                skies[name] = sky
+            log.info("%s variance corrected (%s): %s", name, mode, record[name].describe())
         return corrected, record
 
     def _solve(self, basis, to_convolve, reference, cell_set, half_size, regularization):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, host_map, is_device_array, to_host
 from ._ops import operations_for
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
@@ -40,7 +40,7 @@ from .image import MaskedImage
 from .statistics import masked_iqr_sigma, masked_quantiles, sigma_of_quartiles
 
 __all__ = ["SkyResidual", "SkySample", "VarianceCorrection", "background_free", "correct_variance",
-           "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
+           "correct_variances", "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +360,43 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
                                masked_image.variance * masked_image.dtype.type(factor),
                                masked_image.xy0, masked_image.mask_planes)
     return scaled, VarianceCorrection("scale", float(factor), n_sky)
+
+
+def correct_variances(images, *, mode="scale", limit=10.0):
+    """:func:`correct_variance` of several images, with their :func:`sky_residual`.
+
+    Host images are corrected on the host threads
+    (:func:`gpudiffim._backend.host_map`: they are independent, and about
+    half of the work holds the GIL only briefly); device images one after
+    the other.
+
+    Parameters
+    ----------
+    images : dict of str to MaskedImage
+    mode, limit
+        As :func:`correct_variance`.
+
+    Returns
+    -------
+    dict of str to (MaskedImage, VarianceCorrection, SkyResidual)
+        The corrected image, the record and the image's sky residual (for a
+        later noise measurement on the same planes).
+
+    Raises
+    ------
+    ConfigurationError, InvalidVarianceError
+        As :func:`correct_variance`, for the first image that fails.
+    """
+    names = list(images)
+
+    def correct(name):
+        sky = sky_residual(images[name])
+        corrected, record = correct_variance(images[name], mode=mode, limit=limit, sky=sky)
+        return corrected, record, sky
+
+    if any(is_device_array(image.image) for image in images.values()):
+        return {name: correct(name) for name in names}
+    return dict(zip(names, host_map(correct, names)))
 
 
 def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
