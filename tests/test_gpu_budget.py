@@ -35,7 +35,7 @@ CASES = {384: (60, 240), 768: (250, 1000)}
 #: Synchronisations outside the kernel fit's per-batch read-backs (ratchet; issue target: 5).
 FIXED_SYNCS = 14
 #: Ratchet on the CuPy calls of one subtraction at these sizes (issue target: 400).
-CALL_CEILING = 1800
+CALL_CEILING = 1500
 #: Calls one more clipping pass may add (a stamp-fit batch, its residuals and its read-back).
 CALLS_PER_PASS = 160
 #: Upload ceiling beyond the input planes, bytes (per-pass decisions; ratchet, issue target: a few kB).
