@@ -40,6 +40,7 @@ SPATIAL_MODEL_TYPES = ("chebyshev1", "polynomial")
 CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
 REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
 VARIANCE_CORRECTIONS = ("auto", "scale", "add", "none")
+CONVOLVE_CHOICES = ("template", "science", "auto")
 LAMBDA_TYPES = ("absolute", "relative")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
@@ -254,6 +255,27 @@ class PsfMatchConfig:
         Bound on the kernel-sum and PCA restarts of the solve loop, which are
         unbounded in ``ip_diffim``; exceeding it raises
         :class:`~gpudiffim.errors.NoKernelCandidatesError`.
+    convolve : {"template", "science", "auto"}
+        Which image the kernel convolves (Rubin's ``mode``): the template
+        (default), the science image, or "auto": the image with the narrower
+        PSF (:func:`gpudiffim.direction.choose_convolution`).  The task
+        methods' ``convolve_template`` argument, when given, overrides it.
+    decorrelate : bool
+        Whiten the difference's noise afterwards (:mod:`gpudiffim.decorrelation`:
+        the afterburner of Rubin's ``DecorrelateALKernelTask``, made to follow
+        the spatially varying kernel).  Off by default.
+    decorrelation_grid_step : int
+        Spacing (px) of the grid of positions where the decorrelation kernel
+        is evaluated; the corrected images of neighbouring positions are
+        blended bilinearly in between.  0 decorrelates with the kernel at
+        the image centre only (Rubin's ``DecorrelateALKernelTask``).  A
+        spatially invariant kernel is decorrelated in one piece.
+    score : bool
+        Make a score image instead of a plain difference (Rubin's
+        ``AlardLuptonPreconvolveSubtractTask``): the science image is
+        preconvolved with its PSF, the kernel fitted against it, and the
+        score decorrelated in score mode and given in S/N per pixel.
+        Needs ``convolve`` "template" (or "auto", which then means template).
     detection : DetectionConfig
         Candidate detection when none are given.
     """
@@ -313,6 +335,10 @@ class PsfMatchConfig:
     noise_correlation: bool = True
     quality_report: bool = True
     max_solve_restarts: int = 20
+    convolve: str = "template"
+    decorrelate: bool = False
+    decorrelation_grid_step: int = 512
+    score: bool = False
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self):
@@ -352,6 +378,15 @@ class PsfMatchConfig:
         _check_float(self, "variance_correction_limit", minimum=1.0)
         _check_bool(self, "noise_correlation")
         _check_bool(self, "quality_report")
+        _check_choice(self, "convolve", CONVOLVE_CHOICES)
+        _check_bool(self, "decorrelate")
+        _check_int(self, "decorrelation_grid_step", minimum=0)
+        if 0 < self.decorrelation_grid_step < 64:
+            fail("decorrelation_grid_step", self.decorrelation_grid_step, "0 (one kernel) or at least 64 px")
+        _check_bool(self, "score")
+        if self.score and self.convolve == "science":
+            fail("convolve", self.convolve, '"template" or "auto" with score=True (the science image '
+                 "is preconvolved, the template convolved)")
 
     def _validate_clipping_fields(self):
         for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",

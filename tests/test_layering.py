@@ -47,7 +47,7 @@ LAYERS = (
     ("basis and spatial-fit functions", {"basis", "spatial_fit"}),
     ("stamps and fits, detection and vetting, whole-image operations, quality",
      {"stamps", "candidates", "quality", "apply", "variance", "covariance", "warp", "registration",
-      "sources"}),
+      "sources", "direction", "decorrelation", "difference_psf"}),
     ("the solve loop", {"solve"}),
     ("the task", {"task"}),
     ("I/O, figures, simulation, command line, the package's public names",
