@@ -577,7 +577,7 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
     log.info("%d positive and %d negative sources above %.1f sigma, %d dipoles; footprints cover %.3f%%",
              meta["NPOS"], meta["NNEG"], threshold, meta["NDIPOLE"], 100 * covered)
     columns = {"id": ids, "x": x, "y": y, "flux": flux, "flux_err": flux_err, "snr": snr_column,
-               "peak_snr": peak_snr, "sign": sign.astype(np.int8), "dipole": partner >= 0,
+               "peak_snr": peak_snr, "sign": sign.astype(np.int16), "dipole": partner >= 0,
                "partner": np.where(partner >= 0, partner + 1, 0), "npix": npix}
     return _table(columns, meta)
 

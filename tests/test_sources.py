@@ -350,3 +350,63 @@ def test_cupy_detection_equals_numpy():
     for column in ("x", "y", "flux", "flux_err", "snr", "peak_snr"):
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-7, atol=1e-7)
     assert got.meta == expected.meta
+
+
+# ---------------------------------------------------------------------------
+# FITS
+
+
+@pytest.fixture
+def small_difference():
+    image, variance, *_ = _difference(81, 160, np.array([10.0, -12.0, 20.0, 8.0]), spacing=50)
+    masked = MaskedImage(image.astype(np.float32), variance=variance.astype(np.float32), xy0=(30, 40))
+    return masked, detect_in_masked_image(masked, psf=PSF)
+
+
+def _assert_same_table(got, expected):
+    assert got.colnames == expected.colnames
+    for name in expected.colnames:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(expected[name]))
+        assert got[name].unit == expected[name].unit
+        assert got[name].description == expected[name].description
+        assert got[name].dtype == expected[name].dtype
+    assert dict(got.meta) == pytest.approx(dict(expected.meta))
+
+
+def test_sources_hdu_round_trip(tmp_path, small_difference):
+    from astropy.table import Table
+
+    from gpudiffim import Exposure
+    from gpudiffim.io import read_exposure, read_sources, write_exposure, write_masked_image
+
+    masked, sources = small_difference
+    assert len(sources) == 4 and sorted(set(sources["sign"].tolist())) == [-1, 1]
+    path = tmp_path / "difference.fits"
+    other = Table({"a": [1, 2]})
+    write_exposure(path, Exposure(masked, psf_image=PSF), sources=sources, tables={"OTHER": other})
+    _assert_same_table(read_sources(path), sources)
+    assert read_exposure(path).masked_image.xy0 == (30, 40)            # the planes are untouched
+    assert len(Table.read(path, hdu="OTHER")) == 2
+    plain = tmp_path / "plain.fits"
+    write_masked_image(plain, masked, sources=sources)
+    _assert_same_table(read_sources(plain), sources)
+    empty = sources[:0]
+    write_masked_image(plain, masked, sources=empty, overwrite=True)
+    assert len(read_sources(plain)) == 0 and read_sources(plain).colnames == sources.colnames
+
+
+def test_sources_hdu_errors(tmp_path, small_difference):
+    from gpudiffim import Exposure
+    from gpudiffim.errors import FitsFormatError
+    from gpudiffim.io import read_sources, write_exposure, write_masked_image
+
+    masked, sources = small_difference
+    path = tmp_path / "difference.fits"
+    with pytest.raises(ConfigurationError, match="given twice"):
+        write_exposure(path, Exposure(masked), sources=sources, tables={"sources": sources})
+    with pytest.raises(ConfigurationError, match="astropy Table"):
+        write_exposure(path, Exposure(masked), sources=np.zeros(3))
+    assert not path.exists()
+    write_masked_image(path, masked)
+    with pytest.raises(FitsFormatError, match="no SOURCES binary-table HDU"):
+        read_sources(path)
