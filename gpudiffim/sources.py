@@ -23,7 +23,8 @@ Steps
    CuPy arrays.  With a constant variance it is ``(D ⋆ P) / sqrt(V ⋆ P^2)``.
    For ``kind="score"`` the image already is the matched-filtered S/N
    (``nu = image / sqrt(variance)``, or the image itself without a variance).
-   A callable PSF is evaluated at the image centre for the filter.
+   A PSF given as a function of position is evaluated at the image centre
+   for the filter.
 2. **Footprints.**  Pixels with ``nu >= threshold`` and with
    ``nu <= -threshold`` (excluded pixels left out) are labelled separately,
    8-connected (``scipy.ndimage.label``, ``cupyx.scipy.ndimage.label`` on the
@@ -32,23 +33,31 @@ Steps
 3. **Position.**  The peak pixel refined by a parabola through the logarithm
    of ``|nu|`` at the peak and its two neighbours, per axis (exact for a
    Gaussian peak), limited to half a pixel.
-4. **PSF flux.**  A weighted least-squares fit of the PSF, shifted to the
-   refined position (by a Fourier phase ramp) and evaluated there when
-   ``psf`` is callable, to the difference:
+4. **PSF flux.**  On a difference, a weighted least-squares fit of the
+   PSF, shifted to the refined position (by a Fourier phase ramp) and
+   evaluated there when ``psf`` is a function of position:
 
    .. math::
 
        F = \\frac{\\sum P D W}{\\sum P^2 W}, \\qquad
        \\sigma_F = \\frac{1}{\\sqrt{\\sum P^2 W}}.
 
-   For a score image the fit uses ``measure_on=(difference, variance)`` when
-   given; otherwise ``flux`` and ``flux_err`` are NaN.
+   On a score image, whose pixel ``x`` already holds the S/N of that fit
+   centred on ``x``, the flux is the S/N interpolated to the refined
+   position (the parabola's height) times ``flux_error`` (the PSF-flux
+   error map, e.g. ``result.score.flux_error``) at the peak; without
+   ``flux_error``, ``flux`` and ``flux_err`` are NaN and ``snr`` is the
+   peak S/N.
 5. **Dipoles.**  A positive and a negative source closer than
-   ``dipole_separation`` (default twice the PSF FWHM: the two lobes of a
-   star moved by a fraction of a pixel are ``2 sqrt(2) sigma``, about 1.2
-   FWHM, apart on the filtered image) whose flux magnitudes are within a
-   factor ``1 / dipole_flux_ratio`` of each other are both flagged
-   ``dipole``, each pointing at the other in ``partner``.
+   ``dipole_separation`` whose flux magnitudes are within a factor
+   ``1 / dipole_flux_ratio`` of each other (default 2) are both flagged
+   ``dipole``, each pointing at the other in ``partner`` (closest pairs
+   first; a source is in one pair at most).  The default separation is
+   1.5 times the FWHM of a point source on the detection image (for a
+   Gaussian PSF of width ``sigma`` that is ``sqrt(2)`` times the PSF's
+   FWHM): the two lobes of a star moved by a fraction of a pixel lie
+   ``2 sqrt(2) sigma``, 0.85 of that FWHM, apart, and a move of up to
+   1.5 of it still pairs.
 6. **Bad-subtraction guard.**  When the footprints cover more than
    ``max_footprint_fraction`` of the usable pixels, a
    :class:`~gpudiffim.errors.BadSubtractionWarning` is issued and
@@ -80,10 +89,22 @@ order, i.e. by the row of its first pixel):
 ============  =====  ==========================================================
 
 ``meta`` (FITS-style keys, kept as cards by :func:`gpudiffim.io.write_exposure`):
-``KIND``, ``THRESH``, ``NPIXMIN``, ``DIPSEP`` (px), ``DIPRATIO``, ``PSFFWHM``
-(px), ``NGOODPIX`` (usable pixels), ``NFPPIX`` (footprint pixels),
+``KIND``, ``THRESH``, ``NPIXMIN``, ``DIPSEP`` (px), ``DIPRATIO``, ``DETFWHM``
+(px, FWHM of a point source on the detection image), ``NGOODPIX`` (usable pixels), ``NFPPIX`` (footprint pixels),
 ``FPFRAC`` (their ratio), ``FPMAXFRC`` (the guard's limit), ``BADSUB``,
 ``NPOS``, ``NNEG``, ``NDIPOLE``.
+
+Wiring
+------
+With a :class:`~gpudiffim.task.SubtractResult` ``result``::
+
+    detect_in_masked_image(result.subtracted_image, psf=result.difference_psf,
+                           threshold=sigma)                      # difference
+    detect_in_masked_image(result.score.snr, psf=result.difference_psf, kind="score",
+                           flux_error=result.score.flux_error, threshold=sigma)  # score
+
+and :func:`gpudiffim.io.write_exposure` ``(..., sources=table)`` writes the
+``SOURCES`` HDU.
 
 Notes
 -----
@@ -164,9 +185,17 @@ def _plane(name, array, shape=None):
     return array
 
 
+def _evaluator(psf):
+    """``psf(x, y)`` or ``psf.image(x, y)`` as a callable, or None for a fixed PSF image."""
+    if callable(getattr(psf, "image", None)):
+        return psf.image
+    return psf if callable(psf) else None
+
+
 def _psf_image(psf, x, y, name="psf"):
     """The PSF at parent ``(x, y)`` as a float64 host array of odd shape, normalised to unit sum."""
-    image = psf(x, y) if callable(psf) else psf
+    evaluate = _evaluator(psf)
+    image = psf if evaluate is None else evaluate(x, y)
     image = np.asarray(to_host(image), dtype=np.float64)
     if image.ndim != 2 or image.shape[0] % 2 == 0 or image.shape[1] % 2 == 0:
         msg = f"{name} must be a 2-D array of odd shape (or a callable returning one), got shape {image.shape}"
@@ -211,11 +240,11 @@ def _check_finite(name, plane, good, error):
         raise error(msg)
 
 
-def _check_variance(variance, good):
-    _check_finite("variance", variance, good, InvalidVarianceError)
+def _check_variance(variance, good, name="variance"):
+    _check_finite(name, variance, good, InvalidVarianceError)
     count = int((good & (variance <= 0)).sum())  # synchronizes!
     if count:
-        msg = f"variance holds {count} zero or negative value(s) on unmasked pixels; flag them in the mask"
+        msg = f"{name} holds {count} zero or negative value(s) on unmasked pixels; flag them in the mask"
         raise InvalidVarianceError(msg)
 
 
@@ -321,17 +350,24 @@ def _footprint_peaks(snr, good, threshold, min_pixels):
 
 
 def _refine(snr, rows, cols):
-    """Sub-pixel offsets ``(dy, dx)`` of the peaks: a parabola through log |S/N| per axis."""
+    """Sub-pixel offsets ``(dy, dx)`` of the peaks and ``log |S/N|`` at the refined position.
+
+    A parabola through ``log |S/N|`` at the peak and its two neighbours, per
+    axis: exact for a Gaussian peak, whose interpolated height is then the
+    S/N of a source centred there (the pixel's S/N is lower off-centre).
+    """
     patch = to_host(cut_planes((snr,), np.stack([rows, cols], axis=1), 1, clamp=True)[0])
     values = np.log(np.maximum(np.abs(patch), 1e-30))
-    offsets = []
-    for low, centre, high in ((values[:, 0, 1], values[:, 1, 1], values[:, 2, 1]),
-                              (values[:, 1, 0], values[:, 1, 1], values[:, 1, 2])):
+    centre = values[:, 1, 1]
+    offsets, log_peak = [], centre.copy()
+    for low, high in ((values[:, 0, 1], values[:, 2, 1]), (values[:, 1, 0], values[:, 1, 2])):
         curvature = low - 2 * centre + high
         with np.errstate(divide="ignore", invalid="ignore"):
             offset = np.where(curvature < 0, 0.5 * (low - high) / curvature, 0.0)
-        offsets.append(np.clip(np.nan_to_num(offset), -0.5, 0.5))
-    return offsets[0], offsets[1]
+        offset = np.clip(np.nan_to_num(offset), -0.5, 0.5)
+        log_peak += 0.25 * (high - low) * offset       # the parabola's height at the offset
+        offsets.append(offset)
+    return offsets[0], offsets[1], log_peak
 
 
 # ---------------------------------------------------------------------------
@@ -341,7 +377,7 @@ def _refine(snr, rows, cols):
 def _shifted_psfs(psf, rows, cols, dy, dx, xy0, shape):
     """Unit-sum PSF stamps centred ``(dy, dx)`` from each peak pixel (host, ``(n, kh, kw)``)."""
     x0, y0 = xy0
-    if callable(psf):
+    if _evaluator(psf) is not None:
         stamps = [_psf_image(psf, x0 + c + ox, y0 + r + oy) for r, c, oy, ox in zip(rows, cols, dy, dx)]
         if len({s.shape for s in stamps}) > 1:
             msg = f"psf(x, y) must return one shape everywhere, got {sorted({s.shape for s in stamps})}"
@@ -392,7 +428,7 @@ def _pair_dipoles(x, y, flux, sign, separation, ratio):
     with np.errstate(divide="ignore", invalid="ignore"):
         balance = (np.minimum(magnitude[positive, None], magnitude[None, negative])
                    / np.maximum(magnitude[positive, None], magnitude[None, negative]))
-    eligible = (distance <= separation) & ~(balance < ratio)  # NaN fluxes (score without measure_on) pair
+    eligible = (distance <= separation) & (balance >= ratio)
     distance = np.where(eligible, distance, np.inf)
     # greedy, closest pairs first: each source in at most one pair
     for flat in np.argsort(distance, axis=None, kind="stable"):
@@ -416,24 +452,78 @@ def _table(columns, meta):
     return table
 
 
-def _measure(snr, measure_planes, psf, shape, rows, cols, xy0):
-    """Refined positions and PSF fluxes of the peaks: ``(dx, dy, flux, flux_err)``.
+def _score_fluxes(snr, flux_error, rows, cols, log_peak):
+    """``(flux, error)`` of a score image's peaks: the interpolated peak S/N times the flux error there."""
+    error = to_host(flux_error[moved(rows, array_module_of(flux_error)), moved(cols, array_module_of(flux_error))])
+    peak = to_host(snr[moved(rows, array_module_of(snr)), moved(cols, array_module_of(snr))])
+    return np.sign(peak) * np.exp(log_peak) * error, error.astype(np.float64)
 
-    ``psf`` is the normalised PSF image, or the callable; ``shape`` its shape.
+
+def _measure(snr, planes, psf, shape, rows, cols, xy0):
+    """Refined positions and fluxes of the peaks: ``(dx, dy, flux, flux_err)`` (host arrays).
+
+    ``planes`` is ``("difference", D W, W)``, ``("score", flux_error)`` or
+    ``("score", None)``; ``psf`` the normalised PSF image or the callable,
+    ``shape`` its shape.
     """
-    dy, dx = _refine(snr, rows, cols)
-    if measure_planes is None or len(rows) == 0:
+    dy, dx, log_peak = _refine(snr, rows, cols)
+    kind, *data = planes
+    if len(rows) == 0 or data[0] is None:
         nan = np.full(len(rows), np.nan)
         return dx, dy, nan, nan
+    if kind == "score":
+        return (dx, dy, *_score_fluxes(snr, data[0], rows, cols, log_peak))
     psfs = _shifted_psfs(psf, rows, cols, dy, dx, xy0, shape)
-    flux, flux_err = _psf_fluxes(*measure_planes, psfs, rows, cols)
-    return dx, dy, flux, flux_err
+    return (dx, dy, *_psf_fluxes(*data, psfs, rows, cols))
+
+
+def _prepare(image, variance, mask, flux_error, kind, mask_planes, bad_mask_planes):
+    """Checked planes in one array module: ``(image, variance or None, good, flux_error or None)``."""
+    image = _plane("image", image)
+    xp = array_module_of(image)
+    if kind == "difference" and variance is None:
+        msg = "a difference image needs its variance (variance=None is accepted for kind='score' only)"
+        raise ConfigurationError(msg)
+    if kind == "difference" and flux_error is not None:
+        msg = "flux_error is for a score image; a difference's fluxes come from its variance"
+        raise ConfigurationError(msg)
+    good = ~_excluded(mask, image.shape, mask_planes, bad_mask_planes, xp)
+    image = image.astype(np.float64)
+    _check_finite("image", image, good, InvalidImageError)
+    if variance is not None:
+        variance = moved(_plane("variance", variance, image.shape), xp).astype(np.float64)
+        _check_variance(variance, good)
+    if flux_error is not None:
+        flux_error = moved(_plane("flux_error", flux_error, image.shape), xp).astype(np.float64)
+        _check_variance(flux_error, good, "flux_error")
+    return image, variance, good, flux_error
+
+
+def _detection_image(image, variance, good, flux_error, kind, psf_image):
+    """The S/N image and the planes the fluxes are measured on (see :func:`_measure`)."""
+    xp = array_module_of(image)
+    if kind == "score":
+        snr = image if variance is None else image / xp.sqrt(xp.where(good, variance, 1.0))
+        return xp.where(good, snr, 0.0), ("score", flux_error)
+    weight = xp.where(good, 1.0 / xp.where(good, variance, 1.0), 0.0)
+    weighted = xp.where(good, image, 0.0) * weight
+    return _filter(weighted, weight, psf_image)[0], ("difference", weighted, weight)
+
+
+def _detection_fwhm(psf_image, kind):
+    """FWHM (px) of a point source on the detection image: the PSF correlated with itself for a difference."""
+    if kind == "score":
+        return _psf_fwhm(psf_image)
+    fft = fft_functions(np)
+    shape = tuple(2 * n - 1 for n in psf_image.shape)
+    spectrum = fft["rfft2"](psf_image, s=shape)
+    return _psf_fwhm(np.fft.fftshift(fft["irfft2"](spectrum * spectrum.conj(), s=shape)))
 
 
 def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind="difference", xy0=(0, 0),
                    mask_planes=None, bad_mask_planes=DETECTION_BAD_MASK_PLANES, min_pixels=1,
                    dipole_separation=None, dipole_flux_ratio=0.5, max_footprint_fraction=0.05,
-                   measure_on=None):
+                   flux_error=None):
     """Detect and measure positive and negative sources on a difference or score image.
 
     See the module notes for the method and the output.
@@ -449,11 +539,15 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
     mask : ndarray of shape (M, N), optional
         Integer bit mask (pixels with a ``bad_mask_planes`` bit are left
         out) or boolean (True = left out).
-    psf : ndarray of shape (kh, kw) or callable
-        The PSF of ``image`` (odd shape, normalised here to unit sum), or
-        ``psf(x, y)`` returning it at parent ``(x, y)``: evaluated at the
-        image centre for the matched filter and at each source for its flux.
-        For a score image, the PSF of the difference it was made from.
+    psf : ndarray of shape (kh, kw), callable or object with ``image(x, y)``
+        The PSF of ``image`` (odd shape, normalised here to unit sum): an
+        array, ``psf(x, y)`` or ``psf.image(x, y)`` (e.g. a
+        :class:`~gpudiffim.difference_psf.DifferencePsf`) returning it at
+        parent ``(x, y)``.  A difference's PSF is evaluated at the image
+        centre for the matched filter and at each source for its flux.  For
+        a score image, the PSF of the score (the difference's PSF
+        correlated with the preconvolution PSF): it only sets the dipole
+        separation.
     threshold : float
         Detection threshold in units of the noise (S/N), for both signs.
     kind : {"difference", "score"}
@@ -468,16 +562,17 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
     min_pixels : int
         Smallest footprint kept (pixels).
     dipole_separation : float, optional
-        Largest distance (px) between the two lobes of a dipole; twice the
-        PSF FWHM when omitted.
+        Largest distance (px) between the two lobes of a dipole; 1.5 times
+        the FWHM of a point source on the detection image when omitted.
     dipole_flux_ratio : float
-        Smallest ratio of the smaller to the larger lobe's ``|flux|``.
+        Smallest ratio of the smaller to the larger lobe's ``|flux|`` (of
+        ``|snr|`` when no flux is measured).
     max_footprint_fraction : float
         Fraction of the usable pixels that footprints may cover before the
         bad-subtraction guard fires.
-    measure_on : tuple of ndarray, optional
-        ``(difference, variance)`` on which a score image's sources are
-        measured (ignored for ``kind="difference"``).
+    flux_error : ndarray of shape (M, N), optional
+        For a score image: the PSF-flux error of a point source centred on
+        each pixel (``result.score.flux_error``), which gives the fluxes.
 
     Returns
     -------
@@ -494,10 +589,11 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
         non-numeric dtype or non-native byte order, or the PSF is not finite
         with a positive sum.
     InvalidVarianceError
-        If the variance is not finite and positive on every usable pixel.
+        If the variance (or ``flux_error``) is not finite and positive on
+        every usable pixel.
     ConfigurationError
-        For an unknown ``kind``, a difference without a variance, or an
-        option out of range.
+        For an unknown ``kind``, a difference without a variance or with a
+        ``flux_error``, or an option out of range.
 
     Warns
     -----
@@ -512,7 +608,7 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
 
     Examples
     --------
-    A 10-sigma point source and its negative twin 30 px away on unit noise:
+    A 10-sigma point source and a negative one 30 px away, on unit noise:
 
     >>> import numpy as np
     >>> from gpudiffim.testing import gaussian_kernel
@@ -529,77 +625,45 @@ def detect_sources(image, variance=None, mask=None, *, psf, threshold=5.0, kind=
     """
     threshold, min_pixels, ratio, fraction, separation = _options(
         threshold, kind, min_pixels, dipole_flux_ratio, max_footprint_fraction, dipole_separation)
-    image = _plane("image", image)
-    xp = array_module_of(image)
-    shape = image.shape
-    if kind == "difference" and variance is None:
-        msg = "a difference image needs its variance (variance=None is accepted for kind='score' only)"
-        raise ConfigurationError(msg)
-    good = ~_excluded(mask, shape, mask_planes, bad_mask_planes, xp)
-    image = image.astype(np.float64)
-    _check_finite("image", image, good, InvalidImageError)
-    if variance is not None:
-        variance = moved(_plane("variance", variance, shape), xp).astype(np.float64)
-        _check_variance(variance, good)
+    image, variance, good, flux_error = _prepare(image, variance, mask, flux_error, kind, mask_planes,
+                                                 bad_mask_planes)
+    xp, shape = array_module_of(image), image.shape
     x0, y0 = (int(v) for v in xy0)
-    centre = (x0 + 0.5 * (shape[1] - 1), y0 + 0.5 * (shape[0] - 1))
-    filter_psf = _psf_image(psf, *centre)
-    if max(filter_psf.shape) > 2 * max(shape):
-        msg = f"psf of shape {filter_psf.shape} is larger than the image of shape {shape}"
-        raise ShapeError(msg)
-    measure = _measure_planes(image, variance, good, kind, measure_on, xp)
-    if kind == "difference":
-        snr, _ = _filter(*measure, filter_psf)
-    else:
-        snr = xp.where(good, image if variance is None else image / xp.sqrt(xp.where(good, variance, 1.0)), 0.0)
+    psf_image = _psf_image(psf, x0 + 0.5 * (shape[1] - 1), y0 + 0.5 * (shape[0] - 1))
+    snr, planes = _detection_image(image, variance, good, flux_error, kind, psf_image)
     rows, cols, sign, npix, n_footprint_pixels = _footprint_peaks(snr, good, threshold, min_pixels)
-    dx, dy, flux, flux_err = _measure(snr, measure, psf if callable(psf) else filter_psf, filter_psf.shape,
+    dx, dy, flux, flux_err = _measure(snr, planes, psf if _evaluator(psf) else psf_image, psf_image.shape,
                                       rows, cols, (x0, y0))
     peak_snr = to_host(snr[moved(rows, xp), moved(cols, xp)]) if len(rows) else np.zeros(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         snr_column = np.where(np.isfinite(flux), flux / flux_err, peak_snr)
     x, y = x0 + cols + dx, y0 + rows + dy
-    fwhm = _psf_fwhm(filter_psf)
-    separation = 2.0 * fwhm if separation is None else separation
-    partner = _pair_dipoles(x, y, flux, sign, separation, ratio)
-    ids = np.arange(1, len(x) + 1)
+    fwhm = _detection_fwhm(psf_image, kind)
+    separation = 1.5 * fwhm if separation is None else separation
+    partner = _pair_dipoles(x, y, np.where(np.isfinite(flux), flux, snr_column), sign, separation, ratio)
     n_good = int(good.sum())  # synchronizes!
-    covered = n_footprint_pixels / max(n_good, 1)
-    bad = covered > fraction
-    meta = {"KIND": kind, "THRESH": threshold, "NPIXMIN": min_pixels, "DIPSEP": separation, "DIPRATIO": ratio,
-            "PSFFWHM": fwhm, "NGOODPIX": n_good, "NFPPIX": n_footprint_pixels, "FPFRAC": covered,
-            "FPMAXFRC": fraction, "BADSUB": bool(bad), "NPOS": int((sign > 0).sum()),
-            "NNEG": int((sign < 0).sum()), "NDIPOLE": int((partner >= 0).sum() // 2)}
-    if bad:
-        msg = (f"detected footprints cover {covered:.1%} of the {n_good} usable pixels (limit "
-               f"{fraction:.1%}): the subtraction is probably bad (wrong kernel sum, misregistration)")
-        warnings.warn(msg, BadSubtractionWarning, stacklevel=2)
-    log.info("%d positive and %d negative sources above %.1f sigma, %d dipoles; footprints cover %.3f%%",
-             meta["NPOS"], meta["NNEG"], threshold, meta["NDIPOLE"], 100 * covered)
-    columns = {"id": ids, "x": x, "y": y, "flux": flux, "flux_err": flux_err, "snr": snr_column,
-               "peak_snr": peak_snr, "sign": sign.astype(np.int16), "dipole": partner >= 0,
+    meta = {"KIND": kind, "THRESH": threshold, "NPIXMIN": min_pixels, "DIPSEP": float(separation),
+            "DIPRATIO": ratio, "DETFWHM": float(fwhm), "NGOODPIX": n_good, "NFPPIX": n_footprint_pixels,
+            "FPFRAC": n_footprint_pixels / max(n_good, 1), "FPMAXFRC": fraction,
+            "NPOS": int((sign > 0).sum()), "NNEG": int((sign < 0).sum()),
+            "NDIPOLE": int((partner >= 0).sum() // 2)}
+    meta["BADSUB"] = _guard(meta)
+    columns = {"id": np.arange(1, len(x) + 1), "x": x, "y": y, "flux": flux, "flux_err": flux_err,
+               "snr": snr_column, "peak_snr": peak_snr, "sign": sign.astype(np.int16), "dipole": partner >= 0,
                "partner": np.where(partner >= 0, partner + 1, 0), "npix": npix}
     return _table(columns, meta)
 
 
-def _measure_planes(image, variance, good, kind, measure_on, xp):
-    """``(D W, W)`` of the image the PSF fluxes are measured on, or None (a score without one)."""
-    if kind == "difference":
-        difference = image
-    elif measure_on is None:
-        return None
-    else:
-        try:
-            difference, variance = measure_on
-        except (TypeError, ValueError):
-            msg = f"measure_on must be a (difference, variance) pair, got {type(measure_on).__name__}"
-            raise ConfigurationError(msg) from None
-        difference = moved(_plane("measure_on difference", difference, image.shape), xp).astype(np.float64)
-        variance = moved(_plane("measure_on variance", variance, image.shape), xp).astype(np.float64)
-        _check_finite("measure_on difference", difference, good, InvalidImageError)
-        _check_variance(variance, good)
-    weight = xp.where(good, 1.0 / xp.where(good, variance, 1.0), 0.0)
-    return xp.where(good, difference, 0.0) * weight, weight
+def _guard(meta):
+    """The bad-subtraction guard: warn (and return True) when footprints cover too much of the image."""
+    log.info("%d positive and %d negative sources above %.1f sigma, %d dipoles; footprints cover %.3f%%",
+             meta["NPOS"], meta["NNEG"], meta["THRESH"], meta["NDIPOLE"], 100 * meta["FPFRAC"])
+    if meta["FPFRAC"] <= meta["FPMAXFRC"]:
+        return False
+    msg = (f"detected footprints cover {meta['FPFRAC']:.1%} of the {meta['NGOODPIX']} usable pixels (limit "
+           f"{meta['FPMAXFRC']:.1%}): the subtraction is probably bad (wrong kernel sum, misregistration)")
+    warnings.warn(msg, BadSubtractionWarning, stacklevel=3)
+    return True
 
 
 def detect_in_masked_image(masked_image, *, psf, **options):

@@ -150,13 +150,20 @@ def test_negative_sources_mirror_positive_ones():
 
 
 def test_score_image_gives_the_same_sources_as_the_difference():
-    image, variance, x, y, flux = _difference(32, 256, 10.0)
+    """A score (the matched filter's S/N) with its flux-error map: the difference's sources and fluxes."""
+    image, variance, x, y, flux = _difference(32, 256, np.linspace(8.0, 30.0, 9), spacing=80)
     direct = detect_sources(image, variance, psf=PSF)
-    score, _ = matched_filter(image, 1 / variance, PSF)
-    from_score = detect_sources(score, kind="score", psf=PSF, measure_on=(image, variance))
-    unmeasured = detect_sources(score, np.ones_like(score), kind="score", psf=PSF)
-    for column in ("x", "y", "flux", "flux_err", "snr", "npix"):
+    score, information = matched_filter(image, 1 / variance, PSF)
+    score_psf = gaussian_kernel(SIGMA * np.sqrt(2), 17)             # P correlated with itself
+    from_score = detect_sources(score, kind="score", psf=score_psf, flux_error=1 / np.sqrt(information))
+    assert len(direct) == len(from_score) == x.size
+    for column in ("x", "y", "npix", "peak_snr"):
         np.testing.assert_allclose(from_score[column], direct[column], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(from_score["flux_err"], direct["flux_err"], rtol=0.01)
+    # the interpolated peak S/N is the PSF fit at the refined position, to a small fraction of sigma
+    np.testing.assert_allclose(from_score["flux"], direct["flux"], rtol=0, atol=0.1 * FLUX_ERR)
+    assert from_score.meta["DETFWHM"] == pytest.approx(direct.meta["DETFWHM"], rel=0.01)
+    unmeasured = detect_sources(score, np.ones_like(score), kind="score", psf=score_psf)
     assert np.all(np.isnan(unmeasured["flux"]))
     np.testing.assert_allclose(unmeasured["snr"], direct["peak_snr"], rtol=1e-9)
 
@@ -177,7 +184,7 @@ def _isolated_pair(offset, negative_fraction, seed=41):
 
 
 @pytest.mark.parametrize(("offset", "negative_fraction", "dipole"), [
-    (8.0, 1.0, True),        # two lobes 1.4 FWHM apart, equal fluxes
+    (8.0, 1.0, True),        # two lobes 1.4 PSF FWHM apart, equal fluxes
     (30.0, 1.0, False),      # too far apart
     (8.0, 0.25, False),      # a bright positive and a faint negative: not comparable
 ])
@@ -209,7 +216,7 @@ def crowded_subtraction():
 
 def test_moved_star_is_a_dipole(crowded_subtraction):
     pair, result, (x, y) = crowded_subtraction
-    table = detect_in_masked_image(result.subtracted_image, psf=gaussian_kernel(2.2, 11))
+    table = detect_in_masked_image(result.subtracted_image, psf=result.difference_psf)   # has .image(x, y)
     near = table[np.hypot(table["x"] - x, table["y"] - y) < 6]
     assert sorted(near["sign"].tolist()) == [-1, 1]
     assert near["dipole"].all()
@@ -228,7 +235,7 @@ def test_bad_subtraction_guard(crowded_subtraction):
     """A kernel sum 20 % too large on a crowded field covers ~25 % of the image with footprints."""
     _, result, _ = crowded_subtraction
     good = result.subtracted_image
-    psf = gaussian_kernel(2.2, 11)
+    psf = result.difference_psf
     table = detect_in_masked_image(good, psf=psf)            # no warning (warnings are errors here)
     assert table.meta["FPFRAC"] < 0.01 and table.meta["BADSUB"] is False       # measured 0.5 %
     bad = MaskedImage(np.asarray(good.image) - 0.2 * np.asarray(result.matched_image.image), good.mask,
@@ -288,7 +295,8 @@ def test_table_columns_units_and_meta():
     assert str(table["x"].unit) == "pix" and str(table["flux"].unit) == "ct"
     assert table["id"].tolist() == list(range(1, len(table) + 1))
     assert {"KIND", "THRESH", "FPFRAC", "FPMAXFRC", "BADSUB", "NPOS", "NNEG", "NDIPOLE"} <= set(table.meta)
-    assert table.meta["DIPSEP"] == pytest.approx(2 * 2.3548 * SIGMA, rel=0.01)
+    assert table.meta["DETFWHM"] == pytest.approx(np.sqrt(2) * 2.3548 * SIGMA, rel=0.01)
+    assert table.meta["DIPSEP"] == pytest.approx(1.5 * table.meta["DETFWHM"])
     empty = detect_sources(np.zeros((64, 64)), np.ones((64, 64)), psf=PSF)
     assert len(empty) == 0 and empty.colnames == list(SOURCE_COLUMNS)
 
@@ -313,6 +321,7 @@ def test_table_columns_units_and_meta():
     (lambda a: {"min_pixels": 0}, ConfigurationError, "min_pixels"),
     (lambda a: {"dipole_flux_ratio": 2.0}, ConfigurationError, "dipole_flux_ratio"),
     (lambda a: {"max_footprint_fraction": 0.0}, ConfigurationError, "max_footprint_fraction"),
+    (lambda a: {"flux_error": a["variance"]}, ConfigurationError, "flux_error is for a score"),
 ])
 def test_bad_input_raises_clear_errors(change, error, match):
     rng = np.random.default_rng(61)
@@ -335,21 +344,28 @@ def test_masked_image_wrapper_refuses_its_own_fields():
 
 
 @pytest.mark.gpu
-def test_cupy_detection_equals_numpy():
+@pytest.mark.parametrize("kind", ["difference", "score"])
+def test_cupy_detection_equals_numpy(kind):
     import cupy
 
     image, variance, *_ = _difference(71, 384, np.linspace(5.0, 30.0, 25), spacing=64)
     image[100:110, 200:260] -= 40.0                               # a negative streak
     mask = np.zeros(image.shape, dtype=np.int32)
     mask[300:330, 10:50] = 1 << DEFAULT_MASK_PLANES["SAT"]
-    expected = detect_sources(image, variance, mask, psf=PSF, xy0=(7, 9))
-    got = detect_sources(cupy.asarray(image), cupy.asarray(variance), cupy.asarray(mask), psf=PSF, xy0=(7, 9))
+    flux_error = None
+    if kind == "score":
+        image, information = matched_filter(image, 1 / variance, PSF)
+        variance, flux_error = None, 1 / np.sqrt(information)
+    options = {"psf": PSF, "xy0": (7, 9), "kind": kind}
+    expected = detect_sources(image, variance, mask, flux_error=flux_error, **options)
+    on_device = [None if a is None else cupy.asarray(a) for a in (image, variance, mask, flux_error)]
+    got = detect_sources(*on_device[:3], flux_error=on_device[3], **options)
     assert len(got) == len(expected) > 20
     for column in ("id", "sign", "npix", "partner", "dipole"):
         np.testing.assert_array_equal(got[column], expected[column])
     for column in ("x", "y", "flux", "flux_err", "snr", "peak_snr"):
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-7, atol=1e-7)
-    assert got.meta == expected.meta
+    assert got.meta == pytest.approx(expected.meta)
 
 
 # ---------------------------------------------------------------------------
