@@ -8,9 +8,11 @@ Detection statistics on white noise: with a matched filter the two-sided
 false-detection rate at a threshold ``t`` falls as ``t exp(-t^2/2)`` and with
 the PSF area; the completeness of sources of PSF S/N ``s`` is about
 ``Phi(s - t)`` (plus a little from picking the highest pixel).  At the
-default 5 sigma, 6-sigma sources are therefore found at ~85 % only; the
+default 5 sigma, 6-sigma sources are therefore found at ~86 % only; the
 issue's criterion (>= 90 % at <= 1 false per 10^6 px) needs a threshold of
-~4.75 sigma, where a PSF of FWHM 5.9 px gives ~0.3 false per 10^6 px.
+~4.75 sigma, and is then met only just: with a PSF of FWHM 5.9 px, four
+pairs of 2048^2 fields gave 90.4-91.6 % and 0.14-0.85 false per 10^6 px
+(seeds 11 and 12, used here: 90.5 % and 0.28).
 """
 
 import warnings
@@ -92,15 +94,15 @@ def _recovery(fields, threshold):
 def test_six_sigma_transients_recovered_with_few_false_detections(six_sigma_fields):
     """The issue's criterion at 4.75 sigma: >= 90 % of 6-sigma sources, <= 1 false per 10^6 px."""
     recovered, false = _recovery(six_sigma_fields, 4.75)
-    assert recovered[6.0] >= 0.90, recovered                      # measured 0.92
+    assert recovered[6.0] >= 0.90, recovered                      # measured 0.905
     assert recovered[8.0] >= 0.995, recovered
-    assert false <= 1.0, false                                     # measured 0.3 (expected ~0.3)
+    assert false <= 1.0, false                                     # measured 0.28
 
 
 def test_default_threshold_completeness_follows_gaussian_statistics(six_sigma_fields):
     """At 5 sigma, 6-sigma sources are found at about Phi(1) = 84 % (+ peak picking), 8-sigma ones all."""
     recovered, false = _recovery(six_sigma_fields, 5.0)
-    assert 0.83 <= recovered[6.0] <= 0.93, recovered               # measured 0.88
+    assert 0.83 <= recovered[6.0] <= 0.93, recovered               # measured 0.864
     assert recovered[8.0] >= 0.995, recovered
     assert false <= 0.5, false                                     # measured 0
 
