@@ -34,8 +34,9 @@ Steps
    of ``|nu|`` at the peak and its two neighbours, per axis (exact for a
    Gaussian peak), limited to half a pixel.
 4. **PSF flux.**  On a difference, a weighted least-squares fit of the
-   PSF, shifted to the refined position (by a Fourier phase ramp) and
-   evaluated there when ``psf`` is a function of position:
+   PSF, shifted to the refined position (by a Fourier phase ramp) and,
+   when ``psf`` is a function of position, evaluated at the nearest node of
+   a :data:`PSF_GRID` (16 px) grid:
 
    .. math::
 
@@ -126,10 +127,10 @@ from .convolve import FourierCorrelator
 from .cutouts import cut_planes
 from .errors import BadSubtractionWarning, ConfigurationError, InvalidImageError, InvalidVarianceError, ShapeError
 from .gaussian import SIGMA_TO_FWHM
-from .image import DEFAULT_MASK_PLANES, MaskedImage, mask_bits
+from .image import DEFAULT_MASK_PLANES, MaskedImage, _check_float_array, mask_bits
 
-__all__ = ["DETECTION_BAD_MASK_PLANES", "KINDS", "SOURCE_COLUMNS", "detect_sources", "detect_in_masked_image",
-           "matched_filter"]
+__all__ = ["DETECTION_BAD_MASK_PLANES", "KINDS", "PSF_GRID", "SOURCE_COLUMNS", "detect_sources",
+           "detect_in_masked_image", "matched_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -155,34 +156,16 @@ SOURCE_COLUMNS = {
     "npix": ("pix2", "footprint area"),
 }
 
+#: Spacing (px) of the grid of positions where a position-dependent PSF is evaluated for the
+#: PSF fits (each source uses the nearest node, shifted to its own sub-pixel position).
+PSF_GRID = 16
+
 #: 8-connectivity for footprints.
 _STRUCTURE = np.ones((3, 3), dtype=bool)
 
 
 # ---------------------------------------------------------------------------
 # argument checks
-
-
-def _plane(name, array, shape=None):
-    xp = array_module_of(array)
-    array = xp.asarray(array)
-    if array.ndim != 2:
-        msg = f"{name} must be a 2-D array (rows, columns), got shape {array.shape}"
-        raise ShapeError(msg)
-    if shape is not None and array.shape != shape:
-        msg = f"{name} has shape {array.shape} but the image has shape {shape}"
-        raise ShapeError(msg)
-    if array.size == 0:
-        msg = f"{name} is empty (shape {array.shape})"
-        raise ShapeError(msg)
-    if array.dtype.kind not in "fiub":
-        msg = f"{name} must hold real numbers, got dtype {array.dtype}"
-        raise InvalidImageError(msg)
-    if not array.dtype.isnative:
-        msg = (f"{name} has non-native byte order ({array.dtype.str}), typical of FITS data; "
-               f"convert it with a.astype(a.dtype.newbyteorder('='))")
-        raise InvalidImageError(msg)
-    return array
 
 
 def _evaluator(psf):
@@ -221,9 +204,10 @@ def _excluded(mask, shape, mask_planes, bad_mask_planes, xp):
     """Boolean plane of excluded pixels (a boolean mask as given; an integer one through its bits)."""
     if mask is None:
         return xp.zeros(shape, dtype=bool)
-    mask = _plane("mask", mask, shape)
+    mask = array_module_of(mask).asarray(mask)
     if mask.dtype.kind == "b":
-        return moved(mask, xp)
+        return moved(_check_float_array("mask", mask.view(np.uint8), shape), xp) != 0
+    mask = _check_float_array("mask", mask, shape)
     if mask.dtype.kind not in "iu":
         msg = f"mask must hold integer bits or booleans, got dtype {mask.dtype}"
         raise InvalidImageError(msg)
@@ -378,7 +362,10 @@ def _shifted_psfs(psf, rows, cols, dy, dx, xy0, shape):
     """Unit-sum PSF stamps centred ``(dy, dx)`` from each peak pixel (host, ``(n, kh, kw)``)."""
     x0, y0 = xy0
     if _evaluator(psf) is not None:
-        stamps = [_psf_image(psf, x0 + c + ox, y0 + r + oy) for r, c, oy, ox in zip(rows, cols, dy, dx)]
+        # the PSF at the nearest PSF_GRID node, each node evaluated once
+        nodes = list(zip(np.round((x0 + cols) / PSF_GRID).astype(int), np.round((y0 + rows) / PSF_GRID).astype(int)))
+        images = {node: _psf_image(psf, PSF_GRID * node[0], PSF_GRID * node[1]) for node in set(nodes)}
+        stamps = [images[node] for node in nodes]
         if len({s.shape for s in stamps}) > 1:
             msg = f"psf(x, y) must return one shape everywhere, got {sorted({s.shape for s in stamps})}"
             raise ShapeError(msg)
@@ -418,26 +405,27 @@ def _psf_fluxes(weighted, weight, psfs, rows, cols):
 
 
 def _pair_dipoles(x, y, flux, sign, separation, ratio):
-    """``partner`` index (-1: none) of each source: the nearest opposite-signed one within reach."""
+    """``partner`` index (-1: none) of each source: the nearest opposite-signed one within reach.
+
+    Candidate pairs come from a k-d tree (no all-pairs matrix: a bad
+    subtraction can have thousands of sources of each sign); the closest
+    eligible pairs are taken first, each source in one pair at most.
+    """
+    from scipy.spatial import cKDTree
+
     partner = np.full(len(x), -1)
     positive, negative = np.flatnonzero(sign > 0), np.flatnonzero(sign < 0)
     if len(positive) == 0 or len(negative) == 0:
         return partner
-    distance = np.hypot(x[positive, None] - x[None, negative], y[positive, None] - y[None, negative])
+    near = cKDTree(np.c_[x[positive], y[positive]]).sparse_distance_matrix(
+        cKDTree(np.c_[x[negative], y[negative]]), separation, output_type="ndarray")
+    p, n = positive[near["i"]], negative[near["j"]]
     magnitude = np.abs(flux)
     with np.errstate(divide="ignore", invalid="ignore"):
-        balance = (np.minimum(magnitude[positive, None], magnitude[None, negative])
-                   / np.maximum(magnitude[positive, None], magnitude[None, negative]))
-    eligible = (distance <= separation) & (balance >= ratio)
-    distance = np.where(eligible, distance, np.inf)
-    # greedy, closest pairs first: each source in at most one pair
-    for flat in np.argsort(distance, axis=None, kind="stable"):
-        i, j = np.unravel_index(flat, distance.shape)
-        if not np.isfinite(distance[i, j]):
-            break
-        p, n = positive[i], negative[j]
-        if partner[p] < 0 and partner[n] < 0:
-            partner[p], partner[n] = n, p
+        balance = np.minimum(magnitude[p], magnitude[n]) / np.maximum(magnitude[p], magnitude[n])
+    for k in np.argsort(near["v"], kind="stable"):
+        if balance[k] >= ratio and partner[p[k]] < 0 and partner[n[k]] < 0:
+            partner[p[k]], partner[n[k]] = n[k], p[k]
     return partner
 
 
@@ -479,7 +467,7 @@ def _measure(snr, planes, psf, shape, rows, cols, xy0):
 
 def _prepare(image, variance, mask, flux_error, kind, mask_planes, bad_mask_planes):
     """Checked planes in one array module: ``(image, variance or None, good, flux_error or None)``."""
-    image = _plane("image", image)
+    image = _check_float_array("image", image)
     xp = array_module_of(image)
     if kind == "difference" and variance is None:
         msg = "a difference image needs its variance (variance=None is accepted for kind='score' only)"
@@ -491,10 +479,10 @@ def _prepare(image, variance, mask, flux_error, kind, mask_planes, bad_mask_plan
     image = image.astype(np.float64)
     _check_finite("image", image, good, InvalidImageError)
     if variance is not None:
-        variance = moved(_plane("variance", variance, image.shape), xp).astype(np.float64)
+        variance = moved(_check_float_array("variance", variance, image.shape), xp).astype(np.float64)
         _check_variance(variance, good)
     if flux_error is not None:
-        flux_error = moved(_plane("flux_error", flux_error, image.shape), xp).astype(np.float64)
+        flux_error = moved(_check_float_array("flux_error", flux_error, image.shape), xp).astype(np.float64)
         _check_variance(flux_error, good, "flux_error")
     return image, variance, good, flux_error
 
