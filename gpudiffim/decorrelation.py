@@ -77,6 +77,19 @@ def _power(image, shape, xp):
     return transform.real**2 + transform.imag**2
 
 
+def _correlation_power(rho, shape, xp):
+    """Transform ``R(k)`` of a normalised autocorrelation on the ``rfft2`` grid (1 for white noise, None).
+
+    ``rho`` is symmetric, so ``R`` is real; truncation can make it dip below
+    zero where the noise has no power, so it is floored at 1 % of its mean
+    (``rho(0) = 1``).
+    """
+    if rho is None:
+        return xp.ones((shape[0], shape[1] // 2 + 1))
+    transform = fft_functions(xp)["rfft2"](moved(_centred(np.asarray(rho, dtype=np.float64), shape), xp))
+    return xp.maximum(transform.real, 0.01)
+
+
 def _centred(image, shape):
     """``image`` (odd sizes) zero-padded to ``shape`` with its centre pixel at ``[0, 0]``."""
     out = np.zeros(shape)
@@ -123,6 +136,14 @@ class DecorrelationModel:
     grid_step : float
         Node spacing (px) of :func:`decorrelate`; ``inf`` for one node at the
         centre (a constant decorrelation, as Rubin's).
+    unconvolved_correlation, convolved_correlation : ndarray of shape (2 L + 1, 2 L + 1), optional
+        Normalised noise autocorrelation ``rho[L + dy, L + dx]`` of each input
+        (:attr:`gpudiffim.covariance.NoiseCorrelation.rho`); None for white
+        noise.  With them each input's noise power is ``s^2 R(k)``, ``R`` the
+        transform of ``rho``, and ``phi = sqrt(N(0) / N(k))`` with ``N(k) =
+        s^2 R_s + t^2 R_t |K^|^2`` whitens resampled or coadded inputs too
+        (score mode: ``phi = N(0) |P^|^2 / N(k)`` with ``|P^|^2`` on the first
+        term of ``N``); white inputs give the formulas of the module notes.
 
     Raises
     ------
@@ -137,6 +158,8 @@ class DecorrelationModel:
     mode: str = "difference"
     preconvolution_psf: np.ndarray = field(default=None, repr=False)
     grid_step: float = 512.0
+    unconvolved_correlation: np.ndarray = field(default=None, repr=False)
+    convolved_correlation: np.ndarray = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -155,16 +178,26 @@ class DecorrelationModel:
                         self.convolved_variance, self.unconvolved_variance)
 
     def _factors(self, x, y, shape, xp):
-        """``phi``, ``|P^|^2`` (score mode; else None) and ``|K^|^2`` at parent ``(x, y)``."""
+        """``phi`` and the two terms of the noise power over their variances at parent ``(x, y)``.
+
+        Returns ``(phi, first, second)``: the difference's noise power is
+        ``s^2 first + t^2 second`` (``first = R_s`` or ``R_s |P^|^2``, ``second
+        = R_t |K^|^2``).
+        """
         s2, t2 = self.unconvolved_variance, self.convolved_variance
         kernel = self.kernel.image(x, y)
-        k2 = _power(kernel, shape, xp)
-        total = s2 + t2 * float(kernel.sum()) ** 2
+        rs, rt = (_correlation_power(rho, shape, xp) for rho in (self.unconvolved_correlation,
+                                                                 self.convolved_correlation))
+        second = rt * _power(kernel, shape, xp)
+        first = rs
+        if self.mode == "score":
+            psf = np.asarray(self.preconvolution_psf, dtype=np.float64)
+            first = rs * _power(psf / psf.sum(), shape, xp)
+        power = xp.maximum(s2 * first + t2 * second, 1e-300)
+        at_zero = float(s2 * first[0, 0] + t2 * second[0, 0])
         if self.mode == "difference":
-            return xp.sqrt(total / (s2 + t2 * k2)), None, k2
-        p2 = _power(self.preconvolution_psf, shape, xp)
-        denominator = xp.maximum(s2 * p2 + t2 * k2, 1e-300)
-        return total * p2 / denominator, p2, k2
+            return xp.sqrt(at_zero / power), first, second
+        return at_zero * first / (rs * power), first, second
 
     def spectrum(self, x, y, shape, xp=np):
         """``phi(k)`` at parent position ``(x, y)`` on the ``rfft2`` grid of ``shape``.
@@ -195,10 +228,9 @@ class DecorrelationModel:
             ``(w_1, w_2)``: the result's variance is ``w_1 V_unconvolved +
             w_2 V_convolved``.
         """
-        phi, p2, k2 = self._factors(x, y, shape, xp)
+        phi, first, second = self._factors(x, y, shape, xp)
         phi2 = phi**2
-        first = phi2 if p2 is None else p2 * phi2
-        return phi, (_spectral_mean(first, shape[1], xp), _spectral_mean(k2 * phi2, shape[1], xp))
+        return phi, (_spectral_mean(first * phi2, shape[1], xp), _spectral_mean(second * phi2, shape[1], xp))
 
     def kernel_image(self, x, y, half_width):
         """Real-space decorrelation kernel at ``(x, y)``, centred, ``(2 h + 1)^2``.

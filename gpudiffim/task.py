@@ -35,7 +35,7 @@ from .candidates import (
 )
 from .cellset import KernelCellSet, RejectReason, SpatialCellSet
 from .config import PsfMatchConfig
-from .covariance import correct_matched_variance
+from .covariance import correct_matched_variance, measure_noise_correlation
 from .decorrelation import DecorrelationModel, decorrelate
 from .difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from .direction import choose_convolution, psf_axis_fwhms
@@ -624,6 +624,21 @@ class ImagePsfMatchTask:
         record["chosen"] = chosen
         return chosen == "template", record
 
+    def _noise_correlations(self, unconvolved, diagnostics):
+        """Noise autocorrelations ``rho`` of (unconvolved, convolved) image for the decorrelation.
+
+        With ``config.noise_correlation`` the convolved image's was measured
+        by the fit; the other image's is measured here.  Each is None (white
+        noise) unless significant (:mod:`gpudiffim.covariance`), or when the
+        measurement is off.
+        """
+        if not self.config.noise_correlation:
+            return None, None
+        convolved = diagnostics["noise_correlation"].correlation
+        measured = measure_noise_correlation(unconvolved)
+        log.info("noise correlation of the image not convolved: %s", measured.describe())
+        return tuple(c.rho if c.significant else None for c in (measured, convolved))
+
     def _afterburner(self, fields, difference, fitted, psfs, timings):
         """Decorrelation, score and the difference's PSF: the result fields after the subtraction."""
         convolved, diagnostics = fields["convolved"], fields["diagnostics"]
@@ -644,7 +659,8 @@ class ImagePsfMatchTask:
             with _timed(timings, "decorrelation"):
                 model = DecorrelationModel(kernel, _sky_variance(unconvolved), _sky_variance(convolved_image),
                                            "score" if self.config.score else "difference", preconvolution,
-                                           float(self.config.decorrelation_grid_step or np.inf))
+                                           float(self.config.decorrelation_grid_step or np.inf),
+                                           *self._noise_correlations(unconvolved, diagnostics))
                 image, response = decorrelate(difference, model, unconvolved.variance, convolved_image.variance,
                                               scale=scale, response_psf=base if self.config.score else None)
             extra["decorrelation"], extra["subtracted_image"] = model, image
