@@ -14,6 +14,7 @@ from ._backend import backend_info, compute_backend, use_backend
 from .config import DetectionConfig, PsfMatchConfig
 from .errors import (
     BackendUnavailableError,
+    BadSubtractionWarning,
     ConfigurationError,
     FitQualityWarning,
     FitsFormatError,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 #: the solve loop through this package's ``__init__``.
 _LAZY = {name: ".task" for name in ("ExposureMatchResult", "ExposureSubtractResult", "ImagePsfMatchTask",
                                      "MatchResult", "SubtractResult")}
+_LAZY.update({name: ".sources" for name in ("detect_sources", "detect_in_masked_image")})
 
 
 def __getattr__(name):
@@ -62,6 +64,7 @@ __all__ = [
     "use_backend",
     "BackendUnavailableError",
     "BackgroundModel",
+    "BadSubtractionWarning",
     "ConfigurationError",
     "DEFAULT_MASK_PLANES",
     "DetectionConfig",
@@ -87,4 +90,6 @@ __all__ = [
     "SingularSystemError",
     "SpatialKernel",
     "SubtractResult",
+    "detect_in_masked_image",
+    "detect_sources",
 ]
