@@ -41,6 +41,7 @@ CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
 REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
 VARIANCE_CORRECTIONS = ("auto", "scale", "add", "none")
 CONVOLVE_CHOICES = ("template", "science", "auto")
+SCORE_FITS = ("preconvolved", "difference")
 LAMBDA_TYPES = ("absolute", "relative")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
@@ -276,6 +277,14 @@ class PsfMatchConfig:
         preconvolved with its PSF, the kernel fitted against it, and the
         score decorrelated in score mode and given in S/N per pixel.
         Needs ``convolve`` "template" (or "auto", which then means template).
+    score_fit : {"preconvolved", "difference"}
+        How the score's kernel is fitted: against the preconvolved science
+        image ("preconvolved", Rubin's; the kernel must reach the sqrt(2)
+        wider PSF of ``S * P``, so the basis and stamps grow and the fit costs
+        several times the plain one), or the plain difference's kernel with
+        the difference correlated with ``P`` ("difference": ``D * P = S * P -
+        T * (K * P)``, the same model; the fit is the plain one and the score
+        adds one filtered decorrelation pass).
     detection : DetectionConfig
         Candidate detection when none are given.
     """
@@ -339,6 +348,7 @@ class PsfMatchConfig:
     decorrelate: bool = False
     decorrelation_grid_step: int = 512
     score: bool = False
+    score_fit: str = "preconvolved"
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self):
@@ -384,6 +394,7 @@ class PsfMatchConfig:
         if 0 < self.decorrelation_grid_step < 64:
             fail("decorrelation_grid_step", self.decorrelation_grid_step, "0 (one kernel) or at least 64 px")
         _check_bool(self, "score")
+        _check_choice(self, "score_fit", SCORE_FITS)
         if self.score and self.convolve == "science":
             fail("convolve", self.convolve, '"template" or "auto" with score=True (the science image '
                  "is preconvolved, the template convolved)")

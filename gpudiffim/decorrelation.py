@@ -40,12 +40,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
+import scipy.signal
 
 from ._backend import array_module_of, fft_functions, moved
 from .errors import ConfigurationError
 from .image import MaskedImage
+from .kernel import SpatialKernel
 
-__all__ = ["DecorrelationModel", "decorrelate", "node_positions"]
+__all__ = ["DecorrelationModel", "decorrelate", "filtered_kernel", "node_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +268,26 @@ class DecorrelationModel:
         return max(halo, max(self.kernel.shape) // 2)
 
 
+def filtered_kernel(kernel, psf):
+    """The spatial kernel ``K * P``: each basis kernel convolved with ``psf`` (same coefficients).
+
+    Parameters
+    ----------
+    kernel : SpatialKernel
+    psf : ndarray of shape (m, m)
+        Odd square; normalised to unit sum here.
+
+    Returns
+    -------
+    SpatialKernel
+        Of shape ``(kh + m - 1, kw + m - 1)``.
+    """
+    psf = np.asarray(psf, dtype=np.float64)
+    psf = psf / psf.sum()
+    basis = np.array([scipy.signal.fftconvolve(b, psf, mode="full") for b in kernel.basis])
+    return SpatialKernel(basis, kernel.coefficients, kernel.spatial_function)
+
+
 def _axis_cells(length, nodes):
     """Cells along one axis: ``(start, stop, [(node index, weights over start..stop-1), ...])``."""
     if len(nodes) == 1:
@@ -288,7 +310,7 @@ def _fill(difference):
 
 
 def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, scale=1.0,
-                response_psf=None):
+                response_psf=None, prefilter=None):
     """Decorrelate a difference (or score) image, following the spatial kernel.
 
     Parameters
@@ -305,6 +327,10 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
         Factor the difference was multiplied by after subtraction (``1 /
         kernel sum`` when the science image was convolved); the variance is
         multiplied by its square.
+    prefilter : ndarray of shape (m, m), optional
+        Correlate the difference with this kernel first (in the same
+        transforms): a score from a plain difference, ``R = D * P``, whose
+        model then has the kernel ``K * P`` (:func:`filtered_kernel`).
     response_psf : ndarray, optional
         If given (score mode), also return the response at its centre to a
         point source of unit flux whose image in ``difference`` is this PSF.
@@ -333,6 +359,8 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     step = np.inf if model.kernel.is_spatially_invariant else model.grid_step
     nodes_x, nodes_y = node_positions(columns, step), node_positions(rows, step)
     halo = model.halo(x0 + 0.5 * (columns - 1), y0 + 0.5 * (rows - 1))
+    if prefilter is not None:
+        halo += np.asarray(prefilter).shape[0] // 2
     cells_x, cells_y = _axis_cells(columns, nodes_x), _axis_cells(rows, nodes_y)
     longest = (max(c[1] - c[0] for c in cells_y), max(c[1] - c[0] for c in cells_x))
     shape = tuple(scipy.fft.next_fast_len(n + 2 * halo, real=True) for n in longest)
@@ -355,10 +383,14 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     out_variance = xp.empty((rows, columns), dtype=dtype)
     response = xp.empty((rows, columns), dtype=dtype) if response_psf is not None else None
     ffts = fft_functions(xp)
+    if prefilter is not None:     # the afw correlation with P: conj of P's transform, P centred at [0, 0]
+        prefilter = xp.conj(ffts["rfft2"](moved(_centred(np.asarray(prefilter, float), shape), xp))).astype(
+            xp.result_type(dtype, np.complex64))
     for ys, ye, y_nodes in cells_y:
         for xs, xe, x_nodes in cells_x:
             _decorrelate_cell(filled_image, (ys, ye, xs, xe), y_nodes, x_nodes, node, halo, shape, ffts,
-                              (unconvolved_variance, convolved_variance), (out_image, out_variance, response))
+                              (unconvolved_variance, convolved_variance), (out_image, out_variance, response),
+                              prefilter)
     out_image = xp.where(filled, difference.image, out_image)
     out_variance = xp.where(filled, difference.variance, out_variance * dtype.type(scale**2))
     log.info("decorrelated (%s mode) on %d x %d nodes, halo %d px, FFT tiles %s", model.mode, len(nodes_x),
@@ -368,7 +400,7 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     return decorrelated, response
 
 
-def _decorrelate_cell(image, box, y_nodes, x_nodes, node, halo, shape, ffts, variances, outputs):
+def _decorrelate_cell(image, box, y_nodes, x_nodes, node, halo, shape, ffts, variances, outputs, prefilter):
     """One cell of :func:`decorrelate`: transform with its halo, apply each corner's phi, blend."""
     xp = array_module_of(image)
     ys, ye, xs, xe = box
@@ -377,6 +409,8 @@ def _decorrelate_cell(image, box, y_nodes, x_nodes, node, halo, shape, ffts, var
     tile = xp.zeros(shape, dtype=image.dtype)
     tile[:hi_y - lo_y, :hi_x - lo_x] = image[lo_y:hi_y, lo_x:hi_x]
     transform = ffts["rfft2"](tile)
+    if prefilter is not None:
+        transform *= prefilter
     core = np.s_[ys - lo_y:ye - lo_y, xs - lo_x:xe - lo_x]
     out_image, out_variance, response = outputs
     region = np.s_[ys:ye, xs:xe]

@@ -36,7 +36,7 @@ from .candidates import (
 from .cellset import KernelCellSet, RejectReason, SpatialCellSet
 from .config import PsfMatchConfig
 from .covariance import correct_matched_variance, measure_noise_correlation
-from .decorrelation import DecorrelationModel, decorrelate
+from .decorrelation import DecorrelationModel, decorrelate, filtered_kernel
 from .difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from .direction import choose_convolution, psf_axis_fwhms
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
@@ -472,8 +472,10 @@ class ImagePsfMatchTask:
                 fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms)
         preconvolution = None
         if score:
+            preconvolution = psfs[1] if psfs[1] is not None else gaussian_psf(fwhms[1])
+        preconvolved = score and self.config.score_fit == "preconvolved"
+        if preconvolved:
             with _timed(timings, "preconvolution"):
-                preconvolution = psfs[1] if psfs[1] is not None else gaussian_psf(fwhms[1])
                 reference = _preconvolve(reference, preconvolution)
             fwhms = (fwhms[0], np.sqrt(2.0) * fwhms[1])
             log.info("score: science image preconvolved with its PSF (%s); kernel fitted against it",
@@ -500,7 +502,7 @@ class ImagePsfMatchTask:
                 variance, diagnostics["noise_correlation"] = correct_matched_variance(
                     to_convolve, solution.kernel, variance)
         matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
-        if score:
+        if preconvolved:
             fwhms = (fwhms[0], fwhms[1] / np.sqrt(2.0))
         if not convolve_template:
             fwhms = fwhms[::-1]
@@ -651,6 +653,9 @@ class ImagePsfMatchTask:
         else:
             base, source = _psf_image(psfs[0], fields["template_fwhm_pix"]), "template"
         extra = {"decorrelation": None, "score": None, "subtracted_image": difference}
+        prefilter = None
+        if self.config.score and self.config.score_fit == "difference":    # D * P = S * P - T * (K * P)
+            prefilter, kernel = preconvolution, filtered_kernel(kernel, preconvolution)
         if self.config.decorrelate or self.config.score:
             template, science = fitted
             unconvolved, convolved_image = (science, template) if convolved == "template" else (template, science)
@@ -662,7 +667,8 @@ class ImagePsfMatchTask:
                                            float(self.config.decorrelation_grid_step or np.inf),
                                            *self._noise_correlations(unconvolved, diagnostics))
                 image, response = decorrelate(difference, model, unconvolved.variance, convolved_image.variance,
-                                              scale=scale, response_psf=base if self.config.score else None)
+                                              scale=scale, response_psf=base if self.config.score else None,
+                                              prefilter=prefilter)
             extra["decorrelation"], extra["subtracted_image"] = model, image
             if self.config.score:
                 extra["score"] = _score_image(image, response)

@@ -8,8 +8,8 @@ import pytest
 
 from difference_checks import lag1_correlation, sky_pixels, transient_fluxes
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
-from gpudiffim.decorrelation import DecorrelationModel, decorrelate, node_positions
-from gpudiffim.difference_psf import DifferencePsf, gaussian_psf
+from gpudiffim.decorrelation import DecorrelationModel, decorrelate, filtered_kernel, node_positions
+from gpudiffim.difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from gpudiffim.errors import ConfigurationError
 from gpudiffim.testing import default_true_kernel, make_fake_pair
 
@@ -201,20 +201,30 @@ def test_constant_grid_equals_one_kernel(noisy_template):
 
 
 @pytest.mark.gpu
-def test_decorrelation_cupy_matches_numpy():
-    """The same decorrelation with CuPy arrays (cuFFT) and NumPy ones: equal within float32 rounding."""
+@pytest.mark.parametrize("mode", ["difference", "score"])
+def test_decorrelation_cupy_matches_numpy(mode):
+    """The same decorrelation with CuPy arrays (cuFFT) and NumPy ones: equal within float32 rounding.
+    Score mode as from a plain difference: prefiltered with the PSF, with the unit-flux response."""
     cupy = pytest.importorskip("cupy")
     pair = make_fake_pair(shape=(384, 384), n_stars=60, seed=6, template_noise=10.0, science_noise=3.0)
     result = ImagePsfMatchTask(PsfMatchConfig(spatial_kernel_order=1)).subtract_masked_images(
         pair.template, pair.science)
-    model = DecorrelationModel(result.psf_matching_kernel, 9.0, 100.0, grid_step=128.0)
-    host, _ = decorrelate(result.subtracted_image, model, pair.science.variance, pair.template.variance)
-    device, _ = decorrelate(result.subtracted_image.to_module(cupy), model, cupy.asarray(pair.science.variance),
-                            cupy.asarray(pair.template.variance))
+    psf = gaussian_psf(4.0)
+    kernel, extra = result.psf_matching_kernel, {}
+    if mode == "score":
+        kernel, extra = filtered_kernel(kernel, psf), {"prefilter": psf, "response_psf": preconvolved_psf(psf)}
+    model = DecorrelationModel(kernel, 9.0, 100.0, mode=mode, preconvolution_psf=psf, grid_step=128.0)
+    host, host_response = decorrelate(result.subtracted_image, model, pair.science.variance,
+                                      pair.template.variance, **extra)
+    device, device_response = decorrelate(result.subtracted_image.to_module(cupy), model,
+                                          cupy.asarray(pair.science.variance),
+                                          cupy.asarray(pair.template.variance), **extra)
     sigma = np.sqrt(host.variance)
     np.testing.assert_allclose(cupy.asnumpy(device.image) / sigma, host.image / sigma, atol=1e-4)
     np.testing.assert_allclose(cupy.asnumpy(device.variance), host.variance, rtol=1e-5)
     assert np.array_equal(cupy.asnumpy(device.mask), host.mask)
+    if mode == "score":
+        np.testing.assert_allclose(cupy.asnumpy(device_response), host_response, rtol=1e-5)
 
 
 def _robust_std(values):
