@@ -250,6 +250,10 @@ def _config_defaults(args):
     for name in ("decorrelate", "score"):
         if getattr(args, name):
             defaults[name] = True
+    if args.score_fit is not None:
+        defaults["score_fit"] = args.score_fit
+    if args.detect is not None:
+        defaults["source_threshold"] = args.detect
     return defaults
 
 
@@ -336,7 +340,7 @@ def _subtract(args):
     provenance = _provenance(config, result, centre)
     write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
                    background=result.background_model, provenance=provenance,
-                   tables=_tables(config, result),
+                   tables=_tables(config, result), sources=result.sources,
                    overwrite=args.overwrite)
     if args.matched:
         write_exposure(args.matched, result.matched_exposure, kernel=result.psf_matching_kernel,
@@ -403,10 +407,17 @@ def _parser():
     subtract.add_argument("--decorrelate", action="store_true",
                           help="whiten the difference's noise (config field decorrelate), following the "
                                "spatial kernel on a grid of decorrelation_grid_step px")
+    subtract.add_argument("--detect", type=float, metavar="SIGMA",
+                          help="detect positive and negative sources on the output at SIGMA (config field "
+                               "source_threshold): PSF fluxes, S/N and dipoles, written as a SOURCES table")
     subtract.add_argument("--score", action="store_true",
                           help="write a score image in S/N per pixel instead of the difference (config "
                                "field score): the science image preconvolved with its PSF, the kernel fitted "
                                "against it, the result decorrelated in score mode")
+    subtract.add_argument("--score-fit", choices=("preconvolved", "difference"),
+                          help="how --score fits its kernel (config field score_fit): against the "
+                               "preconvolved science image (default, Rubin's) or from the plain difference "
+                               "correlated with the PSF (about as fast as --decorrelate)")
     subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
     subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
     subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")

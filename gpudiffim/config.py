@@ -285,6 +285,11 @@ class PsfMatchConfig:
         the difference correlated with ``P`` ("difference": ``D * P = S * P -
         T * (K * P)``, the same model; the fit is the plain one and the score
         adds one filtered decorrelation pass).
+    source_threshold : float or None
+        Detect and measure sources on the output at this S/N, both signs
+        (:func:`gpudiffim.sources.detect_in_masked_image`: on the score image
+        with ``score``, else on the (decorrelated) difference, with its PSF);
+        the table is ``result.sources``.  None (default) detects nothing.
     detection : DetectionConfig
         Candidate detection when none are given.
     """
@@ -349,6 +354,7 @@ class PsfMatchConfig:
     decorrelation_grid_step: int = 512
     score: bool = False
     score_fit: str = "preconvolved"
+    source_threshold: float = None
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self):
@@ -395,6 +401,8 @@ class PsfMatchConfig:
             fail("decorrelation_grid_step", self.decorrelation_grid_step, "0 (one kernel) or at least 64 px")
         _check_bool(self, "score")
         _check_choice(self, "score_fit", SCORE_FITS)
+        if self.source_threshold is not None:
+            _check_float(self, "source_threshold", positive=True)
         if self.score and self.convolve == "science":
             fail("convolve", self.convolve, '"template" or "auto" with score=True (the science image '
                  "is preconvolved, the template convolved)")

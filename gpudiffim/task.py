@@ -174,12 +174,17 @@ class SubtractResult(MatchResult):
         The decorrelation applied (None when off).
     score : ScoreImage or None
         The score image (``config.score``).
+    sources : astropy.table.Table or None
+        Sources detected on ``subtracted_image`` with
+        ``config.source_threshold`` (:mod:`gpudiffim.sources`); None when
+        not asked for.
     """
 
     subtracted_image: MaskedImage = None
     difference_psf: DifferencePsf = None
     decorrelation: DecorrelationModel = None
     score: ScoreImage = None
+    sources: object = None
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ class ExposureSubtractResult(ExposureMatchResult):
 
     Attributes
     ----------
-    subtracted_image, difference_psf, decorrelation, score
+    subtracted_image, difference_psf, decorrelation, score, sources
         As in :class:`SubtractResult`.
     subtracted_exposure : Exposure
         The difference with the science WCS and metadata, the PSF FWHM of
@@ -218,6 +223,7 @@ class ExposureSubtractResult(ExposureMatchResult):
     difference_psf: DifferencePsf = None
     decorrelation: DecorrelationModel = None
     score: ScoreImage = None
+    sources: object = None
     subtracted_exposure: Exposure = None
 
 
@@ -340,8 +346,8 @@ class ImagePsfMatchTask:
         every position) rank the stars measured; they are returned for the
         candidate selection (None when no FWHM was estimated).  The FWHMs are
         estimated only where the basis needs them, or always if ``needed``
-        (the automatic direction, the score's preconvolution and the PSF of a
-        decorrelated difference).
+        (the automatic direction, the score's preconvolution, the PSF of a
+        decorrelated difference and source detection).
         """
         if not (needed or (self.config.is_alard_lupton and self.config.scale_by_fwhm)):
             return fwhms, None
@@ -462,7 +468,7 @@ class ImagePsfMatchTask:
             positions = self._positions(candidates, *compute)
             require_candidates(positions)
             ratings = None
-            if convolve == "auto" or score or self.config.decorrelate:
+            if convolve == "auto" or score or self.config.decorrelate or self.config.source_threshold:
                 fwhms, ratings = self._fwhms(positions, *compute, fwhms, needed=True)
             convolve_template, direction = self._direction(convolve, fwhms, psfs)
             if not convolve_template:
@@ -585,6 +591,9 @@ class ImagePsfMatchTask:
                 difference = _difference(fields["matched_image"], reference, fields["background_model"],
                                          fields["psf_matching_kernel"], fields["convolved"] == "template")
             extra = self._afterburner(fields, difference, fitted, psfs, timings)
+            if self.config.source_threshold is not None:
+                with _timed(timings, "source detection"):
+                    extra["sources"] = self._detect(extra)
         moving = fields["matched_image"].xp is not template.xp
         with _timed(timings, "transfer") if moving else contextlib.nullcontext():
             fields["matched_image"] = fields["matched_image"].to_module(template.xp)
@@ -596,6 +605,15 @@ class ImagePsfMatchTask:
         fields["timings"] = timings.read()
         result = SubtractResult(**fields, **extra) if subtract else MatchResult(**fields)
         return result, fitted
+
+    def _detect(self, extra):
+        """Sources on the output (``config.source_threshold``): on the score, or on the difference."""
+        from .sources import detect_in_masked_image
+
+        score = extra["score"]
+        options = {"kind": "score", "flux_error": score.flux_error} if score is not None else {}
+        return detect_in_masked_image(extra["subtracted_image"], psf=extra["difference_psf"],
+                                      threshold=self.config.source_threshold, **options)
 
     def _convolve(self, convolve_template):
         """The direction asked for: ``config.convolve`` unless ``convolve_template`` overrides it."""

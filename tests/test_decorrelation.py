@@ -314,3 +314,22 @@ def test_command_line_writes_the_difference_psf(tmp_path):
     table = Table.read(output, hdu="DIFFPSF")
     assert len(table) == 9 and table["psf"].shape[1:] == psf.shape
     np.testing.assert_allclose(table["psf"][4], psf, atol=1e-6)                 # the centre
+
+
+def test_sources_detected_on_the_decorrelated_difference(noisy_template):
+    """``source_threshold``: the bright transients (away from the edges) are found on the
+    decorrelated difference with PSF fluxes within 3 % (the detection is tested in test_sources)."""
+    pair, _ = noisy_template
+    config = PsfMatchConfig(spatial_kernel_order=1, decorrelate=True, source_threshold=6.0)
+    result = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
+    sources = result.sources
+    assert "source detection" in result.timings
+    stars = pair.stars
+    bright = stars[(stars["kind"] == "transient") & (stars["science_flux"] > 3e4) & (stars["x"] > 40)
+                   & (stars["x"] < 472) & (stars["y"] > 40) & (stars["y"] < 472)]
+    assert len(bright) >= 4
+    for star in bright:
+        distance = np.hypot(sources["x"] - star["x"], sources["y"] - star["y"])
+        nearest = np.argmin(distance)
+        assert distance[nearest] < 1.0
+        assert sources["flux"][nearest] == pytest.approx(star["science_flux"], rel=0.03)

@@ -98,3 +98,31 @@ def test_cupy_pipeline_matches_numpy(fields):
     np.testing.assert_allclose(cupy.asnumpy(got.variance)[valid], want.variance[valid], rtol=1e-4)
     if expected.score is not None:
         np.testing.assert_allclose(cupy.asnumpy(result.score.flux_error), expected.score.flux_error, rtol=1e-4)
+
+
+def test_sources_detected_on_the_score(tmp_path):
+    """``--score --detect 6``: the bright transients are found as positive sources with their
+    fluxes, and the SOURCES table is written (the detection itself is tested in test_sources)."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from gpudiffim import Exposure
+    from gpudiffim.cli import main
+    from gpudiffim.io import write_exposure
+
+    pair = make_fake_pair(**EQUAL_DEPTH)
+    paths = {name: tmp_path / f"{name}.fits" for name in ("science", "template")}
+    write_exposure(paths["science"], Exposure(pair.science))
+    write_exposure(paths["template"], Exposure(pair.template))
+    output = tmp_path / "score.fits"
+    assert main(["subtract", str(paths["science"]), str(paths["template"]), "-o", str(output), "--score",
+                 "--score-fit", "difference", "--detect", "6", "--config", "spatial_kernel_order=1"]) == 0
+    with fits.open(output) as hdus:
+        assert hdus[0].header["SCORE"] is True
+    sources = Table.read(output, hdu="SOURCES")
+    transients = pair.stars[(pair.stars["kind"] == "transient") & (pair.stars["science_flux"] > 5e3)]
+    for star in transients:
+        distance = np.hypot(sources["x"] - star["x"], sources["y"] - star["y"])
+        nearest = np.argmin(distance)
+        assert distance[nearest] < 1.0
+        assert sources["flux"][nearest] == pytest.approx(star["science_flux"], rel=0.05)
