@@ -162,6 +162,7 @@ class DecorrelationModel:
     grid_step: float = 512.0
     unconvolved_correlation: np.ndarray = field(default=None, repr=False)
     convolved_correlation: np.ndarray = field(default=None, repr=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -187,19 +188,30 @@ class DecorrelationModel:
         = R_t |K^|^2``).
         """
         s2, t2 = self.unconvolved_variance, self.convolved_variance
-        kernel = self.kernel.image(x, y)
-        rs, rt = (_correlation_power(rho, shape, xp) for rho in (self.unconvolved_correlation,
-                                                                 self.convolved_correlation))
-        second = rt * _power(kernel, shape, xp)
-        first = rs
-        if self.mode == "score":
-            psf = np.asarray(self.preconvolution_psf, dtype=np.float64)
-            first = rs * _power(psf / psf.sum(), shape, xp)
+        rs, rt, first = self._fixed_terms(shape, xp)
+        second = rt * _power(self.kernel.image(x, y), shape, xp)
         power = xp.maximum(s2 * first + t2 * second, 1e-300)
         at_zero = float(s2 * first[0, 0] + t2 * second[0, 0])
         if self.mode == "difference":
             return xp.sqrt(at_zero / power), first, second
         return at_zero * first / (rs * power), first, second
+
+    def _fixed_terms(self, shape, xp):
+        """``R_s``, ``R_t`` and the first noise term (``R_s``, or ``R_s |P^|^2``): the same at every position.
+
+        Kept per (shape, array module) for the nodes of one :func:`decorrelate`.
+        """
+        key = (tuple(shape), xp.__name__)
+        if key not in self._cache:
+            rs, rt = (_correlation_power(rho, shape, xp) for rho in (self.unconvolved_correlation,
+                                                                     self.convolved_correlation))
+            first = rs
+            if self.mode == "score":
+                psf = np.asarray(self.preconvolution_psf, dtype=np.float64)
+                first = rs * _power(psf / psf.sum(), shape, xp)
+            self._cache.clear()
+            self._cache[key] = (rs, rt, first)
+        return self._cache[key]
 
     def spectrum(self, x, y, shape, xp=np):
         """``phi(k)`` at parent position ``(x, y)`` on the ``rfft2`` grid of ``shape``.
