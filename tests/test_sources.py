@@ -370,6 +370,22 @@ def test_cupy_detection_equals_numpy(kind):
     assert got.meta == pytest.approx(expected.meta)
 
 
+def test_device_syncs_do_not_grow_with_the_number_of_sources():
+    """On the CuPy path (the counting stand-in), a fixed number of device-to-host reads: no per-source sync."""
+    from cupy_standin import cupy_standin
+
+    counts = []
+    for spacing in (120, 60):
+        image, variance, *_ = _difference(72, 384, 15.0, spacing=spacing)
+        with cupy_standin(kernels="numpy") as recorder:
+            import cupy
+
+            table = detect_sources(cupy.asarray(image), cupy.asarray(variance), psf=PSF)
+        counts.append((len(table), recorder.count("sync")))
+    assert counts[0][0] < counts[1][0]
+    assert counts[0][1] == counts[1][1] <= 16, counts                   # measured 15
+
+
 # ---------------------------------------------------------------------------
 # FITS
 
