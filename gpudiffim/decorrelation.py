@@ -386,7 +386,7 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
             phi, weights = model.node_terms(x0 + nodes_x[i], y0 + nodes_y[j], shape, xp)
             peak = None
             if response_ft is not None:
-                peak = float(fft_functions(xp)["irfft2"](response_ft * phi, s=shape)[0, 0])
+                peak = _spectral_mean((response_ft * phi).real, shape[1], xp)    # the inverse at [0, 0]
             terms[j, i] = (phi.astype(dtype), weights, peak)
         return terms[j, i]
 
