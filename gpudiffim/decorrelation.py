@@ -40,14 +40,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
-import scipy.signal
 
 from ._backend import array_module_of, fft_functions, moved
 from .errors import ConfigurationError
 from .image import MaskedImage
-from .kernel import SpatialKernel
 
-__all__ = ["DecorrelationModel", "decorrelate", "filtered_kernel", "node_positions"]
+__all__ = ["DecorrelationModel", "decorrelate", "node_positions"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +53,9 @@ MODES = ("difference", "score")
 
 #: Mask planes whose pixels are filled with 0 before the transforms (and restored after).
 FILL_PLANES = ("NO_DATA", "EDGE")
+
+#: Smallest noise power relative to its value at k = 0 (see ``DecorrelationModel._factors``).
+POWER_FLOOR = 1.0e-10
 
 #: Fraction of the decorrelation kernel's energy (beyond its central pixel) left outside the halo.
 HALO_TOLERANCE = 1.0e-5
@@ -138,6 +139,12 @@ class DecorrelationModel:
     grid_step : float
         Node spacing (px) of :func:`decorrelate`; ``inf`` for one node at the
         centre (a constant decorrelation, as Rubin's).
+    prefiltered : bool
+        Score mode from a plain difference: :func:`decorrelate` correlates
+        ``D`` with ``P`` itself (``R = D * P = S * P - T * (K * P)``, with
+        ``kernel`` the plain ``K``), and ``phi = N_D(0) / N_D(k)`` with ``N_D``
+        the plain difference's noise power (the same factor as above, with
+        ``|P^|^2`` cancelled exactly instead of divided out numerically).
     unconvolved_correlation, convolved_correlation : ndarray of shape (2 L + 1, 2 L + 1), optional
         Normalised noise autocorrelation ``rho[L + dy, L + dx]`` of each input
         (:attr:`gpudiffim.covariance.NoiseCorrelation.rho`); None for white
@@ -160,6 +167,7 @@ class DecorrelationModel:
     mode: str = "difference"
     preconvolution_psf: np.ndarray = field(default=None, repr=False)
     grid_step: float = 512.0
+    prefiltered: bool = False
     unconvolved_correlation: np.ndarray = field(default=None, repr=False)
     convolved_correlation: np.ndarray = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -190,8 +198,13 @@ class DecorrelationModel:
         s2, t2 = self.unconvolved_variance, self.convolved_variance
         rs, rt, first = self._fixed_terms(shape, xp)
         second = rt * _power(self.kernel.image(x, y), shape, xp)
-        power = xp.maximum(s2 * first + t2 * second, 1e-300)
+        if self.prefiltered:       # phi from the plain difference's power; the terms are those of D * P
+            phi = float(s2 * rs[0, 0] + t2 * second[0, 0]) / (s2 * rs + t2 * second)
+            return phi, first, second * (first / rs)
         at_zero = float(s2 * first[0, 0] + t2 * second[0, 0])
+        # Where |P^|^2 and |K^|^2 have both fallen to the transforms' rounding (score mode, far
+        # beyond the PSF's band), their ratio is noise: the floor sends phi to 0 there instead.
+        power = xp.maximum(s2 * first + t2 * second, POWER_FLOOR * at_zero)
         if self.mode == "difference":
             return xp.sqrt(at_zero / power), first, second
         return at_zero * first / (rs * power), first, second
@@ -280,26 +293,6 @@ class DecorrelationModel:
         return max(halo, max(self.kernel.shape) // 2)
 
 
-def filtered_kernel(kernel, psf):
-    """The spatial kernel ``K * P``: each basis kernel convolved with ``psf`` (same coefficients).
-
-    Parameters
-    ----------
-    kernel : SpatialKernel
-    psf : ndarray of shape (m, m)
-        Odd square; normalised to unit sum here.
-
-    Returns
-    -------
-    SpatialKernel
-        Of shape ``(kh + m - 1, kw + m - 1)``.
-    """
-    psf = np.asarray(psf, dtype=np.float64)
-    psf = psf / psf.sum()
-    basis = np.array([scipy.signal.fftconvolve(b, psf, mode="full") for b in kernel.basis])
-    return SpatialKernel(basis, kernel.coefficients, kernel.spatial_function)
-
-
 def _axis_cells(length, nodes):
     """Cells along one axis: ``(start, stop, [(node index, weights over start..stop-1), ...])``."""
     if len(nodes) == 1:
@@ -322,7 +315,7 @@ def _fill(difference):
 
 
 def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, scale=1.0,
-                response_psf=None, prefilter=None):
+                response_psf=None):
     """Decorrelate a difference (or score) image, following the spatial kernel.
 
     Parameters
@@ -339,10 +332,6 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
         Factor the difference was multiplied by after subtraction (``1 /
         kernel sum`` when the science image was convolved); the variance is
         multiplied by its square.
-    prefilter : ndarray of shape (m, m), optional
-        Correlate the difference with this kernel first (in the same
-        transforms): a score from a plain difference, ``R = D * P``, whose
-        model then has the kernel ``K * P`` (:func:`filtered_kernel`).
     response_psf : ndarray, optional
         If given (score mode), also return the response at its centre to a
         point source of unit flux whose image in ``difference`` is this PSF.
@@ -371,6 +360,7 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     step = np.inf if model.kernel.is_spatially_invariant else model.grid_step
     nodes_x, nodes_y = node_positions(columns, step), node_positions(rows, step)
     halo = model.halo(x0 + 0.5 * (columns - 1), y0 + 0.5 * (rows - 1))
+    prefilter = model.preconvolution_psf if model.prefiltered else None
     if prefilter is not None:
         halo += np.asarray(prefilter).shape[0] // 2
     cells_x, cells_y = _axis_cells(columns, nodes_x), _axis_cells(rows, nodes_y)

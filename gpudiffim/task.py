@@ -36,7 +36,7 @@ from .candidates import (
 from .cellset import KernelCellSet, RejectReason, SpatialCellSet
 from .config import PsfMatchConfig
 from .covariance import correct_matched_variance, measure_noise_correlation
-from .decorrelation import DecorrelationModel, decorrelate, filtered_kernel
+from .decorrelation import DecorrelationModel, decorrelate
 from .difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from .direction import choose_convolution, psf_axis_fwhms
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
@@ -677,22 +677,21 @@ class ImagePsfMatchTask:
         else:
             base, source = _psf_image(psfs[0], fields["template_fwhm_pix"]), "template"
         extra = {"decorrelation": None, "score": None, "subtracted_image": difference}
-        prefilter = None
-        if self.config.score and self.config.score_fit == "difference":    # D * P = S * P - T * (K * P)
-            prefilter, kernel = preconvolution, filtered_kernel(kernel, preconvolution)
         if self.config.decorrelate or self.config.score:
             template, science = fitted
             unconvolved, convolved_image = (science, template) if convolved == "template" else (template, science)
             x0, y0, x1, y1 = difference.bbox()
             scale = 1.0 if convolved == "template" else 1.0 / kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))
             with _timed(timings, "decorrelation"):
-                model = DecorrelationModel(kernel, _sky_variance(unconvolved), _sky_variance(convolved_image),
-                                           "score" if self.config.score else "difference", preconvolution,
-                                           float(self.config.decorrelation_grid_step or np.inf),
-                                           *self._noise_correlations(unconvolved, diagnostics))
+                correlations = self._noise_correlations(unconvolved, diagnostics)
+                model = DecorrelationModel(
+                    kernel, _sky_variance(unconvolved), _sky_variance(convolved_image),
+                    "score" if self.config.score else "difference", preconvolution,
+                    float(self.config.decorrelation_grid_step or np.inf),
+                    prefiltered=self.config.score and self.config.score_fit == "difference",
+                    unconvolved_correlation=correlations[0], convolved_correlation=correlations[1])
                 image, response = decorrelate(difference, model, unconvolved.variance, convolved_image.variance,
-                                              scale=scale, response_psf=base if self.config.score else None,
-                                              prefilter=prefilter)
+                                              scale=scale, response_psf=base if self.config.score else None)
             extra["decorrelation"], extra["subtracted_image"] = model, image
             if self.config.score:
                 extra["score"] = _score_image(image, response)

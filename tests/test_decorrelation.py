@@ -8,7 +8,7 @@ import pytest
 
 from difference_checks import lag1_correlation, sky_pixels, transient_fluxes
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
-from gpudiffim.decorrelation import DecorrelationModel, decorrelate, filtered_kernel, node_positions
+from gpudiffim.decorrelation import DecorrelationModel, decorrelate, node_positions
 from gpudiffim.difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from gpudiffim.errors import ConfigurationError
 from gpudiffim.testing import default_true_kernel, make_fake_pair
@@ -210,10 +210,9 @@ def test_decorrelation_cupy_matches_numpy(mode):
     result = ImagePsfMatchTask(PsfMatchConfig(spatial_kernel_order=1)).subtract_masked_images(
         pair.template, pair.science)
     psf = gaussian_psf(4.0)
-    kernel, extra = result.psf_matching_kernel, {}
-    if mode == "score":
-        kernel, extra = filtered_kernel(kernel, psf), {"prefilter": psf, "response_psf": preconvolved_psf(psf)}
-    model = DecorrelationModel(kernel, 9.0, 100.0, mode=mode, preconvolution_psf=psf, grid_step=128.0)
+    extra = {"response_psf": preconvolved_psf(psf)} if mode == "score" else {}
+    model = DecorrelationModel(result.psf_matching_kernel, 9.0, 100.0, mode=mode, preconvolution_psf=psf,
+                               grid_step=128.0, prefiltered=mode == "score")
     host, host_response = decorrelate(result.subtracted_image, model, pair.science.variance,
                                       pair.template.variance, **extra)
     device, device_response = decorrelate(result.subtracted_image.to_module(cupy), model,
