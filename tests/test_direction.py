@@ -100,3 +100,17 @@ def test_convolve_template_keyword_overrides_the_config():
         task.match_masked_images(pair.template, pair.science, convolve_template="yes")
     with pytest.raises(ConfigurationError, match="convolve"):
         PsfMatchConfig(convolve="both")
+
+
+def test_auto_uses_the_psf_images_per_axis():
+    """With PSF images (exposures that carry them) the widths per axis decide: a template PSF
+    narrower than the science PSF in x but wider in y (its larger axis 5.65 px against 4.71)
+    is not convolved, although its one measured FWHM (3.3 px) is the smaller."""
+    grid = np.arange(-15, 16)
+    template_psf = np.outer(np.exp(-0.5 * (grid / 2.4) ** 2), np.exp(-0.5 * (grid / 1.2) ** 2))
+    science_psf = gaussian_kernel(2.0, 15)
+    task = ImagePsfMatchTask(PsfMatchConfig(convolve="auto"))
+    convolve_template, record = task._direction("auto", (3.3, 4.7), (template_psf, science_psf))
+    assert not convolve_template and record["chosen"] == "science"
+    assert record["template_widths"] == pytest.approx((2.3548 * 1.2, 2.3548 * 2.4), rel=1e-3)
+    assert task._direction("auto", (3.3, 4.7), (None, None))[1]["chosen"] == "template"
