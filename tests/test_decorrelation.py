@@ -177,6 +177,8 @@ def test_model_validation():
         DecorrelationModel(kernel, 1.0, 0.0)
     with pytest.raises(ConfigurationError, match="preconvolution_psf"):
         DecorrelationModel(kernel, 1.0, 1.0, mode="score")
+    with pytest.raises(ConfigurationError, match="prefiltered"):
+        DecorrelationModel(kernel, 1.0, 1.0, prefiltered=True)
     with pytest.raises(ConfigurationError, match="decorrelation_grid_step"):
         PsfMatchConfig(decorrelation_grid_step=10)
 
