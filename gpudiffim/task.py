@@ -55,8 +55,12 @@ __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchR
 log = logging.getLogger(__name__)
 
 #: Side (px) of the central box on which the decorrelation measures the noise
-#: correlation of the image that was not convolved (0.4 s for 2048^2, 0.1 s for 1024^2).
-CORRELATION_BOX = 1024
+#: correlation of the image that was not convolved (0.4 s for 2048^2, 0.1 s for 1024^2;
+#: 768^2 holds ~3e5 sky pixels, a standard error of 0.002 per lag).
+CORRELATION_BOX = 768
+
+#: Row and column step of the pixels whose median variance sets the decorrelation's s^2 and t^2.
+SKY_VARIANCE_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -830,12 +834,17 @@ def _preconvolve(masked, psf):
 
 
 def _sky_variance(masked):
-    """Median of the variance plane over unmasked pixels with finite values (one read-back)."""
+    """Median of the variance plane over unmasked pixels with finite values (one read-back).
+
+    Taken on every :data:`SKY_VARIANCE_STRIDE`-th row and column: the
+    variance plane is smooth, and the median of a 2048^2 plane costs 60 ms.
+    """
     xp = masked.xp
-    good = (masked.mask == 0) & xp.isfinite(masked.variance)
-    values = masked.variance[good]
+    variance = masked.variance[::SKY_VARIANCE_STRIDE, ::SKY_VARIANCE_STRIDE]
+    finite = xp.isfinite(variance)
+    values = variance[(masked.mask[::SKY_VARIANCE_STRIDE, ::SKY_VARIANCE_STRIDE] == 0) & finite]
     if values.size == 0:
-        values = masked.variance[xp.isfinite(masked.variance)]
+        values = variance[finite]
     return float(xp.median(values))
 
 
