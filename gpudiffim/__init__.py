@@ -39,7 +39,8 @@ __version__ = "0.1.0"
 #: module (``import gpudiffim.basis``) does not load detection, stamp fitting and
 #: the solve loop through this package's ``__init__``.
 _LAZY = {name: ".task" for name in ("ExposureMatchResult", "ExposureSubtractResult", "ImagePsfMatchTask",
-                                     "MatchResult", "SubtractResult")}
+                                     "MatchResult", "ScoreImage", "SubtractResult")}
+_LAZY.update({"DecorrelationModel": ".decorrelation", "DifferencePsf": ".difference_psf"})
 _LAZY.update({name: ".sources" for name in ("detect_sources", "detect_in_masked_image")})
 
 
@@ -66,8 +67,10 @@ __all__ = [
     "BackgroundModel",
     "BadSubtractionWarning",
     "ConfigurationError",
+    "DecorrelationModel",
     "DEFAULT_MASK_PLANES",
     "DetectionConfig",
+    "DifferencePsf",
     "Exposure",
     "ExposureInfo",
     "ExposureMatchResult",
@@ -86,6 +89,7 @@ __all__ = [
     "NoKernelCandidatesError",
     "PsfMatchConfig",
     "RegistrationError",
+    "ScoreImage",
     "ShapeError",
     "SingularSystemError",
     "SpatialKernel",
