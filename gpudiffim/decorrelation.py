@@ -75,8 +75,14 @@ def _spectral_mean(values, n_columns, xp):
 
 
 def _power(image, shape, xp):
-    """``|F(image)|^2`` on the ``rfft2`` grid of ``shape`` (the image's placement does not matter)."""
-    transform = fft_functions(xp)["rfft2"](moved(np.asarray(image, dtype=np.float64), xp), s=shape)
+    """``|F(image)|^2`` on the ``rfft2`` grid of ``shape`` (the image's placement does not matter).
+
+    An image larger than ``shape`` is cut to its centred part first (as in :func:`_centred`).
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.shape[0] > shape[0] or image.shape[1] > shape[1]:
+        image = _centred(image, shape)
+    transform = fft_functions(xp)["rfft2"](moved(image, xp), s=shape)
     return transform.real**2 + transform.imag**2
 
 
@@ -94,7 +100,15 @@ def _correlation_power(rho, shape, xp):
 
 
 def _centred(image, shape):
-    """``image`` (odd sizes) zero-padded to ``shape`` with its centre pixel at ``[0, 0]``."""
+    """``image`` (odd sizes) zero-padded to ``shape`` with its centre pixel at ``[0, 0]``.
+
+    An image larger than ``shape`` (e.g. a big PSF model on a small tile) is
+    cut to the centred part that fits.
+    """
+    hy = min(image.shape[0] // 2, (shape[0] - 1) // 2)
+    hx = min(image.shape[1] // 2, (shape[1] - 1) // 2)
+    cy, cx = image.shape[0] // 2, image.shape[1] // 2
+    image = image[cy - hy:cy + hy + 1, cx - hx:cx + hx + 1]
     out = np.zeros(shape)
     out[:image.shape[0], :image.shape[1]] = image
     return np.roll(out, (-(image.shape[0] // 2), -(image.shape[1] // 2)), axis=(0, 1))

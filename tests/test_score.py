@@ -126,3 +126,20 @@ def test_sources_detected_on_the_score(tmp_path):
         nearest = np.argmin(distance)
         assert distance[nearest] < 1.0
         assert sources["flux"][nearest] == pytest.approx(star["science_flux"], rel=0.05)
+
+
+def test_score_with_a_large_psf_model():
+    """A PSF image larger than the decorrelation tiles (a 151 px model on a 160 px image) is cut to
+    the part that fits; the score is finite and its sky std still about 1."""
+    from gpudiffim import Exposure
+    from gpudiffim.difference_psf import gaussian_psf
+
+    pair = make_fake_pair(shape=(160, 160), n_stars=25, seed=5, template_noise=5.0, science_noise=5.0,
+                          template_sigma=1.4, science_sigma=2.0)
+    psf = np.pad(gaussian_psf(4.71), 60)
+    task = ImagePsfMatchTask(PsfMatchConfig(spatial_kernel_order=0, score=True, score_fit="difference"))
+    result = task.subtract_exposures(Exposure(pair.template), Exposure(pair.science, psf_image=psf))
+    snr = result.score.snr.image
+    keep = sky_pixels(snr.shape, np.c_[pair.stars["x"], pair.stars["y"]], border=20)
+    assert np.all(np.isfinite(snr[keep])) and 0.85 < np.std(snr[keep]) < 1.15
+    assert result.subtracted_exposure.psf_image.shape == (2 * psf.shape[0] - 1,) * 2
