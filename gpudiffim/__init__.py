@@ -14,6 +14,7 @@ from ._backend import backend_info, compute_backend, use_backend
 from .config import DetectionConfig, PsfMatchConfig
 from .errors import (
     BackendUnavailableError,
+    BadSubtractionWarning,
     ConfigurationError,
     FitQualityWarning,
     FitsFormatError,
@@ -38,7 +39,9 @@ __version__ = "0.1.0"
 #: module (``import gpudiffim.basis``) does not load detection, stamp fitting and
 #: the solve loop through this package's ``__init__``.
 _LAZY = {name: ".task" for name in ("ExposureMatchResult", "ExposureSubtractResult", "ImagePsfMatchTask",
-                                     "MatchResult", "SubtractResult")}
+                                     "MatchResult", "ScoreImage", "SubtractResult")}
+_LAZY.update({"DecorrelationModel": ".decorrelation", "DifferencePsf": ".difference_psf"})
+_LAZY.update({name: ".sources" for name in ("detect_sources", "detect_in_masked_image")})
 
 
 def __getattr__(name):
@@ -62,9 +65,12 @@ __all__ = [
     "use_backend",
     "BackendUnavailableError",
     "BackgroundModel",
+    "BadSubtractionWarning",
     "ConfigurationError",
+    "DecorrelationModel",
     "DEFAULT_MASK_PLANES",
     "DetectionConfig",
+    "DifferencePsf",
     "Exposure",
     "ExposureInfo",
     "ExposureMatchResult",
@@ -83,8 +89,11 @@ __all__ = [
     "NoKernelCandidatesError",
     "PsfMatchConfig",
     "RegistrationError",
+    "ScoreImage",
     "ShapeError",
     "SingularSystemError",
     "SpatialKernel",
     "SubtractResult",
+    "detect_in_masked_image",
+    "detect_sources",
 ]

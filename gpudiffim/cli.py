@@ -245,6 +245,15 @@ def _config_defaults(args):
         defaults["variance_correction"] = args.variance_correction
     if args.variance_scale_limit is not None:
         defaults["variance_correction_limit"] = args.variance_scale_limit
+    if args.convolve is not None:
+        defaults["convolve"] = args.convolve
+    for name in ("decorrelate", "score"):
+        if getattr(args, name):
+            defaults[name] = True
+    if args.score_fit is not None:
+        defaults["score_fit"] = args.score_fit
+    if args.detect is not None:
+        defaults["source_threshold"] = args.detect
     return defaults
 
 
@@ -259,6 +268,12 @@ def _provenance(config, result, centre):
     convolved image's noise correlation into account ("none", "constant",
     "map", or "off" when disabled), ``NCORFAC`` is the variance factor at the
     centre and ``NCORRHO1`` the measured correlation at a lag of one pixel in x.
+    ``CONVMODE`` is the direction asked for ("template", "science", "auto";
+    ``CONVOLVD`` the one chosen), ``DECORR`` whether the difference was
+    decorrelated (``DECGRID``: node spacing in px, 0 for one kernel at the
+    centre) and ``SCORE`` whether the output is a score image in S/N per
+    pixel; ``DPSFSRC`` names the PSF the difference has (the ``PSF`` HDU at the
+    centre, the ``DIFFPSF`` table on a grid).
     """
     diagnostics = result.diagnostics
     cards = {"GDIFFVER": __version__, "CONVOLVD": result.convolved,
@@ -277,8 +292,27 @@ def _provenance(config, result, centre):
         cards["NCORFAC"] = correlation.factor
         cards["NCORRHO1"] = float(correlation.correlation.rho[correlation.correlation.max_lag,
                                                                correlation.correlation.max_lag + 1])
+    cards["CONVMODE"] = diagnostics["direction"]["requested"]
+    cards["DECORR"] = result.decorrelation is not None
+    if result.decorrelation is not None:
+        cards["DECGRID"] = config.decorrelation_grid_step
+    cards["SCORE"] = result.score is not None
+    if result.difference_psf is not None:
+        cards["DPSFSRC"] = result.difference_psf.source
     cards["CONFIG"] = json.dumps(config.to_dict(), sort_keys=True)
     return cards
+
+
+def _tables(config, result):
+    """Table HDUs of the difference file: ``QUALITY`` (when kept) and ``DIFFPSF`` (the PSF on a 3 x 3 grid)."""
+    from .difference_psf import difference_psf_table
+
+    tables = {}
+    if config.quality_report:
+        tables["QUALITY"] = result.quality
+    if result.difference_psf is not None:
+        tables["DIFFPSF"] = difference_psf_table(result.difference_psf, result.subtracted_image.bbox())
+    return tables or None
 
 
 def _subtract(args):
@@ -297,8 +331,7 @@ def _subtract(args):
         result = task.subtract_exposures(template, science, candidates=candidates,
                                          template_fwhm_pix=args.template_fwhm,
                                          science_fwhm_pix=args.science_fwhm,
-                                         do_warping=not args.no_warp,
-                                         convolve_template=args.convolve == "template")
+                                         do_warping=not args.no_warp)
     except RegistrationError as error:
         msg = f"{error} (science {args.science}, template {args.template})"
         raise RegistrationError(msg) from None
@@ -307,7 +340,7 @@ def _subtract(args):
     provenance = _provenance(config, result, centre)
     write_exposure(args.output, result.subtracted_exposure, kernel=result.psf_matching_kernel,
                    background=result.background_model, provenance=provenance,
-                   tables={"QUALITY": result.quality} if config.quality_report else None,
+                   tables=_tables(config, result), sources=result.sources,
                    overwrite=args.overwrite)
     if args.matched:
         write_exposure(args.matched, result.matched_exposure, kernel=result.psf_matching_kernel,
@@ -368,8 +401,23 @@ def _parser():
     subtract.add_argument("--config", action="append", metavar="FIELD=VALUE",
                           help="PsfMatchConfig field (repeatable; detection.FIELD for detection)")
     subtract.add_argument("--config-file", help="JSON file of PsfMatchConfig fields")
-    subtract.add_argument("--convolve", choices=("template", "science"), default="template",
-                          help="image to convolve (default template)")
+    subtract.add_argument("--convolve", choices=("template", "science", "auto"),
+                          help="image to convolve (config field convolve; default template): auto "
+                               "convolves the one with the narrower PSF, compared per axis")
+    subtract.add_argument("--decorrelate", action="store_true",
+                          help="whiten the difference's noise (config field decorrelate), following the "
+                               "spatial kernel on a grid of decorrelation_grid_step px")
+    subtract.add_argument("--detect", type=float, metavar="SIGMA",
+                          help="detect positive and negative sources on the output at SIGMA (config field "
+                               "source_threshold): PSF fluxes, S/N and dipoles, written as a SOURCES table")
+    subtract.add_argument("--score", action="store_true",
+                          help="write a score image in S/N per pixel instead of the difference (config "
+                               "field score): the science image preconvolved with its PSF, the kernel fitted "
+                               "against it, the result decorrelated in score mode")
+    subtract.add_argument("--score-fit", choices=("preconvolved", "difference"),
+                          help="how --score fits its kernel (config field score_fit): against the "
+                               "preconvolved science image (default, Rubin's) or from the plain difference "
+                               "correlated with the PSF (about as fast as --decorrelate)")
     subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
     subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
     subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")

@@ -40,6 +40,8 @@ SPATIAL_MODEL_TYPES = ("chebyshev1", "polynomial")
 CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
 REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
 VARIANCE_CORRECTIONS = ("auto", "scale", "add", "none")
+CONVOLVE_CHOICES = ("template", "science", "auto")
+SCORE_FITS = ("preconvolved", "difference")
 LAMBDA_TYPES = ("absolute", "relative")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
@@ -254,6 +256,40 @@ class PsfMatchConfig:
         Bound on the kernel-sum and PCA restarts of the solve loop, which are
         unbounded in ``ip_diffim``; exceeding it raises
         :class:`~gpudiffim.errors.NoKernelCandidatesError`.
+    convolve : {"template", "science", "auto"}
+        Which image the kernel convolves (Rubin's ``mode``): the template
+        (default), the science image, or "auto": the image with the narrower
+        PSF (:func:`gpudiffim.direction.choose_convolution`).  The task
+        methods' ``convolve_template`` argument, when given, overrides it.
+    decorrelate : bool
+        Whiten the difference's noise afterwards (:mod:`gpudiffim.decorrelation`:
+        the afterburner of Rubin's ``DecorrelateALKernelTask``, made to follow
+        the spatially varying kernel).  Off by default.
+    decorrelation_grid_step : int
+        Spacing (px) of the grid of positions where the decorrelation kernel
+        is evaluated; the corrected images of neighbouring positions are
+        blended bilinearly in between.  0 decorrelates with the kernel at
+        the image centre only (Rubin's ``DecorrelateALKernelTask``).  A
+        spatially invariant kernel is decorrelated in one piece.
+    score : bool
+        Make a score image instead of a plain difference (Rubin's
+        ``AlardLuptonPreconvolveSubtractTask``): the science image is
+        preconvolved with its PSF, the kernel fitted against it, and the
+        score decorrelated in score mode and given in S/N per pixel.
+        Needs ``convolve`` "template" (or "auto", which then means template).
+    score_fit : {"preconvolved", "difference"}
+        How the score's kernel is fitted: against the preconvolved science
+        image ("preconvolved", Rubin's; the kernel must reach the sqrt(2)
+        wider PSF of ``S * P``, so the basis and stamps grow and the fit costs
+        several times the plain one), or the plain difference's kernel with
+        the difference correlated with ``P`` ("difference": ``D * P = S * P -
+        T * (K * P)``, the same model; the fit is the plain one and the score
+        adds one filtered decorrelation pass).
+    source_threshold : float or None
+        Detect and measure sources on the output at this S/N, both signs
+        (:func:`gpudiffim.sources.detect_in_masked_image`: on the score image
+        with ``score``, else on the (decorrelated) difference, with its PSF);
+        the table is ``result.sources``.  None (default) detects nothing.
     detection : DetectionConfig
         Candidate detection when none are given.
     """
@@ -313,6 +349,12 @@ class PsfMatchConfig:
     noise_correlation: bool = True
     quality_report: bool = True
     max_solve_restarts: int = 20
+    convolve: str = "template"
+    decorrelate: bool = False
+    decorrelation_grid_step: int = 512
+    score: bool = False
+    score_fit: str = "preconvolved"
+    source_threshold: float = None
     detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def __post_init__(self):
@@ -352,6 +394,18 @@ class PsfMatchConfig:
         _check_float(self, "variance_correction_limit", minimum=1.0)
         _check_bool(self, "noise_correlation")
         _check_bool(self, "quality_report")
+        _check_choice(self, "convolve", CONVOLVE_CHOICES)
+        _check_bool(self, "decorrelate")
+        _check_int(self, "decorrelation_grid_step", minimum=0)
+        if 0 < self.decorrelation_grid_step < 64:
+            fail("decorrelation_grid_step", self.decorrelation_grid_step, "0 (one kernel) or at least 64 px")
+        _check_bool(self, "score")
+        _check_choice(self, "score_fit", SCORE_FITS)
+        if self.source_threshold is not None:
+            _check_float(self, "source_threshold", positive=True)
+        if self.score and self.convolve == "science":
+            fail("convolve", self.convolve, '"template" or "auto" with score=True (the science image '
+                 "is preconvolved, the template convolved)")
 
     def _validate_clipping_fields(self):
         for name in ("single_kernel_clipping", "kernel_sum_clipping", "spatial_kernel_clipping",

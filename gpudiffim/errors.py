@@ -22,6 +22,7 @@ __all__ = [
     "GpudiffimWarning",
     "NoDataWarning",
     "FitQualityWarning",
+    "BadSubtractionWarning",
 ]
 
 
@@ -90,3 +91,7 @@ class NoDataWarning(GpudiffimWarning):
 
 class FitQualityWarning(GpudiffimWarning):
     """The kernel fit is poorly constrained or rejected many candidates."""
+
+
+class BadSubtractionWarning(FitQualityWarning):
+    """Sources detected on a difference image cover too much of it: the subtraction is probably bad."""

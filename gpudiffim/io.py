@@ -61,7 +61,9 @@ Writing
 an empty primary HDU (metadata, provenance, background cards), then
 ``IMAGE``, ``MASK`` and ``VARIANCE`` HDUs each carrying the WCS, the ``A``
 WCS and ``LTV1``/``LTV2`` (``afw``'s pixel-origin cards), and optionally
-``PSF`` and ``KERNEL`` image HDUs.  Files are written atomically: to a
+``PSF`` and ``KERNEL`` image HDUs, and binary tables: ``QUALITY``, and
+``SOURCES`` (the table of :func:`gpudiffim.sources.detect_sources`, read back
+by :func:`read_sources`).  Files are written atomically: to a
 temporary file in the target folder, then renamed (or hard-linked when
 ``overwrite`` is False, so an existing file is never replaced), so a failed
 write never leaves a truncated file.
@@ -104,7 +106,9 @@ __all__ = [
     "READ_NOISE_KEYWORDS",
     "SATURATION_KEYWORDS",
     "ZERO_POINT_KEYWORDS",
+    "SOURCES_HDU",
     "read_exposure",
+    "read_sources",
     "write_exposure",
     "write_masked_image",
 ]
@@ -123,6 +127,8 @@ FILTER_KEYWORDS = ("FILTER", "BAND")
 ZERO_POINT_KEYWORDS = ("MAGZERO", "MAGZP", "ZP", "PHOTZP")
 #: Header keywords for the PSF FWHM in pixels (see :func:`read_exposure`).
 FWHM_KEYWORDS = ("FWHM", "SEEING")
+#: Name of the binary-table HDU holding the sources detected on a difference image.
+SOURCES_HDU = "SOURCES"
 #: Longest string value written to a header card (longer ones are truncated).
 MAX_STRING_LENGTH = 4096
 
@@ -1398,6 +1404,74 @@ def _table_hdus(tables, taken):
     return hdus
 
 
+def _with_sources(tables, sources):
+    """``tables`` with the ``SOURCES`` table added (``tables`` as given when there are no sources)."""
+    if sources is None:
+        return tables
+    if not hasattr(sources, "colnames"):
+        msg = f"sources must be an astropy Table, got {type(sources).__name__}"
+        raise ConfigurationError(msg)
+    if tables is None:
+        return {SOURCES_HDU: sources}
+    if not hasattr(tables, "items"):
+        return tables                                   # _table_hdus names the error
+    if any(isinstance(name, str) and name.upper() == SOURCES_HDU for name in tables):
+        msg = f"the sources were given twice: as sources= and as tables[{SOURCES_HDU!r}]"
+        raise ConfigurationError(msg)
+    return {**tables, SOURCES_HDU: sources}
+
+
+def read_sources(path):
+    """Read the ``SOURCES`` table that :func:`write_exposure` wrote with a difference image.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`write_exposure` or :func:`write_masked_image`
+        with ``sources``.
+
+    Returns
+    -------
+    astropy.table.Table
+        The columns with their units and descriptions (from ``TUNITn`` and
+        ``TCOMMn``), and ``meta`` holding the table's header cards other
+        than the FITS table structure (the detection settings, ``FPFRAC``,
+        ``BADSUB``, ...).
+
+    Raises
+    ------
+    FitsFormatError
+        If the file is not readable FITS or has no ``SOURCES`` binary table.
+    FileNotFoundError
+        If ``path`` does not exist.
+    """
+    path = os.fspath(path)
+    return _with_fits(path, lambda hdus: _sources_from(hdus, path))
+
+
+def _sources_from(hdus, path):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    matches = [hdu for hdu in hdus if hdu.name.upper() == SOURCES_HDU]
+    if not matches or not isinstance(matches[0], fits.BinTableHDU):
+        names = [hdu.name for hdu in hdus]
+        msg = f"{path} has no {SOURCES_HDU} binary-table HDU (HDUs: {names})"
+        raise FitsFormatError(msg)
+    hdu = matches[0]
+    table = Table.read(hdu, format="fits", character_as_bytes=False)
+    for k, (name, column) in enumerate(list(table.columns.items()), start=1):
+        if not column.dtype.isnative:                   # FITS is big-endian; CuPy and friends want native
+            table.replace_column(name, column.astype(column.dtype.newbyteorder("=")), copy=False)
+            column = table[name]
+        comment = hdu.header.get(f"TCOMM{k}")
+        if comment is not None:
+            column.description = str(comment)
+        table.meta.pop(f"TCOMM{k}", None)
+    table.meta.pop("EXTNAME", None)
+    return table
+
+
 def _plane_hdus(masked_image, wcs=None):
     """IMAGE, MASK and VARIANCE HDUs with WCS, A-WCS, LTV and MP_ cards."""
     from astropy.io import fits
@@ -1482,7 +1556,7 @@ def _hdulist(masked_image, wcs, primary_items, extra_hdus=()):
     return fits.HDUList([primary, *_plane_hdus(masked_image, wcs), *extra_hdus])
 
 
-def write_masked_image(path, masked_image, header=None, overwrite=False):
+def write_masked_image(path, masked_image, header=None, overwrite=False, *, sources=None):
     """Write a :class:`~gpudiffim.MaskedImage` to FITS in the LSST layout, atomically.
 
     Parameters
@@ -1495,21 +1569,27 @@ def write_masked_image(path, masked_image, header=None, overwrite=False):
         ``header`` of :func:`write_exposure`.
     overwrite : bool
         Replace an existing file.
+    sources : astropy.table.Table, optional
+        Sources detected on the image, written as a ``SOURCES`` binary-table
+        HDU as by :func:`write_exposure`.
 
     Raises
     ------
     FileExistsError
         If ``path`` exists and ``overwrite`` is False (the file is untouched).
+    ConfigurationError
+        If ``sources`` is not an astropy Table.
     """
     if not isinstance(masked_image, MaskedImage):
         msg = f"masked_image must be a MaskedImage, got {type(masked_image).__name__}"
         raise TypeError(msg)
-    hdulist = _hdulist(masked_image, None, [(_header_items(header), "header")])
+    hdulist = _hdulist(masked_image, None, [(_header_items(header), "header")],
+                       _table_hdus(_with_sources(None, sources), _LSST_NAMES))
     _write_atomic(path, hdulist, overwrite)
 
 
 def write_exposure(path, exposure, *, header=None, kernel=None, background=None, provenance=None,
-                   tables=None, overwrite=False):
+                   tables=None, sources=None, overwrite=False):
     """Write an :class:`~gpudiffim.Exposure` to FITS in the LSST layout, atomically.
 
     :func:`read_exposure` reads the file back exactly: image, mask, variance,
@@ -1550,6 +1630,12 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
         ``provenance`` (long keys as HIERARCH cards, lists as JSON strings);
         column units and descriptions go to ``TUNITn`` and ``TCOMMn``.
         ``astropy.table.Table.read(path, hdu=name)`` reads a table back.
+    sources : astropy.table.Table, optional
+        Sources detected on the difference (:func:`gpudiffim.sources.detect_sources`),
+        written as a ``SOURCES`` binary-table HDU like ``tables`` (column
+        units in ``TUNITn``, descriptions in ``TCOMMn``, the detection
+        settings and the bad-subtraction flag of its ``meta`` as cards);
+        :func:`read_sources` reads it back.
     overwrite : bool
         Replace an existing file.
 
@@ -1567,7 +1653,8 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
     ConfigurationError
         For an invalid or reserved ``provenance`` keyword (``SIMPLE``,
         ``BITPIX``, ``NAXIS*``, ``BZERO``, ``EXTNAME``, ...), a non-numeric
-        background, or a table name that is not a new FITS extension name.
+        background, a table name that is not a new FITS extension name, or
+        ``sources`` given both as ``sources`` and in ``tables`` or not a Table.
     ShapeError
         If ``kernel`` is not 2-D.
     """
@@ -1581,7 +1668,7 @@ def write_exposure(path, exposure, *, header=None, kernel=None, background=None,
         extra.append(fits.ImageHDU(_read_only(exposure.psf_image), name="PSF"))
     if kernel is not None:
         extra.append(_kernel_hdu(kernel, exposure.masked_image))
-    extra += _table_hdus(tables, [*_LSST_NAMES, *(hdu.name for hdu in extra)])
+    extra += _table_hdus(_with_sources(tables, sources), [*_LSST_NAMES, *(hdu.name for hdu in extra)])
     if provenance is not None and not hasattr(provenance, "items"):
         msg = f"provenance must be a mapping, got {type(provenance).__name__}"
         raise ConfigurationError(msg)

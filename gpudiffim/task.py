@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import StageTimings, array_module, stage_timer
+from ._backend import StageTimings, array_module, moved, stage_timer
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
@@ -35,7 +35,10 @@ from .candidates import (
 )
 from .cellset import KernelCellSet, RejectReason, SpatialCellSet
 from .config import PsfMatchConfig
-from .covariance import correct_matched_variance
+from .covariance import correct_matched_variance, measure_noise_correlation
+from .decorrelation import DecorrelationModel, decorrelate
+from .difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
+from .direction import choose_convolution, psf_axis_fwhms
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
 from .exposure import Exposure
 from .fwhm import estimate_fwhms
@@ -43,12 +46,21 @@ from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
 from .solve import ResidualRows, solve_kernel
+from .spatial import SpatialFunction
 from .variance import correct_variances
 
 __all__ = ["ImagePsfMatchTask", "MatchResult", "SubtractResult", "ExposureMatchResult",
-           "ExposureSubtractResult"]
+           "ExposureSubtractResult", "ScoreImage"]
 
 log = logging.getLogger(__name__)
+
+#: Side (px) of the central box on which the decorrelation measures the noise
+#: correlation of the image that was not convolved (0.4 s for 2048^2, 0.1 s for 1024^2;
+#: 768^2 holds ~3e5 sky pixels, a standard error of 0.002 per lag).
+CORRELATION_BOX = 768
+
+#: Row and column step of the pixels whose median variance sets the decorrelation's s^2 and t^2.
+SKY_VARIANCE_STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,30 @@ class MatchResult:
 
 
 @dataclass(frozen=True)
+class ScoreImage:
+    """A score image (``config.score``) in units of S/N per pixel.
+
+    Attributes
+    ----------
+    snr : MaskedImage
+        The decorrelated score divided by its noise: at a point source, the
+        S/N of its PSF flux (the matched filter's output); variance 1.
+    flux_error : ndarray of shape (M, N)
+        Error of the PSF flux (science flux units) of a point source centred
+        on each pixel: its flux is ``snr.image * flux_error``.  In the images'
+        array module.
+    """
+
+    snr: MaskedImage
+    flux_error: object = field(repr=False)
+
+    @property
+    def flux(self):
+        """PSF flux of a point source centred on each pixel (``snr.image * flux_error``)."""
+        return self.snr.image * self.flux_error
+
+
+@dataclass(frozen=True)
 class SubtractResult(MatchResult):
     """:class:`MatchResult` plus the difference image.
 
@@ -132,10 +168,31 @@ class SubtractResult(MatchResult):
     subtracted_image : MaskedImage
         ``S - T * K - b`` (convolving the template), or
         ``(S * K + b - T) / k`` (convolving the science image; ``k`` = kernel sum
-        at the image centre, which puts ``D`` in science flux units).
+        at the image centre, which puts ``D`` in science flux units); always
+        science minus template.  Decorrelated with ``config.decorrelate``.
+        With ``config.score``, the score in S/N per pixel (``score.snr``).
+    difference_psf : DifferencePsf or None
+        The PSF of ``subtracted_image`` at any position (science PSF when the
+        template was convolved, template PSF otherwise, the preconvolved
+        science PSF for a score; decorrelated as the image was): the PSF
+        image given with the exposure, else a Gaussian of the FWHM.  None
+        when neither is known (a delta-function basis with no FWHMs given and
+        no decorrelation, which measures none).
+    decorrelation : DecorrelationModel or None
+        The decorrelation applied (None when off).
+    score : ScoreImage or None
+        The score image (``config.score``).
+    sources : astropy.table.Table or None
+        Sources detected on ``subtracted_image`` with
+        ``config.source_threshold`` (:mod:`gpudiffim.sources`); None when
+        not asked for.
     """
 
     subtracted_image: MaskedImage = None
+    difference_psf: DifferencePsf = None
+    decorrelation: DecorrelationModel = None
+    score: ScoreImage = None
+    sources: object = None
 
 
 @dataclass(frozen=True)
@@ -161,15 +218,20 @@ class ExposureSubtractResult(ExposureMatchResult):
 
     Attributes
     ----------
-    subtracted_image : MaskedImage
+    subtracted_image, difference_psf, decorrelation, score, sources
         As in :class:`SubtractResult`.
     subtracted_exposure : Exposure
-        The difference with the science WCS and metadata, and the PSF FWHM of
+        The difference with the science WCS and metadata, the PSF FWHM of
         the matched pair (the science PSF when the template was convolved, the
-        template PSF otherwise).
+        template PSF otherwise) and, as its PSF image, ``difference_psf`` at
+        the image centre.
     """
 
     subtracted_image: MaskedImage = None
+    difference_psf: DifferencePsf = None
+    decorrelation: DecorrelationModel = None
+    score: ScoreImage = None
+    sources: object = None
     subtracted_exposure: Exposure = None
 
 
@@ -285,14 +347,17 @@ class ImagePsfMatchTask:
         detect_on = template if self.config.detection.det_on_template else science
         return detect_candidates(detect_on, self.config.detection)
 
-    def _fwhms(self, positions, to_convolve, reference, fwhms):
+    def _fwhms(self, positions, to_convolve, reference, fwhms, needed=False):
         """FWHMs of (image to convolve, reference), estimated where missing, and the core S/N ratings.
 
         The ratings (:func:`~gpudiffim.candidates.core_snr` of the reference at
         every position) rank the stars measured; they are returned for the
-        candidate selection (None when no FWHM was estimated).
+        candidate selection (None when no FWHM was estimated).  The FWHMs are
+        estimated only where the basis needs them, or always if ``needed``
+        (the automatic direction, the score's preconvolution, the PSF of a
+        decorrelated difference and source detection).
         """
-        if not (self.config.is_alard_lupton and self.config.scale_by_fwhm):
+        if not (needed or (self.config.is_alard_lupton and self.config.scale_by_fwhm)):
             return fwhms, None
         if all(f is not None for f in fwhms):
             return fwhms, None
@@ -378,7 +443,7 @@ class ImagePsfMatchTask:
             raise NoKernelCandidatesError(msg) from None
 
     def _fit(self, template, science, candidates, template_fwhm_pix, science_fwhm_pix,
-             convolve_template, corrections=None, timings=None):
+             convolve, corrections=None, timings=None, psfs=(None, None)):
         """Variance correction, detection, selection, kernel fit and full-image convolution.
 
         Everything runs in the compute backend's array module (CuPy inputs
@@ -391,7 +456,12 @@ class ImagePsfMatchTask:
         Returns ``(fields, reference, fitted)`` with the matched image and
         ``reference`` in that module, and ``fitted``, the (cut, corrected)
         ``(template, science)`` the kernel was fitted to (for the debug
-        figures; results do not keep them).
+        figures; results do not keep them).  ``convolve`` is "template",
+        "science" or "auto" (:mod:`gpudiffim.direction`; the PSF images
+        ``psfs = (template, science)``, where known, give the widths per
+        axis).  With ``config.score`` the science image is preconvolved with
+        its PSF (``psfs[1]``, else a Gaussian of its FWHM) and the kernel fitted
+        against that.
         """
         _check_pair(template, science)
         fwhms = (_check_fwhm("template_fwhm_pix", template_fwhm_pix),
@@ -406,15 +476,31 @@ class ImagePsfMatchTask:
             corrected, corrections = self._correct_variances(timings, dict(zip(("template", "science"),
                                                                                compute)), skies)
             compute = (corrected["template"], corrected["science"])
-        if not convolve_template:
-            fwhms = fwhms[::-1]
-        to_convolve, reference = compute if convolve_template else compute[::-1]
-        sky = skies.pop("template" if convolve_template else "science", None)   # kept for the noise correlation
-        skies.clear()
+        score = self.config.score
         with _timed(timings, "detection"):
             positions = self._positions(candidates, *compute)
             require_candidates(positions)
-            fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms)
+            ratings = None
+            if convolve == "auto" or score or self.config.decorrelate or self.config.source_threshold:
+                fwhms, ratings = self._fwhms(positions, *compute, fwhms, needed=True)
+            convolve_template, direction = self._direction(convolve, fwhms, psfs)
+            if not convolve_template:
+                fwhms, ratings = fwhms[::-1], None
+            to_convolve, reference = compute if convolve_template else compute[::-1]
+            if ratings is None:
+                fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms)
+        sky = skies.pop("template" if convolve_template else "science", None)   # kept for the noise correlation
+        skies.clear()
+        preconvolution = None
+        if score:
+            preconvolution = psfs[1] if psfs[1] is not None else gaussian_psf(fwhms[1])
+        preconvolved = score and self.config.score_fit == "preconvolved"
+        if preconvolved:
+            with _timed(timings, "preconvolution"):
+                reference = _preconvolve(reference, preconvolution)
+            fwhms = (fwhms[0], np.sqrt(2.0) * fwhms[1])
+            log.info("score: science image preconvolved with its PSF (%s); kernel fitted against it",
+                     "given" if psfs[1] is not None else f"Gaussian of FWHM {fwhms[1] / np.sqrt(2.0):.3f} px")
         basis = make_kernel_basis(self.config, *fwhms)
         half_size = self._stamp_half_size(basis.width)
         with _timed(timings, "candidate selection"):
@@ -427,7 +513,8 @@ class ImagePsfMatchTask:
         diagnostics = {**solution.diagnostics, "variance_correction": corrections,
                        "stamp_half_size": half_size,
                        "bad_mask_planes": tuple(self.config.bad_mask_planes),
-                       "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background)}
+                       "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background),
+                       "direction": direction, "preconvolution_psf": preconvolution}
         with _timed(timings, "full-image convolution"):
             image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
         diagnostics["noise_correlation"] = None
@@ -436,6 +523,8 @@ class ImagePsfMatchTask:
                 variance, diagnostics["noise_correlation"] = correct_matched_variance(
                     to_convolve, solution.kernel, variance, sky=sky)
         matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
+        if preconvolved:
+            fwhms = (fwhms[0], fwhms[1] / np.sqrt(2.0))
         if not convolve_template:
             fwhms = fwhms[::-1]
         fields = dict(matched_image=matched, psf_matching_kernel=solution.kernel,
@@ -447,7 +536,7 @@ class ImagePsfMatchTask:
         return fields, reference, compute
 
     def match_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
-                            science_fwhm_pix=None, convolve_template=True):
+                            science_fwhm_pix=None, convolve_template=None):
         """PSF-match one image to the other.
 
         Parameters
@@ -462,9 +551,10 @@ class ImagePsfMatchTask:
         template_fwhm_pix, science_fwhm_pix : float, optional
             PSF FWHMs in pixels; estimated from the candidates when missing
             (Alard-Lupton with ``scale_by_fwhm``).
-        convolve_template : bool
-            Convolve the template to the science PSF (default), or the
-            science image to the template PSF.
+        convolve_template : bool, optional
+            Convolve the template to the science PSF (True), or the science
+            image to the template PSF (False); None (default) follows
+            ``config.convolve`` ("template", "science" or "auto").
 
         Returns
         -------
@@ -487,7 +577,7 @@ class ImagePsfMatchTask:
             science_fwhm_pix=science_fwhm_pix, convolve_template=convolve_template))
 
     def subtract_masked_images(self, template, science, *, candidates=None, template_fwhm_pix=None,
-                               science_fwhm_pix=None, convolve_template=True):
+                               science_fwhm_pix=None, convolve_template=None):
         """PSF-match and subtract; see :meth:`match_masked_images` for parameters.
 
         Returns
@@ -501,27 +591,125 @@ class ImagePsfMatchTask:
             science_fwhm_pix=science_fwhm_pix, convolve_template=convolve_template))
 
     def _match(self, template, science, subtract, *, candidates, template_fwhm_pix, science_fwhm_pix,
-               convolve_template, corrections=None, timings=None):
+               convolve_template, corrections=None, timings=None, psfs=(None, None)):
         """Fit, then the matched image (and the difference if ``subtract``) in the inputs' module.
 
         Returns ``(result, fitted)``: ``fitted`` as of :meth:`_fit`.
         """
         timings = StageTimings(log=log) if timings is None else timings
         fields, reference, fitted = self._fit(template, science, candidates, template_fwhm_pix,
-                                              science_fwhm_pix, convolve_template, corrections, timings)
-        difference = None
+                                              science_fwhm_pix, self._convolve(convolve_template), corrections,
+                                              timings, psfs)
+        extra = {}
         if subtract:
             with _timed(timings, "subtraction"):
                 difference = _difference(fields["matched_image"], reference, fields["background_model"],
-                                         fields["psf_matching_kernel"], convolve_template)
+                                         fields["psf_matching_kernel"], fields["convolved"] == "template")
+            extra = self._afterburner(fields, difference, fitted, psfs, timings)
+            if self.config.source_threshold is not None:
+                with _timed(timings, "source detection"):
+                    extra["sources"] = self._detect(extra)
         moving = fields["matched_image"].xp is not template.xp
         with _timed(timings, "transfer") if moving else contextlib.nullcontext():
             fields["matched_image"] = fields["matched_image"].to_module(template.xp)
             if subtract:
-                difference = difference.to_module(template.xp)
+                extra["subtracted_image"] = extra["subtracted_image"].to_module(template.xp)
+                if extra["score"] is not None:
+                    extra["score"] = ScoreImage(extra["subtracted_image"],
+                                                moved(extra["score"].flux_error, template.xp))
         fields["timings"] = timings.read()
-        result = SubtractResult(**fields, subtracted_image=difference) if subtract else MatchResult(**fields)
+        result = SubtractResult(**fields, **extra) if subtract else MatchResult(**fields)
         return result, fitted
+
+    def _detect(self, extra):
+        """Sources on the output (``config.source_threshold``): on the score, or on the difference."""
+        from .sources import detect_in_masked_image
+
+        score = extra["score"]
+        options = {"kind": "score", "flux_error": score.flux_error} if score is not None else {}
+        return detect_in_masked_image(extra["subtracted_image"], psf=extra["difference_psf"],
+                                      threshold=self.config.source_threshold, **options)
+
+    def _convolve(self, convolve_template):
+        """The direction asked for: ``config.convolve`` unless ``convolve_template`` overrides it."""
+        if convolve_template is None:
+            return self.config.convolve
+        if not isinstance(convolve_template, (bool, np.bool_)):
+            msg = f"convolve_template must be True, False or None, got {convolve_template!r}"
+            raise ConfigurationError(msg)
+        return "template" if convolve_template else "science"
+
+    def _direction(self, convolve, fwhms, psfs):
+        """``(convolve_template, record)`` for "template", "science" or "auto" (``fwhms``: template, science).
+
+        ``record`` (``diagnostics["direction"]``) holds what was asked, what
+        was chosen and, for "auto", the widths compared.
+        """
+        record = {"requested": convolve}
+        if self.config.score and convolve == "science":
+            msg = "a score image convolves the template: convolve_template=False cannot be used with score=True"
+            raise ConfigurationError(msg)
+        chosen = "template" if self.config.score else convolve
+        if chosen == "auto":
+            widths = [psf_axis_fwhms(psf) if psf is not None else fwhm for psf, fwhm in zip(psfs, fwhms)]
+            chosen = choose_convolution(*widths)
+            record["template_widths"], record["science_widths"] = widths
+            log.info("convolve=auto: PSF FWHM (px) template %s, science %s: convolving the %s",
+                     widths[0], widths[1], chosen)
+        record["chosen"] = chosen
+        return chosen == "template", record
+
+    def _noise_correlations(self, unconvolved, diagnostics):
+        """Noise autocorrelations ``rho`` of (unconvolved, convolved) image for the decorrelation.
+
+        With ``config.noise_correlation`` the convolved image's was measured
+        by the fit; the other image's is measured here, on its central
+        :data:`CORRELATION_BOX` pixels square at most (the correlation is
+        assumed the same over the image, as the fit's).  Each is None (white
+        noise) unless significant (:mod:`gpudiffim.covariance`), or when the
+        measurement is off.
+        """
+        if not self.config.noise_correlation:
+            return None, None
+        convolved = diagnostics["noise_correlation"].correlation
+        measured = measure_noise_correlation(_central(unconvolved, CORRELATION_BOX))
+        log.info("noise correlation of the image not convolved: %s", measured.describe())
+        return tuple(c.rho if c.significant else None for c in (measured, convolved))
+
+    def _afterburner(self, fields, difference, fitted, psfs, timings):
+        """Decorrelation, score and the difference's PSF: the result fields after the subtraction."""
+        convolved, diagnostics = fields["convolved"], fields["diagnostics"]
+        kernel = fields["psf_matching_kernel"]
+        preconvolution = diagnostics["preconvolution_psf"]
+        if preconvolution is not None:
+            base, source = preconvolved_psf(preconvolution), "preconvolved science"
+        elif convolved == "template":
+            base, source = _psf_image(psfs[1], fields["science_fwhm_pix"]), "science"
+        else:
+            base, source = _psf_image(psfs[0], fields["template_fwhm_pix"]), "template"
+        extra = {"decorrelation": None, "score": None, "subtracted_image": difference}
+        if self.config.decorrelate or self.config.score:
+            template, science = fitted
+            unconvolved, convolved_image = (science, template) if convolved == "template" else (template, science)
+            x0, y0, x1, y1 = difference.bbox()
+            scale = 1.0 if convolved == "template" else 1.0 / kernel.kernel_sum(0.5 * (x0 + x1), 0.5 * (y0 + y1))
+            with _timed(timings, "decorrelation"):
+                correlations = self._noise_correlations(unconvolved, diagnostics)
+                model = DecorrelationModel(
+                    kernel, _sky_variance(unconvolved), _sky_variance(convolved_image),
+                    "score" if self.config.score else "difference", preconvolution,
+                    float(self.config.decorrelation_grid_step or np.inf),
+                    prefiltered=self.config.score and self.config.score_fit == "difference",
+                    unconvolved_correlation=correlations[0], convolved_correlation=correlations[1])
+                image, response = decorrelate(difference, model, unconvolved.variance, convolved_image.variance,
+                                              scale=scale, response_psf=base if self.config.score else None)
+            extra["decorrelation"], extra["subtracted_image"] = model, image
+            if self.config.score:
+                extra["score"] = _score_image(image, response)
+                extra["subtracted_image"] = extra["score"].snr
+        extra["difference_psf"] = None if base is None else DifferencePsf(base, extra["decorrelation"],
+                                                                          source=source)
+        return extra
 
     def _fit_exposures(self, template, science, subtract, *, candidates, template_fwhm_pix,
                        science_fwhm_pix, do_warping, convolve_template):
@@ -539,19 +727,23 @@ class ImagePsfMatchTask:
         result, fitted = self._match(warped.masked_image, science.masked_image, subtract,
                                      candidates=candidates, template_fwhm_pix=fwhms[0],
                                      science_fwhm_pix=fwhms[1], convolve_template=convolve_template,
-                                     corrections=corrections, timings=timings)
+                                     corrections=corrections, timings=timings,
+                                     psfs=(warped.psf_image, science.psf_image))
         values = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-        matched_fwhm = result.science_fwhm_pix if convolve_template else result.template_fwhm_pix
+        matched_fwhm = result.science_fwhm_pix if result.convolved == "template" else result.template_fwhm_pix
         values["warped_exposure"] = warped
         values["matched_exposure"] = Exposure(result.matched_image, wcs=science.wcs,
                                               psf_fwhm_pix=matched_fwhm, info=science.info)
         if subtract:
-            values["subtracted_exposure"] = Exposure(result.subtracted_image, wcs=science.wcs,
-                                                     psf_fwhm_pix=matched_fwhm, info=science.info)
+            x0, y0, x1, y1 = result.subtracted_image.bbox()
+            values["subtracted_exposure"] = Exposure(
+                result.subtracted_image, wcs=science.wcs, psf_fwhm_pix=matched_fwhm, info=science.info,
+                psf_image=None if result.difference_psf is None
+                else result.difference_psf.image(0.5 * (x0 + x1), 0.5 * (y0 + y1)))
         return values, fitted
 
     def match_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
-                        science_fwhm_pix=None, do_warping=True, convolve_template=True):
+                        science_fwhm_pix=None, do_warping=True, convolve_template=None):
         """Register the template onto the science grid if needed, then PSF-match.
 
         Parameters
@@ -565,7 +757,7 @@ class ImagePsfMatchTask:
         do_warping : bool
             Warp the template (Lanczos-3) when the WCSs differ; if False, differing
             WCSs are an error.
-        convolve_template : bool
+        convolve_template : bool, optional
             See :meth:`match_masked_images`.
 
         Returns
@@ -583,7 +775,7 @@ class ImagePsfMatchTask:
         return self._write_debug_figures(ExposureMatchResult(**values), fitted)
 
     def subtract_exposures(self, template, science, *, candidates=None, template_fwhm_pix=None,
-                           science_fwhm_pix=None, do_warping=True, convolve_template=True):
+                           science_fwhm_pix=None, do_warping=True, convolve_template=None):
         """Register, PSF-match and subtract; see :meth:`match_exposures` for parameters.
 
         Returns
@@ -631,3 +823,52 @@ def _difference(matched, reference, background, kernel, convolve_template):
         variance /= scale**2
     return MaskedImage._wrap(image, reference.mask | matched.mask, variance, reference.xy0,
                              reference.mask_planes)
+
+
+def _psf_image(psf, fwhm):
+    """A PSF image: the one given, else a Gaussian of ``fwhm`` (px), else None."""
+    if psf is not None:
+        return psf
+    return gaussian_psf(fwhm) if fwhm is not None else None
+
+
+def _preconvolve(masked, psf):
+    """``masked`` correlated with ``psf`` (score mode): image, variance ``sum P^2 V``, propagated mask."""
+    kernel = SpatialKernel(np.asarray(psf, dtype=np.float64)[None] / np.sum(psf), [[1.0]],
+                           SpatialFunction("chebyshev1", 0, masked.bbox()))
+    image, variance, mask = convolve_masked_image(masked, kernel)
+    return MaskedImage._wrap(image, mask, variance, masked.xy0, masked.mask_planes)
+
+
+def _sky_variance(masked):
+    """Median of the variance plane over unmasked pixels with finite values (one read-back).
+
+    Taken on every :data:`SKY_VARIANCE_STRIDE`-th row and column: the
+    variance plane is smooth, and the median of a 2048^2 plane costs 60 ms.
+    """
+    xp = masked.xp
+    variance = masked.variance[::SKY_VARIANCE_STRIDE, ::SKY_VARIANCE_STRIDE]
+    finite = xp.isfinite(variance)
+    values = variance[(masked.mask[::SKY_VARIANCE_STRIDE, ::SKY_VARIANCE_STRIDE] == 0) & finite]
+    if values.size == 0:
+        values = variance[finite]
+    return float(xp.median(values))
+
+
+def _score_image(score, response):
+    """:class:`ScoreImage` of a decorrelated raw score and its unit-flux response."""
+    xp = score.xp
+    sigma = xp.sqrt(score.variance)
+    snr = xp.where(sigma > 0, score.image / xp.where(sigma > 0, sigma, 1), 0).astype(score.dtype)
+    flux_error = (sigma / response).astype(score.dtype)
+    return ScoreImage(MaskedImage._wrap(snr, score.mask, xp.ones_like(score.variance), score.xy0,
+                                        score.mask_planes), flux_error)
+
+
+def _central(masked, side):
+    """The central ``side`` x ``side`` pixels of ``masked`` (all of it along a shorter axis)."""
+    x0, y0, x1, y1 = masked.bbox()
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    half = side // 2
+    box = (max(x0, cx - half), max(y0, cy - half), min(x1, cx - half + side - 1), min(y1, cy - half + side - 1))
+    return masked if box == (x0, y0, x1, y1) else masked.subimage(box)

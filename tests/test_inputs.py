@@ -634,7 +634,7 @@ ERROR_BUILTINS = {
     "BackendUnavailableError": RuntimeError,
     "MissingDependencyError": ImportError,
 }
-WARNINGS = ["GpudiffimWarning", "NoDataWarning", "FitQualityWarning"]
+WARNINGS = ["GpudiffimWarning", "NoDataWarning", "FitQualityWarning", "BadSubtractionWarning"]
 
 
 class TestExceptions:
