@@ -10,7 +10,7 @@ mask planes.
 
 import importlib
 
-from ._backend import backend_info, compute_backend, use_backend
+from ._backend import backend_info, compute_backend, tune_host_allocator, use_backend
 from .config import DetectionConfig, PsfMatchConfig
 from .errors import (
     BackendUnavailableError,
@@ -62,6 +62,7 @@ __all__ = [
     "__version__",
     "backend_info",
     "compute_backend",
+    "tune_host_allocator",
     "use_backend",
     "BackendUnavailableError",
     "BackgroundModel",

@@ -316,10 +316,12 @@ def _tables(config, result):
 
 
 def _subtract(args):
+    from ._backend import tune_host_allocator
     from .io import write_exposure
     from .task import ImagePsfMatchTask
 
     _check_outputs(args)
+    tune_host_allocator()     # a process of its own: freed planes are reused, not faulted in anew
     plot_names = _plot_names(args)
     config = build_config(args.config, args.config_file, defaults=_config_defaults(args))
     candidates = _read_candidates(args.candidates)
@@ -412,12 +414,12 @@ def _parser():
                                "source_threshold): PSF fluxes, S/N and dipoles, written as a SOURCES table")
     subtract.add_argument("--score", action="store_true",
                           help="write a score image in S/N per pixel instead of the difference (config "
-                               "field score): the science image preconvolved with its PSF, the kernel fitted "
-                               "against it, the result decorrelated in score mode")
-    subtract.add_argument("--score-fit", choices=("preconvolved", "difference"),
-                          help="how --score fits its kernel (config field score_fit): against the "
-                               "preconvolved science image (default, Rubin's) or from the plain difference "
-                               "correlated with the PSF (about as fast as --decorrelate)")
+                               "field score): the difference correlated with the science PSF (see --score-fit), "
+                               "decorrelated in score mode")
+    subtract.add_argument("--score-fit", choices=("difference", "preconvolved"),
+                          help="how --score fits its kernel (config field score_fit): the plain fit's, the "
+                               "difference correlated with the PSF (default; about as fast as --decorrelate), "
+                               "or against the preconvolved science image (Rubin's; about 8x the fit)")
     subtract.add_argument("--template-fwhm", type=float, help="template PSF FWHM (px)")
     subtract.add_argument("--science-fwhm", type=float, help="science PSF FWHM (px)")
     subtract.add_argument("--no-warp", action="store_true", help="fail instead of warping the template")
