@@ -30,7 +30,7 @@
 // (gpudiffim/_cuda/emulator.h) both compile this text as is.
 
 #ifndef GDI_LS_THREADS
-#define GDI_LS_THREADS 64
+#define GDI_LS_THREADS 32
 #endif
 #ifndef GDI_LS_MAX_N
 #define GDI_LS_MAX_N 64

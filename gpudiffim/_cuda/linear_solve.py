@@ -15,8 +15,8 @@ from .launch import launch
 
 __all__ = ["SOLVE_SMALL_DEFINES", "SOLVE_SMALL_MAX_N", "SOLVE_SMALL_THREADS", "solve_small"]
 
-#: Threads per block of ``gdi_solve_small`` (``GDI_LS_THREADS``).
-SOLVE_SMALL_THREADS = 64
+#: Threads per block of ``gdi_solve_small`` (``GDI_LS_THREADS``): one warp per system.
+SOLVE_SMALL_THREADS = 32
 #: Largest system the kernel solves (``GDI_LS_MAX_N``: the augmented matrix in 33 kB of shared memory).
 SOLVE_SMALL_MAX_N = 64
 #: The unit's compile-time constants.
