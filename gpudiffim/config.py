@@ -25,7 +25,7 @@ Defaults that depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
 ``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
 ``use_pca_for_spatial_kernel`` (False / True, but False for a spatially
 constant kernel, ``spatial_kernel_order=0``, which a PCA basis could only
-restrict); and gpudiffim's ``num_principal_components`` (5 / 8) and
+restrict); and gpudiffim's ``num_principal_components`` (5 / 10) and
 ``pca_weighting`` ("uniform" / "precision").  Left ``None``, they follow the
 basis set (also after :func:`dataclasses.replace` changes it); the values in
 force are the properties ``condition_number_limit``, ``pca_spatial_kernel``,
@@ -218,12 +218,13 @@ class PsfMatchConfig:
     use_pca_for_spatial_kernel, subtract_mean_for_pca, num_principal_components
         PCA compression of the per-candidate kernels before the spatial fit.
         ``num_principal_components`` counts the mean; None follows the
-        basis set: 5 for Alard-Lupton (``ip_diffim``) and 8 for delta
-        functions (``ip_diffim``: 5), which brings the delta-function basis from
-        2-4 % above Alard-Lupton's D/sigma std on bright stars to within
-        1 % (simulated 384^2 and 512^2 pairs): the eigen-kernels beyond the
-        true variation absorb the smoothing bias of the regularised stamp
-        kernels the PCA is built from.
+        basis set: 5 for Alard-Lupton (``ip_diffim``) and 10 for delta
+        functions (``ip_diffim``: 5).  With 5, the delta-function basis
+        leaves 2-4 % more D/sigma std on bright stars than Alard-Lupton
+        (simulated 384^2-512^2 pairs with sky); with 8, 1.9-2.3 % more; with
+        10, 1.7 %: the eigen-kernels beyond the true variation absorb the
+        smoothing bias of the regularised stamp kernels the PCA is built
+        from.
     pca_weighting : {"precision", "uniform"} or None
         Weight of each kernel in the PCA: "precision" weights it by how well
         its stamp determines it (``K^2 tr(M) / n``, see
@@ -478,10 +479,10 @@ class PsfMatchConfig:
 
     @property
     def pca_components(self):
-        """``num_principal_components``, or the basis set's default (5 AL, 8 DF)."""
+        """``num_principal_components``, or the basis set's default (5 AL, 10 DF)."""
         if self.num_principal_components is not None:
             return self.num_principal_components
-        return 5 if self.is_alard_lupton else 8
+        return 5 if self.is_alard_lupton else 10
 
     @property
     def pca_weights(self):

@@ -130,8 +130,8 @@ class _Spectra:
         return xp.einsum("nij,nj->ni", self.back, scaled)
 
 
-def _held_out_scores(spectra, partners, lambdas):
-    """Median over pairs of the held-out excess ``chi^2`` of each ``lambda``.
+def _held_out_scores(spectra, members, partners, lambdas):
+    """Median over the pairs ``(members[k], partners[k])`` of the held-out excess ``chi^2`` of each ``lambda``.
 
     The excess of kernel ``k`` on stamp ``d`` over the best fit of ``d``
     itself, ``(k - k_d)^T S_d (k - k_d)``, needs no data term; the median
@@ -142,9 +142,21 @@ def _held_out_scores(spectra, partners, lambdas):
     target_best, target_s = spectra.kernels(0.0)[partners], spectra.systems[partners]
     scores = []
     for value in lambdas:
-        offset = spectra.kernels(value) - target_best
-        scores.append(float(to_host(xp.median(xp.einsum("ni,nij,nj->n", offset, target_s, offset)))))
-    return scores
+        offset = spectra.kernels(value)[members] - target_best
+        scores.append(xp.median(xp.einsum("ni,nij,nj->n", offset, target_s, offset)))
+    return to_host(xp.stack(scores)).tolist()     # one read-back per pass (synchronizes!)
+
+
+def _typical_stamps(kernel_sums):
+    """Indices of the stamps whose kernel sum is within 3 robust sigma of the median.
+
+    A source in one image only (a transient, a variable, a cosmic ray) gives
+    a kernel sum far from the others, and a kernel that predicts no
+    neighbour; such stamps neither fit nor judge ``lambda``.
+    """
+    median = np.median(kernel_sums)
+    spread = 1.4826 * np.median(np.abs(kernel_sums - median))
+    return np.flatnonzero(np.abs(kernel_sums - median) <= 3.0 * spread)
 
 
 def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
@@ -158,7 +170,9 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     vectors : ndarray of shape (N, P)
         Stamp normal vectors ``b_c``, in the module of ``matrices``.
     x, y : ndarray of shape (N,)
-        Host candidate centres (parent pixels); N >= 2.
+        Host candidate centres (parent pixels); N >= 2.  Stamps whose kernel
+        sum (the sum of the delta-function coefficients) is more than 3
+        robust sigma from the median take no part.
     regularization : ndarray of shape (P, P)
         The regularisation matrix ``H``.
     n_basis : int
@@ -169,16 +183,20 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     LambdaChoice
     """
     xp = array_module_of(matrices)
-    partners = xp.asarray(held_out_partners(x, y))
     penalty = to_host(regularization)
     spectra = _Spectra(matrices, vectors, penalty, n_basis)
     traces = to_host(xp.trace(matrices[:, :n_basis, :n_basis], axis1=1, axis2=2))
     scale = float(np.median(traces)) / float(np.trace(penalty[:n_basis, :n_basis]))
+    members = _typical_stamps(to_host(spectra.kernels(0.01 * scale).sum(axis=1)))
+    if len(members) < 2:
+        members = np.arange(len(x))
+    partners = members[held_out_partners(np.asarray(x)[members], np.asarray(y)[members])]
+    members, partners = xp.asarray(members), xp.asarray(partners)
     tried = {}
 
     def score(exponents):
         new = [e for e in exponents if e not in tried]
-        tried.update(zip(new, _held_out_scores(spectra, partners, [scale * 10.0**e for e in new])))
+        tried.update(zip(new, _held_out_scores(spectra, members, partners, [scale * 10.0**e for e in new])))
 
     score(_DECADES)
     for step in (0.5, 0.25):
@@ -187,11 +205,12 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     best = min(tried, key=tried.get)
     exponents = sorted(tried)
     choice = LambdaChoice(scale * 10.0**best, tuple(scale * 10.0**e for e in exponents),
-                          tuple(tried[e] for e in exponents), len(x))
+                          tuple(tried[e] for e in exponents), len(members))
     if not _DECADES[0] < best < _DECADES[-1]:
         log.warning("regularisation lambda %.3g is at the end of the searched range "
                     "(%.3g .. %.3g)", choice.value, choice.grid[0], choice.grid[-1])
-    log.info("regularisation lambda %.4g chosen on %d held-out stamp pairs", choice.value, len(x))
+    log.info("regularisation lambda %.4g chosen on %d held-out stamp pairs (of %d stamps)", choice.value,
+             len(members), len(x))
     return choice
 
 

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 #: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
 _DESIGN_BATCH_VALUES = 25_000_000
 #: Stamps of the first visit whose held-out residuals choose ``lambda`` (``lambda_type="auto"``).
-_AUTO_LAMBDA_STAMPS = 32
+_AUTO_LAMBDA_STAMPS = 16
 #: On the GPU a batch may be this many times larger (~400 MB of design): fewer launches and read-backs.
 _DEVICE_BATCH_FACTOR = 2
 
