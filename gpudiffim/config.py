@@ -463,33 +463,31 @@ class PsfMatchConfig:
         """True for the Alard-Lupton basis set."""
         return self.kernel_basis_set == "alard-lupton"
 
+    def _by_basis(self, value, alard_lupton, delta_function):
+        """``value``, or when it is None the basis set's default."""
+        if value is not None:
+            return value
+        return alard_lupton if self.is_alard_lupton else delta_function
+
     @property
     def condition_number_limit(self):
         """``max_condition_number``, or the basis set's default (5e7 AL, 5e6 DF)."""
-        if self.max_condition_number is not None:
-            return self.max_condition_number
-        return 5.0e7 if self.is_alard_lupton else 5.0e6
+        return self._by_basis(self.max_condition_number, 5.0e7, 5.0e6)
 
     @property
     def pca_spatial_kernel(self):
         """``use_pca_for_spatial_kernel``, or the basis set's default (False AL, True DF of spatial order > 0)."""
-        if self.use_pca_for_spatial_kernel is not None:
-            return self.use_pca_for_spatial_kernel
-        return not self.is_alard_lupton and self.spatial_kernel_order > 0
+        return self._by_basis(self.use_pca_for_spatial_kernel, False, self.spatial_kernel_order > 0)
 
     @property
     def pca_components(self):
         """``num_principal_components``, or the basis set's default (5 AL, 10 DF)."""
-        if self.num_principal_components is not None:
-            return self.num_principal_components
-        return 5 if self.is_alard_lupton else 10
+        return self._by_basis(self.num_principal_components, 5, 10)
 
     @property
     def pca_weights(self):
         """``pca_weighting``, or the basis set's default ("uniform" AL, "precision" DF)."""
-        if self.pca_weighting is not None:
-            return self.pca_weighting
-        return "uniform" if self.is_alard_lupton else "precision"
+        return self._by_basis(self.pca_weighting, "uniform", "precision")
 
     @property
     def constant_first_term(self):

@@ -83,7 +83,7 @@ def _read_back(xp, sums, fit):
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
-_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2}
+_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
 _RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
@@ -179,8 +179,9 @@ class _Solver:
         self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
         #: Per fitted batch, where they were computed (device arrays on the GPU): "matrix" and
-        #: "vector" of the stamp normal equations and, with ``quality_report``, the "rows" of
-        #: D/sigma of original-basis fits; the solutions refer to them by (batch, row).
+        #: "vector" of the stamp normal equations, their "information" (trace over the kernel
+        #: unknowns) and, with ``quality_report``, the "rows" of D/sigma of original-basis fits;
+        #: the solutions refer to them by (batch, row).
         self.batches = []
         #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
         self.assessed = None
@@ -267,7 +268,10 @@ class _Solver:
         sums, rows = sums if keep_rows else (sums, None)
         outcome = _read_back(self.xp, sums, fit)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows})
+        n_basis = len(basis)
+        information = self.xp.trace(fit.normal_matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
+        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows,
+                             "information": information})
         failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, failures)[1]
@@ -369,8 +373,8 @@ class _Solver:
                   / orig.kernel_sum[visited][:, None, None])
         weights = None
         if self.config.pca_weights == "precision":
-            (matrix,) = self.gather(visited, "orig", "matrix")
-            weights = kernel_precision(matrix, self.basis.n_basis, orig.kernel_sum[visited])
+            (information,) = self.gather(visited, "orig", "information")
+            weights = kernel_precision(to_host(information), self.basis.n_basis, orig.kernel_sum[visited])
         self.pca_basis = pca_kernel_basis(images, self.config.pca_components,
                                           self.config.subtract_mean_for_pca, weights)
         self.cell_set.solutions.pop("pca", None)
@@ -549,7 +553,7 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
     return renormalize_kernel_list(np.array(kept))
 
 
-def kernel_precision(matrices, n_basis, kernel_sums):
+def kernel_precision(information, n_basis, kernel_sums):
     """Precision of each stamp's kernel-sum-normalised kernel: ``K^2 tr(M_kk) / n_basis``.
 
     A stamp's kernel pixels have variances about ``1 / diag(M)``, so a
@@ -560,10 +564,11 @@ def kernel_precision(matrices, n_basis, kernel_sums):
 
     Parameters
     ----------
-    matrices : ndarray of shape (N, P, P)
-        Stamp normal matrices (NumPy or CuPy).
+    information : ndarray of shape (N,)
+        ``tr(M_kk)``, the trace of each stamp's normal matrix over the
+        kernel unknowns (host).
     n_basis : int
-        Kernel unknowns (the first ``n_basis`` of ``P``).
+        Kernel unknowns.
     kernel_sums : ndarray of shape (N,)
         Host kernel sums.
 
@@ -572,9 +577,7 @@ def kernel_precision(matrices, n_basis, kernel_sums):
     ndarray of shape (N,)
         Host weights.
     """
-    xp = array_module_of(matrices)
-    traces = to_host(xp.trace(matrices[:, :n_basis, :n_basis], axis1=1, axis2=2))
-    return np.asarray(kernel_sums, dtype=np.float64) ** 2 * traces / n_basis
+    return np.asarray(kernel_sums, dtype=np.float64) ** 2 * np.asarray(information, dtype=np.float64) / n_basis
 
 
 def _all_rejected_message(cell_set):

@@ -313,7 +313,9 @@ def test_jwst_rotated_star_needs_a_free_kernel(shared_data):
         warnings.simplefilter("ignore", FitQualityWarning)
         warnings.simplefilter("ignore", NoDataWarning)
         result = ImagePsfMatchTask(config).subtract_exposures(template, science)
-    scores = _scores(result.subtracted_image, regions)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # a box inside the kernel's no-data border
+        scores = _scores(result.subtracted_image, regions)
     print(f"JWST DF 21x21: isolated-star std {scores['star_std']:.3f}, rotated star "
           f"{scores['per_star'][rotated[0]]:.3f}, sky {scores['sky_std']:.3f}, "
           f"lambda {result.diagnostics['regularization']['lambda']:.3g}")
