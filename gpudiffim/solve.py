@@ -544,6 +544,9 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
         if values.sum() == 0:
             msg = "kernel PCA failed: every eigenvalue is zero"
             raise SingularSystemError(msg)
+        # eigenvalues at round-off (N images less their mean span N - 1 dimensions) have
+        # arbitrary eigen-images; ip_diffim keeps them, scaled up to a peak of 1
+        order = order[values[order] > len(values) * np.finfo(np.float64).eps * values.max()]
         eigen_images = vectors[:, order].T @ flat
     for image in eigen_images:
         extreme = image[np.argmax(np.abs(image))]
