@@ -11,6 +11,7 @@ syncs and uploads, and an estimate of the GPU's host-side cost from the counts.
 
     python bench/gpu_budget.py --size 4096 --stars 8000
     python bench/gpu_budget.py --size 2048 --stars 4000 --json out.json
+    python bench/gpu_budget.py --size 512 --stars 250 --basis delta-function
 
 The budgets of issue 17 (4096², 8000 stars): at most 5 + 2 per clipping pass
 syncs (25 in all), 400 CuPy calls, no upload beyond the input planes and a
@@ -66,10 +67,13 @@ def main(argv=None):
     parser.add_argument("--stars", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kernels", choices=("numpy", "emulator"), default="numpy")
+    parser.add_argument("--basis", choices=("alard-lupton", "delta-function"), default="alard-lupton",
+                        help="kernel basis set (the other fields at their defaults)")
     parser.add_argument("--top", type=int, default=12, help="call sites listed per kind")
     parser.add_argument("--json", help="write the summary and the per-stage rows here")
     args = parser.parse_args(argv)
-    recorder, result = run(args.size, args.stars, args.seed, args.kernels)
+    recorder, result = run(args.size, args.stars, args.seed, args.kernels,
+                           PsfMatchConfig(kernel_basis_set=args.basis))
     print(f"{args.size}² pair, {args.stars} stars: {len(result.kernel_cell_set)} candidates, "
           f"{result.kernel_cell_set.n_good} GOOD, {result.kernel_cell_set.n_bad} BAD")
     print(recorder.format_table())

@@ -9,17 +9,27 @@ in ``ip_diffim`` (``useAfwBackground``, ``calculateKernelUncertainty``,
 ``useBicForKernelBasis``, the deprecated ``alard*Deconv`` degree fields and the
 risk-minimisation lambda scan, which cannot run there) are left out.
 gpudiffim adds ``reduce_spatial_order``, ``variance_correction`` (with its
-limit), ``noise_correlation`` and ``max_solve_restarts``;
+limit), ``noise_correlation``, ``max_solve_restarts``,
+``spatial_kernel_sum_order``, ``pca_weighting`` and ``lambda_type="auto"``;
 ``PsfMatchConfig(fit_for_background=False, reduce_spatial_order=False,
 variance_correction="none", noise_correlation=False)`` behaves as
 ``ip_diffim``'s ``ImagePsfMatchTask`` (``noise_correlation`` changes nothing
-on images whose noise is white).
+on images whose noise is white) with the Alard-Lupton basis; the
+delta-function basis also needs ``spatial_kernel_sum_order=None,
+pca_weighting="uniform", lambda_type="absolute", num_principal_components=5,
+use_pca_for_spatial_kernel=True``: its defaults here were changed, by
+measurement, because ``ip_diffim``'s leave it far behind Alard-Lupton on easy
+data (issue 13, ``tests/test_delta_function.py``).
 
-Two defaults depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
+Defaults that depend on the basis set, as ``setDefaults`` does in ``ip_diffim``:
 ``max_condition_number`` (5e7 for Alard-Lupton, 5e6 for delta functions) and
-``use_pca_for_spatial_kernel`` (False / True).  Left ``None``, they follow the
+``use_pca_for_spatial_kernel`` (False / True, but False for a spatially
+constant kernel, ``spatial_kernel_order=0``, which a PCA basis could only
+restrict); and gpudiffim's ``num_principal_components`` (5 / 10) and
+``pca_weighting`` ("uniform" / "precision").  Left ``None``, they follow the
 basis set (also after :func:`dataclasses.replace` changes it); the values in
-force are the properties ``condition_number_limit`` and ``pca_spatial_kernel``.
+force are the properties ``condition_number_limit``, ``pca_spatial_kernel``,
+``pca_components`` and ``pca_weights``.
 
 Derive variants with :func:`dataclasses.replace`; every instance is validated
 on construction and raises :class:`~gpudiffim.errors.ConfigurationError` with
@@ -41,8 +51,9 @@ CONDITION_NUMBER_TYPES = ("EIGENVALUE", "SVD")
 REGULARIZATION_TYPES = ("centralDifference", "forwardDifference")
 VARIANCE_CORRECTIONS = ("auto", "scale", "add", "none")
 CONVOLVE_CHOICES = ("template", "science", "auto")
-SCORE_FITS = ("preconvolved", "difference")
-LAMBDA_TYPES = ("absolute", "relative")
+SCORE_FITS = ("difference", "preconvolved")
+LAMBDA_TYPES = ("auto", "absolute", "relative")
+PCA_WEIGHTINGS = ("precision", "uniform")
 DETECTION_THRESHOLD_TYPES = ("value", "stdev", "variance", "pixel_stdev")
 
 
@@ -182,6 +193,18 @@ class PsfMatchConfig:
         raw parent-pixel coordinates.
     spatial_kernel_order, spatial_bg_order : int
         Total degree of the spatial variation of the kernel and background.
+    spatial_kernel_sum_order : int or None
+        Total degree of the spatial variation of the kernel sum (the
+        photometric scaling), at most the kernel's order (which a lower
+        order used for too few candidates also caps).  0, the default, keeps
+        the kernel sum constant over the image, as ``ip_diffim``'s
+        Alard-Lupton and PCA bases always do; the delta-function basis
+        without PCA then has its sum constrained, where ``ip_diffim`` lets
+        it vary at the kernel's order, so that the noise of 441 per-pixel
+        spatial models does not enter the sum (a variation of 0.1 % over
+        the field times a sky of 1000 counts is a 1-count gradient on empty
+        sky).  None follows ``ip_diffim``: constant for Alard-Lupton and PCA,
+        the kernel's order for raw delta functions.
     reduce_spatial_order : bool
         Lower each spatial order, for one spatial fit, to the highest that
         the candidates in that fit support: at least two candidates per
@@ -196,6 +219,22 @@ class PsfMatchConfig:
         Outer rejection iterations of the spatial fit (1..5).
     use_pca_for_spatial_kernel, subtract_mean_for_pca, num_principal_components
         PCA compression of the per-candidate kernels before the spatial fit.
+        ``num_principal_components`` counts the mean; None follows the
+        basis set: 5 for Alard-Lupton (``ip_diffim``) and 10 for delta
+        functions (``ip_diffim``: 5).  With 5, the delta-function basis
+        leaves 2-4 % more D/sigma std on bright stars than Alard-Lupton
+        (simulated 384^2-512^2 pairs with sky); with 8, 1.9-2.3 % more; with
+        10, 1.7 %: the eigen-kernels beyond the true variation absorb the
+        smoothing bias of the regularised stamp kernels the PCA is built
+        from.
+    pca_weighting : {"precision", "uniform"} or None
+        Weight of each kernel in the PCA: "precision" weights it by how well
+        its stamp determines it (``K^2 tr(M) / n``, see
+        :func:`gpudiffim.solve.kernel_precision`), so that the eigen-kernels
+        follow the bright stars' kernels rather than the faint ones' noise;
+        "uniform" weights every kernel equally (``ip_diffim``).  None
+        follows the basis set: "uniform" for Alard-Lupton, whose few smooth
+        kernels are well determined, "precision" for delta functions.
     single_kernel_clipping, kernel_sum_clipping, spatial_kernel_clipping : bool
         The three clipping stages.
     check_condition_number : bool
@@ -224,7 +263,15 @@ class PsfMatchConfig:
         sigmas, ratio of successive sigmas, minimum sigma in convolution and
         deconvolution mode).
     use_regularization, regularization_type, central_regularization_stencil, forward_regularization_orders, regularization_border_penalty, lambda_type, lambda_value, lambda_scaling
-        Delta-function regularisation.
+        Delta-function regularisation: each stamp solves ``(M + lambda H) a
+        = b``.  ``lambda_type``: "auto" (default) chooses one absolute
+        ``lambda`` for the whole fit by the minimum residual on held-out
+        stamps (:mod:`gpudiffim.regularization`; logged and recorded in the
+        result's ``diagnostics["regularization"]``), "absolute" uses
+        ``lambda_value`` (``ip_diffim``'s default, 0.2, is negligible next to
+        a bright star's normal matrix), "relative" uses ``lambda_scaling
+        tr(M) / tr(H)`` per stamp.  ``ip_diffim``'s risk-minimising types
+        cannot run there (reference section 13) and are not offered.
     variance_correction : {"auto", "scale", "add", "none"}
         Correct both input variance planes to the noise measured on their
         sky before fitting (:func:`gpudiffim.variance.scale_variance`, like
@@ -304,6 +351,7 @@ class PsfMatchConfig:
     fit_for_background: bool = True
     spatial_model_type: str = "chebyshev1"
     spatial_kernel_order: int = 2
+    spatial_kernel_sum_order: int = 0
     spatial_bg_order: int = 1
     reduce_spatial_order: bool = True
     size_cell_x: int = 128
@@ -312,7 +360,8 @@ class PsfMatchConfig:
     max_spatial_iterations: int = 3
     use_pca_for_spatial_kernel: bool = None
     subtract_mean_for_pca: bool = True
-    num_principal_components: int = 5
+    num_principal_components: int = None
+    pca_weighting: str = None
     single_kernel_clipping: bool = True
     kernel_sum_clipping: bool = True
     spatial_kernel_clipping: bool = True
@@ -341,7 +390,7 @@ class PsfMatchConfig:
     central_regularization_stencil: int = 9
     forward_regularization_orders: tuple = (1, 2)
     regularization_border_penalty: float = 3.0
-    lambda_type: str = "absolute"
+    lambda_type: str = "auto"
     lambda_value: float = 0.2
     lambda_scaling: float = 1.0e-4
     # gpudiffim additions
@@ -379,6 +428,8 @@ class PsfMatchConfig:
         _check_choice(self, "spatial_model_type", SPATIAL_MODEL_TYPES)
         _check_int(self, "spatial_kernel_order", minimum=0, maximum=10)
         _check_int(self, "spatial_bg_order", minimum=0, maximum=10)
+        if self.spatial_kernel_sum_order is not None:
+            _check_int(self, "spatial_kernel_sum_order", minimum=0, maximum=10)
         _check_bool(self, "reduce_spatial_order")
         _check_int(self, "size_cell_x", minimum=32)
         _check_int(self, "size_cell_y", minimum=32)
@@ -389,7 +440,10 @@ class PsfMatchConfig:
         if self.use_pca_for_spatial_kernel is not None:
             _check_bool(self, "use_pca_for_spatial_kernel")
         _check_bool(self, "subtract_mean_for_pca")
-        _check_int(self, "num_principal_components", minimum=3)
+        if self.num_principal_components is not None:
+            _check_int(self, "num_principal_components", minimum=3)
+        if self.pca_weighting is not None:
+            _check_choice(self, "pca_weighting", PCA_WEIGHTINGS)
         _check_int(self, "max_solve_restarts", minimum=0)
         _check_choice(self, "variance_correction", VARIANCE_CORRECTIONS)
         _check_float(self, "variance_correction_limit", minimum=1.0)
@@ -464,24 +518,47 @@ class PsfMatchConfig:
         """True for the Alard-Lupton basis set."""
         return self.kernel_basis_set == "alard-lupton"
 
+    def _by_basis(self, value, alard_lupton, delta_function):
+        """``value``, or when it is None the basis set's default."""
+        if value is not None:
+            return value
+        return alard_lupton if self.is_alard_lupton else delta_function
+
     @property
     def condition_number_limit(self):
         """``max_condition_number``, or the basis set's default (5e7 AL, 5e6 DF)."""
-        if self.max_condition_number is not None:
-            return self.max_condition_number
-        return 5.0e7 if self.is_alard_lupton else 5.0e6
+        return self._by_basis(self.max_condition_number, 5.0e7, 5.0e6)
 
     @property
     def pca_spatial_kernel(self):
-        """``use_pca_for_spatial_kernel``, or the basis set's default (False AL, True DF)."""
-        if self.use_pca_for_spatial_kernel is not None:
-            return self.use_pca_for_spatial_kernel
-        return not self.is_alard_lupton
+        """``use_pca_for_spatial_kernel``, or the basis set's default (False AL, True DF of spatial order > 0)."""
+        return self._by_basis(self.use_pca_for_spatial_kernel, False, self.spatial_kernel_order > 0)
+
+    @property
+    def pca_components(self):
+        """``num_principal_components``, or the basis set's default (5 AL, 10 DF)."""
+        return self._by_basis(self.num_principal_components, 5, 10)
+
+    @property
+    def pca_weights(self):
+        """``pca_weighting``, or the basis set's default ("uniform" AL, "precision" DF)."""
+        return self._by_basis(self.pca_weighting, "uniform", "precision")
 
     @property
     def constant_first_term(self):
         """Whether basis 0's coefficient is spatially constant (AL or PCA)."""
         return self.is_alard_lupton or self.pca_spatial_kernel
+
+    def kernel_sum_order(self, kernel_order):
+        """Spatial order of the kernel sum under a kernel of spatial order ``kernel_order``.
+
+        ``spatial_kernel_sum_order`` capped at ``kernel_order``; when None,
+        0 for Alard-Lupton and PCA bases and ``kernel_order`` for raw
+        delta functions (``ip_diffim``).
+        """
+        if self.spatial_kernel_sum_order is None:
+            return 0 if self.constant_first_term else kernel_order
+        return min(self.spatial_kernel_sum_order, kernel_order)
 
     @classmethod
     def from_mapping(cls, mapping):

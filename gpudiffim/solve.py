@@ -17,6 +17,7 @@ Unlike ``ip_diffim``, the kernel-sum and PCA restarts are bounded by
 ``max_solve_restarts``.  Candidates of one pass are fitted as one batch.
 """
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -29,24 +30,34 @@ from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
+from .regularization import choose_lambda, regularization_record
 from .spatial import SpatialFunction
-from .spatial_fit import local_parameter_structure, solve_spatial, spatial_normal_equations, unpack_spatial
+from .spatial_fit import (
+    kernel_sum_constraint,
+    local_parameter_structure,
+    solve_spatial,
+    spatial_normal_equations,
+    unpack_spatial,
+)
 from .stamps import (
     StampBatch,
     candidate_kernels,
     failure_texts,
     fit_stamps,
+    stamp_normal_equations,
     stamp_residual_rows,
     stamp_residual_sums,
 )
 from .statistics import clipped_mean_std, statistics_of_sums
 
-__all__ = ["KernelSolution", "ResidualRows", "SpatialFit", "solve_kernel"]
+__all__ = ["KernelSolution", "ResidualRows", "SpatialFit", "kernel_precision", "solve_kernel"]
 
 log = logging.getLogger(__name__)
 
 #: Design-matrix values (float64) per batch of stamp fits: ~200 MB.
 _DESIGN_BATCH_VALUES = 25_000_000
+#: Stamps of the first visit whose held-out residuals choose ``lambda`` (``lambda_type="auto"``).
+_AUTO_LAMBDA_STAMPS = 16
 #: On the GPU a batch may be this many times larger (~400 MB of design): fewer launches and read-backs.
 _DEVICE_BATCH_FACTOR = 2
 
@@ -72,7 +83,7 @@ def _read_back(xp, sums, fit):
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
-_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2}
+_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
 _RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
@@ -170,8 +181,9 @@ class _Solver:
         self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
         #: Per fitted batch, where they were computed (device arrays on the GPU): "matrix" and
-        #: "vector" of the stamp normal equations and, with ``quality_report``, the "rows" of
-        #: D/sigma of original-basis fits; the solutions refer to them by (batch, row).
+        #: "vector" of the stamp normal equations, their "information" (trace over the kernel
+        #: unknowns) and, with ``quality_report``, the "rows" of D/sigma of original-basis fits;
+        #: the solutions refer to them by (batch, row).
         self.batches = []
         #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
         self.assessed = None
@@ -260,7 +272,10 @@ class _Solver:
         sums, rows = sums if keep_rows else (sums, None)
         outcome = _read_back(self.xp, sums, fit)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows})
+        n_basis = len(basis)
+        information = self.xp.trace(fit.normal_matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
+        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows,
+                             "information": information})
         failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, failures)[1]
@@ -288,6 +303,33 @@ class _Solver:
         self.cell_set.mark_good(index)
         self.cell_set.reject(index[rejected], codes, reasons)
         return len(index) - len(rejected), len(rejected)
+
+    def choose_regularization(self):
+        """With ``lambda_type="auto"``, choose ``lambda`` on held-out stamps of the first visit.
+
+        Up to ``_AUTO_LAMBDA_STAMPS`` visited candidates, spread over the
+        visit order (so over the cells); every later stamp fit uses the
+        chosen ``lambda`` as an absolute one.  Returns the
+        :class:`~gpudiffim.regularization.LambdaChoice`, or None when no
+        choice is made (no regularisation, another ``lambda_type``, fewer
+        than two candidates: then ``lambda_value`` is used).
+        """
+        if self.regularization is None or self.config.lambda_type != "auto":
+            return None
+        visited = self.visit()
+        if len(visited) < 2:
+            log.warning("regularisation lambda: %d candidate(s), too few to choose; lambda_value %.3g used",
+                        len(visited), self.config.lambda_value)
+            self.config = dataclasses.replace(self.config, lambda_type="absolute")
+            return None
+        picks = np.unique(np.linspace(0, len(visited) - 1, min(len(visited), _AUTO_LAMBDA_STAMPS)).astype(int))
+        subset = visited[picks]
+        matrix, vector = stamp_normal_equations(self.batch(subset), self.where_images_live(self.basis.kernels),
+                                                self.config, ops=self.ops)
+        choice = choose_lambda(matrix, vector, self.cell_set.x[subset], self.cell_set.y[subset],
+                               self.regularization, self.basis.n_basis)
+        self.config = dataclasses.replace(self.config, lambda_type="absolute", lambda_value=choice.value)
+        return choice
 
     def single_kernel_stage(self):
         """Build unbuilt visited candidates until a pass rejects none."""
@@ -333,8 +375,12 @@ class _Solver:
         orig = self.cell_set.solutions["orig"]
         images = (np.tensordot(orig.coefficients[visited], self.basis.kernels, axes=1)
                   / orig.kernel_sum[visited][:, None, None])
-        self.pca_basis = pca_kernel_basis(images, self.config.num_principal_components,
-                                          self.config.subtract_mean_for_pca)
+        weights = None
+        if self.config.pca_weights == "precision":
+            (information,) = self.gather(visited, "orig", "information")
+            weights = kernel_precision(to_host(information), self.basis.n_basis, orig.kernel_sum[visited])
+        self.pca_basis = pca_kernel_basis(images, self.config.pca_components,
+                                          self.config.subtract_mean_for_pca, weights)
         self.cell_set.solutions.pop("pca", None)
         return self.build(visited, self.pca_basis, "pca", None)
 
@@ -353,13 +399,16 @@ class _Solver:
         xs = self.cell_set.x[used].astype(np.float32).astype(np.float64)
         ys = self.cell_set.y[used].astype(np.float32).astype(np.float64)
         bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
+        n_sum = self.spatial_function(config.kernel_sum_order(self.kernel_function.order)).n_terms
         maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
-                                         config.constant_first_term)
+                                         config.constant_first_term, n_sum)
         matrix, vector = spatial_normal_equations(*self.gather(used, key, "matrix", "vector"), maps, ops=self.ops)
-        theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type)
+        constraint = None if config.constant_first_term else kernel_sum_constraint(
+            basis.sum(axis=(1, 2)), self.kernel_function.n_terms, n_sum, len(vector))
+        theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type, constraint)
         n_bg = self.bg_function.n_terms if config.fit_for_background else 0
         coefficients, bg = unpack_spatial(theta, len(basis), self.kernel_function.n_terms, n_bg,
-                                          config.constant_first_term)
+                                          config.constant_first_term, n_sum)
         if not config.fit_for_background:
             bg = np.zeros(1)
         log.info("spatial fit: %d candidates, %d unknowns, condition number %.3g (%s)",
@@ -462,7 +511,7 @@ def _clip_reason(config, mean, rms, stage, clipping):
     return ""
 
 
-def pca_kernel_basis(images, n_components, subtract_mean):
+def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
     """PCA basis of kernel images (``ip_diffim`` ``_createPcaBasis``).
 
     Parameters
@@ -473,6 +522,9 @@ def pca_kernel_basis(images, n_components, subtract_mean):
         Kernels kept, the mean included when ``subtract_mean``.
     subtract_mean : bool
         Subtract the mean image first and prepend it to the basis.
+    weights : ndarray of shape (N,), optional
+        Weight of each image in the mean and the scatter matrix (e.g.
+        :func:`kernel_precision`); equal weights (``ip_diffim``) when omitted.
 
     Returns
     -------
@@ -480,12 +532,13 @@ def pca_kernel_basis(images, n_components, subtract_mean):
         Renormalised basis (sum 1 for the first, 0 for the others).
     """
     images = np.asarray(images, dtype=np.float64)
+    weights = np.full(len(images), 1.0 / len(images)) if weights is None else weights / np.sum(weights)
     kernels = []
     if subtract_mean:
-        mean = images.mean(axis=0)
+        mean = np.tensordot(weights, images, axes=1)
         images = images - mean
         kernels.append(mean)
-    flat = images.reshape(len(images), -1)
+    flat = images.reshape(len(images), -1) * np.sqrt(weights * len(images))[:, None]
     if len(images) == 1:
         eigen_images = flat.copy()
     else:
@@ -495,6 +548,9 @@ def pca_kernel_basis(images, n_components, subtract_mean):
         if values.sum() == 0:
             msg = "kernel PCA failed: every eigenvalue is zero"
             raise SingularSystemError(msg)
+        # eigenvalues at round-off (N images less their mean span N - 1 dimensions) have
+        # arbitrary eigen-images; ip_diffim keeps them, scaled up to a peak of 1
+        order = order[values[order] > len(values) * np.finfo(np.float64).eps * values.max()]
         eigen_images = vectors[:, order].T @ flat
     for image in eigen_images:
         extreme = image[np.argmax(np.abs(image))]
@@ -502,6 +558,33 @@ def pca_kernel_basis(images, n_components, subtract_mean):
             kernels.append((image / extreme).reshape(images.shape[1:]))
     kept = [k for k in kernels[:n_components] if np.all(np.isfinite(k))]
     return renormalize_kernel_list(np.array(kept))
+
+
+def kernel_precision(information, n_basis, kernel_sums):
+    """Precision of each stamp's kernel-sum-normalised kernel: ``K^2 tr(M_kk) / n_basis``.
+
+    A stamp's kernel pixels have variances about ``1 / diag(M)``, so a
+    normalised kernel ``k / K`` is known to about ``K^2 diag(M)``: a bright
+    star's kernel is known far better than a faint one's, and the PCA of
+    delta-function kernels weighted equally (``ip_diffim``) is led by the
+    noise of the faint ones.
+
+    Parameters
+    ----------
+    information : ndarray of shape (N,)
+        ``tr(M_kk)``, the trace of each stamp's normal matrix over the
+        kernel unknowns (host).
+    n_basis : int
+        Kernel unknowns.
+    kernel_sums : ndarray of shape (N,)
+        Host kernel sums.
+
+    Returns
+    -------
+    ndarray of shape (N,)
+        Host weights.
+    """
+    return np.asarray(kernel_sums, dtype=np.float64) ** 2 * np.asarray(information, dtype=np.float64) / n_basis
 
 
 def _all_rejected_message(cell_set):
@@ -577,6 +660,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         When clipping leaves no candidate, or restarts exceed ``max_solve_restarts``.
     """
     solver = _Solver(config, basis, template, science, cell_set, half_size, regularization)
+    lambda_choice = solver.choose_regularization()
     iteration = restarts = 0
     n_rejected = 0
     while iteration < config.max_spatial_iterations:
@@ -605,6 +689,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         solution = solver.spatial_stage()
     n_bg_terms = solver.bg_function.n_terms if config.fit_for_background else 0
     diagnostics = _diagnose(solver, solution, solver.kernel_function.n_terms, n_bg_terms)
+    diagnostics["regularization"] = regularization_record(config, regularization, lambda_choice)
     residuals = solver.residual_rows(solution.kernel, solution.background) if config.quality_report else None
     return KernelSolution(solution.kernel, solution.background, solution.condition_number,
                           solution.n_candidates, diagnostics, residuals)

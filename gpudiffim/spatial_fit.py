@@ -7,6 +7,15 @@ Unknowns ``theta`` (``ip_diffim`` ``SpatialKernelSolution``):
   ``t = 0 .. n_k - 1``, then background terms ``c_g``;
 * otherwise ``a_{i,t}`` for every basis, then ``c_g``.
 
+Those bases carry the kernel sum in basis 0 alone (the others sum to zero),
+so ``a_0`` constant means a constant kernel sum.  The kernel sum may instead
+follow the first ``n_s`` spatial terms (a lower order than the shape,
+``PsfMatchConfig.spatial_kernel_sum_order``): basis 0 then has ``n_s``
+unknowns ``a_{0,0..n_s-1}``.  A basis whose kernels all carry a sum (the
+delta functions) gets the same model from the linear constraints
+``sum_i s_i a_{i,t} = 0`` for ``t >= n_s`` (``s_i`` the sum of basis ``i``),
+which :class:`KernelSumConstraint` eliminates from the system.
+
 For candidate ``c`` at ``(x_c, y_c)`` with stamp normal matrix ``Q_c`` and
 vector ``w_c`` (no regularisation), the map ``J_c`` takes ``theta`` to the
 local parameters (local ``a_i = sum_t a_{i,t} P_t(x_c, y_c)``, local
@@ -25,8 +34,8 @@ from ._backend import to_host
 from ._ops import operations_for
 from .linalg import condition_number, solve_symmetric
 
-__all__ = ["LocalParameterMaps", "local_parameter_maps", "local_parameter_structure", "spatial_normal_equations",
-           "solve_spatial", "unpack_spatial"]
+__all__ = ["KernelSumConstraint", "LocalParameterMaps", "kernel_sum_constraint", "local_parameter_maps",
+           "local_parameter_structure", "spatial_normal_equations", "solve_spatial", "unpack_spatial"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ def _structure_of_dense(ops, maps):
     return LocalParameterMaps(owner, weights, maps.shape[1])
 
 
-def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term):
+def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term, n_first_terms=1):
     """The maps ``J_c`` of every candidate, in sparse form.
 
     Parameters
@@ -73,6 +82,10 @@ def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_te
         Background terms at each centre (None when no background is fitted).
     n_basis : int
     constant_first_term : bool
+        Basis 0 (the kernel sum) has its own, lower-order spatial model.
+    n_first_terms : int
+        With ``constant_first_term``, basis 0 varies with the first
+        ``n_first_terms`` spatial terms (1: constant, as ``ip_diffim``).
 
     Returns
     -------
@@ -82,8 +95,8 @@ def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_te
     n_g = 0 if bg_terms is None else bg_terms.shape[1]
     owner, columns = [], []
     if constant_first_term:
-        owner.append(0)
-        columns.append(np.ones((n, 1)))
+        owner.extend([0] * n_first_terms)
+        columns.append(kernel_terms[:, :n_first_terms] if n_first_terms > 1 else np.ones((n, 1)))
     for i in range(1 if constant_first_term else 0, n_basis):
         owner.extend([i] * n_k)
         columns.append(kernel_terms)
@@ -95,14 +108,14 @@ def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_te
     return LocalParameterMaps(np.array(owner, dtype=np.int32), weights, n_local)
 
 
-def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term):
+def local_parameter_maps(kernel_terms, bg_terms, n_basis, constant_first_term, n_first_terms=1):
     """The dense matrices ``J_c`` for every candidate (see :func:`local_parameter_structure`).
 
     Returns
     -------
     ndarray of shape (N, n_b + [1], n_theta)
     """
-    return local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term).dense()
+    return local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_term, n_first_terms).dense()
 
 
 def spatial_normal_equations(normal_matrices, normal_vectors, maps, *, ops=None):
@@ -131,22 +144,99 @@ def spatial_normal_equations(normal_matrices, normal_vectors, maps, *, ops=None)
     return ops.spatial_normal_equations(normal_matrices, normal_vectors, maps.owner, maps.weights)
 
 
-def solve_spatial(matrix, vector, condition_type="EIGENVALUE"):
-    """Solve the spatial system; also return its condition number and method."""
+@dataclass(frozen=True)
+class KernelSumConstraint:
+    """Unknowns eliminated by the kernel-sum constraints: ``theta[eliminated] = R theta[kept]``.
+
+    Attributes
+    ----------
+    kept, eliminated : ndarray of int
+        Indices into ``theta``.
+    reduction : ndarray of shape (n_eliminated, n_kept)
+        ``R``.
+    """
+
+    kept: np.ndarray
+    eliminated: np.ndarray
+    reduction: np.ndarray
+
+    def reduce(self, matrix, vector):
+        """The system in the kept unknowns: ``Z^T M Z``, ``Z^T b`` with ``Z = [I; R]`` (rows reordered)."""
+        kept, gone, r = self.kept, self.eliminated, self.reduction
+        cross = matrix[np.ix_(kept, gone)] @ r
+        reduced = matrix[np.ix_(kept, kept)] + cross + cross.T + r.T @ matrix[np.ix_(gone, gone)] @ r
+        return reduced, vector[kept] + r.T @ vector[gone]
+
+    def expand(self, solution):
+        """``theta`` from the kept unknowns."""
+        theta = np.empty(len(self.kept) + len(self.eliminated))
+        theta[self.kept] = solution
+        theta[self.eliminated] = self.reduction @ solution
+        return theta
+
+
+def kernel_sum_constraint(basis_sums, n_kernel_terms, n_sum_terms, n_theta):
+    """Constraints holding the kernel sum of a basis without a constant first term to ``n_sum_terms`` terms.
+
+    The kernel sum at ``(x, y)`` is ``sum_t P_t(x, y) sum_i s_i a_{i,t}``;
+    for every term ``t >= n_sum_terms`` the constraint ``sum_i s_i a_{i,t} =
+    0`` eliminates the unknown of the basis with the largest ``|s_i|``.
+
+    Parameters
+    ----------
+    basis_sums : ndarray of shape (n_b,)
+        Sum of each basis kernel.
+    n_kernel_terms, n_sum_terms : int
+        Spatial terms of the kernel shape and of its sum (``n_sum_terms <=
+        n_kernel_terms``).
+    n_theta : int
+        Unknowns of the spatial system (background terms last).
+
+    Returns
+    -------
+    KernelSumConstraint or None
+        None when nothing is constrained (``n_sum_terms == n_kernel_terms``).
+    """
+    sums = np.asarray(basis_sums, dtype=np.float64)
+    if n_sum_terms >= n_kernel_terms:
+        return None
+    pivot = int(np.argmax(np.abs(sums)))
+    others = np.flatnonzero(np.arange(len(sums)) != pivot)
+    terms = np.arange(n_sum_terms, n_kernel_terms)
+    eliminated = pivot * n_kernel_terms + terms
+    kept = np.setdiff1d(np.arange(n_theta), eliminated)
+    where = np.searchsorted(kept, others[None, :] * n_kernel_terms + terms[:, None])
+    reduction = np.zeros((len(terms), len(kept)))
+    np.put_along_axis(reduction, where, np.broadcast_to(-sums[others] / sums[pivot], where.shape), axis=1)
+    return KernelSumConstraint(kept, eliminated, reduction)
+
+
+def solve_spatial(matrix, vector, condition_type="EIGENVALUE", constraint=None):
+    """Solve the spatial system; also return its condition number and method.
+
+    With a :class:`KernelSumConstraint` the system is solved in the kept
+    unknowns (its condition number is that of the reduced matrix) and
+    ``theta`` is expanded to every unknown.
+    """
+    if constraint is None:
+        solution, method = solve_symmetric(matrix, vector)
+        return solution, condition_number(matrix, condition_type), method
+    matrix, vector = constraint.reduce(np.asarray(matrix), np.asarray(vector))
     solution, method = solve_symmetric(matrix, vector)
-    return solution, condition_number(matrix, condition_type), method
+    return constraint.expand(solution), condition_number(matrix, condition_type), method
 
 
-def unpack_spatial(theta, n_basis, n_kernel_terms, n_bg_terms, constant_first_term):
+def unpack_spatial(theta, n_basis, n_kernel_terms, n_bg_terms, constant_first_term, n_first_terms=1):
     """Split ``theta`` into kernel coefficients ``(n_b, n_k)`` and background terms.
 
-    The constant first term becomes row 0 ``[a_0, 0, ..., 0]``.
+    The constant first term becomes row 0 ``[a_0, 0, ..., 0]`` (with
+    ``n_first_terms``, its first ``n_first_terms`` entries).
     """
     kernel = np.zeros((n_basis, n_kernel_terms))
     start = 0
     if constant_first_term:
-        kernel[0, 0] = theta[0]
-        start = 1
+        kernel[0, :n_first_terms] = theta[:n_first_terms]
+        start = n_first_terms
     for i in range(1 if constant_first_term else 0, n_basis):
         kernel[i] = theta[start:start + n_kernel_terms]
         start += n_kernel_terms

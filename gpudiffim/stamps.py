@@ -39,7 +39,7 @@ from .cutouts import stamps_fit
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
-           "stamp_residual_sums", "candidate_kernels", "failure_texts"]
+           "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts"]
 
 
 @dataclass(frozen=True)
@@ -279,9 +279,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
-    columns, target = _design(ops, batch, basis, separable)
-    weights, codes = _stamp_weights(batch, half_width, config.constant_variance_weighting)
-    matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
+    columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
     solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     if config.iterate_single_kernel and not config.constant_variance_weighting:
@@ -297,6 +295,26 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         fy = batch.science.shape[1] - 2 * half_width
         model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
     return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model)
+
+
+def stamp_normal_equations(batch, basis, config, *, ops=None):
+    """The unregularised normal equations ``M`` (N, P, P) and ``b`` (N, P) of a batch, unsolved.
+
+    As the first step of :func:`fit_stamps` (same weighting and background
+    column), in the batch's array module.
+    """
+    basis = array_module_of(batch.template).asarray(basis, dtype=np.float64)
+    ops = operations_for(batch.template) if ops is None else ops
+    return _normal_equations(ops, batch, basis, config)[-1]
+
+
+def _normal_equations(ops, batch, basis, config, separable=None):
+    """Design columns, target, weights, failure codes and ``(M, b)`` of a batch (``basis`` where it lives;
+    ``separable``, its separable form if it has one)."""
+    columns, target = _design(ops, batch, basis, separable)
+    weights, codes = _stamp_weights(batch, basis.shape[1] // 2, config.constant_variance_weighting)
+    return columns, target, weights, codes, ops.stamp_normal_equations(columns, target, weights,
+                                                                       config.fit_for_background)
 
 
 def _difference_variance(ops, batch, kernels):

@@ -44,7 +44,7 @@ LAYERS = (
      {"image", "exposure", "spatial", "kernel", "cellset"}),
     ("operations: where each hot operation runs (NumPy reference or CUDA kernels), one data contract",
      {"_ops"}),
-    ("basis and spatial-fit functions", {"basis", "spatial_fit"}),
+    ("basis, spatial-fit and regularisation-strength functions", {"basis", "spatial_fit", "regularization"}),
     ("stamps and fits, detection and vetting, whole-image operations, quality",
      {"stamps", "candidates", "quality", "apply", "variance", "covariance", "warp", "registration",
       "sources", "direction", "decorrelation", "difference_psf"}),

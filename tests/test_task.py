@@ -51,14 +51,13 @@ def test_delta_function_basis_without_pca(bright_pair):
 
 @pytest.mark.filterwarnings("ignore::gpudiffim.FitQualityWarning")
 def test_delta_function_basis_with_pca(bright_pair):
-    """DF's default: PCA of the per-stamp kernels.  The PCA kernels come from noisy
-    per-pixel kernels, so the subtraction is looser than with the raw basis."""
+    """DF's default: PCA of the per-stamp kernels (8 components for DF, the mean included)."""
     config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=19, fit_for_background=True,
                             spatial_kernel_order=1)
     result = ImagePsfMatchTask(config).subtract_masked_images(bright_pair.template, bright_pair.science)
     kernel = result.psf_matching_kernel
-    assert kernel.n_basis == config.num_principal_components
-    np.testing.assert_allclose(kernel.basis.sum(axis=(1, 2)), [1, 0, 0, 0, 0], atol=1e-12)
+    assert kernel.n_basis == config.pca_components
+    np.testing.assert_allclose(kernel.basis.sum(axis=(1, 2)), [1] + [0] * (kernel.n_basis - 1), atol=1e-12)
     assert kernel.kernel_sum(192, 192) == pytest.approx(1.0, abs=0.01)
     mean, _, std = _noise_ratio(result)
     assert abs(mean) < 0.15 and std == pytest.approx(1.0, abs=0.1)
