@@ -238,6 +238,36 @@ def host_map(function, items):
     return list(_host_pool[key].map(lambda context, item: context.run(function, item), contexts, items))
 
 
+class _Done:
+    """The result of a call made at once (:func:`host_background` without a thread)."""
+
+    def __init__(self, function):
+        self._function = function
+
+    def result(self):
+        """Run the call now and return its value (exceptions propagate)."""
+        return self._function()
+
+
+def host_background(function, *planes):
+    """Start ``function()`` on a thread of its own while the caller goes on; ``.result()`` waits.
+
+    For host work that overlaps other host work (the noise-correlation
+    measurement during the full-image application, whose tiles leave a core
+    idle part of the time).  With device ``planes``, or a single host
+    thread, nothing starts: ``.result()`` makes the call then, in order with
+    the caller's device work.  The call runs in a copy of the caller's
+    context; its exception is raised by ``.result()``.
+    """
+    if host_threads() <= 1 or any(is_device_array(plane) for plane in planes):
+        return _Done(function)
+    context = contextvars.copy_context()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpudiffim-background")
+    future = executor.submit(context.run, function)
+    executor.shutdown(wait=False)       # the thread ends with the call
+    return future
+
+
 #: ``mallopt`` parameters of glibc (``malloc.h``) and the value :func:`tune_host_allocator` sets.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _ALLOCATOR_THRESHOLD = -1, -3, 1 << 30
 

@@ -443,7 +443,7 @@ def _factor_map(correlation, kernel, shape, xy0, xp):
     return xp.where(bottom > 0, top / xp.where(bottom > 0, bottom, 1.0), 1.0)
 
 
-def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=None):
+def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=None, correlation=None):
     """Multiply the propagated variance of ``to_convolve * kernel`` by ``f`` (in place).
 
     Parameters
@@ -463,6 +463,9 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=No
     sky : SkyResidual, optional
         :func:`gpudiffim.variance.sky_residual` of ``to_convolve``, if the
         variance correction made one.
+    correlation : NoiseCorrelation, optional
+        :func:`measure_noise_correlation` of ``to_convolve`` with ``max_lag``,
+        if measured already (e.g. while the image was being convolved).
 
     Returns
     -------
@@ -470,7 +473,8 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=No
         The same array.
     correction : MatchedVarianceCorrection
     """
-    correlation = measure_noise_correlation(to_convolve, max_lag=max_lag, sky=sky)
+    if correlation is None:
+        correlation = measure_noise_correlation(to_convolve, max_lag=max_lag, sky=sky)
     x0, y0, x1, y1 = to_convolve.bbox()
     centre = kernel.image(0.5 * (x0 + x1), 0.5 * (y0 + y1))
     factor, error = correlation.variance_factor(centre), correlation.factor_error(centre)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._backend import StageTimings, array_module, moved, stage_timer
+from ._backend import StageTimings, array_module, host_background, moved, stage_timer
 from .apply import convolve_masked_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
@@ -515,13 +515,17 @@ class ImagePsfMatchTask:
                        "bad_mask_planes": tuple(self.config.bad_mask_planes),
                        "n_stamp_parameters": basis.n_basis + int(self.config.fit_for_background),
                        "direction": direction, "preconvolution_psf": preconvolution}
+        measuring = None      # the noise correlation of to_convolve, measured while it is convolved (host)
+        if self.config.noise_correlation:
+            measuring = host_background(functools.partial(measure_noise_correlation, to_convolve, sky=sky),
+                                        to_convolve.image)
         with _timed(timings, "full-image convolution"):
             image, variance, mask = convolve_masked_image(to_convolve, solution.kernel)
         diagnostics["noise_correlation"] = None
-        if self.config.noise_correlation:
-            with _timed(timings, "noise correlation"):
+        if measuring is not None:
+            with _timed(timings, "noise correlation"):   # what the convolution did not hide
                 variance, diagnostics["noise_correlation"] = correct_matched_variance(
-                    to_convolve, solution.kernel, variance, sky=sky)
+                    to_convolve, solution.kernel, variance, correlation=measuring.result())
         matched = MaskedImage._wrap(image, mask, variance, to_convolve.xy0, to_convolve.mask_planes)
         if preconvolved:
             fwhms = (fwhms[0], fwhms[1] / np.sqrt(2.0))

@@ -287,3 +287,31 @@ def test_host_map_keeps_the_callers_backend(monkeypatch):
     with use_backend("cuda-emulator"):
         assert host_map(lambda _: compute_backend(), range(4)) == ["cuda-emulator"] * 4
     assert host_map(lambda _: compute_backend(), range(2)) == [compute_backend()] * 2
+
+
+def test_host_background_overlaps_and_reports(monkeypatch):
+    """The call runs on its own thread while the caller goes on; its value and its exception come
+    back through result(); with one host thread it runs at result() time, on the caller's thread."""
+    import threading
+
+    from gpudiffim._backend import host_background
+
+    monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", "2")
+    started = threading.Event()
+
+    def call():
+        started.set()
+        return threading.current_thread().name
+
+    pending = host_background(call)
+    assert started.wait(5)                      # started before result() is asked for
+    assert pending.result().startswith("gpudiffim-background")
+
+    def fails():
+        raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        host_background(fails).result()
+    monkeypatch.setenv("GPUDIFFIM_HOST_THREADS", "1")
+    later = host_background(call)
+    assert later.result() == threading.current_thread().name
