@@ -42,6 +42,7 @@ method                             contract
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
+                                   (``weighted_correlations_of``: of several planes at once)
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
@@ -350,23 +351,32 @@ class NumpyOperations:
         :meth:`weighted_correlations_whole` to FFT rounding (~1e-7 of the
         largest term value in float32).
         """
-        correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
-        groups = {}     # terms by their column factor (the spatial terms share a few x-powers)
-        for kernel, (rows, cols) in zip(kernels, factors):
-            if np.any(kernel):
-                cols = cols.astype(dtype)
-                key = cols.tobytes()
-                groups.setdefault(key, (cols, []))[1].append((correlator.kernel_transform(kernel),
-                                                               rows.astype(dtype)))
-        out = np.zeros(image.shape, dtype=dtype)
+        return self.weighted_correlations_of([(image, kernels, factors)], dtype)[0]
 
-        def tile(index):   # every group of one tile, in a fixed order: the sums do not depend on the threads
+    def weighted_correlations_of(self, jobs, dtype):
+        """:meth:`weighted_correlations` of several ``(image, kernels, factors)`` (an image's and its
+        variance's), every tile of every job in one map over the host threads (a core is not left
+        idle at the end of each); a list of the sums."""
+        outs, work = [], []
+        for image, kernels, factors in jobs:
+            correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
+            groups = {}     # terms by their column factor (the spatial terms share a few x-powers)
+            for kernel, (rows, cols) in zip(kernels, factors):
+                if np.any(kernel):
+                    cols = cols.astype(dtype)
+                    groups.setdefault(cols.tobytes(), (cols, []))[1].append(
+                        (correlator.kernel_transform(kernel), rows.astype(dtype)))
+            outs.append(np.zeros(image.shape, dtype=dtype))
+            work += [(correlator, list(groups.values()), outs[-1], index) for index in range(correlator.n_tiles)]
+
+        def tile(item):   # every group of one tile, in a fixed order: the sums do not depend on the threads
+            correlator, groups, out, index = item
             ys, xs = correlator.tile_region(index)
             out[ys, xs] = correlator.weighted_tile_sum(
-                index, [(cols[xs], [(ft, rows[ys]) for ft, rows in terms]) for cols, terms in groups.values()])
+                index, [(cols[xs], [(ft, rows[ys]) for ft, rows in terms]) for cols, terms in groups])
 
-        host_map(tile, range(correlator.n_tiles))
-        return out
+        host_map(tile, work)
+        return outs
 
     def weighted_correlations_whole(self, image, kernels, factors, dtype):
         """:meth:`weighted_correlations` with one transform of the whole padded image per term
@@ -546,6 +556,10 @@ class KernelOperations(NumpyOperations):
             cols = xp.asarray(np.stack([factors[k][1] for k in batch]).astype(dtype))
             image_apply.accumulate_terms(out, full, row0, col0, rows, cols)
         return out
+
+    def weighted_correlations_of(self, jobs, dtype):
+        """:meth:`weighted_correlations` of each job in turn."""
+        return [self.weighted_correlations(image, kernels, factors, dtype) for image, kernels, factors in jobs]
 
     def accumulate_term(self, out, term, rows, cols):
         """One-term ``gdi_accumulate_terms`` (bit-identical to the reference's three in-place steps)."""

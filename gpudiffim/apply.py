@@ -141,10 +141,9 @@ def _convolve_band(masked_image, parts, start, stop, halo):
     shape, dtype = (high - low, columns), masked_image.dtype
     xy0 = (masked_image.xy0[0], masked_image.xy0[1] + low)
     ops, (terms, function), (squared, square_function), footprint = parts
-    image = ops.weighted_correlations(masked_image.image[low:high], terms,
-                                      _grid_factors(function, shape, xy0), dtype)
-    variance = ops.weighted_correlations(masked_image.variance[low:high], squared,
-                                         _grid_factors(square_function, shape, xy0), dtype)
+    image, variance = ops.weighted_correlations_of(
+        [(masked_image.image[low:high], terms, _grid_factors(function, shape, xy0)),
+         (masked_image.variance[low:high], squared, _grid_factors(square_function, shape, xy0))], dtype)
     mask = ops.propagate_mask(masked_image.mask[low:high], footprint)
     keep = slice(start - low, stop - low)
     return image[keep], variance[keep], mask[keep]
