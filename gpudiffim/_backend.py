@@ -327,17 +327,19 @@ def single_threaded_blas():
         yield
 
 
-def fft_functions(xp):
+def fft_functions(xp, threads=None):
     """``rfft``, ``fft``, ``irfft2``, ``rfft2`` for arrays of ``xp``, with a common signature.
 
-    NumPy arrays use ``scipy.fft`` on :func:`host_threads` threads; CuPy arrays ``cupyx.scipy.fft``
+    NumPy arrays use ``scipy.fft`` on ``threads`` threads (default :func:`host_threads`: 1 for
+    transforms made on the host threads themselves); CuPy arrays ``cupyx.scipy.fft``
     (cuFFT).
     """
     names = ("rfft", "fft", "irfft2", "rfft2")
     if xp is np:
         import scipy.fft
 
-        return {name: functools.partial(getattr(scipy.fft, name), workers=host_threads()) for name in names}
+        workers = host_threads() if threads is None else threads
+        return {name: functools.partial(getattr(scipy.fft, name), workers=workers) for name in names}
     import cupyx.scipy.fft as cufft
 
     return {name: getattr(cufft, name) for name in names}

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.fft
 
-from ._backend import array_module_of, fft_functions, moved
+from ._backend import array_module_of, fft_functions, host_map, is_device_array, moved
 from .errors import ConfigurationError
 from .image import MaskedImage
 
@@ -388,13 +388,16 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
         response_ft = fft_functions(xp)["rfft2"](moved(_centred(np.asarray(response_psf, float), shape), xp))
     terms = {}
 
+    def node_value(j, i):
+        phi, weights = model.node_terms(x0 + nodes_x[i], y0 + nodes_y[j], shape, xp)
+        peak = None
+        if response_ft is not None:
+            peak = _spectral_mean((response_ft * phi).real, shape[1], xp)    # the inverse at [0, 0]
+        return phi.astype(dtype), weights, peak
+
     def node(j, i):
         if (j, i) not in terms:
-            phi, weights = model.node_terms(x0 + nodes_x[i], y0 + nodes_y[j], shape, xp)
-            peak = None
-            if response_ft is not None:
-                peak = _spectral_mean((response_ft * phi).real, shape[1], xp)    # the inverse at [0, 0]
-            terms[j, i] = (phi.astype(dtype), weights, peak)
+            terms[j, i] = node_value(j, i)
         return terms[j, i]
 
     filled_image, filled = _fill(difference)
@@ -405,11 +408,26 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     if prefilter is not None:     # the afw correlation with P: conj of P's transform, P centred at [0, 0]
         prefilter = xp.conj(ffts["rfft2"](moved(_centred(np.asarray(prefilter, float), shape), xp))).astype(
             xp.result_type(dtype, np.complex64))
-    for ys, ye, y_nodes in cells_y:
-        for xs, xe, x_nodes in cells_x:
-            _decorrelate_cell(filled_image, (ys, ye, xs, xe), y_nodes, x_nodes, node, halo, shape, ffts,
-                              (unconvolved_variance, convolved_variance), (out_image, out_variance, response),
-                              prefilter)
+    cells = [(ys, ye, y_nodes, xs, xe, x_nodes) for ys, ye, y_nodes in cells_y for xs, xe, x_nodes in cells_x]
+    keys = sorted({(j, i) for _, _, y_nodes, _, _, x_nodes in cells for j, _ in y_nodes for i, _ in x_nodes})
+    if is_device_array(difference.image):     # every node's terms first (the cells share them)
+        for key in keys:
+            node(*key)
+    else:
+        terms.update(zip(keys, host_map(lambda key: node_value(*key), keys)))
+
+    def cell(item):      # each cell writes its own region of the outputs
+        ys, ye, y_nodes, xs, xe, x_nodes = item
+        _decorrelate_cell(filled_image, (ys, ye, xs, xe), y_nodes, x_nodes, node, halo, shape, ffts,
+                          (unconvolved_variance, convolved_variance), (out_image, out_variance, response),
+                          prefilter)
+
+    if is_device_array(filled_image):
+        for item in cells:
+            cell(item)
+    else:       # host: the cells on the host threads, each transform on its own thread
+        ffts = fft_functions(xp, threads=1)
+        host_map(cell, cells)
     out_image = xp.where(filled, difference.image, out_image)
     out_variance = xp.where(filled, difference.variance, out_variance * dtype.type(scale**2))
     log.info("decorrelated (%s mode) on %d x %d nodes, halo %d px, FFT tiles %s", model.mode, len(nodes_x),
