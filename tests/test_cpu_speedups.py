@@ -178,8 +178,10 @@ print(before, faults())
 """
     before, after = map(int, subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                             text=True).stdout.split())
-    assert before > 1000             # ~500 faults per round by default (mapped afresh, then unmapped)
-    assert after < before / 20
+    # by default every round maps 40 MB afresh: 20 faults per round with 2 MB transparent huge
+    # pages, ~10,000 with 4 kB pages (which one depends on the kernel's state); tuned, none
+    assert before >= 10 * 15
+    assert after <= before / 20
 
 
 @pytest.mark.parametrize(("sigmas", "degrees", "half_width"), [
