@@ -443,7 +443,7 @@ def _factor_map(correlation, kernel, shape, xy0, xp):
     return xp.where(bottom > 0, top / xp.where(bottom > 0, bottom, 1.0), 1.0)
 
 
-def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=None, correlation=None):
+def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, correlation=None):
     """Multiply the propagated variance of ``to_convolve * kernel`` by ``f`` (in place).
 
     Parameters
@@ -460,9 +460,6 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=No
         which hold the unconvolved input variance).
     max_lag : int
         Largest lag (px) of the correlation.
-    sky : SkyResidual, optional
-        :func:`gpudiffim.variance.sky_residual` of ``to_convolve``, if the
-        variance correction made one.
     correlation : NoiseCorrelation, optional
         :func:`measure_noise_correlation` of ``to_convolve`` with ``max_lag``,
         if measured already (e.g. while the image was being convolved).
@@ -474,7 +471,7 @@ def correct_matched_variance(to_convolve, kernel, variance, *, max_lag=3, sky=No
     correction : MatchedVarianceCorrection
     """
     if correlation is None:
-        correlation = measure_noise_correlation(to_convolve, max_lag=max_lag, sky=sky)
+        correlation = measure_noise_correlation(to_convolve, max_lag=max_lag)
     x0, y0, x1, y1 = to_convolve.bbox()
     centre = kernel.image(0.5 * (x0 + x1), 0.5 * (y0 + y1))
     factor, error = correlation.variance_factor(centre), correlation.factor_error(centre)

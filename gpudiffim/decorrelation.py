@@ -386,48 +386,39 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     response_ft = None
     if response_psf is not None:
         response_ft = fft_functions(xp)["rfft2"](moved(_centred(np.asarray(response_psf, float), shape), xp))
-    terms = {}
+    on_host = not is_device_array(difference.image)
 
-    def node_value(j, i):
+    def each(function, items):
+        """``function`` of every item: on the host threads (each writes its own outputs), or in turn."""
+        return host_map(function, items) if on_host else [function(item) for item in items]
+
+    def node_terms(key):
+        j, i = key
         phi, weights = model.node_terms(x0 + nodes_x[i], y0 + nodes_y[j], shape, xp)
         peak = None
         if response_ft is not None:
             peak = _spectral_mean((response_ft * phi).real, shape[1], xp)    # the inverse at [0, 0]
         return phi.astype(dtype), weights, peak
 
-    def node(j, i):
-        if (j, i) not in terms:
-            terms[j, i] = node_value(j, i)
-        return terms[j, i]
-
     filled_image, filled = _fill(difference)
     out_image = xp.empty((rows, columns), dtype=dtype)
     out_variance = xp.empty((rows, columns), dtype=dtype)
     response = xp.empty((rows, columns), dtype=dtype) if response_psf is not None else None
-    ffts = fft_functions(xp)
     if prefilter is not None:     # the afw correlation with P: conj of P's transform, P centred at [0, 0]
-        prefilter = xp.conj(ffts["rfft2"](moved(_centred(np.asarray(prefilter, float), shape), xp))).astype(
-            xp.result_type(dtype, np.complex64))
+        prefilter = xp.conj(fft_functions(xp)["rfft2"](moved(_centred(np.asarray(prefilter, float), shape), xp)))
+        prefilter = prefilter.astype(xp.result_type(dtype, np.complex64))
     cells = [(ys, ye, y_nodes, xs, xe, x_nodes) for ys, ye, y_nodes in cells_y for xs, xe, x_nodes in cells_x]
     keys = sorted({(j, i) for _, _, y_nodes, _, _, x_nodes in cells for j, _ in y_nodes for i, _ in x_nodes})
-    if is_device_array(difference.image):     # every node's terms first (the cells share them)
-        for key in keys:
-            node(*key)
-    else:
-        terms.update(zip(keys, host_map(lambda key: node_value(*key), keys)))
+    terms = dict(zip(keys, each(node_terms, keys)))     # every node's terms first (the cells share them)
+    ffts = fft_functions(xp, threads=1 if on_host else None)   # on the host, each cell's on its own thread
 
-    def cell(item):      # each cell writes its own region of the outputs
+    def cell(item):
         ys, ye, y_nodes, xs, xe, x_nodes = item
-        _decorrelate_cell(filled_image, (ys, ye, xs, xe), y_nodes, x_nodes, node, halo, shape, ffts,
+        _decorrelate_cell(filled_image, (ys, ye, xs, xe), y_nodes, x_nodes, terms, halo, shape, ffts,
                           (unconvolved_variance, convolved_variance), (out_image, out_variance, response),
                           prefilter)
 
-    if is_device_array(filled_image):
-        for item in cells:
-            cell(item)
-    else:       # host: the cells on the host threads, each transform on its own thread
-        ffts = fft_functions(xp, threads=1)
-        host_map(cell, cells)
+    each(cell, cells)
     out_image = xp.where(filled, difference.image, out_image)
     out_variance = xp.where(filled, difference.variance, out_variance * dtype.type(scale**2))
     log.info("decorrelated (%s mode) on %d x %d nodes, halo %d px, FFT tiles %s", model.mode, len(nodes_x),
@@ -437,7 +428,7 @@ def decorrelate(difference, model, unconvolved_variance, convolved_variance, *, 
     return decorrelated, response
 
 
-def _decorrelate_cell(image, box, y_nodes, x_nodes, node, halo, shape, ffts, variances, outputs, prefilter):
+def _decorrelate_cell(image, box, y_nodes, x_nodes, terms, halo, shape, ffts, variances, outputs, prefilter):
     """One cell of :func:`decorrelate`: transform with its halo, apply each corner's phi, blend."""
     xp = array_module_of(image)
     ys, ye, xs, xe = box
@@ -457,7 +448,7 @@ def _decorrelate_cell(image, box, y_nodes, x_nodes, node, halo, shape, ffts, var
         response[region] = 0
     for j, weight_y in y_nodes:
         for i, weight_x in x_nodes:
-            phi, (w1, w2), peak = node(j, i)
+            phi, (w1, w2), peak = terms[j, i]
             weight = moved(np.outer(weight_y, weight_x).astype(image.dtype), xp)
             out_image[region] += weight * ffts["irfft2"](transform * phi, s=shape)[core]
             out_variance[region] += weight * (w1 * variances[0][region] + w2 * variances[1][region])
