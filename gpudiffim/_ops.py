@@ -440,6 +440,21 @@ class NumpyOperations:
                 out |= ndi.maximum_filter(plane, footprint=footprint, mode="constant").astype(mask.dtype) << bit
         return out
 
+    def copy_edge(self, inputs, half_y, half_x, edge_bit, outputs):
+        """Within ``half_y`` rows and ``half_x`` columns of the border, in place: the input ``(image,
+        variance)`` into the outputs, and ``mask |= input mask | edge_bit``; four strips (slices, no
+        boolean mask).  Returns ``outputs``."""
+        (image, variance, mask), (in_image, in_variance, in_mask) = outputs, inputs
+        rows, columns = image.shape
+        hy, hx = min(half_y, rows), min(half_x, columns)
+        strips = [(slice(0, hy), slice(None)), (slice(rows - hy, rows), slice(None)),
+                  (slice(hy, rows - hy), slice(0, hx)), (slice(hy, rows - hy), slice(columns - hx, columns))]
+        for strip in strips:     # (empty when the kernel is 1 px wide; overlapping ones repeat the same values)
+            image[strip] = in_image[strip]
+            variance[strip] = in_variance[strip]
+            mask[strip] |= in_mask[strip] | np.int32(edge_bit)
+        return outputs
+
 
 class KernelOperations(NumpyOperations):
     """The CUDA kernels (GPU for CuPy arrays, CPU emulator for NumPy arrays).
@@ -560,6 +575,12 @@ class KernelOperations(NumpyOperations):
     def weighted_correlations_of(self, jobs, dtype):
         """:meth:`weighted_correlations` of each job in turn."""
         return [self.weighted_correlations(image, kernels, factors, dtype) for image, kernels, factors in jobs]
+
+    def copy_edge(self, inputs, half_y, half_x, edge_bit, outputs):
+        """``gdi_copy_edge``: one launch over the border pixels."""
+        from ._cuda import image_apply
+
+        return image_apply.copy_edge(inputs, half_y, half_x, edge_bit, outputs)
 
     def accumulate_term(self, out, term, rows, cols):
         """One-term ``gdi_accumulate_terms`` (bit-identical to the reference's three in-place steps)."""

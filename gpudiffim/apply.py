@@ -149,23 +149,6 @@ def _convolve_band(masked_image, parts, start, stop, halo):
     return image[keep], variance[keep], mask[keep]
 
 
-def _copy_edge(masked_image, kernel_shape, image, variance, mask):
-    """Input image and variance, and the EDGE bit, within the kernel half-width of the border (in place).
-
-    The border is four strips (slices: no boolean mask, so nothing is read
-    back on the GPU).
-    """
-    rows, columns = masked_image.shape
-    hy, hx = min(kernel_shape[0] // 2, rows), min(kernel_shape[1] // 2, columns)
-    edge_bit = np.int32(masked_image.bits(["EDGE"]))
-    strips = [(slice(0, hy), slice(None)), (slice(rows - hy, rows), slice(None)),
-              (slice(hy, rows - hy), slice(0, hx)), (slice(hy, rows - hy), slice(columns - hx, columns))]
-    for strip in strips:     # (empty when the kernel is 1 px wide; overlapping ones repeat the same values)
-        image[strip] = masked_image.image[strip]
-        variance[strip] = masked_image.variance[strip]
-        mask[strip] |= masked_image.mask[strip] | edge_bit
-
-
 def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
     """Correlate a masked image with a spatially varying kernel, exactly.
 
@@ -232,5 +215,7 @@ def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
                 masked_image, parts, start, stop, halo)
     log.debug("convolved %s in %d band(s) of at most %d input pixels", masked_image.shape, len(bands),
               max_tile_pixels)
-    _copy_edge(masked_image, kernel.shape, image, variance, mask)
-    return image, variance, mask.astype(np.int32)
+    mask = mask.astype(np.int32, copy=False)
+    parts[0].copy_edge((masked_image.image, masked_image.variance, masked_image.mask), kernel.shape[0] // 2,
+                       kernel.shape[1] // 2, masked_image.bits(["EDGE"]), (image, variance, mask))
+    return image, variance, mask

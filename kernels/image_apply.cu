@@ -24,6 +24,12 @@
 //   footprint[kh / 2 + v, kw / 2 + u] != 0 (C integer division; afw
 //   correlation orientation, the one of scipy.ndimage.maximum_filter with
 //   origin 0, also for even kh or kw).
+// * gdi_copy_edge<T>: within hy rows and hx columns of the border, the
+//   output image and variance take the input's values and the output mask
+//   ORs in the input's bits and the EDGE bit (NumpyOperations.copy_edge of
+//   gpudiffim/_ops.py: where the kernel does not fit, the convolved image is
+//   the input); one launch over the border pixels only, instead of four
+//   strips of three planes.
 //
 // Index conventions: images are C-contiguous, (ny, nx) or a stack (n_images,
 // ny, nx); element (n, y, x) is at (n * ny + y) * nx + x, y the row and x the
@@ -141,9 +147,54 @@ __global__ void gdi_or_filter_footprint(const int* __restrict__ mask,
     }
 }
 
+// gdi_copy_edge<T>: the border is hy top rows, hb = min(hy, ny - hy) bottom
+// rows, and between them hx left and hr = min(hx, nx - hx) right columns
+// (hy <= ny and hx <= nx: the wrapper clips them), so every border pixel is
+// visited once even when the strips of an image smaller than the kernel
+// would overlap.  Border pixel k counts the top and bottom rows first, then
+// the side pixels row by row.
+template <typename T>
+__global__ void gdi_copy_edge(const T* __restrict__ in_image,
+                              const T* __restrict__ in_variance,
+                              const int* __restrict__ in_mask,
+                              int ny, int nx, int hy, int hx, int edge_bit,
+                              T* __restrict__ image,
+                              T* __restrict__ variance,
+                              int* __restrict__ mask)
+{
+    const long long hb = hy < ny - hy ? hy : ny - hy;
+    const long long hr = hx < nx - hx ? hx : nx - hx;
+    const long long across = (hy + hb) * nx;                     // pixels of the top and bottom rows
+    const long long width = hx + hr;                             // side pixels per row between them
+    const long long total = across + (ny - hy - hb) * width;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += stride) {
+        long long y, x;
+        if (k < across) {
+            const long long row = k / nx;
+            x = k - row * nx;
+            y = row < hy ? row : ny - hb + (row - hy);
+        } else {
+            const long long s = k - across;
+            const long long row = s / width;
+            const long long column = s - row * width;
+            y = hy + row;
+            x = column < hx ? column : nx - hr + (column - hx);
+        }
+        const long long p = y * nx + x;
+        image[p] = in_image[p];
+        variance[p] = in_variance[p];
+        mask[p] = mask[p] | in_mask[p] | edge_bit;
+    }
+}
+
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and
 // CuPy's name_expressions find "gdi_accumulate_terms<float>" / "<double>".
 template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int, int, const float*,
                                                      const float*, int, int, float*);
 template __global__ void gdi_accumulate_terms<double>(const double*, int, int, int, int, int, const double*,
                                                       const double*, int, int, double*);
+template __global__ void gdi_copy_edge<float>(const float*, const float*, const int*, int, int, int, int, int,
+                                              float*, float*, int*);
+template __global__ void gdi_copy_edge<double>(const double*, const double*, const int*, int, int, int, int, int,
+                                               double*, double*, int*);

@@ -77,6 +77,14 @@ def accumulate_terms(terms, n_terms, term_rows, term_cols, row0, col0, rows, col
             * cols.reshape(n_terms, nx)[t][None, :]
 
 
+def copy_edge(in_image, in_variance, in_mask, ny, nx, hy, hx, edge_bit, image, variance, mask):
+    border = np.ones((ny, nx), dtype=bool)
+    border[hy:ny - hy, hx:nx - hx] = False
+    image.reshape(ny, nx)[border] = in_image.reshape(ny, nx)[border]
+    variance.reshape(ny, nx)[border] = in_variance.reshape(ny, nx)[border]
+    mask.reshape(ny, nx)[border] |= in_mask.reshape(ny, nx)[border] | edge_bit
+
+
 def or_filter_1d(mask, n_images, ny, nx, half, axis, out):
     m = mask.reshape(n_images, ny, nx)
     result = m.copy()
@@ -185,3 +193,4 @@ FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
 FAST["gdi_solve_small"] = solve_small
+FAST.update({f"gdi_copy_edge<{_type}>": copy_edge for _type in ("float", "double")})

@@ -34,6 +34,7 @@ from gpudiffim._cuda.image_apply import (
     MAX_BLOCKS,
     THREADS,
     accumulate_term,
+    copy_edge,
     grid_stride_geometry,
     or_filter_box,
     or_filter_footprint,
@@ -296,6 +297,39 @@ def test_mask_conversions_and_errors(emulator):
 
 
 # ---------------------------------------------------------------------------
+# border copy == NumpyOperations.copy_edge
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, half", [((17, 23), (3, 4)), ((9, 9), (4, 4)), ((5, 7), (4, 2)),
+                                         ((6, 3), (2, 9)), ((8, 8), (0, 3)), ((4, 4), (0, 0))])
+def test_emulated_copy_edge_matches_strips(emulator, rng, dtype, shape, half):
+    """Every border pixel (the whole image when the kernel is wider) copied exactly once, the
+    interior untouched; outputs start from poisoned values so that a missed pixel shows."""
+    gen, seed = rng
+    inputs = (gen.normal(size=shape).astype(dtype), gen.random(shape).astype(dtype), _random_mask(gen, shape, 0.3))
+    start = (np.full(shape, np.nan, dtype=dtype), np.full(shape, -7.0, dtype=dtype), _random_mask(gen, shape, 0.5))
+    expected = NUMPY.copy_edge(inputs, *half, EDGE, tuple(p.copy() for p in start))
+    got = copy_edge(inputs, *half, EDGE, tuple(p.copy() for p in start))
+    for name, g, e in zip(("image", "variance", "mask"), got, expected):
+        assert_array_equal(g, e, err_msg=f"{name} seed={seed}")
+    hy, hx = min(half[0], shape[0]), min(half[1], shape[1])
+    interior = (slice(hy, shape[0] - hy), slice(hx, shape[1] - hx))
+    assert np.isnan(got[0][interior]).all()
+    assert (got[2] & EDGE != 0).sum() == shape[0] * shape[1] - got[0][interior].size
+
+
+def test_copy_edge_errors(emulator):
+    planes = (np.zeros((4, 5)), np.zeros((4, 5)), np.zeros((4, 5), dtype=np.int32))
+    with pytest.raises(TypeError, match="int32 mask"):
+        copy_edge(planes, 1, 1, EDGE, (np.zeros((4, 5)), np.zeros((4, 5)), np.zeros((4, 5))))
+    with pytest.raises(ValueError, match="shape"):
+        copy_edge(planes, 1, 1, EDGE, (np.zeros((4, 6)), np.zeros((4, 6)), np.zeros((4, 6), dtype=np.int32)))
+    with pytest.raises(ValueError, match="non-negative"):
+        copy_edge(planes, -1, 1, EDGE, tuple(p.copy() for p in planes))
+
+
+# ---------------------------------------------------------------------------
 # Lanczos-3 warp == warp.py
 
 
@@ -479,6 +513,20 @@ def test_cupy_mask_propagation_matches_numpy(rng):
     want = NUMPY.dilated_bad_pixels(stack, BAD | SAT, 5)
     grown = cupy.asnumpy(or_filter_box(cupy.asarray(stack) & (BAD | SAT), 5, 5))
     assert_array_equal(grown[:, 5:26, 5:26] != 0, want, err_msg=f"seed={seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, half", [((517, 1031), (10, 11)), ((9, 9), (4, 4)), ((5, 7), (4, 2))])
+def test_cupy_copy_edge_matches_numpy(rng, shape, half):
+    import cupy
+
+    gen, seed = rng
+    inputs = (gen.normal(size=shape), gen.random(shape), _random_mask(gen, shape, 0.3))
+    start = (np.full(shape, np.nan), np.full(shape, -7.0), _random_mask(gen, shape, 0.5))
+    want = NUMPY.copy_edge(inputs, *half, EDGE, tuple(p.copy() for p in start))
+    got = copy_edge(tuple(cupy.asarray(p) for p in inputs), *half, EDGE, tuple(cupy.asarray(p) for p in start))
+    for name, g, w in zip(("image", "variance", "mask"), got, want):
+        assert_array_equal(cupy.asnumpy(g), w, err_msg=f"{name} seed={seed}")
 
 
 @pytest.mark.gpu

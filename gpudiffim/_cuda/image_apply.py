@@ -5,6 +5,8 @@ Full-image application (issue 4, kernel 5):
 * :func:`accumulate_term`: ``out += (term * rows[:, None]) * cols[None, :]``,
   the accumulation step of :func:`gpudiffim.apply._weighted_correlations`
   (the correlations themselves are FFT library calls);
+* :func:`copy_edge`: the input planes and the EDGE bit within the kernel
+  half-width of the border (:func:`gpudiffim.apply.convolve_masked_image`);
 * :func:`or_filter_box`, :func:`or_filter_footprint` and
   :func:`propagate_mask`: the mask propagation of
   :func:`gpudiffim.apply.propagate_mask` and the box dilation of
@@ -35,6 +37,7 @@ __all__ = [
     "or_filter_box",
     "or_filter_footprint",
     "propagate_mask",
+    "copy_edge",
 ]
 
 #: Threads per block of every kernel of ``image_apply.cu`` and ``warp.cu``.
@@ -336,3 +339,66 @@ def propagate_mask(mask, footprint):
     if footprint_host.all() and kh % 2 == 1 and kw % 2 == 1:
         return or_filter_box(mask, kh // 2, kw // 2)
     return or_filter_footprint(mask, footprint_host)
+
+
+# ---------------------------------------------------------------------------
+# border
+
+
+def copy_edge(inputs, half_y, half_x, edge_bit, outputs):
+    """Within ``half_y`` rows and ``half_x`` columns of the border: input image and variance, mask | input | EDGE.
+
+    One launch of ``gdi_copy_edge`` over the border pixels only (the four
+    strips of ``gpudiffim._ops.NumpyOperations.copy_edge``), in place.
+
+    Parameters
+    ----------
+    inputs : tuple of ndarray
+        ``(image, variance, mask)`` of the input, shape (ny, nx); image and
+        variance are converted to the outputs' dtype, the mask to int32.
+    half_y, half_x : int
+        Border widths (the kernel's half-height and half-width); wider than
+        the image, the whole image is border.
+    edge_bit : int
+        Bit value ORed into the output mask on the border.
+    outputs : tuple of ndarray
+        ``(image, variance, mask)``: C-contiguous float32 or float64 planes
+        of one dtype and an int32 mask, shape (ny, nx), updated in place.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``outputs``.
+
+    Raises
+    ------
+    TypeError
+        If an output plane is not C-contiguous of the stated dtypes.
+    ValueError
+        If the shapes differ or a width is negative.
+    """
+    image, variance, mask = outputs
+    for name, plane in (("image", image), ("variance", variance), ("mask", mask)):
+        check_array(name, plane)
+    launcher, xp = on_launcher(image)
+    ctype = float_ctype("image", image.dtype)
+    if (variance.dtype != image.dtype or mask.dtype != np.int32
+            or not all(p.flags.c_contiguous for p in outputs)):
+        msg = (f"outputs must be C-contiguous image and variance of one float dtype and an int32 mask, got "
+               f"{image.dtype}, {variance.dtype}, {mask.dtype}")
+        raise TypeError(msg)
+    if image.ndim != 2 or any(p.shape != image.shape for p in (*inputs, *outputs)):
+        msg = f"every plane must have the shape {image.shape} (2-D), got {[p.shape for p in (*inputs, *outputs)]}"
+        raise ValueError(msg)
+    ny, nx = image.shape
+    hy, hx = min(_check_half("half_y", half_y), ny), min(_check_half("half_x", half_x), nx)
+    in_image = prepare(xp, inputs[0], image.dtype, 2, "input image")
+    in_variance = prepare(xp, inputs[1], image.dtype, 2, "input variance")
+    in_mask = int32_mask("input mask", inputs[2], xp)
+    bottom, right = min(hy, ny - hy), min(hx, nx - hx)      # rows and columns not already in a strip
+    n_border = (hy + bottom) * nx + (ny - hy - bottom) * (hx + right)
+    if n_border:
+        grid, block = grid_stride_geometry(n_border, launcher)
+        launch(f"gdi_copy_edge<{ctype}>", grid, block,
+               (in_image, in_variance, in_mask, ny, nx, hy, hx, int(edge_bit), image, variance, mask))
+    return outputs

@@ -169,6 +169,17 @@ KERNELS.update({
 KERNELS.update({f"gdi_warp_lanczos3<{t}>": _warp_lanczos3(t) for t in ("float", "double")})
 
 
+def _copy_edge(t):
+    return KernelSpec("image_apply", (
+        ("in_image", f"const {t}*"), ("in_variance", f"const {t}*"), ("in_mask", "const int*"),
+        ("ny", "int"), ("nx", "int"), ("hy", "int"), ("hx", "int"), ("edge_bit", "int"),
+        ("image", f"{t}*"), ("variance", f"{t}*"), ("mask", "int*"),
+    ))
+
+
+KERNELS.update({f"gdi_copy_edge<{t}>": _copy_edge(t) for t in ("float", "double")})
+
+
 # ---- kernels/linear_solve.cu (issue 17: the stamp systems in one launch) ----
 
 KERNELS["gdi_solve_small"] = KernelSpec("linear_solve", (
