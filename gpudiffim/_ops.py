@@ -64,6 +64,7 @@ from .convolve import (
 from .cutouts import cut_planes
 from .errors import SingularSystemError
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
+from .spatial import GridFactors
 from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
@@ -192,6 +193,31 @@ def _take(array, axis, start, stop):
     index = [slice(None)] * array.ndim
     index[axis] = slice(start, stop)
     return array[tuple(index)]
+
+
+def _factors_of_terms(xp, factors, used, dtype):
+    """``(rows (len(used), M), cols (len(used), N))`` of the terms ``used``, in ``xp`` and ``dtype``.
+
+    :class:`~gpudiffim.spatial.GridFactors` are built where the image lives
+    (``gdi_spatial_powers``: two launches and two gathers, nothing uploaded
+    but the terms' exponents); other factor sequences (host arrays) are
+    stacked on the host and moved.
+    """
+    from ._cuda import image_apply
+
+    if not used:
+        return None, None
+    if isinstance(factors, GridFactors):
+        function = factors.function
+        y_powers = image_apply.spatial_powers(xp, factors.y0, factors.rows, function.order,
+                                              function.axis_scaling(0), dtype)
+        x_powers = image_apply.spatial_powers(xp, factors.x0, factors.columns, function.order,
+                                              function.axis_scaling(1), dtype)
+        exponents = np.asarray([factors.exponents[k] for k in used], dtype=np.int64).reshape(-1, 2)
+        return y_powers[exponents[:, 1].tolist()], x_powers[exponents[:, 0].tolist()]
+    rows = xp.asarray(np.stack([factors[k][0] for k in used]).astype(dtype))
+    cols = xp.asarray(np.stack([factors[k][1] for k in used]).astype(dtype))
+    return rows, cols
 
 
 class NumpyOperations:
@@ -564,12 +590,11 @@ class KernelOperations(NumpyOperations):
         used = [k for k, kernel in enumerate(kernels) if np.any(kernel)]
         correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
         out = xp.zeros(image.shape, dtype=dtype)
+        rows, cols = _factors_of_terms(xp, factors, used, dtype)
         for start in range(0, len(used), TERMS_PER_BATCH):
-            batch = used[start:start + TERMS_PER_BATCH]
-            full, row0, col0 = correlator.correlate_batch(kernels[batch])
-            rows = xp.asarray(np.stack([factors[k][0] for k in batch]).astype(dtype))
-            cols = xp.asarray(np.stack([factors[k][1] for k in batch]).astype(dtype))
-            image_apply.accumulate_terms(out, full, row0, col0, rows, cols)
+            full, row0, col0 = correlator.correlate_batch(kernels[used[start:start + TERMS_PER_BATCH]])
+            image_apply.accumulate_terms(out, full, row0, col0, rows[start:start + TERMS_PER_BATCH],
+                                         cols[start:start + TERMS_PER_BATCH])
         return out
 
     def weighted_correlations_of(self, jobs, dtype):

@@ -52,7 +52,7 @@ import numpy as np
 from . import _validate
 from ._backend import array_module_of
 from ._ops import operations_for
-from .spatial import SpatialFunction, product_expansion
+from .spatial import GridFactors, SpatialFunction, product_expansion
 
 __all__ = ["MAX_TILE_PIXELS", "convolve_masked_image", "propagate_mask"]
 
@@ -67,8 +67,8 @@ MAX_TILE_PIXELS = 1 << 23
 
 
 def _grid_factors(function, shape, xy0):
-    """Separable factors of the spatial terms on the pixel grid."""
-    return function.grid_factors(xy0[0] + np.arange(shape[1]), xy0[1] + np.arange(shape[0]))
+    """Separable factors of the spatial terms on the pixel grid (built where the image lives on the kernel path)."""
+    return GridFactors(function, int(xy0[0]), int(xy0[1]), int(shape[0]), int(shape[1]))
 
 
 def _squared_kernel_terms(kernel):

@@ -8,14 +8,16 @@ within a degree: ``1, x, y, x^2, xy, y^2, x^3, x^2 y, ...``.  For the
 The "polynomial" model uses monomials of raw parent-pixel coordinates.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from .config import SPATIAL_MODEL_TYPES
 from .errors import ConfigurationError
 
-__all__ = ["SpatialFunction", "term_exponents"]
+__all__ = ["GridFactors", "SpatialFunction", "term_exponents"]
 
 
 def term_exponents(order):
@@ -81,16 +83,23 @@ class SpatialFunction:
         """Number of terms, ``(order + 1)(order + 2)/2``."""
         return (self.order + 1) * (self.order + 2) // 2
 
+    def axis_scaling(self, axis):
+        """``(mid, width)`` of the Chebyshev scaling ``t' = 2 (t - mid) / width`` along ``axis`` (0: y,
+        1: x), from the box's pixel edges; None for the "polynomial" model (raw coordinates)."""
+        if self.model_type == "polynomial":
+            return None
+        x0, y0, x1, y1 = self.bbox
+        low, high = (y0 - 0.5, y1 + 0.5) if axis == 0 else (x0 - 0.5, x1 + 0.5)
+        return 0.5 * (low + high), high - low
+
     def normalized(self, x, y):
         """Coordinates as used by the functions: Chebyshev-scaled or raw."""
         x = np.asarray(x, dtype=np.float64)
         y = np.asarray(y, dtype=np.float64)
         if self.model_type == "polynomial":
             return x, y
-        x0, y0, x1, y1 = self.bbox
-        xmin, xmax, ymin, ymax = x0 - 0.5, x1 + 0.5, y0 - 0.5, y1 + 0.5
-        return (2.0 * (x - 0.5 * (xmin + xmax)) / (xmax - xmin),
-                2.0 * (y - 0.5 * (ymin + ymax)) / (ymax - ymin))
+        (mid_x, width_x), (mid_y, width_y) = self.axis_scaling(1), self.axis_scaling(0)
+        return 2.0 * (x - mid_x) / width_x, 2.0 * (y - mid_y) / width_y
 
     def terms(self, x, y):
         """Every term evaluated at parent coordinates ``(x, y)``.
@@ -124,6 +133,22 @@ class SpatialFunction:
         """
         coefficients = np.asarray(coefficients, dtype=np.float64)
         return self.terms(x, y) @ coefficients
+
+    def axis_powers(self, t, axis):
+        """Powers ``0..order`` of the 1-D factor along ``axis`` (0: y, 1: x) at parent coordinates ``t``.
+
+        Returns
+        -------
+        ndarray of shape (order + 1, len(t))
+            Row ``k``: ``T_k(t')`` (Chebyshev, ``t'`` from :meth:`axis_scaling`) or ``t^k``.
+        """
+        t = np.asarray(t, dtype=np.float64)
+        scaling = self.axis_scaling(axis)
+        if scaling is not None:
+            mid, width = scaling
+            t = 2.0 * (t - mid) / width
+        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
+        return powers(t, self.order).T
 
     def grid_factors(self, x, y):
         """Separable factors of every term on the outer grid of 1-D ``x`` and ``y``.
@@ -160,6 +185,52 @@ class SpatialFunction:
         rows = np.stack([r for r, _ in factors], axis=1) * np.asarray(coefficients, dtype=np.float64)
         cols = np.stack([c for _, c in factors], axis=1)
         return xp.asarray(rows) @ xp.asarray(cols).T
+
+
+@dataclass(frozen=True)
+class GridFactors(Sequence):
+    """Separable factors of every term of ``function`` on a pixel grid, as a sequence.
+
+    Item ``t`` is ``(rows[t] of shape (rows,), cols[t] of shape (columns,))``
+    (float64, host), term ``t`` on the grid being ``outer(rows[t], cols[t])``,
+    as :meth:`SpatialFunction.grid_factors` of the grid's parent coordinates
+    ``x = x0 + arange(columns)``, ``y = y0 + arange(rows)``.  The grid is kept
+    as its origin and shape, so that a device path can build the 1-D tables
+    where the image lives instead of uploading them.
+
+    Parameters
+    ----------
+    function : SpatialFunction
+    x0, y0 : int
+        Parent coordinates of grid pixel ``[0, 0]`` (column, row).
+    rows, columns : int
+        Grid shape.
+    """
+
+    function: SpatialFunction
+    x0: int
+    y0: int
+    rows: int
+    columns: int
+
+    @cached_property
+    def exponents(self):
+        """``(i, j)`` of term ``t``: its row factor is power ``j`` in y, its column factor power ``i`` in x."""
+        return term_exponents(self.function.order)
+
+    @cached_property
+    def tables(self):
+        """``(y_powers (order + 1, rows), x_powers (order + 1, columns))`` on the host, float64."""
+        f = self.function
+        return (f.axis_powers(self.y0 + np.arange(self.rows), 0), f.axis_powers(self.x0 + np.arange(self.columns), 1))
+
+    def __len__(self):
+        return self.function.n_terms
+
+    def __getitem__(self, term):
+        i, j = self.exponents[term]
+        y_powers, x_powers = self.tables
+        return y_powers[j], x_powers[i]
 
 
 def product_expansion(model_type, order):

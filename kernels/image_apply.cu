@@ -30,6 +30,14 @@
 //   gpudiffim/_ops.py: where the kernel does not fit, the convolved image is
 //   the input); one launch over the border pixels only, instead of four
 //   strips of three planes.
+// * gdi_spatial_powers<T>: the 1-D factors of the spatial terms along one
+//   axis (SpatialFunction.axis_powers of gpudiffim/spatial.py): row k of the
+//   (order + 1, n) table is T_k (Chebyshev, on coordinates scaled to [-1, 1]
+//   over the box) or t^k (raw coordinates) at t = first + i, in double, then
+//   rounded to T.  Built where the image lives, so the full-image application
+//   uploads no factor tables.  Chebyshev tables and monomials up to t^2 use
+//   NumPy's operations in NumPy's order (bit for bit); t^k for k >= 3 is pow(),
+//   within CUDA's 2 ulp of glibc's on the GPU.
 //
 // Index conventions: images are C-contiguous, (ny, nx) or a stack (n_images,
 // ny, nx); element (n, y, x) is at (n * ny + y) * nx + x, y the row and x the
@@ -48,10 +56,14 @@
 // Rounded products that are never fused with a neighbouring addition.
 __device__ __forceinline__ float gdi_ia_mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double gdi_ia_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double gdi_ia_sub(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double gdi_ia_div(double a, double b) { return __ddiv_rn(a, b); }
 #else
 // CPU emulator: g++ in ISO C++ mode does not contract a * b + c.
 template <typename T>
 inline T gdi_ia_mul(T a, T b) { return a * b; }
+inline double gdi_ia_sub(double a, double b) { return a - b; }
+inline double gdi_ia_div(double a, double b) { return a / b; }
 #endif
 
 // gdi_accumulate_terms<T>: every term of a batch at once,
@@ -188,6 +200,40 @@ __global__ void gdi_copy_edge(const T* __restrict__ in_image,
     }
 }
 
+// gdi_spatial_powers<T>: one thread per coordinate i; t = first + i, scaled
+// as 2 (t - mid) / width when chebyshev (mid and width computed on the host as
+// SpatialFunction.normalized does), then the order + 1 values
+// out[k * n + i], each rounded from double to T.
+template <typename T>
+__global__ void gdi_spatial_powers(int n, double first, int chebyshev, double mid, double width, int order,
+                                   T* __restrict__ out)
+{
+    const int stride = blockDim.x * gridDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        double t = first + i;
+        if (chebyshev) {
+            t = gdi_ia_div(gdi_ia_mul(2.0, gdi_ia_sub(t, mid)), width);
+        }
+        double previous = 1.0;       // T_0 or t^0
+        double current = t;          // T_1 or t^1
+        out[i] = static_cast<T>(previous);
+        if (order >= 1) {
+            out[static_cast<long long>(n) + i] = static_cast<T>(current);
+        }
+        for (int k = 2; k <= order; ++k) {
+            double next;
+            if (chebyshev) {
+                next = gdi_ia_sub(gdi_ia_mul(gdi_ia_mul(2.0, t), current), previous);
+            } else {
+                next = k == 2 ? gdi_ia_mul(t, t) : pow(t, static_cast<double>(k));
+            }
+            previous = current;
+            current = next;
+            out[static_cast<long long>(k) * n + i] = static_cast<T>(current);
+        }
+    }
+}
+
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and
 // CuPy's name_expressions find "gdi_accumulate_terms<float>" / "<double>".
 template __global__ void gdi_accumulate_terms<float>(const float*, int, int, int, int, int, const float*,
@@ -198,3 +244,5 @@ template __global__ void gdi_copy_edge<float>(const float*, const float*, const 
                                               float*, float*, int*);
 template __global__ void gdi_copy_edge<double>(const double*, const double*, const int*, int, int, int, int, int,
                                                double*, double*, int*);
+template __global__ void gdi_spatial_powers<float>(int, double, int, double, double, int, float*);
+template __global__ void gdi_spatial_powers<double>(int, double, int, double, double, int, double*);

@@ -39,10 +39,12 @@ from gpudiffim._cuda.image_apply import (
     or_filter_box,
     or_filter_footprint,
     propagate_mask,
+    spatial_powers,
 )
 from gpudiffim._cuda.warp import warp_resample
 from gpudiffim.convolve import FourierCorrelator
 from gpudiffim.image import DEFAULT_MASK_PLANES
+from gpudiffim.spatial import GridFactors, SpatialFunction
 
 PLANES = dict(DEFAULT_MASK_PLANES)
 NO_DATA, EDGE, BAD, SAT = (1 << PLANES[name] for name in ("NO_DATA", "EDGE", "BAD", "SAT"))
@@ -131,6 +133,47 @@ def test_emulated_weighted_correlations_match_apply(emulator, rng, dtype):
     tolerance = (1e-13 if dtype == np.float64 else 2e-6) * np.abs(want).max()   # batched vs single transforms
     assert batched.dtype == want.dtype
     np.testing.assert_allclose(batched, want, rtol=0, atol=tolerance, err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("model_type, order", [("chebyshev1", 4), ("chebyshev1", 0), ("polynomial", 2),
+                                                ("polynomial", 4)])
+def test_emulated_spatial_powers_match_axis_powers(emulator, dtype, model_type, order):
+    """gdi_spatial_powers == SpatialFunction.axis_powers rounded to dtype: bit for bit for Chebyshev tables and
+    monomials up to t^2, to 1 ulp of float64 for higher monomial powers (pow), along both axes of an
+    off-centre box, at coordinates inside and outside it."""
+    function = SpatialFunction(model_type, order, (-37, 12, 1990, 4107))
+    for axis, first, n in ((0, -5, 300), (1, 2040, 77), (0, 4100, 1)):
+        want = function.axis_powers(first + np.arange(n), axis).astype(dtype)
+        got = spatial_powers(np, first, n, order, function.axis_scaling(axis), dtype)
+        assert got.shape == (order + 1, n) and got.dtype == dtype
+        exact = min(order, 2) + 1 if model_type == "polynomial" else order + 1
+        assert_array_equal(got[:exact], want[:exact])
+        np.testing.assert_allclose(got[exact:], want[exact:], rtol=2 * np.finfo(dtype).eps, atol=0)
+
+
+def test_grid_factors_sequence_equals_grid_factors():
+    function = SpatialFunction("chebyshev1", 3, (0, 0, 99, 49))
+    factors = GridFactors(function, 7, -3, 20, 31)
+    want = function.grid_factors(7 + np.arange(31), -3 + np.arange(20))
+    assert len(factors) == len(want) == 10
+    for (rows, cols), (want_rows, want_cols) in zip(factors, want):
+        assert_array_equal(rows, want_rows)
+        assert_array_equal(cols, want_cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_emulated_weighted_correlations_build_grid_factors_in_place(emulator, rng, dtype):
+    """The kernel path given GridFactors (tables built by gdi_spatial_powers) sums exactly what it sums
+    given the same factors as host arrays."""
+    gen, seed = rng
+    image = gen.normal(size=(23, 30)).astype(dtype)
+    kernels = gen.normal(size=(10, 5, 5))
+    kernels[4] = 0.0
+    factors = GridFactors(SpatialFunction("chebyshev1", 3, (0, 0, 59, 44)), 11, 9, 23, 30)
+    got = KERNELS.weighted_correlations(image, kernels, factors, dtype)
+    want = KERNELS.weighted_correlations(image, kernels, list(factors), dtype)
+    assert_array_equal(got, want, err_msg=f"seed={seed}")
 
 
 def test_emulated_accumulate_terms_is_bit_exact(emulator, rng):

@@ -5,6 +5,8 @@ Full-image application (issue 4, kernel 5):
 * :func:`accumulate_term`: ``out += (term * rows[:, None]) * cols[None, :]``,
   the accumulation step of :func:`gpudiffim.apply._weighted_correlations`
   (the correlations themselves are FFT library calls);
+* :func:`spatial_powers`: the 1-D factor tables of the spatial terms, built
+  where the image lives (no upload);
 * :func:`copy_edge`: the input planes and the EDGE bit within the kernel
   half-width of the border (:func:`gpudiffim.apply.convolve_masked_image`);
 * :func:`or_filter_box`, :func:`or_filter_footprint` and
@@ -25,7 +27,7 @@ import numpy as np
 
 from .._backend import is_device_array
 from ._host import check_array, int32_mask, native, on_launcher, prepare
-from .launch import launch
+from .launch import launch, launcher_for
 from .signatures import float_ctype
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "or_filter_footprint",
     "propagate_mask",
     "copy_edge",
+    "spatial_powers",
 ]
 
 #: Threads per block of every kernel of ``image_apply.cu`` and ``warp.cu``.
@@ -402,3 +405,45 @@ def copy_edge(inputs, half_y, half_x, edge_bit, outputs):
         launch(f"gdi_copy_edge<{ctype}>", grid, block,
                (in_image, in_variance, in_mask, ny, nx, hy, hx, int(edge_bit), image, variance, mask))
     return outputs
+
+
+# ---------------------------------------------------------------------------
+# spatial factors
+
+
+def spatial_powers(xp, first, n, order, scaling, dtype):
+    """Powers ``0..order`` of a spatial function's 1-D factor at ``first + arange(n)``: ``gdi_spatial_powers``.
+
+    Parameters
+    ----------
+    xp : module
+        Array module of the output (CuPy: built on the GPU; NumPy: the emulator).
+    first : int
+        Parent coordinate of the first sample (pixel centres, one per pixel).
+    n : int
+        Number of samples.
+    order : int
+        Highest power.
+    scaling : tuple of float or None
+        ``(mid, width)`` of the Chebyshev scaling ``t' = 2 (t - mid) / width``
+        (:meth:`gpudiffim.spatial.SpatialFunction.axis_scaling`), or None for
+        monomials of the raw coordinate.
+    dtype : {numpy.float32, numpy.float64}
+        Output dtype (each value computed in float64, then rounded).
+
+    Returns
+    -------
+    ndarray of shape (order + 1, n)
+        :meth:`~gpudiffim.spatial.SpatialFunction.axis_powers` rounded to
+        ``dtype``: equal bit for bit for Chebyshev tables and powers up to 2;
+        higher monomial powers go through ``pow``.
+    """
+    dtype = np.dtype(dtype)
+    ctype = float_ctype("dtype", dtype)
+    out = xp.empty((int(order) + 1, int(n)), dtype=dtype)
+    if n:
+        mid, width = (0.0, 1.0) if scaling is None else scaling
+        grid, block = grid_stride_geometry(n, launcher_for(out))
+        launch(f"gdi_spatial_powers<{ctype}>", grid, block,
+               (int(n), float(first), int(scaling is not None), float(mid), float(width), int(order), out))
+    return out

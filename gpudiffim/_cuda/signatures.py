@@ -178,6 +178,10 @@ def _copy_edge(t):
 
 
 KERNELS.update({f"gdi_copy_edge<{t}>": _copy_edge(t) for t in ("float", "double")})
+KERNELS.update({f"gdi_spatial_powers<{t}>": KernelSpec("image_apply", (
+    ("n", "int"), ("first", "double"), ("chebyshev", "int"), ("mid", "double"), ("width", "double"),
+    ("order", "int"), ("out", f"{t}*"),
+)) for t in ("float", "double")})
 
 
 # ---- kernels/linear_solve.cu (issue 17: the stamp systems in one launch) ----
