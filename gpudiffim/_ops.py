@@ -481,6 +481,13 @@ class NumpyOperations:
             mask[strip] |= in_mask[strip] | np.int32(edge_bit)
         return outputs
 
+    def spatial_image(self, factors, coefficients, xp):
+        """``sum_t coefficients[t] * outer(*factors[t])`` on :class:`~gpudiffim.spatial.GridFactors`'
+        grid, float64 in ``xp``: one matrix product of the separable factors (host tables, moved)."""
+        x = factors.x0 + np.arange(factors.columns)
+        y = factors.y0 + np.arange(factors.rows)
+        return factors.function.evaluate_grid(coefficients, x, y, xp=xp)
+
 
 class KernelOperations(NumpyOperations):
     """The CUDA kernels (GPU for CuPy arrays, CPU emulator for NumPy arrays).
@@ -600,6 +607,12 @@ class KernelOperations(NumpyOperations):
     def weighted_correlations_of(self, jobs, dtype):
         """:meth:`weighted_correlations` of each job in turn."""
         return [self.weighted_correlations(image, kernels, factors, dtype) for image, kernels, factors in jobs]
+
+    def spatial_image(self, factors, coefficients, xp):
+        """The factor tables by ``gdi_spatial_powers`` where the image lives (only the coefficients
+        and the terms' exponents are moved), then the same matrix product."""
+        rows, cols = _factors_of_terms(xp, factors, range(len(factors)), np.float64)
+        return (rows.T * xp.asarray(np.asarray(coefficients, dtype=np.float64))) @ cols
 
     def copy_edge(self, inputs, half_y, half_x, edge_bit, outputs):
         """``gdi_copy_edge``: one launch over the border pixels."""

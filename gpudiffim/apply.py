@@ -54,7 +54,7 @@ from ._backend import array_module_of
 from ._ops import operations_for
 from .spatial import GridFactors, SpatialFunction, product_expansion
 
-__all__ = ["MAX_TILE_PIXELS", "convolve_masked_image", "propagate_mask"]
+__all__ = ["MAX_TILE_PIXELS", "convolve_masked_image", "propagate_mask", "spatial_image"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,29 @@ MAX_TILE_PIXELS = 1 << 23
 def _grid_factors(function, shape, xy0):
     """Separable factors of the spatial terms on the pixel grid (built where the image lives on the kernel path)."""
     return GridFactors(function, int(xy0[0]), int(xy0[1]), int(shape[0]), int(shape[1]))
+
+
+def spatial_image(function, coefficients, shape, xy0, like):
+    """A spatial model (the differential background) on a pixel grid, where ``like`` lives.
+
+    Parameters
+    ----------
+    function : SpatialFunction
+    coefficients : array_like of shape (n_terms,)
+    shape : tuple of int
+        Grid shape (rows, columns).
+    xy0 : tuple of int
+        Parent (x, y) of grid pixel ``[0, 0]``.
+    like : ndarray
+        An array of the module to build in (NumPy, or CuPy: built on the GPU
+        from the coefficients, no table uploaded).
+
+    Returns
+    -------
+    ndarray of shape ``shape``, float64
+    """
+    return operations_for(like).spatial_image(_grid_factors(function, shape, xy0), coefficients,
+                                              array_module_of(like))
 
 
 def _squared_kernel_terms(kernel):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._backend import StageTimings, array_module, host_background, moved, stage_timer
-from .apply import convolve_masked_image
+from .apply import convolve_masked_image, spatial_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
     candidate_positions,
@@ -815,7 +815,8 @@ def _check_debug(debug, debug_dir):
 def _difference(matched, reference, background, kernel, convolve_template):
     """Difference image with variance and mask (see :class:`SubtractResult`)."""
     dtype, xp = reference.dtype, reference.xp
-    image = matched.image + background.image(reference.shape, reference.xy0, xp=xp).astype(dtype)
+    image = matched.image + spatial_image(background.spatial_function, background.coefficients, reference.shape,
+                                          reference.xy0, reference.image).astype(dtype)
     image -= reference.image
     variance = reference.variance + matched.variance
     if convolve_template:

@@ -176,6 +176,19 @@ def test_emulated_weighted_correlations_build_grid_factors_in_place(emulator, rn
     assert_array_equal(got, want, err_msg=f"seed={seed}")
 
 
+@pytest.mark.parametrize("model_type", ["chebyshev1", "polynomial"])
+def test_emulated_spatial_image_matches_evaluate(emulator, rng, model_type):
+    """The background on a grid from device-built tables equals SpatialFunction.evaluate at every pixel."""
+    gen, seed = rng
+    function = SpatialFunction(model_type, 2, (0, 0, 63, 47))
+    coefficients = gen.normal(size=function.n_terms)
+    got = KERNELS.spatial_image(GridFactors(function, 5, 3, 20, 30), coefficients, np)
+    y, x = np.mgrid[3:23, 5:35]
+    np.testing.assert_allclose(got, function.evaluate(coefficients, x, y), rtol=1e-12, atol=1e-12,
+                               err_msg=f"seed={seed}")
+    assert_array_equal(got, NUMPY.spatial_image(GridFactors(function, 5, 3, 20, 30), coefficients, np))
+
+
 def test_emulated_accumulate_terms_is_bit_exact(emulator, rng):
     """One gdi_accumulate_terms launch == one gdi_accumulate_term launch per term, bit for bit, reading
     the terms in place from an uncropped stack."""
