@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from .._backend import is_device_array
-from .signatures import KERNELS, parse_ctype
+from .signatures import KERNELS
 
 __all__ = ["launch", "launcher_for", "check_args"]
 
@@ -70,8 +70,7 @@ def check_args(kernel_name, args, array_type):
         msg = f"{kernel_name}({names}) takes {len(spec.params)} arguments, got {len(args)}"
         raise TypeError(msg)
     out = []
-    for index, ((name, ctype), arg) in enumerate(zip(spec.params, args)):
-        kind, dtype, const = parse_ctype(ctype)
+    for index, ((name, ctype, kind, dtype, const), arg) in enumerate(zip(spec.parsed, args)):
         where = f"{kernel_name} argument {index} ({ctype} {name})"
         if kind == "pointer":
             if not isinstance(arg, array_type):

@@ -8,7 +8,7 @@ and the emulator generates its launch shims from it.  Keys are the CuPy
 ``name_expressions`` (``"gdi_residual_moments<double>"``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,10 +53,11 @@ class KernelSpec:
 
     unit: str
     params: tuple
+    #: ``(name, C type, kind, dtype, const)`` of every parameter (:func:`parse_ctype`, parsed once).
+    parsed: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        for _, ctype in self.params:
-            parse_ctype(ctype)
+        object.__setattr__(self, "parsed", tuple((name, ctype, *parse_ctype(ctype)) for name, ctype in self.params))
 
 
 def parse_ctype(ctype):
