@@ -25,7 +25,7 @@ import threading
 import numpy as np
 import scipy.fft
 
-from ._backend import array_module_of, fft_functions, host_map, host_threads, single_threaded_blas
+from ._backend import array_module_of, fft_functions, host_map, host_threads, is_device_array, single_threaded_blas
 
 __all__ = [
     "correlate_stamps",
@@ -274,7 +274,10 @@ class FourierCorrelator:
         column transform on the zero-padded result: half the work of a full
         2-D transform of the padded kernel.
         """
-        flipped = self.xp.ascontiguousarray(self.xp.asarray(kernel, dtype=self.dtype)[..., ::-1, ::-1])
+        if is_device_array(kernel):
+            flipped = self.xp.ascontiguousarray(kernel.astype(self.dtype, copy=False)[..., ::-1, ::-1])
+        else:                   # flipped and converted on the host: one move
+            flipped = self.xp.asarray(np.ascontiguousarray(np.asarray(kernel)[..., ::-1, ::-1], dtype=self.dtype))
         rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=-1)
         return self._fft["fft"](rows, n=self._fft_shape[0], axis=-2)
 
