@@ -31,6 +31,8 @@ method                             contract
                                    background's column of ones, implicit on every path
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
+``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
+                                   unsolved (zeros) for the caller, with a host flag saying so
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
@@ -134,6 +136,17 @@ def _solve_device(matrices, vectors, usable):
     return solved, full_rank
 
 
+def _pseudo_inverse_fallback(matrices, vectors, solutions, status):
+    """``gdi_solve_small``'s ``(solutions, status)`` with the pseudo-inverse solutions of its rank-deficient
+    (``EIGENVECTOR``) systems, from one batched eigen-decomposition of the stack (no synchronisation)."""
+    xp = array_module_of(matrices)
+    deficient = status == EIGENVECTOR
+    safe = xp.where(deficient[:, None, None], matrices, xp.eye(matrices.shape[-1]))
+    pseudo = pseudo_inverse_solve_batch(safe, xp.where(deficient[:, None], vectors, 0.0))
+    solutions = xp.where(deficient[:, None], pseudo, solutions)
+    bad = deficient & ~xp.isfinite(solutions).all(axis=1)
+    status = xp.where(bad, np.int8(NOT_FINITE_SOLUTION), status)
+    return xp.where(bad[:, None], 0.0, solutions), status
 
 
 def _lu_batch_cublas(matrices, vectors):
@@ -241,6 +254,10 @@ class NumpyOperations:
         """``(solutions, status)`` of a stack of small symmetric systems (:func:`gpudiffim.linalg.solve_batch_status`):
         LAPACK per system, the pseudo-inverse for rank-deficient ones."""
         return solve_batch_status(matrices, vectors)
+
+    def solve_systems_deferred(self, matrices, vectors):
+        """``(solutions, status, deferred)``: :meth:`solve_systems`, every system solved (``deferred`` False)."""
+        return (*self.solve_systems(matrices, vectors), False)
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
@@ -492,22 +509,23 @@ class KernelOperations(NumpyOperations):
         rank-deficient systems by a batched eigen-decomposition, with no synchronisation; systems
         larger than the kernel's shared memory take cuBLAS ``getrfBatched``/``getrsBatched``.  NumPy
         stacks (the emulator) as the reference."""
+        solutions, status, deferred = self.solve_systems_deferred(matrices, vectors)
+        if not deferred:
+            return solutions, status
+        return _pseudo_inverse_fallback(matrices, vectors, solutions, status)
+
+    def solve_systems_deferred(self, matrices, vectors):
+        """:meth:`solve_systems` with the pseudo-inverse left to the caller where it would cost calls:
+        on the GPU (systems the kernel takes) ``gdi_solve_small`` alone, whose ``EIGENVECTOR`` rows hold
+        zeros and ``deferred`` is True; elsewhere every system solved and ``deferred`` False."""
         from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_small
 
         if not is_device_array(matrices):
-            return super().solve_systems(matrices, vectors)
+            return (*NumpyOperations.solve_systems(self, matrices, vectors), False)
         if matrices.shape[-1] > SOLVE_SMALL_MAX_N or matrices.shape[-1] == 0 or len(matrices) == 0:
-            return solve_batch_status(matrices, vectors, solve=_solve_device)
-        xp = array_module_of(matrices)
+            return (*solve_batch_status(matrices, vectors, solve=_solve_device), False)
         solutions, _, status = solve_small(matrices, vectors)
-        status = status.astype(np.int8)
-        deficient = status == EIGENVECTOR
-        safe = xp.where(deficient[:, None, None], matrices, xp.eye(matrices.shape[-1]))
-        pseudo = pseudo_inverse_solve_batch(safe, xp.where(deficient[:, None], vectors, 0.0))
-        solutions = xp.where(deficient[:, None], pseudo, solutions)
-        bad = deficient & ~xp.isfinite(solutions).all(axis=1)
-        status = xp.where(bad, np.int8(NOT_FINITE_SOLUTION), status)
-        return xp.where(bad[:, None], 0.0, solutions), status
+        return solutions, status.astype(np.int8), True
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes)."""

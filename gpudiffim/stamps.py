@@ -117,6 +117,9 @@ class StampFit:
         :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
     condition : dict of int to float
         Condition numbers of the stamps rejected by ``check_condition_number`` (host).
+    deferred : bool
+        Host flag: the rank-deficient systems (``solve_status`` ``EIGENVECTOR``) were left unsolved
+        (zero coefficients; see ``defer_rank_deficient`` of :func:`fit_stamps`).
     model : ndarray of shape (N, F, F) or None
         ``T * K`` of each stamp's own kernel, the design columns times its
         coefficients (formed where ``ops.uses_fitted_models``: it saves the
@@ -132,6 +135,7 @@ class StampFit:
     solve_status: np.ndarray
     condition: dict
     model: np.ndarray = None
+    deferred: bool = False
 
     @property
     def failure(self):
@@ -221,12 +225,14 @@ def _check_conditions(matrix, config, codes, condition):
     return codes
 
 
-def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
-    """Solve every stamp system where it lives; return ``(solutions, codes, solve status)``.
+def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, defer=False):
+    """Solve every stamp system where it lives; return ``(solutions, codes, solve status, deferred)``.
 
     Stamps already failed (``codes``) get zero solutions; a failed solve marks
     ``FIT_FAILED``.  Every system of the batch is solved (failed ones too,
-    then masked), so that no decision leaves the device.
+    then masked), so that no decision leaves the device.  With ``defer``,
+    ``ops.solve_systems_deferred`` may leave the rank-deficient systems
+    unsolved (``deferred`` True).
     """
     xp = array_module_of(matrix)
     if config.check_condition_number:
@@ -235,11 +241,12 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
     if regularization is not None and len(systems):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    solutions, status = ops.solve_systems(systems, vector)
+    solutions, status, deferred = (ops.solve_systems_deferred(systems, vector) if defer
+                                   else (*ops.solve_systems(systems, vector), False))
     pending = codes == RejectReason.NONE
     codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
     solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
-    return solutions, codes, status
+    return solutions, codes, status, deferred
 
 
 def candidate_kernels(coefficients, basis):
@@ -248,7 +255,7 @@ def candidate_kernels(coefficients, basis):
     return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, defer_rank_deficient=False):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -267,6 +274,13 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     separable : SeparableBasis, optional
         ``basis`` in separable form (:func:`gpudiffim.basis.separable_form`),
         which the host correlates faster.
+    defer_rank_deficient : bool
+        Leave the pseudo-inverse solutions of rank-deficient systems to the
+        caller where they would cost device calls in every batch (the GPU):
+        then :attr:`StampFit.deferred` is set and those stamps (``solve_status``
+        ``EIGENVECTOR``, read back with the batch's outcome) hold zero
+        coefficients until fitted again without deferral.  Ignored with
+        ``iterate_single_kernel`` or ``check_condition_number``.
 
     Returns
     -------
@@ -281,12 +295,15 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     ops = operations_for(batch.template) if ops is None else ops
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
-    solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
-    if config.iterate_single_kernel and not config.constant_variance_weighting:
+    iterate = config.iterate_single_kernel and not config.constant_variance_weighting
+    defer = defer_rank_deficient and not (iterate or config.check_condition_number)
+    solution, codes, status, deferred = _solve_batch(ops, matrix, vector, config, regularization, codes,
+                                                     condition, defer)
+    if iterate:
         kernels = candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
-        solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
+        solution, codes, status, _ = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
     coefficients = solution[:, :n_basis]
     background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
     kernel_sum = coefficients @ basis.sum(axis=(1, 2))
@@ -294,7 +311,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     if ops.uses_fitted_models:
         fy = batch.science.shape[1] - 2 * half_width
         model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model)
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model, deferred)
 
 
 def stamp_normal_equations(batch, basis, config, *, ops=None):
