@@ -477,15 +477,18 @@ class KernelOperations(NumpyOperations):
             # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
             # 35^2): the host FFT path, correct but with a round trip
             return xp.asarray(super().correlate_stamps(to_host(stamps), to_host(kernels), per_stamp))
-        out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
+        if not (isinstance(kernels, xp.ndarray) and kernels.dtype == stamps.dtype):
+            kernels = xp.asarray(kernels, dtype=stamps.dtype)
+        out = stamp_fit.correlate_stamps(stamps, kernels, per_stamp=per_stamp)
         return out[:, 0] if per_stamp else out
 
     def stamp_normal_equations(self, columns, target, weights, background):
-        """``gdi_normal_equations`` with its implicit column of ones for the background."""
+        """``gdi_normal_equations`` with its implicit column of ones for the background (one weight per
+        stamp read as is)."""
         from ._cuda import stamp_fit
 
-        xp = array_module_of(columns)
-        weights = xp.ascontiguousarray(xp.broadcast_to(weights.reshape(len(target), -1), target.shape))
+        if weights.size != len(target):
+            weights = weights.reshape(target.shape)
         return stamp_fit.normal_equations(columns, weights, target, int(bool(background)))
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
@@ -528,13 +531,14 @@ class KernelOperations(NumpyOperations):
         return solutions, status.astype(np.int8), True
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
-        """``gdi_cut_stamps``: one launch per image (its three planes)."""
+        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""
         from ._cuda import stamp_fit
 
+        centres = stamp_fit.upload_centres(array_module_of(science.image), centres_rc) if len(centres_rc) else None
         t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
-                                                           centres_rc, half_size)
+                                                           centres_rc, half_size, device_centres=centres)
         s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,
-                                                           centres_rc, half_size)
+                                                           centres_rc, half_size, device_centres=centres)
         return t_image, s_image, t_variance, s_variance, t_mask, s_mask
 
     uses_fitted_models = False

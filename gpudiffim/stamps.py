@@ -161,15 +161,15 @@ def failure_texts(codes, status, condition):
 def _stamp_weights(batch, half_width, constant):
     """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live).
 
-    With ``constant`` the weights are one number per stamp, shaped (N, 1, 1).
+    With ``constant`` the weights are one number per stamp, shaped (N,): ``1 / median(V_S + V_T)``, 1
+    where that median is not positive.
     """
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
     flat = total.reshape(len(batch), -1)
     if constant:
         level = xp.median(flat, axis=1)
-        level = xp.where(level > 0, level, 1.0)
-        return (1.0 / level)[:, None, None], xp.zeros(len(batch), dtype=np.int8)
+        return 1.0 / xp.where(level > 0, level, 1.0), xp.zeros(len(batch), dtype=np.int8)
     codes = xp.where(flat.min(axis=1) <= 0, np.int8(RejectReason.NONPOSITIVE_VARIANCE), np.int8(RejectReason.NONE))
     return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int8)
 
@@ -249,10 +249,15 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, 
     return solutions, codes, status, deferred
 
 
+def _as_float64(xp, array):
+    """``array`` as a float64 array of ``xp`` (no call when it is one already)."""
+    return array if isinstance(array, xp.ndarray) and array.dtype == np.float64 else xp.asarray(array, np.float64)
+
+
 def candidate_kernels(coefficients, basis):
     """Kernel images ``sum_i a[n, i] B_i`` (N, kh, kw) of coefficient rows, in their array module."""
     xp = array_module_of(coefficients)
-    return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
+    return xp.tensordot(coefficients, _as_float64(xp, basis), axes=1)
 
 
 def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, defer_rank_deficient=False):
@@ -289,7 +294,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         (``check_condition_number`` excepted: its eigenvalues are taken on the host).
     """
     xp = array_module_of(batch.template)
-    basis = xp.asarray(basis, dtype=np.float64)
+    basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops

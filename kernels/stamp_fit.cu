@@ -165,6 +165,7 @@ __global__ void gdi_normal_equations(const T* __restrict__ columns,
                                      const T* __restrict__ weights,
                                      const T* __restrict__ target,
                                      int n_stamps, int n_basis, int n_pix, int with_background,
+                                     int per_stamp_weights,
                                      double* __restrict__ matrix,
                                      double* __restrict__ vector)
 {
@@ -219,7 +220,7 @@ __global__ void gdi_normal_equations(const T* __restrict__ columns,
                     s_rows[n_basis * tile + q] = 1.0;
                 }
                 s_rows[row_y * tile + q] = static_cast<double>(target[pix0 + q0 + q]);
-                s_rows[row_w * tile + q] = static_cast<double>(weights[pix0 + q0 + q]);
+                s_rows[row_w * tile + q] = static_cast<double>(weights[per_stamp_weights ? n : pix0 + q0 + q]);
             }
             __syncthreads();
             if (t < n_tasks) {
@@ -286,9 +287,9 @@ template __global__ void gdi_correlate_stamps<float>(const float*, const float*,
 template __global__ void gdi_correlate_stamps<double>(const double*, const double*, int, int, int, int, int,
                                                       int, int, double*);
 template __global__ void gdi_normal_equations<float>(const float*, const float*, const float*, int, int, int, int,
-                                                     double*, double*);
+                                                     int, double*, double*);
 template __global__ void gdi_normal_equations<double>(const double*, const double*, const double*, int, int, int,
-                                                      int, double*, double*);
+                                                      int, int, double*, double*);
 template __global__ void gdi_cut_stamps<float>(const float*, const float*, const int*, int, const int*, int, int,
                                                double*, double*, int*);
 template __global__ void gdi_cut_stamps<double>(const double*, const double*, const int*, int, const int*, int, int,

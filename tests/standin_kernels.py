@@ -42,11 +42,12 @@ def correlate_stamps_kernel(stamps, kernels, n_stamps, n_kernels, per_stamp, sy,
     out.reshape(result.shape)[...] = result
 
 
-def normal_equations(columns, weights, target, n_stamps, n_basis, n_pix, with_background, matrix, vector):
+def normal_equations(columns, weights, target, n_stamps, n_basis, n_pix, with_background, per_stamp_weights,
+                     matrix, vector):
     c = columns.reshape(n_stamps, n_basis, n_pix).astype(np.float64)
     if with_background:
         c = np.concatenate([c, np.ones((n_stamps, 1, n_pix))], axis=1)
-    w = weights.reshape(n_stamps, n_pix).astype(np.float64)
+    w = np.broadcast_to(weights.reshape(n_stamps, -1), (n_stamps, n_pix)).astype(np.float64)
     y = target.reshape(n_stamps, n_pix).astype(np.float64)
     weighted = c * w[:, None, :]
     p = c.shape[1]

@@ -110,6 +110,7 @@ def _normal_equations(t):
     return KernelSpec("stamp_fit", (
         ("columns", f"const {t}*"), ("weights", f"const {t}*"), ("target", f"const {t}*"),
         ("n_stamps", "int"), ("n_basis", "int"), ("n_pix", "int"), ("with_background", "int"),
+        ("per_stamp_weights", "int"),
         ("matrix", "double*"), ("vector", "double*"),
     ))
 

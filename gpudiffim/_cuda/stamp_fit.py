@@ -37,6 +37,7 @@ __all__ = [
     "correlate_stamps",
     "correlate_stamps_geometry",
     "cut_stamps",
+    "upload_centres",
     "normal_equations",
     "normal_equations_geometry",
 ]
@@ -164,8 +165,10 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     columns : ndarray of shape (N, n_basis, n_pix)
         Design columns ``c_a`` of each stamp (basis correlations, flattened);
         NumPy or CuPy.
-    weights : ndarray of shape (N, n_pix)
-        Pixel weights ``w`` (inverse variances); broadcast to ``target``'s shape.
+    weights : ndarray of shape (N, n_pix), or of N elements
+        Pixel weights ``w`` (inverse variances), broadcast to ``target``'s
+        shape; or one weight per stamp (any shape of N elements: read as is,
+        no copy when C-contiguous of the computation dtype).
     target : ndarray of shape (N, n_pix)
         Pixels ``y`` fitted.
     with_background : bool or int
@@ -200,12 +203,9 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     if target.shape != (n, n_pix):
         msg = f"target must have shape {(n, n_pix)} for columns of shape {columns.shape}, got {target.shape}"
         raise ValueError(msg)
-    try:
-        weights = xp.broadcast_to(xp.asarray(weights, dtype=dtype), target.shape)
-    except ValueError:
-        msg = f"weights of shape {np.shape(weights)} do not broadcast to the target's {target.shape}"
-        raise ValueError(msg) from None
-    weights = xp.ascontiguousarray(weights)
+    per_stamp = int(weights.size == n)
+    weights = prepare(xp, weights, dtype, weights.ndim, "weights") if per_stamp else _pixel_weights(
+        xp, weights, dtype, target.shape)
     background = int(bool(with_background))
     p = n_basis + background
     if p + 2 > NORMAL_EQUATIONS_SHARED_DOUBLES:
@@ -218,9 +218,19 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     if n and p:
         grid, block = normal_equations_geometry(n)
         launch(f"gdi_normal_equations<{ctype_of(dtype)}>", grid, block,
-               (columns, weights, target, n, n_basis, n_pix, background, matrix, vector),
+               (columns, weights, target, n, n_basis, n_pix, background, per_stamp, matrix, vector),
                defines=STAMP_FIT_DEFINES)
     return matrix, vector
+
+
+def _pixel_weights(xp, weights, dtype, shape):
+    """Per-pixel ``weights`` broadcast to ``shape`` (N, n_pix), C-contiguous, of ``dtype``."""
+    try:
+        weights = xp.broadcast_to(xp.asarray(weights, dtype=dtype), shape)
+    except ValueError:
+        msg = f"weights of shape {np.shape(weights)} do not broadcast to the target's {shape}"
+        raise ValueError(msg) from None
+    return xp.ascontiguousarray(weights)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +240,7 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
 CUT_THREADS = 256
 
 
-def cut_stamps(image, variance, mask, centres_rc, half):
+def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
     """The ``(2 half + 1)^2`` stamps of one image's planes around each centre (``gdi_cut_stamps``).
 
     Parameters
@@ -242,6 +252,9 @@ def cut_stamps(image, variance, mask, centres_rc, half):
         Host ``(row, column)`` centres relative to the first pixel; every
         stamp must lie inside (checked here, on the host).
     half : int
+    device_centres : ndarray of int32, shape (n, 2), optional
+        ``centres_rc`` already in the planes' array module (:func:`upload_centres`), so that the
+        planes of several images are cut with one upload.
 
     Returns
     -------
@@ -263,8 +276,13 @@ def cut_stamps(image, variance, mask, centres_rc, half):
     n, size = len(centres_rc), 2 * int(half) + 1
     outputs = (xp.empty((n, size, size)), xp.empty((n, size, size)), xp.empty((n, size, size), dtype=np.int32))
     if n:
-        centres = xp.asarray(centres_rc.astype(np.int32))
+        centres = upload_centres(xp, centres_rc) if device_centres is None else device_centres
         grid = (min(-(-n * size * size // CUT_THREADS), 65535),)
         launch(f"gdi_cut_stamps<{ctype_of(dtype)}>", grid, (CUT_THREADS,),
                (image, variance, mask, nx, centres, n, int(half), *outputs))
     return outputs
+
+
+def upload_centres(xp, centres_rc):
+    """Host stamp centres (n, 2) as the int32 array of ``xp`` that :func:`cut_stamps` reads (one upload)."""
+    return xp.asarray(np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2).astype(np.int32))
