@@ -33,6 +33,8 @@ method                             contract
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
 ``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
                                    unsolved (zeros) for the caller, with a host flag saying so
+``solve_stamps``                   a batch's stamp systems solved, with the codes, kernel images, sums
+                                   and backgrounds the fit makes of them (one launch on the GPU)
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
@@ -258,6 +260,29 @@ class NumpyOperations:
     def solve_systems_deferred(self, matrices, vectors):
         """``(solutions, status, deferred)``: :meth:`solve_systems`, every system solved (``deferred`` False)."""
         return (*self.solve_systems(matrices, vectors), False)
+
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+        """The stamp systems of a batch solved, and what the fit makes of the solutions.
+
+        ``codes`` (N,) are the stamps' failure codes on entry (0 for none); a failed solve of a
+        stamp without one gets ``fit_failed``.  The solutions of failed stamps are zero.  With
+        ``defer``, :meth:`solve_systems_deferred` solves.  Returns ``(outcome, kernels,
+        background, deferred)``: float64 rows ``(code, status, kernel sum, background,
+        coefficients)`` (N, 4 + n_basis), the kernel images ``sum_i a_i B_i`` of ``basis``
+        (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
+        and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
+        """
+        xp = array_module_of(matrices)
+        solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
+                                       else (*self.solve_systems(matrices, vectors), False))
+        pending = codes == 0
+        codes = xp.where(pending & (status > EIGENVECTOR), np.int8(fit_failed), codes).astype(np.int8)
+        solutions = xp.where((codes == 0)[:, None], solutions, 0.0)
+        coefficients = solutions[:, :len(basis)]
+        background = solutions[:, len(basis)] if with_background else xp.zeros(len(solutions))
+        kernel_sum = coefficients @ basis.sum(axis=(1, 2))
+        outcome = xp.concatenate([xp.stack([codes, status, kernel_sum, background], axis=1), coefficients], axis=1)
+        return outcome, xp.tensordot(coefficients, basis, axes=1), background, deferred
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
@@ -529,6 +554,16 @@ class KernelOperations(NumpyOperations):
             return (*solve_batch_status(matrices, vectors, solve=_solve_device), False)
         solutions, _, status = solve_small(matrices, vectors)
         return solutions, status.astype(np.int8), True
+
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+        """With ``defer``, on the GPU, ``gdi_solve_stamps``: the solve and all that follows in one launch,
+        the rank-deficient systems deferred (``kernels/linear_solve.cu``); else the reference's steps."""
+        from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_stamps
+
+        n = matrices.shape[-1]
+        if not (defer and is_device_array(matrices) and len(matrices) and 0 < n <= SOLVE_SMALL_MAX_N):
+            return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
+        return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""

@@ -42,7 +42,6 @@ from .spatial_fit import (
 )
 from .stamps import (
     StampBatch,
-    candidate_kernels,
     failure_texts,
     fit_stamps,
     stamp_normal_equations,
@@ -88,8 +87,7 @@ _STATUS_COLUMN = 4
 def _read_back(xp, sums, fit):
     """The batch's residual sums and stamp-fit results, packed in one array and copied to the host once
     (host rows: 3 sums, failure code, solve status, kernel sum, background, coefficients)."""
-    per_stamp = xp.stack([fit.failure_code, fit.solve_status, fit.kernel_sum, fit.background], axis=1)
-    return to_host(xp.concatenate([sums, per_stamp.astype(np.float64, copy=False), fit.coefficients], axis=1))
+    return to_host(xp.concatenate([sums, fit.outcome], axis=1))
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
@@ -301,7 +299,7 @@ class _Solver:
         batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops, separable=separable,
                          defer_rank_deficient=defer)
-        sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
+        sums = stamp_residual_sums(batch, fit.kernels, fit.background,
                                    self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)
         return fit, _read_back(self.xp, sums, fit), rows

@@ -36,7 +36,7 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
-from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
+from .linalg import STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
            "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts"]
@@ -104,17 +104,17 @@ class StampFit:
 
     Attributes
     ----------
-    coefficients : ndarray of shape (N, n_basis)
+    outcome : ndarray of shape (N, 4 + n_basis)
+        float64 rows ``(failure code, solve status, kernel sum, background,
+        coefficients)``, what the solve loop reads back (the properties below
+        are views of it, formed only when asked).
     background : ndarray of shape (N,)
-        Fitted constant background (0 when not fitted).
+        Fitted constant background (0 when not fitted), C-contiguous.
+    kernels : ndarray of shape (N, kh, kw)
+        Each stamp's kernel image ``sum_i a_i B_i``.
     normal_matrix : ndarray of shape (N, P, P)
         ``M`` without regularisation (used by the spatial fit).
     normal_vector : ndarray of shape (N, P)
-    kernel_sum : ndarray of shape (N,)
-    failure_code : ndarray of int8, shape (N,)
-        :class:`~gpudiffim.cellset.RejectReason` codes (``NONE`` for a good solution).
-    solve_status : ndarray of int8, shape (N,)
-        :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
     condition : dict of int to float
         Condition numbers of the stamps rejected by ``check_condition_number`` (host).
     deferred : bool
@@ -126,16 +126,34 @@ class StampFit:
         residual pass a correlation).
     """
 
-    coefficients: np.ndarray
+    outcome: np.ndarray
     background: np.ndarray
+    kernels: np.ndarray
     normal_matrix: np.ndarray
     normal_vector: np.ndarray
-    kernel_sum: np.ndarray
-    failure_code: np.ndarray
-    solve_status: np.ndarray
     condition: dict
     model: np.ndarray = None
     deferred: bool = False
+
+    @property
+    def coefficients(self):
+        """(N, n_basis) basis coefficients of each stamp's kernel."""
+        return self.outcome[:, 4:]
+
+    @property
+    def kernel_sum(self):
+        """(N,) sum of each stamp's kernel image."""
+        return self.outcome[:, 2]
+
+    @property
+    def failure_code(self):
+        """(N,) int8 :class:`~gpudiffim.cellset.RejectReason` codes (``NONE`` for a good solution)."""
+        return self.outcome[:, 0].astype(np.int8)
+
+    @property
+    def solve_status(self):
+        """(N,) int8 :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve."""
+        return self.outcome[:, 1].astype(np.int8)
 
     @property
     def failure(self):
@@ -225,14 +243,13 @@ def _check_conditions(matrix, config, codes, condition):
     return codes
 
 
-def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, defer=False):
-    """Solve every stamp system where it lives; return ``(solutions, codes, solve status, deferred)``.
+def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, basis, defer=False):
+    """Solve every stamp system where it lives; ``ops.solve_stamps``' ``(outcome, kernels, background, deferred)``.
 
     Stamps already failed (``codes``) get zero solutions; a failed solve marks
     ``FIT_FAILED``.  Every system of the batch is solved (failed ones too,
     then masked), so that no decision leaves the device.  With ``defer``,
-    ``ops.solve_systems_deferred`` may leave the rank-deficient systems
-    unsolved (``deferred`` True).
+    the rank-deficient systems may be left unsolved (``deferred`` True).
     """
     xp = array_module_of(matrix)
     if config.check_condition_number:
@@ -241,12 +258,7 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, 
     if regularization is not None and len(systems):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    solutions, status, deferred = (ops.solve_systems_deferred(systems, vector) if defer
-                                   else (*ops.solve_systems(systems, vector), False))
-    pending = codes == RejectReason.NONE
-    codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
-    solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
-    return solutions, codes, status, deferred
+    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer)
 
 
 def _as_float64(xp, array):
@@ -296,27 +308,23 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     xp = array_module_of(batch.template)
     basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
-    n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
     iterate = config.iterate_single_kernel and not config.constant_variance_weighting
     defer = defer_rank_deficient and not (iterate or config.check_condition_number)
-    solution, codes, status, deferred = _solve_batch(ops, matrix, vector, config, regularization, codes,
-                                                     condition, defer)
+    outcome, kernels, background, deferred = _solve_batch(ops, matrix, vector, config, regularization, codes,
+                                                          condition, basis, defer)
     if iterate:
-        kernels = candidate_kernels(solution[:, :n_basis], basis)
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
-        solution, codes, status, _ = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
-    coefficients = solution[:, :n_basis]
-    background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
-    kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    model = None
+        outcome, kernels, background, _ = _solve_batch(ops, matrix, vector, config, regularization,
+                                                       outcome[:, 0].astype(np.int8), condition, basis)
+    fit = StampFit(outcome, background, kernels, matrix, vector, condition, deferred=deferred)
     if ops.uses_fitted_models:
         fy = batch.science.shape[1] - 2 * half_width
-        model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model, deferred)
+        fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
+    return fit
 
 
 def stamp_normal_equations(batch, basis, config, *, ops=None):

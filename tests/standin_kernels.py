@@ -186,3 +186,28 @@ FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
 FAST["gdi_solve_small"] = solve_small
+
+
+# ---- kernels/linear_solve.cu: gdi_solve_stamps (H3) ----
+
+def solve_stamps(matrices, vectors, codes, basis, n_systems, n_basis, with_background, n_taps, fit_failed,
+                 outcome, kernels, background):
+    """``gdi_solve_stamps``: :func:`solve_small`, then the fit's codes, kernel images and sums as the
+    reference forms them (``gpudiffim._ops.NUMPY.solve_stamps``)."""
+    n = n_basis + int(bool(with_background))
+    solutions, status = np.zeros((n_systems, n)), np.zeros(n_systems, dtype=np.int32)
+    solve_small(matrices, vectors, n_systems, n, solutions, np.zeros((n_systems, n)), status)
+    entry = codes.reshape(n_systems)
+    failure = np.where((entry == 0) & (status > 1), fit_failed, entry)
+    x = np.where(((failure == 0) & (status == 0))[:, None], solutions, 0.0)
+    taps = basis.reshape(n_basis, n_taps)
+    rows = outcome.reshape(n_systems, 4 + n_basis)
+    rows[:, 0], rows[:, 1] = failure, status
+    rows[:, 2] = x[:, :n_basis] @ taps.sum(axis=1)
+    rows[:, 3] = x[:, n_basis] if with_background else 0.0
+    rows[:, 4:] = x[:, :n_basis]
+    kernels.reshape(n_systems, n_taps)[...] = x[:, :n_basis] @ taps
+    background.reshape(n_systems)[...] = rows[:, 3]
+
+
+FAST["gdi_solve_stamps"] = solve_stamps

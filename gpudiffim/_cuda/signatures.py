@@ -176,3 +176,12 @@ KERNELS["gdi_solve_small"] = KernelSpec("linear_solve", (
     ("matrices", "const double*"), ("vectors", "const double*"), ("n_systems", "int"), ("n", "int"),
     ("solutions", "double*"), ("pivots", "double*"), ("status", "int*"),
 ))
+
+# ---- kernels/linear_solve.cu: the stamp systems and what the fit makes of them (H3, issue 17) ----
+
+KERNELS["gdi_solve_stamps"] = KernelSpec("linear_solve", (
+    ("matrices", "const double*"), ("vectors", "const double*"), ("codes", "const int*"),
+    ("basis", "const double*"), ("n_systems", "int"), ("n_basis", "int"), ("with_background", "int"),
+    ("n_taps", "int"), ("fit_failed", "int"),
+    ("outcome", "double*"), ("kernels", "double*"), ("background", "double*"),
+))
