@@ -33,6 +33,7 @@ method                             contract
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
 ``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
                                    unsolved (zeros) for the caller, with a host flag saying so
+``constant_weights``               one inverse-variance weight per stamp (the median's) and zero codes
 ``solve_stamps``                   a batch's stamp systems solved, with the codes, kernel images, sums
                                    and backgrounds the fit makes of them (one launch on the GPU)
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
@@ -251,6 +252,14 @@ class NumpyOperations:
             matrix *= weights[:, :, None]
             vector *= weights
         return matrix, vector
+
+    def constant_weights(self, science_variance, template_variance):
+        """One weight per stamp, ``1 / median(V_S + V_T)`` (1 where that is not positive), and zero int32
+        failure codes, of (N, S, S) variance stamps, where they live."""
+        xp = array_module_of(science_variance)
+        total = science_variance + template_variance
+        level = xp.median(total.reshape(len(total), -1), axis=1)
+        return 1.0 / xp.where(level > 0, level, 1.0), xp.zeros(len(total), dtype=np.int32)
 
     def solve_systems(self, matrices, vectors):
         """``(solutions, status)`` of a stack of small symmetric systems (:func:`gpudiffim.linalg.solve_batch_status`):
@@ -530,6 +539,16 @@ class KernelOperations(NumpyOperations):
 
         out = image_apply.or_filter_box(mask, half_y, half_x)
         return out != 0 if mask.dtype == bool else out
+
+    def constant_weights(self, science_variance, template_variance):
+        """On the GPU, ``gdi_constant_weights`` (the median by a sort in shared memory: one launch); stamps
+        larger than its shared memory, and NumPy stacks (the emulator), as the reference."""
+        from ._cuda import stamp_fit
+
+        n_pix = science_variance.shape[-1] * science_variance.shape[-2]
+        if not is_device_array(science_variance) or n_pix > stamp_fit.CONSTANT_WEIGHTS_MAX_PIX:
+            return super().constant_weights(science_variance, template_variance)
+        return stamp_fit.constant_weights(science_variance, template_variance)
 
     def solve_systems(self, matrices, vectors):
         """On the GPU, ``gdi_solve_small`` (``kernels/linear_solve.cu``: checks, partial-pivoting LU, the

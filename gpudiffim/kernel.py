@@ -94,17 +94,21 @@ class SpatialKernel:
         x, y : array_like of shape (N,)
             Host coordinates.
         xp : module
-            Where to build the images (``numpy``, or ``cupy``: the spatial
-            terms (N, n_terms) and the small coefficient and basis arrays are
-            copied there, then two matrix products).
+            Where to build the images: ``numpy`` (the basis coefficients at
+            each position, then their basis sums), or on the GPU ``cupy``: the
+            spatial terms (N, n_terms) and the :meth:`term_kernels` (a few
+            small images, not the basis) are copied there, then one matrix
+            product (the same images, summed in another order).
 
         Returns
         -------
         ndarray of shape (N, kh, kw)
         """
         terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-        weights = moved(terms, xp) @ moved(self.coefficients.T, xp)
-        return xp.tensordot(weights, moved(self.basis, xp), axes=1)
+        if on_device(xp):
+            flat = moved(terms, xp) @ moved(self.term_kernels().reshape(len(self.coefficients.T), -1), xp)
+            return flat.reshape(len(terms), *self.shape)
+        return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""

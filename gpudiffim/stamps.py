@@ -176,20 +176,20 @@ def failure_texts(codes, status, condition):
     return texts
 
 
-def _stamp_weights(batch, half_width, constant):
-    """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live).
+def _stamp_weights(ops, batch, half_width, constant):
+    """Inverse-variance weights on the fit region, and a failure code per stamp (int32, where the stamps live:
+    what ``gdi_solve_stamps`` reads as is).
 
     With ``constant`` the weights are one number per stamp, shaped (N,): ``1 / median(V_S + V_T)``, 1
     where that median is not positive.
     """
+    if constant:
+        return ops.constant_weights(batch.science_variance, batch.template_variance)
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
     flat = total.reshape(len(batch), -1)
-    if constant:
-        level = xp.median(flat, axis=1)
-        return 1.0 / xp.where(level > 0, level, 1.0), xp.zeros(len(batch), dtype=np.int8)
-    codes = xp.where(flat.min(axis=1) <= 0, np.int8(RejectReason.NONPOSITIVE_VARIANCE), np.int8(RejectReason.NONE))
-    return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int8)
+    codes = xp.where(flat.min(axis=1) <= 0, np.int32(RejectReason.NONPOSITIVE_VARIANCE), np.int32(RejectReason.NONE))
+    return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int32)
 
 
 def _inverse(variance):
@@ -319,7 +319,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
         outcome, kernels, background, _ = _solve_batch(ops, matrix, vector, config, regularization,
-                                                       outcome[:, 0].astype(np.int8), condition, basis)
+                                                       outcome[:, 0].astype(np.int32), condition, basis)
     fit = StampFit(outcome, background, kernels, matrix, vector, condition, deferred=deferred)
     if ops.uses_fitted_models:
         fy = batch.science.shape[1] - 2 * half_width
@@ -342,7 +342,7 @@ def _normal_equations(ops, batch, basis, config, separable=None):
     """Design columns, target, weights, failure codes and ``(M, b)`` of a batch (``basis`` where it lives;
     ``separable``, its separable form if it has one)."""
     columns, target = _design(ops, batch, basis, separable)
-    weights, codes = _stamp_weights(batch, basis.shape[1] // 2, config.constant_variance_weighting)
+    weights, codes = _stamp_weights(ops, batch, basis.shape[1] // 2, config.constant_variance_weighting)
     return columns, target, weights, codes, ops.stamp_normal_equations(columns, target, weights,
                                                                        config.fit_for_background)
 

@@ -211,3 +211,13 @@ def solve_stamps(matrices, vectors, codes, basis, n_systems, n_basis, with_backg
 
 
 FAST["gdi_solve_stamps"] = solve_stamps
+
+
+def constant_weights(science_variance, template_variance, n_stamps, n_pix, infinity, weights, codes):
+    """``gdi_constant_weights`` as the reference forms them (``gpudiffim._ops.NUMPY.constant_weights``)."""
+    level = np.median((science_variance + template_variance).reshape(n_stamps, n_pix), axis=1)
+    weights[...] = 1.0 / np.where(level > 0, level, 1.0)
+    codes[...] = 0
+
+
+FAST["gdi_constant_weights"] = constant_weights

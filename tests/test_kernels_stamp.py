@@ -18,6 +18,8 @@ rounds of work per thread; with a GPU the same comparisons run through CuPy
 of each output element, the scale of its rounding error.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -532,3 +534,38 @@ def test_cupy_spatial_normal_equations_match_numpy(rng, constant_first_term, n_g
     spatial_normal_equations(*(cupy.asarray(a) for a in (matrices, vectors, maps)), out=(matrix, vector))
     _check_spatial(matrix, vector, matrices, vectors, maps,
                    f"seed={seed} n_g={n_g} constant_first_term={constant_first_term}")
+
+
+# ---------------------------------------------------------------------------
+# gdi_constant_weights
+
+@pytest.mark.parametrize(("n", "size"), [(1, 1), (4, 6), (7, 43), (3, 64)])
+def test_emulated_constant_weights_equal_the_reference(emulator, rng, n, size):
+    """The median by the kernel's bitonic sort (odd and even counts, the count a power of two or not, ties,
+    non-positive and NaN medians) inverts to the reference's weights exactly; the codes are zero."""
+    from gpudiffim._cuda.stamp_fit import constant_weights
+    from gpudiffim._ops import NUMPY
+
+    gen, seed = rng
+    science = gen.uniform(0.5, 4.0, size=(n, size, size)).round(1)          # rounded: ties in the sort
+    template = gen.uniform(0.5, 4.0, size=(n, size, size))
+    if n > 2:
+        science[1] = -template[1]                                           # median 0: weight 1
+        science[2, 0, 0] = np.nan                                           # NaN median: weight 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want, want_codes = NUMPY.constant_weights(science, template)
+    weights, codes = constant_weights(science, template)
+    assert_array_equal(weights, want, err_msg=f"seed={seed}")
+    assert_array_equal(codes, want_codes)
+    assert codes.dtype == np.int32 and weights.dtype == np.float64
+    if n > 2:
+        assert weights[1] == weights[2] == 1.0
+
+
+def test_constant_weights_refuse_stamps_beyond_the_shared_sort(emulator):
+    from gpudiffim._cuda.stamp_fit import CONSTANT_WEIGHTS_MAX_PIX, constant_weights
+
+    side = int(np.sqrt(CONSTANT_WEIGHTS_MAX_PIX)) + 1
+    with pytest.raises(ValueError, match="pixels each"):
+        constant_weights(np.ones((1, side, side)), np.ones((1, side, side)))

@@ -185,3 +185,7 @@ KERNELS["gdi_solve_stamps"] = KernelSpec("linear_solve", (
     ("n_taps", "int"), ("fit_failed", "int"),
     ("outcome", "double*"), ("kernels", "double*"), ("background", "double*"),
 ))
+KERNELS["gdi_constant_weights"] = KernelSpec("stamp_fit", (
+    ("science_variance", "const double*"), ("template_variance", "const double*"), ("n_stamps", "int"),
+    ("n_pix", "int"), ("infinity", "double"), ("weights", "double*"), ("codes", "int*"),
+))

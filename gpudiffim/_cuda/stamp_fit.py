@@ -34,6 +34,8 @@ __all__ = [
     "NORMAL_EQUATIONS_THREADS",
     "STAMP_FIT_DEFINES",
     "CUT_THREADS",
+    "CONSTANT_WEIGHTS_MAX_PIX",
+    "constant_weights",
     "correlate_stamps",
     "correlate_stamps_geometry",
     "cut_stamps",
@@ -53,12 +55,17 @@ CORRELATE_MAX_TAPS = 4096
 NORMAL_EQUATIONS_THREADS = 256
 #: Doubles of the pixel tile of ``gdi_normal_equations`` (``GDI_NE_SHARED_DOUBLES``): 32 KiB.
 NORMAL_EQUATIONS_SHARED_DOUBLES = 4096
-#: Compile-time constants of ``kernels/stamp_fit.cu``: one tuple for both of its
+#: Most pixels per stamp of ``gdi_constant_weights`` (``GDI_CW_MAX_PIX``: its sort in 32 KiB of shared memory).
+CONSTANT_WEIGHTS_MAX_PIX = 4096
+#: Threads per block of ``gdi_constant_weights``.
+CONSTANT_WEIGHTS_THREADS = 256
+#: Compile-time constants of ``kernels/stamp_fit.cu``: one tuple for its
 #: kernels, so that the unit is compiled once (the module cache is keyed on it).
 STAMP_FIT_DEFINES = (("GDI_CS_MAX_TAPS", CORRELATE_MAX_TAPS),
                      ("GDI_CS_KB", CORRELATE_KERNELS_PER_BLOCK),
                      ("GDI_CS_RX", CORRELATE_OUTPUTS_PER_THREAD),
-                     ("GDI_NE_SHARED_DOUBLES", NORMAL_EQUATIONS_SHARED_DOUBLES))
+                     ("GDI_NE_SHARED_DOUBLES", NORMAL_EQUATIONS_SHARED_DOUBLES),
+                     ("GDI_CW_MAX_PIX", CONSTANT_WEIGHTS_MAX_PIX))
 
 _MAX_GRID_Y = 65535
 
@@ -286,3 +293,44 @@ def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
 def upload_centres(xp, centres_rc):
     """Host stamp centres (n, 2) as the int32 array of ``xp`` that :func:`cut_stamps` reads (one upload)."""
     return xp.asarray(np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2).astype(np.int32))
+
+
+# ---------------------------------------------------------------------------
+# one weight per stamp (constant_variance_weighting)
+
+def constant_weights(science_variance, template_variance):
+    """``1 / median(V_S + V_T)`` of every stamp, 1 where not positive, and zero codes (``gdi_constant_weights``).
+
+    Parameters
+    ----------
+    science_variance, template_variance : ndarray of shape (N, S, S)
+        Variance stamps (float64; converted if needed), at most
+        :data:`CONSTANT_WEIGHTS_MAX_PIX` pixels each.
+
+    Returns
+    -------
+    weights : ndarray of shape (N,), float64
+        ``numpy.median``'s value of each stamp's sums, inverted (a NaN median gives 1).
+    codes : ndarray of int32, shape (N,)
+        Zeros (no stamp fails here), as ``gpudiffim.stamps`` wants them.
+
+    Both in the inputs' array module.
+
+    Raises
+    ------
+    ValueError
+        On shapes that differ, no pixel, or more than :data:`CONSTANT_WEIGHTS_MAX_PIX` pixels.
+    """
+    _, xp = on_launcher(science_variance, template_variance)
+    science_variance = prepare(xp, science_variance, np.float64, 3, "science_variance")
+    template_variance = prepare(xp, template_variance, np.float64, 3, "template_variance")
+    n, sy, sx = science_variance.shape
+    if template_variance.shape != science_variance.shape or not 0 < sy * sx <= CONSTANT_WEIGHTS_MAX_PIX:
+        msg = (f"variance stamps {science_variance.shape} and {template_variance.shape} must match and hold "
+               f"1 to {CONSTANT_WEIGHTS_MAX_PIX} pixels each")
+        raise ValueError(msg)
+    weights, codes = xp.empty(n), xp.empty(n, dtype=np.int32)
+    if n:
+        launch("gdi_constant_weights", (n,), (CONSTANT_WEIGHTS_THREADS,),
+               (science_variance, template_variance, n, sy * sx, np.inf, weights, codes), defines=STAMP_FIT_DEFINES)
+    return weights, codes
