@@ -11,6 +11,7 @@ Kernel images use the ``afw`` correlation layout of :mod:`gpudiffim.convolve`
 compare pixel for pixel with ``ip_diffim`` kernel images.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from ._backend import moved, on_device
 from .spatial import SpatialFunction
 
 __all__ = ["SpatialKernel", "BackgroundModel"]
+
+
+#: Per kernel, its term kernels already copied to an array module (by the module's name).
+_TERM_KERNEL_COPIES = weakref.WeakKeyDictionary()
 
 
 def _read_only(array):
@@ -106,9 +111,16 @@ class SpatialKernel:
         """
         terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
         if on_device(xp):
-            flat = moved(terms, xp) @ moved(self.term_kernels().reshape(len(self.coefficients.T), -1), xp)
+            flat = moved(terms, xp) @ self._term_kernel_rows(xp)
             return flat.reshape(len(terms), *self.shape)
         return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
+
+    def _term_kernel_rows(self, xp):
+        """:meth:`term_kernels` as rows (n_terms, kh kw) in ``xp``, copied there once per kernel."""
+        copies = _TERM_KERNEL_COPIES.setdefault(self, {})
+        if xp.__name__ not in copies:
+            copies[xp.__name__] = moved(self.term_kernels().reshape(self.spatial_function.n_terms, -1), xp)
+        return copies[xp.__name__]
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""

@@ -163,16 +163,15 @@ class StampFit:
 
 def failure_texts(codes, status, condition):
     """Sentences for stamp-fit failure ``codes`` (host arrays of :class:`StampFit`), "" where none."""
-    texts = []
-    for k, (code, solved) in enumerate(zip(codes.tolist(), status.tolist())):
+    texts = [""] * len(codes)
+    for k in np.flatnonzero(codes != RejectReason.NONE).tolist():   # (few: a loop over every stamp is slow)
+        code, solved = codes[k], status[k]
         if code == RejectReason.NONPOSITIVE_VARIANCE:
-            texts.append("non-positive variance in the stamp")
+            texts[k] = "non-positive variance in the stamp"
         elif code == RejectReason.CONDITION_NUMBER:
-            texts.append(f"condition number {condition[k]:.3g} > {condition['limit']:.3g}")
+            texts[k] = f"condition number {condition[k]:.3g} > {condition['limit']:.3g}"
         elif code == RejectReason.FIT_FAILED:
-            texts.append(f"stamp fit failed: {STATUS_TEXT[int(solved)]}")
-        else:
-            texts.append("")
+            texts[k] = f"stamp fit failed: {STATUS_TEXT[int(solved)]}"
     return texts
 
 
