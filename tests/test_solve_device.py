@@ -77,3 +77,26 @@ def test_the_host_backend_never_defers():
     assert not deferred
     np.testing.assert_array_equal(status, [EIGENVECTOR, EIGENVECTOR])
     np.testing.assert_allclose(solutions, [[1, 0, 0], [1, 0, 0]])
+
+
+def test_spatial_kernel_images_on_the_device_equal_the_host_ones():
+    """Built from the term kernels on the GPU (summed in another order): the host images to rounding,
+    the term kernels copied once per kernel."""
+    from gpudiffim.kernel import SpatialKernel
+    from gpudiffim.spatial import SpatialFunction
+
+    gen = np.random.default_rng(5)
+    function = SpatialFunction("chebyshev1", 2, (0, 0, 511, 511))
+    kernel = SpatialKernel(gen.normal(size=(7, 9, 9)), gen.normal(size=(7, function.n_terms)), function)
+    x, y = gen.uniform(0, 511, 40), gen.uniform(0, 511, 40)
+    want = kernel.images(x, y)
+    with cupy_standin(kernels="numpy") as recorder:
+        import cupy
+
+        got = kernel.images(x, y, xp=cupy)
+        first = recorder.uploads
+        again = kernel.images(x[:3], y[:3], xp=cupy)
+        assert recorder.uploads == first + 1               # the spatial terms only
+        got, again = got.get(), again.get()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(again, want[:3], rtol=0, atol=1e-12 * np.abs(want).max())
