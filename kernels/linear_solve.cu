@@ -50,16 +50,29 @@ __device__ __forceinline__ bool gdi_ls_finite(double v)
     return v - v == 0.0;  // false for NaN and +-inf (inf - inf is NaN)
 }
 
+// The block's shared storage for one system: the augmented matrix [A | b]
+// (n x (n + 1), row-major) and the flags and pivot row of the steps.
+struct GdiLsShared {
+    double a[GDI_LS_MAX_N * (GDI_LS_MAX_N + 1)];
+    int bad[GDI_LS_THREADS];
+    int nonzero[GDI_LS_THREADS];
+    int pivot_row;
+    int code;
+};
+
 // Steps 1-4 for system s by the block (every thread calls it: it holds the
-// block's barriers).  a (n x (n + 1)), bad and nonzero (GDI_LS_THREADS) and
-// pivot_row, code are the caller's __shared__ storage; pivots, if not null,
-// gets |U[k][k]| (0 for a system not factored).  Returns the status (the same
-// in every thread); with LU, a[i (n + 1) + n] holds the solution.
+// block's barriers), in the caller's __shared__ storage ws; pivots, if not
+// null, gets |U[k][k]| (0 for a system not factored).  Returns the status (the
+// same in every thread); with LU, ws->a[i (n + 1) + n] holds the solution.
 __device__ int gdi_ls_solve(const double* __restrict__ matrices,
                             const double* __restrict__ vectors,
-                            int s, int n, double* a, int* bad, int* nonzero,
-                            int* pivot_row, int* code, double* pivots)
+                            int s, int n, GdiLsShared* ws, double* pivots)
 {
+    double* a = ws->a;
+    int* bad = ws->bad;
+    int* nonzero = ws->nonzero;
+    int* pivot_row = &ws->pivot_row;
+    int* code = &ws->code;
     const int t = static_cast<int>(threadIdx.x);
     const int width = n + 1;
     const long long base = static_cast<long long>(s) * n;
@@ -183,21 +196,17 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
                                 double* __restrict__ pivots,
                                 int* __restrict__ status)
 {
-    __shared__ double a[GDI_LS_MAX_N * (GDI_LS_MAX_N + 1)];
-    __shared__ int bad[GDI_LS_THREADS];
-    __shared__ int nonzero[GDI_LS_THREADS];
-    __shared__ int pivot_row;
-    __shared__ int code;
+    __shared__ GdiLsShared ws;
 
     const int s = static_cast<int>(blockIdx.x);
     const int t = static_cast<int>(threadIdx.x);
-    const int result = gdi_ls_solve(matrices, vectors, s, n, a, bad, nonzero, &pivot_row, &code, pivots);
+    const int result = gdi_ls_solve(matrices, vectors, s, n, &ws, pivots);
     if (t == 0) {
         status[s] = result;
     }
     const long long base = static_cast<long long>(s) * n;
     for (int i = t; i < n; i += GDI_LS_THREADS) {
-        solutions[base + i] = result == GDI_LS_LU ? a[i * (n + 1) + n] : 0.0;
+        solutions[base + i] = result == GDI_LS_LU ? ws.a[i * (n + 1) + n] : 0.0;
     }
 }
 
@@ -227,18 +236,15 @@ __global__ void gdi_solve_stamps(const double* __restrict__ matrices,
                                  double* __restrict__ kernels,
                                  double* __restrict__ background)
 {
-    __shared__ double a[GDI_LS_MAX_N * (GDI_LS_MAX_N + 1)];
+    __shared__ GdiLsShared ws;
     __shared__ double partial[GDI_LS_THREADS];
-    __shared__ int bad[GDI_LS_THREADS];
-    __shared__ int nonzero[GDI_LS_THREADS];
-    __shared__ int pivot_row;
-    __shared__ int code;
 
     const int s = static_cast<int>(blockIdx.x);
     const int t = static_cast<int>(threadIdx.x);
     const int n = n_basis + (with_background ? 1 : 0);
     const int width = n + 1;
-    const int result = gdi_ls_solve(matrices, vectors, s, n, a, bad, nonzero, &pivot_row, &code, nullptr);
+    const double* a = ws.a;
+    const int result = gdi_ls_solve(matrices, vectors, s, n, &ws, nullptr);
     const int entry = codes[s];
     const int failure = (entry == 0 && result > GDI_LS_EIGENVECTOR) ? fit_failed : entry;
     const bool solved = failure == 0 && result == GDI_LS_LU;
