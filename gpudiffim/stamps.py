@@ -22,10 +22,13 @@ kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
 ``residual_moments.cu``.  The design columns are the same on every path,
 and the background's column of ones is implicit on every path.  The small per-stamp systems (``N x P x P``) are
 solved by LU with partial pivoting and the same pivot rank test on every
-backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
-:func:`gpudiffim.linalg.solve_batch_status`).  A fit's results stay where the
-stamps live (no synchronisation on the GPU); the solve loop reads each
-batch's decisions back once.
+backend (LAPACK on the host, ``gdi_solve_stamps`` on the GPU, which also
+forms the codes, kernel images and sums in the same launch; see
+:func:`gpudiffim.linalg.solve_batch_status` and ``gpudiffim._ops``'
+``solve_stamps``).  A fit's results stay where the stamps live (no
+synchronisation on the GPU); the solve loop reads each batch's decisions
+back once, and fits again the rare rank-deficient stamps whose
+pseudo-inverse the GPU defers (``defer_rank_deficient``).
 """
 
 from dataclasses import dataclass

@@ -1,6 +1,6 @@
 """Launch geometry and host wrappers of ``kernels/stamp_fit.cu``.
 
-Issue 4's kernels 1 and 2, each the kernel-path twin of a NumPy reference:
+Issue 4's kernels 1 and 2 and issue 17's stamp glue, each the kernel-path twin of a NumPy reference:
 
 =====================================  ===========================================================
 wrapper                                NumPy reference
@@ -11,6 +11,8 @@ wrapper                                NumPy reference
                                        (ones column appended when ``with_background``)
 :func:`cut_stamps`                     ``gpudiffim.cutouts.cut_planes`` of one image's planes
                                        (image and variance as float64, mask as int32)
+:func:`constant_weights`               ``gpudiffim._ops.NUMPY.constant_weights`` (one weight
+                                       per stamp from the median variance)
 =====================================  ===========================================================
 
 Every wrapper takes NumPy arrays (run by the CPU emulator) or CuPy arrays
