@@ -305,7 +305,7 @@ template __global__ void gdi_cut_stamps<double>(const double*, const double*, co
 // with numpy.median's value (the middle one of the sorted n_pix values, or
 // the mean of the two middle ones; NaN if any value is NaN).  The n_pix sums
 // are sorted in shared memory (bitonic, padded with +inf to a power of two);
-// n_pix <= GDI_CW_MAX_PIX; infinity is +inf (from the host: no constant
+// n_pix <= GDI_CW_MAX_PIX (a power of two: the padded sort fits); infinity is +inf (from the host: no constant
 // division here).  One block per stamp, any blockDim.x.
 #ifndef GDI_CW_MAX_PIX
 #define GDI_CW_MAX_PIX 4096
