@@ -58,6 +58,9 @@ def test_deferred_rank_deficient_stamps_get_the_numpy_solutions(monkeypatch):
     with cupy_standin(kernels="numpy"):
         result = ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template),
                                                                   to_device(pair.science))
+        local = result.residual_rows.local.get()          # the refitted stamps' D/sigma rows patched in
+    np.testing.assert_array_equal(result.residual_rows.index, reference.residual_rows.index)
+    np.testing.assert_allclose(local, reference.residual_rows.local, rtol=0, atol=1e-6, equal_nan=True)
     assert any(deferred for _, deferred, _ in calls)
     assert any(not defer for defer, _, _ in calls)              # a batch had deficient stamps: fitted again
     cells, expected = result.kernel_cell_set, reference.kernel_cell_set
