@@ -31,6 +31,11 @@ method                             contract
                                    background's column of ones, implicit on every path
 ``solve_systems``                  ``(solutions, status)`` of (N, P, P) symmetric systems: LAPACK, or
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
+``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
+                                   unsolved (zeros) for the caller, with a host flag saying so
+``constant_weights``               one inverse-variance weight per stamp (the median's) and zero codes
+``solve_stamps``                   a batch's stamp systems solved, with the codes, kernel images, sums
+                                   and backgrounds the fit makes of them (one launch on the GPU)
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
@@ -135,6 +140,17 @@ def _solve_device(matrices, vectors, usable):
     return solved, full_rank
 
 
+def _pseudo_inverse_fallback(matrices, vectors, solutions, status):
+    """``gdi_solve_small``'s ``(solutions, status)`` with the pseudo-inverse solutions of its rank-deficient
+    (``EIGENVECTOR``) systems, from one batched eigen-decomposition of the stack (no synchronisation)."""
+    xp = array_module_of(matrices)
+    deficient = status == EIGENVECTOR
+    safe = xp.where(deficient[:, None, None], matrices, xp.eye(matrices.shape[-1]))
+    pseudo = pseudo_inverse_solve_batch(safe, xp.where(deficient[:, None], vectors, 0.0))
+    solutions = xp.where(deficient[:, None], pseudo, solutions)
+    bad = deficient & ~xp.isfinite(solutions).all(axis=1)
+    status = xp.where(bad, np.int8(NOT_FINITE_SOLUTION), status)
+    return xp.where(bad[:, None], 0.0, solutions), status
 
 
 def _lu_batch_cublas(matrices, vectors):
@@ -263,10 +279,45 @@ class NumpyOperations:
             vector *= weights
         return matrix, vector
 
+    def constant_weights(self, science_variance, template_variance):
+        """One weight per stamp, ``1 / median(V_S + V_T)`` (1 where that is not positive), and zero int32
+        failure codes, of (N, S, S) variance stamps, where they live."""
+        xp = array_module_of(science_variance)
+        total = science_variance + template_variance
+        level = xp.median(total.reshape(len(total), -1), axis=1)
+        return 1.0 / xp.where(level > 0, level, 1.0), xp.zeros(len(total), dtype=np.int32)
+
     def solve_systems(self, matrices, vectors):
         """``(solutions, status)`` of a stack of small symmetric systems (:func:`gpudiffim.linalg.solve_batch_status`):
         LAPACK per system, the pseudo-inverse for rank-deficient ones."""
         return solve_batch_status(matrices, vectors)
+
+    def solve_systems_deferred(self, matrices, vectors):
+        """``(solutions, status, deferred)``: :meth:`solve_systems`, every system solved (``deferred`` False)."""
+        return (*self.solve_systems(matrices, vectors), False)
+
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+        """The stamp systems of a batch solved, and what the fit makes of the solutions.
+
+        ``codes`` (N,) are the stamps' failure codes on entry (0 for none); a failed solve of a
+        stamp without one gets ``fit_failed``.  The solutions of failed stamps are zero.  With
+        ``defer``, :meth:`solve_systems_deferred` solves.  Returns ``(outcome, kernels,
+        background, deferred)``: float64 rows ``(code, status, kernel sum, background,
+        coefficients)`` (N, 4 + n_basis), the kernel images ``sum_i a_i B_i`` of ``basis``
+        (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
+        and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
+        """
+        xp = array_module_of(matrices)
+        solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
+                                       else (*self.solve_systems(matrices, vectors), False))
+        pending = codes == 0
+        codes = xp.where(pending & (status > EIGENVECTOR), np.int8(fit_failed), codes).astype(np.int8)
+        solutions = xp.where((codes == 0)[:, None], solutions, 0.0)
+        coefficients = solutions[:, :len(basis)]
+        background = solutions[:, len(basis)] if with_background else xp.zeros(len(solutions))
+        kernel_sum = coefficients @ basis.sum(axis=(1, 2))
+        outcome = xp.concatenate([xp.stack([codes, status, kernel_sum, background], axis=1), coefficients], axis=1)
+        return outcome, xp.tensordot(coefficients, basis, axes=1), background, deferred
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
@@ -508,15 +559,18 @@ class KernelOperations(NumpyOperations):
             # wider than the kernel stages in shared memory (63^2 taps; the defaults stay below
             # 35^2): the host FFT path, correct but with a round trip
             return xp.asarray(super().correlate_stamps(to_host(stamps), to_host(kernels), per_stamp))
-        out = stamp_fit.correlate_stamps(stamps, xp.asarray(kernels, dtype=stamps.dtype), per_stamp=per_stamp)
+        if not (isinstance(kernels, xp.ndarray) and kernels.dtype == stamps.dtype):
+            kernels = xp.asarray(kernels, dtype=stamps.dtype)
+        out = stamp_fit.correlate_stamps(stamps, kernels, per_stamp=per_stamp)
         return out[:, 0] if per_stamp else out
 
     def stamp_normal_equations(self, columns, target, weights, background):
-        """``gdi_normal_equations`` with its implicit column of ones for the background."""
+        """``gdi_normal_equations`` with its implicit column of ones for the background (one weight per
+        stamp read as is)."""
         from ._cuda import stamp_fit
 
-        xp = array_module_of(columns)
-        weights = xp.ascontiguousarray(xp.broadcast_to(weights.reshape(len(target), -1), target.shape))
+        if weights.size != len(target):
+            weights = weights.reshape(target.shape)
         return stamp_fit.normal_equations(columns, weights, target, int(bool(background)))
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
@@ -534,37 +588,59 @@ class KernelOperations(NumpyOperations):
         out = image_apply.or_filter_box(mask, half_y, half_x)
         return out != 0 if mask.dtype == bool else out
 
+    def constant_weights(self, science_variance, template_variance):
+        """On the GPU, ``gdi_constant_weights`` (the median by a sort in shared memory: one launch); stamps
+        larger than its shared memory, and NumPy stacks (the emulator), as the reference."""
+        from ._cuda import stamp_fit
+
+        n_pix = science_variance.shape[-1] * science_variance.shape[-2]
+        if not is_device_array(science_variance) or n_pix > stamp_fit.CONSTANT_WEIGHTS_MAX_PIX:
+            return super().constant_weights(science_variance, template_variance)
+        return stamp_fit.constant_weights(science_variance, template_variance)
+
     def solve_systems(self, matrices, vectors):
         """On the GPU, ``gdi_solve_small`` (``kernels/linear_solve.cu``: checks, partial-pivoting LU, the
         pivot rank test and the status in one launch) and the pseudo-inverse solutions of the
         rank-deficient systems by a batched eigen-decomposition, with no synchronisation; systems
         larger than the kernel's shared memory take cuBLAS ``getrfBatched``/``getrsBatched``.  NumPy
         stacks (the emulator) as the reference."""
+        solutions, status, deferred = self.solve_systems_deferred(matrices, vectors)
+        if not deferred:
+            return solutions, status
+        return _pseudo_inverse_fallback(matrices, vectors, solutions, status)
+
+    def solve_systems_deferred(self, matrices, vectors):
+        """:meth:`solve_systems` with the pseudo-inverse left to the caller where it would cost calls:
+        on the GPU (systems the kernel takes) ``gdi_solve_small`` alone, whose ``EIGENVECTOR`` rows hold
+        zeros and ``deferred`` is True; elsewhere every system solved and ``deferred`` False."""
         from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_small
 
         if not is_device_array(matrices):
-            return super().solve_systems(matrices, vectors)
+            return (*NumpyOperations.solve_systems(self, matrices, vectors), False)
         if matrices.shape[-1] > SOLVE_SMALL_MAX_N or matrices.shape[-1] == 0 or len(matrices) == 0:
-            return solve_batch_status(matrices, vectors, solve=_solve_device)
-        xp = array_module_of(matrices)
+            return (*solve_batch_status(matrices, vectors, solve=_solve_device), False)
         solutions, _, status = solve_small(matrices, vectors)
-        status = status.astype(np.int8)
-        deficient = status == EIGENVECTOR
-        safe = xp.where(deficient[:, None, None], matrices, xp.eye(matrices.shape[-1]))
-        pseudo = pseudo_inverse_solve_batch(safe, xp.where(deficient[:, None], vectors, 0.0))
-        solutions = xp.where(deficient[:, None], pseudo, solutions)
-        bad = deficient & ~xp.isfinite(solutions).all(axis=1)
-        status = xp.where(bad, np.int8(NOT_FINITE_SOLUTION), status)
-        return xp.where(bad[:, None], 0.0, solutions), status
+        return solutions, status.astype(np.int8), True
+
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+        """With ``defer``, on the GPU, ``gdi_solve_stamps``: the solve and all that follows in one launch,
+        the rank-deficient systems deferred (``kernels/linear_solve.cu``); else the reference's steps."""
+        from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_stamps
+
+        n = matrices.shape[-1]
+        if not (defer and is_device_array(matrices) and len(matrices) and 0 < n <= SOLVE_SMALL_MAX_N):
+            return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
+        return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
-        """``gdi_cut_stamps``: one launch per image (its three planes)."""
+        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""
         from ._cuda import stamp_fit
 
+        centres = stamp_fit.upload_centres(array_module_of(science.image), centres_rc) if len(centres_rc) else None
         t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
-                                                           centres_rc, half_size)
+                                                           centres_rc, half_size, device_centres=centres)
         s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,
-                                                           centres_rc, half_size)
+                                                           centres_rc, half_size, device_centres=centres)
         return t_image, s_image, t_variance, s_variance, t_mask, s_mask
 
     uses_fitted_models = False

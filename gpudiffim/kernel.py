@@ -11,6 +11,7 @@ Kernel images use the ``afw`` correlation layout of :mod:`gpudiffim.convolve`
 compare pixel for pixel with ``ip_diffim`` kernel images.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from ._backend import moved, on_device
 from .spatial import SpatialFunction
 
 __all__ = ["SpatialKernel", "BackgroundModel"]
+
+
+#: Per kernel, its term kernels already copied to an array module (by the module's name).
+_TERM_KERNEL_COPIES = weakref.WeakKeyDictionary()
 
 
 def _read_only(array):
@@ -94,17 +99,28 @@ class SpatialKernel:
         x, y : array_like of shape (N,)
             Host coordinates.
         xp : module
-            Where to build the images (``numpy``, or ``cupy``: the spatial
-            terms (N, n_terms) and the small coefficient and basis arrays are
-            copied there, then two matrix products).
+            Where to build the images: ``numpy`` (the basis coefficients at
+            each position, then their basis sums), or on the GPU ``cupy``: the
+            spatial terms (N, n_terms) and the :meth:`term_kernels` (a few
+            small images, not the basis) are copied there, then one matrix
+            product (the same images, summed in another order).
 
         Returns
         -------
         ndarray of shape (N, kh, kw)
         """
         terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
-        weights = moved(terms, xp) @ moved(self.coefficients.T, xp)
-        return xp.tensordot(weights, moved(self.basis, xp), axes=1)
+        if on_device(xp):
+            flat = moved(terms, xp) @ self._term_kernel_rows(xp)
+            return flat.reshape(len(terms), *self.shape)
+        return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
+
+    def _term_kernel_rows(self, xp):
+        """:meth:`term_kernels` as rows (n_terms, kh kw) in ``xp``, copied there once per kernel."""
+        copies = _TERM_KERNEL_COPIES.setdefault(self, {})
+        if xp.__name__ not in copies:
+            copies[xp.__name__] = moved(self.term_kernels().reshape(self.spatial_function.n_terms, -1), xp)
+        return copies[xp.__name__]
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""

@@ -30,6 +30,7 @@ from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
+from .linalg import EIGENVECTOR
 from .regularization import choose_lambda, regularization_record
 from .spatial import SpatialFunction
 from .spatial_fit import (
@@ -41,7 +42,6 @@ from .spatial_fit import (
 )
 from .stamps import (
     StampBatch,
-    candidate_kernels,
     failure_texts,
     fit_stamps,
     stamp_normal_equations,
@@ -73,13 +73,21 @@ class _Outcome:
     background: np.ndarray
     coefficients: np.ndarray
 
+    @classmethod
+    def unpack(cls, packed):
+        """The outcome of the host rows of :func:`_read_back`."""
+        return cls(statistics_of_sums(packed[:, :3]), packed[:, 3].astype(np.int8),
+                   packed[:, _STATUS_COLUMN].astype(np.int8), packed[:, 5], packed[:, 6], packed[:, 7:])
+
+
+#: Column of the solve status in the rows of :func:`_read_back`.
+_STATUS_COLUMN = 4
+
 
 def _read_back(xp, sums, fit):
-    """The batch's residual sums and stamp-fit results, packed in one array and copied to the host once."""
-    per_stamp = xp.stack([fit.failure_code, fit.solve_status, fit.kernel_sum, fit.background], axis=1)
-    packed = to_host(xp.concatenate([sums, per_stamp.astype(np.float64, copy=False), fit.coefficients], axis=1))
-    return _Outcome(statistics_of_sums(packed[:, :3]), packed[:, 3].astype(np.int8), packed[:, 4].astype(np.int8),
-                    packed[:, 5], packed[:, 6], packed[:, 7:])
+    """The batch's residual sums and stamp-fit results, packed in one array and copied to the host once
+    (host rows: 3 sums, failure code, solve status, kernel sum, background, coefficients)."""
+    return to_host(xp.concatenate([sums, fit.outcome], axis=1))
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
@@ -181,9 +189,10 @@ class _Solver:
         self.bg_function = self.spatial_function(config.spatial_bg_order if config.fit_for_background else 0)
         self.pca_basis = None
         #: Per fitted batch, where they were computed (device arrays on the GPU): "matrix" and
-        #: "vector" of the stamp normal equations, their "information" (trace over the kernel
-        #: unknowns) and, with ``quality_report``, the "rows" of D/sigma of original-basis fits;
-        #: the solutions refer to them by (batch, row).
+        #: "vector" of the stamp normal equations, their "n_basis" kernel unknowns, their
+        #: "information" (trace over those, formed when first gathered) and, with
+        #: ``quality_report``, the "rows" of D/sigma of original-basis fits; the solutions refer
+        #: to them by (batch, row).
         self.batches = []
         #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
         self.assessed = None
@@ -261,24 +270,39 @@ class _Solver:
                    for start in range(0, len(index), size))
 
     def _build_batch(self, index, basis, solution, regularization, keep_rows):
-        """Fit one batch where the images live, read its outcome back once, store and judge it."""
+        """Fit one batch where the images live, read its outcome back once, store and judge it.
+
+        The stamps whose rank-deficient systems the device left unsolved
+        (:attr:`~gpudiffim.stamps.StampFit.deferred`; rare) are fitted again
+        with the pseudo-inverse: one more read-back, in the batches that have some.
+        """
         separable = self.separable if basis is self.basis.kernels else None
         basis = self.where_images_live(basis)
-        batch = self.batch(index)
-        fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops,
-                         separable=separable)
-        sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
-                                   self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
-        sums, rows = sums if keep_rows else (sums, None)
-        outcome = _read_back(self.xp, sums, fit)
+        regularization = self.where_images_live(regularization)
+        fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows, defer=True)
+        redo = np.flatnonzero(packed[:, _STATUS_COLUMN] == EIGENVECTOR) if fit.deferred else []
+        if len(redo):
+            _, packed[redo], redo_rows = self._fit_batch(index[redo], basis, separable, regularization,
+                                                         keep_rows, defer=False)
+            if keep_rows:
+                rows[self.xp.asarray(redo)] = redo_rows
+        outcome = _Outcome.unpack(packed)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        n_basis = len(basis)
-        information = self.xp.trace(fit.normal_matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
         self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows,
-                             "information": information})
+                             "n_basis": len(basis)})
         failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, failures)[1]
+
+    def _fit_batch(self, index, basis, separable, regularization, keep_rows, defer):
+        """``(fit, host outcome rows of _read_back, D/sigma rows or None)`` of the stamps ``index``."""
+        batch = self.batch(index)
+        fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops, separable=separable,
+                         defer_rank_deficient=defer)
+        sums = stamp_residual_sums(batch, fit.kernels, fit.background,
+                                   self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
+        sums, rows = sums if keep_rows else (sums, None)
+        return fit, _read_back(self.xp, sums, fit), rows
 
     def _judge(self, index, stats, stage, clipping, failure_code=None, failures=None):
         """Record residual statistics (host), mark GOOD or BAD; return (#good, #rejected).
@@ -419,24 +443,30 @@ class _Solver:
     def gather(self, index, key, *names):
         """Rows of the per-batch arrays ``names`` for the candidates ``index`` (solution ``key``).
 
-        One gather per fitted batch, in the batches' array module: on the GPU
-        the stamp normal equations never leave the device.  Returns one
+        The batches' arrays are concatenated and indexed once per name, in the
+        batches' array module: on the GPU the stamp normal equations never
+        leave the device, and the only upload is the row index.  Returns one
         stacked array per name, in the order of ``index``.
         """
         solution = self.cell_set.solutions[key]
         batches, rows = solution.batch[index], solution.row[index]
-        parts, order = [], []
-        for batch_id in np.unique(batches):
-            members = np.flatnonzero(batches == batch_id)
-            stored = [self.batches[batch_id][name] for name in names]
-            where = array_module_of(stored[0]).asarray(rows[members])
-            parts.append([array[where] for array in stored])
-            order.append(members)
-        if not parts:
+        used = np.unique(batches)
+        if not len(used):
             return tuple(np.zeros((0,) * _STORED_NDIM[name]) for name in names)
-        xp = array_module_of(parts[0][0])
-        inverse = xp.asarray(np.argsort(np.concatenate(order)))
-        return tuple(xp.concatenate(column)[inverse] for column in zip(*parts))
+        sizes = np.array([len(self.batches[batch_id]["matrix"]) for batch_id in used])
+        starts = np.cumsum(sizes) - sizes
+        stored = [[self._stored(batch_id, name) for batch_id in used] for name in names]
+        xp = array_module_of(stored[0][0])
+        where = xp.asarray((starts[np.searchsorted(used, batches)] + rows).astype(np.int32))
+        return tuple((parts[0] if len(parts) == 1 else xp.concatenate(parts))[where] for parts in stored)
+
+    def _stored(self, batch_id, name):
+        """Array ``name`` of fitted batch ``batch_id``; its "information", ``tr(M_kk)``, formed when first asked."""
+        stored = self.batches[batch_id]
+        if name == "information" and name not in stored:
+            n_basis, matrix = stored["n_basis"], stored["matrix"]
+            stored[name] = array_module_of(matrix).trace(matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
+        return stored[name]
 
     def residual_rows(self, kernel, background):
         """:class:`ResidualRows` of every original-basis fit under its own and the final spatial model.

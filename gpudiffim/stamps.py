@@ -22,10 +22,13 @@ kernels of ``kernels/stamp_fit.cu``, ``image_apply.cu`` and
 ``residual_moments.cu``.  The design columns are the same on every path,
 and the background's column of ones is implicit on every path.  The small per-stamp systems (``N x P x P``) are
 solved by LU with partial pivoting and the same pivot rank test on every
-backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
-:func:`gpudiffim.linalg.solve_batch_status`).  A fit's results stay where the
-stamps live (no synchronisation on the GPU); the solve loop reads each
-batch's decisions back once.
+backend (LAPACK on the host, ``gdi_solve_stamps`` on the GPU, which also
+forms the codes, kernel images and sums in the same launch; see
+:func:`gpudiffim.linalg.solve_batch_status` and ``gpudiffim._ops``'
+``solve_stamps``).  A fit's results stay where the stamps live (no
+synchronisation on the GPU); the solve loop reads each batch's decisions
+back once, and fits again the rare rank-deficient stamps whose
+pseudo-inverse the GPU defers (``defer_rank_deficient``).
 """
 
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
-from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
+from .linalg import STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
            "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts"]
@@ -104,34 +107,56 @@ class StampFit:
 
     Attributes
     ----------
-    coefficients : ndarray of shape (N, n_basis)
+    outcome : ndarray of shape (N, 4 + n_basis)
+        float64 rows ``(failure code, solve status, kernel sum, background,
+        coefficients)``, what the solve loop reads back (the properties below
+        are views of it, formed only when asked).
     background : ndarray of shape (N,)
-        Fitted constant background (0 when not fitted).
+        Fitted constant background (0 when not fitted), C-contiguous.
+    kernels : ndarray of shape (N, kh, kw)
+        Each stamp's kernel image ``sum_i a_i B_i``.
     normal_matrix : ndarray of shape (N, P, P)
         ``M`` without regularisation (used by the spatial fit).
     normal_vector : ndarray of shape (N, P)
-    kernel_sum : ndarray of shape (N,)
-    failure_code : ndarray of int8, shape (N,)
-        :class:`~gpudiffim.cellset.RejectReason` codes (``NONE`` for a good solution).
-    solve_status : ndarray of int8, shape (N,)
-        :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
     condition : dict of int to float
         Condition numbers of the stamps rejected by ``check_condition_number`` (host).
+    deferred : bool
+        Host flag: the rank-deficient systems (``solve_status`` ``EIGENVECTOR``) were left unsolved
+        (zero coefficients; see ``defer_rank_deficient`` of :func:`fit_stamps`).
     model : ndarray of shape (N, F, F) or None
         ``T * K`` of each stamp's own kernel, the design columns times its
         coefficients (formed where ``ops.uses_fitted_models``: it saves the
         residual pass a correlation).
     """
 
-    coefficients: np.ndarray
+    outcome: np.ndarray
     background: np.ndarray
+    kernels: np.ndarray
     normal_matrix: np.ndarray
     normal_vector: np.ndarray
-    kernel_sum: np.ndarray
-    failure_code: np.ndarray
-    solve_status: np.ndarray
     condition: dict
     model: np.ndarray = None
+    deferred: bool = False
+
+    @property
+    def coefficients(self):
+        """(N, n_basis) basis coefficients of each stamp's kernel."""
+        return self.outcome[:, 4:]
+
+    @property
+    def kernel_sum(self):
+        """(N,) sum of each stamp's kernel image."""
+        return self.outcome[:, 2]
+
+    @property
+    def failure_code(self):
+        """(N,) int8 :class:`~gpudiffim.cellset.RejectReason` codes (``NONE`` for a good solution)."""
+        return self.outcome[:, 0].astype(np.int8)
+
+    @property
+    def solve_status(self):
+        """(N,) int8 :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve."""
+        return self.outcome[:, 1].astype(np.int8)
 
     @property
     def failure(self):
@@ -141,33 +166,32 @@ class StampFit:
 
 def failure_texts(codes, status, condition):
     """Sentences for stamp-fit failure ``codes`` (host arrays of :class:`StampFit`), "" where none."""
-    texts = []
-    for k, (code, solved) in enumerate(zip(codes.tolist(), status.tolist())):
+    texts = [""] * len(codes)
+    for k in np.flatnonzero(codes != RejectReason.NONE).tolist():   # (few: a loop over every stamp is slow)
+        code, solved = codes[k], status[k]
         if code == RejectReason.NONPOSITIVE_VARIANCE:
-            texts.append("non-positive variance in the stamp")
+            texts[k] = "non-positive variance in the stamp"
         elif code == RejectReason.CONDITION_NUMBER:
-            texts.append(f"condition number {condition[k]:.3g} > {condition['limit']:.3g}")
+            texts[k] = f"condition number {condition[k]:.3g} > {condition['limit']:.3g}"
         elif code == RejectReason.FIT_FAILED:
-            texts.append(f"stamp fit failed: {STATUS_TEXT[int(solved)]}")
-        else:
-            texts.append("")
+            texts[k] = f"stamp fit failed: {STATUS_TEXT[int(solved)]}"
     return texts
 
 
-def _stamp_weights(batch, half_width, constant):
-    """Inverse-variance weights on the fit region, and a failure code per stamp (int8, where the stamps live).
+def _stamp_weights(ops, batch, half_width, constant):
+    """Inverse-variance weights on the fit region, and a failure code per stamp (int32, where the stamps live:
+    what ``gdi_solve_stamps`` reads as is).
 
-    With ``constant`` the weights are one number per stamp, shaped (N, 1, 1).
+    With ``constant`` the weights are one number per stamp, shaped (N,): ``1 / median(V_S + V_T)``, 1
+    where that median is not positive.
     """
+    if constant:
+        return ops.constant_weights(batch.science_variance, batch.template_variance)
     xp = array_module_of(batch.science)
     total = batch.science_variance + batch.template_variance
     flat = total.reshape(len(batch), -1)
-    if constant:
-        level = xp.median(flat, axis=1)
-        level = xp.where(level > 0, level, 1.0)
-        return (1.0 / level)[:, None, None], xp.zeros(len(batch), dtype=np.int8)
-    codes = xp.where(flat.min(axis=1) <= 0, np.int8(RejectReason.NONPOSITIVE_VARIANCE), np.int8(RejectReason.NONE))
-    return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int8)
+    codes = xp.where(flat.min(axis=1) <= 0, np.int32(RejectReason.NONPOSITIVE_VARIANCE), np.int32(RejectReason.NONE))
+    return _inverse(batch.fit_region(total, half_width)), codes.astype(np.int32)
 
 
 def _inverse(variance):
@@ -221,12 +245,13 @@ def _check_conditions(matrix, config, codes, condition):
     return codes
 
 
-def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
-    """Solve every stamp system where it lives; return ``(solutions, codes, solve status)``.
+def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, basis, defer=False):
+    """Solve every stamp system where it lives; ``ops.solve_stamps``' ``(outcome, kernels, background, deferred)``.
 
     Stamps already failed (``codes``) get zero solutions; a failed solve marks
     ``FIT_FAILED``.  Every system of the batch is solved (failed ones too,
-    then masked), so that no decision leaves the device.
+    then masked), so that no decision leaves the device.  With ``defer``,
+    the rank-deficient systems may be left unsolved (``deferred`` True).
     """
     xp = array_module_of(matrix)
     if config.check_condition_number:
@@ -235,20 +260,21 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
     if regularization is not None and len(systems):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    solutions, status = ops.solve_systems(systems, vector)
-    pending = codes == RejectReason.NONE
-    codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
-    solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
-    return solutions, codes, status
+    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer)
+
+
+def _as_float64(xp, array):
+    """``array`` as a float64 array of ``xp`` (no call when it is one already)."""
+    return array if isinstance(array, xp.ndarray) and array.dtype == np.float64 else xp.asarray(array, np.float64)
 
 
 def candidate_kernels(coefficients, basis):
     """Kernel images ``sum_i a[n, i] B_i`` (N, kh, kw) of coefficient rows, in their array module."""
     xp = array_module_of(coefficients)
-    return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
+    return xp.tensordot(coefficients, _as_float64(xp, basis), axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, defer_rank_deficient=False):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -267,6 +293,13 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     separable : SeparableBasis, optional
         ``basis`` in separable form (:func:`gpudiffim.basis.separable_form`),
         which the host correlates faster.
+    defer_rank_deficient : bool
+        Leave the pseudo-inverse solutions of rank-deficient systems to the
+        caller where they would cost device calls in every batch (the GPU):
+        then :attr:`StampFit.deferred` is set and those stamps (``solve_status``
+        ``EIGENVECTOR``, read back with the batch's outcome) hold zero
+        coefficients until fitted again without deferral.  Ignored with
+        ``iterate_single_kernel`` or ``check_condition_number``.
 
     Returns
     -------
@@ -275,26 +308,25 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         (``check_condition_number`` excepted: its eigenvalues are taken on the host).
     """
     xp = array_module_of(batch.template)
-    basis = xp.asarray(basis, dtype=np.float64)
+    basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
-    n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
-    solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
-    if config.iterate_single_kernel and not config.constant_variance_weighting:
-        kernels = candidate_kernels(solution[:, :n_basis], basis)
+    iterate = config.iterate_single_kernel and not config.constant_variance_weighting
+    defer = defer_rank_deficient and not (iterate or config.check_condition_number)
+    outcome, kernels, background, deferred = _solve_batch(ops, matrix, vector, config, regularization, codes,
+                                                          condition, basis, defer)
+    if iterate:
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
-        solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
-    coefficients = solution[:, :n_basis]
-    background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
-    kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    model = None
+        outcome, kernels, background, _ = _solve_batch(ops, matrix, vector, config, regularization,
+                                                       outcome[:, 0].astype(np.int32), condition, basis)
+    fit = StampFit(outcome, background, kernels, matrix, vector, condition, deferred=deferred)
     if ops.uses_fitted_models:
         fy = batch.science.shape[1] - 2 * half_width
-        model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model)
+        fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
+    return fit
 
 
 def stamp_normal_equations(batch, basis, config, *, ops=None):
@@ -312,7 +344,7 @@ def _normal_equations(ops, batch, basis, config, separable=None):
     """Design columns, target, weights, failure codes and ``(M, b)`` of a batch (``basis`` where it lives;
     ``separable``, its separable form if it has one)."""
     columns, target = _design(ops, batch, basis, separable)
-    weights, codes = _stamp_weights(batch, basis.shape[1] // 2, config.constant_variance_weighting)
+    weights, codes = _stamp_weights(ops, batch, basis.shape[1] // 2, config.constant_variance_weighting)
     return columns, target, weights, codes, ops.stamp_normal_equations(columns, target, weights,
                                                                        config.fit_for_background)
 

@@ -18,6 +18,9 @@
 //   4. Back substitution on U; a solution with a non-finite value gets
 //      status NOT_FINITE_SOLUTION (4) and 0, else status LU (0).
 //
+// gdi_solve_stamps (below) does the same for the stamp fits and writes what
+// they make of the solutions (codes, kernel images, kernel sums).
+//
 // The factorisation is that of getf2 in exact arithmetic; LAPACK's blocked
 // getrf and cuBLAS sum in other orders, so solutions agree to rounding
 // (about n eps cond(A) relative), not to the bit.
@@ -47,20 +50,29 @@ __device__ __forceinline__ bool gdi_ls_finite(double v)
     return v - v == 0.0;  // false for NaN and +-inf (inf - inf is NaN)
 }
 
-__global__ void gdi_solve_small(const double* __restrict__ matrices,
-                                const double* __restrict__ vectors,
-                                int n_systems, int n,
-                                double* __restrict__ solutions,
-                                double* __restrict__ pivots,
-                                int* __restrict__ status)
-{
-    __shared__ double a[GDI_LS_MAX_N * (GDI_LS_MAX_N + 1)];
-    __shared__ int bad[GDI_LS_THREADS];
-    __shared__ int nonzero[GDI_LS_THREADS];
-    __shared__ int pivot_row;
-    __shared__ int code;
+// The block's shared storage for one system: the augmented matrix [A | b]
+// (n x (n + 1), row-major) and the flags and pivot row of the steps.
+struct GdiLsShared {
+    double a[GDI_LS_MAX_N * (GDI_LS_MAX_N + 1)];
+    int bad[GDI_LS_THREADS];
+    int nonzero[GDI_LS_THREADS];
+    int pivot_row;
+    int code;
+};
 
-    const int s = static_cast<int>(blockIdx.x);
+// Steps 1-4 for system s by the block (every thread calls it: it holds the
+// block's barriers), in the caller's __shared__ storage ws; pivots, if not
+// null, gets |U[k][k]| (0 for a system not factored).  Returns the status (the
+// same in every thread); with LU, ws->a[i (n + 1) + n] holds the solution.
+__device__ int gdi_ls_solve(const double* __restrict__ matrices,
+                            const double* __restrict__ vectors,
+                            int s, int n, GdiLsShared* ws, double* pivots)
+{
+    double* a = ws->a;
+    int* bad = ws->bad;
+    int* nonzero = ws->nonzero;
+    int* pivot_row = &ws->pivot_row;
+    int* code = &ws->code;
     const int t = static_cast<int>(threadIdx.x);
     const int width = n + 1;
     const long long base = static_cast<long long>(s) * n;
@@ -88,18 +100,16 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
             any_bad |= bad[k];
             any_nonzero |= nonzero[k];
         }
-        code = any_bad ? GDI_LS_NOT_FINITE : (any_nonzero ? GDI_LS_LU : GDI_LS_ZERO_MATRIX);
+        *code = any_bad ? GDI_LS_NOT_FINITE : (any_nonzero ? GDI_LS_LU : GDI_LS_ZERO_MATRIX);
     }
     __syncthreads();
-    if (code != GDI_LS_LU) {  // uniform in the block: every thread returns
-        for (int i = t; i < n; i += GDI_LS_THREADS) {
-            solutions[base + i] = 0.0;
+    const int checked = *code;
+    if (checked != GDI_LS_LU) {  // uniform in the block
+        for (int i = t; pivots != nullptr && i < n; i += GDI_LS_THREADS) {
             pivots[base + i] = 0.0;
         }
-        if (t == 0) {
-            status[s] = code;
-        }
-        return;
+        __syncthreads();  // every thread has read *code before the next system may write it
+        return checked;
     }
 
     // 2. elimination with partial pivoting (getf2)
@@ -114,10 +124,10 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
                     p = i;
                 }
             }
-            pivot_row = p;
+            *pivot_row = p;
         }
         __syncthreads();
-        const int p = pivot_row;
+        const int p = *pivot_row;
         if (p != k) {
             for (int j = t; j < width; j += GDI_LS_THREADS) {
                 const double swap = a[k * width + j];
@@ -127,7 +137,7 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
         }
         __syncthreads();
         const double pivot = a[k * width + k];
-        if (t == 0) {
+        if (t == 0 && pivots != nullptr) {
             pivots[base + k] = fabs(pivot);
         }
         if (pivot != 0.0) {
@@ -158,7 +168,7 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
             full_rank &= fabs(a[k * width + k]) > floor ? 1 : 0;
         }
         if (!full_rank) {
-            code = GDI_LS_EIGENVECTOR;
+            *code = GDI_LS_EIGENVECTOR;
         } else {
             int finite = 1;
             for (int i = n - 1; i >= 0; --i) {
@@ -170,12 +180,108 @@ __global__ void gdi_solve_small(const double* __restrict__ matrices,
                 a[i * width + n] = x;  // the solution replaces b
                 finite &= gdi_ls_finite(x) ? 1 : 0;
             }
-            code = finite ? GDI_LS_LU : GDI_LS_NOT_FINITE_SOLUTION;
+            *code = finite ? GDI_LS_LU : GDI_LS_NOT_FINITE_SOLUTION;
         }
-        status[s] = code;
     }
     __syncthreads();
-    for (int i = t; i < n; i += GDI_LS_THREADS) {
-        solutions[base + i] = code == GDI_LS_LU ? a[i * width + n] : 0.0;
+    const int result = *code;
+    __syncthreads();  // every thread has read *code before the next system may write it
+    return result;
+}
+
+__global__ void gdi_solve_small(const double* __restrict__ matrices,
+                                const double* __restrict__ vectors,
+                                int n_systems, int n,
+                                double* __restrict__ solutions,
+                                double* __restrict__ pivots,
+                                int* __restrict__ status)
+{
+    __shared__ GdiLsShared ws;
+
+    const int s = static_cast<int>(blockIdx.x);
+    const int t = static_cast<int>(threadIdx.x);
+    const int result = gdi_ls_solve(matrices, vectors, s, n, &ws, pivots);
+    if (t == 0) {
+        status[s] = result;
     }
+    const long long base = static_cast<long long>(s) * n;
+    for (int i = t; i < n; i += GDI_LS_THREADS) {
+        solutions[base + i] = result == GDI_LS_LU ? ws.a[i * (n + 1) + n] : 0.0;
+    }
+}
+
+// gdi_solve_stamps -- gdi_solve_small for the stamp fits of a batch
+// (gpudiffim.stamps.fit_stamps on the GPU), with what the fit makes of the
+// solutions, in the same launch.  System s (n = n_basis + with_background
+// unknowns) is solved as above; then, with c the stamp's failure code on entry
+// (codes[s]; 0 = none) and st the status:
+//
+//     code = fit_failed if c == 0 and st > EIGENVECTOR, else c
+//     x    = the solution if code == 0 and st == LU, else 0
+//            (EIGENVECTOR: no solution here, the caller's pseudo-inverse)
+//
+//     outcome[s] = (code, st, kernel sum, background, x[0 .. n_basis - 1])   (4 + n_basis doubles)
+//     kernels[s, p] = sum_i x[i] basis[i, p]       (p < n_taps: the stamp's kernel image)
+//     background[s] = x[n_basis] with a background, else 0
+//
+// with kernel sum = sum_i x[i] (sum_p basis[i, p]).  Arrays: codes (N) int,
+// basis (n_basis, n_taps) double, outcome (N, 4 + n_basis), kernels
+// (N, n_taps), background (N) double.  Grid (N), block (GDI_LS_THREADS).
+__global__ void gdi_solve_stamps(const double* __restrict__ matrices,
+                                 const double* __restrict__ vectors,
+                                 const int* __restrict__ codes,
+                                 const double* __restrict__ basis,
+                                 int n_systems, int n_basis, int with_background, int n_taps, int fit_failed,
+                                 double* __restrict__ outcome,
+                                 double* __restrict__ kernels,
+                                 double* __restrict__ background)
+{
+    __shared__ GdiLsShared ws;
+    __shared__ double partial[GDI_LS_THREADS];
+
+    const int s = static_cast<int>(blockIdx.x);
+    const int t = static_cast<int>(threadIdx.x);
+    const int n = n_basis + (with_background ? 1 : 0);
+    const int width = n + 1;
+    const double* a = ws.a;
+    const int result = gdi_ls_solve(matrices, vectors, s, n, &ws, nullptr);
+    const int entry = codes[s];
+    const int failure = (entry == 0 && result > GDI_LS_EIGENVECTOR) ? fit_failed : entry;
+    const bool solved = failure == 0 && result == GDI_LS_LU;
+    double* row = outcome + static_cast<long long>(s) * (4 + n_basis);
+
+    // the kernel sum: thread t sums basis kernels t, t + GDI_LS_THREADS, ...
+    double sum = 0.0;
+    for (int i = t; solved && i < n_basis; i += GDI_LS_THREADS) {
+        double total = 0.0;
+        for (int p = 0; p < n_taps; ++p) {
+            total += basis[static_cast<long long>(i) * n_taps + p];
+        }
+        sum += a[i * width + n] * total;
+    }
+    partial[t] = sum;
+    for (int i = t; i < n_basis; i += GDI_LS_THREADS) {
+        row[4 + i] = solved ? a[i * width + n] : 0.0;
+    }
+    for (int p = t; p < n_taps; p += GDI_LS_THREADS) {
+        double value = 0.0;
+        for (int i = 0; solved && i < n_basis; ++i) {
+            value += a[i * width + n] * basis[static_cast<long long>(i) * n_taps + p];
+        }
+        kernels[static_cast<long long>(s) * n_taps + p] = value;
+    }
+    __syncthreads();
+    if (t == 0) {
+        double kernel_sum = 0.0;
+        for (int k = 0; k < GDI_LS_THREADS; ++k) {
+            kernel_sum += partial[k];
+        }
+        const double bg = (solved && with_background) ? a[n_basis * width + n] : 0.0;
+        row[0] = failure;
+        row[1] = result;
+        row[2] = kernel_sum;
+        row[3] = bg;
+        background[s] = bg;
+    }
+    __syncthreads();  // partial and a are free for the next system
 }

@@ -165,6 +165,7 @@ __global__ void gdi_normal_equations(const T* __restrict__ columns,
                                      const T* __restrict__ weights,
                                      const T* __restrict__ target,
                                      int n_stamps, int n_basis, int n_pix, int with_background,
+                                     int per_stamp_weights,
                                      double* __restrict__ matrix,
                                      double* __restrict__ vector)
 {
@@ -219,7 +220,7 @@ __global__ void gdi_normal_equations(const T* __restrict__ columns,
                     s_rows[n_basis * tile + q] = 1.0;
                 }
                 s_rows[row_y * tile + q] = static_cast<double>(target[pix0 + q0 + q]);
-                s_rows[row_w * tile + q] = static_cast<double>(weights[pix0 + q0 + q]);
+                s_rows[row_w * tile + q] = static_cast<double>(weights[per_stamp_weights ? n : pix0 + q0 + q]);
             }
             __syncthreads();
             if (t < n_tasks) {
@@ -286,10 +287,86 @@ template __global__ void gdi_correlate_stamps<float>(const float*, const float*,
 template __global__ void gdi_correlate_stamps<double>(const double*, const double*, int, int, int, int, int,
                                                       int, int, double*);
 template __global__ void gdi_normal_equations<float>(const float*, const float*, const float*, int, int, int, int,
-                                                     double*, double*);
+                                                     int, double*, double*);
 template __global__ void gdi_normal_equations<double>(const double*, const double*, const double*, int, int, int,
-                                                      int, double*, double*);
+                                                      int, int, double*, double*);
 template __global__ void gdi_cut_stamps<float>(const float*, const float*, const int*, int, const int*, int, int,
                                                double*, double*, int*);
 template __global__ void gdi_cut_stamps<double>(const double*, const double*, const int*, int, const int*, int, int,
                                                 double*, double*, int*);
+
+// gdi_constant_weights -- one weight per stamp (constant_variance_weighting,
+// gpudiffim.stamps._stamp_weights on the kernel path):
+//
+//     level      = median over the stamp of (science_variance + template_variance)
+//     weights[n] = 1 / level where level > 0, else 1 (also for a NaN level)
+//     codes[n]   = 0
+//
+// with numpy.median's value (the middle one of the sorted n_pix values, or
+// the mean of the two middle ones; NaN if any value is NaN).  The n_pix sums
+// are sorted in shared memory (bitonic, padded with +inf to a power of two);
+// n_pix <= GDI_CW_MAX_PIX (a power of two: the padded sort fits); infinity is +inf (from the host: no constant
+// division here).  One block per stamp, any blockDim.x.
+#ifndef GDI_CW_MAX_PIX
+#define GDI_CW_MAX_PIX 4096
+#endif
+
+__global__ void gdi_constant_weights(const double* __restrict__ science_variance,
+                                     const double* __restrict__ template_variance,
+                                     int n_stamps, int n_pix, double infinity,
+                                     double* __restrict__ weights,
+                                     int* __restrict__ codes)
+{
+    __shared__ double values[GDI_CW_MAX_PIX];
+    __shared__ int any_nan;
+
+    const int n = static_cast<int>(blockIdx.x);
+    const int tid = static_cast<int>(threadIdx.x);
+    const int stride = static_cast<int>(blockDim.x);
+    if (n >= n_stamps || n_pix > GDI_CW_MAX_PIX || n_pix < 1) {
+        return;  // uniform across the block
+    }
+    int size = 1;
+    while (size < n_pix) {
+        size *= 2;
+    }
+    if (tid == 0) {
+        any_nan = 0;
+    }
+    __syncthreads();
+    const long long base = static_cast<long long>(n) * n_pix;
+    for (int q = tid; q < size; q += stride) {
+        double v = infinity;
+        if (q < n_pix) {
+            v = science_variance[base + q] + template_variance[base + q];
+            if (v != v) {
+                any_nan = 1;
+            }
+        }
+        values[q] = v;
+    }
+    __syncthreads();
+    for (int k = 2; k <= size; k *= 2) {  // bitonic sort, ascending
+        for (int j = k / 2; j > 0; j /= 2) {
+            for (int i = tid; i < size; i += stride) {
+                const int partner = i ^ j;
+                if (partner > i) {
+                    const bool ascending = (i & k) == 0;
+                    const double a = values[i];
+                    const double b = values[partner];
+                    if ((a > b) == ascending && a != b) {
+                        values[i] = b;
+                        values[partner] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (tid == 0) {
+        const int middle = n_pix / 2;
+        const double level = (n_pix % 2) ? values[middle] : (values[middle - 1] + values[middle]) / 2.0;
+        weights[n] = 1.0 / ((level > 0.0 && !any_nan) ? level : 1.0);  // a NaN median is not > 0
+        codes[n] = 0;
+    }
+}

@@ -42,11 +42,12 @@ def correlate_stamps_kernel(stamps, kernels, n_stamps, n_kernels, per_stamp, sy,
     out.reshape(result.shape)[...] = result
 
 
-def normal_equations(columns, weights, target, n_stamps, n_basis, n_pix, with_background, matrix, vector):
+def normal_equations(columns, weights, target, n_stamps, n_basis, n_pix, with_background, per_stamp_weights,
+                     matrix, vector):
     c = columns.reshape(n_stamps, n_basis, n_pix).astype(np.float64)
     if with_background:
         c = np.concatenate([c, np.ones((n_stamps, 1, n_pix))], axis=1)
-    w = weights.reshape(n_stamps, n_pix).astype(np.float64)
+    w = np.broadcast_to(weights.reshape(n_stamps, -1), (n_stamps, n_pix)).astype(np.float64)
     y = target.reshape(n_stamps, n_pix).astype(np.float64)
     weighted = c * w[:, None, :]
     p = c.shape[1]
@@ -194,3 +195,38 @@ FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
 FAST["gdi_solve_small"] = solve_small
 FAST.update({f"gdi_copy_edge<{_type}>": copy_edge for _type in ("float", "double")})
+
+
+# ---- kernels/linear_solve.cu: gdi_solve_stamps (H3) ----
+
+def solve_stamps(matrices, vectors, codes, basis, n_systems, n_basis, with_background, n_taps, fit_failed,
+                 outcome, kernels, background):
+    """``gdi_solve_stamps``: :func:`solve_small`, then the fit's codes, kernel images and sums as the
+    reference forms them (``gpudiffim._ops.NUMPY.solve_stamps``)."""
+    n = n_basis + int(bool(with_background))
+    solutions, status = np.zeros((n_systems, n)), np.zeros(n_systems, dtype=np.int32)
+    solve_small(matrices, vectors, n_systems, n, solutions, np.zeros((n_systems, n)), status)
+    entry = codes.reshape(n_systems)
+    failure = np.where((entry == 0) & (status > 1), fit_failed, entry)
+    x = np.where(((failure == 0) & (status == 0))[:, None], solutions, 0.0)
+    taps = basis.reshape(n_basis, n_taps)
+    rows = outcome.reshape(n_systems, 4 + n_basis)
+    rows[:, 0], rows[:, 1] = failure, status
+    rows[:, 2] = x[:, :n_basis] @ taps.sum(axis=1)
+    rows[:, 3] = x[:, n_basis] if with_background else 0.0
+    rows[:, 4:] = x[:, :n_basis]
+    kernels.reshape(n_systems, n_taps)[...] = x[:, :n_basis] @ taps
+    background.reshape(n_systems)[...] = rows[:, 3]
+
+
+FAST["gdi_solve_stamps"] = solve_stamps
+
+
+def constant_weights(science_variance, template_variance, n_stamps, n_pix, infinity, weights, codes):
+    """``gdi_constant_weights`` as the reference forms them (``gpudiffim._ops.NUMPY.constant_weights``)."""
+    level = np.median((science_variance + template_variance).reshape(n_stamps, n_pix), axis=1)
+    weights[...] = 1.0 / np.where(level > 0, level, 1.0)
+    codes[...] = 0
+
+
+FAST["gdi_constant_weights"] = constant_weights

@@ -18,7 +18,7 @@ import scipy.linalg
 from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim._backend import use_backend
-from gpudiffim._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_small
+from gpudiffim._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_small, solve_stamps
 from gpudiffim.linalg import EIGENVECTOR, LU, NOT_FINITE, NOT_FINITE_SOLUTION, ZERO_MATRIX, solve_batch_status
 
 
@@ -79,6 +79,41 @@ def test_solve_small_empty_stack(emulator):
     with use_backend("cuda-emulator"):
         solutions, pivots, status = solve_small(np.zeros((0, 4, 4)), np.zeros((0, 4)))
     assert solutions.shape == pivots.shape == (0, 4) and status.shape == (0,)
+
+
+@pytest.mark.parametrize(("n_basis", "with_background"), [(1, False), (6, True), (27, True), (SOLVE_SMALL_MAX_N, False)])
+def test_solve_stamps_equals_the_reference_steps(emulator, rng, n_basis, with_background):
+    """``gdi_solve_stamps`` gives ``NUMPY.solve_stamps``' codes, statuses, coefficients, kernel images, sums
+    and backgrounds (to rounding), except for the rank-deficient systems, which it leaves at zero (deferred);
+    the CuPy stand-in's NumPy version of the kernel agrees with both."""
+    from gpudiffim._ops import NUMPY
+    from standin_kernels import solve_stamps as standin_solve_stamps
+
+    gen, seed = rng
+    p = n_basis + with_background
+    matrices, vectors = _stack(gen, 14, p)
+    codes = np.zeros(14, dtype=np.int32)
+    codes[[2, 6]] = 5                                        # failed before the solve: kept, no solution
+    basis = gen.normal(size=(n_basis, 5, 5))
+    with use_backend("cuda-emulator"):
+        outcome, kernels, background = solve_stamps(matrices, vectors, codes, basis, with_background, 6)
+    want, want_kernels, want_background, _ = NUMPY.solve_stamps(matrices, vectors, codes, basis, with_background, 6)
+    note = f"seed={seed}"
+    assert_array_equal(outcome[:, :2], want[:, :2], err_msg=note)
+    assert set(outcome[:, 0].tolist()) <= {0, 5, 6} and outcome[6, 0] == 5 and outcome[7, 0] == 0
+    deferred = outcome[:, 1] == EIGENVECTOR
+    assert deferred.sum() == (p > 1)
+    scale = np.abs(want).max(axis=1, keepdims=True)            # the ill-scaled systems' solutions reach 1e11
+    assert (np.abs(outcome - want)[~deferred] <= 1e-9 * scale[~deferred]).all(), note
+    assert not outcome[deferred, 2:].any() and not kernels[deferred].any() and not background[deferred].any()
+    kernel_error = np.abs(kernels - want_kernels).reshape(14, -1)[~deferred]
+    assert (kernel_error <= 1e-9 * 25 * np.abs(basis).max() * scale[~deferred]).all(), note
+    assert_array_equal(background, outcome[:, 3])
+    standin = [np.full_like(outcome, np.nan), np.full_like(kernels, np.nan), np.full_like(background, np.nan)]
+    standin_solve_stamps(matrices, vectors, codes, basis, 14, n_basis, int(with_background), 25, 6, *standin)
+    assert (np.abs(standin[0] - outcome) <= 1e-9 * scale).all(), note
+    assert (np.abs(standin[1] - kernels).reshape(14, -1) <= 1e-9 * 25 * np.abs(basis).max() * scale).all(), note
+    assert_array_equal(standin[2], standin[0][:, 3])
 
 
 @pytest.mark.gpu

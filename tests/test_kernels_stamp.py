@@ -18,6 +18,8 @@ rounds of work per thread; with a GPU the same comparisons run through CuPy
 of each output element, the scale of its rounding error.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -301,6 +303,21 @@ def test_emulated_normal_equations_match_numpy(emulator, rng, dtype, with_backgr
     _check_normal_equations(matrix, vector, columns, weights, target, with_background, note)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(5,), (5, 1, 1)])
+def test_emulated_normal_equations_take_one_weight_per_stamp(emulator, rng, dtype, shape):
+    """N weights (any shape; constant_variance_weighting) are read per stamp as is: the system of the
+    weights broadcast over each stamp's pixels, and the reference's one-weight-per-stamp products."""
+    gen, seed = rng
+    columns, _, target = _normal_case(gen, 5, 9, 121, dtype)
+    weights = gen.uniform(0.05, 3.0, size=shape).astype(dtype)
+    matrix, vector = normal_equations(columns, weights, target, True)
+    note = f"seed={seed} per-stamp weights {shape} dtype={np.dtype(dtype).name}"
+    _check_normal_equations(matrix, vector, columns, np.broadcast_to(weights.reshape(5, 1), (5, 121)), target,
+                            True, note)
+    _check_normal_equations(matrix, vector, columns, weights, target, True, note + " (reference per stamp)")
+
+
 def test_emulated_normal_equations_tiles_rounds_and_surplus_blocks(emulator, rng):
     """A 40-double tile (P + 2 = 10 rows: 3 pixels a tile after the odd rounding, the last of 31 partial),
     32 threads for 36 + 8 tasks (2 rounds), 2 surplus blocks."""
@@ -310,7 +327,7 @@ def test_emulated_normal_equations_tiles_rounds_and_surplus_blocks(emulator, rng
     p = n_basis + 1
     matrix, vector = np.full(n * p * p + 40, np.nan), np.full(n * p + 9, np.nan)
     launch("gdi_normal_equations<double>", (n + 2,), (32,),
-           (columns, weights, target, n, n_basis, n_pix, 1, matrix, vector),
+           (columns, weights, target, n, n_basis, n_pix, 1, 0, matrix, vector),
            defines=(("GDI_NE_SHARED_DOUBLES", 40),))
     assert np.isnan(matrix[n * p * p:]).all() and np.isnan(vector[n * p:]).all(), seed
     _check_normal_equations(matrix[:n * p * p].reshape(n, p, p), vector[:n * p].reshape(n, p), columns, weights,
@@ -321,7 +338,7 @@ def test_emulated_normal_equations_too_many_columns_write_nothing(emulator, rng)
     gen, seed = rng
     columns, weights, target = _normal_case(gen, 2, 8, 10, np.float64)
     matrix, vector = np.full((2, 9, 9), np.nan), np.full((2, 9), np.nan)
-    launch("gdi_normal_equations<double>", 2, 32, (columns, weights, target, 2, 8, 10, 1, matrix, vector),
+    launch("gdi_normal_equations<double>", 2, 32, (columns, weights, target, 2, 8, 10, 1, 0, matrix, vector),
            defines=(("GDI_NE_SHARED_DOUBLES", 10),))
     assert np.isnan(matrix).all() and np.isnan(vector).all(), seed
 
@@ -353,7 +370,7 @@ def test_normal_equations_wrapper_rejects_bad_input(emulator):
     with pytest.raises(ValueError, match=r"exceed gdi_normal_equations' shared tile"):
         normal_equations(np.ones((1, NORMAL_EQUATIONS_SHARED_DOUBLES - 1, 1)), np.ones((1, 1)), np.ones((1, 1)),
                          False)
-    with pytest.raises(TypeError, match=r"argument 7 \(double\* matrix\): expected dtype float64, got float32"):
+    with pytest.raises(TypeError, match=r"argument 8 \(double\* matrix\): expected dtype float64, got float32"):
         normal_equations(columns, weights, target, False,
                          out=(np.empty((2, 3, 3), np.float32), np.empty((2, 3))))
 
@@ -444,11 +461,12 @@ def test_spatial_all_zero_columns_and_no_stamps(emulator, rng):
      (np.ones((1, 4, 4), np.float32), np.ones((1, 3, 3), np.float32), 1, 1, 0, 4, 4, 3, 3, np.empty((1, 1, 2, 2))),
      r"argument 9 \(float\* out\): expected dtype float32, got float64"),
     ("gdi_normal_equations<float>",
-     (np.ones((1, 2, 3), np.float32), np.ones((1, 3)), np.ones((1, 3), np.float32), 1, 2, 3, 0,
+     (np.ones((1, 2, 3), np.float32), np.ones((1, 3)), np.ones((1, 3), np.float32), 1, 2, 3, 0, 0,
       np.empty((1, 2, 2)), np.empty((1, 2))),
      r"argument 1 \(const float\* weights\): expected dtype float32, got float64"),
     ("gdi_normal_equations<double>",
-     (np.ones((1, 2, 3)), np.ones((1, 3)), np.ones((1, 3)), 1, 2, 3, True, np.empty((1, 2, 2)), np.empty((1, 2))),
+     (np.ones((1, 2, 3)), np.ones((1, 3)), np.ones((1, 3)), 1, 2, 3, True, 0, np.empty((1, 2, 2)),
+      np.empty((1, 2))),
      r"argument 6 \(int with_background\): expected an int, got bool"),
     ("gdi_spatial_normal_equations",
      (np.ones((1, 2, 2)), np.ones((1, 2), np.float32), np.zeros(2, np.int32), np.ones((1, 2)), 1, 2, 2,
@@ -516,3 +534,38 @@ def test_cupy_spatial_normal_equations_match_numpy(rng, constant_first_term, n_g
     spatial_normal_equations(*(cupy.asarray(a) for a in (matrices, vectors, maps)), out=(matrix, vector))
     _check_spatial(matrix, vector, matrices, vectors, maps,
                    f"seed={seed} n_g={n_g} constant_first_term={constant_first_term}")
+
+
+# ---------------------------------------------------------------------------
+# gdi_constant_weights
+
+@pytest.mark.parametrize(("n", "size"), [(1, 1), (4, 6), (7, 43), (3, 64)])
+def test_emulated_constant_weights_equal_the_reference(emulator, rng, n, size):
+    """The median by the kernel's bitonic sort (odd and even counts, the count a power of two or not, ties,
+    non-positive and NaN medians) inverts to the reference's weights exactly; the codes are zero."""
+    from gpudiffim._cuda.stamp_fit import constant_weights
+    from gpudiffim._ops import NUMPY
+
+    gen, seed = rng
+    science = gen.uniform(0.5, 4.0, size=(n, size, size)).round(1)          # rounded: ties in the sort
+    template = gen.uniform(0.5, 4.0, size=(n, size, size))
+    if n > 2:
+        science[1] = -template[1]                                           # median 0: weight 1
+        science[2, 0, 0] = np.nan                                           # NaN median: weight 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want, want_codes = NUMPY.constant_weights(science, template)
+    weights, codes = constant_weights(science, template)
+    assert_array_equal(weights, want, err_msg=f"seed={seed}")
+    assert_array_equal(codes, want_codes)
+    assert codes.dtype == np.int32 and weights.dtype == np.float64
+    if n > 2:
+        assert weights[1] == weights[2] == 1.0
+
+
+def test_constant_weights_refuse_stamps_beyond_the_shared_sort(emulator):
+    from gpudiffim._cuda.stamp_fit import CONSTANT_WEIGHTS_MAX_PIX, constant_weights
+
+    side = int(np.sqrt(CONSTANT_WEIGHTS_MAX_PIX)) + 1
+    with pytest.raises(ValueError, match="pixels each"):
+        constant_weights(np.ones((1, side, side)), np.ones((1, side, side)))

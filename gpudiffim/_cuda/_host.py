@@ -48,11 +48,12 @@ def prepare(xp, array, dtype, ndim, name):
             msg = f"{name} must be {ndim}-D, got shape {array.shape}"
             raise ValueError(msg)
         return array
-    array = xp.asarray(array, dtype=dtype)
+    if not isinstance(array, xp.ndarray):
+        array = xp.asarray(array, dtype=dtype)
     if array.ndim != ndim:
         msg = f"{name} must be {ndim}-D, got shape {array.shape}"
         raise ValueError(msg)
-    return xp.ascontiguousarray(array)
+    return xp.ascontiguousarray(array, dtype=dtype)
 
 
 def output(xp, out, shape, dtype, name):

@@ -9,12 +9,13 @@ operation takes the kernel path at all (rather than the NumPy reference) is
 decided before, by :func:`gpudiffim._backend.on_kernel_path`.
 """
 
+import functools
 import numbers
 
 import numpy as np
 
 from .._backend import is_device_array
-from .signatures import KERNELS
+from .signatures import KERNELS, parse_ctype
 
 __all__ = ["launch", "launcher_for", "check_args"]
 
@@ -70,8 +71,8 @@ def check_args(kernel_name, args, array_type):
         msg = f"{kernel_name}({names}) takes {len(spec.params)} arguments, got {len(args)}"
         raise TypeError(msg)
     out = []
-    for index, ((name, ctype, kind, dtype, const), arg) in enumerate(zip(spec.parsed, args)):
-        where = f"{kernel_name} argument {index} ({ctype} {name})"
+    for index, ((name, ctype), (kind, dtype, const), arg) in enumerate(zip(spec.params, _parsed(spec), args)):
+        where = _Where(kernel_name, index, ctype, name)
         if kind == "pointer":
             if not isinstance(arg, array_type):
                 msg = f"{where}: expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
@@ -100,6 +101,24 @@ def check_args(kernel_name, args, array_type):
                 raise TypeError(msg)
             out.append(dtype.type(arg))
     return tuple(out)
+
+
+class _Where:
+    """An argument's description in error messages (formatted only when one is raised)."""
+
+    __slots__ = ("kernel_name", "index", "ctype", "name")
+
+    def __init__(self, kernel_name, index, ctype, name):
+        self.kernel_name, self.index, self.ctype, self.name = kernel_name, index, ctype, name
+
+    def __format__(self, spec):
+        return format(f"{self.kernel_name} argument {self.index} ({self.ctype} {self.name})", spec)
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed(spec):
+    """:func:`parse_ctype` of every parameter of ``spec`` (parsed once per kernel, not per launch)."""
+    return tuple(parse_ctype(ctype) for _, ctype in spec.params)
 
 
 def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):

@@ -114,7 +114,7 @@ def stamp_residuals(stamps, kernels, background, bad_bits, core_radius=None, *, 
     f = s - kw + 1
     window = (slice(0, f), slice(0, f)) if core_radius is None else (core_slice(f, core_radius),) * 2
     sums = xp.full((n, 3), np.nan)
-    z = xp.empty((n, f * f)) if rows else xp.empty(1)
+    z = xp.empty((n, f * f)) if rows else sums   # not written without rows
     if n:
         launch("gdi_stamp_residuals", (n,), (RESIDUAL_MOMENTS_THREADS,),
                (*planes[:3], *planes[3:], kernels, background, n, s, kw, int(bad_bits),

@@ -8,7 +8,7 @@ and the emulator generates its launch shims from it.  Keys are the CuPy
 ``name_expressions`` (``"gdi_residual_moments<double>"``).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,11 +53,10 @@ class KernelSpec:
 
     unit: str
     params: tuple
-    #: ``(name, C type, kind, dtype, const)`` of every parameter (:func:`parse_ctype`, parsed once).
-    parsed: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "parsed", tuple((name, ctype, *parse_ctype(ctype)) for name, ctype in self.params))
+        for _, ctype in self.params:
+            parse_ctype(ctype)
 
 
 def parse_ctype(ctype):
@@ -111,6 +110,7 @@ def _normal_equations(t):
     return KernelSpec("stamp_fit", (
         ("columns", f"const {t}*"), ("weights", f"const {t}*"), ("target", f"const {t}*"),
         ("n_stamps", "int"), ("n_basis", "int"), ("n_pix", "int"), ("with_background", "int"),
+        ("per_stamp_weights", "int"),
         ("matrix", "double*"), ("vector", "double*"),
     ))
 
@@ -190,4 +190,17 @@ KERNELS.update({f"gdi_spatial_powers<{t}>": KernelSpec("image_apply", (
 KERNELS["gdi_solve_small"] = KernelSpec("linear_solve", (
     ("matrices", "const double*"), ("vectors", "const double*"), ("n_systems", "int"), ("n", "int"),
     ("solutions", "double*"), ("pivots", "double*"), ("status", "int*"),
+))
+
+# ---- kernels/linear_solve.cu: the stamp systems and what the fit makes of them (H3, issue 17) ----
+
+KERNELS["gdi_solve_stamps"] = KernelSpec("linear_solve", (
+    ("matrices", "const double*"), ("vectors", "const double*"), ("codes", "const int*"),
+    ("basis", "const double*"), ("n_systems", "int"), ("n_basis", "int"), ("with_background", "int"),
+    ("n_taps", "int"), ("fit_failed", "int"),
+    ("outcome", "double*"), ("kernels", "double*"), ("background", "double*"),
+))
+KERNELS["gdi_constant_weights"] = KernelSpec("stamp_fit", (
+    ("science_variance", "const double*"), ("template_variance", "const double*"), ("n_stamps", "int"),
+    ("n_pix", "int"), ("infinity", "double"), ("weights", "double*"), ("codes", "int*"),
 ))

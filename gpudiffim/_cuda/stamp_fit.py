@@ -1,6 +1,6 @@
 """Launch geometry and host wrappers of ``kernels/stamp_fit.cu``.
 
-Issue 4's kernels 1 and 2, each the kernel-path twin of a NumPy reference:
+Issue 4's kernels 1 and 2 and issue 17's stamp glue, each the kernel-path twin of a NumPy reference:
 
 =====================================  ===========================================================
 wrapper                                NumPy reference
@@ -11,6 +11,8 @@ wrapper                                NumPy reference
                                        (ones column appended when ``with_background``)
 :func:`cut_stamps`                     ``gpudiffim.cutouts.cut_planes`` of one image's planes
                                        (image and variance as float64, mask as int32)
+:func:`constant_weights`               ``gpudiffim._ops.NUMPY.constant_weights`` (one weight
+                                       per stamp from the median variance)
 =====================================  ===========================================================
 
 Every wrapper takes NumPy arrays (run by the CPU emulator) or CuPy arrays
@@ -34,9 +36,12 @@ __all__ = [
     "NORMAL_EQUATIONS_THREADS",
     "STAMP_FIT_DEFINES",
     "CUT_THREADS",
+    "CONSTANT_WEIGHTS_MAX_PIX",
+    "constant_weights",
     "correlate_stamps",
     "correlate_stamps_geometry",
     "cut_stamps",
+    "upload_centres",
     "normal_equations",
     "normal_equations_geometry",
 ]
@@ -52,12 +57,17 @@ CORRELATE_MAX_TAPS = 4096
 NORMAL_EQUATIONS_THREADS = 256
 #: Doubles of the pixel tile of ``gdi_normal_equations`` (``GDI_NE_SHARED_DOUBLES``): 32 KiB.
 NORMAL_EQUATIONS_SHARED_DOUBLES = 4096
-#: Compile-time constants of ``kernels/stamp_fit.cu``: one tuple for both of its
+#: Most pixels per stamp of ``gdi_constant_weights`` (``GDI_CW_MAX_PIX``: its sort in 32 KiB of shared memory).
+CONSTANT_WEIGHTS_MAX_PIX = 4096
+#: Threads per block of ``gdi_constant_weights``.
+CONSTANT_WEIGHTS_THREADS = 256
+#: Compile-time constants of ``kernels/stamp_fit.cu``: one tuple for its
 #: kernels, so that the unit is compiled once (the module cache is keyed on it).
 STAMP_FIT_DEFINES = (("GDI_CS_MAX_TAPS", CORRELATE_MAX_TAPS),
                      ("GDI_CS_KB", CORRELATE_KERNELS_PER_BLOCK),
                      ("GDI_CS_RX", CORRELATE_OUTPUTS_PER_THREAD),
-                     ("GDI_NE_SHARED_DOUBLES", NORMAL_EQUATIONS_SHARED_DOUBLES))
+                     ("GDI_NE_SHARED_DOUBLES", NORMAL_EQUATIONS_SHARED_DOUBLES),
+                     ("GDI_CW_MAX_PIX", CONSTANT_WEIGHTS_MAX_PIX))
 
 _MAX_GRID_Y = 65535
 
@@ -164,8 +174,10 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     columns : ndarray of shape (N, n_basis, n_pix)
         Design columns ``c_a`` of each stamp (basis correlations, flattened);
         NumPy or CuPy.
-    weights : ndarray of shape (N, n_pix)
-        Pixel weights ``w`` (inverse variances); broadcast to ``target``'s shape.
+    weights : ndarray of shape (N, n_pix), or of N elements
+        Pixel weights ``w`` (inverse variances), broadcast to ``target``'s
+        shape; or one weight per stamp (any shape of N elements: read as is,
+        no copy when C-contiguous of the computation dtype).
     target : ndarray of shape (N, n_pix)
         Pixels ``y`` fitted.
     with_background : bool or int
@@ -200,12 +212,9 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     if target.shape != (n, n_pix):
         msg = f"target must have shape {(n, n_pix)} for columns of shape {columns.shape}, got {target.shape}"
         raise ValueError(msg)
-    try:
-        weights = xp.broadcast_to(xp.asarray(weights, dtype=dtype), target.shape)
-    except ValueError:
-        msg = f"weights of shape {np.shape(weights)} do not broadcast to the target's {target.shape}"
-        raise ValueError(msg) from None
-    weights = xp.ascontiguousarray(weights)
+    per_stamp = int(weights.size == n)
+    weights = prepare(xp, weights, dtype, weights.ndim, "weights") if per_stamp else _pixel_weights(
+        xp, weights, dtype, target.shape)
     background = int(bool(with_background))
     p = n_basis + background
     if p + 2 > NORMAL_EQUATIONS_SHARED_DOUBLES:
@@ -218,9 +227,19 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
     if n and p:
         grid, block = normal_equations_geometry(n)
         launch(f"gdi_normal_equations<{ctype_of(dtype)}>", grid, block,
-               (columns, weights, target, n, n_basis, n_pix, background, matrix, vector),
+               (columns, weights, target, n, n_basis, n_pix, background, per_stamp, matrix, vector),
                defines=STAMP_FIT_DEFINES)
     return matrix, vector
+
+
+def _pixel_weights(xp, weights, dtype, shape):
+    """Per-pixel ``weights`` broadcast to ``shape`` (N, n_pix), C-contiguous, of ``dtype``."""
+    try:
+        weights = xp.broadcast_to(xp.asarray(weights, dtype=dtype), shape)
+    except ValueError:
+        msg = f"weights of shape {np.shape(weights)} do not broadcast to the target's {shape}"
+        raise ValueError(msg) from None
+    return xp.ascontiguousarray(weights)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +249,7 @@ def normal_equations(columns, weights, target, with_background, *, out=None):
 CUT_THREADS = 256
 
 
-def cut_stamps(image, variance, mask, centres_rc, half):
+def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
     """The ``(2 half + 1)^2`` stamps of one image's planes around each centre (``gdi_cut_stamps``).
 
     Parameters
@@ -242,6 +261,9 @@ def cut_stamps(image, variance, mask, centres_rc, half):
         Host ``(row, column)`` centres relative to the first pixel; every
         stamp must lie inside (checked here, on the host).
     half : int
+    device_centres : ndarray of int32, shape (n, 2), optional
+        ``centres_rc`` already in the planes' array module (:func:`upload_centres`), so that the
+        planes of several images are cut with one upload.
 
     Returns
     -------
@@ -263,8 +285,54 @@ def cut_stamps(image, variance, mask, centres_rc, half):
     n, size = len(centres_rc), 2 * int(half) + 1
     outputs = (xp.empty((n, size, size)), xp.empty((n, size, size)), xp.empty((n, size, size), dtype=np.int32))
     if n:
-        centres = xp.asarray(centres_rc.astype(np.int32))
+        centres = upload_centres(xp, centres_rc) if device_centres is None else device_centres
         grid = (min(-(-n * size * size // CUT_THREADS), 65535),)
         launch(f"gdi_cut_stamps<{ctype_of(dtype)}>", grid, (CUT_THREADS,),
                (image, variance, mask, nx, centres, n, int(half), *outputs))
     return outputs
+
+
+def upload_centres(xp, centres_rc):
+    """Host stamp centres (n, 2) as the int32 array of ``xp`` that :func:`cut_stamps` reads (one upload)."""
+    return xp.asarray(np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2).astype(np.int32))
+
+
+# ---------------------------------------------------------------------------
+# one weight per stamp (constant_variance_weighting)
+
+def constant_weights(science_variance, template_variance):
+    """``1 / median(V_S + V_T)`` of every stamp, 1 where not positive, and zero codes (``gdi_constant_weights``).
+
+    Parameters
+    ----------
+    science_variance, template_variance : ndarray of shape (N, S, S)
+        Variance stamps (float64; converted if needed), at most
+        :data:`CONSTANT_WEIGHTS_MAX_PIX` pixels each.
+
+    Returns
+    -------
+    weights : ndarray of shape (N,), float64
+        ``numpy.median``'s value of each stamp's sums, inverted (a NaN median gives 1).
+    codes : ndarray of int32, shape (N,)
+        Zeros (no stamp fails here), as ``gpudiffim.stamps`` wants them.
+
+    Both in the inputs' array module.
+
+    Raises
+    ------
+    ValueError
+        On shapes that differ, no pixel, or more than :data:`CONSTANT_WEIGHTS_MAX_PIX` pixels.
+    """
+    _, xp = on_launcher(science_variance, template_variance)
+    science_variance = prepare(xp, science_variance, np.float64, 3, "science_variance")
+    template_variance = prepare(xp, template_variance, np.float64, 3, "template_variance")
+    n, sy, sx = science_variance.shape
+    if template_variance.shape != science_variance.shape or not 0 < sy * sx <= CONSTANT_WEIGHTS_MAX_PIX:
+        msg = (f"variance stamps {science_variance.shape} and {template_variance.shape} must match and hold "
+               f"1 to {CONSTANT_WEIGHTS_MAX_PIX} pixels each")
+        raise ValueError(msg)
+    weights, codes = xp.empty(n), xp.empty(n, dtype=np.int32)
+    if n:
+        launch("gdi_constant_weights", (n,), (CONSTANT_WEIGHTS_THREADS,),
+               (science_variance, template_variance, n, sy * sx, np.inf, weights, codes), defines=STAMP_FIT_DEFINES)
+    return weights, codes

@@ -1,0 +1,105 @@
+"""The solve loop's device-only shortcuts, on the CuPy stand-in, against the NumPy backend.
+
+On the GPU a stamp fit leaves the pseudo-inverse of rank-deficient systems
+to the solve loop (``gpudiffim.stamps.fit_stamps(defer_rank_deficient=True)``),
+which fits those stamps again after the batch's read-back; the decisions and
+the stamp solutions must be the NumPy backend's.
+"""
+
+import dataclasses
+
+import numpy as np
+from cupy_standin import cupy_standin, to_device
+
+from gpudiffim import ImagePsfMatchTask, PsfMatchConfig, solve
+from gpudiffim._backend import array_module_of
+from gpudiffim.linalg import EIGENVECTOR
+from gpudiffim.testing import make_fake_pair
+
+
+def _blank_some_templates(monkeypatch):
+    """Every 5th candidate's template stamp set to zero: its normal matrix is the background's alone
+    (rank-deficient, solved by the pseudo-inverse)."""
+    original = solve._Solver.batch
+
+    def batch(self, index):
+        stamps = original(self, index)
+        rows = np.flatnonzero(np.asarray(index) % 5 == 0)
+        if not rows.size:
+            return stamps
+        template = stamps.template.copy()
+        template[array_module_of(template).asarray(rows)] = 0.0
+        return dataclasses.replace(stamps, template=template)
+
+    monkeypatch.setattr(solve._Solver, "batch", batch)
+
+
+def _deferrals(monkeypatch):
+    """The ``defer_rank_deficient`` of every stamp fit, and whether it deferred."""
+    calls, original = [], solve.fit_stamps
+
+    def fit_stamps(*args, defer_rank_deficient=False, **kwargs):
+        fit = original(*args, defer_rank_deficient=defer_rank_deficient, **kwargs)
+        calls.append((defer_rank_deficient, fit.deferred, len(fit.coefficients)))
+        return fit
+
+    monkeypatch.setattr(solve, "fit_stamps", fit_stamps)
+    return calls
+
+
+def test_deferred_rank_deficient_stamps_get_the_numpy_solutions(monkeypatch):
+    _blank_some_templates(monkeypatch)
+    calls = _deferrals(monkeypatch)
+    pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)
+    config = PsfMatchConfig()
+    reference = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
+    assert all(not deferred for _, deferred, _ in calls)       # the host solves every system at once
+    calls.clear()
+    with cupy_standin(kernels="numpy"):
+        result = ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template),
+                                                                  to_device(pair.science))
+        local = result.residual_rows.local.get()          # the refitted stamps' D/sigma rows patched in
+    np.testing.assert_array_equal(result.residual_rows.index, reference.residual_rows.index)
+    np.testing.assert_allclose(local, reference.residual_rows.local, rtol=0, atol=1e-6, equal_nan=True)
+    assert any(deferred for _, deferred, _ in calls)
+    assert any(not defer for defer, _, _ in calls)              # a batch had deficient stamps: fitted again
+    cells, expected = result.kernel_cell_set, reference.kernel_cell_set
+    np.testing.assert_array_equal(cells.column("status"), expected.column("status"))
+    np.testing.assert_array_equal(cells.column("reason"), expected.column("reason"))
+    np.testing.assert_allclose(cells.column("kernel_sum"), expected.column("kernel_sum"), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
+                               rtol=0, atol=1e-7)
+
+
+def test_the_host_backend_never_defers():
+    from gpudiffim._ops import NUMPY
+
+    matrices = np.zeros((2, 3, 3))
+    matrices[:, 0, 0] = 1.0
+    solutions, status, deferred = NUMPY.solve_systems_deferred(matrices, np.ones((2, 3)))
+    assert not deferred
+    np.testing.assert_array_equal(status, [EIGENVECTOR, EIGENVECTOR])
+    np.testing.assert_allclose(solutions, [[1, 0, 0], [1, 0, 0]])
+
+
+def test_spatial_kernel_images_on_the_device_equal_the_host_ones():
+    """Built from the term kernels on the GPU (summed in another order): the host images to rounding,
+    the term kernels copied once per kernel."""
+    from gpudiffim.kernel import SpatialKernel
+    from gpudiffim.spatial import SpatialFunction
+
+    gen = np.random.default_rng(5)
+    function = SpatialFunction("chebyshev1", 2, (0, 0, 511, 511))
+    kernel = SpatialKernel(gen.normal(size=(7, 9, 9)), gen.normal(size=(7, function.n_terms)), function)
+    x, y = gen.uniform(0, 511, 40), gen.uniform(0, 511, 40)
+    want = kernel.images(x, y)
+    with cupy_standin(kernels="numpy") as recorder:
+        import cupy
+
+        got = kernel.images(x, y, xp=cupy)
+        first = recorder.uploads
+        again = kernel.images(x[:3], y[:3], xp=cupy)
+        assert recorder.uploads == first + 1               # the spatial terms only
+        got, again = got.get(), again.get()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(again, want[:3], rtol=0, atol=1e-12 * np.abs(want).max())
