@@ -39,6 +39,7 @@ method                             contract
 ``stamp_residuals``                their (N, 3) sums [and D/sigma rows]; fused into one launch
                                    on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
+``masked_quantiles``               quantiles, median and count of the selected values of each row
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
@@ -67,6 +68,7 @@ from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch
 from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
+    masked_quantiles,
     residual_sums,
     usable_normalised_residual,
 )
@@ -325,6 +327,16 @@ class NumpyOperations:
         """
         return bin_medians_loop(image, keep, edges_y, edges_x)
 
+    def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
+        """(len(quantiles) [+ 1] [+ 1], B) float64 of rows (B, n): :func:`~gpudiffim.statistics.masked_quantiles`
+        of each row's ``mask``-ed values (NaN for none or a NaN), with ``count`` their number last, where
+        the rows live."""
+        result = masked_quantiles(values, mask, quantiles, median=median)
+        if not count:
+            return result
+        xp = array_module_of(result)
+        return xp.concatenate([result, mask.sum(axis=1).astype(np.float64)[None]])
+
     def accumulate_term(self, out, term, rows, cols):
         """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``.
 
@@ -536,8 +548,22 @@ class KernelOperations(NumpyOperations):
         return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
-        """One sort by (bin, value) in the image's array module (no loop over bins): the same values."""
+        """``gdi_bin_medians`` (one launch, each bin sorted in shared memory) for float bins of up to
+        ``MAX_BIN_PIXELS``; else one sort by (bin, value) in the image's array module: the same values."""
+        from ._cuda import statistics
+
+        if image.dtype.kind == "f" and statistics.bin_medians_fit(edges_y, edges_x):
+            return statistics.bin_medians(image, keep, edges_y, edges_x)
         return bin_medians_sorted(image, keep, edges_y, edges_x)
+
+    def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
+        """The rows sorted once and ``gdi_sorted_quantiles`` (one launch: quantiles, median, count)."""
+        from ._cuda import statistics
+
+        if len(quantiles) > statistics.MAX_QUANTILES:
+            return super().masked_quantiles(values, mask, quantiles, median, count)
+        result = statistics.sorted_quantiles(values, mask, quantiles, median=median)
+        return result if count else result[:-1]
 
     def weighted_correlations(self, image, kernels, factors, dtype):
         """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,

@@ -37,7 +37,7 @@ from ._ops import operations_for
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import masked_iqr_sigma, masked_quantiles, sigma_of_quartiles
+from .statistics import sigma_of_quartiles
 
 __all__ = ["SkyResidual", "SkySample", "VarianceCorrection", "background_free", "correct_variance",
            "correct_variances", "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
@@ -260,7 +260,9 @@ def sky_pixels(sample, residual, threshold, grow):
     good = (sample.mask & sample.bits(EXCLUDED_PLANES)) == 0
     good &= sample.variance > 0
     n_bands = residual.shape[0]
-    sigma = masked_iqr_sigma(residual.reshape(n_bands, -1), good.reshape(n_bands, -1))
+    q1, q3 = operations_for(residual).masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1),
+                                                       (0.25, 0.75))
+    sigma = sigma_of_quartiles(q1, q3)
     level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
     sources = xp.abs(residual) >= level[:, None, None]
     if grow > 0:
@@ -319,10 +321,10 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     with np.errstate(divide="ignore", invalid="ignore"):
         normalised = residual / xp.sqrt(variance)
     # the quartiles of D/sigma over the sky (and the count), read back at once
-    quartiles = masked_quantiles(normalised, sky, (0.25, 0.75))
-    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64), quartiles.ravel()]))
-    n_sky = int(numbers[0])
-    factor = _iqr_variance(numbers[1], numbers[2])
+    ops = operations_for(residual)
+    quartiles = to_host(ops.masked_quantiles(normalised, sky, (0.25, 0.75), count=True))[:, 0]
+    n_sky = int(quartiles[2])
+    factor = _iqr_variance(quartiles[0], quartiles[1])
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
@@ -330,7 +332,7 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     def sky_variance():
         """(variance measured on the sky, the plane's median there): a second read-back, only when needed."""
         rows = xp.concatenate([residual, variance])
-        stats = to_host(masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True))
+        stats = to_host(ops.masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True))
         return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
 
     if mode == "add":

@@ -185,3 +185,30 @@ FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
 FAST["gdi_solve_small"] = solve_small
+
+
+# ---- kernels/statistics.cu (H1: order statistics of the noise measurements) ----
+
+def sorted_quantiles(ordered, mask, n_rows, n, n_quantiles, q0, q1, q2, q3, median, out):
+    from gpudiffim.statistics import masked_quantiles
+
+    rows = ordered.reshape(n_rows, n)
+    count = mask.reshape(n_rows, n).sum(axis=1)
+    leading = np.arange(n)[None, :] < count[:, None]     # the rows are sorted: the selected values lead
+    result = out.reshape(-1, n_rows)
+    with np.errstate(invalid="ignore"):
+        result[:-1] = masked_quantiles(rows, leading, (q0, q1, q2, q3)[:n_quantiles], median=bool(median))
+    result[:-1, np.isnan(rows[:, -1])] = np.nan          # a NaN selected sorts last
+    result[-1] = count
+
+
+def bin_medians(image, keep, has_keep, ny, nx, edges, n_by, n_bx, out):
+    from gpudiffim.statistics import bin_medians_loop
+
+    stack = image.reshape(-1, ny, nx)
+    selection = keep.reshape(stack.shape) if has_keep else None
+    out.reshape(-1, n_by, n_bx)[...] = bin_medians_loop(stack, selection, edges[:n_by + 1], edges[n_by + 1:])
+
+
+FAST["gdi_sorted_quantiles"] = sorted_quantiles
+FAST.update({f"gdi_bin_medians<{t}>": bin_medians for t in ("float", "double")})

@@ -175,3 +175,27 @@ KERNELS["gdi_solve_small"] = KernelSpec("linear_solve", (
     ("matrices", "const double*"), ("vectors", "const double*"), ("n_systems", "int"), ("n", "int"),
     ("solutions", "double*"), ("pivots", "double*"), ("status", "int*"),
 ))
+
+
+# ---- kernels/statistics.cu (issue 17: order statistics of the noise measurements in one launch) ----
+
+#: Boolean selections (1 byte, as NumPy's and C++'s ``bool``) are read in place.
+C_TYPES["bool"] = np.dtype(bool)
+_BY_DTYPE[C_TYPES["bool"]] = "bool"
+
+KERNELS["gdi_sorted_quantiles"] = KernelSpec("statistics", (
+    ("ordered", "const double*"), ("mask", "const bool*"), ("n_rows", "int"), ("n", "int"),
+    ("n_quantiles", "int"), ("q0", "double"), ("q1", "double"), ("q2", "double"), ("q3", "double"),
+    ("median", "int"), ("out", "double*"),
+))
+
+
+def _bin_medians(t):
+    return KernelSpec("statistics", (
+        ("image", f"const {t}*"), ("keep", "const bool*"), ("has_keep", "int"),
+        ("ny", "int"), ("nx", "int"), ("edges", "const int*"), ("n_by", "int"), ("n_bx", "int"),
+        ("out", "double*"),
+    ))
+
+
+KERNELS.update({f"gdi_bin_medians<{t}>": _bin_medians(t) for t in ("float", "double")})

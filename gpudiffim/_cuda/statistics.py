@@ -1,0 +1,110 @@
+"""Launch geometry and host wrappers of ``kernels/statistics.cu``.
+
+``gdi_sorted_quantiles`` reads the quantiles, median and count of rows sorted
+once (:func:`sorted_quantiles`: the sort and one launch instead of the glue
+of :func:`gpudiffim.statistics.masked_quantiles`); ``gdi_bin_medians`` takes
+each bin's median in shared memory (:func:`bin_medians`: one launch instead
+of :func:`gpudiffim.statistics.bin_medians_sorted`'s sort of the whole image
+and its bin indices built on the host).  NumPy arrays run on the CPU
+emulator, CuPy arrays on the GPU (:func:`~gpudiffim._cuda.launch.launcher_for`).
+"""
+
+import numpy as np
+
+from ._host import on_launcher, prepare
+from .launch import launch
+from .signatures import float_ctype
+
+__all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
+           "bin_medians_fit", "sorted_quantiles"]
+
+#: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
+STATISTICS_THREADS = 256
+#: Largest bin (pixels) of ``gdi_bin_medians``: its keys in 32 kB of shared memory (``GDI_ST_MAX_BIN``).
+MAX_BIN_PIXELS = 4096
+#: Quantiles one ``gdi_sorted_quantiles`` launch reads per row (its scalar arguments ``q0 .. q3``).
+MAX_QUANTILES = 4
+#: The unit's compile-time constants.
+STATISTICS_DEFINES = (("GDI_ST_THREADS", STATISTICS_THREADS), ("GDI_ST_MAX_BIN", MAX_BIN_PIXELS))
+
+
+def sorted_quantiles(values, mask, quantiles, *, median=False):
+    """Quantiles, median and count of every row's selected values: one sort and one launch.
+
+    Parameters
+    ----------
+    values : ndarray of shape (B, n)
+        Converted to float64.
+    mask : ndarray of bool, shape (B, n)
+        The values of each row taken.
+    quantiles : sequence of float
+        At most :data:`MAX_QUANTILES`, in [0, 1].
+    median : bool
+        Append ``np.median`` of each row.
+
+    Returns
+    -------
+    ndarray of float64, shape (len(quantiles) [+ 1] + 1, B)
+        :func:`gpudiffim.statistics.masked_quantiles` (NaN for a row with no
+        value taken or a NaN among them), then the count of each row.
+    """
+    _, xp = on_launcher(values, mask)
+    quantiles = [float(q) for q in quantiles]
+    if len(quantiles) > MAX_QUANTILES or values.ndim != 2 or mask.shape != values.shape:
+        msg = (f"at most {MAX_QUANTILES} quantiles of (B, n) values and mask, got {len(quantiles)} of "
+               f"{values.shape} and {mask.shape}")
+        raise ValueError(msg)
+    mask = prepare(xp, mask, np.bool_, 2, "mask")
+    ordered = xp.sort(xp.where(mask, values.astype(np.float64, copy=False), np.inf), axis=1)
+    n_rows, n = ordered.shape
+    out = xp.empty((len(quantiles) + int(bool(median)) + 1, n_rows))
+    if n_rows:
+        padded = quantiles + [0.0] * (MAX_QUANTILES - len(quantiles))
+        launch("gdi_sorted_quantiles", (n_rows,), (STATISTICS_THREADS,),
+               (ordered, mask, n_rows, n, len(quantiles), *padded, int(bool(median)), out),
+               defines=STATISTICS_DEFINES)
+    return out
+
+
+def bin_medians_fit(edges_y, edges_x):
+    """Whether every bin between these edges fits ``gdi_bin_medians`` (at most :data:`MAX_BIN_PIXELS`)."""
+    return int(np.diff(edges_y).max(initial=0)) * int(np.diff(edges_x).max(initial=0)) <= MAX_BIN_PIXELS
+
+
+def bin_medians(image, keep, edges_y, edges_x):
+    """Per-bin ``np.median`` of the kept pixels (:func:`gpudiffim.statistics.bin_medians_loop`), one launch.
+
+    Parameters
+    ----------
+    image : ndarray of shape (M, N) or (B, M, N)
+        float32 or float64 (a stack: each image binned alike).
+    keep : ndarray of bool, same shape, or None
+        The pixels taken (every pixel if None).
+    edges_y, edges_x : sequence of int
+        Host bin edges (row and column indices); every bin of at most
+        :data:`MAX_BIN_PIXELS` pixels (:func:`bin_medians_fit`).
+
+    Returns
+    -------
+    ndarray of float64, shape (n_y, n_x) or (B, n_y, n_x)
+        NaN for an empty bin or one holding a NaN; in the image's module.
+    """
+    _, xp = on_launcher(image)
+    if not bin_medians_fit(edges_y, edges_x):
+        msg = f"bins of up to {MAX_BIN_PIXELS} pixels only"
+        raise ValueError(msg)
+    ctype = float_ctype("image", image.dtype)
+    stack = image.reshape((-1,) + image.shape[-2:])
+    stack = prepare(xp, stack, image.dtype.newbyteorder("="), 3, "image")
+    n_images, ny, nx = stack.shape
+    # the keep plane, or any bool array when there is none (has_keep = 0: never read)
+    selection = (xp.empty(1, dtype=np.bool_) if keep is None
+                 else prepare(xp, keep.reshape(stack.shape), np.bool_, 3, "keep"))
+    n_by, n_bx = len(edges_y) - 1, len(edges_x) - 1
+    edges = xp.asarray(np.concatenate([edges_y, edges_x]).astype(np.int32))
+    out = xp.empty((n_images, n_by, n_bx))
+    if n_images and n_by and n_bx:
+        launch(f"gdi_bin_medians<{ctype}>", (n_bx, n_by, n_images), (STATISTICS_THREADS,),
+               (stack, selection, int(keep is not None), ny, nx, edges, n_by, n_bx, out),
+               defines=STATISTICS_DEFINES)
+    return out.reshape(image.shape[:-2] + (n_by, n_bx))

@@ -1,0 +1,235 @@
+// Robust statistics of the noise measurements (issue 17): the order
+// statistics of gpudiffim.statistics read in one launch instead of the
+// where/take_along_axis/floor/minimum glue around a sort, or around one sort
+// of the whole image by (bin, value).
+//
+// gdi_sorted_quantiles: rows sorted once by the caller (CuPy sort), with the
+// values not selected replaced by +inf (so the selected values lead, NaN
+// last); per row, the count of selected values (from the boolean mask), the
+// linear quantiles q_k at q_k (n - 1) and, with `median`, np.median, all as
+// gpudiffim.statistics.masked_quantiles computes them:
+//
+//     v = last q, last = max(n - 1, 0), low = min(floor(v), last),
+//     high = min(low + 1, last), g = v - floor(v), d = b - a,
+//     q = g >= 0.5 ? b - d (1 - g) : a + d g      (a, b the values at low, high)
+//     median = n odd ? x[n / 2] : (x[(n - 1) / 2] + x[n / 2]) / 2
+//
+// NaN for a row with no value selected or a selected NaN (which sorts last:
+// the row's last value is NaN).  out (n_quantiles + median + 1, n_rows)
+// double: the quantiles, the median, then the count.  One block per row
+// (the count is a block reduction over the row's mask); block
+// GDI_ST_THREADS.
+//
+// gdi_bin_medians<T>: np.median of the kept pixels of every bin of an image
+// or a stack of images (B, ny, nx), bins between row edges edges[0..n_by]
+// and column edges edges[n_by + 1 ..] (as gpudiffim.statistics.
+// bin_medians_loop).  One block per bin (grid (n_bx, n_by, B)): the bin's
+// pixels become order-preserving unsigned keys in shared memory (NaN after
+// +inf, -0.0 as 0.0; pixels not kept, and the padding to a power of two,
+// after every value), a bitonic sort orders them, and the middle key(s) are
+// decoded; an even count averages the two middle values in T, as np.median.
+// NaN for an empty bin or one holding a NaN.  keep (same shape as the image)
+// is read when has_keep is 1.  A bin holds at most GDI_ST_MAX_BIN pixels
+// (the wrapper falls back to the sorted path beyond).  out (B, n_by, n_bx)
+// double.
+//
+// No #include: NVRTC (CuPy RawModule) and the CPU emulator
+// (gpudiffim/_cuda/emulator.h) both compile this text as is.
+
+#ifndef GDI_ST_THREADS
+#define GDI_ST_THREADS 256
+#endif
+#ifndef GDI_ST_MAX_BIN
+#define GDI_ST_MAX_BIN 4096
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
+// Rounded products that are never fused with a neighbouring addition (NVRTC contracts a * b + c).
+__device__ __forceinline__ double gdi_st_mul(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ unsigned int gdi_st_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned long long gdi_st_bits(double v)
+{
+    return static_cast<unsigned long long>(__double_as_longlong(v));
+}
+__device__ __forceinline__ float gdi_st_value(unsigned int bits) { return __uint_as_float(bits); }
+__device__ __forceinline__ double gdi_st_value(unsigned long long bits)
+{
+    return __longlong_as_double(static_cast<long long>(bits));
+}
+#define GDI_ST_NAN_F __int_as_float(0x7fc00000)
+#define GDI_ST_NAN_D __longlong_as_double(0x7ff8000000000000LL)
+#else
+// CPU emulator: g++ in ISO C++ mode does not contract a * b + c.
+inline double gdi_st_mul(double a, double b) { return a * b; }
+inline unsigned int gdi_st_bits(float v) { return __builtin_bit_cast(unsigned int, v); }
+inline unsigned long long gdi_st_bits(double v) { return __builtin_bit_cast(unsigned long long, v); }
+inline float gdi_st_value(unsigned int bits) { return __builtin_bit_cast(float, bits); }
+inline double gdi_st_value(unsigned long long bits) { return __builtin_bit_cast(double, bits); }
+#define GDI_ST_NAN_F __builtin_bit_cast(float, 0x7fc00000u)
+#define GDI_ST_NAN_D __builtin_bit_cast(double, 0x7ff8000000000000ull)
+#endif
+
+__device__ __forceinline__ bool gdi_st_isnan(double v) { return v != v; }
+
+// The unsigned key type of T, its sign bit, a quiet NaN and the key of "no value".
+template <typename T>
+struct GdiStKey;
+template <>
+struct GdiStKey<float> {
+    typedef unsigned int type;
+    static __device__ __forceinline__ unsigned int sign() { return 0x80000000u; }
+    static __device__ __forceinline__ float nan() { return GDI_ST_NAN_F; }
+    static __device__ __forceinline__ unsigned int none() { return 0xffffffffu; }
+};
+template <>
+struct GdiStKey<double> {
+    typedef unsigned long long type;
+    static __device__ __forceinline__ unsigned long long sign() { return 0x8000000000000000ull; }
+    static __device__ __forceinline__ double nan() { return GDI_ST_NAN_D; }
+    static __device__ __forceinline__ unsigned long long none() { return 0xffffffffffffffffull; }
+};
+
+// Order-preserving key of v (gpudiffim.statistics._sort_keys_float32, any width).
+template <typename T>
+__device__ __forceinline__ typename GdiStKey<T>::type gdi_st_key(T v)
+{
+    typedef GdiStKey<T> K;
+    const typename K::type bits = gdi_st_bits(gdi_st_isnan(v) ? K::nan() : static_cast<T>(v + T(0)));
+    return (bits & K::sign()) ? ~bits : (bits | K::sign());
+}
+
+template <typename T>
+__device__ __forceinline__ T gdi_st_decode(typename GdiStKey<T>::type key)
+{
+    typedef GdiStKey<T> K;
+    return gdi_st_value((key & K::sign()) ? (key & ~K::sign()) : ~key);
+}
+
+__device__ __forceinline__ double gdi_st_quantile(const double* __restrict__ row, long long last, double q)
+{
+    const double virtual_index = static_cast<double>(last) * q;
+    const double previous = floor(virtual_index);
+    const double gamma = virtual_index - previous;
+    long long low = static_cast<long long>(previous);
+    low = low < last ? low : last;
+    const long long high = low + 1 < last ? low + 1 : last;
+    const double a = row[low];
+    const double b = row[high];
+    const double difference = b - a;
+    return gamma >= 0.5 ? b - gdi_st_mul(difference, 1.0 - gamma) : a + gdi_st_mul(difference, gamma);
+}
+
+__global__ void gdi_sorted_quantiles(const double* __restrict__ ordered,
+                                     const bool* __restrict__ mask,
+                                     int n_rows, int n,
+                                     int n_quantiles, double q0, double q1, double q2, double q3,
+                                     int median,
+                                     double* __restrict__ out)
+{
+    __shared__ long long partial[GDI_ST_THREADS];
+    const int r = blockIdx.x;
+    const long long offset = static_cast<long long>(r) * n;
+    long long count = 0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+        count += mask[offset + i] ? 1 : 0;
+    }
+    partial[threadIdx.x] = count;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (static_cast<int>(threadIdx.x) < stride) {
+            partial[threadIdx.x] += partial[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) {
+        return;
+    }
+    count = partial[0];
+    const double* row = ordered + offset;
+    const bool valid = count > 0 && !gdi_st_isnan(row[n - 1]);
+    const long long last = count > 0 ? count - 1 : 0;
+    const double qs[4] = {q0, q1, q2, q3};
+    for (int k = 0; k < n_quantiles; ++k) {
+        out[static_cast<long long>(k) * n_rows + r] = valid ? gdi_st_quantile(row, last, qs[k]) : GDI_ST_NAN_D;
+    }
+    int written = n_quantiles;
+    if (median) {
+        const double lower = row[last / 2];
+        const double upper = row[count / 2];
+        const double value = (count % 2 == 1) ? upper : (lower + upper) / 2;
+        out[static_cast<long long>(written) * n_rows + r] = valid ? value : GDI_ST_NAN_D;
+        ++written;
+    }
+    out[static_cast<long long>(written) * n_rows + r] = static_cast<double>(count);
+}
+
+template <typename T>
+__global__ void gdi_bin_medians(const T* __restrict__ image,
+                                const bool* __restrict__ keep, int has_keep,
+                                int ny, int nx,
+                                const int* __restrict__ edges, int n_by, int n_bx,
+                                double* __restrict__ out)
+{
+    typedef GdiStKey<T> K;
+    typedef typename K::type Key;
+    __shared__ Key keys[GDI_ST_MAX_BIN];
+    __shared__ int kept;
+    const int bx = blockIdx.x, by = blockIdx.y, b = blockIdx.z;
+    const int y0 = edges[by], y1 = edges[by + 1];
+    const int x0 = edges[n_by + 1 + bx], x1 = edges[n_by + 1 + bx + 1];
+    const int width = x1 - x0;
+    const int size = (y1 - y0) * width;
+    int padded = 1;
+    while (padded < size) {
+        padded *= 2;
+    }
+    if (threadIdx.x == 0) {
+        kept = 0;
+    }
+    __syncthreads();
+    const long long plane = static_cast<long long>(b) * ny * nx;
+    for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+        Key key = K::none();
+        if (i < size) {
+            const long long p = plane + static_cast<long long>(y0 + i / width) * nx + (x0 + i % width);
+            if (!has_keep || keep[p]) {
+                key = gdi_st_key(image[p]);
+                atomicAdd(&kept, 1);
+            }
+        }
+        keys[i] = key;
+    }
+    __syncthreads();
+    // bitonic sort of keys[0 .. padded)
+    for (int span = 2; span <= padded; span *= 2) {
+        for (int step = span / 2; step > 0; step /= 2) {
+            for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+                const int j = i ^ step;
+                if (j > i) {
+                    const bool ascending = (i & span) == 0;
+                    const Key a = keys[i], c = keys[j];
+                    if ((a > c) == ascending) {
+                        keys[i] = c;
+                        keys[j] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (threadIdx.x == 0) {
+        const int count = kept;
+        double median = static_cast<double>(K::nan());
+        if (count > 0 && !gdi_st_isnan(static_cast<double>(gdi_st_decode<T>(keys[count - 1])))) {
+            const T upper = gdi_st_decode<T>(keys[count / 2]);
+            const T lower = gdi_st_decode<T>(keys[(count - 1) / 2]);
+            median = static_cast<double>(count % 2 == 1 ? upper : static_cast<T>((lower + upper) / T(2)));
+        }
+        out[(static_cast<long long>(b) * n_by + by) * n_bx + bx] = median;
+    }
+}
+
+template __global__ void gdi_bin_medians<float>(const float*, const bool*, int, int, int, const int*, int, int,
+                                                double*);
+template __global__ void gdi_bin_medians<double>(const double*, const bool*, int, int, int, const int*, int, int,
+                                                 double*);

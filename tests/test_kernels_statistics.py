@@ -1,0 +1,85 @@
+"""``kernels/statistics.cu`` on the CPU emulator against the NumPy references of :mod:`gpudiffim.statistics`.
+
+``gdi_sorted_quantiles`` (after the wrapper's sort) must give
+:func:`~gpudiffim.statistics.masked_quantiles` bit for bit -- the same
+interpolation, the median averaged as ``np.median`` -- and the row counts,
+for rows with NaN selected or not, nothing selected, one value, +-inf, even
+and odd counts; ``gdi_bin_medians`` must give
+:func:`~gpudiffim.statistics.bin_medians_loop` bit for bit on float32 and
+float64 stacks with uneven bins, a ``keep`` plane, empty bins, NaN, +-inf and
+-0.0.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
+checked against the emulator too.
+"""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from gpudiffim._backend import use_backend
+from gpudiffim._cuda.statistics import MAX_BIN_PIXELS, bin_medians, bin_medians_fit, sorted_quantiles
+from gpudiffim.statistics import bin_medians_loop, masked_quantiles
+
+
+def _rows(gen):
+    values = gen.normal(size=(9, 301))
+    mask = gen.random(values.shape) < 0.6
+    mask[0] = False                       # nothing selected
+    mask[1] = False
+    mask[1, 17] = True                    # one value
+    values[2, mask[2].nonzero()[0][3]] = np.nan   # a NaN selected
+    values[3, ~mask[3]] = np.nan          # NaN not selected only
+    values[4, :5] = (np.inf, -np.inf, np.inf, 0.0, -0.0)
+    mask[4, :5] = True                    # infinities selected
+    values[6] = np.round(values[6])       # ties
+    return values, mask
+
+
+@pytest.mark.parametrize(("quantiles", "median"), [((0.25, 0.75), False), ((0.25, 0.75), True), ((), True),
+                                                   ((0.0, 0.1, 0.5, 1.0), True)])
+def test_sorted_quantiles_equal_masked_quantiles(emulator, rng, quantiles, median):
+    gen, seed = rng
+    values, mask = _rows(gen)
+    with use_backend("cuda-emulator"):
+        out = sorted_quantiles(values, mask, quantiles, median=median)
+    with np.errstate(invalid="ignore"):
+        expected = masked_quantiles(values, mask, quantiles, median=median)
+    assert out.shape == (len(quantiles) + median + 1, len(values))
+    assert_array_equal(out[:-1], expected, err_msg=f"seed={seed}")
+    assert_array_equal(out[-1], mask.sum(axis=1))
+
+
+def _planes(gen, dtype):
+    image = gen.normal(size=(3, 70, 97)).astype(dtype)
+    keep = gen.random(image.shape) < 0.7
+    keep[0, :20, :30] = False             # an empty bin
+    image[1, 40, 50] = np.nan             # a NaN kept ...
+    keep[1, 40, 50] = True
+    image[2, 5, 5] = np.nan               # ... and one left out
+    keep[2, 5, 5] = False
+    image[2, 60:, :10] = np.inf
+    image[2, 60:, 10:20] = -0.0
+    image[0, 50:, 60:] = np.round(image[0, 50:, 60:])   # ties
+    return image, keep
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_bin_medians_equal_the_loop(emulator, rng, dtype, with_keep):
+    gen, seed = rng
+    image, keep = _planes(gen, dtype)
+    keep = keep if with_keep else None
+    edges_y, edges_x = np.array([0, 20, 41, 70]), np.array([0, 30, 31, 64, 97])
+    with use_backend("cuda-emulator"):
+        medians = bin_medians(image, keep, edges_y, edges_x)
+        one = bin_medians(image[1], None if keep is None else keep[1], edges_y, edges_x)
+    expected = bin_medians_loop(image, keep, edges_y, edges_x)
+    assert medians.dtype == np.float64 and medians.shape == (3, 3, 4)
+    assert_array_equal(medians, expected, err_msg=f"seed={seed}")
+    assert_array_equal(one, expected[1])
+    assert np.isnan(medians[1]).sum() == 1
+
+
+def test_bin_medians_refuse_large_bins():
+    assert bin_medians_fit([0, 64], [0, 64]) and not bin_medians_fit([0, 64], [0, 65])
+    with pytest.raises(ValueError, match=str(MAX_BIN_PIXELS)):
+        bin_medians(np.zeros((65, 65)), None, [0, 65], [0, 65])
