@@ -119,10 +119,11 @@ class SkySample:
         The band's own rows (the rest are margins, read only for its own
         background and source masks), in the image's array module.
     own_rows : ndarray of int, shape (B, R)
-        Host: the indices of each band's own rows in its window.
+        Host: the indices of each band's own rows in its window (of one
+        image, when several are stacked).
     rows : ndarray of int, shape (B, H), or None
-        The image rows of every window (in the image's array module); None
-        when the sample is the whole image (B = 1).
+        The image rows of every window of one image (in the image's array
+        module); None when the sample is the whole image (B = 1).
     """
 
     image: object
@@ -138,6 +139,11 @@ class SkySample:
         bands = variance[None] if self.rows is None else variance[self.rows]
         return dataclasses.replace(self, variance=bands)
 
+    def part(self, bands):
+        """The sample of the bands ``bands`` (a slice): one image of a stack."""
+        return dataclasses.replace(self, image=self.image[bands], variance=self.variance[bands],
+                                   mask=self.mask[bands], inner=self.inner[bands])
+
 
 def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     """The image whole (B = 1), or its :data:`BAND_ROWS`-row bands with :data:`BAND_MARGIN` rows of margin.
@@ -146,27 +152,34 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     BAND_MARGIN`` rows, moved inside the image at its top and bottom (so those
     bands have a wider margin on the other side): the bands stack into one
     array, and every later step treats all of them in one pass.
+    ``masked_image`` may also be a sequence of images of one shape and mask
+    planes: their samples are stacked image after image (B bands each).
 
     Returns
     -------
     SkySample
     """
-    rows = masked_image.shape[0]
-    bands = _bands(masked_image.shape, max_pixels)
-    xp = masked_image.xp
+    images = list(masked_image) if isinstance(masked_image, (list, tuple)) else [masked_image]
+    first = images[0]
+    rows = first.shape[0]
+    bands = _bands(first.shape, max_pixels)
+    xp = first.xp
+
+    def stacked(index):
+        planes = [tuple(plane[index] for plane in (m.image, m.variance, m.mask)) for m in images]
+        return planes[0] if len(planes) == 1 else tuple(xp.concatenate(p) for p in zip(*planes))
+
     if bands == [(0, rows)]:
-        inner = np.ones((1, rows, 1), dtype=bool)
-        return SkySample(masked_image.image[None], masked_image.variance[None], masked_image.mask[None],
-                         masked_image.bits, xp.asarray(inner), np.arange(rows)[None], None)
+        inner = np.ones((len(images), rows, 1), dtype=bool)
+        return SkySample(*stacked(None), first.bits, xp.asarray(inner), np.arange(rows)[None], None)
     height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
     starts = np.array([start for start, _ in bands])
     windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
     index = xp.asarray(windows[:, None] + np.arange(height))
     offsets = np.arange(height)[None, :] - (starts - windows)[:, None]
-    inner = ((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None]
+    inner = np.tile(((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None], (len(images), 1, 1))
     own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
-    return SkySample(masked_image.image[index], masked_image.variance[index], masked_image.mask[index],
-                     masked_image.bits, xp.asarray(inner), own_rows, index)
+    return SkySample(*stacked(index), first.bits, xp.asarray(inner), own_rows, index)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +207,8 @@ class SkyResidual:
     shape : tuple of int
         Shape of the image sampled.  The callers pass the residual of the
         image plane they measure (checked: its shape and the bin size).
+    n_images : int
+        Images stacked (their bands one image after the other; see :meth:`parts`).
     """
 
     sample: SkySample
@@ -201,6 +216,16 @@ class SkyResidual:
     exclude: object
     bin_size: int
     shape: tuple
+    n_images: int = 1
+
+    def parts(self):
+        """The :class:`SkyResidual` of each image stacked, in order."""
+        if self.n_images == 1:
+            return [self]
+        n_bands = len(self.residual) // self.n_images
+        cuts = [slice(i * n_bands, (i + 1) * n_bands) for i in range(self.n_images)]
+        return [dataclasses.replace(self, sample=self.sample.part(cut), residual=self.residual[cut],
+                                    exclude=self.exclude[cut], n_images=1) for cut in cuts]
 
     def check(self, masked_image, bin_size):
         """This residual with the variance plane of ``masked_image`` (the image it was measured on, after
@@ -217,8 +242,9 @@ def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
 
     Parameters
     ----------
-    masked_image : MaskedImage
-        NumPy or CuPy planes.
+    masked_image : MaskedImage or sequence of MaskedImage
+        NumPy or CuPy planes (several images: of one shape and mask planes,
+        measured together, :meth:`SkyResidual.parts` gives each one's).
     bin_size : int
         Bin size (px) of the background removed.
     max_pixels : int
@@ -228,9 +254,10 @@ def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
     -------
     SkyResidual
     """
-    sample = sampled_stack(masked_image, max_pixels)
+    images = list(masked_image) if isinstance(masked_image, (list, tuple)) else [masked_image]
+    sample = sampled_stack(images, max_pixels)
     residual, exclude = background_free(sample, bin_size)
-    return SkyResidual(sample, residual, exclude, bin_size, tuple(masked_image.shape))
+    return SkyResidual(sample, residual, exclude, bin_size, tuple(images[0].shape), len(images))
 
 
 def background_free(masked_image, bin_size):
@@ -309,38 +336,60 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     InvalidVarianceError
         If no usable sky pixel is left or the factor is not in ``(0, limit]``.
     """
+    _check_mode(mode)
+    sky = sky_residual(masked_image, bin_size) if sky is None else sky.check(masked_image, bin_size)
+    return _corrected(masked_image, _SkyStatistics(sky, threshold, grow), 0, mode, limit)
+
+
+def _check_mode(mode):
     if mode not in MODES:
         msg = f"invalid mode={mode!r}: expected one of {MODES}"
         raise ConfigurationError(msg)
-    sky = sky_residual(masked_image, bin_size) if sky is None else sky.check(masked_image, bin_size)
-    sample, residual = sky.sample, sky.residual
-    sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(1, -1)
-    variance = sample.variance.astype(np.float64).reshape(1, -1)
-    residual = residual.reshape(1, -1)
-    xp = array_module_of(residual)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normalised = residual / xp.sqrt(variance)
-    # the quartiles of D/sigma over the sky (and the count), read back at once
-    ops = operations_for(residual)
-    quartiles = to_host(ops.masked_quantiles(normalised, sky, (0.25, 0.75), count=True))[:, 0]
-    n_sky = int(quartiles[2])
-    factor = _iqr_variance(quartiles[0], quartiles[1])
+
+
+class _SkyStatistics:
+    """The quartiles of D/sigma on the sky pixels of each image of a :class:`SkyResidual`, and its count.
+
+    ``numbers`` (host, (3, n_images)): the first and third quartiles and the
+    count, read back at once for every image; :meth:`sky_variance` reads the
+    rest, only when needed.
+    """
+
+    def __init__(self, sky, threshold, grow):
+        sample, residual = sky.sample, sky.residual
+        n_images = sky.n_images
+        self.sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(n_images, -1)
+        self.variance = sample.variance.astype(np.float64).reshape(n_images, -1)
+        self.residual = residual.reshape(n_images, -1)
+        self.xp = array_module_of(residual)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            normalised = self.residual / self.xp.sqrt(self.variance)
+        self.ops = operations_for(residual)
+        self.numbers = to_host(self.ops.masked_quantiles(normalised, self.sky, (0.25, 0.75), count=True))
+
+    def sky_variance(self, image):
+        """(variance measured on the sky, the plane's median there) of image ``image``: a second read-back."""
+        xp, one = self.xp, slice(image, image + 1)
+        rows = xp.concatenate([self.residual[one], self.variance[one]])
+        stats = to_host(self.ops.masked_quantiles(rows, xp.broadcast_to(self.sky[one], rows.shape), (0.25, 0.75),
+                                                  median=True))
+        return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
+
+
+def _corrected(masked_image, statistics, image, mode, limit):
+    """:func:`correct_variance` of ``masked_image``, image ``image`` of the :class:`_SkyStatistics`."""
+    q1, q3, n_sky = statistics.numbers[:, image]
+    n_sky = int(n_sky)
+    factor = _iqr_variance(q1, q3)
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
-
-    def sky_variance():
-        """(variance measured on the sky, the plane's median there): a second read-back, only when needed."""
-        rows = xp.concatenate([residual, variance])
-        stats = to_host(ops.masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True))
-        return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
-
     if mode == "add":
-        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
+        return _add_sky_variance(masked_image, *statistics.sky_variance(image), limit, n_sky)
     if mode == "auto" and factor > AUTO_SCALE_MAX:
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
-        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
+        return _add_sky_variance(masked_image, *statistics.sky_variance(image), limit, n_sky)
     if mode == "auto" and abs(factor - 1.0) <= AUTO_TOLERANCE:
         log.info("variance plane within %.0f %% of the sky noise (factor %.4g): kept", 100 * AUTO_TOLERANCE,
                  factor)
@@ -350,7 +399,7 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
                     "resampled image?): kept unchanged", 1.0 / factor if factor > 0 else float("inf"))
         return masked_image, VarianceCorrection("none", float(factor), n_sky)
     if not 0 < factor <= limit:
-        measured, median = sky_variance()
+        measured, median = statistics.sky_variance(image)
         factor = measured / median
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
@@ -369,8 +418,9 @@ def correct_variances(images, *, mode="scale", limit=10.0):
 
     Host images are corrected on the host threads
     (:func:`gpudiffim._backend.host_map`: they are independent, and about
-    half of the work holds the GIL only briefly); device images one after
-    the other.
+    half of the work holds the GIL only briefly); device images of one shape
+    and mask planes are measured together, as one stack of bands (one pass
+    and one read-back for all), others one after the other.
 
     Parameters
     ----------
@@ -396,9 +446,20 @@ def correct_variances(images, *, mode="scale", limit=10.0):
         corrected, record = correct_variance(images[name], mode=mode, limit=limit, sky=sky)
         return corrected, record, sky
 
-    if any(is_device_array(image.image) for image in images.values()):
+    if not any(is_device_array(image.image) for image in images.values()):
+        return dict(zip(names, host_map(correct, names)))
+    if len(names) < 2 or len({_stack_key(image) for image in images.values()}) > 1:
         return {name: correct(name) for name in names}
-    return dict(zip(names, host_map(correct, names)))
+    _check_mode(mode)
+    stacked = sky_residual([images[name] for name in names])
+    statistics = _SkyStatistics(stacked, 3.0, 4)
+    skies = stacked.parts()
+    return {name: (*_corrected(images[name], statistics, i, mode, limit), skies[i]) for i, name in enumerate(names)}
+
+
+def _stack_key(masked_image):
+    """What images measured together share: shape, dtype and the excluded planes' bits."""
+    return tuple(masked_image.shape), masked_image.dtype, masked_image.bits(EXCLUDED_PLANES)
 
 
 def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):
