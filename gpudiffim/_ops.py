@@ -40,6 +40,7 @@ method                             contract
                                    on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
 ``masked_quantiles``               quantiles, median and count of the selected values of each row
+``sources_beyond``                 pixels of bands beyond a number of the bands' robust sigmas
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
@@ -66,6 +67,7 @@ from .cutouts import cut_planes
 from .errors import SingularSystemError
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
+    beyond_robust_level,
     bin_medians_loop,
     bin_medians_sorted,
     masked_quantiles,
@@ -337,6 +339,11 @@ class NumpyOperations:
         xp = array_module_of(result)
         return xp.concatenate([result, mask.sum(axis=1).astype(np.float64)[None]])
 
+    def sources_beyond(self, residual, quartiles, threshold):
+        """Nonzero where ``|residual|`` of a band (B, ...) is at or beyond ``threshold`` robust sigmas of the
+        band's quartiles (rows 0 and 1 of ``quartiles``): bool (:func:`~gpudiffim.statistics.beyond_robust_level`)."""
+        return beyond_robust_level(residual, quartiles, threshold)
+
     def accumulate_term(self, out, term, rows, cols):
         """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``.
 
@@ -564,6 +571,12 @@ class KernelOperations(NumpyOperations):
             return super().masked_quantiles(values, mask, quantiles, median, count)
         result = statistics.sorted_quantiles(values, mask, quantiles, median=median)
         return result if count else result[:-1]
+
+    def sources_beyond(self, residual, quartiles, threshold):
+        """``gdi_sky_sources``: one launch, int32 0/1 (what ``or_box`` takes without a conversion)."""
+        from ._cuda import statistics
+
+        return statistics.sky_sources(residual, quartiles, threshold)
 
     def weighted_correlations(self, image, kernels, factors, dtype):
         """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,

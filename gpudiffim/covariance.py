@@ -77,7 +77,7 @@ import numpy as np
 import scipy.fft
 import scipy.stats
 
-from ._backend import array_module_of, fft_functions, ndimage_of, to_host
+from ._backend import array_module_of, fft_functions, is_device_array, ndimage_of, to_host
 from .errors import ConfigurationError
 from .variance import AUTO_SCALE_MIN, MAX_PIXELS, sky_pixels, sky_residual
 
@@ -242,22 +242,38 @@ def kernel_autocorrelation(kernel_image, max_lag):
     return _cross_correlations(np.asarray(kernel_image, dtype=np.float64)[None], max_lag)[0, 0]
 
 
-def _autocorrelation(values, far):
-    """``sum_p a(p) a(p + d)`` for ``|dx|, |dy| <= far``, as a host array ``[far + dy, far + dx]``.
+def _autocorrelations(planes, far):
+    """``sum_p a(p) a(p + d)`` of each plane of ``planes`` (P, R, C) for ``|dx|, |dy| <= far``.
 
-    One zero-padded FFT product (``scipy.fft`` on the host, cuFFT for CuPy
-    arrays); the padding by ``far`` keeps wrapped pairs out.
+    One zero-padded FFT product of the stack (``scipy.fft`` on the host,
+    batched cuFFT for CuPy arrays); the padding by ``far`` keeps wrapped
+    pairs out.  Returns ``[p, far + dy, far + dx]`` (P, 2 far + 1, 2 far + 1),
+    where the planes live.
     """
-    xp = array_module_of(values)
+    xp = array_module_of(planes)
     fft = fft_functions(xp)
-    rows, columns = values.shape
+    rows, columns = planes.shape[-2:]
     shape = (scipy.fft.next_fast_len(rows + far, real=True),
              scipy.fft.next_fast_len(columns + far, real=True))
-    transform = fft["rfft2"](values, s=shape)
+    transform = fft["rfft2"](planes, s=shape)
     correlation = fft["irfft2"](transform * transform.conj(), s=shape)
-    near = xp.concatenate([correlation[-far:], correlation[:far + 1]])
-    near = xp.concatenate([near[:, -far:], near[:, :far + 1]], axis=1)
-    return np.asarray(to_host(near), dtype=np.float64)
+    near = xp.concatenate([correlation[:, -far:], correlation[:, :far + 1]], axis=1)
+    return xp.concatenate([near[:, :, -far:], near[:, :, :far + 1]], axis=2)
+
+
+def _products_and_pairs(values, weights, sums, far):
+    """Host ``(products, pairs, n_sky)``: the autocorrelations of the sky values and weights, read back
+    with the sky count in one transfer (the two planes transformed as one stack on the GPU, one after
+    the other on the host, where a stack would be a copy)."""
+    xp = array_module_of(values)
+    if is_device_array(values):
+        near = [_autocorrelations(xp.stack([values, weights]), far).ravel()]
+    else:
+        near = [_autocorrelations(plane[None], far).ravel() for plane in (values, weights)]
+    numbers = np.asarray(to_host(xp.concatenate([*near, sums[:1]])), dtype=np.float64)
+    size = 2 * far + 1
+    products, pairs = numbers[:2 * size * size].reshape(2, size, size)
+    return products, np.rint(pairs), int(numbers[-1])
 
 
 def _sample_sky(sky, smoothing, threshold, grow):
@@ -276,14 +292,15 @@ def _sample_sky(sky, smoothing, threshold, grow):
 
 
 def _normalised_sky(sky, smoothing, threshold, grow, gap):
-    """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
+    """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked.
 
     The bands of :func:`gpudiffim.variance.sampled_stack` are prepared
     together, each with margins for its background and source masks, so that
     large images cost what ``max_pixels`` pixels cost; their own rows are then
     placed one above the other with ``gap`` rows of weight 0 after each (the
-    margins count as off the sky).  Returns ``(values, weights, n)`` with
-    ``n`` the sky pixels used; the count and the mean are read back together.
+    margins count as off the sky).  Returns ``(values, weights, sums)`` with
+    ``sums`` the sky pixels used and the sum of their values (not read back:
+    the count comes back with the products).
     """
     sample = sky.sample
     xp = array_module_of(sample.image)
@@ -297,13 +314,10 @@ def _normalised_sky(sky, smoothing, threshold, grow, gap):
     else:
         z, sky = z[0], sky[0]
     weights = sky.astype(np.float64)
-    n_sky, total = (float(v) for v in to_host(xp.stack([weights.sum(), xp.where(sky, z, 0.0).sum()])))
-    n_sky = int(n_sky)
-    if n_sky < 100:
-        log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
-        return None, None, n_sky
-    values = xp.where(sky, z - total / n_sky, 0.0)
-    return values, weights, n_sky
+    sums = xp.stack([weights.sum(), xp.where(sky, z, 0.0).sum()])
+    with np.errstate(divide="ignore", invalid="ignore"):     # no sky pixel: NaN values, discarded
+        values = xp.where(sky, z - sums[1] / sums[0], 0.0)
+    return values, weights, sums
 
 
 def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, threshold=4.0, grow=4,
@@ -377,10 +391,10 @@ def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, thresho
     white[lag, lag] = 1.0
     sky = (sky_residual(masked_image, bin_size, max_pixels) if sky is None
            else sky.check(masked_image, bin_size))
-    values, weights, n_sky = _normalised_sky(sky, smoothing, threshold, grow, far)
-    if values is None:
+    products, pairs, n_sky = _products_and_pairs(*_normalised_sky(sky, smoothing, threshold, grow, far), far)
+    if n_sky < 100:
+        log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
         return NoiseCorrelation(white, float("inf"), 0.0, dof, False, n_sky)
-    products, pairs = _autocorrelation(values, far), np.rint(_autocorrelation(weights, far))
     zero_lag = products[far, far] / n_sky
     if zero_lag < AUTO_SCALE_MIN:
         log.warning("sky pixels vary %.3g x less than their variance plane says (noise-free or smoothed "

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._backend import array_module_of, stable_argsort, to_host
 
-__all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
+__all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_residual", "residual_statistics", "residual_sums",
            "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
@@ -94,6 +94,25 @@ def masked_quantiles(values, mask, quantiles, *, median=False):
             result = xp.concatenate([result, halves[None, :]])
     valid = (count > 0) & ~(mask & xp.isnan(values)).any(axis=1)
     return xp.where(valid[None, :], result, np.nan)
+
+
+def beyond_robust_level(residual, quartiles, threshold):
+    """Pixels of each band (B, ...) at or beyond ``threshold`` robust sigmas of the band.
+
+    The band's sigma is :func:`sigma_of_quartiles` of its quartiles
+    ``quartiles[0, b], quartiles[1, b]`` (0 when NaN, at least the smallest
+    normal float): ``|residual| >= threshold sigma`` (False for NaN).  The
+    CUDA kernel ``gdi_sky_sources`` (``kernels/statistics.cu``) computes the
+    same, in the same order.
+
+    Returns
+    -------
+    ndarray of bool, shape of ``residual``
+    """
+    xp = array_module_of(residual)
+    sigma = sigma_of_quartiles(quartiles[0], quartiles[1])
+    level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
+    return xp.abs(residual) >= level.reshape((-1,) + (1,) * (residual.ndim - 1))
 
 
 def masked_median(values, mask):

@@ -283,18 +283,15 @@ def sky_pixels(sample, residual, threshold, grow):
     to 5e4 sigma).  Each band has its own sigma and is grown on its own;
     nothing is read back on the GPU.
     """
-    xp = array_module_of(residual)
+    ops = operations_for(residual)
     good = (sample.mask & sample.bits(EXCLUDED_PLANES)) == 0
     good &= sample.variance > 0
     n_bands = residual.shape[0]
-    q1, q3 = operations_for(residual).masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1),
-                                                       (0.25, 0.75))
-    sigma = sigma_of_quartiles(q1, q3)
-    level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
-    sources = xp.abs(residual) >= level[:, None, None]
+    quartiles = ops.masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1), (0.25, 0.75))
+    sources = ops.sources_beyond(residual, quartiles, threshold)
     if grow > 0:
-        sources = operations_for(sources).or_box(sources, grow, grow)
-    return good & ~sources
+        sources = ops.or_box(sources, grow, grow)
+    return good & (sources == 0)
 
 
 def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4, sky=None):

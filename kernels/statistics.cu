@@ -233,3 +233,26 @@ template __global__ void gdi_bin_medians<float>(const float*, const bool*, int, 
                                                 double*);
 template __global__ void gdi_bin_medians<double>(const double*, const bool*, int, int, int, const int*, int, int,
                                                  double*);
+
+// gdi_sky_sources: the pixels of each band (n_bands bands of band_size values)
+// beyond `threshold` robust sigmas of the band, as gpudiffim.statistics.
+// beyond_robust_level: sigma = scale (q3 - q1) from the band's quartiles
+// (quartiles[0, b], quartiles[1, b] of a (k, n_bands) array), 0 if NaN, at
+// least `tiny`; out = |residual| >= threshold sigma (0 for NaN residuals).
+// int out (0/1), ready for the box dilation.  1-D grid-stride loop.
+__global__ void gdi_sky_sources(const double* __restrict__ residual,
+                                const double* __restrict__ quartiles,
+                                int n_bands, int band_size,
+                                double scale, double threshold, double tiny,
+                                int* __restrict__ out)
+{
+    const long long total = static_cast<long long>(n_bands) * band_size;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int b = static_cast<int>(i / band_size);
+        double sigma = scale * (quartiles[n_bands + b] - quartiles[b]);
+        sigma = gdi_st_isnan(sigma) ? 0.0 : sigma;
+        const double level = threshold * (sigma > tiny ? sigma : tiny);
+        out[i] = fabs(residual[i]) >= level ? 1 : 0;
+    }
+}

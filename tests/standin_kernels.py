@@ -212,3 +212,14 @@ def bin_medians(image, keep, has_keep, ny, nx, edges, n_by, n_bx, out):
 
 FAST["gdi_sorted_quantiles"] = sorted_quantiles
 FAST.update({f"gdi_bin_medians<{t}>": bin_medians for t in ("float", "double")})
+
+
+def sky_sources(residual, quartiles, n_bands, band_size, scale, threshold, tiny, out):
+    from gpudiffim.statistics import beyond_robust_level
+
+    rows = quartiles.reshape(-1, n_bands)
+    beyond = beyond_robust_level(residual.reshape(n_bands, band_size), rows, threshold)
+    out.reshape(n_bands, band_size)[...] = beyond
+
+
+FAST["gdi_sky_sources"] = sky_sources

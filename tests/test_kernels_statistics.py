@@ -7,7 +7,8 @@ for rows with NaN selected or not, nothing selected, one value, +-inf, even
 and odd counts; ``gdi_bin_medians`` must give
 :func:`~gpudiffim.statistics.bin_medians_loop` bit for bit on float32 and
 float64 stacks with uneven bins, a ``keep`` plane, empty bins, NaN, +-inf and
--0.0.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
+-0.0; ``gdi_sky_sources`` must give
+:func:`~gpudiffim.statistics.beyond_robust_level` exactly.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
 checked against the emulator too.
 """
 
@@ -16,8 +17,8 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from gpudiffim._backend import use_backend
-from gpudiffim._cuda.statistics import MAX_BIN_PIXELS, bin_medians, bin_medians_fit, sorted_quantiles
-from gpudiffim.statistics import bin_medians_loop, masked_quantiles
+from gpudiffim._cuda.statistics import MAX_BIN_PIXELS, bin_medians, bin_medians_fit, sky_sources, sorted_quantiles
+from gpudiffim.statistics import beyond_robust_level, bin_medians_loop, masked_quantiles
 
 
 def _rows(gen):
@@ -83,3 +84,16 @@ def test_bin_medians_refuse_large_bins():
     assert bin_medians_fit([0, 64], [0, 64]) and not bin_medians_fit([0, 64], [0, 65])
     with pytest.raises(ValueError, match=str(MAX_BIN_PIXELS)):
         bin_medians(np.zeros((65, 65)), None, [0, 65], [0, 65])
+
+
+def test_sky_sources_equal_beyond_robust_level(emulator, rng):
+    gen, seed = rng
+    residual = gen.normal(size=(4, 33, 21)) * np.array([1.0, 2.0, 0.5, 3.0])[:, None, None]
+    residual[0, 3, 4] = np.nan
+    quartiles = np.array([[-0.7, -1.3, 0.0, np.nan], [0.6, 1.4, 0.0, 2.0], [9.0, 9.0, 9.0, 9.0]])
+    with use_backend("cuda-emulator"):
+        sources = sky_sources(residual, quartiles, 2.5)
+    expected = beyond_robust_level(residual, quartiles, 2.5)
+    assert sources.dtype == np.int32
+    assert_array_equal(sources, expected, err_msg=f"seed={seed}")
+    assert sources[2].all() and sources[3].all() and not sources[0, 3, 4]    # sigma 0 or NaN: level tiny

@@ -199,3 +199,7 @@ def _bin_medians(t):
 
 
 KERNELS.update({f"gdi_bin_medians<{t}>": _bin_medians(t) for t in ("float", "double")})
+KERNELS["gdi_sky_sources"] = KernelSpec("statistics", (
+    ("residual", "const double*"), ("quartiles", "const double*"), ("n_bands", "int"), ("band_size", "int"),
+    ("scale", "double"), ("threshold", "double"), ("tiny", "double"), ("out", "int*"),
+))

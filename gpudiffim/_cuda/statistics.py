@@ -11,12 +11,14 @@ emulator, CuPy arrays on the GPU (:func:`~gpudiffim._cuda.launch.launcher_for`).
 
 import numpy as np
 
+from ..statistics import IQR_TO_SIGMA
 from ._host import on_launcher, prepare
 from .launch import launch
+from .image_apply import grid_stride_geometry
 from .signatures import float_ctype
 
 __all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
-           "bin_medians_fit", "sorted_quantiles"]
+           "bin_medians_fit", "sky_sources", "sorted_quantiles"]
 
 #: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
 STATISTICS_THREADS = 256
@@ -108,3 +110,36 @@ def bin_medians(image, keep, edges_y, edges_x):
                (stack, selection, int(keep is not None), ny, nx, edges, n_by, n_bx, out),
                defines=STATISTICS_DEFINES)
     return out.reshape(image.shape[:-2] + (n_by, n_bx))
+
+
+def sky_sources(residual, quartiles, threshold):
+    """:func:`gpudiffim.statistics.beyond_robust_level` in one launch (``gdi_sky_sources``), as int32 0/1.
+
+    Parameters
+    ----------
+    residual : ndarray of float64, shape (B, ...)
+        Bands.
+    quartiles : ndarray of float64, shape (k >= 2, B)
+        First and third quartiles of each band in rows 0 and 1 (e.g. a
+        :func:`sorted_quantiles` result).
+    threshold : float
+        In robust sigmas.
+
+    Returns
+    -------
+    ndarray of int32, shape of ``residual``
+    """
+    launcher, xp = on_launcher(residual, quartiles)
+    residual = prepare(xp, residual, np.float64, residual.ndim, "residual")
+    quartiles = prepare(xp, quartiles, np.float64, 2, "quartiles")
+    n_bands = len(residual)
+    if quartiles.shape[0] < 2 or quartiles.shape[1] != n_bands:
+        msg = f"quartiles must be (k >= 2, {n_bands}), got {quartiles.shape}"
+        raise ValueError(msg)
+    out = xp.empty(residual.shape, dtype=np.int32)
+    if residual.size:
+        grid, block = grid_stride_geometry(residual.size, launcher)
+        launch("gdi_sky_sources", grid, block,
+               (residual, quartiles, n_bands, residual.size // n_bands, IQR_TO_SIGMA, float(threshold),
+                float(np.finfo(float).tiny), out), defines=STATISTICS_DEFINES)
+    return out
