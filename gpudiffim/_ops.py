@@ -41,6 +41,9 @@ method                             contract
 ``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
 ``masked_quantiles``               quantiles, median and count of the selected values of each row
 ``sources_beyond``                 pixels of bands beyond a number of the bands' robust sigmas
+``sky_value_planes``               the noise-correlation planes of sky bands (values and weights)
+``subtract_sky_mean``              their weighted mean removed, in place
+``correlation_near``               the near lags of correlations, and a few values, for one read-back
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
@@ -71,7 +74,10 @@ from .statistics import (
     bin_medians_loop,
     bin_medians_sorted,
     masked_quantiles,
+    near_lags,
     residual_sums,
+    sky_value_planes,
+    subtract_sky_mean,
     usable_normalised_residual,
 )
 
@@ -344,6 +350,21 @@ class NumpyOperations:
         band's quartiles (rows 0 and 1 of ``quartiles``): bool (:func:`~gpudiffim.statistics.beyond_robust_level`)."""
         return beyond_robust_level(residual, quartiles, threshold)
 
+    def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
+        """(2, rows, N) float64 normalised sky values and weights of bands, their own rows stacked with ``gap``
+        zero rows after each (:func:`~gpudiffim.statistics.sky_value_planes`)."""
+        return sky_value_planes(residual, variance, sky, own_rows, gap, clip)
+
+    def subtract_sky_mean(self, planes, sums):
+        """Plane 0 less its weighted mean ``sums[0] / sums[1]``, in place (:func:`~gpudiffim.statistics.subtract_sky_mean`)."""
+        return subtract_sky_mean(planes, sums)
+
+    def correlation_near(self, correlation, far, extra):
+        """1-D: the lags up to ``far`` of correlations (P, R, C) (:func:`~gpudiffim.statistics.near_lags`),
+        raveled, then ``extra``, where they live (one read-back)."""
+        xp = array_module_of(correlation)
+        return xp.concatenate([near_lags(correlation, far).ravel(), extra])
+
     def accumulate_term(self, out, term, rows, cols):
         """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``.
 
@@ -577,6 +598,24 @@ class KernelOperations(NumpyOperations):
         from ._cuda import statistics
 
         return statistics.sky_sources(residual, quartiles, threshold)
+
+    def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
+        """``gdi_sky_value_planes``: one launch (and each band's first own row, a few bytes, uploaded)."""
+        from ._cuda import statistics
+
+        return statistics.sky_value_planes(residual, variance, sky, own_rows, gap, clip)
+
+    def subtract_sky_mean(self, planes, sums):
+        """``gdi_subtract_mean``: one launch."""
+        from ._cuda import statistics
+
+        return statistics.subtract_sky_mean(planes, sums)
+
+    def correlation_near(self, correlation, far, extra):
+        """``gdi_correlation_near``: one launch."""
+        from ._cuda import statistics
+
+        return statistics.correlation_near(correlation, far, extra)
 
     def weighted_correlations(self, image, kernels, factors, dtype):
         """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,

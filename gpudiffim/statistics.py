@@ -16,11 +16,11 @@ import numpy as np
 
 from ._backend import array_module_of, stable_argsort, to_host
 
-__all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_residual", "residual_statistics", "residual_sums",
-           "statistics_of_sums", "moments_to_statistics",
+__all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_residual", "residual_statistics",
+           "residual_sums", "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
-           "bin_medians_sorted"]
+           "bin_medians_sorted", "near_lags", "sky_value_planes", "subtract_sky_mean"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 IQR_TO_SIGMA = 0.741301109
@@ -418,3 +418,49 @@ def bin_medians_sorted(image, keep, edges_y, edges_x):
     median = xp.where(counts % 2 == 1, upper, (lower + upper) / 2)
     median = xp.where(filled & ~xp.isnan(last), median, np.nan)
     return median.astype(np.float64).reshape(image.shape[:-2] + (n_y, n_x))
+
+
+# ---------------------------------------------------------------------------
+# noise-correlation planes (gpudiffim.covariance; the kernel path: kernels/statistics.cu)
+
+def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
+    """The normalised sky values and their 0/1 weights of bands, as one (2, rows, N) float64 stack.
+
+    ``z = residual / sqrt(V)`` (``V`` taken as 1 off ``sky``, in the
+    variance's dtype, then float64); a pixel is kept where ``sky``, ``z`` is
+    finite and ``|z| < clip``.  Plane 0 holds ``z`` where kept (0 elsewhere),
+    plane 1 the weights.  With several bands (B, H, N), each band's own rows
+    ``own_rows[b]`` (host (B, R)) are placed one above the other with ``gap``
+    zero rows after each: rows = B (R + gap); one band is taken whole (rows = H).
+    ``gdi_sky_value_planes`` computes the same.
+    """
+    xp = array_module_of(residual)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = residual / xp.sqrt(xp.where(sky, variance, 1.0).astype(np.float64))
+    kept = sky & xp.isfinite(z) & (xp.abs(z) < clip)
+    n_bands, height, columns = z.shape
+    if n_bands > 1:   # each band's own rows (their position varies at the image's top and bottom)
+        bands, rows = xp.asarray(np.arange(n_bands)[:, None]), xp.asarray(own_rows)
+        z, kept = z[bands, rows], kept[bands, rows]
+        height = own_rows.shape[1] + gap
+    planes = xp.zeros((2, n_bands, height, columns))
+    planes[0, :, :z.shape[1]] = xp.where(kept, z, 0.0)
+    planes[1, :, :z.shape[1]] = kept
+    return planes.reshape(2, -1, columns)
+
+
+def subtract_sky_mean(planes, sums):
+    """Plane 0 of :func:`sky_value_planes` less the mean ``sums[0] / sums[1]`` where weighted, 0 elsewhere
+    (in place; ``sums`` the sums of both planes).  ``gdi_subtract_mean`` computes the same."""
+    xp = array_module_of(planes)
+    with np.errstate(divide="ignore", invalid="ignore"):     # no sky pixel: NaN mean, never used
+        planes[0] = xp.where(planes[1] > 0, planes[0] - sums[0] / sums[1], 0.0)
+    return planes
+
+
+def near_lags(correlation, far):
+    """``[p, far + dy, far + dx] = correlation[p, dy mod rows, dx mod columns]`` for ``|dx|, |dy| <= far``
+    of circular correlations (P, rows, columns).  ``gdi_correlation_near`` computes the same."""
+    xp = array_module_of(correlation)
+    near = xp.concatenate([correlation[:, -far:], correlation[:, :far + 1]], axis=1)
+    return xp.concatenate([near[:, :, -far:], near[:, :, :far + 1]], axis=2)

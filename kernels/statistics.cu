@@ -256,3 +256,109 @@ __global__ void gdi_sky_sources(const double* __restrict__ residual,
         out[i] = fabs(residual[i]) >= level ? 1 : 0;
     }
 }
+
+// gdi_sky_value_planes<T>: the noise-correlation planes of sky bands
+// (gpudiffim.statistics.sky_value_planes).  Bands (n_bands, height,
+// columns); band b's own rows start at shifts[b] (rows_kept of them).  For
+// each own pixel: s = sky, z = residual / sqrt(double(s ? variance : 1)),
+// kept = s && z finite && |z| < clip; out[0] = kept ? z : 0 and
+// out[1] = kept ? 1 : 0, the bands' own rows placed one above the other
+// with `gap` zero rows after each: out (2, n_bands (rows_kept + gap),
+// columns).  1-D grid-stride loop over one plane.
+template <typename T>
+__global__ void gdi_sky_value_planes(const double* __restrict__ residual,
+                                     const T* __restrict__ variance,
+                                     const bool* __restrict__ sky,
+                                     const int* __restrict__ shifts,
+                                     int n_bands, int height, int columns, int rows_kept, int gap,
+                                     double clip,
+                                     double* __restrict__ out)
+{
+    const int out_rows = rows_kept + gap;
+    const long long plane = static_cast<long long>(n_bands) * out_rows * columns;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < plane; i += stride) {
+        const int x = static_cast<int>(i % columns);
+        const long long row = i / columns;
+        const int b = static_cast<int>(row / out_rows);
+        const int r = static_cast<int>(row % out_rows);
+        double value = 0.0, weight = 0.0;
+        if (r < rows_kept) {
+            const long long p = (static_cast<long long>(b) * height + shifts[b] + r) * columns + x;
+            const bool s = sky[p];
+            const double z = residual[p] / sqrt(static_cast<double>(s ? variance[p] : T(1)));
+            if (s && isfinite(z) && fabs(z) < clip) {
+                value = z;
+                weight = 1.0;
+            }
+        }
+        out[i] = value;
+        out[plane + i] = weight;
+    }
+}
+
+template __global__ void gdi_sky_value_planes<float>(const double*, const float*, const bool*, const int*, int, int,
+                                                     int, int, int, double, double*);
+template __global__ void gdi_sky_value_planes<double>(const double*, const double*, const bool*, const int*, int,
+                                                      int, int, int, int, double, double*);
+
+// gdi_subtract_mean: planes (2, n) of gdi_sky_value_planes, sums = (sum of
+// plane 0, sum of plane 1): plane 0 becomes weight > 0 ? value - sums[0] /
+// sums[1] : 0, in place (gpudiffim.statistics.subtract_sky_mean).
+__global__ void gdi_subtract_mean(double* __restrict__ planes, int n, const double* __restrict__ sums)
+{
+    const double mean = sums[0] / sums[1];
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        planes[i] = planes[static_cast<long long>(n) + i] > 0.0 ? planes[i] - mean : 0.0;
+    }
+}
+
+// gdi_correlation_near: the lags |dy|, |dx| <= far of circular
+// correlations (P, rows, columns): out[p, far + dy, far + dx] =
+// correlation[p, dy mod rows, dx mod columns] (gpudiffim.statistics.
+// near_lags), then `extra` values appended (the sky count).  One thread per
+// output value.
+__global__ void gdi_correlation_near(const double* __restrict__ correlation, int n_planes, int rows, int columns,
+                                     int far, const double* __restrict__ extra, int n_extra,
+                                     double* __restrict__ out)
+{
+    const int size = 2 * far + 1;
+    const int n_near = n_planes * size * size;
+    const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+    if (i < n_near) {
+        const int p = i / (size * size);
+        const int dy = (i / size) % size - far;
+        const int dx = i % size - far;
+        const int y = dy < 0 ? dy + rows : dy;
+        const int x = dx < 0 ? dx + columns : dx;
+        out[i] = correlation[(static_cast<long long>(p) * rows + y) * columns + x];
+    } else if (i < n_near + n_extra) {
+        out[i] = extra[i - n_near];
+    }
+}
+
+// gdi_gather_rows<T>: windows of `height` rows of a plane (ny, nx) starting
+// at rows windows[0 .. n_windows), written to out[first + w] of a stack
+// (out (n_out, height, nx)): the sampled bands of gpudiffim.variance.
+// sampled_stack (a row gather, plane[index]).  1-D grid-stride loop.
+template <typename T>
+__global__ void gdi_gather_rows(const T* __restrict__ plane, int ny, int nx,
+                                const int* __restrict__ windows, int n_windows, int height, int first,
+                                T* __restrict__ out)
+{
+    const long long total = static_cast<long long>(n_windows) * height * nx;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / nx;
+        const int w = static_cast<int>(row / height);
+        const int r = static_cast<int>(row % height);
+        out[static_cast<long long>(first) * height * nx + i] =
+            plane[static_cast<long long>(windows[w] + r) * nx + i % nx];
+    }
+    (void)ny;
+}
+
+template __global__ void gdi_gather_rows<float>(const float*, int, int, const int*, int, int, int, float*);
+template __global__ void gdi_gather_rows<double>(const double*, int, int, const int*, int, int, int, double*);
+template __global__ void gdi_gather_rows<int>(const int*, int, int, const int*, int, int, int, int*);

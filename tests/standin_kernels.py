@@ -223,3 +223,32 @@ def sky_sources(residual, quartiles, n_bands, band_size, scale, threshold, tiny,
 
 
 FAST["gdi_sky_sources"] = sky_sources
+
+
+def _value_planes(t):
+    def run(residual, variance, sky, shifts, n_bands, height, columns, rows_kept, gap, clip, out):
+        from gpudiffim.statistics import sky_value_planes
+
+        own_rows = shifts[:n_bands, None] + np.arange(rows_kept)
+        shape = (n_bands, height, columns)
+        planes = sky_value_planes(residual.reshape(shape), variance.reshape(shape), sky.reshape(shape), own_rows,
+                                  gap, clip)
+        out[...] = planes.reshape(out.shape)
+    return run
+
+
+def subtract_mean(planes, n, sums):
+    from gpudiffim.statistics import subtract_sky_mean
+
+    subtract_sky_mean(planes.reshape(2, n), sums)
+
+
+def correlation_near(correlation, n_planes, rows, columns, far, extra, n_extra, out):
+    from gpudiffim.statistics import near_lags
+
+    out[...] = np.concatenate([near_lags(correlation.reshape(n_planes, rows, columns), far).ravel(), extra])
+
+
+FAST.update({f"gdi_sky_value_planes<{t}>": _value_planes(t) for t in ("float", "double")})
+FAST["gdi_subtract_mean"] = subtract_mean
+FAST["gdi_correlation_near"] = correlation_near

@@ -7,8 +7,9 @@ for rows with NaN selected or not, nothing selected, one value, +-inf, even
 and odd counts; ``gdi_bin_medians`` must give
 :func:`~gpudiffim.statistics.bin_medians_loop` bit for bit on float32 and
 float64 stacks with uneven bins, a ``keep`` plane, empty bins, NaN, +-inf and
--0.0; ``gdi_sky_sources`` must give
-:func:`~gpudiffim.statistics.beyond_robust_level` exactly.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
+-0.0; ``gdi_sky_sources``, ``gdi_sky_value_planes``, ``gdi_subtract_mean`` and
+``gdi_correlation_near`` must give their references in
+:mod:`gpudiffim.statistics` exactly.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
 checked against the emulator too.
 """
 
@@ -17,8 +18,16 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from gpudiffim._backend import use_backend
+from gpudiffim._cuda import statistics as statistics_kernels
 from gpudiffim._cuda.statistics import MAX_BIN_PIXELS, bin_medians, bin_medians_fit, sky_sources, sorted_quantiles
-from gpudiffim.statistics import beyond_robust_level, bin_medians_loop, masked_quantiles
+from gpudiffim.statistics import (
+    beyond_robust_level,
+    bin_medians_loop,
+    masked_quantiles,
+    near_lags,
+    sky_value_planes,
+    subtract_sky_mean,
+)
 
 
 def _rows(gen):
@@ -97,3 +106,36 @@ def test_sky_sources_equal_beyond_robust_level(emulator, rng):
     assert sources.dtype == np.int32
     assert_array_equal(sources, expected, err_msg=f"seed={seed}")
     assert sources[2].all() and sources[3].all() and not sources[0, 3, 4]    # sigma 0 or NaN: level tiny
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_bands", [1, 3])
+def test_sky_value_planes_equal_the_reference(emulator, rng, dtype, n_bands):
+    gen, seed = rng
+    shape = (n_bands, 20, 17)
+    residual = gen.normal(size=shape) * 3.0
+    variance = gen.uniform(0.5, 2.0, shape).astype(dtype)
+    variance[0, 2, :4] = (0.0, -1.0, np.inf, np.nan)        # z infinite, NaN, 0, NaN
+    residual[0, 3, 5] = np.nan
+    residual[0, 4, 6] = 40.0                                # beyond the clip
+    sky = gen.random(shape) < 0.8
+    own_rows = np.array([0, 4, 8])[:n_bands, None] + np.arange(12)
+    with use_backend("cuda-emulator"):
+        planes = statistics_kernels.sky_value_planes(residual, variance, sky, own_rows, 5, 6.0)
+        sums = planes.sum(axis=(1, 2))
+        statistics_kernels.subtract_sky_mean(planes, sums)
+        near = statistics_kernels.correlation_near(planes, 3, sums[1:])
+    expected = sky_value_planes(residual, variance, sky, own_rows, 5, 6.0)
+    assert planes.shape == expected.shape == (2, 17 * n_bands if n_bands > 1 else 20, 17)
+    subtract_sky_mean(expected, expected.sum(axis=(1, 2)))
+    assert_array_equal(planes, expected, err_msg=f"seed={seed}")
+    assert_array_equal(near, np.concatenate([near_lags(expected, 3).ravel(), sums[1:]]))
+    assert 0 < expected[1].sum() < sky.sum()
+
+
+def test_near_lags_are_the_circular_lags():
+    correlation = np.arange(2 * 9 * 11, dtype=float).reshape(2, 9, 11)
+    near = near_lags(correlation, 2)
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            assert_array_equal(near[:, 2 + dy, 2 + dx], correlation[:, dy % 9, dx % 11])

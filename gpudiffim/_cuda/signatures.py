@@ -203,3 +203,31 @@ KERNELS["gdi_sky_sources"] = KernelSpec("statistics", (
     ("residual", "const double*"), ("quartiles", "const double*"), ("n_bands", "int"), ("band_size", "int"),
     ("scale", "double"), ("threshold", "double"), ("tiny", "double"), ("out", "int*"),
 ))
+
+
+def _sky_value_planes(t):
+    return KernelSpec("statistics", (
+        ("residual", "const double*"), ("variance", f"const {t}*"), ("sky", "const bool*"), ("shifts", "const int*"),
+        ("n_bands", "int"), ("height", "int"), ("columns", "int"), ("rows_kept", "int"), ("gap", "int"),
+        ("clip", "double"), ("out", "double*"),
+    ))
+
+
+KERNELS.update({f"gdi_sky_value_planes<{t}>": _sky_value_planes(t) for t in ("float", "double")})
+KERNELS["gdi_subtract_mean"] = KernelSpec("statistics", (
+    ("planes", "double*"), ("n", "int"), ("sums", "const double*"),
+))
+KERNELS["gdi_correlation_near"] = KernelSpec("statistics", (
+    ("correlation", "const double*"), ("n_planes", "int"), ("rows", "int"), ("columns", "int"), ("far", "int"),
+    ("extra", "const double*"), ("n_extra", "int"), ("out", "double*"),
+))
+
+
+def _gather_rows(t):
+    return KernelSpec("statistics", (
+        ("plane", f"const {t}*"), ("ny", "int"), ("nx", "int"), ("windows", "const int*"), ("n_windows", "int"),
+        ("height", "int"), ("first", "int"), ("out", f"{t}*"),
+    ))
+
+
+KERNELS.update({f"gdi_gather_rows<{t}>": _gather_rows(t) for t in ("float", "double", "int")})

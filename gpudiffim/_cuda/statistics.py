@@ -15,10 +15,11 @@ from ..statistics import IQR_TO_SIGMA
 from ._host import on_launcher, prepare
 from .launch import launch
 from .image_apply import grid_stride_geometry
-from .signatures import float_ctype
+from .signatures import ctype_of, float_ctype
 
 __all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
-           "bin_medians_fit", "sky_sources", "sorted_quantiles"]
+           "bin_medians_fit", "correlation_near", "gather_rows", "sky_sources", "sky_value_planes", "sorted_quantiles",
+           "subtract_sky_mean"]
 
 #: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
 STATISTICS_THREADS = 256
@@ -142,4 +143,86 @@ def sky_sources(residual, quartiles, threshold):
         launch("gdi_sky_sources", grid, block,
                (residual, quartiles, n_bands, residual.size // n_bands, IQR_TO_SIGMA, float(threshold),
                 float(np.finfo(float).tiny), out), defines=STATISTICS_DEFINES)
+    return out
+
+
+def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
+    """:func:`gpudiffim.statistics.sky_value_planes` in one launch (``gdi_sky_value_planes``).
+
+    ``own_rows`` (host (B, R)) gives each band's first own row (a few bytes
+    uploaded; none for one band, taken whole).
+    """
+    launcher, xp = on_launcher(residual, variance, sky)
+    ctype = float_ctype("variance", variance.dtype)
+    residual = prepare(xp, residual, np.float64, 3, "residual")
+    variance = prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance")
+    sky = prepare(xp, sky, np.bool_, 3, "sky")
+    n_bands, height, columns = residual.shape
+    if n_bands > 1:
+        shifts, rows_kept = xp.asarray(np.ascontiguousarray(own_rows[:, 0], dtype=np.int32)), own_rows.shape[1]
+    else:
+        shifts, rows_kept, gap = xp.zeros(1, dtype=np.int32), height, 0
+    out = xp.empty((2, n_bands * (rows_kept + gap), columns))
+    if out.size:
+        grid, block = grid_stride_geometry(out.size // 2, launcher)
+        launch(f"gdi_sky_value_planes<{ctype}>", grid, block,
+               (residual, variance, sky, shifts, n_bands, height, columns, rows_kept, int(gap), float(clip), out),
+               defines=STATISTICS_DEFINES)
+    return out
+
+
+def subtract_sky_mean(planes, sums):
+    """:func:`gpudiffim.statistics.subtract_sky_mean` in one launch (``gdi_subtract_mean``), in place."""
+    launcher, xp = on_launcher(planes, sums)
+    n = planes[0].size
+    if n:
+        grid, block = grid_stride_geometry(n, launcher)
+        launch("gdi_subtract_mean", grid, block, (planes, n, prepare(xp, sums, np.float64, 1, "sums")),
+               defines=STATISTICS_DEFINES)
+    return planes
+
+
+def correlation_near(correlation, far, extra):
+    """:func:`gpudiffim.statistics.near_lags` of the correlations (P, rows, columns), raveled, with the
+    values ``extra`` (1-D) appended: one launch (``gdi_correlation_near``), ready for one read-back."""
+    _, xp = on_launcher(correlation, extra)
+    correlation = prepare(xp, correlation, np.float64, 3, "correlation")
+    extra = prepare(xp, extra, np.float64, 1, "extra")
+    n_planes, rows, columns = correlation.shape
+    if not 0 < far < min(rows, columns):
+        msg = f"far must be in (0, {min(rows, columns)}), got {far}"
+        raise ValueError(msg)
+    out = xp.empty(n_planes * (2 * far + 1) ** 2 + extra.size)
+    blocks = -(-out.size // STATISTICS_THREADS)
+    launch("gdi_correlation_near", (blocks,), (STATISTICS_THREADS,),
+           (correlation, n_planes, rows, columns, int(far), extra, extra.size, out), defines=STATISTICS_DEFINES)
+    return out
+
+
+def gather_rows(planes, windows, height):
+    """The windows of ``height`` rows starting at ``windows`` (host ints) of each plane (M, N), stacked
+    plane after plane: (len(planes) len(windows), height, N), one launch per plane (``gdi_gather_rows``).
+
+    The planes share a shape and a dtype (float32, float64 or int32); the
+    window starts are uploaded once (a few bytes).
+    """
+    launcher, xp = on_launcher(*planes)
+    first = planes[0]
+    ny, nx = first.shape
+    windows = np.asarray(windows, dtype=np.int32)
+    if len(windows) and (windows.min() < 0 or windows.max() + height > ny):
+        msg = f"windows of {height} rows starting at {windows.tolist()} do not fit in {ny} rows"
+        raise ValueError(msg)
+    ctype = ctype_of(first.dtype)
+    out = xp.empty((len(planes) * len(windows), height, nx), dtype=first.dtype.newbyteorder("="))
+    if out.size:
+        starts = xp.asarray(windows)
+        grid, block = grid_stride_geometry(len(windows) * height * nx, launcher)
+        for index, plane in enumerate(planes):
+            if plane.shape != first.shape or plane.dtype != first.dtype:
+                msg = f"planes must share a shape and dtype, got {plane.shape} {plane.dtype} and {first.shape} {first.dtype}"
+                raise ValueError(msg)
+            launch(f"gdi_gather_rows<{ctype}>", grid, block,
+                   (prepare(xp, plane, out.dtype, 2, "plane"), ny, nx, starts, len(windows), int(height),
+                    index * len(windows), out), defines=STATISTICS_DEFINES)
     return out
