@@ -40,7 +40,9 @@ method                             contract
                                    on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
 ``masked_quantiles``               quantiles, median and count of the selected values of each row
+``sky_quartiles``                  quartiles and count of D/sigma on each image's sky (the variance correction)
 ``sources_beyond``                 pixels of bands beyond a number of the bands' robust sigmas
+``band_rows``                      row windows of planes, stacked (the sampled bands of the noise measurements)
 ``sky_value_planes``               the noise-correlation planes of sky bands (values and weights)
 ``subtract_sky_mean``              their weighted mean removed, in place
 ``correlation_near``               the near lags of correlations, and a few values, for one read-back
@@ -75,6 +77,7 @@ from .statistics import (
     bin_medians_sorted,
     masked_quantiles,
     near_lags,
+    normalised_sky_values,
     residual_sums,
     sky_value_planes,
     subtract_sky_mean,
@@ -345,10 +348,24 @@ class NumpyOperations:
         xp = array_module_of(result)
         return xp.concatenate([result, mask.sum(axis=1).astype(np.float64)[None]])
 
+    def sky_quartiles(self, residual, variance, sky, own_rows, n_images):
+        """``(numbers, selected)``: the first and third quartiles and the count (3, n_images) of D/sigma over
+        each image's sky pixels on its bands' own rows, and those pixels (n_images, -1)
+        (:func:`~gpudiffim.statistics.normalised_sky_values`, then :meth:`masked_quantiles`)."""
+        z, selected = normalised_sky_values(residual, variance, sky, own_rows, n_images)
+        return self.masked_quantiles(z, selected, (0.25, 0.75), count=True), selected
+
     def sources_beyond(self, residual, quartiles, threshold):
         """Nonzero where ``|residual|`` of a band (B, ...) is at or beyond ``threshold`` robust sigmas of the
         band's quartiles (rows 0 and 1 of ``quartiles``): bool (:func:`~gpudiffim.statistics.beyond_robust_level`)."""
         return beyond_robust_level(residual, quartiles, threshold)
+
+    def band_rows(self, planes, windows, height):
+        """Windows of ``height`` rows starting at the host rows ``windows`` of planes (M, N) of one shape and
+        dtype, stacked plane after plane: (len(planes) len(windows), height, N) (a gather by a host index)."""
+        index = np.asarray(windows)[:, None] + np.arange(height)
+        parts = [plane[array_module_of(plane).asarray(index)] for plane in planes]
+        return parts[0] if len(parts) == 1 else array_module_of(parts[0]).concatenate(parts)
 
     def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
         """(2, rows, N) float64 normalised sky values and weights of bands, their own rows stacked with ``gap``
@@ -593,11 +610,24 @@ class KernelOperations(NumpyOperations):
         result = statistics.sorted_quantiles(values, mask, quantiles, median=median)
         return result if count else result[:-1]
 
+    def sky_quartiles(self, residual, variance, sky, own_rows, n_images):
+        """``gdi_sky_normalised``, the sort and ``gdi_sorted_quantiles``: two launches."""
+        from ._cuda import statistics
+
+        values, selected = statistics.sky_normalised(residual, variance, sky, own_rows, n_images)
+        return statistics.sorted_quantiles(values, selected, (0.25, 0.75), masked=True), selected
+
     def sources_beyond(self, residual, quartiles, threshold):
         """``gdi_sky_sources``: one launch, int32 0/1 (what ``or_box`` takes without a conversion)."""
         from ._cuda import statistics
 
         return statistics.sky_sources(residual, quartiles, threshold)
+
+    def band_rows(self, planes, windows, height):
+        """``gdi_gather_rows``: one launch per plane into one stack (the window starts uploaded once)."""
+        from ._cuda import statistics
+
+        return statistics.gather_rows(planes, windows, height)
 
     def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
         """``gdi_sky_value_planes``: one launch (and each band's first own row, a few bytes, uploaded)."""

@@ -20,7 +20,8 @@ __all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_resid
            "residual_sums", "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
-           "bin_medians_sorted", "near_lags", "sky_value_planes", "subtract_sky_mean"]
+           "bin_medians_sorted", "near_lags", "normalised_sky_values", "own_rows_mask", "sky_value_planes",
+           "subtract_sky_mean"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 IQR_TO_SIGMA = 0.741301109
@@ -456,6 +457,26 @@ def subtract_sky_mean(planes, sums):
     with np.errstate(divide="ignore", invalid="ignore"):     # no sky pixel: NaN mean, never used
         planes[0] = xp.where(planes[1] > 0, planes[0] - sums[0] / sums[1], 0.0)
     return planes
+
+
+def own_rows_mask(own_rows, height, n_images=1):
+    """Host bool (n_images B, height, 1): the rows ``own_rows`` (B, R) of each band, the bands of one image
+    repeated for ``n_images`` images."""
+    rows = np.arange(height)[None, :]
+    inner = (rows >= own_rows[:, :1]) & (rows <= own_rows[:, -1:])
+    return np.tile(inner[:, :, None], (n_images, 1, 1))
+
+
+def normalised_sky_values(residual, variance, sky, own_rows, n_images):
+    """Rows (n_images, -1) of ``z = residual / sqrt(V)`` (float64) and of the pixels selected: ``sky`` on the
+    bands' own rows ``own_rows`` (host (B, R), of one image; B bands per image).  ``gdi_sky_normalised``
+    computes the same (with ``+inf`` where not selected)."""
+    xp = array_module_of(residual)
+    inner = xp.asarray(own_rows_mask(own_rows, residual.shape[1], len(residual) // len(own_rows)))
+    selected = (sky & inner).reshape(n_images, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = residual.reshape(n_images, -1) / xp.sqrt(variance.astype(np.float64).reshape(n_images, -1))
+    return z, selected
 
 
 def near_lags(correlation, far):

@@ -37,7 +37,7 @@ from ._ops import operations_for
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import sigma_of_quartiles
+from .statistics import own_rows_mask, sigma_of_quartiles
 
 __all__ = ["SkyResidual", "SkySample", "VarianceCorrection", "background_free", "correct_variance",
            "correct_variances", "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
@@ -115,34 +115,44 @@ class SkySample:
     mask : ndarray of int32, shape (B, H, N)
     bits : callable
         ``bits(planes)`` of the image's mask planes.
-    inner : ndarray of bool, shape (B, H, 1)
-        The band's own rows (the rest are margins, read only for its own
-        background and source masks), in the image's array module.
     own_rows : ndarray of int, shape (B, R)
-        Host: the indices of each band's own rows in its window (of one
-        image, when several are stacked).
-    rows : ndarray of int, shape (B, H), or None
-        The image rows of every window of one image (in the image's array
-        module); None when the sample is the whole image (B = 1).
+        Host: the indices of each band's own rows in its window (the rest
+        are margins, read only for its own background and source masks); of
+        one image, when several are stacked.
+    windows : ndarray of int, shape (B,), or None
+        Host: the first image row of every window of one image; None when
+        the sample is the whole image (B = 1).
     """
 
     image: object
     variance: object
     mask: object
     bits: object
-    inner: object
     own_rows: np.ndarray
-    rows: object = None
+    windows: np.ndarray = None
+
+    @property
+    def inner(self):
+        """bool (B, H, 1): the bands' own rows, in the image's array module (uploaded from the host)."""
+        inner = own_rows_mask(self.own_rows, self.image.shape[1], len(self.image) // len(self.own_rows))
+        return array_module_of(self.image).asarray(inner)
 
     def with_variance(self, variance):
         """The same sample with the bands of another variance plane (M, N) of the image."""
-        bands = variance[None] if self.rows is None else variance[self.rows]
-        return dataclasses.replace(self, variance=bands)
+        return dataclasses.replace(self, variance=_bands_of([variance], self.windows, self.image.shape[1]))
 
     def part(self, bands):
         """The sample of the bands ``bands`` (a slice): one image of a stack."""
         return dataclasses.replace(self, image=self.image[bands], variance=self.variance[bands],
-                                   mask=self.mask[bands], inner=self.inner[bands])
+                                   mask=self.mask[bands])
+
+
+def _bands_of(planes, windows, height):
+    """The windows of ``height`` rows starting at ``windows`` of each plane (M, N), stacked plane after
+    plane (the whole planes for ``windows`` None)."""
+    if windows is None:
+        return planes[0][None] if len(planes) == 1 else array_module_of(planes[0]).stack(planes)
+    return operations_for(planes[0]).band_rows(planes, windows, height)
 
 
 def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
@@ -163,23 +173,16 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     first = images[0]
     rows = first.shape[0]
     bands = _bands(first.shape, max_pixels)
-    xp = first.xp
-
-    def stacked(index):
-        planes = [tuple(plane[index] for plane in (m.image, m.variance, m.mask)) for m in images]
-        return planes[0] if len(planes) == 1 else tuple(xp.concatenate(p) for p in zip(*planes))
-
     if bands == [(0, rows)]:
-        inner = np.ones((len(images), rows, 1), dtype=bool)
-        return SkySample(*stacked(None), first.bits, xp.asarray(inner), np.arange(rows)[None], None)
-    height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
-    starts = np.array([start for start, _ in bands])
-    windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
-    index = xp.asarray(windows[:, None] + np.arange(height))
-    offsets = np.arange(height)[None, :] - (starts - windows)[:, None]
-    inner = np.tile(((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None], (len(images), 1, 1))
-    own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
-    return SkySample(*stacked(index), first.bits, xp.asarray(inner), own_rows, index)
+        windows, height, own_rows = None, rows, np.arange(rows)[None]
+    else:
+        height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
+        starts = np.array([start for start, _ in bands])
+        windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
+        own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
+    planes = [_bands_of([getattr(m, name) for m in images], windows, height)
+              for name in ("image", "variance", "mask")]
+    return SkySample(*planes, first.bits, own_rows, windows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -353,21 +356,19 @@ class _SkyStatistics:
     """
 
     def __init__(self, sky, threshold, grow):
-        sample, residual = sky.sample, sky.residual
-        n_images = sky.n_images
-        self.sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(n_images, -1)
-        self.variance = sample.variance.astype(np.float64).reshape(n_images, -1)
-        self.residual = residual.reshape(n_images, -1)
-        self.xp = array_module_of(residual)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            normalised = self.residual / self.xp.sqrt(self.variance)
-        self.ops = operations_for(residual)
-        self.numbers = to_host(self.ops.masked_quantiles(normalised, self.sky, (0.25, 0.75), count=True))
+        self.sample, self.residual, self.n_images = sky.sample, sky.residual, sky.n_images
+        self.ops = operations_for(self.residual)
+        numbers, self.sky = self.ops.sky_quartiles(self.residual, self.sample.variance,
+                                                   sky_pixels(self.sample, self.residual, threshold, grow),
+                                                   self.sample.own_rows, self.n_images)
+        self.numbers = to_host(numbers)
 
     def sky_variance(self, image):
         """(variance measured on the sky, the plane's median there) of image ``image``: a second read-back."""
-        xp, one = self.xp, slice(image, image + 1)
-        rows = xp.concatenate([self.residual[one], self.variance[one]])
+        xp, one = array_module_of(self.residual), slice(image, image + 1)
+        residual = self.residual.reshape(self.n_images, -1)[one]
+        variance = self.sample.variance.astype(np.float64).reshape(self.n_images, -1)[one]
+        rows = xp.concatenate([residual, variance])
         stats = to_host(self.ops.masked_quantiles(rows, xp.broadcast_to(self.sky[one], rows.shape), (0.25, 0.75),
                                                   median=True))
         return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])

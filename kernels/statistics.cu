@@ -58,6 +58,7 @@ __device__ __forceinline__ double gdi_st_value(unsigned long long bits)
 }
 #define GDI_ST_NAN_F __int_as_float(0x7fc00000)
 #define GDI_ST_NAN_D __longlong_as_double(0x7ff8000000000000LL)
+#define GDI_ST_INF_D __longlong_as_double(0x7ff0000000000000LL)
 #else
 // CPU emulator: g++ in ISO C++ mode does not contract a * b + c.
 inline double gdi_st_mul(double a, double b) { return a * b; }
@@ -67,6 +68,7 @@ inline float gdi_st_value(unsigned int bits) { return __builtin_bit_cast(float, 
 inline double gdi_st_value(unsigned long long bits) { return __builtin_bit_cast(double, bits); }
 #define GDI_ST_NAN_F __builtin_bit_cast(float, 0x7fc00000u)
 #define GDI_ST_NAN_D __builtin_bit_cast(double, 0x7ff8000000000000ull)
+#define GDI_ST_INF_D __builtin_bit_cast(double, 0x7ff0000000000000ull)
 #endif
 
 __device__ __forceinline__ bool gdi_st_isnan(double v) { return v != v; }
@@ -362,3 +364,34 @@ __global__ void gdi_gather_rows(const T* __restrict__ plane, int ny, int nx,
 template __global__ void gdi_gather_rows<float>(const float*, int, int, const int*, int, int, int, float*);
 template __global__ void gdi_gather_rows<double>(const double*, int, int, const int*, int, int, int, double*);
 template __global__ void gdi_gather_rows<int>(const int*, int, int, const int*, int, int, int, int*);
+
+// gdi_sky_normalised<T>: the normalised sky values of the variance
+// correction (gpudiffim.statistics.normalised_sky_values): bands (n_bands,
+// height, columns) of n_images images stacked, band b of each image owning
+// rows shifts[b] .. shifts[b] + rows_kept - 1; selected = sky on an own row,
+// values = selected ? residual / sqrt(double(variance)) : +inf (ready for the
+// sort of gdi_sorted_quantiles).  1-D grid-stride loop over every pixel.
+template <typename T>
+__global__ void gdi_sky_normalised(const double* __restrict__ residual,
+                                   const T* __restrict__ variance,
+                                   const bool* __restrict__ sky,
+                                   const int* __restrict__ shifts,
+                                   int n_bands, int n_total, int height, int columns, int rows_kept,
+                                   double* __restrict__ values, bool* __restrict__ selected)
+{
+    const long long total = static_cast<long long>(n_total) * height * columns;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long row = i / columns;
+        const int b = static_cast<int>((row / height) % n_bands);
+        const int r = static_cast<int>(row % height) - shifts[b];
+        const bool keep = sky[i] && r >= 0 && r < rows_kept;
+        selected[i] = keep;
+        values[i] = keep ? residual[i] / sqrt(static_cast<double>(variance[i])) : GDI_ST_INF_D;
+    }
+}
+
+template __global__ void gdi_sky_normalised<float>(const double*, const float*, const bool*, const int*, int, int, int,
+                                                   int, int, double*, bool*);
+template __global__ void gdi_sky_normalised<double>(const double*, const double*, const bool*, const int*, int, int,
+                                                    int, int, int, double*, bool*);

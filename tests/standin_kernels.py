@@ -252,3 +252,28 @@ def correlation_near(correlation, n_planes, rows, columns, far, extra, n_extra, 
 FAST.update({f"gdi_sky_value_planes<{t}>": _value_planes(t) for t in ("float", "double")})
 FAST["gdi_subtract_mean"] = subtract_mean
 FAST["gdi_correlation_near"] = correlation_near
+
+
+def gather_rows(plane, ny, nx, windows, n_windows, height, first, out):
+    index = windows[:n_windows, None] + np.arange(height)
+    out.reshape(-1, height, nx)[first:first + n_windows] = plane.reshape(ny, nx)[index]
+
+
+FAST.update({f"gdi_gather_rows<{t}>": gather_rows for t in ("float", "double", "int")})
+
+
+def _sky_normalised(t):
+    def run(residual, variance, sky, shifts, n_bands, n_total, height, columns, rows_kept, values, selected):
+        from gpudiffim.statistics import normalised_sky_values
+
+        shape = (n_total, height, columns)
+        own_rows = shifts[:n_bands, None] + np.arange(rows_kept)
+        n_images = values.shape[0]
+        z, chosen = normalised_sky_values(residual.reshape(shape), variance.reshape(shape), sky.reshape(shape),
+                                          own_rows, n_images)
+        values[...] = np.where(chosen, z, np.inf)
+        selected[...] = chosen
+    return run
+
+
+FAST.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})

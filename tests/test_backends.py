@@ -69,7 +69,8 @@ PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gd
                     "gdi_accumulate_terms<float>", "gdi_or_filter_1d",
                     # the noise measurements (variance correction, noise correlation)
                     "gdi_sorted_quantiles", "gdi_bin_medians<double>", "gdi_sky_sources",
-                    "gdi_sky_value_planes<float>", "gdi_subtract_mean", "gdi_correlation_near"}
+                    "gdi_sky_value_planes<float>", "gdi_subtract_mean", "gdi_correlation_near",
+                    "gdi_sky_normalised<float>"}
 
 
 @pytest.mark.slow

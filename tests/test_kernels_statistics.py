@@ -7,9 +7,10 @@ for rows with NaN selected or not, nothing selected, one value, +-inf, even
 and odd counts; ``gdi_bin_medians`` must give
 :func:`~gpudiffim.statistics.bin_medians_loop` bit for bit on float32 and
 float64 stacks with uneven bins, a ``keep`` plane, empty bins, NaN, +-inf and
--0.0; ``gdi_sky_sources``, ``gdi_sky_value_planes``, ``gdi_subtract_mean`` and
-``gdi_correlation_near`` must give their references in
-:mod:`gpudiffim.statistics` exactly.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
+-0.0; ``gdi_sky_sources``, ``gdi_sky_normalised``, ``gdi_sky_value_planes``,
+``gdi_subtract_mean`` and ``gdi_correlation_near`` must give their
+references in :mod:`gpudiffim.statistics` exactly, and ``gdi_gather_rows``
+a row gather.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
 checked against the emulator too.
 """
 
@@ -25,6 +26,7 @@ from gpudiffim.statistics import (
     bin_medians_loop,
     masked_quantiles,
     near_lags,
+    normalised_sky_values,
     sky_value_planes,
     subtract_sky_mean,
 )
@@ -139,3 +141,36 @@ def test_near_lags_are_the_circular_lags():
     for dy in range(-2, 3):
         for dx in range(-2, 3):
             assert_array_equal(near[:, 2 + dy, 2 + dx], correlation[:, dy % 9, dx % 11])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_gather_rows_equal_the_index(emulator, rng, dtype):
+    gen, seed = rng
+    planes = [(gen.normal(size=(40, 13)) * 100).astype(dtype) for _ in range(2)]
+    windows = np.array([0, 9, 24])
+    with use_backend("cuda-emulator"):
+        bands = statistics_kernels.gather_rows(planes, windows, 16)
+    index = windows[:, None] + np.arange(16)
+    assert_array_equal(bands, np.concatenate([plane[index] for plane in planes]), err_msg=f"seed={seed}")
+    with pytest.raises(ValueError, match="do not fit"):
+        statistics_kernels.gather_rows(planes, np.array([30]), 16)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sky_normalised_equal_the_reference(emulator, rng, dtype):
+    gen, seed = rng
+    shape = (6, 20, 17)                                     # 2 images of 3 bands
+    residual = gen.normal(size=shape) * 3.0
+    residual[0, 5, 5] = np.nan
+    variance = gen.uniform(0.5, 2.0, shape).astype(dtype)
+    variance[1, 6, 6] = np.inf
+    sky = gen.random(shape) < 0.8
+    sky[0, 5, 5] = sky[1, 6, 6] = True                       # the NaN and the 0 selected
+    own_rows = np.array([0, 4, 8])[:, None] + np.arange(12)
+    with use_backend("cuda-emulator"):
+        values, selected = statistics_kernels.sky_normalised(residual, variance, sky, own_rows, 2)
+    z, expected = normalised_sky_values(residual, variance, sky, own_rows, 2)
+    assert values.shape == selected.shape == (2, 3 * 20 * 17)
+    assert_array_equal(selected, expected, err_msg=f"seed={seed}")
+    assert_array_equal(values, np.where(expected, z, np.inf))
+    assert np.isnan(values).any() and (values == 0).any()

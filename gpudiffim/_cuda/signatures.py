@@ -231,3 +231,14 @@ def _gather_rows(t):
 
 
 KERNELS.update({f"gdi_gather_rows<{t}>": _gather_rows(t) for t in ("float", "double", "int")})
+
+
+def _sky_normalised(t):
+    return KernelSpec("statistics", (
+        ("residual", "const double*"), ("variance", f"const {t}*"), ("sky", "const bool*"), ("shifts", "const int*"),
+        ("n_bands", "int"), ("n_total", "int"), ("height", "int"), ("columns", "int"), ("rows_kept", "int"),
+        ("values", "double*"), ("selected", "bool*"),
+    ))
+
+
+KERNELS.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})

@@ -18,7 +18,7 @@ from .image_apply import grid_stride_geometry
 from .signatures import ctype_of, float_ctype
 
 __all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
-           "bin_medians_fit", "correlation_near", "gather_rows", "sky_sources", "sky_value_planes", "sorted_quantiles",
+           "bin_medians_fit", "correlation_near", "gather_rows", "sky_normalised", "sky_sources", "sky_value_planes", "sorted_quantiles",
            "subtract_sky_mean"]
 
 #: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
@@ -31,7 +31,7 @@ MAX_QUANTILES = 4
 STATISTICS_DEFINES = (("GDI_ST_THREADS", STATISTICS_THREADS), ("GDI_ST_MAX_BIN", MAX_BIN_PIXELS))
 
 
-def sorted_quantiles(values, mask, quantiles, *, median=False):
+def sorted_quantiles(values, mask, quantiles, *, median=False, masked=False):
     """Quantiles, median and count of every row's selected values: one sort and one launch.
 
     Parameters
@@ -44,6 +44,8 @@ def sorted_quantiles(values, mask, quantiles, *, median=False):
         At most :data:`MAX_QUANTILES`, in [0, 1].
     median : bool
         Append ``np.median`` of each row.
+    masked : bool
+        ``values`` are float64 and ``+inf`` where not taken already.
 
     Returns
     -------
@@ -58,7 +60,7 @@ def sorted_quantiles(values, mask, quantiles, *, median=False):
                f"{values.shape} and {mask.shape}")
         raise ValueError(msg)
     mask = prepare(xp, mask, np.bool_, 2, "mask")
-    ordered = xp.sort(xp.where(mask, values.astype(np.float64, copy=False), np.inf), axis=1)
+    ordered = xp.sort(values if masked else xp.where(mask, values.astype(np.float64, copy=False), np.inf), axis=1)
     n_rows, n = ordered.shape
     out = xp.empty((len(quantiles) + int(bool(median)) + 1, n_rows))
     if n_rows:
@@ -226,3 +228,27 @@ def gather_rows(planes, windows, height):
                    (prepare(xp, plane, out.dtype, 2, "plane"), ny, nx, starts, len(windows), int(height),
                     index * len(windows), out), defines=STATISTICS_DEFINES)
     return out
+
+
+def sky_normalised(residual, variance, sky, own_rows, n_images):
+    """:func:`gpudiffim.statistics.normalised_sky_values` in one launch (``gdi_sky_normalised``), with
+    ``+inf`` where not selected: rows (n_images, -1) ready for :func:`sorted_quantiles` (``masked=True``).
+
+    ``own_rows`` (host (B, R), of one image) gives each band's first own row
+    (a few bytes uploaded).
+    """
+    launcher, xp = on_launcher(residual, variance, sky)
+    ctype = float_ctype("variance", variance.dtype)
+    residual = prepare(xp, residual, np.float64, 3, "residual")
+    variance = prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance")
+    sky = prepare(xp, sky, np.bool_, 3, "sky")
+    n_total, height, columns = residual.shape
+    values = xp.empty((n_images, residual.size // n_images))
+    selected = xp.empty(values.shape, dtype=np.bool_)
+    if residual.size:
+        shifts = xp.asarray(np.ascontiguousarray(own_rows[:, 0], dtype=np.int32))
+        grid, block = grid_stride_geometry(residual.size, launcher)
+        launch(f"gdi_sky_normalised<{ctype}>", grid, block,
+               (residual, variance, sky, shifts, len(own_rows), n_total, height, columns, own_rows.shape[1], values,
+                selected), defines=STATISTICS_DEFINES)
+    return values, selected
