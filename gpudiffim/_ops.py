@@ -360,12 +360,16 @@ class NumpyOperations:
         band's quartiles (rows 0 and 1 of ``quartiles``): bool (:func:`~gpudiffim.statistics.beyond_robust_level`)."""
         return beyond_robust_level(residual, quartiles, threshold)
 
-    def band_rows(self, planes, windows, height):
-        """Windows of ``height`` rows starting at the host rows ``windows`` of planes (M, N) of one shape and
-        dtype, stacked plane after plane: (len(planes) len(windows), height, N) (a gather by a host index)."""
+    def band_rows(self, groups, windows, height):
+        """For each group of planes (M, N) of one shape and dtype, their windows of ``height`` rows starting at
+        the host rows ``windows``, stacked plane after plane: (len(group) len(windows), height, N) (a gather
+        by a host index)."""
         index = np.asarray(windows)[:, None] + np.arange(height)
-        parts = [plane[array_module_of(plane).asarray(index)] for plane in planes]
-        return parts[0] if len(parts) == 1 else array_module_of(parts[0]).concatenate(parts)
+        stacks = []
+        for planes in groups:
+            parts = [plane[array_module_of(plane).asarray(index)] for plane in planes]
+            stacks.append(parts[0] if len(parts) == 1 else array_module_of(parts[0]).concatenate(parts))
+        return stacks
 
     def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
         """(2, rows, N) float64 normalised sky values and weights of bands, their own rows stacked with ``gap``
@@ -623,11 +627,11 @@ class KernelOperations(NumpyOperations):
 
         return statistics.sky_sources(residual, quartiles, threshold)
 
-    def band_rows(self, planes, windows, height):
-        """``gdi_gather_rows``: one launch per plane into one stack (the window starts uploaded once)."""
+    def band_rows(self, groups, windows, height):
+        """``gdi_gather_rows``: one launch per plane into its group's stack (the window starts uploaded once)."""
         from ._cuda import statistics
 
-        return statistics.gather_rows(planes, windows, height)
+        return statistics.gather_rows(groups, windows, height)
 
     def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
         """``gdi_sky_value_planes``: one launch (and each band's first own row, a few bytes, uploaded)."""

@@ -261,15 +261,15 @@ def _correlations(planes, far):
 
 def _products_and_pairs(planes, sums, far):
     """Host ``(products, pairs, n_sky)``: the autocorrelations of the sky values and weights (``planes``)
-    for ``|dx|, |dy| <= far``, read back with the sky count (``sums[1]``) in one transfer.  The two planes
+    for ``|dx|, |dy| <= far``, read back with the sums (the sky count last) in one transfer.  The two planes
     are transformed as one stack on the GPU, one after the other on the host (less memory at once)."""
     ops = operations_for(planes)
     xp = array_module_of(planes)
     if is_device_array(planes):
-        numbers = ops.correlation_near(_correlations(planes, far), far, sums[1:])
+        numbers = ops.correlation_near(_correlations(planes, far), far, sums)
     else:
         near = [ops.correlation_near(_correlations(planes[p:p + 1], far), far, sums[:0]) for p in (0, 1)]
-        numbers = xp.concatenate([*near, sums[1:]])
+        numbers = xp.concatenate([*near, sums])
     numbers = np.asarray(to_host(numbers), dtype=np.float64)
     size = 2 * far + 1
     products, pairs = numbers[:2 * size * size].reshape(2, size, size)
@@ -292,11 +292,11 @@ def _sky_planes(sky, smoothing, threshold, grow, gap):
     sample, residual, exclude = sky.sample, sky.residual, sky.exclude
     xp = array_module_of(residual)
     ops = operations_for(residual)
-    detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
+    # 0 where excluded or not finite
+    detection = xp.nan_to_num(xp.where(exclude, 0.0, residual), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
-        ndimage = ndimage_of(detection)
-        detection = ndimage.gaussian_filter1d(ndimage.gaussian_filter1d(detection, smoothing, axis=1), smoothing, axis=2)
-    selected = sky_pixels(sample, detection, threshold, grow)
+        detection = ndimage_of(detection).gaussian_filter(detection, (0, smoothing, smoothing))
+    selected = sky_pixels(sample, detection, threshold, grow, exclude)
     planes = ops.sky_value_planes(residual, sample.variance, selected, sample.own_rows, gap, CLIP)
     sums = planes.sum(axis=(1, 2))
     return ops.subtract_sky_mean(planes, sums), sums

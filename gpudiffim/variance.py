@@ -27,6 +27,7 @@ the plane is kept and a warning logged.
 """
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -139,20 +140,23 @@ class SkySample:
 
     def with_variance(self, variance):
         """The same sample with the bands of another variance plane (M, N) of the image."""
-        return dataclasses.replace(self, variance=_bands_of([variance], self.windows, self.image.shape[1]))
+        return dataclasses.replace(self, variance=_bands_of([[variance]], self.windows, self.image.shape[1])[0])
 
-    def part(self, bands):
-        """The sample of the bands ``bands`` (a slice): one image of a stack."""
-        return dataclasses.replace(self, image=self.image[bands], variance=self.variance[bands],
-                                   mask=self.mask[bands])
+    def part(self, bands, variance=None):
+        """The sample of the bands ``bands`` (a slice): one image of a stack (with the bands of the
+        variance plane ``variance`` (M, N) of the image, if given)."""
+        part = dataclasses.replace(self, image=self.image[bands], mask=self.mask[bands],
+                                   variance=None if variance is not None else self.variance[bands])
+        return part if variance is None else part.with_variance(variance)
 
 
-def _bands_of(planes, windows, height):
-    """The windows of ``height`` rows starting at ``windows`` of each plane (M, N), stacked plane after
-    plane (the whole planes for ``windows`` None)."""
+def _bands_of(groups, windows, height):
+    """For each group of planes (M, N), their windows of ``height`` rows starting at ``windows``, stacked
+    plane after plane (the whole planes for ``windows`` None)."""
     if windows is None:
-        return planes[0][None] if len(planes) == 1 else array_module_of(planes[0]).stack(planes)
-    return operations_for(planes[0]).band_rows(planes, windows, height)
+        xp = array_module_of(groups[0][0])
+        return [planes[0][None] if len(planes) == 1 else xp.stack(planes) for planes in groups]
+    return operations_for(groups[0][0]).band_rows(groups, windows, height)
 
 
 def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
@@ -180,8 +184,8 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
         starts = np.array([start for start, _ in bands])
         windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
         own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
-    planes = [_bands_of([getattr(m, name) for m in images], windows, height)
-              for name in ("image", "variance", "mask")]
+    planes = _bands_of([[getattr(m, name) for m in images] for name in ("image", "variance", "mask")], windows,
+                       height)
     return SkySample(*planes, first.bits, own_rows, windows)
 
 
@@ -222,22 +226,58 @@ class SkyResidual:
     n_images: int = 1
 
     def parts(self):
-        """The :class:`SkyResidual` of each image stacked, in order."""
+        """The :class:`SkyResidual` of each image stacked, in order (cut from the stack when first used)."""
         if self.n_images == 1:
             return [self]
+        return [_SkyPart(self, image) for image in range(self.n_images)]
+
+    def part(self, image, variance=None):
+        """The :class:`SkyResidual` of image ``image`` of the stack (with the variance plane ``variance``)."""
         n_bands = len(self.residual) // self.n_images
-        cuts = [slice(i * n_bands, (i + 1) * n_bands) for i in range(self.n_images)]
-        return [dataclasses.replace(self, sample=self.sample.part(cut), residual=self.residual[cut],
-                                    exclude=self.exclude[cut], n_images=1) for cut in cuts]
+        cut = slice(image * n_bands, (image + 1) * n_bands)
+        return dataclasses.replace(self, sample=self.sample.part(cut, variance), residual=self.residual[cut],
+                                   exclude=self.exclude[cut], n_images=1)
 
     def check(self, masked_image, bin_size):
         """This residual with the variance plane of ``masked_image`` (the image it was measured on, after
         a variance correction), or ValueError if the shape or bin size differ."""
+        self.require(masked_image, bin_size)
+        return dataclasses.replace(self, sample=self.sample.with_variance(masked_image.variance))
+
+    def require(self, masked_image, bin_size):
+        """ValueError unless ``masked_image`` has the shape sampled and ``bin_size`` is the bin size."""
         if masked_image.shape != self.shape or bin_size != self.bin_size:
             msg = (f"the sky residual was measured on a {self.shape} image with {self.bin_size}-px bins, "
                    f"not on this {masked_image.shape} image with {bin_size}-px bins")
             raise ValueError(msg)
-        return dataclasses.replace(self, sample=self.sample.with_variance(masked_image.variance))
+
+
+class _SkyPart:
+    """One image's :class:`SkyResidual` of a stack, cut from it when first used (the noise correlation
+    reads one image's only)."""
+
+    n_images = 1
+
+    def __init__(self, stack, image):
+        self._stack, self._image = stack, image
+        self.bin_size, self.shape = stack.bin_size, stack.shape
+
+    @functools.cached_property
+    def _own(self):
+        return self._stack.part(self._image)
+
+    sample = property(lambda self: self._own.sample, doc="As :attr:`SkyResidual.sample`.")
+    residual = property(lambda self: self._own.residual, doc="As :attr:`SkyResidual.residual`.")
+    exclude = property(lambda self: self._own.exclude, doc="As :attr:`SkyResidual.exclude`.")
+
+    def parts(self):
+        """``[self]``."""
+        return [self]
+
+    def check(self, masked_image, bin_size):
+        """:meth:`SkyResidual.check` of this image's residual (cut from the stack with the new variance)."""
+        self._stack.require(masked_image, bin_size)
+        return self._stack.part(self._image, masked_image.variance)
 
 
 def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
@@ -276,7 +316,7 @@ def background_free(masked_image, bin_size):
     return image - coarse_background(image, bin_size, exclude), exclude
 
 
-def sky_pixels(sample, residual, threshold, grow):
+def sky_pixels(sample, residual, threshold, grow, exclude=None):
     """Pixels of a :class:`SkySample` (B, H, N) without excluded mask bits and farther than ``grow`` px from a source.
 
     Sources are pixels beyond ``threshold`` robust sigmas of ``residual`` (and
@@ -284,13 +324,16 @@ def sky_pixels(sample, residual, threshold, grow):
     bright stars out of the noise estimate, which would otherwise read them
     as noise (about +15 % in variance on a simulated field with stars of up
     to 5e4 sigma).  Each band has its own sigma and is grown on its own;
-    nothing is read back on the GPU.
+    nothing is read back on the GPU.  ``exclude``, if given, holds the
+    pixels with an excluded mask bit already (:attr:`SkyResidual.exclude`).
     """
     ops = operations_for(residual)
-    good = (sample.mask & sample.bits(EXCLUDED_PLANES)) == 0
-    good &= sample.variance > 0
+    if exclude is None:
+        exclude = (sample.mask & sample.bits(EXCLUDED_PLANES)) != 0
+    good = array_module_of(residual).greater(sample.variance > 0, exclude)    # V > 0 and not excluded
     n_bands = residual.shape[0]
-    quartiles = ops.masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1), (0.25, 0.75))
+    quartiles = ops.masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1), (0.25, 0.75),
+                                     count=True)   # the count row rides along (rows 0 and 1 are read)
     sources = ops.sources_beyond(residual, quartiles, threshold)
     if grow > 0:
         sources = ops.or_box(sources, grow, grow)
@@ -358,8 +401,8 @@ class _SkyStatistics:
     def __init__(self, sky, threshold, grow):
         self.sample, self.residual, self.n_images = sky.sample, sky.residual, sky.n_images
         self.ops = operations_for(self.residual)
-        numbers, self.sky = self.ops.sky_quartiles(self.residual, self.sample.variance,
-                                                   sky_pixels(self.sample, self.residual, threshold, grow),
+        selected = sky_pixels(self.sample, self.residual, threshold, grow, sky.exclude)
+        numbers, self.sky = self.ops.sky_quartiles(self.residual, self.sample.variance, selected,
                                                    self.sample.own_rows, self.n_images)
         self.numbers = to_host(numbers)
 

@@ -148,12 +148,14 @@ def test_gather_rows_equal_the_index(emulator, rng, dtype):
     gen, seed = rng
     planes = [(gen.normal(size=(40, 13)) * 100).astype(dtype) for _ in range(2)]
     windows = np.array([0, 9, 24])
+    masks = [(plane != 0).astype(np.int32) for plane in planes]
     with use_backend("cuda-emulator"):
-        bands = statistics_kernels.gather_rows(planes, windows, 16)
+        bands, mask_bands = statistics_kernels.gather_rows([planes, masks[:1]], windows, 16)
     index = windows[:, None] + np.arange(16)
     assert_array_equal(bands, np.concatenate([plane[index] for plane in planes]), err_msg=f"seed={seed}")
+    assert_array_equal(mask_bands, masks[0][index])
     with pytest.raises(ValueError, match="do not fit"):
-        statistics_kernels.gather_rows(planes, np.array([30]), 16)
+        statistics_kernels.gather_rows([planes], np.array([30]), 16)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -60,7 +60,9 @@ def sorted_quantiles(values, mask, quantiles, *, median=False, masked=False):
                f"{values.shape} and {mask.shape}")
         raise ValueError(msg)
     mask = prepare(xp, mask, np.bool_, 2, "mask")
-    ordered = xp.sort(values if masked else xp.where(mask, values.astype(np.float64, copy=False), np.inf), axis=1)
+    if not masked:
+        values = xp.where(mask, values if values.dtype == np.float64 else values.astype(np.float64), np.inf)
+    ordered = xp.sort(values, axis=1)
     n_rows, n = ordered.shape
     out = xp.empty((len(quantiles) + int(bool(median)) + 1, n_rows))
     if n_rows:
@@ -99,12 +101,12 @@ def bin_medians(image, keep, edges_y, edges_x):
         msg = f"bins of up to {MAX_BIN_PIXELS} pixels only"
         raise ValueError(msg)
     ctype = float_ctype("image", image.dtype)
-    stack = image.reshape((-1,) + image.shape[-2:])
+    stack = image if image.ndim == 3 else image.reshape((-1,) + image.shape[-2:])
     stack = prepare(xp, stack, image.dtype.newbyteorder("="), 3, "image")
     n_images, ny, nx = stack.shape
     # the keep plane, or any bool array when there is none (has_keep = 0: never read)
     selection = (xp.empty(1, dtype=np.bool_) if keep is None
-                 else prepare(xp, keep.reshape(stack.shape), np.bool_, 3, "keep"))
+                 else prepare(xp, keep if keep.ndim == 3 else keep.reshape(stack.shape), np.bool_, 3, "keep"))
     n_by, n_bx = len(edges_y) - 1, len(edges_x) - 1
     edges = xp.asarray(np.concatenate([edges_y, edges_x]).astype(np.int32))
     out = xp.empty((n_images, n_by, n_bx))
@@ -112,7 +114,7 @@ def bin_medians(image, keep, edges_y, edges_x):
         launch(f"gdi_bin_medians<{ctype}>", (n_bx, n_by, n_images), (STATISTICS_THREADS,),
                (stack, selection, int(keep is not None), ny, nx, edges, n_by, n_bx, out),
                defines=STATISTICS_DEFINES)
-    return out.reshape(image.shape[:-2] + (n_by, n_bx))
+    return out if image.ndim == 3 else out.reshape(image.shape[:-2] + (n_by, n_bx))
 
 
 def sky_sources(residual, quartiles, threshold):
@@ -176,7 +178,7 @@ def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
 def subtract_sky_mean(planes, sums):
     """:func:`gpudiffim.statistics.subtract_sky_mean` in one launch (``gdi_subtract_mean``), in place."""
     launcher, xp = on_launcher(planes, sums)
-    n = planes[0].size
+    n = planes.size // 2
     if n:
         grid, block = grid_stride_geometry(n, launcher)
         launch("gdi_subtract_mean", grid, block, (planes, n, prepare(xp, sums, np.float64, 1, "sums")),
@@ -201,32 +203,38 @@ def correlation_near(correlation, far, extra):
     return out
 
 
-def gather_rows(planes, windows, height):
-    """The windows of ``height`` rows starting at ``windows`` (host ints) of each plane (M, N), stacked
-    plane after plane: (len(planes) len(windows), height, N), one launch per plane (``gdi_gather_rows``).
+def gather_rows(groups, windows, height):
+    """For each group of planes (M, N), the windows of ``height`` rows starting at ``windows`` (host ints),
+    stacked plane after plane: (len(group) len(windows), height, N), one launch per plane
+    (``gdi_gather_rows``).
 
-    The planes share a shape and a dtype (float32, float64 or int32); the
-    window starts are uploaded once (a few bytes).
+    The planes of a group share a shape and a dtype (float32, float64 or
+    int32); the window starts are uploaded once (a few bytes).
     """
-    launcher, xp = on_launcher(*planes)
-    first = planes[0]
-    ny, nx = first.shape
+    launcher, xp = on_launcher(*(plane for planes in groups for plane in planes))
+    ny, nx = groups[0][0].shape
     windows = np.asarray(windows, dtype=np.int32)
     if len(windows) and (windows.min() < 0 or windows.max() + height > ny):
         msg = f"windows of {height} rows starting at {windows.tolist()} do not fit in {ny} rows"
         raise ValueError(msg)
-    ctype = ctype_of(first.dtype)
-    out = xp.empty((len(planes) * len(windows), height, nx), dtype=first.dtype.newbyteorder("="))
-    if out.size:
-        starts = xp.asarray(windows)
-        grid, block = grid_stride_geometry(len(windows) * height * nx, launcher)
-        for index, plane in enumerate(planes):
-            if plane.shape != first.shape or plane.dtype != first.dtype:
-                msg = f"planes must share a shape and dtype, got {plane.shape} {plane.dtype} and {first.shape} {first.dtype}"
-                raise ValueError(msg)
-            launch(f"gdi_gather_rows<{ctype}>", grid, block,
-                   (prepare(xp, plane, out.dtype, 2, "plane"), ny, nx, starts, len(windows), int(height),
-                    index * len(windows), out), defines=STATISTICS_DEFINES)
+    starts = xp.asarray(windows)
+    grid, block = grid_stride_geometry(max(len(windows) * height * nx, 1), launcher)
+    return [_gather_group(xp, planes, starts, height, grid, block) for planes in groups]
+
+
+def _gather_group(xp, planes, starts, height, grid, block):
+    """One group of :func:`gather_rows`."""
+    first = planes[0]
+    ny, nx = first.shape
+    out = xp.empty((len(planes) * len(starts), height, nx), dtype=first.dtype.newbyteorder("="))
+    for index, plane in enumerate(planes):
+        if plane.shape != first.shape or plane.dtype != first.dtype:
+            msg = f"planes must share a shape and dtype, got {plane.shape} {plane.dtype} and {first.shape} {first.dtype}"
+            raise ValueError(msg)
+        if out.size:
+            launch(f"gdi_gather_rows<{ctype_of(first.dtype)}>", grid, block,
+                   (prepare(xp, plane, out.dtype, 2, "plane"), ny, nx, starts, len(starts), int(height),
+                    index * len(starts), out), defines=STATISTICS_DEFINES)
     return out
 
 
