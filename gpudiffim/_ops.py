@@ -341,7 +341,7 @@ class NumpyOperations:
     def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
         """(len(quantiles) [+ 1] [+ 1], B) float64 of rows (B, n): :func:`~gpudiffim.statistics.masked_quantiles`
         of each row's ``mask``-ed values (NaN for none or a NaN), with ``count`` their number last, where
-        the rows live."""
+        the rows live (``count=None``: either, whichever is cheaper; the rows after the quantiles unread)."""
         result = masked_quantiles(values, mask, quantiles, median=median)
         if not count:
             return result
@@ -612,7 +612,7 @@ class KernelOperations(NumpyOperations):
         if len(quantiles) > statistics.MAX_QUANTILES:
             return super().masked_quantiles(values, mask, quantiles, median, count)
         result = statistics.sorted_quantiles(values, mask, quantiles, median=median)
-        return result if count else result[:-1]
+        return result if count or count is None else result[:-1]
 
     def sky_quartiles(self, residual, variance, sky, own_rows, n_images):
         """``gdi_sky_normalised``, the sort and ``gdi_sorted_quantiles``: two launches."""

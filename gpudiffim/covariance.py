@@ -292,8 +292,7 @@ def _sky_planes(sky, smoothing, threshold, grow, gap):
     sample, residual, exclude = sky.sample, sky.residual, sky.exclude
     xp = array_module_of(residual)
     ops = operations_for(residual)
-    # 0 where excluded or not finite
-    detection = xp.nan_to_num(xp.where(exclude, 0.0, residual), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    detection = xp.where(xp.isfinite(residual) > exclude, residual, 0.0)   # 0 where excluded or not finite
     if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
         detection = ndimage_of(detection).gaussian_filter(detection, (0, smoothing, smoothing))
     selected = sky_pixels(sample, detection, threshold, grow, exclude)

@@ -333,11 +333,11 @@ def sky_pixels(sample, residual, threshold, grow, exclude=None):
     good = array_module_of(residual).greater(sample.variance > 0, exclude)    # V > 0 and not excluded
     n_bands = residual.shape[0]
     quartiles = ops.masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1), (0.25, 0.75),
-                                     count=True)   # the count row rides along (rows 0 and 1 are read)
+                                     count=None)   # rows 0 and 1 are read
     sources = ops.sources_beyond(residual, quartiles, threshold)
     if grow > 0:
         sources = ops.or_box(sources, grow, grow)
-    return good & (sources == 0)
+    return array_module_of(good).greater(good, sources)   # good and no (0/1) source
 
 
 def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4, sky=None):

@@ -34,18 +34,9 @@ STATISTICS_DEFINES = (("GDI_ST_THREADS", STATISTICS_THREADS), ("GDI_ST_MAX_BIN",
 def sorted_quantiles(values, mask, quantiles, *, median=False, masked=False):
     """Quantiles, median and count of every row's selected values: one sort and one launch.
 
-    Parameters
-    ----------
-    values : ndarray of shape (B, n)
-        Converted to float64.
-    mask : ndarray of bool, shape (B, n)
-        The values of each row taken.
-    quantiles : sequence of float
-        At most :data:`MAX_QUANTILES`, in [0, 1].
-    median : bool
-        Append ``np.median`` of each row.
-    masked : bool
-        ``values`` are float64 and ``+inf`` where not taken already.
+    Parameters as :func:`gpudiffim.statistics.masked_quantiles` (values (B, n)
+    converted to float64; at most :data:`MAX_QUANTILES` quantiles), and
+    ``masked``: the values are float64 and ``+inf`` where not taken already.
 
     Returns
     -------
@@ -150,17 +141,21 @@ def sky_sources(residual, quartiles, threshold):
     return out
 
 
+def _sky_bands(residual, variance, sky):
+    """``(launcher, xp, variance C type, residual, variance, sky)``: sky bands (B, H, N) as the kernels read them."""
+    launcher, xp = on_launcher(residual, variance, sky)
+    ctype = float_ctype("variance", variance.dtype)
+    return (launcher, xp, ctype, prepare(xp, residual, np.float64, 3, "residual"),
+            prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance"), prepare(xp, sky, np.bool_, 3, "sky"))
+
+
 def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
     """:func:`gpudiffim.statistics.sky_value_planes` in one launch (``gdi_sky_value_planes``).
 
     ``own_rows`` (host (B, R)) gives each band's first own row (a few bytes
     uploaded; none for one band, taken whole).
     """
-    launcher, xp = on_launcher(residual, variance, sky)
-    ctype = float_ctype("variance", variance.dtype)
-    residual = prepare(xp, residual, np.float64, 3, "residual")
-    variance = prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance")
-    sky = prepare(xp, sky, np.bool_, 3, "sky")
+    launcher, xp, ctype, residual, variance, sky = _sky_bands(residual, variance, sky)
     n_bands, height, columns = residual.shape
     if n_bands > 1:
         shifts, rows_kept = xp.asarray(np.ascontiguousarray(own_rows[:, 0], dtype=np.int32)), own_rows.shape[1]
@@ -245,11 +240,7 @@ def sky_normalised(residual, variance, sky, own_rows, n_images):
     ``own_rows`` (host (B, R), of one image) gives each band's first own row
     (a few bytes uploaded).
     """
-    launcher, xp = on_launcher(residual, variance, sky)
-    ctype = float_ctype("variance", variance.dtype)
-    residual = prepare(xp, residual, np.float64, 3, "residual")
-    variance = prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance")
-    sky = prepare(xp, sky, np.bool_, 3, "sky")
+    launcher, xp, ctype, residual, variance, sky = _sky_bands(residual, variance, sky)
     n_total, height, columns = residual.shape
     values = xp.empty((n_images, residual.size // n_images))
     selected = xp.empty(values.shape, dtype=np.bool_)
