@@ -44,6 +44,13 @@ method                             contract
 ``stamp_residuals``                their (N, 3) sums [and D/sigma rows]; fused into one launch
                                    on the kernel path (``gdi_stamp_residuals``)
 ``bin_medians``                    per-bin medians of a background (an image or a stack of bands)
+``masked_quantiles``               quantiles, median and count of the selected values of each row
+``sky_quartiles``                  quartiles and count of D/sigma on each image's sky (the variance correction)
+``sources_beyond``                 pixels of bands beyond a number of the bands' robust sigmas
+``band_rows``                      row windows of planes, stacked (the sampled bands of the noise measurements)
+``sky_value_planes``               the noise-correlation planes of sky bands (values and weights)
+``subtract_sky_mean``              their weighted mean removed, in place
+``correlation_near``               the near lags of correlations, and a few values, for one read-back
 ``accumulate_term``                ``out += outer(rows, cols) * term`` in place (image application)
 ``weighted_correlations``          ``sum_t outer(rows_t, cols_t) * (image * K_t)`` of a band: tiles term by
                                    term (reference), or batched transforms and one fused accumulation
@@ -71,9 +78,15 @@ from .errors import SingularSystemError
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .spatial import GridFactors
 from .statistics import (
+    beyond_robust_level,
     bin_medians_loop,
     bin_medians_sorted,
+    masked_quantiles,
+    near_lags,
+    normalised_sky_values,
     residual_sums,
+    sky_value_planes,
+    subtract_sky_mean,
     usable_normalised_residual,
 )
 
@@ -402,6 +415,54 @@ class NumpyOperations:
         """
         return bin_medians_loop(image, keep, edges_y, edges_x)
 
+    def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
+        """(len(quantiles) [+ 1] [+ 1], B) float64 of rows (B, n): :func:`~gpudiffim.statistics.masked_quantiles`
+        of each row's ``mask``-ed values (NaN for none or a NaN), with ``count`` their number last, where
+        the rows live (``count=None``: either, whichever is cheaper; the rows after the quantiles unread)."""
+        result = masked_quantiles(values, mask, quantiles, median=median)
+        if not count:
+            return result
+        xp = array_module_of(result)
+        return xp.concatenate([result, mask.sum(axis=1).astype(np.float64)[None]])
+
+    def sky_quartiles(self, residual, variance, sky, own_rows, n_images):
+        """``(numbers, selected)``: the first and third quartiles and the count (3, n_images) of D/sigma over
+        each image's sky pixels on its bands' own rows, and those pixels (n_images, -1)
+        (:func:`~gpudiffim.statistics.normalised_sky_values`, then :meth:`masked_quantiles`)."""
+        z, selected = normalised_sky_values(residual, variance, sky, own_rows, n_images)
+        return self.masked_quantiles(z, selected, (0.25, 0.75), count=True), selected
+
+    def sources_beyond(self, residual, quartiles, threshold):
+        """Nonzero where ``|residual|`` of a band (B, ...) is at or beyond ``threshold`` robust sigmas of the
+        band's quartiles (rows 0 and 1 of ``quartiles``): bool (:func:`~gpudiffim.statistics.beyond_robust_level`)."""
+        return beyond_robust_level(residual, quartiles, threshold)
+
+    def band_rows(self, groups, windows, height):
+        """For each group of planes (M, N) of one shape and dtype, their windows of ``height`` rows starting at
+        the host rows ``windows``, stacked plane after plane: (len(group) len(windows), height, N) (a gather
+        by a host index)."""
+        index = np.asarray(windows)[:, None] + np.arange(height)
+        stacks = []
+        for planes in groups:
+            parts = [plane[array_module_of(plane).asarray(index)] for plane in planes]
+            stacks.append(parts[0] if len(parts) == 1 else array_module_of(parts[0]).concatenate(parts))
+        return stacks
+
+    def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
+        """(2, rows, N) float64 normalised sky values and weights of bands, their own rows stacked with ``gap``
+        zero rows after each (:func:`~gpudiffim.statistics.sky_value_planes`)."""
+        return sky_value_planes(residual, variance, sky, own_rows, gap, clip)
+
+    def subtract_sky_mean(self, planes, sums):
+        """Plane 0 less its weighted mean ``sums[0] / sums[1]``, in place (:func:`~gpudiffim.statistics.subtract_sky_mean`)."""
+        return subtract_sky_mean(planes, sums)
+
+    def correlation_near(self, correlation, far, extra):
+        """1-D: the lags up to ``far`` of correlations (P, R, C) (:func:`~gpudiffim.statistics.near_lags`),
+        raveled, then ``extra``, where they live (one read-back)."""
+        xp = array_module_of(correlation)
+        return xp.concatenate([near_lags(correlation, far).ravel(), extra])
+
     def accumulate_term(self, out, term, rows, cols):
         """``out += outer(rows, cols) * term``, in place (``term`` is overwritten); returns ``out``.
 
@@ -660,8 +721,59 @@ class KernelOperations(NumpyOperations):
         return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
-        """One sort by (bin, value) in the image's array module (no loop over bins): the same values."""
+        """``gdi_bin_medians`` (one launch, each bin sorted in shared memory) for float bins of up to
+        ``MAX_BIN_PIXELS``; else one sort by (bin, value) in the image's array module: the same values."""
+        from ._cuda import statistics
+
+        if image.dtype.kind == "f" and statistics.bin_medians_fit(edges_y, edges_x):
+            return statistics.bin_medians(image, keep, edges_y, edges_x)
         return bin_medians_sorted(image, keep, edges_y, edges_x)
+
+    def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
+        """The rows sorted once and ``gdi_sorted_quantiles`` (one launch: quantiles, median, count)."""
+        from ._cuda import statistics
+
+        if len(quantiles) > statistics.MAX_QUANTILES:
+            return super().masked_quantiles(values, mask, quantiles, median, count)
+        result = statistics.sorted_quantiles(values, mask, quantiles, median=median)
+        return result if count or count is None else result[:-1]
+
+    def sky_quartiles(self, residual, variance, sky, own_rows, n_images):
+        """``gdi_sky_normalised``, the sort and ``gdi_sorted_quantiles``: two launches."""
+        from ._cuda import statistics
+
+        values, selected = statistics.sky_normalised(residual, variance, sky, own_rows, n_images)
+        return statistics.sorted_quantiles(values, selected, (0.25, 0.75), masked=True), selected
+
+    def sources_beyond(self, residual, quartiles, threshold):
+        """``gdi_sky_sources``: one launch, int32 0/1 (what ``or_box`` takes without a conversion)."""
+        from ._cuda import statistics
+
+        return statistics.sky_sources(residual, quartiles, threshold)
+
+    def band_rows(self, groups, windows, height):
+        """``gdi_gather_rows``: one launch per plane into its group's stack (the window starts uploaded once)."""
+        from ._cuda import statistics
+
+        return statistics.gather_rows(groups, windows, height)
+
+    def sky_value_planes(self, residual, variance, sky, own_rows, gap, clip):
+        """``gdi_sky_value_planes``: one launch (and each band's first own row, a few bytes, uploaded)."""
+        from ._cuda import statistics
+
+        return statistics.sky_value_planes(residual, variance, sky, own_rows, gap, clip)
+
+    def subtract_sky_mean(self, planes, sums):
+        """``gdi_subtract_mean``: one launch."""
+        from ._cuda import statistics
+
+        return statistics.subtract_sky_mean(planes, sums)
+
+    def correlation_near(self, correlation, far, extra):
+        """``gdi_correlation_near``: one launch."""
+        from ._cuda import statistics
+
+        return statistics.correlation_near(correlation, far, extra)
 
     def weighted_correlations(self, image, kernels, factors, dtype):
         """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,

@@ -77,8 +77,9 @@ import numpy as np
 import scipy.fft
 import scipy.stats
 
-from ._backend import array_module_of, fft_functions, ndimage_of, to_host
+from ._backend import array_module_of, fft_functions, is_device_array, ndimage_of, to_host
 from .errors import ConfigurationError
+from ._ops import operations_for
 from .variance import AUTO_SCALE_MIN, MAX_PIXELS, sky_pixels, sky_residual
 
 __all__ = ["FALSE_ALARM", "MatchedVarianceCorrection", "NoiseCorrelation", "correct_matched_variance",
@@ -242,68 +243,62 @@ def kernel_autocorrelation(kernel_image, max_lag):
     return _cross_correlations(np.asarray(kernel_image, dtype=np.float64)[None], max_lag)[0, 0]
 
 
-def _autocorrelation(values, far):
-    """``sum_p a(p) a(p + d)`` for ``|dx|, |dy| <= far``, as a host array ``[far + dy, far + dx]``.
+def _correlations(planes, far):
+    """``sum_p a(p) a(p + d)`` of each plane of ``planes`` (P, R, C), circular over a padded grid.
 
-    One zero-padded FFT product (``scipy.fft`` on the host, cuFFT for CuPy
-    arrays); the padding by ``far`` keeps wrapped pairs out.
+    One zero-padded FFT product of the stack (``scipy.fft`` on the host,
+    batched cuFFT for CuPy arrays); the padding by ``far`` keeps wrapped
+    pairs out of the lags up to ``far`` (read with
+    :func:`~gpudiffim.statistics.near_lags`).
     """
-    xp = array_module_of(values)
-    fft = fft_functions(xp)
-    rows, columns = values.shape
+    fft = fft_functions(array_module_of(planes))
+    rows, columns = planes.shape[-2:]
     shape = (scipy.fft.next_fast_len(rows + far, real=True),
              scipy.fft.next_fast_len(columns + far, real=True))
-    transform = fft["rfft2"](values, s=shape)
-    correlation = fft["irfft2"](transform * transform.conj(), s=shape)
-    near = xp.concatenate([correlation[-far:], correlation[:far + 1]])
-    near = xp.concatenate([near[:, -far:], near[:, :far + 1]], axis=1)
-    return np.asarray(to_host(near), dtype=np.float64)
+    transform = fft["rfft2"](planes, s=shape)
+    return fft["irfft2"](transform * transform.conj(), s=shape)
 
 
-def _sample_sky(sky, smoothing, threshold, grow):
-    """Normalised sky values ``z`` and the sky pixels of a :class:`~gpudiffim.variance.SkyResidual` (B, H, N)."""
-    sample, residual, exclude = sky.sample, sky.residual, sky.exclude
-    xp = array_module_of(sample.image)
-    detection = xp.where(exclude | ~xp.isfinite(residual), 0.0, residual)
-    if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
-        ndimage = ndimage_of(detection)
-        detection = ndimage.gaussian_filter1d(ndimage.gaussian_filter1d(detection, smoothing, axis=1), smoothing, axis=2)
-    sky = sky_pixels(sample, detection, threshold, grow)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = residual / xp.sqrt(xp.where(sky, sample.variance, 1.0).astype(np.float64))
-    sky &= xp.isfinite(z) & (xp.abs(z) < CLIP) & sample.inner
-    return z, sky
-
-
-def _normalised_sky(sky, smoothing, threshold, grow, gap):
-    """Sky values ``z`` (mean removed, 0 off the sky) and 0/1 weights, bands stacked; None if < 100 px.
-
-    The bands of :func:`gpudiffim.variance.sampled_stack` are prepared
-    together, each with margins for its background and source masks, so that
-    large images cost what ``max_pixels`` pixels cost; their own rows are then
-    placed one above the other with ``gap`` rows of weight 0 after each (the
-    margins count as off the sky).  Returns ``(values, weights, n)`` with
-    ``n`` the sky pixels used; the count and the mean are read back together.
-    """
-    sample = sky.sample
-    xp = array_module_of(sample.image)
-    z, sky = _sample_sky(sky, smoothing, threshold, grow)
-    n_bands, height, columns = z.shape
-    if n_bands > 1:   # keep each band's own rows (their position varies at the image's top and bottom)
-        bands, rows = xp.asarray(np.arange(n_bands)[:, None]), xp.asarray(sample.own_rows)
-        z, sky = z[bands, rows], sky[bands, rows]
-        z = xp.concatenate([z, xp.zeros((n_bands, gap, columns))], axis=1).reshape(-1, columns)
-        sky = xp.concatenate([sky, xp.zeros((n_bands, gap, columns), dtype=bool)], axis=1).reshape(-1, columns)
+def _products_and_pairs(planes, sums, far):
+    """Host ``(products, pairs, n_sky)``: the autocorrelations of the sky values and weights (``planes``)
+    for ``|dx|, |dy| <= far``, read back with the sums (the sky count last) in one transfer.  The two planes
+    are transformed as one stack on the GPU, one after the other on the host (less memory at once)."""
+    ops = operations_for(planes)
+    xp = array_module_of(planes)
+    if is_device_array(planes):
+        numbers = ops.correlation_near(_correlations(planes, far), far, sums)
     else:
-        z, sky = z[0], sky[0]
-    weights = sky.astype(np.float64)
-    n_sky, total = (float(v) for v in to_host(xp.stack([weights.sum(), xp.where(sky, z, 0.0).sum()])))
-    n_sky = int(n_sky)
-    if n_sky < 100:
-        log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
-        return None, None, n_sky
-    values = xp.where(sky, z - total / n_sky, 0.0)
-    return values, weights, n_sky
+        near = [ops.correlation_near(_correlations(planes[p:p + 1], far), far, sums[:0]) for p in (0, 1)]
+        numbers = xp.concatenate([*near, sums])
+    numbers = np.asarray(to_host(numbers), dtype=np.float64)
+    size = 2 * far + 1
+    products, pairs = numbers[:2 * size * size].reshape(2, size, size)
+    return products, np.rint(pairs), int(numbers[-1])
+
+
+def _sky_planes(sky, smoothing, threshold, grow, gap):
+    """The noise-correlation planes (2, rows, N) of a :class:`~gpudiffim.variance.SkyResidual`, and their sums.
+
+    Plane 0 holds the sky values ``z = (I - background) / sqrt(V)``, their
+    mean removed and 0 off the sky, plane 1 the 0/1 weights
+    (:func:`gpudiffim.statistics.sky_value_planes`).  The bands of
+    :func:`gpudiffim.variance.sampled_stack` are prepared together, each
+    with margins for its background and source masks, so that large images
+    cost what ``max_pixels`` pixels cost; their own rows are then placed one
+    above the other with ``gap`` rows of weight 0 after each (the margins
+    count as off the sky).  ``sums`` (sum of the values, sky pixels) stays
+    where the planes live: the count comes back with the products.
+    """
+    sample, residual, exclude = sky.sample, sky.residual, sky.exclude
+    xp = array_module_of(residual)
+    ops = operations_for(residual)
+    detection = xp.where(xp.isfinite(residual) > exclude, residual, 0.0)   # 0 where excluded or not finite
+    if smoothing > 0:   # within each band: the 1-D passes of a 2-D Gaussian filter, rows then columns
+        detection = ndimage_of(detection).gaussian_filter(detection, (0, smoothing, smoothing))
+    selected = sky_pixels(sample, detection, threshold, grow, exclude)
+    planes = ops.sky_value_planes(residual, sample.variance, selected, sample.own_rows, gap, CLIP)
+    sums = planes.sum(axis=(1, 2))
+    return ops.subtract_sky_mean(planes, sums), sums
 
 
 def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, threshold=4.0, grow=4,
@@ -377,10 +372,10 @@ def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, thresho
     white[lag, lag] = 1.0
     sky = (sky_residual(masked_image, bin_size, max_pixels) if sky is None
            else sky.check(masked_image, bin_size))
-    values, weights, n_sky = _normalised_sky(sky, smoothing, threshold, grow, far)
-    if values is None:
+    products, pairs, n_sky = _products_and_pairs(*_sky_planes(sky, smoothing, threshold, grow, far), far)
+    if n_sky < 100:
+        log.warning("only %d sky pixels: noise correlation not measured (taken as white)", n_sky)
         return NoiseCorrelation(white, float("inf"), 0.0, dof, False, n_sky)
-    products, pairs = _autocorrelation(values, far), np.rint(_autocorrelation(weights, far))
     zero_lag = products[far, far] / n_sky
     if zero_lag < AUTO_SCALE_MIN:
         log.warning("sky pixels vary %.3g x less than their variance plane says (noise-free or smoothed "

@@ -16,11 +16,12 @@ import numpy as np
 
 from ._backend import array_module_of, stable_argsort, to_host
 
-__all__ = ["ResidualStatistics", "usable_normalised_residual", "residual_statistics", "residual_sums",
-           "statistics_of_sums", "moments_to_statistics",
+__all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_residual", "residual_statistics",
+           "residual_sums", "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
-           "bin_medians_sorted"]
+           "bin_medians_sorted", "near_lags", "normalised_sky_values", "own_rows_mask", "sky_value_planes",
+           "subtract_sky_mean"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 IQR_TO_SIGMA = 0.741301109
@@ -94,6 +95,25 @@ def masked_quantiles(values, mask, quantiles, *, median=False):
             result = xp.concatenate([result, halves[None, :]])
     valid = (count > 0) & ~(mask & xp.isnan(values)).any(axis=1)
     return xp.where(valid[None, :], result, np.nan)
+
+
+def beyond_robust_level(residual, quartiles, threshold):
+    """Pixels of each band (B, ...) at or beyond ``threshold`` robust sigmas of the band.
+
+    The band's sigma is :func:`sigma_of_quartiles` of its quartiles
+    ``quartiles[0, b], quartiles[1, b]`` (0 when NaN, at least the smallest
+    normal float): ``|residual| >= threshold sigma`` (False for NaN).  The
+    CUDA kernel ``gdi_sky_sources`` (``kernels/statistics.cu``) computes the
+    same, in the same order.
+
+    Returns
+    -------
+    ndarray of bool, shape of ``residual``
+    """
+    xp = array_module_of(residual)
+    sigma = sigma_of_quartiles(quartiles[0], quartiles[1])
+    level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
+    return xp.abs(residual) >= level.reshape((-1,) + (1,) * (residual.ndim - 1))
 
 
 def masked_median(values, mask):
@@ -399,3 +419,69 @@ def bin_medians_sorted(image, keep, edges_y, edges_x):
     median = xp.where(counts % 2 == 1, upper, (lower + upper) / 2)
     median = xp.where(filled & ~xp.isnan(last), median, np.nan)
     return median.astype(np.float64).reshape(image.shape[:-2] + (n_y, n_x))
+
+
+# ---------------------------------------------------------------------------
+# noise-correlation planes (gpudiffim.covariance; the kernel path: kernels/statistics.cu)
+
+def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
+    """The normalised sky values and their 0/1 weights of bands, as one (2, rows, N) float64 stack.
+
+    ``z = residual / sqrt(V)`` (``V`` taken as 1 off ``sky``, in the
+    variance's dtype, then float64); a pixel is kept where ``sky``, ``z`` is
+    finite and ``|z| < clip``.  Plane 0 holds ``z`` where kept (0 elsewhere),
+    plane 1 the weights.  With several bands (B, H, N), each band's own rows
+    ``own_rows[b]`` (host (B, R)) are placed one above the other with ``gap``
+    zero rows after each: rows = B (R + gap); one band is taken whole (rows = H).
+    ``gdi_sky_value_planes`` computes the same.
+    """
+    xp = array_module_of(residual)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = residual / xp.sqrt(xp.where(sky, variance, 1.0).astype(np.float64))
+    kept = sky & xp.isfinite(z) & (xp.abs(z) < clip)
+    n_bands, height, columns = z.shape
+    if n_bands > 1:   # each band's own rows (their position varies at the image's top and bottom)
+        bands, rows = xp.asarray(np.arange(n_bands)[:, None]), xp.asarray(own_rows)
+        z, kept = z[bands, rows], kept[bands, rows]
+        height = own_rows.shape[1] + gap
+    planes = xp.zeros((2, n_bands, height, columns))
+    planes[0, :, :z.shape[1]] = xp.where(kept, z, 0.0)
+    planes[1, :, :z.shape[1]] = kept
+    return planes.reshape(2, -1, columns)
+
+
+def subtract_sky_mean(planes, sums):
+    """Plane 0 of :func:`sky_value_planes` less the mean ``sums[0] / sums[1]`` where weighted, 0 elsewhere
+    (in place; ``sums`` the sums of both planes).  ``gdi_subtract_mean`` computes the same."""
+    xp = array_module_of(planes)
+    with np.errstate(divide="ignore", invalid="ignore"):     # no sky pixel: NaN mean, never used
+        planes[0] = xp.where(planes[1] > 0, planes[0] - sums[0] / sums[1], 0.0)
+    return planes
+
+
+def own_rows_mask(own_rows, height, n_images=1):
+    """Host bool (n_images B, height, 1): the rows ``own_rows`` (B, R) of each band, the bands of one image
+    repeated for ``n_images`` images."""
+    rows = np.arange(height)[None, :]
+    inner = (rows >= own_rows[:, :1]) & (rows <= own_rows[:, -1:])
+    return np.tile(inner[:, :, None], (n_images, 1, 1))
+
+
+def normalised_sky_values(residual, variance, sky, own_rows, n_images):
+    """Rows (n_images, -1) of ``z = residual / sqrt(V)`` (float64) and of the pixels selected: ``sky`` on the
+    bands' own rows ``own_rows`` (host (B, R), of one image; B bands per image).  ``gdi_sky_normalised``
+    computes the same (with ``+inf`` where not selected)."""
+    xp = array_module_of(residual)
+    inner = xp.asarray(own_rows_mask(own_rows, residual.shape[1], len(residual) // len(own_rows)))
+    selected = (sky & inner).reshape(n_images, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = residual.reshape(n_images, -1) / xp.sqrt(variance.astype(np.float64).reshape(n_images, -1))
+    return z, selected
+
+
+def near_lags(correlation, far):
+    """``[p, far + dy, far + dx] = correlation[p, dy mod rows, dx mod columns]`` for ``|dx|, |dy| <= far``
+    of circular correlations (P, rows, columns).  ``gdi_correlation_near`` computes the same."""
+    xp = array_module_of(correlation)
+    near = xp.concatenate([correlation[:, -far:], correlation[:, :far + 1]], axis=1)
+    return xp.concatenate([near[:, :, -far:], near[:, :, :far + 1]], axis=2)

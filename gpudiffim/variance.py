@@ -27,6 +27,7 @@ the plane is kept and a warning logged.
 """
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from ._ops import operations_for
 from .candidates import coarse_background
 from .errors import ConfigurationError, InvalidVarianceError
 from .image import MaskedImage
-from .statistics import masked_iqr_sigma, masked_quantiles, sigma_of_quartiles
+from .statistics import own_rows_mask, sigma_of_quartiles
 
 __all__ = ["SkyResidual", "SkySample", "VarianceCorrection", "background_free", "correct_variance",
            "correct_variances", "sampled_stack", "scale_variance", "sky_pixels", "sky_residual"]
@@ -115,28 +116,47 @@ class SkySample:
     mask : ndarray of int32, shape (B, H, N)
     bits : callable
         ``bits(planes)`` of the image's mask planes.
-    inner : ndarray of bool, shape (B, H, 1)
-        The band's own rows (the rest are margins, read only for its own
-        background and source masks), in the image's array module.
     own_rows : ndarray of int, shape (B, R)
-        Host: the indices of each band's own rows in its window.
-    rows : ndarray of int, shape (B, H), or None
-        The image rows of every window (in the image's array module); None
-        when the sample is the whole image (B = 1).
+        Host: the indices of each band's own rows in its window (the rest
+        are margins, read only for its own background and source masks); of
+        one image, when several are stacked.
+    windows : ndarray of int, shape (B,), or None
+        Host: the first image row of every window of one image; None when
+        the sample is the whole image (B = 1).
     """
 
     image: object
     variance: object
     mask: object
     bits: object
-    inner: object
     own_rows: np.ndarray
-    rows: object = None
+    windows: np.ndarray = None
+
+    @property
+    def inner(self):
+        """bool (B, H, 1): the bands' own rows, in the image's array module (uploaded from the host)."""
+        inner = own_rows_mask(self.own_rows, self.image.shape[1], len(self.image) // len(self.own_rows))
+        return array_module_of(self.image).asarray(inner)
 
     def with_variance(self, variance):
         """The same sample with the bands of another variance plane (M, N) of the image."""
-        bands = variance[None] if self.rows is None else variance[self.rows]
-        return dataclasses.replace(self, variance=bands)
+        return dataclasses.replace(self, variance=_bands_of([[variance]], self.windows, self.image.shape[1])[0])
+
+    def part(self, bands, variance=None):
+        """The sample of the bands ``bands`` (a slice): one image of a stack (with the bands of the
+        variance plane ``variance`` (M, N) of the image, if given)."""
+        part = dataclasses.replace(self, image=self.image[bands], mask=self.mask[bands],
+                                   variance=None if variance is not None else self.variance[bands])
+        return part if variance is None else part.with_variance(variance)
+
+
+def _bands_of(groups, windows, height):
+    """For each group of planes (M, N), their windows of ``height`` rows starting at ``windows``, stacked
+    plane after plane (the whole planes for ``windows`` None)."""
+    if windows is None:
+        xp = array_module_of(groups[0][0])
+        return [planes[0][None] if len(planes) == 1 else xp.stack(planes) for planes in groups]
+    return operations_for(groups[0][0]).band_rows(groups, windows, height)
 
 
 def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
@@ -146,27 +166,27 @@ def sampled_stack(masked_image, max_pixels=MAX_PIXELS):
     BAND_MARGIN`` rows, moved inside the image at its top and bottom (so those
     bands have a wider margin on the other side): the bands stack into one
     array, and every later step treats all of them in one pass.
+    ``masked_image`` may also be a sequence of images of one shape and mask
+    planes: their samples are stacked image after image (B bands each).
 
     Returns
     -------
     SkySample
     """
-    rows = masked_image.shape[0]
-    bands = _bands(masked_image.shape, max_pixels)
-    xp = masked_image.xp
+    images = list(masked_image) if isinstance(masked_image, (list, tuple)) else [masked_image]
+    first = images[0]
+    rows = first.shape[0]
+    bands = _bands(first.shape, max_pixels)
     if bands == [(0, rows)]:
-        inner = np.ones((1, rows, 1), dtype=bool)
-        return SkySample(masked_image.image[None], masked_image.variance[None], masked_image.mask[None],
-                         masked_image.bits, xp.asarray(inner), np.arange(rows)[None], None)
-    height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
-    starts = np.array([start for start, _ in bands])
-    windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
-    index = xp.asarray(windows[:, None] + np.arange(height))
-    offsets = np.arange(height)[None, :] - (starts - windows)[:, None]
-    inner = ((offsets >= 0) & (offsets < BAND_ROWS))[:, :, None]
-    own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
-    return SkySample(masked_image.image[index], masked_image.variance[index], masked_image.mask[index],
-                     masked_image.bits, xp.asarray(inner), own_rows, index)
+        windows, height, own_rows = None, rows, np.arange(rows)[None]
+    else:
+        height = min(rows, BAND_ROWS + 2 * BAND_MARGIN)
+        starts = np.array([start for start, _ in bands])
+        windows = np.clip(starts - BAND_MARGIN, 0, rows - height)
+        own_rows = (starts - windows)[:, None] + np.arange(BAND_ROWS)
+    planes = _bands_of([[getattr(m, name) for m in images] for name in ("image", "variance", "mask")], windows,
+                       height)
+    return SkySample(*planes, first.bits, own_rows, windows)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +214,8 @@ class SkyResidual:
     shape : tuple of int
         Shape of the image sampled.  The callers pass the residual of the
         image plane they measure (checked: its shape and the bin size).
+    n_images : int
+        Images stacked (their bands one image after the other; see :meth:`parts`).
     """
 
     sample: SkySample
@@ -201,15 +223,61 @@ class SkyResidual:
     exclude: object
     bin_size: int
     shape: tuple
+    n_images: int = 1
+
+    def parts(self):
+        """The :class:`SkyResidual` of each image stacked, in order (cut from the stack when first used)."""
+        if self.n_images == 1:
+            return [self]
+        return [_SkyPart(self, image) for image in range(self.n_images)]
+
+    def part(self, image, variance=None):
+        """The :class:`SkyResidual` of image ``image`` of the stack (with the variance plane ``variance``)."""
+        n_bands = len(self.residual) // self.n_images
+        cut = slice(image * n_bands, (image + 1) * n_bands)
+        return dataclasses.replace(self, sample=self.sample.part(cut, variance), residual=self.residual[cut],
+                                   exclude=self.exclude[cut], n_images=1)
 
     def check(self, masked_image, bin_size):
         """This residual with the variance plane of ``masked_image`` (the image it was measured on, after
         a variance correction), or ValueError if the shape or bin size differ."""
+        self.require(masked_image, bin_size)
+        return dataclasses.replace(self, sample=self.sample.with_variance(masked_image.variance))
+
+    def require(self, masked_image, bin_size):
+        """ValueError unless ``masked_image`` has the shape sampled and ``bin_size`` is the bin size."""
         if masked_image.shape != self.shape or bin_size != self.bin_size:
             msg = (f"the sky residual was measured on a {self.shape} image with {self.bin_size}-px bins, "
                    f"not on this {masked_image.shape} image with {bin_size}-px bins")
             raise ValueError(msg)
-        return dataclasses.replace(self, sample=self.sample.with_variance(masked_image.variance))
+
+
+class _SkyPart:
+    """One image's :class:`SkyResidual` of a stack, cut from it when first used (the noise correlation
+    reads one image's only)."""
+
+    n_images = 1
+
+    def __init__(self, stack, image):
+        self._stack, self._image = stack, image
+        self.bin_size, self.shape = stack.bin_size, stack.shape
+
+    @functools.cached_property
+    def _own(self):
+        return self._stack.part(self._image)
+
+    sample = property(lambda self: self._own.sample, doc="As :attr:`SkyResidual.sample`.")
+    residual = property(lambda self: self._own.residual, doc="As :attr:`SkyResidual.residual`.")
+    exclude = property(lambda self: self._own.exclude, doc="As :attr:`SkyResidual.exclude`.")
+
+    def parts(self):
+        """``[self]``."""
+        return [self]
+
+    def check(self, masked_image, bin_size):
+        """:meth:`SkyResidual.check` of this image's residual (cut from the stack with the new variance)."""
+        self._stack.require(masked_image, bin_size)
+        return self._stack.part(self._image, masked_image.variance)
 
 
 def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
@@ -217,8 +285,9 @@ def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
 
     Parameters
     ----------
-    masked_image : MaskedImage
-        NumPy or CuPy planes.
+    masked_image : MaskedImage or sequence of MaskedImage
+        NumPy or CuPy planes (several images: of one shape and mask planes,
+        measured together, :meth:`SkyResidual.parts` gives each one's).
     bin_size : int
         Bin size (px) of the background removed.
     max_pixels : int
@@ -228,9 +297,10 @@ def sky_residual(masked_image, bin_size=32, max_pixels=MAX_PIXELS):
     -------
     SkyResidual
     """
-    sample = sampled_stack(masked_image, max_pixels)
+    images = list(masked_image) if isinstance(masked_image, (list, tuple)) else [masked_image]
+    sample = sampled_stack(images, max_pixels)
     residual, exclude = background_free(sample, bin_size)
-    return SkyResidual(sample, residual, exclude, bin_size, tuple(masked_image.shape))
+    return SkyResidual(sample, residual, exclude, bin_size, tuple(images[0].shape), len(images))
 
 
 def background_free(masked_image, bin_size):
@@ -246,7 +316,7 @@ def background_free(masked_image, bin_size):
     return image - coarse_background(image, bin_size, exclude), exclude
 
 
-def sky_pixels(sample, residual, threshold, grow):
+def sky_pixels(sample, residual, threshold, grow, exclude=None):
     """Pixels of a :class:`SkySample` (B, H, N) without excluded mask bits and farther than ``grow`` px from a source.
 
     Sources are pixels beyond ``threshold`` robust sigmas of ``residual`` (and
@@ -254,18 +324,20 @@ def sky_pixels(sample, residual, threshold, grow):
     bright stars out of the noise estimate, which would otherwise read them
     as noise (about +15 % in variance on a simulated field with stars of up
     to 5e4 sigma).  Each band has its own sigma and is grown on its own;
-    nothing is read back on the GPU.
+    nothing is read back on the GPU.  ``exclude``, if given, holds the
+    pixels with an excluded mask bit already (:attr:`SkyResidual.exclude`).
     """
-    xp = array_module_of(residual)
-    good = (sample.mask & sample.bits(EXCLUDED_PLANES)) == 0
-    good &= sample.variance > 0
+    ops = operations_for(residual)
+    if exclude is None:
+        exclude = (sample.mask & sample.bits(EXCLUDED_PLANES)) != 0
+    good = array_module_of(residual).greater(sample.variance > 0, exclude)    # V > 0 and not excluded
     n_bands = residual.shape[0]
-    sigma = masked_iqr_sigma(residual.reshape(n_bands, -1), good.reshape(n_bands, -1))
-    level = threshold * xp.maximum(xp.where(xp.isnan(sigma), 0.0, sigma), np.finfo(float).tiny)
-    sources = xp.abs(residual) >= level[:, None, None]
+    quartiles = ops.masked_quantiles(residual.reshape(n_bands, -1), good.reshape(n_bands, -1), (0.25, 0.75),
+                                     count=None)   # rows 0 and 1 are read
+    sources = ops.sources_beyond(residual, quartiles, threshold)
     if grow > 0:
-        sources = operations_for(sources).or_box(sources, grow, grow)
-    return good & ~sources
+        sources = ops.or_box(sources, grow, grow)
+    return array_module_of(good).greater(good, sources)   # good and no (0/1) source
 
 
 def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4, sky=None):
@@ -307,38 +379,58 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
     InvalidVarianceError
         If no usable sky pixel is left or the factor is not in ``(0, limit]``.
     """
+    _check_mode(mode)
+    sky = sky_residual(masked_image, bin_size) if sky is None else sky.check(masked_image, bin_size)
+    return _corrected(masked_image, _SkyStatistics(sky, threshold, grow), 0, mode, limit)
+
+
+def _check_mode(mode):
     if mode not in MODES:
         msg = f"invalid mode={mode!r}: expected one of {MODES}"
         raise ConfigurationError(msg)
-    sky = sky_residual(masked_image, bin_size) if sky is None else sky.check(masked_image, bin_size)
-    sample, residual = sky.sample, sky.residual
-    sky = (sky_pixels(sample, residual, threshold, grow) & sample.inner).reshape(1, -1)
-    variance = sample.variance.astype(np.float64).reshape(1, -1)
-    residual = residual.reshape(1, -1)
-    xp = array_module_of(residual)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        normalised = residual / xp.sqrt(variance)
-    # the quartiles of D/sigma over the sky (and the count), read back at once
-    quartiles = masked_quantiles(normalised, sky, (0.25, 0.75))
-    numbers = to_host(xp.concatenate([sky.sum(axis=1).astype(np.float64), quartiles.ravel()]))
-    n_sky = int(numbers[0])
-    factor = _iqr_variance(numbers[1], numbers[2])
+
+
+class _SkyStatistics:
+    """The quartiles of D/sigma on the sky pixels of each image of a :class:`SkyResidual`, and its count.
+
+    ``numbers`` (host, (3, n_images)): the first and third quartiles and the
+    count, read back at once for every image; :meth:`sky_variance` reads the
+    rest, only when needed.
+    """
+
+    def __init__(self, sky, threshold, grow):
+        self.sample, self.residual, self.n_images = sky.sample, sky.residual, sky.n_images
+        self.ops = operations_for(self.residual)
+        selected = sky_pixels(self.sample, self.residual, threshold, grow, sky.exclude)
+        numbers, self.sky = self.ops.sky_quartiles(self.residual, self.sample.variance, selected,
+                                                   self.sample.own_rows, self.n_images)
+        self.numbers = to_host(numbers)
+
+    def sky_variance(self, image):
+        """(variance measured on the sky, the plane's median there) of image ``image``: a second read-back."""
+        xp, one = array_module_of(self.residual), slice(image, image + 1)
+        residual = self.residual.reshape(self.n_images, -1)[one]
+        variance = self.sample.variance.astype(np.float64).reshape(self.n_images, -1)[one]
+        rows = xp.concatenate([residual, variance])
+        stats = to_host(self.ops.masked_quantiles(rows, xp.broadcast_to(self.sky[one], rows.shape), (0.25, 0.75),
+                                                  median=True))
+        return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
+
+
+def _corrected(masked_image, statistics, image, mode, limit):
+    """:func:`correct_variance` of ``masked_image``, image ``image`` of the :class:`_SkyStatistics`."""
+    q1, q3, n_sky = statistics.numbers[:, image]
+    n_sky = int(n_sky)
+    factor = _iqr_variance(q1, q3)
     if n_sky < 100:
         msg = f"only {n_sky} sky pixels to measure the noise on: cannot correct the variance"
         raise InvalidVarianceError(msg)
-
-    def sky_variance():
-        """(variance measured on the sky, the plane's median there): a second read-back, only when needed."""
-        rows = xp.concatenate([residual, variance])
-        stats = to_host(masked_quantiles(rows, xp.broadcast_to(sky, rows.shape), (0.25, 0.75), median=True))
-        return _iqr_variance(stats[0, 0], stats[1, 0]), float(stats[2, 1])
-
     if mode == "add":
-        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
+        return _add_sky_variance(masked_image, *statistics.sky_variance(image), limit, n_sky)
     if mode == "auto" and factor > AUTO_SCALE_MAX:
         log.info("variance plane %.3g x below the sky noise: adding the sky variance instead of scaling",
                  factor)
-        return _add_sky_variance(masked_image, *sky_variance(), limit, n_sky)
+        return _add_sky_variance(masked_image, *statistics.sky_variance(image), limit, n_sky)
     if mode == "auto" and abs(factor - 1.0) <= AUTO_TOLERANCE:
         log.info("variance plane within %.0f %% of the sky noise (factor %.4g): kept", 100 * AUTO_TOLERANCE,
                  factor)
@@ -348,7 +440,7 @@ def correct_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, thr
                     "resampled image?): kept unchanged", 1.0 / factor if factor > 0 else float("inf"))
         return masked_image, VarianceCorrection("none", float(factor), n_sky)
     if not 0 < factor <= limit:
-        measured, median = sky_variance()
+        measured, median = statistics.sky_variance(image)
         factor = measured / median
     if not 0 < factor <= limit:
         msg = f"variance scale factor {factor:.3g} outside (0, {limit}]: the variance plane does not describe the noise"
@@ -367,8 +459,9 @@ def correct_variances(images, *, mode="scale", limit=10.0):
 
     Host images are corrected on the host threads
     (:func:`gpudiffim._backend.host_map`: they are independent, and about
-    half of the work holds the GIL only briefly); device images one after
-    the other.
+    half of the work holds the GIL only briefly); device images of one shape
+    and mask planes are measured together, as one stack of bands (one pass
+    and one read-back for all), others one after the other.
 
     Parameters
     ----------
@@ -394,9 +487,20 @@ def correct_variances(images, *, mode="scale", limit=10.0):
         corrected, record = correct_variance(images[name], mode=mode, limit=limit, sky=sky)
         return corrected, record, sky
 
-    if any(is_device_array(image.image) for image in images.values()):
+    if not any(is_device_array(image.image) for image in images.values()):
+        return dict(zip(names, host_map(correct, names)))
+    if len(names) < 2 or len({_stack_key(image) for image in images.values()}) > 1:
         return {name: correct(name) for name in names}
-    return dict(zip(names, host_map(correct, names)))
+    _check_mode(mode)
+    stacked = sky_residual([images[name] for name in names])
+    statistics = _SkyStatistics(stacked, 3.0, 4)
+    skies = stacked.parts()
+    return {name: (*_corrected(images[name], statistics, i, mode, limit), skies[i]) for i, name in enumerate(names)}
+
+
+def _stack_key(masked_image):
+    """What images measured together share: shape, dtype and the excluded planes' bits."""
+    return tuple(masked_image.shape), masked_image.dtype, masked_image.bits(EXCLUDED_PLANES)
 
 
 def scale_variance(masked_image, *, mode="scale", limit=10.0, bin_size=32, threshold=3.0, grow=4):

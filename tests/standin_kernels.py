@@ -230,3 +230,95 @@ def constant_weights(science_variance, template_variance, n_stamps, n_pix, infin
 
 
 FAST["gdi_constant_weights"] = constant_weights
+
+
+# ---- kernels/statistics.cu (H1: order statistics of the noise measurements) ----
+
+def sorted_quantiles(ordered, mask, n_rows, n, n_quantiles, q0, q1, q2, q3, median, out):
+    from gpudiffim.statistics import masked_quantiles
+
+    rows = ordered.reshape(n_rows, n)
+    count = mask.reshape(n_rows, n).sum(axis=1)
+    leading = np.arange(n)[None, :] < count[:, None]     # the rows are sorted: the selected values lead
+    result = out.reshape(-1, n_rows)
+    with np.errstate(invalid="ignore"):
+        result[:-1] = masked_quantiles(rows, leading, (q0, q1, q2, q3)[:n_quantiles], median=bool(median))
+    result[:-1, np.isnan(rows[:, -1])] = np.nan          # a NaN selected sorts last
+    result[-1] = count
+
+
+def bin_medians(image, keep, has_keep, ny, nx, edges, n_by, n_bx, out):
+    from gpudiffim.statistics import bin_medians_loop
+
+    stack = image.reshape(-1, ny, nx)
+    selection = keep.reshape(stack.shape) if has_keep else None
+    out.reshape(-1, n_by, n_bx)[...] = bin_medians_loop(stack, selection, edges[:n_by + 1], edges[n_by + 1:])
+
+
+FAST["gdi_sorted_quantiles"] = sorted_quantiles
+FAST.update({f"gdi_bin_medians<{t}>": bin_medians for t in ("float", "double")})
+
+
+def sky_sources(residual, quartiles, n_bands, band_size, scale, threshold, tiny, out):
+    from gpudiffim.statistics import beyond_robust_level
+
+    rows = quartiles.reshape(-1, n_bands)
+    beyond = beyond_robust_level(residual.reshape(n_bands, band_size), rows, threshold)
+    out.reshape(n_bands, band_size)[...] = beyond
+
+
+FAST["gdi_sky_sources"] = sky_sources
+
+
+def _value_planes(t):
+    def run(residual, variance, sky, shifts, n_bands, height, columns, rows_kept, gap, clip, out):
+        from gpudiffim.statistics import sky_value_planes
+
+        own_rows = shifts[:n_bands, None] + np.arange(rows_kept)
+        shape = (n_bands, height, columns)
+        planes = sky_value_planes(residual.reshape(shape), variance.reshape(shape), sky.reshape(shape), own_rows,
+                                  gap, clip)
+        out[...] = planes.reshape(out.shape)
+    return run
+
+
+def subtract_mean(planes, n, sums):
+    from gpudiffim.statistics import subtract_sky_mean
+
+    subtract_sky_mean(planes.reshape(2, n), sums)
+
+
+def correlation_near(correlation, n_planes, rows, columns, far, extra, n_extra, out):
+    from gpudiffim.statistics import near_lags
+
+    out[...] = np.concatenate([near_lags(correlation.reshape(n_planes, rows, columns), far).ravel(), extra])
+
+
+FAST.update({f"gdi_sky_value_planes<{t}>": _value_planes(t) for t in ("float", "double")})
+FAST["gdi_subtract_mean"] = subtract_mean
+FAST["gdi_correlation_near"] = correlation_near
+
+
+def gather_rows(plane, ny, nx, windows, n_windows, height, first, out):
+    index = windows[:n_windows, None] + np.arange(height)
+    out.reshape(-1, height, nx)[first:first + n_windows] = plane.reshape(ny, nx)[index]
+
+
+FAST.update({f"gdi_gather_rows<{t}>": gather_rows for t in ("float", "double", "int")})
+
+
+def _sky_normalised(t):
+    def run(residual, variance, sky, shifts, n_bands, n_total, height, columns, rows_kept, values, selected):
+        from gpudiffim.statistics import normalised_sky_values
+
+        shape = (n_total, height, columns)
+        own_rows = shifts[:n_bands, None] + np.arange(rows_kept)
+        n_images = values.shape[0]
+        z, chosen = normalised_sky_values(residual.reshape(shape), variance.reshape(shape), sky.reshape(shape),
+                                          own_rows, n_images)
+        values[...] = np.where(chosen, z, np.inf)
+        selected[...] = chosen
+    return run
+
+
+FAST.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})

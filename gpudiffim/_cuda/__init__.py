@@ -2,7 +2,7 @@
 
 The kernel sources are the ``.cu`` files of the top-level ``kernels/`` folder
 (``image_apply``, ``residual_moments``, ``spatial_assembly``, ``stamp_fit``,
-``warp``), installed as package data of ``gpudiffim.kernels``.  The NumPy
+``warp``, ``statistics``), installed as package data of ``gpudiffim.kernels``.  The NumPy
 reference modules (:mod:`gpudiffim.stamps`, :mod:`gpudiffim.apply`,
 :mod:`gpudiffim.spatial_fit`, :mod:`gpudiffim.warp`) call the host wrappers
 below when :func:`gpudiffim._backend.on_kernel_path` says so (CuPy arrays, or
@@ -45,6 +45,9 @@ Launch geometry and host wrappers, one module per unit, named after it:
   propagation of the full-image application, the box dilation of bad pixels
   (and the grid-stride geometry shared with ``warp``).
 * :mod:`.warp`: ``warp.cu``: the Lanczos-3 warp.
+* :mod:`.statistics`: ``statistics.cu``: the order statistics and sky planes
+  of the variance correction and the noise-correlation measurement (sorted
+  quantiles, bin medians, sky sources, band gathers, correlation planes).
 """
 
 from .launch import launch

@@ -76,6 +76,8 @@ def int32_mask(name, mask, xp):
     ValueError
         If a value does not fit in int32.
     """
+    if isinstance(mask, xp.ndarray) and mask.dtype == np.int32 and mask.flags.c_contiguous:
+        return mask   # already what the kernels read: no call
     mask = xp.asarray(mask)
     dtype = native(mask.dtype)
     if dtype.kind not in "biu":

@@ -204,3 +204,69 @@ KERNELS["gdi_constant_weights"] = KernelSpec("stamp_fit", (
     ("science_variance", "const double*"), ("template_variance", "const double*"), ("n_stamps", "int"),
     ("n_pix", "int"), ("infinity", "double"), ("weights", "double*"), ("codes", "int*"),
 ))
+
+# ---- kernels/statistics.cu (issue 17: order statistics of the noise measurements in one launch) ----
+
+#: Boolean selections (1 byte, as NumPy's and C++'s ``bool``) are read in place.
+C_TYPES["bool"] = np.dtype(bool)
+_BY_DTYPE[C_TYPES["bool"]] = "bool"
+
+KERNELS["gdi_sorted_quantiles"] = KernelSpec("statistics", (
+    ("ordered", "const double*"), ("mask", "const bool*"), ("n_rows", "int"), ("n", "int"),
+    ("n_quantiles", "int"), ("q0", "double"), ("q1", "double"), ("q2", "double"), ("q3", "double"),
+    ("median", "int"), ("out", "double*"),
+))
+
+
+def _bin_medians(t):
+    return KernelSpec("statistics", (
+        ("image", f"const {t}*"), ("keep", "const bool*"), ("has_keep", "int"),
+        ("ny", "int"), ("nx", "int"), ("edges", "const int*"), ("n_by", "int"), ("n_bx", "int"),
+        ("out", "double*"),
+    ))
+
+
+KERNELS.update({f"gdi_bin_medians<{t}>": _bin_medians(t) for t in ("float", "double")})
+KERNELS["gdi_sky_sources"] = KernelSpec("statistics", (
+    ("residual", "const double*"), ("quartiles", "const double*"), ("n_bands", "int"), ("band_size", "int"),
+    ("scale", "double"), ("threshold", "double"), ("tiny", "double"), ("out", "int*"),
+))
+
+
+def _sky_value_planes(t):
+    return KernelSpec("statistics", (
+        ("residual", "const double*"), ("variance", f"const {t}*"), ("sky", "const bool*"), ("shifts", "const int*"),
+        ("n_bands", "int"), ("height", "int"), ("columns", "int"), ("rows_kept", "int"), ("gap", "int"),
+        ("clip", "double"), ("out", "double*"),
+    ))
+
+
+KERNELS.update({f"gdi_sky_value_planes<{t}>": _sky_value_planes(t) for t in ("float", "double")})
+KERNELS["gdi_subtract_mean"] = KernelSpec("statistics", (
+    ("planes", "double*"), ("n", "int"), ("sums", "const double*"),
+))
+KERNELS["gdi_correlation_near"] = KernelSpec("statistics", (
+    ("correlation", "const double*"), ("n_planes", "int"), ("rows", "int"), ("columns", "int"), ("far", "int"),
+    ("extra", "const double*"), ("n_extra", "int"), ("out", "double*"),
+))
+
+
+def _gather_rows(t):
+    return KernelSpec("statistics", (
+        ("plane", f"const {t}*"), ("ny", "int"), ("nx", "int"), ("windows", "const int*"), ("n_windows", "int"),
+        ("height", "int"), ("first", "int"), ("out", f"{t}*"),
+    ))
+
+
+KERNELS.update({f"gdi_gather_rows<{t}>": _gather_rows(t) for t in ("float", "double", "int")})
+
+
+def _sky_normalised(t):
+    return KernelSpec("statistics", (
+        ("residual", "const double*"), ("variance", f"const {t}*"), ("sky", "const bool*"), ("shifts", "const int*"),
+        ("n_bands", "int"), ("n_total", "int"), ("height", "int"), ("columns", "int"), ("rows_kept", "int"),
+        ("values", "double*"), ("selected", "bool*"),
+    ))
+
+
+KERNELS.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})
