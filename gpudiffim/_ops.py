@@ -46,6 +46,9 @@ method                             contract
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
+``footprint_stats``                (7, n) uint64 per-footprint reductions of a labelled residual
+``rated_sigmas``                   host ratings of every star and adaptive sigmas of the best rated
+``stamps_flagged``                 host bool (n,): a bad bit of either mask in each stamp
 =================================  ==============================================================
 """
 
@@ -61,8 +64,9 @@ from .convolve import (
     correlate_stamps_each,
     correlate_stamps_separable,
 )
-from .cutouts import cut_planes
+from .cutouts import cut_planes, footprint_stats, stamps_flagged
 from .errors import SingularSystemError
+from .fwhm import rated_sigmas
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .statistics import (
     bin_medians_loop,
@@ -440,6 +444,22 @@ class NumpyOperations:
                 out |= ndi.maximum_filter(plane, footprint=footprint, mode="constant").astype(mask.dtype) << bit
         return out
 
+    # ---- detection and candidate selection (kernels/detection.cu on the kernel path) ----
+
+    def footprint_stats(self, residual, labels, n_labels):
+        """(7, n_labels) uint64 reductions of each footprint (:func:`~gpudiffim.cutouts.footprint_stats`),
+        where the arrays live."""
+        return footprint_stats(residual, labels, n_labels)
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+        """Host float64 buffer of the core S/N ratings of every star, then the adaptive sigmas of the
+        ``max_stars`` best rated on each of ``images`` (:func:`~gpudiffim.fwhm.rated_sigmas`)."""
+        return rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars)
+
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
+        """Host bool (n,): a ``bad_bits`` bit of either mask in each stamp (:func:`~gpudiffim.cutouts.stamps_flagged`)."""
+        return stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)
+
 
 class KernelOperations(NumpyOperations):
     """The CUDA kernels (GPU for CuPy arrays, CPU emulator for NumPy arrays).
@@ -623,6 +643,36 @@ class KernelOperations(NumpyOperations):
         n_theta = vector.shape[0]
         packed = to_host(xp.concatenate([matrix.reshape(-1), vector]))
         return packed[:n_theta * n_theta].reshape(n_theta, n_theta), packed[n_theta * n_theta:]
+
+    # ---- detection and candidate selection ----
+
+    def footprint_stats(self, residual, labels, n_labels):
+        """``gdi_footprint_scan`` + ``gdi_footprint_peak``: two pixel scans, no read-back."""
+        from ._cuda.detection import footprint_stats
+
+        if residual.size >= 2**31:
+            return super().footprint_stats(residual, labels, n_labels)
+        return footprint_stats(residual, labels, n_labels)
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+        """``gdi_core_snr`` + ``gdi_star_sigmas`` and one read-back (one or two images of the rated
+        planes' dtype, ``radius`` within the kernel's shared memory; else the reference)."""
+        from ._cuda.detection import STAR_MAX_RADIUS, rated_sigmas
+
+        dtypes = {variance.dtype, *(plane.dtype for plane in images)}
+        if len(images) > 2 or radius > STAR_MAX_RADIUS or dtypes != {image.dtype}:
+            return super().rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius,
+                                        radius, max_stars)
+        return to_host(rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius,
+                                    max_stars))
+
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
+        """``gdi_stamps_flagged`` (one thread per stamp) and one read-back."""
+        from ._cuda.detection import stamps_flagged
+
+        if len(centres_rc) == 0:
+            return np.zeros(0, dtype=bool)
+        return to_host(stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)) != 0
 
 
 #: The NumPy reference.

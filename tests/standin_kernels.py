@@ -185,3 +185,63 @@ FAST["gdi_or_filter_1d"] = or_filter_1d
 FAST["gdi_or_filter_footprint"] = or_filter_footprint
 FAST["gdi_stamp_residuals"] = stamp_residuals
 FAST["gdi_solve_small"] = solve_small
+
+
+# ---- kernels/detection.cu (issue 17: footprints, ratings, star moments, the stamps' mask test) ----
+
+def footprint_scan(residual, labels, n_pixels, n_cols, n_labels, stats):
+    """``gdi_footprint_scan``: rows 0-5 of :func:`gpudiffim.cutouts.footprint_stats`."""
+    from gpudiffim.cutouts import footprint_stats
+
+    shape = (n_pixels // n_cols, n_cols)
+    stats.reshape(7, n_labels)[:6] = footprint_stats(residual.reshape(shape), labels.reshape(shape), n_labels)[:6]
+
+
+def footprint_peak(residual, labels, n_pixels, n_labels, stats):
+    """``gdi_footprint_peak``: row 6 (``~`` the first pixel holding the largest key) from row 5."""
+    from gpudiffim.cutouts import _order_key
+
+    stats = stats.reshape(7, n_labels)
+    labels = labels.reshape(-1)[:n_pixels]
+    pixels = np.flatnonzero(labels > 0)
+    segment = labels[pixels] - 1
+    key = _order_key(np, residual.reshape(-1)[pixels])
+    index = pixels.astype(np.uint64)
+    np.maximum.at(stats[6], segment, np.where(key == stats[5][segment], ~index, np.uint64(0)))
+
+
+def core_snr(image, variance, n_rows, n_cols, centres, n, radius, values):
+    """``gdi_core_snr``: :func:`gpudiffim.fwhm.core_snr_of` into ``values[:n]``."""
+    from gpudiffim.fwhm import core_snr_of
+
+    shape = (n_rows, n_cols)
+    values[:n] = core_snr_of(image.reshape(shape), variance.reshape(shape), centres.reshape(n, 2), int(radius))
+
+
+def star_sigmas(image0, image1, n_images, n_rows, n_cols, centres, star_centres, n, radius, max_stars, n_iter,
+                initial, values):
+    """``gdi_star_sigmas``: the stars of :func:`gpudiffim.fwhm.rated_sigmas` by rating, their adaptive sigmas."""
+    from gpudiffim.fwhm import _cutouts, adaptive_sigma
+
+    best = np.argsort(-values[:n], kind="stable")[:max_stars]
+    images = [image.reshape(n_rows, n_cols) for image in (image0, image1)[:n_images]]
+    sigmas = adaptive_sigma(_cutouts(images, star_centres.reshape(n, 2)[best], int(radius)), int(n_iter),
+                            float(initial))
+    values[n:].reshape(n_images, max_stars)[:, :len(best)] = sigmas.reshape(n_images, len(best))
+
+
+def stamps_flagged(mask_a, mask_b, n_cols, centres, n, half_size, bad_bits, flagged):
+    """``gdi_stamps_flagged`` by :func:`gpudiffim.cutouts.stamps_flagged`."""
+    from gpudiffim.cutouts import stamps_flagged as reference
+
+    shape = (mask_a.size // n_cols, n_cols)
+    flagged[:n] = reference(mask_a.reshape(shape), mask_b.reshape(shape), centres.reshape(n, 2), int(half_size),
+                            int(bad_bits))
+
+
+FAST["gdi_footprint_scan"] = footprint_scan
+FAST["gdi_footprint_peak"] = footprint_peak
+FAST["gdi_stamps_flagged"] = stamps_flagged
+for _type in ("float", "double"):
+    FAST[f"gdi_core_snr<{_type}>"] = core_snr
+    FAST[f"gdi_star_sigmas<{_type}>"] = star_sigmas

@@ -66,7 +66,9 @@ def _assert_same_science(result, reference, coefficient_rtol, image_rtol):
 #: Entry points the kernel path must launch in a subtraction (AL basis, background fitted).
 PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gdi_normal_equations<double>",
                     "gdi_stamp_residuals", "gdi_spatial_normal_equations",
-                    "gdi_accumulate_terms<float>", "gdi_or_filter_1d"}
+                    "gdi_accumulate_terms<float>", "gdi_or_filter_1d",
+                    "gdi_footprint_scan", "gdi_footprint_peak", "gdi_core_snr<float>", "gdi_star_sigmas<float>",
+                    "gdi_stamps_flagged"}
 
 
 @pytest.mark.slow

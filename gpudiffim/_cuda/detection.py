@@ -1,0 +1,136 @@
+"""Launch geometry and host wrappers of ``kernels/detection.cu``.
+
+Footprint reductions of detection, the core S/N ratings and the stars'
+adaptive moments of the PSF-size measurement, and the mask test of candidate
+vetting, each in one or two launches.  The wrappers take NumPy arrays (run by
+the CPU emulator) or CuPy arrays (run on the GPU), as
+:func:`~gpudiffim._cuda.launch.launcher_for` says; nothing is read back here.
+"""
+
+import numpy as np
+
+from ._host import on_launcher, prepare
+from .launch import launch
+from .signatures import float_ctype
+
+__all__ = ["DETECTION_DEFINES", "DETECTION_THREADS", "STAR_MAX_RADIUS", "footprint_stats", "rated_sigmas",
+           "stamps_flagged"]
+
+#: Threads per block of the per-centre block kernels (``GDI_DET_THREADS``; a power of two).
+DETECTION_THREADS = 64
+#: Largest cutout half-size of ``gdi_star_sigmas`` (``GDI_DET_MAX_SIDE = 2 r + 1`` in shared memory).
+STAR_MAX_RADIUS = 24
+#: The unit's compile-time constants.
+DETECTION_DEFINES = (("GDI_DET_THREADS", DETECTION_THREADS), ("GDI_DET_MAX_SIDE", 2 * STAR_MAX_RADIUS + 1))
+#: Blocks of the grid-stride pixel scans.
+_SCAN_BLOCKS = 1024
+#: Rows of :func:`footprint_stats` (complements ``~`` hold minima as maxima).
+FOOTPRINT_ROWS = ("area", "~first", "last", "~col_min", "col_max", "peak_key", "~peak")
+
+
+def _per_centre(n):
+    return (max(-(-int(n) // DETECTION_THREADS), 1),), (DETECTION_THREADS,)
+
+
+def footprint_stats(residual, labels, n_labels):
+    """Per-footprint reductions of ``gdi_footprint_scan`` and ``gdi_footprint_peak``.
+
+    Parameters
+    ----------
+    residual : ndarray of float64, shape (M, N)
+    labels : ndarray of int32, shape (M, N)
+        0 outside the footprints, ``1 .. n_labels`` inside.
+    n_labels : int
+
+    Returns
+    -------
+    ndarray of uint64, shape (7, n_labels)
+        The rows of :data:`FOOTPRINT_ROWS` (the kernel source says what each holds).
+    """
+    _, xp = on_launcher(residual, labels)
+    residual = prepare(xp, residual, np.float64, 2, "residual")
+    labels = prepare(xp, labels, np.int32, 2, "labels")
+    if residual.size >= 2**31 or residual.shape != labels.shape:
+        msg = f"residual {residual.shape} and labels {labels.shape} must match, below 2^31 pixels"
+        raise ValueError(msg)
+    stats = xp.zeros((len(FOOTPRINT_ROWS), n_labels), dtype=np.uint64)
+    if n_labels:
+        blocks = (min(_SCAN_BLOCKS, max(-(-residual.size // DETECTION_THREADS), 1)),)
+        launch("gdi_footprint_scan", blocks, (DETECTION_THREADS,),
+               (residual, labels, residual.size, residual.shape[1], n_labels, stats), defines=DETECTION_DEFINES)
+        launch("gdi_footprint_peak", blocks, (DETECTION_THREADS,),
+               (residual, labels, residual.size, n_labels, stats), defines=DETECTION_DEFINES)
+    return stats
+
+
+def _centres(xp, centres_rc):
+    """(n, 2) int32 ``(row, column)`` centres in ``xp`` (an upload for host centres)."""
+    return prepare(xp, centres_rc, np.int32, 2, "centres_rc")
+
+
+def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars, *,
+                 n_iter=30, initial=2.0):
+    """Core S/N ratings of every centre and the adaptive sigmas of the best-rated stars, in one buffer.
+
+    ``gdi_core_snr`` (the mean S/sigma of ``image`` over the clamped core of
+    each centre), then ``gdi_star_sigmas`` (the adaptive-moment sigma, px,
+    of the ``max_stars`` best-rated stars on each of ``images``).
+
+    Parameters
+    ----------
+    image, variance : ndarray of shape (M, N)
+        The rated planes (one float dtype).
+    images : sequence of 1 or 2 ndarray (M, N)
+        The planes measured (one float dtype).
+    centres_rc : ndarray of int, shape (n, 2)
+        ``(row, column)`` centres of the ratings, relative to the image origin.
+    star_centres_rc : ndarray of int, shape (n, 2), or None
+        Centres of the cutouts of the same stars (None: ``centres_rc``).
+    core_radius : int
+    radius : int
+        Cutout half-size, at most :data:`STAR_MAX_RADIUS`.
+    max_stars : int
+    n_iter : int
+    initial : float
+        Starting weight sigma (px).
+
+    Returns
+    -------
+    ndarray of float64, shape (n + len(images) * max_stars,)
+        The ratings (rounded to the planes' dtype), then per image the sigmas
+        in descending order of rating (NaN last, ties by index); NaN where
+        the moments are invalid or beyond the ``n`` stars.
+    """
+    if not 1 <= len(images) <= 2 or radius > STAR_MAX_RADIUS:
+        msg = f"rated_sigmas takes 1 or 2 images and radius <= {STAR_MAX_RADIUS}, got {len(images)}, {radius}"
+        raise ValueError(msg)
+    _, xp = on_launcher(image, variance, *images)
+    centres = _centres(xp, centres_rc)
+    star_centres = centres if star_centres_rc is None else _centres(xp, star_centres_rc)
+    n = len(centres)
+    values = xp.full(n + len(images) * max_stars, np.nan)
+    if n:
+        grid, block = _per_centre(n)
+        launch(f"gdi_core_snr<{float_ctype('image', image.dtype)}>", grid, block,
+               (image, variance, *image.shape, centres, n, int(core_radius), values), defines=DETECTION_DEFINES)
+        launch(f"gdi_star_sigmas<{float_ctype('images', images[0].dtype)}>", (n,), (DETECTION_THREADS,),
+               (images[0], images[-1], len(images), *images[0].shape, centres, star_centres, n, int(radius),
+                int(max_stars), int(n_iter), float(initial), values), defines=DETECTION_DEFINES)
+    return values
+
+
+def stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits):
+    """``gdi_stamps_flagged``: int32 (n,), 1 where a ``bad_bits`` bit of either mask lies in the stamp.
+
+    Every ``(2 half_size + 1)^2`` stamp must lie inside the (M, N) int32 masks.
+    """
+    _, xp = on_launcher(mask_a, mask_b)
+    centres = _centres(xp, centres_rc)
+    n = len(centres)
+    flagged = xp.empty(n, dtype=np.int32)
+    if n:
+        grid, block = _per_centre(n)
+        launch("gdi_stamps_flagged", grid, block,
+               (mask_a, mask_b, mask_a.shape[1], centres, n, int(half_size), int(bad_bits), flagged),
+               defines=DETECTION_DEFINES)
+    return flagged
