@@ -46,6 +46,8 @@ method                             contract
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
+``detection_residual``             the residual of the bin-median background and the detections, fused
+                                   (kernel path; None on the reference: the caller's row-block steps)
 ``footprint_stats``                (7, n) uint64 per-footprint reductions of a labelled residual
 ``rated_sigmas``                   host ratings of every star and adaptive sigmas of the best rated
 ``stamps_flagged``                 host bool (n,): a bad bit of either mask in each stamp
@@ -446,6 +448,12 @@ class NumpyOperations:
 
     # ---- detection and candidate selection (kernels/detection.cu on the kernel path) ----
 
+    def detection_residual(self, image, variance, mask, no_data, valid, edges_y, edges_x, threshold_kind,
+                           threshold):
+        """None: on the reference path the caller runs its steps (bin medians, the bilinear background
+        and the threshold in host row blocks); see :meth:`KernelOperations.detection_residual`."""
+        return None
+
     def footprint_stats(self, residual, labels, n_labels):
         """(7, n_labels) uint64 reductions of each footprint (:func:`~gpudiffim.cutouts.footprint_stats`),
         where the arrays live."""
@@ -645,6 +653,20 @@ class KernelOperations(NumpyOperations):
         return packed[:n_theta * n_theta].reshape(n_theta, n_theta), packed[n_theta * n_theta:]
 
     # ---- detection and candidate selection ----
+
+    def detection_residual(self, image, variance, mask, no_data, valid, edges_y, edges_x, threshold_kind,
+                           threshold):
+        """``(residual, above)`` of detection: :meth:`bin_medians` of the ``valid`` pixels in the bins of
+        ``edges_y``/``edges_x`` (``np.linspace(0, n, n_bins + 1).astype(int)``), then ``gdi_fill_grid`` and
+        ``gdi_detection_residual`` (the filled grid interpolated as the reference does, the residual
+        and, for ``threshold_kind`` "pixel_stdev" or "value", the int32 detections; None for the
+        image-wide kinds, set by the caller); no read-back."""
+        from ._cuda.detection import THRESHOLD_KINDS, detection_residual
+
+        if image.size >= 2**31 or threshold_kind not in THRESHOLD_KINDS or variance.dtype != image.dtype:
+            return None
+        grid = self.bin_medians(image, valid, edges_y, edges_x)
+        return detection_residual(image, variance, mask, no_data, grid, threshold_kind, threshold)
 
     def footprint_stats(self, residual, labels, n_labels):
         """``gdi_footprint_scan`` + ``gdi_footprint_peak``: two pixel scans, no read-back."""

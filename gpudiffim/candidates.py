@@ -206,33 +206,7 @@ def detect_candidates(masked_image, detection):
         footprints larger than ``fp_npix_max``.  Footprints are in the raster
         order of their first pixel; NumPy and CuPy planes give the same array.
     """
-    xp = masked_image.xp
-    image, variance, mask = masked_image.image, masked_image.variance, masked_image.mask
-    shape = masked_image.shape
-    no_data = masked_image.bits(["NO_DATA"])
-    valid = xp.empty(shape, dtype=bool)
-    residual = xp.empty(shape, dtype=np.float64)
-    above = xp.empty(shape, dtype=bool)
-
-    def find_valid(rows):
-        xp.equal(mask[rows] & no_data, 0, out=valid[rows])
-
-    def find_above(rows):
-        xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
-
-    def subtract(rows):
-        xp.subtract(image[rows], background.rows(rows), out=residual[rows])
-        if local:
-            find_above(rows)
-
-    _for_row_blocks(xp, shape, find_valid)
-    background = _Background(image, detection.background_bin_size, valid)
-    local = detection.det_threshold_type in _LOCAL_THRESHOLDS
-    threshold = _threshold(detection, variance) if local else None
-    _for_row_blocks(xp, shape, subtract)
-    if not local:
-        threshold = _threshold(detection, variance, residual, valid)
-        _for_row_blocks(xp, shape, find_above)
+    residual, above = _residual_and_detections(masked_image, detection)
     labels, n_labels = _footprints(above)
     if n_labels == 0:
         return np.zeros((0, 2), dtype=int)
@@ -243,6 +217,62 @@ def detect_candidates(masked_image, detection):
     log.info("detection: %d footprints above threshold, %d with area >= %d px",
              n_labels, int(keep.sum()), detection.fp_npix_min)
     return np.stack([cols + x0, rows + y0], axis=1)
+
+
+def _without_bits(xp, mask, bits):
+    """bool plane: where ``mask`` has none of ``bits`` (host row blocks; one expression where one block covers all)."""
+    blocks = list(row_blocks(xp, mask.shape))
+    if len(blocks) == 1:
+        return (mask & bits) == 0
+    out = xp.empty(mask.shape, dtype=bool)
+    for rows in blocks:
+        xp.equal(mask[rows] & bits, 0, out=out[rows])
+    return out
+
+
+def _residual_and_detections(masked_image, detection):
+    """``(residual, above)``: the image less its background, and the pixels detected (where the planes live).
+
+    The background is :class:`_Background` of the valid pixels (no
+    ``NO_DATA`` bit); ``above`` (bool, or int32 0/1 on the kernel path) marks
+    the valid pixels above :func:`_threshold`.  On the kernel path the
+    background, the residual and a local threshold are one fused pass
+    (:meth:`~gpudiffim._ops.KernelOperations.detection_residual`); else host
+    row blocks.
+    """
+    xp = masked_image.xp
+    image, variance, mask = masked_image.image, masked_image.variance, masked_image.mask
+    shape = masked_image.shape
+    no_data = masked_image.bits(["NO_DATA"])
+    valid = _without_bits(xp, mask, no_data)
+    local = detection.det_threshold_type in _LOCAL_THRESHOLDS
+    edges = [_bin_edges(n, detection.background_bin_size) for n in shape]
+    fused = operations_for(image).detection_residual(image, variance, mask, no_data, valid, *edges,
+                                                     detection.det_threshold_type if local else None,
+                                                     detection.det_threshold)
+    if fused is None:
+        background = _Background(image, detection.background_bin_size, valid)
+        threshold = _threshold(detection, variance) if local else None
+        residual = xp.empty(shape, dtype=np.float64)
+        above = xp.empty(shape, dtype=bool) if local else None
+
+        def subtract(rows):
+            xp.subtract(image[rows], background.rows(rows), out=residual[rows])
+            if local:
+                xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
+
+        _for_row_blocks(xp, shape, subtract)
+    else:
+        residual, above = fused
+    if not local:
+        threshold = _threshold(detection, variance, residual, valid)
+        above = xp.empty(shape, dtype=bool)
+
+        def find_above(rows):
+            xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
+
+        _for_row_blocks(xp, shape, find_above)
+    return residual, above
 
 
 def _footprint_peaks(residual, labels, n_labels, npix_max):

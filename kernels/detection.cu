@@ -32,6 +32,20 @@
 //   bit of mask_a | mask_b lies in the (2 half_size + 1)^2 box (inside the
 //   image), else 0.
 //
+// gdi_fill_grid (one block): the bin medians' grid of the background, its
+//   non-finite values replaced by the median of its non-NaN values (0 if
+//   none is finite), as gpudiffim.candidates._Background fills it.
+//
+// gdi_detection_residual<T> (grid-stride over the pixels): residual =
+//   image - background, the background interpolated bilinearly between the
+//   bin centres of the filled (n_bins_y, n_bins_x) grid with the weights of
+//   gpudiffim.candidates._two_point_weights (np.interp's arithmetic, bin
+//   edges of np.linspace(0, n, n_bins + 1).astype(int)), every product and
+//   sum rounded as NumPy rounds them (no contraction); above = 1 where the
+//   pixel is valid (no no_data bit) and residual > the threshold: kind 1
+//   ("pixel_stdev") value * sqrt(max(variance, 0)) in T, kind 2 ("value")
+//   value; kind 0 writes no above.
+//
 // No #include: NVRTC (CuPy RawModule) and the CPU emulator
 // (gpudiffim/_cuda/emulator.h) both compile this text as is.
 
@@ -40,6 +54,12 @@
 #endif
 #ifndef GDI_DET_MAX_SIDE
 #define GDI_DET_MAX_SIDE 49
+#endif
+
+#ifndef __CUDACC__
+// The emulator's compiler (x86-64, no FMA) neither contracts nor reorders these.
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 #endif
 
 __device__ __forceinline__ double gdi_det_nan()
@@ -280,6 +300,114 @@ __global__ void gdi_stamps_flagged(const int* __restrict__ mask_a, const int* __
     flagged[k] = found;
 }
 
+__global__ void gdi_fill_grid(double* __restrict__ grid, int n)
+{
+    __shared__ int counts[2];  // non-NaN, finite
+    __shared__ double middle[2];
+    const int t = threadIdx.x;
+    if (t == 0) {
+        counts[0] = counts[1] = 0;
+        middle[0] = middle[1] = 0.0;
+    }
+    __syncthreads();
+    for (int e = t; e < n; e += GDI_DET_THREADS) {
+        const double v = grid[e];
+        if (v == v) {
+            atomicAdd(&counts[0], 1);
+            atomicAdd(&counts[1], (int)(v - v == 0.0));
+        }
+    }
+    __syncthreads();
+    const int m = counts[0];
+    for (int e = t; e < n; e += GDI_DET_THREADS) {
+        const double v = grid[e];
+        if (v != v) {
+            continue;
+        }
+        int rank = 0;
+        for (int j = 0; j < n; ++j) {
+            rank += grid[j] < v || (grid[j] == v && j < e);
+        }
+        if (rank == (m - 1) / 2) {
+            middle[0] = v;
+        }
+        if (rank == m / 2) {
+            middle[1] = v;
+        }
+    }
+    __syncthreads();
+    const double fill = counts[1] == 0 ? 0.0 : (m % 2 ? middle[1] : (middle[0] + middle[1]) / 2.0);
+    for (int e = t; e < n; e += GDI_DET_THREADS) {
+        if (!(grid[e] - grid[e] == 0.0)) {
+            grid[e] = fill;
+        }
+    }
+}
+
+// Bin centre b of np.linspace(0, n, n_bins + 1).astype(int) edges: 0.5 * (e_b + e_b+1) - 0.5.
+__device__ __forceinline__ double gdi_det_centre(int b, int n, int n_bins)
+{
+    const double step = (double)n / n_bins;
+    const long long lower = (long long)(b * step);
+    const long long upper = b + 1 == n_bins ? n : (long long)((b + 1) * step);
+    return 0.5 * (double)(lower + upper) - 0.5;
+}
+
+// Two-point interpolation weights of pixel t along an axis of n pixels (candidates._two_point_weights).
+__device__ __forceinline__ void gdi_det_weights(int t, int n, int n_bins, int* first, int* second, double* w1,
+                                                double* w2)
+{
+    int j = -1;  // the last centre <= t
+    while (j + 1 < n_bins && gdi_det_centre(j + 1, n, n_bins) <= (double)t) {
+        ++j;
+    }
+    *first = j < 0 ? 0 : j;
+    *second = *first + 1 < n_bins ? *first + 1 : n_bins - 1;
+    *w1 = 1.0;
+    *w2 = 0.0;
+    if (j >= 0 && j + 1 < n_bins) {
+        const double c = gdi_det_centre(j, n, n_bins);
+        if ((double)t != c) {  // np.interp: slope * (x - x_j) + y_j
+            const double d = gdi_det_centre(j + 1, n, n_bins) - c, x = (double)t - c;
+            *w1 = __dadd_rn(__dmul_rn((0.0 - 1.0) / d, x), 1.0);
+            *w2 = __dadd_rn(__dmul_rn((1.0 - 0.0) / d, x), 0.0);
+        }
+    }
+}
+
+template <typename T>
+__global__ void gdi_detection_residual(const T* __restrict__ image, const T* __restrict__ variance,
+                                       const int* __restrict__ mask, int n_rows, int n_cols, int no_data,
+                                       const double* __restrict__ grid, int n_bins_y, int n_bins_x, int kind,
+                                       double value, double* __restrict__ residual, int* __restrict__ above)
+{
+    const long long n_pixels = (long long)n_rows * n_cols;
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < n_pixels; p += stride) {
+        const int row = (int)(p / n_cols), col = (int)(p % n_cols);
+        int fy, sy, fx, sx;
+        double w1y, w2y, w1x, w2x;
+        gdi_det_weights(row, n_rows, n_bins_y, &fy, &sy, &w1y, &w2y);
+        gdi_det_weights(col, n_cols, n_bins_x, &fx, &sx, &w1x, &w2x);
+        const double* lower = grid + (long long)fy * n_bins_x;
+        const double* upper = grid + (long long)sy * n_bins_x;
+        const double along_lower = __dadd_rn(__dmul_rn(lower[fx], w1x), __dmul_rn(lower[sx], w2x));
+        const double along_upper = __dadd_rn(__dmul_rn(upper[fx], w1x), __dmul_rn(upper[sx], w2x));
+        const double r = (double)image[p] - __dadd_rn(__dmul_rn(along_lower, w1y), __dmul_rn(along_upper, w2y));
+        residual[p] = r;
+        if (kind == 0) {
+            continue;
+        }
+        double level = value;
+        if (kind == 1) {
+            const T v = variance[p];
+            const T positive = v != v ? v : (v > T(0) ? v : T(0));  // np.maximum(v, 0): NaN stays
+            level = (double)((T)value * (T)sqrt(positive));
+        }
+        above[p] = (mask[p] & no_data) == 0 && r > level;
+    }
+}
+
 // Explicit instantiations: nvcc's -Werror check compiles the bodies, and
 // CuPy's name_expressions find them.
 template __global__ void gdi_core_snr<float>(const float*, const float*, int, int, const int*, int, int, double*);
@@ -289,3 +417,7 @@ template __global__ void gdi_star_sigmas<float>(const float*, const float*, int,
                                                 const int*, int, int, int, int, double, double*);
 template __global__ void gdi_star_sigmas<double>(const double*, const double*, int, int, int, const int*,
                                                  const int*, int, int, int, int, double, double*);
+template __global__ void gdi_detection_residual<float>(const float*, const float*, const int*, int, int, int,
+                                                       const double*, int, int, int, double, double*, int*);
+template __global__ void gdi_detection_residual<double>(const double*, const double*, const int*, int, int, int,
+                                                        const double*, int, int, int, double, double*, int*);

@@ -7,6 +7,9 @@
   ratings to float rounding (sums in another order: 1e-6 relative for float32
   planes, 1e-12 for float64), the same ranking, and its adaptive sigmas to
   1e-9 relative (exp and sums in another order, 30 iterations);
+* ``gdi_fill_grid`` + ``gdi_detection_residual`` give the reference's
+  residual (bin-median background interpolated bilinearly) and detections
+  bit for bit, for irregular bins, empty and NaN bins and bad variances;
 * ``gdi_stamps_flagged`` equals :func:`gpudiffim.cutouts.stamps_flagged` exactly;
 * through the operations layer (``cuda-emulator`` backend), detection,
   the PSF sizes and vetting give the NumPy backend's candidates.
@@ -19,12 +22,14 @@ import pytest
 import scipy.ndimage as ndi
 from numpy.testing import assert_allclose, assert_array_equal
 
-from gpudiffim import PsfMatchConfig, use_backend
+from gpudiffim import MaskedImage, PsfMatchConfig, use_backend
 from gpudiffim import candidates as cand
 from gpudiffim._cuda.detection import STAR_MAX_RADIUS, footprint_stats, rated_sigmas, stamps_flagged
+from gpudiffim.config import DetectionConfig
 from gpudiffim.cutouts import footprint_stats as footprint_stats_reference
 from gpudiffim.cutouts import stamps_flagged as stamps_flagged_reference
 from gpudiffim.fwhm import rated_sigmas as rated_sigmas_reference
+from gpudiffim.image import DEFAULT_MASK_PLANES
 from gpudiffim.testing import make_fake_pair
 
 
@@ -128,3 +133,35 @@ def test_kernel_path_gives_the_numpy_candidates(emulator):
     assert_allclose(got[2], ratings, rtol=1e-6)
     assert_array_equal(got[3].id, kept.id)
     assert got[4] == rejected
+
+
+def _scene(gen, shape, dtype):
+    """Sky gradient, stars and noise; a NO_DATA corner (an empty bin), a NaN pixel run, bad variances."""
+    y, x = np.mgrid[:shape[0], :shape[1]]
+    image = 100.0 + 0.05 * x - 0.03 * y + gen.normal(0.0, 3.0, shape)
+    for row, col in gen.integers(0, shape, (15, 2)):
+        image += 400.0 * np.exp(-0.5 * ((y - row) ** 2 + (x - col) ** 2) / 2.0)
+    image[30, 10:14] = np.nan                              # past the input checks (_wrap): a NaN bin median
+    variance = np.full(shape, 9.0)
+    variance[gen.random(shape) < 0.02] = -1.0
+    variance[gen.random(shape) < 0.01] = np.nan
+    mask = np.zeros(shape, dtype=np.int32)
+    mask[:20, :25] = 1 << DEFAULT_MASK_PLANES["NO_DATA"]   # an empty bin
+    return MaskedImage._wrap(image.astype(dtype), mask, variance.astype(dtype), (0, 0), DEFAULT_MASK_PLANES)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "bin_size"), [((97, 131), 17), ((64, 200), 40), ((50, 60), 128)])
+@pytest.mark.parametrize("kind", ["pixel_stdev", "value", "stdev"])
+def test_detection_residual_equals_the_reference(emulator, rng, dtype, shape, bin_size, kind):
+    gen, seed = rng
+    masked = _scene(gen, shape, dtype)
+    detection = DetectionConfig(det_threshold=5.0 if kind != "value" else 30.0, det_threshold_type=kind,
+                                background_bin_size=bin_size)
+    expected = cand._residual_and_detections(masked, detection)
+    with use_backend("cuda-emulator"):
+        got = cand._residual_and_detections(masked, detection)
+    assert_array_equal(got[0], expected[0], err_msg=f"seed={seed}")
+    assert_array_equal(got[1] != 0, expected[1], err_msg=f"seed={seed}")
+    if kind != "stdev":                                     # (the NaN pixels make the image-wide level NaN)
+        assert expected[1].any() and not expected[1].all()

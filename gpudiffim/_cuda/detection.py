@@ -14,7 +14,7 @@ from .launch import launch
 from .signatures import float_ctype
 
 __all__ = ["DETECTION_DEFINES", "DETECTION_THREADS", "STAR_MAX_RADIUS", "footprint_stats", "rated_sigmas",
-           "stamps_flagged"]
+           "stamps_flagged", "detection_residual", "THRESHOLD_KINDS"]
 
 #: Threads per block of the per-centre block kernels (``GDI_DET_THREADS``; a power of two).
 DETECTION_THREADS = 64
@@ -64,8 +64,11 @@ def footprint_stats(residual, labels, n_labels):
 
 
 def _centres(xp, centres_rc):
-    """(n, 2) int32 ``(row, column)`` centres in ``xp`` (an upload for host centres)."""
-    return prepare(xp, centres_rc, np.int32, 2, "centres_rc")
+    """(n, 2) int32 ``(row, column)`` centres in ``xp``: host centres are converted on the host, then
+    uploaded (one call, 8 bytes per centre)."""
+    if isinstance(centres_rc, xp.ndarray):
+        return prepare(xp, centres_rc, np.int32, 2, "centres_rc")
+    return xp.asarray(np.ascontiguousarray(np.asarray(centres_rc).reshape(-1, 2), dtype=np.int32))
 
 
 def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars, *,
@@ -134,3 +137,47 @@ def stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits):
                (mask_a, mask_b, mask_a.shape[1], centres, n, int(half_size), int(bad_bits), flagged),
                defines=DETECTION_DEFINES)
     return flagged
+
+
+#: Threshold kinds of ``gdi_detection_residual`` (``None``: the residual only, the threshold set after).
+THRESHOLD_KINDS = {None: 0, "pixel_stdev": 1, "value": 2}
+
+
+def detection_residual(image, variance, mask, no_data, grid, threshold_kind, threshold):
+    """``gdi_fill_grid`` then ``gdi_detection_residual``: the residual of the background and the detections.
+
+    Parameters
+    ----------
+    image, variance : ndarray of shape (M, N)
+        One float dtype.
+    mask : ndarray of int32, shape (M, N)
+    no_data : int
+        Bits of pixels never detected.
+    grid : ndarray of float64, shape (n_bins_y, n_bins_x)
+        Bin medians (NaN where empty; filled in place); the bins are those
+        of ``np.linspace(0, n, n_bins + 1).astype(int)`` edges.
+    threshold_kind : {None, "pixel_stdev", "value"}
+    threshold : float
+
+    Returns
+    -------
+    residual : ndarray of float64, shape (M, N)
+    above : ndarray of int32, shape (M, N), or None
+        1 where a valid pixel's residual exceeds the threshold (None for
+        ``threshold_kind=None``).
+    """
+    _, xp = on_launcher(image, variance, mask, grid)
+    grid = prepare(xp, grid, np.float64, 2, "grid")
+    n_rows, n_cols = image.shape
+    if image.size >= 2**31:
+        msg = f"detection_residual takes images below 2^31 pixels, got {image.shape}"
+        raise ValueError(msg)
+    kind = THRESHOLD_KINDS[threshold_kind]
+    residual = xp.empty(image.shape, dtype=np.float64)
+    above = xp.empty(image.shape if kind else 0, dtype=np.int32)
+    launch("gdi_fill_grid", (1,), (DETECTION_THREADS,), (grid, grid.size), defines=DETECTION_DEFINES)
+    blocks = (min(_SCAN_BLOCKS, max(-(-image.size // DETECTION_THREADS), 1)),)
+    launch(f"gdi_detection_residual<{float_ctype('image', image.dtype)}>", blocks, (DETECTION_THREADS,),
+           (image, variance, mask, n_rows, n_cols, int(no_data), grid, *grid.shape, kind, float(threshold),
+            residual, above), defines=DETECTION_DEFINES)
+    return residual, above if kind else None
