@@ -212,14 +212,20 @@ def footprint_stats(residual, labels, n_labels):
         smallest flat index of a pixel holding that key (the peak).
     """
     xp = array_module_of(residual)
-    pixels = xp.flatnonzero(labels)
-    segment = labels.ravel()[pixels] - 1
-    index = pixels.astype(np.uint64)
-    column = index % np.uint64(residual.shape[1])
-    key = _order_key(xp, residual.ravel()[pixels])
-    stats = xp.zeros((len(FOOTPRINT_ROWS), n_labels), dtype=np.uint64)
-    stats[0] = xp.bincount(segment, minlength=n_labels)
-    for row, values in ((1, ~index), (2, index), (3, ~column), (4, column), (5, key)):
-        scatter_at(xp, np.maximum, stats[row], segment, values)
-    scatter_at(xp, np.maximum, stats[6], segment, xp.where(key == stats[5][segment], ~index, np.uint64(0)))
-    return stats
+    index_type = np.int32 if residual.size < 2**31 else np.int64    # int32 reductions: 2-3x faster on the host
+    none = np.iinfo(index_type).max
+    index = xp.flatnonzero(labels != 0).astype(index_type)     # of a bool plane: 5x faster on the host
+    segment = labels.ravel()[index] - 1
+    column = index % index_type(residual.shape[1])
+    key = _order_key(xp, residual.ravel()[index])
+    peak_key = xp.zeros(n_labels, dtype=np.uint64)
+    scatter_at(xp, np.maximum, peak_key, segment, key)
+    reduced = []
+    for ufunc, values in ((np.minimum, index), (np.maximum, index), (np.minimum, column), (np.maximum, column),
+                          (np.minimum, xp.where(key == peak_key[segment], index, none))):
+        target = xp.full(n_labels, none if ufunc is np.minimum else 0, dtype=index_type)
+        scatter_at(xp, ufunc, target, segment, values)
+        reduced.append(target.astype(np.uint64))
+    first, last, col_min, col_max, peak = reduced
+    area = xp.bincount(segment, minlength=n_labels).astype(np.uint64)
+    return xp.stack([area, ~first, last, ~col_min, col_max, peak_key, ~peak])

@@ -165,3 +165,33 @@ def test_detection_residual_equals_the_reference(emulator, rng, dtype, shape, bi
     assert_array_equal(got[1] != 0, expected[1], err_msg=f"seed={seed}")
     if kind != "stdev":                                     # (the NaN pixels make the image-wide level NaN)
         assert expected[1].any() and not expected[1].all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cupy_detection_kernels_equal_the_reference(rng, dtype):
+    """With a GPU (NVRTC's arithmetic, real atomics): the fused residual and detections bit for bit, the
+    footprint reductions exactly, the ratings and sigmas to rounding, the mask test exactly."""
+    import cupy
+
+    gen, seed = rng
+    masked = _scene(gen, (301, 257), dtype)
+    detection = DetectionConfig(det_threshold=5.0, background_bin_size=64)
+    expected = cand._residual_and_detections(masked, detection)
+    device = MaskedImage._wrap(*(cupy.asarray(p) for p in (masked.image, masked.mask, masked.variance)), (0, 0),
+                               DEFAULT_MASK_PLANES)
+    got = cand._residual_and_detections(device, detection)
+    assert_array_equal(cupy.asnumpy(got[0]), expected[0], err_msg=f"seed={seed}")
+    assert_array_equal(cupy.asnumpy(got[1]) != 0, expected[1], err_msg=f"seed={seed}")
+    residual, labels, n_labels = _labelled(gen)
+    assert_array_equal(cupy.asnumpy(footprint_stats(cupy.asarray(residual), cupy.asarray(labels), n_labels)),
+                       footprint_stats_reference(residual, labels, n_labels), err_msg=f"seed={seed}")
+    image, variance, centres = _planes(gen, dtype)
+    expected = rated_sigmas_reference(image, variance, [image], centres, None, 3, 12, 20)
+    got = cupy.asnumpy(rated_sigmas(cupy.asarray(image), cupy.asarray(variance), [cupy.asarray(image)], centres,
+                                    None, 3, 12, 20))
+    assert_allclose(got, expected, rtol=1e-6 if dtype == np.float32 else 1e-12, err_msg=f"seed={seed}")
+    masks = [np.where(gen.random(image.shape) < 0.01, 4, 0).astype(np.int32) for _ in range(2)]
+    inside = centres[(centres >= 5).all(axis=1) & (centres < np.array(image.shape) - 5).all(axis=1)]
+    assert_array_equal(cupy.asnumpy(stamps_flagged(*(cupy.asarray(m) for m in masks), inside, 5, 4)) != 0,
+                       stamps_flagged_reference(*masks, inside, 5, 4), err_msg=f"seed={seed}")

@@ -9,6 +9,7 @@ the CPU emulator) or CuPy arrays (run on the GPU), as
 
 import numpy as np
 
+from ..cutouts import FOOTPRINT_ROWS
 from ._host import on_launcher, prepare
 from .launch import launch
 from .signatures import float_ctype
@@ -24,29 +25,21 @@ STAR_MAX_RADIUS = 24
 DETECTION_DEFINES = (("GDI_DET_THREADS", DETECTION_THREADS), ("GDI_DET_MAX_SIDE", 2 * STAR_MAX_RADIUS + 1))
 #: Blocks of the grid-stride pixel scans.
 _SCAN_BLOCKS = 1024
-#: Rows of :func:`footprint_stats` (complements ``~`` hold minima as maxima).
-FOOTPRINT_ROWS = ("area", "~first", "last", "~col_min", "col_max", "peak_key", "~peak")
 
 
 def _per_centre(n):
+    """``(grid, block)``: one thread per centre."""
     return (max(-(-int(n) // DETECTION_THREADS), 1),), (DETECTION_THREADS,)
 
 
+def _pixel_blocks(n_pixels):
+    """Grid of a grid-stride pass over ``n_pixels`` pixels (at most :data:`_SCAN_BLOCKS` blocks)."""
+    return (min(_SCAN_BLOCKS, max(-(-int(n_pixels) // DETECTION_THREADS), 1)),)
+
+
 def footprint_stats(residual, labels, n_labels):
-    """Per-footprint reductions of ``gdi_footprint_scan`` and ``gdi_footprint_peak``.
-
-    Parameters
-    ----------
-    residual : ndarray of float64, shape (M, N)
-    labels : ndarray of int32, shape (M, N)
-        0 outside the footprints, ``1 .. n_labels`` inside.
-    n_labels : int
-
-    Returns
-    -------
-    ndarray of uint64, shape (7, n_labels)
-        The rows of :data:`FOOTPRINT_ROWS` (the kernel source says what each holds).
-    """
+    """:func:`gpudiffim.cutouts.footprint_stats` (same arguments and result) by ``gdi_footprint_scan``
+    and ``gdi_footprint_peak``: two grid-stride pixel scans with atomic maxima, no read-back."""
     _, xp = on_launcher(residual, labels)
     residual = prepare(xp, residual, np.float64, 2, "residual")
     labels = prepare(xp, labels, np.int32, 2, "labels")
@@ -55,7 +48,7 @@ def footprint_stats(residual, labels, n_labels):
         raise ValueError(msg)
     stats = xp.zeros((len(FOOTPRINT_ROWS), n_labels), dtype=np.uint64)
     if n_labels:
-        blocks = (min(_SCAN_BLOCKS, max(-(-residual.size // DETECTION_THREADS), 1)),)
+        blocks = _pixel_blocks(residual.size)
         launch("gdi_footprint_scan", blocks, (DETECTION_THREADS,),
                (residual, labels, residual.size, residual.shape[1], n_labels, stats), defines=DETECTION_DEFINES)
         launch("gdi_footprint_peak", blocks, (DETECTION_THREADS,),
@@ -176,7 +169,7 @@ def detection_residual(image, variance, mask, no_data, grid, threshold_kind, thr
     residual = xp.empty(image.shape, dtype=np.float64)
     above = xp.empty(image.shape if kind else 0, dtype=np.int32)
     launch("gdi_fill_grid", (1,), (DETECTION_THREADS,), (grid, grid.size), defines=DETECTION_DEFINES)
-    blocks = (min(_SCAN_BLOCKS, max(-(-image.size // DETECTION_THREADS), 1)),)
+    blocks = _pixel_blocks(image.size)
     launch(f"gdi_detection_residual<{float_ctype('image', image.dtype)}>", blocks, (DETECTION_THREADS,),
            (image, variance, mask, n_rows, n_cols, int(no_data), grid, *grid.shape, kind, float(threshold),
             residual, above), defines=DETECTION_DEFINES)
