@@ -48,6 +48,8 @@ method                             contract
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
 ``detection_residual``             the residual of the bin-median background and the detections, fused
                                    (kernel path; None on the reference: the caller's row-block steps)
+``interpolated_background``        the bin-median background of an image or a stack, fused (kernel path;
+                                   None on the reference: the caller's steps)
 ``footprint_stats``                (7, n) uint64 per-footprint reductions of a labelled residual
 ``rated_sigmas``                   host ratings of every star and adaptive sigmas of the best rated
 ``stamps_flagged``                 host bool (n,): a bad bit of either mask in each stamp
@@ -454,6 +456,11 @@ class NumpyOperations:
         and the threshold in host row blocks); see :meth:`KernelOperations.detection_residual`."""
         return None
 
+    def interpolated_background(self, image, keep, edges_y, edges_x):
+        """None: on the reference path the caller interpolates its bin medians in host row blocks; see
+        :meth:`KernelOperations.interpolated_background`."""
+        return None
+
     def footprint_stats(self, residual, labels, n_labels):
         """(7, n_labels) uint64 reductions of each footprint (:func:`~gpudiffim.cutouts.footprint_stats`),
         where the arrays live."""
@@ -667,6 +674,16 @@ class KernelOperations(NumpyOperations):
             return None
         grid = self.bin_medians(image, valid, edges_y, edges_x)
         return detection_residual(image, variance, mask, no_data, grid, threshold_kind, threshold)
+
+    def interpolated_background(self, image, keep, edges_y, edges_x):
+        """float64 background of an image (M, N) or a stack (B, M, N): :meth:`bin_medians` of the ``keep``
+        pixels, then ``gdi_fill_grid`` and ``gdi_detection_residual`` (kind -1, every plane of the stack
+        in one launch); no read-back.  None (the reference's steps) for non-float or huge images."""
+        from ._cuda.detection import interpolated_background
+
+        if image.size >= 2**31 or image.dtype.kind != "f" or image.ndim not in (2, 3):
+            return None
+        return interpolated_background(self.bin_medians(image, keep, edges_y, edges_x), image.shape)
 
     def footprint_stats(self, residual, labels, n_labels):
         """``gdi_footprint_scan`` + ``gdi_footprint_peak``: two pixel scans, no read-back."""

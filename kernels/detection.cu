@@ -32,13 +32,16 @@
 //   bit of mask_a | mask_b lies in the (2 half_size + 1)^2 box (inside the
 //   image), else 0.
 //
-// gdi_fill_grid (one block): the bin medians' grid of the background, its
-//   non-finite values replaced by the median of its non-NaN values (0 if
-//   none is finite), as gpudiffim.candidates._Background fills it.
+// gdi_fill_grid (one block per grid of n values): the bin medians' grid of
+//   a background, its non-finite values replaced by the median of its
+//   non-NaN values (0 if none is finite), as gpudiffim.candidates._Background
+//   fills it.
 //
-// gdi_detection_residual<T> (grid-stride over the pixels): residual =
-//   image - background, the background interpolated bilinearly between the
-//   bin centres of the filled (n_bins_y, n_bins_x) grid with the weights of
+// gdi_detection_residual<T> (grid-stride over the pixels of n_images planes):
+//   residual = image - background (kind -1: the background itself; image,
+//   variance and mask unread), the background of plane b interpolated
+//   bilinearly between the bin centres of its filled (n_bins_y, n_bins_x)
+//   grid with the weights of
 //   gpudiffim.candidates._two_point_weights (np.interp's arithmetic, bin
 //   edges of np.linspace(0, n, n_bins + 1).astype(int)), every product and
 //   sum rounded as NumPy rounds them (no contraction); above = 1 where the
@@ -300,8 +303,9 @@ __global__ void gdi_stamps_flagged(const int* __restrict__ mask_a, const int* __
     flagged[k] = found;
 }
 
-__global__ void gdi_fill_grid(double* __restrict__ grid, int n)
+__global__ void gdi_fill_grid(double* __restrict__ grids, int n)
 {
+    double* grid = grids + (long long)blockIdx.x * n;
     __shared__ int counts[2];  // non-NaN, finite
     __shared__ double middle[2];
     const int t = threadIdx.x;
@@ -377,23 +381,31 @@ __device__ __forceinline__ void gdi_det_weights(int t, int n, int n_bins, int* f
 
 template <typename T>
 __global__ void gdi_detection_residual(const T* __restrict__ image, const T* __restrict__ variance,
-                                       const int* __restrict__ mask, int n_rows, int n_cols, int no_data,
+                                       const int* __restrict__ mask, int n_images, int n_rows, int n_cols,
+                                       int no_data,
                                        const double* __restrict__ grid, int n_bins_y, int n_bins_x, int kind,
                                        double value, double* __restrict__ residual, int* __restrict__ above)
 {
-    const long long n_pixels = (long long)n_rows * n_cols;
+    const long long plane = (long long)n_rows * n_cols, n_pixels = plane * n_images;
     const long long stride = (long long)blockDim.x * gridDim.x;
     for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < n_pixels; p += stride) {
-        const int row = (int)(p / n_cols), col = (int)(p % n_cols);
+        const long long in_plane = p % plane;
+        const int row = (int)(in_plane / n_cols), col = (int)(in_plane % n_cols);
         int fy, sy, fx, sx;
         double w1y, w2y, w1x, w2x;
         gdi_det_weights(row, n_rows, n_bins_y, &fy, &sy, &w1y, &w2y);
         gdi_det_weights(col, n_cols, n_bins_x, &fx, &sx, &w1x, &w2x);
-        const double* lower = grid + (long long)fy * n_bins_x;
-        const double* upper = grid + (long long)sy * n_bins_x;
+        const double* own = grid + (p / plane) * n_bins_y * n_bins_x;
+        const double* lower = own + (long long)fy * n_bins_x;
+        const double* upper = own + (long long)sy * n_bins_x;
         const double along_lower = __dadd_rn(__dmul_rn(lower[fx], w1x), __dmul_rn(lower[sx], w2x));
         const double along_upper = __dadd_rn(__dmul_rn(upper[fx], w1x), __dmul_rn(upper[sx], w2x));
-        const double r = (double)image[p] - __dadd_rn(__dmul_rn(along_lower, w1y), __dmul_rn(along_upper, w2y));
+        const double background = __dadd_rn(__dmul_rn(along_lower, w1y), __dmul_rn(along_upper, w2y));
+        if (kind < 0) {
+            residual[p] = background;
+            continue;
+        }
+        const double r = (double)image[p] - background;
         residual[p] = r;
         if (kind == 0) {
             continue;
@@ -418,6 +430,6 @@ template __global__ void gdi_star_sigmas<float>(const float*, const float*, int,
 template __global__ void gdi_star_sigmas<double>(const double*, const double*, int, int, int, const int*,
                                                  const int*, int, int, int, int, double, double*);
 template __global__ void gdi_detection_residual<float>(const float*, const float*, const int*, int, int, int,
-                                                       const double*, int, int, int, double, double*, int*);
+                                                       int, const double*, int, int, int, double, double*, int*);
 template __global__ void gdi_detection_residual<double>(const double*, const double*, const int*, int, int, int,
-                                                        const double*, int, int, int, double, double*, int*);
+                                                        int, const double*, int, int, int, double, double*, int*);

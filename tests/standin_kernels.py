@@ -247,29 +247,33 @@ for _type in ("float", "double"):
     FAST[f"gdi_star_sigmas<{_type}>"] = star_sigmas
 
 
-def fill_grid(grid, n):
-    """``gdi_fill_grid``: non-finite values -> median of the non-NaN ones (0 if none is finite)."""
-    values = grid[:n]
-    finite = np.isfinite(values)
-    fill = np.median(values[~np.isnan(values)]) if finite.any() else 0.0
-    values[~finite] = fill
+def fill_grid(grids, n):
+    """``gdi_fill_grid``: in each grid of ``n`` values, non-finite values -> median of the non-NaN ones
+    (0 if none is finite)."""
+    for values in grids.reshape(-1, n):
+        finite = np.isfinite(values)
+        fill = np.median(values[~np.isnan(values)]) if finite.any() else 0.0
+        values[~finite] = fill
 
 
-def detection_residual(image, variance, mask, n_rows, n_cols, no_data, grid, n_bins_y, n_bins_x, kind, value,
-                       residual, above):
+def detection_residual(image, variance, mask, n_images, n_rows, n_cols, no_data, grid, n_bins_y, n_bins_x, kind,
+                       value, residual, above):
     """``gdi_detection_residual`` by the reference's two-point weights and products."""
     from gpudiffim.candidates import _two_point_weights
 
-    shape = (n_rows, n_cols)
-    grid = grid.reshape(n_bins_y, n_bins_x)
-    image, variance, mask = image.reshape(shape), variance.reshape(shape), mask.reshape(shape)
+    shape = (n_images, n_rows, n_cols)
+    grid = grid.reshape(n_images, n_bins_y, n_bins_x)
     weights = [_two_point_weights(n, np.linspace(0, n, bins + 1).astype(int))
                for n, bins in ((n_rows, n_bins_y), (n_cols, n_bins_x))]
     (first_y, second_y, w1_y, w2_y), (first_x, second_x, w1_x, w2_x) = weights
-    along_x = grid[:, first_x] * w1_x + grid[:, second_x] * w2_x
-    background = along_x[first_y] * w1_y[:, None]
-    background += along_x[second_y] * w2_y[:, None]
+    along_x = grid[:, :, first_x] * w1_x + grid[:, :, second_x] * w2_x
+    background = along_x[:, first_y] * w1_y[:, None]
+    background += along_x[:, second_y] * w2_y[:, None]
     out = residual.reshape(shape)
+    if kind < 0:
+        out[...] = background
+        return
+    image, variance, mask = image.reshape(shape), variance.reshape(shape), mask.reshape(shape)
     np.subtract(image, background, out=out)
     if kind == 1:
         level = float(value) * np.sqrt(np.maximum(variance, 0))

@@ -68,7 +68,8 @@ PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gd
                     "gdi_stamp_residuals", "gdi_spatial_normal_equations",
                     "gdi_accumulate_terms<float>", "gdi_or_filter_1d",
                     "gdi_footprint_scan", "gdi_footprint_peak", "gdi_core_snr<float>", "gdi_star_sigmas<float>",
-                    "gdi_stamps_flagged", "gdi_fill_grid", "gdi_detection_residual<float>"}
+                    "gdi_stamps_flagged", "gdi_fill_grid", "gdi_detection_residual<float>",
+                    "gdi_detection_residual<double>"}
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@
   1e-9 relative (exp and sums in another order, 30 iterations);
 * ``gdi_fill_grid`` + ``gdi_detection_residual`` give the reference's
   residual (bin-median background interpolated bilinearly) and detections
-  bit for bit, for irregular bins, empty and NaN bins and bad variances;
+  bit for bit, for irregular bins, empty and NaN bins and bad variances,
+  and :func:`gpudiffim.candidates.coarse_background` of an image or a stack
+  (kind -1, one launch for every plane) the reference's background;
 * ``gdi_stamps_flagged`` equals :func:`gpudiffim.cutouts.stamps_flagged` exactly;
 * through the operations layer (``cuda-emulator`` backend), detection,
   the PSF sizes and vetting give the NumPy backend's candidates.
@@ -165,6 +167,21 @@ def test_detection_residual_equals_the_reference(emulator, rng, dtype, shape, bi
     assert_array_equal(got[1] != 0, expected[1], err_msg=f"seed={seed}")
     if kind != "stdev":                                     # (the NaN pixels make the image-wide level NaN)
         assert expected[1].any() and not expected[1].all()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_coarse_background_equals_the_reference(emulator, rng, stacked):
+    gen, seed = rng
+    planes = [_scene(gen, (83, 121), np.float32) for _ in range(3 if stacked else 1)]
+    image = np.stack([p.image for p in planes]) if stacked else planes[0].image
+    exclude = gen.random(image.shape) < 0.1
+    exclude[..., :30, :40] = True                           # empty bins
+    for bin_size in (16, 50):
+        expected = cand.coarse_background(image, bin_size, exclude)
+        with use_backend("cuda-emulator"):
+            got = cand.coarse_background(image, bin_size, exclude)
+        assert got.dtype == np.float64 and got.shape == image.shape
+        assert_array_equal(got, expected, err_msg=f"seed={seed}")
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ from .launch import launch
 from .signatures import float_ctype
 
 __all__ = ["DETECTION_DEFINES", "DETECTION_THREADS", "STAR_MAX_RADIUS", "footprint_stats", "rated_sigmas",
-           "stamps_flagged", "detection_residual", "THRESHOLD_KINDS"]
+           "stamps_flagged", "detection_residual", "interpolated_background", "THRESHOLD_KINDS"]
 
 #: Threads per block of the per-centre block kernels (``GDI_DET_THREADS``; a power of two).
 DETECTION_THREADS = 64
@@ -136,6 +136,21 @@ def stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits):
 THRESHOLD_KINDS = {None: 0, "pixel_stdev": 1, "value": 2}
 
 
+def _fill_and_interpolate(image, variance, mask, no_data, grid, kind, threshold, residual, above):
+    """``gdi_fill_grid`` (one block per plane's grid, in place) then ``gdi_detection_residual``."""
+    n_images = grid.size // (grid.shape[-2] * grid.shape[-1]) if grid.size else 0
+    if residual.size >= 2**31 or grid.shape[-2:] == (0, 0) or not n_images:
+        msg = f"a background of {residual.shape} below 2^31 pixels needs a grid per plane, got {grid.shape}"
+        raise ValueError(msg)
+    n_rows, n_cols = residual.shape[-2:]
+    launch("gdi_fill_grid", (n_images,), (DETECTION_THREADS,), (grid, grid.shape[-2] * grid.shape[-1]),
+           defines=DETECTION_DEFINES)
+    launch(f"gdi_detection_residual<{float_ctype('image', image.dtype)}>", _pixel_blocks(residual.size),
+           (DETECTION_THREADS,), (image, variance, mask, n_images, n_rows, n_cols, int(no_data), grid,
+                                  *grid.shape[-2:], kind, float(threshold), residual, above),
+           defines=DETECTION_DEFINES)
+
+
 def detection_residual(image, variance, mask, no_data, grid, threshold_kind, threshold):
     """``gdi_fill_grid`` then ``gdi_detection_residual``: the residual of the background and the detections.
 
@@ -161,16 +176,31 @@ def detection_residual(image, variance, mask, no_data, grid, threshold_kind, thr
     """
     _, xp = on_launcher(image, variance, mask, grid)
     grid = prepare(xp, grid, np.float64, 2, "grid")
-    n_rows, n_cols = image.shape
-    if image.size >= 2**31:
-        msg = f"detection_residual takes images below 2^31 pixels, got {image.shape}"
-        raise ValueError(msg)
     kind = THRESHOLD_KINDS[threshold_kind]
     residual = xp.empty(image.shape, dtype=np.float64)
     above = xp.empty(image.shape if kind else 0, dtype=np.int32)
-    launch("gdi_fill_grid", (1,), (DETECTION_THREADS,), (grid, grid.size), defines=DETECTION_DEFINES)
-    blocks = _pixel_blocks(image.size)
-    launch(f"gdi_detection_residual<{float_ctype('image', image.dtype)}>", blocks, (DETECTION_THREADS,),
-           (image, variance, mask, n_rows, n_cols, int(no_data), grid, *grid.shape, kind, float(threshold),
-            residual, above), defines=DETECTION_DEFINES)
+    _fill_and_interpolate(image, variance, mask, no_data, grid, kind, threshold, residual, above)
     return residual, above if kind else None
+
+
+def interpolated_background(grid, shape):
+    """``gdi_fill_grid`` then ``gdi_detection_residual`` (kind -1): the background of each plane.
+
+    Parameters
+    ----------
+    grid : ndarray of float64, shape (n_bins_y, n_bins_x) or (B, n_bins_y, n_bins_x)
+        Bin medians of each plane (NaN where empty; filled in place), bins as
+        in :func:`detection_residual`.
+    shape : tuple of int
+        ``(M, N)``, or ``(B, M, N)`` for a stack.
+
+    Returns
+    -------
+    ndarray of float64, shape ``shape``
+    """
+    _, xp = on_launcher(grid)
+    grid = prepare(xp, grid, np.float64, grid.ndim, "grid")
+    out = xp.empty(shape, dtype=np.float64)
+    unused = xp.empty(0, dtype=np.int32)
+    _fill_and_interpolate(out, out, unused, 0, grid, -1, 0.0, out, unused)
+    return out

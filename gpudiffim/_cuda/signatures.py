@@ -215,11 +215,11 @@ KERNELS.update({f"gdi_star_sigmas<{t}>": _star_sigmas(t) for t in ("float", "dou
 
 def _detection_residual(t):
     return KernelSpec("detection", (
-        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"), ("n_rows", "int"),
-        ("n_cols", "int"), ("no_data", "int"), ("grid", "const double*"), ("n_bins_y", "int"),
+        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"), ("n_images", "int"),
+        ("n_rows", "int"), ("n_cols", "int"), ("no_data", "int"), ("grid", "const double*"), ("n_bins_y", "int"),
         ("n_bins_x", "int"), ("kind", "int"), ("value", "double"), ("residual", "double*"), ("above", "int*"),
     ))
 
 
-KERNELS["gdi_fill_grid"] = KernelSpec("detection", (("grid", "double*"), ("n", "int")))
+KERNELS["gdi_fill_grid"] = KernelSpec("detection", (("grids", "double*"), ("n", "int")))
 KERNELS.update({f"gdi_detection_residual<{t}>": _detection_residual(t) for t in ("float", "double")})
