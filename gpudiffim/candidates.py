@@ -6,6 +6,12 @@ images.  The vetted candidates go into the spatial cell set
 (:mod:`gpudiffim.cellset`).
 
 Positions are parent-pixel coordinates (x = column, y = row).
+
+On the kernel path (:mod:`gpudiffim._ops`; ``kernels/detection.cu``) the
+background and threshold pass, the footprint reductions, the core S/N
+ratings with the PSF-size moments, and the stamps' mask test are each one or
+two launches with at most one read-back; the NumPy reference runs the same
+steps in host row blocks.
 """
 
 import functools
@@ -82,7 +88,8 @@ class _Background:
     the grid's gaps are filled and the interpolation runs along x on the
     grid, then along y over the image, as separate element-wise products and
     a sum, all in the image's array module (nothing is read back on the GPU),
-    so NumPy and CuPy round alike.
+    so NumPy and CuPy round alike.  The reference path only: the kernel path
+    interpolates in ``gdi_detection_residual`` with the same products and sums.
     """
 
     def __init__(self, image, bin_size, keep=None):

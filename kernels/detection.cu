@@ -59,7 +59,7 @@
 #define GDI_DET_MAX_SIDE 49
 #endif
 
-#ifndef __CUDACC__
+#if !(defined(__CUDACC__) || defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__))
 // The emulator's compiler (x86-64, no FMA) neither contracts nor reorders these.
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
