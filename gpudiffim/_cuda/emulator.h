@@ -9,9 +9,9 @@
 // __syncthreads() is a std::barrier across the block.  Supported: 1-D, 2-D and
 // 3-D grids and blocks, __shared__ arrays of static size, __syncthreads,
 // atomicAdd on int, unsigned, unsigned long long, float and double, atomicMax
-// on integers.  Not
-// supported: warp intrinsics, dynamic (extern) shared memory, __syncthreads in
-// divergent code (a deadlock here, undefined behaviour on a GPU).
+// on integers (a compare-and-swap loop).  Not supported: warp intrinsics,
+// dynamic (extern) shared memory, __syncthreads in divergent code (a deadlock
+// here, undefined behaviour on a GPU).
 
 #include <atomic>
 #include <barrier>
