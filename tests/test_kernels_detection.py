@@ -212,3 +212,17 @@ def test_cupy_detection_kernels_equal_the_reference(rng, dtype):
     inside = centres[(centres >= 5).all(axis=1) & (centres < np.array(image.shape) - 5).all(axis=1)]
     assert_array_equal(cupy.asnumpy(stamps_flagged(*(cupy.asarray(m) for m in masks), inside, 5, 4)) != 0,
                        stamps_flagged_reference(*masks, inside, 5, 4), err_msg=f"seed={seed}")
+
+
+def test_rated_fwhms_of_given_positions(emulator, rng):
+    """Positions given as floats (some off the image): ratings at the rounded positions, cutouts at the
+    truncated ones, on the kernel path as on the reference."""
+    gen, seed = rng
+    pair = make_fake_pair(shape=(128, 120), n_stars=30, seed=6)
+    positions = cand.detect_candidates(pair.science, PsfMatchConfig().detection) + gen.uniform(-0.6, 0.6, (1, 2))
+    positions = np.concatenate([positions, [[-3.4, 50.2], [125.7, 130.9]]])
+    expected = cand.rated_fwhms([pair.science], pair.science, positions, 2, max_stars=12)
+    with use_backend("cuda-emulator"):
+        got = cand.rated_fwhms([pair.science], pair.science, positions, 2, max_stars=12)
+    assert_allclose(got[0], expected[0], rtol=1e-9, err_msg=f"seed={seed}")
+    assert_allclose(got[1], expected[1], rtol=1e-6, err_msg=f"seed={seed}")
