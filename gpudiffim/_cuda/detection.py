@@ -101,6 +101,8 @@ def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radi
         msg = f"rated_sigmas takes 1 or 2 images and radius <= {STAR_MAX_RADIUS}, got {len(images)}, {radius}"
         raise ValueError(msg)
     _, xp = on_launcher(image, variance, *images)
+    image, variance = (prepare(xp, plane, image.dtype, 2, "planes") for plane in (image, variance))
+    images = [prepare(xp, plane, images[0].dtype, 2, "images") for plane in images]
     centres = _centres(xp, centres_rc)
     star_centres = centres if star_centres_rc is None else _centres(xp, star_centres_rc)
     n = len(centres)
@@ -121,6 +123,7 @@ def stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits):
     Every ``(2 half_size + 1)^2`` stamp must lie inside the (M, N) int32 masks.
     """
     _, xp = on_launcher(mask_a, mask_b)
+    mask_a, mask_b = (prepare(xp, m, np.int32, 2, "masks") for m in (mask_a, mask_b))
     centres = _centres(xp, centres_rc)
     n = len(centres)
     flagged = xp.empty(n, dtype=np.int32)
@@ -175,6 +178,8 @@ def detection_residual(image, variance, mask, no_data, grid, threshold_kind, thr
         ``threshold_kind=None``).
     """
     _, xp = on_launcher(image, variance, mask, grid)
+    image, variance = (prepare(xp, plane, image.dtype, 2, "planes") for plane in (image, variance))
+    mask = prepare(xp, mask, np.int32, 2, "mask")
     grid = prepare(xp, grid, np.float64, 2, "grid")
     kind = THRESHOLD_KINDS[threshold_kind]
     residual = xp.empty(image.shape, dtype=np.float64)
