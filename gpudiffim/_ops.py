@@ -58,6 +58,13 @@ method                             contract
 ``propagate_mask``                 every mask bit OR-ed over the kernel footprint
 ``spatial_normal_equations``       host ``(M, b)`` of the spatial system from sparse maps
 ``warp_resample``                  Lanczos-3 image, variance, mask of a warp's target grid
+``detection_residual``             the residual of the bin-median background and the detections, fused
+                                   (kernel path; None on the reference: the caller's row-block steps)
+``interpolated_background``        the bin-median background of an image or a stack, fused (kernel path;
+                                   None on the reference: the caller's steps)
+``footprint_stats``                (7, n) uint64 per-footprint reductions of a labelled residual
+``rated_sigmas``                   host ratings of every star and adaptive sigmas of the best rated
+``stamps_flagged``                 host bool (n,): a bad bit of either mask in each stamp
 =================================  ==============================================================
 """
 
@@ -73,8 +80,9 @@ from .convolve import (
     correlate_stamps_each,
     correlate_stamps_separable,
 )
-from .cutouts import cut_planes
+from .cutouts import cut_planes, footprint_stats, stamps_flagged
 from .errors import SingularSystemError
+from .fwhm import rated_sigmas
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .spatial import GridFactors
 from .statistics import (
@@ -599,6 +607,32 @@ class NumpyOperations:
         x = factors.x0 + np.arange(factors.columns)
         y = factors.y0 + np.arange(factors.rows)
         return factors.function.evaluate_grid(coefficients, x, y, xp=xp)
+    # ---- detection and candidate selection (kernels/detection.cu on the kernel path) ----
+
+    def detection_residual(self, image, variance, mask, no_data, valid, edges_y, edges_x, threshold_kind,
+                           threshold):
+        """None: on the reference path the caller runs its steps (bin medians, the bilinear background
+        and the threshold in host row blocks); see :meth:`KernelOperations.detection_residual`."""
+        return None
+
+    def interpolated_background(self, image, keep, edges_y, edges_x):
+        """None: on the reference path the caller interpolates its bin medians in host row blocks; see
+        :meth:`KernelOperations.interpolated_background`."""
+        return None
+
+    def footprint_stats(self, residual, labels, n_labels):
+        """(7, n_labels) uint64 reductions of each footprint (:func:`~gpudiffim.cutouts.footprint_stats`),
+        where the arrays live."""
+        return footprint_stats(residual, labels, n_labels)
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+        """Host float64 buffer of the core S/N ratings of every star, then the adaptive sigmas of the
+        ``max_stars`` best rated on each of ``images`` (:func:`~gpudiffim.fwhm.rated_sigmas`)."""
+        return rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars)
+
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
+        """Host bool (n,): a ``bad_bits`` bit of either mask in each stamp (:func:`~gpudiffim.cutouts.stamps_flagged`)."""
+        return stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)
 
 
 class KernelOperations(NumpyOperations):
@@ -870,6 +904,60 @@ class KernelOperations(NumpyOperations):
         n_theta = vector.shape[0]
         packed = to_host(xp.concatenate([matrix.reshape(-1), vector]))
         return packed[:n_theta * n_theta].reshape(n_theta, n_theta), packed[n_theta * n_theta:]
+
+    # ---- detection and candidate selection ----
+
+    def detection_residual(self, image, variance, mask, no_data, valid, edges_y, edges_x, threshold_kind,
+                           threshold):
+        """``(residual, above)`` of detection: :meth:`bin_medians` of the ``valid`` pixels in the bins of
+        ``edges_y``/``edges_x`` (``np.linspace(0, n, n_bins + 1).astype(int)``), then ``gdi_fill_grid`` and
+        ``gdi_detection_residual`` (the filled grid interpolated as the reference does, the residual
+        and, for ``threshold_kind`` "pixel_stdev" or "value", the int32 detections; None for the
+        image-wide kinds, set by the caller); no read-back."""
+        from ._cuda.detection import THRESHOLD_KINDS, detection_residual
+
+        if image.size >= 2**31 or threshold_kind not in THRESHOLD_KINDS or variance.dtype != image.dtype:
+            return None
+        grid = self.bin_medians(image, valid, edges_y, edges_x)
+        return detection_residual(image, variance, mask, no_data, grid, threshold_kind, threshold)
+
+    def interpolated_background(self, image, keep, edges_y, edges_x):
+        """float64 background of an image (M, N) or a stack (B, M, N): :meth:`bin_medians` of the ``keep``
+        pixels, then ``gdi_fill_grid`` and ``gdi_detection_residual`` (kind -1, every plane of the stack
+        in one launch); no read-back.  None (the reference's steps) for non-float or huge images."""
+        from ._cuda.detection import interpolated_background
+
+        if image.size >= 2**31 or image.dtype.kind != "f" or image.ndim not in (2, 3):
+            return None
+        return interpolated_background(self.bin_medians(image, keep, edges_y, edges_x), image.shape)
+
+    def footprint_stats(self, residual, labels, n_labels):
+        """``gdi_footprint_scan`` + ``gdi_footprint_peak``: two pixel scans, no read-back."""
+        from ._cuda.detection import footprint_stats
+
+        if residual.size >= 2**31:
+            return super().footprint_stats(residual, labels, n_labels)
+        return footprint_stats(residual, labels, n_labels)
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+        """``gdi_core_snr`` + ``gdi_star_sigmas`` and one read-back (one or two images of the rated
+        planes' dtype, ``radius`` within the kernel's shared memory; else the reference)."""
+        from ._cuda.detection import STAR_MAX_RADIUS, rated_sigmas
+
+        dtypes = {variance.dtype, *(plane.dtype for plane in images)}
+        if len(images) > 2 or radius > STAR_MAX_RADIUS or dtypes != {image.dtype}:
+            return super().rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius,
+                                        radius, max_stars)
+        return to_host(rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius,
+                                    max_stars))
+
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
+        """``gdi_stamps_flagged`` (one thread per stamp) and one read-back."""
+        from ._cuda.detection import stamps_flagged
+
+        if len(centres_rc) == 0:
+            return np.zeros(0, dtype=bool)
+        return to_host(stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)) != 0
 
 
 #: The NumPy reference.

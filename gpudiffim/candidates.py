@@ -6,6 +6,12 @@ images.  The vetted candidates go into the spatial cell set
 (:mod:`gpudiffim.cellset`).
 
 Positions are parent-pixel coordinates (x = column, y = row).
+
+On the kernel path (:mod:`gpudiffim._ops`; ``kernels/detection.cu``) the
+background and threshold pass, the footprint reductions, the core S/N
+ratings with the PSF-size moments, and the stamps' mask test are each one or
+two launches with at most one read-back; the NumPy reference runs the same
+steps in host row blocks.
 """
 
 import functools
@@ -14,11 +20,12 @@ import warnings
 
 import numpy as np
 
-from ._backend import array_module_of, ndimage_of, row_blocks, scatter_at, to_host
+from ._backend import array_module_of, ndimage_of, row_blocks, to_host
 from ._ops import operations_for
 from .cellset import Candidates, RejectReason
-from .cutouts import cut_stamps, stamps_fit
+from .cutouts import stamps_fit
 from .errors import ConfigurationError, NoKernelCandidatesError
+from .fwhm import core_snr_of, median_fwhm
 from .statistics import mad_sigma
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "coarse_background",
     "vet_candidates",
     "candidate_positions",
+    "rated_fwhms",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,7 +88,8 @@ class _Background:
     the grid's gaps are filled and the interpolation runs along x on the
     grid, then along y over the image, as separate element-wise products and
     a sum, all in the image's array module (nothing is read back on the GPU),
-    so NumPy and CuPy round alike.
+    so NumPy and CuPy round alike.  The reference path only: the kernel path
+    interpolates in ``gdi_detection_residual`` with the same products and sums.
     """
 
     def __init__(self, image, bin_size, keep=None):
@@ -138,7 +147,12 @@ def coarse_background(image, bin_size, exclude=None):
     the median of the others); NumPy and CuPy give identical backgrounds.
     """
     xp = array_module_of(image)
-    background = _Background(image, bin_size, None if exclude is None else ~exclude)
+    keep = None if exclude is None else ~exclude
+    edges = [_bin_edges(n, bin_size) for n in image.shape[-2:]]
+    fused = operations_for(image).interpolated_background(image, keep, *edges)
+    if fused is not None:             # kernel path: one launch for every plane
+        return fused
+    background = _Background(image, bin_size, keep)
     out = xp.empty(image.shape, dtype=np.float64)
 
     def fill(rows):
@@ -176,17 +190,14 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def _footprints(above):
-    """8-connected footprints of ``above`` as (pixels, footprint, count), in the array's module.
+    """8-connected footprints of ``above`` as (labels, count), in the array's module.
 
-    ``pixels``: flat indices of the ``above`` pixels in raster order;
-    ``footprint``: the 0-based footprint of each.  Only the partition into
-    footprints is defined, not their numbering.  SciPy labels on the host,
-    ``cupyx.scipy.ndimage.label`` on the GPU.
+    ``labels``: 0 outside, ``1 .. count`` on the footprints; only the
+    partition into footprints is defined, not their numbering.  SciPy labels
+    on the host, ``cupyx.scipy.ndimage.label`` on the GPU.
     """
-    xp = array_module_of(above)
-    pixels = xp.flatnonzero(above)
     labels, n_labels = ndimage_of(above).label(above, structure=_EIGHT_CONNECTED)
-    return pixels, labels.ravel()[pixels] - 1, int(n_labels)
+    return labels, int(n_labels)
 
 
 def detect_candidates(masked_image, detection):
@@ -207,37 +218,11 @@ def detect_candidates(masked_image, detection):
         footprints larger than ``fp_npix_max``.  Footprints are in the raster
         order of their first pixel; NumPy and CuPy planes give the same array.
     """
-    xp = masked_image.xp
-    image, variance, mask = masked_image.image, masked_image.variance, masked_image.mask
-    shape = masked_image.shape
-    no_data = masked_image.bits(["NO_DATA"])
-    valid = xp.empty(shape, dtype=bool)
-    residual = xp.empty(shape, dtype=np.float64)
-    above = xp.empty(shape, dtype=bool)
-
-    def find_valid(rows):
-        xp.equal(mask[rows] & no_data, 0, out=valid[rows])
-
-    def find_above(rows):
-        xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
-
-    def subtract(rows):
-        xp.subtract(image[rows], background.rows(rows), out=residual[rows])
-        if local:
-            find_above(rows)
-
-    _for_row_blocks(xp, shape, find_valid)
-    background = _Background(image, detection.background_bin_size, valid)
-    local = detection.det_threshold_type in _LOCAL_THRESHOLDS
-    threshold = _threshold(detection, variance) if local else None
-    _for_row_blocks(xp, shape, subtract)
-    if not local:
-        threshold = _threshold(detection, variance, residual, valid)
-        _for_row_blocks(xp, shape, find_above)
-    pixels, footprint, n_labels = _footprints(above)
+    residual, above = _residual_and_detections(masked_image, detection)
+    labels, n_labels = _footprints(above)
     if n_labels == 0:
         return np.zeros((0, 2), dtype=int)
-    peaks, area = _footprint_peaks(residual, pixels, footprint, n_labels, detection.fp_npix_max)
+    peaks, area = _footprint_peaks(residual, labels, n_labels, detection.fp_npix_max)
     keep = area >= detection.fp_npix_min
     x0, y0 = masked_image.xy0
     rows, cols = peaks[keep, 0], peaks[keep, 1]
@@ -246,66 +231,88 @@ def detect_candidates(masked_image, detection):
     return np.stack([cols + x0, rows + y0], axis=1)
 
 
-def _order_key(xp, values):
-    """uint64 keys ordered as the float64 ``values`` (-0.0 and 0.0 alike; no NaN).
+def _without_bits(xp, mask, bits):
+    """bool plane: where ``mask`` has none of ``bits`` (host row blocks; one expression where one block covers all)."""
+    blocks = list(row_blocks(xp, mask.shape))
+    if len(blocks) == 1:
+        return (mask & bits) == 0
+    out = xp.empty(mask.shape, dtype=bool)
+    for rows in blocks:
+        xp.equal(mask[rows] & bits, 0, out=out[rows])
+    return out
 
-    Segment maxima are taken on these integer keys: CuPy 14's float64 atomic
-    max rounds through float32 (``fmaxf`` in ``cupy/atomics.cuh``), so
-    ``cupy.maximum.at`` is not exact for float64.
+
+def _residual_and_detections(masked_image, detection):
+    """``(residual, above)``: the image less its background, and the pixels detected (where the planes live).
+
+    The background is :class:`_Background` of the valid pixels (no
+    ``NO_DATA`` bit); ``above`` (bool, or int32 0/1 on the kernel path) marks
+    the valid pixels above :func:`_threshold`.  On the kernel path the
+    background, the residual and a local threshold are one fused pass
+    (:meth:`~gpudiffim._ops.KernelOperations.detection_residual`); else host
+    row blocks.
     """
-    bits = (values.astype(np.float64) + 0.0).view(np.uint64)
-    negative = (bits >> np.uint64(63)) == np.uint64(1)
-    return xp.where(negative, ~bits, bits | np.uint64(1 << 63))
+    xp = masked_image.xp
+    image, variance, mask = masked_image.image, masked_image.variance, masked_image.mask
+    shape = masked_image.shape
+    no_data = masked_image.bits(["NO_DATA"])
+    valid = _without_bits(xp, mask, no_data)
+    local = detection.det_threshold_type in _LOCAL_THRESHOLDS
+    edges = [_bin_edges(n, detection.background_bin_size) for n in shape]
+    fused = operations_for(image).detection_residual(image, variance, mask, no_data, valid, *edges,
+                                                     detection.det_threshold_type if local else None,
+                                                     detection.det_threshold)
+    if fused is None:
+        background = _Background(image, detection.background_bin_size, valid)
+        threshold = _threshold(detection, variance) if local else None
+        residual = xp.empty(shape, dtype=np.float64)
+        above = xp.empty(shape, dtype=bool) if local else None
+
+        def subtract(rows):
+            xp.subtract(image[rows], background.rows(rows), out=residual[rows])
+            if local:
+                xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
+
+        _for_row_blocks(xp, shape, subtract)
+    else:
+        residual, above = fused
+    if not local:
+        threshold = _threshold(detection, variance, residual, valid)
+        above = xp.empty(shape, dtype=bool)
+
+        def find_above(rows):
+            xp.logical_and(residual[rows] > threshold(rows), valid[rows], out=above[rows])
+
+        _for_row_blocks(xp, shape, find_above)
+    return residual, above
 
 
-def _footprint_peaks(residual, pixels, footprint, n_footprints, npix_max):
+def _footprint_peaks(residual, labels, n_labels, npix_max):
     """(row, col) of each footprint's peak, and its area, in the raster order of first pixels.
 
     The peak is the pixel of largest residual (the smallest flat index among
     equal ones); for footprints of more than ``npix_max`` pixels, the centre
-    of the bounding box.  Segment reductions over the footprint pixels, in the
-    array module of ``residual``; the results are host arrays.
+    of the bounding box.  The reductions run where the arrays live
+    (:meth:`~gpudiffim._ops.NumpyOperations.footprint_stats`: two launches on
+    the kernel path); one read-back, the rest on the host.
 
     Parameters
     ----------
     residual : ndarray of shape (M, N)
-    pixels : ndarray of int, shape (P,)
-        Flat indices of the footprint pixels.
-    footprint : ndarray of int, shape (P,)
-        Footprint of each, ``0 .. n_footprints - 1`` in any numbering.
-    n_footprints : int
+    labels : ndarray of int, shape (M, N)
+        Footprint labels ``1 .. n_labels`` (0 outside), any numbering.
+    n_labels : int
     npix_max : int
 
     Returns
     -------
-    peaks : ndarray of int, shape (n_footprints, 2)
-    area : ndarray of int, shape (n_footprints,)
+    peaks : ndarray of int, shape (n_labels, 2)
+    area : ndarray of int, shape (n_labels,)
     """
-    xp = array_module_of(residual)
     n_cols = residual.shape[1]
-    index_type = np.int32 if residual.size < 2**31 else np.uint64
-    none = np.iinfo(index_type).max
-    index = pixels.astype(index_type)
-    segment = footprint.astype(np.int32 if n_footprints < 2**31 else np.uint64)
-    area = xp.bincount(segment, minlength=n_footprints)
-    first = xp.full(n_footprints, none, dtype=index_type)
-    scatter_at(xp, np.minimum, first, segment, index)
-    key = _order_key(xp, residual.ravel()[index])
-    peak_key = xp.zeros(n_footprints, dtype=np.uint64)
-    scatter_at(xp, np.maximum, peak_key, segment, key)
-    # pixels that do not take part hold the neutral value of the reduction: no compaction, no read-back
-    peak = xp.full(n_footprints, none, dtype=index_type)
-    scatter_at(xp, np.minimum, peak, segment, xp.where(key == peak_key[segment], index, none))
-    in_big = (area > npix_max)[segment]
-    big_col = index % n_cols
-    last = xp.zeros(n_footprints, dtype=index_type)
-    scatter_at(xp, np.maximum, last, segment, xp.where(in_big, index, 0))
-    col_min = xp.full(n_footprints, none, dtype=index_type)
-    scatter_at(xp, np.minimum, col_min, segment, xp.where(in_big, big_col, none))
-    col_max = xp.zeros(n_footprints, dtype=index_type)
-    scatter_at(xp, np.maximum, col_max, segment, xp.where(in_big, big_col, 0))
-    packed = xp.stack([a.astype(np.int64) for a in (area, first, peak, last, col_min, col_max)])
-    area, first, peak, last, col_min, col_max = to_host(packed)
+    stats = to_host(operations_for(residual).footprint_stats(residual, labels, n_labels))
+    stats[[1, 3, 6]] = ~stats[[1, 3, 6]]     # minima kept as maxima of complements
+    area, first, last, col_min, col_max, _, peak = stats.astype(np.int64)
     big = area > npix_max
     rows = np.where(big, (first // n_cols + last // n_cols) // 2, peak // n_cols)
     cols = np.where(big, (col_min + col_max) // 2, peak % n_cols)
@@ -356,12 +363,51 @@ def core_snr(science, centres_rc, radius):
     """
     if len(centres_rc) == 0:
         return np.zeros(0)
-    xp = science.xp
-    image = cut_stamps(science.image, centres_rc, radius, clamp=True)
-    sigma = xp.sqrt(cut_stamps(science.variance, centres_rc, radius, clamp=True))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        snr = xp.where(sigma > 0, image / sigma, 0.0)
-    return to_host(snr.mean(axis=(1, 2)))
+    return to_host(core_snr_of(science.image, science.variance, centres_rc, radius))
+
+
+def rated_fwhms(masked_images, reference, positions, core_radius, *, radius=12, max_stars=50):
+    """Core S/N ratings of the stars on ``reference`` and the FWHMs of ``masked_images``, with one read-back.
+
+    The stars are ranked by :func:`core_snr` of ``reference`` at the rounded
+    positions (descending, ties in order); the first ``max_stars`` give each
+    image's :func:`~gpudiffim.fwhm.estimate_fwhm` (cutouts at the truncated
+    positions).  On the kernel path the ranking and the adaptive moments
+    run on the device (:meth:`~gpudiffim._ops.NumpyOperations.rated_sigmas`).
+
+    Parameters
+    ----------
+    masked_images : sequence of MaskedImage
+        One or two images on the grid of ``reference`` (NumPy or CuPy planes).
+    reference : MaskedImage
+    positions : ndarray of shape (n, 2)
+        Parent ``(x, y)`` of the stars.
+    core_radius : int
+        Radius of the core of the ratings (px).
+    radius : int
+        Half-size of the cutouts (px).
+    max_stars : int
+
+    Returns
+    -------
+    fwhms : tuple of float
+        FWHM (px) of each of ``masked_images``.
+    ratings : ndarray of float64, shape (n,)
+
+    Raises
+    ------
+    NoKernelCandidatesError
+        If no star gives a valid measurement on an image.
+    """
+    positions = np.asarray(positions)
+    centres_rc = (np.floor(positions + 0.5).astype(int) - np.array(reference.xy0))[:, ::-1]
+    star_centres_rc = (positions - np.array(masked_images[0].xy0))[:, ::-1].astype(int)
+    values = operations_for(reference.image).rated_sigmas(
+        reference.image, reference.variance, [m.image for m in masked_images], centres_rc,
+        None if np.array_equal(star_centres_rc, centres_rc) else star_centres_rc, core_radius, radius, max_stars)
+    n = len(positions)
+    fwhms = tuple(median_fwhm(sigmas) for sigmas in values[n:].reshape(len(masked_images), max_stars))
+    return fwhms, values[:n]
 
 
 def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, core_radius,
@@ -400,7 +446,8 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     bad_bits = science.bits(bad_mask_planes) | template.bits(bad_mask_planes)
     centres_rc = centres[:, ::-1]
     clean = inside.copy()
-    clean[inside] = ~_stamps_flagged(template, science, bad_bits, centres_rc[inside], half_size)
+    clean[inside] = ~operations_for(science.mask).stamps_flagged(science.mask, template.mask, centres_rc[inside],
+                                                                 half_size, bad_bits)
     rating = np.full(len(positions), -np.inf)
     rating[clean] = (core_snr(science, centres_rc[clean], core_radius) if ratings is None
                      else np.asarray(ratings, dtype=np.float64)[clean])
@@ -411,40 +458,6 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     ids = np.flatnonzero(bright)
     kept = Candidates.from_arrays(ids, centres[ids, 0] + x0, centres[ids, 1] + y0, rating[ids])
     return kept, rejected
-
-
-def _stamps_flagged(template, science, bad_bits, centres_rc, half_size):
-    """Whether a ``bad_bits`` bit of either mask lies in the (2g+1)^2 box of each centre.
-
-    Every box must lie inside the image.  ``column_any[s, c]``: whether a
-    pixel of column ``c`` in rows ``s .. s + 2g`` is flagged, by doubling
-    (OR of the flags with their shifts by 1, 2, 4, ... rows, then of two
-    overlapping power-of-two windows); a box is flagged iff one of its ``2g+1``
-    columns is.  Computed where the masks live (host row blocks with a halo
-    of ``2g`` rows); the result is a host array.
-    """
-    if len(centres_rc) == 0:
-        return np.zeros(0, dtype=bool)
-    xp = science.xp
-    ny, nx = science.shape
-    size = 2 * half_size + 1
-    power = 1 << (size.bit_length() - 1)
-    column_any = xp.empty((ny - size + 1, nx), dtype=bool)
-
-    def any_in_window(rows):
-        halo = slice(rows.start, rows.stop + size - 1)
-        window = ((science.mask[halo] | template.mask[halo]) & bad_bits) != 0
-        span = 1
-        while span < power:
-            window = window[:-span] | window[span:]
-            span *= 2
-        n = rows.stop - rows.start
-        xp.logical_or(window[:n], window[size - power:size - power + n], out=column_any[rows])
-
-    _for_row_blocks(xp, column_any.shape, any_in_window, min_rows=4 * size)
-    # row s of column_any, the box top, across the box's 2g+1 columns: a (1, 2g+1) stamp
-    box_tops = np.asarray(centres_rc) - np.array([half_size, 0])
-    return to_host(cut_stamps(column_any, box_tops, (0, half_size)).any(axis=(1, 2)))
 
 
 def require_candidates(candidates, minimum=1):

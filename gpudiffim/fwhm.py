@@ -9,11 +9,11 @@ iterating ``s^2 <- 2 m`` converges to ``s = sigma``.  The FWHM is
 import numpy as np
 
 from ._backend import array_module_of, to_host
-from .cutouts import cut_stamps
+from .cutouts import cut_planes, cut_stamps
 from .errors import NoKernelCandidatesError
 from .gaussian import SIGMA_TO_FWHM
 
-__all__ = ["estimate_fwhm", "estimate_fwhms", "SIGMA_TO_FWHM"]
+__all__ = ["estimate_fwhm", "estimate_fwhms", "core_snr_of", "rated_sigmas", "median_fwhm", "SIGMA_TO_FWHM"]
 
 
 def _cutouts(images, centres_rc, radius):
@@ -105,10 +105,78 @@ def estimate_fwhms(masked_images, positions, *, radius=12, max_stars=50):
     positions = np.asarray(positions)[:max_stars]
     centres_rc = (positions - np.array(masked_images[0].xy0))[:, ::-1].astype(int)
     sigmas = adaptive_sigma(_cutouts([m.image for m in masked_images], centres_rc, radius))
-    return tuple(_median_fwhm(part) for part in np.split(sigmas, len(masked_images)))
+    return tuple(median_fwhm(part) for part in np.split(sigmas, len(masked_images)))
 
 
-def _median_fwhm(sigmas):
+def core_snr_of(image, variance, centres_rc, radius):
+    """Mean of S/sigma over the clamped ``(2 radius + 1)^2`` core of each centre, where the planes live.
+
+    Parameters
+    ----------
+    image, variance : ndarray of shape (M, N)
+        NumPy or CuPy planes of one float dtype.
+    centres_rc : ndarray of int, shape (n, 2)
+        ``(row, column)`` centres relative to the image origin.
+    radius : int
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        In the planes' dtype and array module (no read-back); pixels of
+        non-positive variance count as 0.
+    """
+    xp = array_module_of(image)
+    cut_image, cut_variance = cut_planes((image, variance), centres_rc, radius, clamp=True)
+    sigma = xp.sqrt(cut_variance)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = xp.where(sigma > 0, cut_image / sigma, 0.0)
+    return snr.mean(axis=(1, 2))
+
+
+def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+    """Core S/N ratings of every star and adaptive sigmas of the best-rated ones, in one host buffer.
+
+    The reference of the kernel path's ``gdi_core_snr`` + ``gdi_star_sigmas``
+    (:func:`gpudiffim._cuda.detection.rated_sigmas`, same layout).
+
+    Parameters
+    ----------
+    image, variance : ndarray of shape (M, N)
+        The rated planes (:func:`core_snr_of`), NumPy or CuPy.
+    images : sequence of ndarray (M, N)
+        The planes measured (:func:`adaptive_sigma` of background-free,
+        edge-clamped cutouts of half-size ``radius``).
+    centres_rc : ndarray of int, shape (n, 2)
+        ``(row, column)`` centres of the ratings.
+    star_centres_rc : ndarray of int, shape (n, 2), or None
+        Centres of the cutouts of the same stars (None: ``centres_rc``).
+    core_radius, radius, max_stars : int
+
+    Returns
+    -------
+    ndarray of float64, shape (n + len(images) * max_stars,)
+        The ratings, then per image the sigmas (px) of the stars in
+        descending order of rating (a stable argsort of ``-ratings``); NaN
+        where invalid or beyond the ``n`` stars.
+    """
+    ratings = to_host(core_snr_of(image, variance, centres_rc, core_radius))
+    star_centres_rc = centres_rc if star_centres_rc is None else star_centres_rc
+    best = np.argsort(-ratings, kind="stable")[:max_stars]
+    sigmas = np.full((len(images), max_stars), np.nan)
+    if len(best):
+        measured = adaptive_sigma(_cutouts(images, np.asarray(star_centres_rc)[best], radius))
+        sigmas[:, :len(best)] = measured.reshape(len(images), len(best))
+    return np.concatenate([ratings.astype(np.float64), sigmas.ravel()])
+
+
+def median_fwhm(sigmas):
+    """FWHM (px) of the median of the finite adaptive sigmas (px).
+
+    Raises
+    ------
+    NoKernelCandidatesError
+        If none is finite.
+    """
     sigmas = sigmas[np.isfinite(sigmas)]
     if sigmas.size == 0:
         msg = ("could not measure a PSF size on any candidate; pass template_fwhm_pix/science_fwhm_pix "

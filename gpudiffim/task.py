@@ -28,8 +28,8 @@ from .apply import convolve_masked_image, spatial_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
     candidate_positions,
-    core_snr,
     detect_candidates,
+    rated_fwhms,
     require_candidates,
     vet_candidates,
 )
@@ -41,7 +41,6 @@ from .difference_psf import DifferencePsf, gaussian_psf, preconvolved_psf
 from .direction import choose_convolution, psf_axis_fwhms
 from .errors import ConfigurationError, NoKernelCandidatesError, ShapeError
 from .exposure import Exposure
-from .fwhm import estimate_fwhms
 from .image import MaskedImage
 from .kernel import BackgroundModel, SpatialKernel
 from .registration import check_exposures, register_template
@@ -361,11 +360,9 @@ class ImagePsfMatchTask:
             return fwhms, None
         if all(f is not None for f in fwhms):
             return fwhms, None
-        rc = (np.floor(positions + 0.5).astype(int) - np.array(reference.xy0))[:, ::-1]
-        ratings = core_snr(reference, rc, self.config.candidate_core_radius)
-        ranked = positions[np.argsort(-ratings)]
         missing = [image for f, image in zip(fwhms, (to_convolve, reference)) if f is None]
-        measured = iter(estimate_fwhms(missing, ranked))
+        measured, ratings = rated_fwhms(missing, reference, positions, self.config.candidate_core_radius)
+        measured = iter(measured)
         estimated = tuple(f if f is not None else next(measured) for f in fwhms)
         log.info("PSF FWHM (px): image to convolve %.3f, reference %.3f", *estimated)
         return estimated, ratings

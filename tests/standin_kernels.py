@@ -322,3 +322,105 @@ def _sky_normalised(t):
 
 
 FAST.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})
+
+
+# ---- kernels/detection.cu (issue 17: footprints, ratings, star moments, the stamps' mask test) ----
+
+def footprint_scan(residual, labels, n_pixels, n_cols, n_labels, stats):
+    """``gdi_footprint_scan``: rows 0-5 of :func:`gpudiffim.cutouts.footprint_stats`."""
+    from gpudiffim.cutouts import footprint_stats
+
+    shape = (n_pixels // n_cols, n_cols)
+    stats.reshape(7, n_labels)[:6] = footprint_stats(residual.reshape(shape), labels.reshape(shape), n_labels)[:6]
+
+
+def footprint_peak(residual, labels, n_pixels, n_labels, stats):
+    """``gdi_footprint_peak``: row 6 (``~`` the first pixel holding the largest key) from row 5."""
+    from gpudiffim.cutouts import _order_key
+
+    stats = stats.reshape(7, n_labels)
+    labels = labels.reshape(-1)[:n_pixels]
+    pixels = np.flatnonzero(labels > 0)
+    segment = labels[pixels] - 1
+    key = _order_key(np, residual.reshape(-1)[pixels])
+    index = pixels.astype(np.uint64)
+    np.maximum.at(stats[6], segment, np.where(key == stats[5][segment], ~index, np.uint64(0)))
+
+
+def core_snr(image, variance, n_rows, n_cols, centres, n, radius, values):
+    """``gdi_core_snr``: :func:`gpudiffim.fwhm.core_snr_of` into ``values[:n]``."""
+    from gpudiffim.fwhm import core_snr_of
+
+    shape = (n_rows, n_cols)
+    values[:n] = core_snr_of(image.reshape(shape), variance.reshape(shape), centres.reshape(n, 2), int(radius))
+
+
+def star_sigmas(image0, image1, n_images, n_rows, n_cols, centres, star_centres, n, radius, max_stars, n_iter,
+                initial, values):
+    """``gdi_star_sigmas``: the stars of :func:`gpudiffim.fwhm.rated_sigmas` by rating, their adaptive sigmas."""
+    from gpudiffim.fwhm import _cutouts, adaptive_sigma
+
+    best = np.argsort(-values[:n], kind="stable")[:max_stars]
+    images = [image.reshape(n_rows, n_cols) for image in (image0, image1)[:n_images]]
+    sigmas = adaptive_sigma(_cutouts(images, star_centres.reshape(n, 2)[best], int(radius)), int(n_iter),
+                            float(initial))
+    values[n:].reshape(n_images, max_stars)[:, :len(best)] = sigmas.reshape(n_images, len(best))
+
+
+def stamps_flagged(mask_a, mask_b, n_cols, centres, n, half_size, bad_bits, flagged):
+    """``gdi_stamps_flagged`` by :func:`gpudiffim.cutouts.stamps_flagged`."""
+    from gpudiffim.cutouts import stamps_flagged as reference
+
+    shape = (mask_a.size // n_cols, n_cols)
+    flagged[:n] = reference(mask_a.reshape(shape), mask_b.reshape(shape), centres.reshape(n, 2), int(half_size),
+                            int(bad_bits))
+
+
+FAST["gdi_footprint_scan"] = footprint_scan
+FAST["gdi_footprint_peak"] = footprint_peak
+FAST["gdi_stamps_flagged"] = stamps_flagged
+for _type in ("float", "double"):
+    FAST[f"gdi_core_snr<{_type}>"] = core_snr
+    FAST[f"gdi_star_sigmas<{_type}>"] = star_sigmas
+
+
+def fill_grid(grids, n):
+    """``gdi_fill_grid``: in each grid of ``n`` values, non-finite values -> median of the non-NaN ones
+    (0 if none is finite)."""
+    for values in grids.reshape(-1, n):
+        finite = np.isfinite(values)
+        fill = np.median(values[~np.isnan(values)]) if finite.any() else 0.0
+        values[~finite] = fill
+
+
+def detection_residual(image, variance, mask, n_images, n_rows, n_cols, no_data, grid, n_bins_y, n_bins_x, kind,
+                       value, residual, above):
+    """``gdi_detection_residual`` by the reference's two-point weights and products."""
+    from gpudiffim.candidates import _two_point_weights
+
+    shape = (n_images, n_rows, n_cols)
+    grid = grid.reshape(n_images, n_bins_y, n_bins_x)
+    weights = [_two_point_weights(n, np.linspace(0, n, bins + 1).astype(int))
+               for n, bins in ((n_rows, n_bins_y), (n_cols, n_bins_x))]
+    (first_y, second_y, w1_y, w2_y), (first_x, second_x, w1_x, w2_x) = weights
+    along_x = grid[:, :, first_x] * w1_x + grid[:, :, second_x] * w2_x
+    background = along_x[:, first_y] * w1_y[:, None]
+    background += along_x[:, second_y] * w2_y[:, None]
+    out = residual.reshape(shape)
+    if kind < 0:
+        out[...] = background
+        return
+    image, variance, mask = image.reshape(shape), variance.reshape(shape), mask.reshape(shape)
+    np.subtract(image, background, out=out)
+    if kind == 1:
+        level = float(value) * np.sqrt(np.maximum(variance, 0))
+    elif kind == 2:
+        level = float(value)
+    else:
+        return
+    above.reshape(shape)[...] = ((mask & no_data) == 0) & (out > level)
+
+
+FAST["gdi_fill_grid"] = fill_grid
+for _type in ("float", "double"):
+    FAST[f"gdi_detection_residual<{_type}>"] = detection_residual

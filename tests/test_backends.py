@@ -71,7 +71,11 @@ PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gd
                     # the noise measurements (variance correction, noise correlation)
                     "gdi_sorted_quantiles", "gdi_bin_medians<double>", "gdi_sky_sources",
                     "gdi_sky_value_planes<float>", "gdi_subtract_mean", "gdi_correlation_near",
-                    "gdi_sky_normalised<float>"}
+                    "gdi_sky_normalised<float>",
+                    # detection and candidate selection
+                    "gdi_footprint_scan", "gdi_footprint_peak", "gdi_core_snr<float>", "gdi_star_sigmas<float>",
+                    "gdi_stamps_flagged", "gdi_fill_grid", "gdi_detection_residual<float>",
+                    "gdi_detection_residual<double>"}
 
 
 @pytest.mark.slow

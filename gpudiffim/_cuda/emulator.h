@@ -8,9 +8,10 @@
 // static, one per template instantiation) is block-shared storage and
 // __syncthreads() is a std::barrier across the block.  Supported: 1-D, 2-D and
 // 3-D grids and blocks, __shared__ arrays of static size, __syncthreads,
-// atomicAdd on int, unsigned, unsigned long long, float and double.  Not
-// supported: warp intrinsics, dynamic (extern) shared memory, __syncthreads in
-// divergent code (a deadlock here, undefined behaviour on a GPU).
+// atomicAdd on int, unsigned, unsigned long long, float and double, atomicMax
+// on integers (a compare-and-swap loop).  Not supported: warp intrinsics,
+// dynamic (extern) shared memory, __syncthreads in divergent code (a deadlock
+// here, undefined behaviour on a GPU).
 
 #include <atomic>
 #include <barrier>
@@ -54,6 +55,16 @@ template <typename T>
 inline T atomicAdd(T* address, T value)
 {
     return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+template <typename T>
+inline T atomicMax(T* address, T value)
+{
+    std::atomic_ref<T> target(*address);
+    T old = target.load();
+    while (old < value && !target.compare_exchange_weak(old, value)) {
+    }
+    return old;
 }
 
 namespace gdi_emu {

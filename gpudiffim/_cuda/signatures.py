@@ -19,7 +19,8 @@ __all__ = ["C_TYPES", "KernelSpec", "KERNELS", "ctype_of", "float_ctype", "parse
 #: arguments, the argument checks of :func:`~gpudiffim._cuda.launch.launch`, the
 #: emulator's ``ctypes`` holders) reads it through :func:`ctype_of` or
 #: :func:`parse_ctype`.
-C_TYPES = {"int": np.dtype(np.int32), "float": np.dtype(np.float32), "double": np.dtype(np.float64)}
+C_TYPES = {"int": np.dtype(np.int32), "float": np.dtype(np.float32), "double": np.dtype(np.float64),
+           "unsigned long long": np.dtype(np.uint64)}
 _BY_DTYPE = {dtype: ctype for ctype, dtype in C_TYPES.items()}
 
 
@@ -270,3 +271,49 @@ def _sky_normalised(t):
 
 
 KERNELS.update({f"gdi_sky_normalised<{t}>": _sky_normalised(t) for t in ("float", "double")})
+
+# ---- kernels/detection.cu (issue 17: footprints, ratings, star moments and the stamps' mask test) ----
+
+def _core_snr(t):
+    return KernelSpec("detection", (
+        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("n_rows", "int"), ("n_cols", "int"),
+        ("centres", "const int*"), ("n", "int"), ("radius", "int"), ("ratings", "double*"),
+    ))
+
+
+def _star_sigmas(t):
+    return KernelSpec("detection", (
+        ("image0", f"const {t}*"), ("image1", f"const {t}*"), ("n_images", "int"), ("n_rows", "int"),
+        ("n_cols", "int"), ("centres", "const int*"), ("star_centres", "const int*"), ("n", "int"),
+        ("radius", "int"), ("max_stars", "int"), ("n_iter", "int"), ("initial", "double"), ("values", "double*"),
+    ))
+
+
+KERNELS.update({
+    "gdi_footprint_scan": KernelSpec("detection", (
+        ("residual", "const double*"), ("labels", "const int*"), ("n_pixels", "int"), ("n_cols", "int"),
+        ("n_labels", "int"), ("stats", "unsigned long long*"),
+    )),
+    "gdi_footprint_peak": KernelSpec("detection", (
+        ("residual", "const double*"), ("labels", "const int*"), ("n_pixels", "int"), ("n_labels", "int"),
+        ("stats", "unsigned long long*"),
+    )),
+    "gdi_stamps_flagged": KernelSpec("detection", (
+        ("mask_a", "const int*"), ("mask_b", "const int*"), ("n_cols", "int"), ("centres", "const int*"),
+        ("n", "int"), ("half_size", "int"), ("bad_bits", "int"), ("flagged", "int*"),
+    )),
+})
+KERNELS.update({f"gdi_core_snr<{t}>": _core_snr(t) for t in ("float", "double")})
+KERNELS.update({f"gdi_star_sigmas<{t}>": _star_sigmas(t) for t in ("float", "double")})
+
+
+def _detection_residual(t):
+    return KernelSpec("detection", (
+        ("image", f"const {t}*"), ("variance", f"const {t}*"), ("mask", "const int*"), ("n_images", "int"),
+        ("n_rows", "int"), ("n_cols", "int"), ("no_data", "int"), ("grid", "const double*"), ("n_bins_y", "int"),
+        ("n_bins_x", "int"), ("kind", "int"), ("value", "double"), ("residual", "double*"), ("above", "int*"),
+    ))
+
+
+KERNELS["gdi_fill_grid"] = KernelSpec("detection", (("grids", "double*"), ("n", "int")))
+KERNELS.update({f"gdi_detection_residual<{t}>": _detection_residual(t) for t in ("float", "double")})
