@@ -257,10 +257,21 @@ def _factors_of_terms(xp, factors, used, dtype):
     return rows, cols
 
 
+#: Most input pixels of one band of the full-image application on the host (bounds the temporaries:
+#: about 14 bytes per pixel in float32).
+HOST_BAND_PIXELS = 1 << 23
+#: The same on the kernel path: a 4096² image (and its halo) in one band, since each band repeats
+#: the application's ~50 device calls; the batched transforms then take about 1.1 GB of GPU memory
+#: in float32 (8 terms x 2 padded planes of 4 bytes per pixel).
+DEVICE_BAND_PIXELS = 1 << 25
+
+
 class NumpyOperations:
     """The NumPy/SciPy reference of every operation (host arrays in, host arrays out)."""
 
     name = "numpy"
+    #: Band limit of the full-image application (``gpudiffim.apply.convolve_masked_image``).
+    max_band_pixels = HOST_BAND_PIXELS
 
     def correlate_stamps(self, stamps, kernels, per_stamp=False, separable=None):
         """Valid-region correlations: ``per_stamp``, stamp ``n`` with kernel ``n`` (N, F, F);
@@ -643,6 +654,7 @@ class KernelOperations(NumpyOperations):
     """
 
     name = "kernels"
+    max_band_pixels = DEVICE_BAND_PIXELS
 
     def correlate_stamps(self, stamps, kernels, per_stamp=False, separable=None):
         """``gdi_correlate_stamps`` (``separable`` unused: a direct sum per output); kernels wider

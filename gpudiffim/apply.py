@@ -51,19 +51,18 @@ import numpy as np
 
 from . import _validate
 from ._backend import array_module_of
-from ._ops import operations_for
+from ._ops import HOST_BAND_PIXELS, operations_for
 from .spatial import GridFactors, SpatialFunction, product_expansion
 
 __all__ = ["MAX_TILE_PIXELS", "convolve_masked_image", "propagate_mask", "spatial_image"]
 
 log = logging.getLogger(__name__)
 
-#: Default ``max_tile_pixels`` of :func:`convolve_masked_image`: the most
-#: input pixels (band rows plus the kernel halo, times the columns) correlated
-#: at once.  At up to about 60 bytes of temporaries per input pixel (float64
-#: on the GPU; see :func:`convolve_masked_image`) a band needs at most about
-#: 0.5 GB; a 4096 x 4096 image with a 23 x 23 kernel takes 3 bands.
-MAX_TILE_PIXELS = 1 << 23
+#: Default ``max_tile_pixels`` of :func:`convolve_masked_image` on the host: the
+#: most input pixels (band rows plus the kernel halo, times the columns)
+#: correlated at once; a 4096 x 4096 image with a 23 x 23 kernel takes 3 bands
+#: there, one on the kernel path (``gpudiffim._ops.DEVICE_BAND_PIXELS``).
+MAX_TILE_PIXELS = HOST_BAND_PIXELS
 
 
 def _grid_factors(function, shape, xy0):
@@ -182,7 +181,10 @@ def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
     kernel : SpatialKernel
         Kernel, evaluated at each output pixel's parent coordinate.
     max_tile_pixels : int, optional
-        Most input pixels correlated at once; default :data:`MAX_TILE_PIXELS`.
+        Most input pixels correlated at once; default the operations'
+        ``max_band_pixels``: :data:`MAX_TILE_PIXELS` on the host, a 4096²
+        image in one band on the kernel path (each band repeats the
+        application's ~50 device calls).
         The image is processed in horizontal bands of ``n`` rows with
         ``(n + 2 h) * columns <= max_tile_pixels`` (``h`` the kernel
         half-height; at least one row per band), which bounds the temporary
@@ -219,14 +221,14 @@ def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
     float64 on the GPU (cuFFT work areas, the contiguous copy of each term);
     the outputs add 20 (float64) or 12 (float32) bytes per image pixel.
     """
+    ops = operations_for(masked_image.image)
     if max_tile_pixels is None:
-        max_tile_pixels = MAX_TILE_PIXELS
+        max_tile_pixels = ops.max_band_pixels
     max_tile_pixels = _validate.check_int("max_tile_pixels", max_tile_pixels, minimum=1)
     (rows, columns), dtype, xp = masked_image.shape, masked_image.dtype, masked_image.xp
     halo = kernel.shape[0] // 2
     terms = kernel.term_kernels()
-    parts = (operations_for(masked_image.image), (terms, kernel.spatial_function), _squared_kernel_terms(kernel),
-             np.any(terms != 0, axis=0))
+    parts = (ops, (terms, kernel.spatial_function), _squared_kernel_terms(kernel), np.any(terms != 0, axis=0))
     bands = _band_ranges(rows, columns, halo, max_tile_pixels)
     if len(bands) == 1:
         image, variance, mask = _convolve_band(masked_image, parts, 0, rows, halo)

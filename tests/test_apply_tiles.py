@@ -149,14 +149,20 @@ def test_one_band_is_the_whole_image_exactly(monkeypatch):
         np.testing.assert_array_equal(got, want)
 
 
-def test_default_tile_size_is_the_module_constant(monkeypatch):
+def test_default_tile_size_is_the_operations_band_limit(monkeypatch):
+    """The default band limit is the operations': MAX_TILE_PIXELS on the host, a 4096² image with its
+    halo in one band on the kernel path (each band repeats the application's device calls)."""
+    from gpudiffim._ops import KERNELS, NUMPY
+
     rng = np.random.default_rng(6)
     kernel = make_kernel(rng, HALF, 2, (0, 0, 44, 36), "chebyshev1")
     masked = make_image(rng, SHAPE, (0, 0), apply._band_ranges(*SHAPE, HALF, 10 * SHAPE[1]), HALF)
-    assert MAX_TILE_PIXELS == apply.MAX_TILE_PIXELS >= 1 << 20
+    assert MAX_TILE_PIXELS == apply.MAX_TILE_PIXELS == NUMPY.max_band_pixels >= 1 << 20
+    assert len(apply._band_ranges(4096, 4096, 11, KERNELS.max_band_pixels)) == 1
+    assert len(apply._band_ranges(4096, 4096, 11, NUMPY.max_band_pixels)) == 3
     with use_backend("numpy"):
         whole = convolve_masked_image(masked, kernel)
-        monkeypatch.setattr(apply, "MAX_TILE_PIXELS", 10 * SHAPE[1])   # 4 rows per band
+        monkeypatch.setattr(type(NUMPY), "max_band_pixels", 10 * SHAPE[1])   # 4 rows per band
         calls = band_spy(monkeypatch)
         tiled = convolve_masked_image(masked, kernel)
     assert calls == apply._band_ranges(*SHAPE, HALF, 10 * SHAPE[1]) and len(calls) == 10
