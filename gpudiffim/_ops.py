@@ -301,6 +301,8 @@ class NumpyOperations:
     #: Whether :meth:`stamp_residuals` uses a ``model`` given to it (the kernel path's fused kernel
     #: computes its own, so the fit does not form one there).
     uses_fitted_models = True
+    #: Whether delta-function stamps are fitted without a design matrix (:mod:`gpudiffim.delta_function`).
+    fits_delta_functions_directly = True
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
         """(N, 3) residual sums of :meth:`difference_stamps` (and, with ``rows``, D/sigma rows (N, F*F), NaN
@@ -520,6 +522,7 @@ class KernelOperations(NumpyOperations):
         return t_image, s_image, t_variance, s_variance, t_mask, s_mask
 
     uses_fitted_models = False
+    fits_delta_functions_directly = False
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
         """``gdi_stamp_residuals``: the difference stamps and their sums fused, one launch (``model`` unused)."""

@@ -257,25 +257,28 @@ class _Solver:
         size = self.batch_size(len(basis))
         solution = self.cell_set.solution(key, len(basis))
         keep_rows = key == "orig" and self.config.quality_report
-        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows)
-                   for start in range(0, len(index), size))
+        keep_matrix = key == self.spatial_key()
+        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows,
+                                     keep_matrix) for start in range(0, len(index), size))
 
-    def _build_batch(self, index, basis, solution, regularization, keep_rows):
+    def spatial_key(self):
+        """The solutions the spatial fit uses ("pca" or "orig"): only theirs keep their normal matrices."""
+        return "pca" if self.config.pca_spatial_kernel else "orig"
+
+    def _build_batch(self, index, basis, solution, regularization, keep_rows, keep_matrix):
         """Fit one batch where the images live, read its outcome back once, store and judge it."""
         separable = self.separable if basis is self.basis.kernels else None
         basis = self.where_images_live(basis)
         batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, self.where_images_live(regularization), ops=self.ops,
-                         separable=separable)
+                         separable=separable, keep_matrix=keep_matrix)
         sums = stamp_residual_sums(batch, candidate_kernels(fit.coefficients, basis), fit.background,
                                    self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)
         outcome = _read_back(self.xp, sums, fit)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        n_basis = len(basis)
-        information = self.xp.trace(fit.normal_matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
         self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows,
-                             "information": information})
+                             "information": fit.information})
         failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, failures)[1]
@@ -325,7 +328,7 @@ class _Solver:
         picks = np.unique(np.linspace(0, len(visited) - 1, min(len(visited), _AUTO_LAMBDA_STAMPS)).astype(int))
         subset = visited[picks]
         matrix, vector = stamp_normal_equations(self.batch(subset), self.where_images_live(self.basis.kernels),
-                                                self.config, ops=self.ops)
+                                                self.config, ops=self.ops, separable=self.separable)
         choice = choose_lambda(matrix, vector, self.cell_set.x[subset], self.cell_set.y[subset],
                                self.regularization, self.basis.n_basis)
         self.config = dataclasses.replace(self.config, lambda_type="absolute", lambda_value=choice.value)
@@ -388,7 +391,7 @@ class _Solver:
         """Fit the spatial model to the visited candidates; return a :class:`SpatialFit`."""
         config = self.config
         basis = self.pca_basis if config.pca_spatial_kernel else self.basis.kernels
-        key = "pca" if config.pca_spatial_kernel else "orig"
+        key = self.spatial_key()
         used = self.visit_built(key)
         if not len(used):
             msg = "no kernel candidate available for the spatial fit"

@@ -36,6 +36,7 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
+from .delta_function import DeltaFunctionForm, delta_function_models, delta_function_normal_equations, fit_delta_function
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
@@ -117,6 +118,8 @@ class StampFit:
         :func:`gpudiffim.linalg.solve_batch_status` codes of the last solve.
     condition : dict of int to float
         Condition numbers of the stamps rejected by ``check_condition_number`` (host).
+    information : ndarray of shape (N,)
+        ``tr(M)`` over the kernel unknowns (``normal_matrix`` may be None, see :func:`fit_stamps`).
     model : ndarray of shape (N, F, F) or None
         ``T * K`` of each stamp's own kernel, the design columns times its
         coefficients (formed where ``ops.uses_fitted_models``: it saves the
@@ -131,6 +134,7 @@ class StampFit:
     failure_code: np.ndarray
     solve_status: np.ndarray
     condition: dict
+    information: np.ndarray = None
     model: np.ndarray = None
 
     @property
@@ -185,13 +189,14 @@ def _design(ops, batch, basis, separable=None):
     in separable form, if it has one.
     """
     half_width = basis.shape[1] // 2
+    if isinstance(separable, DeltaFunctionForm):    # (the host's direct fit did not apply)
+        separable = None
     correlated = ops.correlate_stamps(batch.template, basis, separable=separable)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
     if not columns.flags.c_contiguous:     # cropped FFT correlations: products on a strided view miss BLAS
         columns = array_module_of(columns).ascontiguousarray(columns)
-    target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
-    return columns, target
+    return columns, _fit_target(batch, half_width)
 
 
 def _regularization_lambdas(config, systems, regularization):
@@ -236,6 +241,12 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition):
         lambdas = _regularization_lambdas(config, systems, regularization)
         systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
     solutions, status = ops.solve_systems(systems, vector)
+    return _failed_solves(solutions, codes, status)
+
+
+def _failed_solves(solutions, codes, status):
+    """``(solutions, codes, status)`` with a failed solve marked ``FIT_FAILED`` and every failed stamp's solution 0."""
+    xp = array_module_of(solutions)
     pending = codes == RejectReason.NONE
     codes = xp.where(pending & (status > EIGENVECTOR), np.int8(RejectReason.FIT_FAILED), codes).astype(np.int8)
     solutions = xp.where((codes == RejectReason.NONE)[:, None], solutions, 0.0)
@@ -248,7 +259,7 @@ def candidate_kernels(coefficients, basis):
     return xp.tensordot(coefficients, xp.asarray(basis), axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, keep_matrix=True):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -264,9 +275,13 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     ops : object, optional
         The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
         caller once for its whole solve; chosen from the batch when omitted.
-    separable : SeparableBasis, optional
+    separable : SeparableBasis or DeltaFunctionForm, optional
         ``basis`` in separable form (:func:`gpudiffim.basis.separable_form`),
-        which the host correlates faster.
+        which the host correlates faster; or the mark of the delta-function
+        basis, whose stamps the host fits without a design matrix
+        (:mod:`gpudiffim.delta_function`) when the weights are constant.
+    keep_matrix : bool
+        Return the unregularised normal matrices (else ``normal_matrix`` may be None).
 
     Returns
     -------
@@ -276,9 +291,10 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     """
     xp = array_module_of(batch.template)
     basis = xp.asarray(basis, dtype=np.float64)
-    half_width = basis.shape[1] // 2
     n_basis = basis.shape[0]
     ops = operations_for(batch.template) if ops is None else ops
+    if _fits_delta_functions_directly(ops, separable, config):
+        return _fit_delta_functions(batch, basis, config, regularization, keep_matrix)
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
     solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
@@ -287,24 +303,62 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
         solution, codes, status = _solve_batch(ops, matrix, vector, config, regularization, codes, condition)
-    coefficients = solution[:, :n_basis]
-    background = solution[:, n_basis] if config.fit_for_background else xp.zeros(len(batch))
-    kernel_sum = coefficients @ basis.sum(axis=(1, 2))
-    model = None
+    information = xp.trace(matrix[:, :n_basis, :n_basis], axis1=1, axis2=2)
+    fit = _stamp_fit(batch, basis, config, solution, matrix if keep_matrix else None, vector, codes, status,
+                     condition, information)
     if ops.uses_fitted_models:
-        fy = batch.science.shape[1] - 2 * half_width
-        model = (xp.matmul(coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
-    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, model)
+        fy = batch.science.shape[1] - 2 * (basis.shape[1] // 2)
+        fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
+    return fit
 
 
-def stamp_normal_equations(batch, basis, config, *, ops=None):
+def _stamp_fit(batch, basis, config, solution, matrix, vector, codes, status, condition, information):
+    """The :class:`StampFit` of solutions (N, P) (no model)."""
+    n_basis = basis.shape[0]
+    coefficients = solution[:, :n_basis]
+    background = solution[:, n_basis] if config.fit_for_background else array_module_of(solution).zeros(len(batch))
+    kernel_sum = coefficients @ basis.sum(axis=(1, 2))
+    return StampFit(coefficients, background, matrix, vector, kernel_sum, codes, status, condition, information)
+
+
+def _fits_delta_functions_directly(ops, form, config):
+    """Whether a fit takes :func:`gpudiffim.delta_function.fit_delta_function` (issue 13): the
+    delta-function basis, one weight per stamp, no condition-number check, on the host."""
+    return (isinstance(form, DeltaFunctionForm) and ops.fits_delta_functions_directly
+            and config.constant_variance_weighting and not config.check_condition_number)
+
+
+def _fit_delta_functions(batch, basis, config, regularization, keep_matrix):
+    """:func:`fit_stamps` of the delta-function basis without a design matrix (host arrays)."""
+    width = basis.shape[1]
+    weights, codes = _stamp_weights(batch, width // 2, True)
+    fit = fit_delta_function(batch.template, _fit_target(batch, width // 2), weights.reshape(-1), width,
+                             config.fit_for_background, regularization,
+                             lambda matrix: _regularization_lambdas(config, matrix, regularization), keep_matrix)
+    solution, codes, status = _failed_solves(fit.solutions, codes, fit.status)
+    result = _stamp_fit(batch, basis, config, solution, fit.matrix, fit.vector, codes, status, {}, fit.information)
+    result.model = delta_function_models(batch.template, result.coefficients.reshape(-1, width, width))
+    return result
+
+
+def _fit_target(batch, half_width):
+    """The science stamps on the fit region, as rows (N, F*F)."""
+    return batch.fit_region(batch.science, half_width).reshape(len(batch), -1)
+
+
+def stamp_normal_equations(batch, basis, config, *, ops=None, separable=None):
     """The unregularised normal equations ``M`` (N, P, P) and ``b`` (N, P) of a batch, unsolved.
 
     As the first step of :func:`fit_stamps` (same weighting and background
-    column), in the batch's array module.
+    column, ``separable`` as there), in the batch's array module.
     """
     basis = array_module_of(batch.template).asarray(basis, dtype=np.float64)
     ops = operations_for(batch.template) if ops is None else ops
+    if _fits_delta_functions_directly(ops, separable, config):
+        width = basis.shape[1]
+        weights, _ = _stamp_weights(batch, width // 2, True)
+        return delta_function_normal_equations(batch.template, _fit_target(batch, width // 2), weights.reshape(-1),
+                                               width, config.fit_for_background)
     return _normal_equations(ops, batch, basis, config)[-1]
 
 
