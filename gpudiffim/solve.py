@@ -542,19 +542,23 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
         images = images - mean
         kernels.append(mean)
     flat = images.reshape(len(images), -1) * np.sqrt(weights * len(images))[:, None]
-    if len(images) == 1:
+    n_images, n_pixels = flat.shape
+    if n_images == 1:
         eigen_images = flat.copy()
     else:
-        gram = flat @ flat.T / flat.shape[1]
-        values, vectors = np.linalg.eigh(gram)
+        # the eigen-images of the images' Gram matrix are the eigenvectors of their pixel scatter
+        # matrix (same non-zero eigenvalues), up to scale and sign, which the peak scaling removes:
+        # the smaller of the two is decomposed (N x N up to N = 441 delta-function kernels)
+        by_images = n_images <= n_pixels
+        values, vectors = np.linalg.eigh((flat @ flat.T if by_images else flat.T @ flat) / n_pixels)
         order = np.argsort(values)[::-1][:100]
         if values.sum() == 0:
             msg = "kernel PCA failed: every eigenvalue is zero"
             raise SingularSystemError(msg)
         # eigenvalues at round-off (N images less their mean span N - 1 dimensions) have
         # arbitrary eigen-images; ip_diffim keeps them, scaled up to a peak of 1
-        order = order[values[order] > len(values) * np.finfo(np.float64).eps * values.max()]
-        eigen_images = vectors[:, order].T @ flat
+        order = order[values[order] > n_images * np.finfo(np.float64).eps * values.max()]
+        eigen_images = vectors[:, order].T @ flat if by_images else vectors[:, order].T
     for image in eigen_images:
         extreme = image[np.argmax(np.abs(image))]
         if extreme != 0:
