@@ -301,6 +301,10 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
     fit = DeltaFunctionFit(np.empty((n, p, p)) if keep_matrix else None, np.empty((n, p)), np.empty((n, p)),
                            np.empty(n, dtype=np.int8), np.empty(n))
 
+    if regularization is not None:      # ~5 % of H is non-zero (a difference stencil): only those are added
+        support = np.flatnonzero(regularization)
+        penalties = np.asarray(regularization).reshape(-1)[support]
+
     def block(start):
         stop = min(start + _BLOCK_STAMPS, n)
         matrix, vector = delta_function_normal_equations(template[start:stop], target[start:stop],
@@ -310,7 +314,7 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
         if keep_matrix:
             fit.matrix[start:stop] = matrix
         if regularization is not None:
-            matrix += lambdas(matrix)[:, None, None] * regularization
+            matrix.reshape(len(matrix), -1)[:, support] += lambdas(matrix)[:, None] * penalties
         systems = matrix.copy()
         solutions, passed = _cholesky_block(systems, vector)
         status = np.full(len(systems), np.int8(LU))

@@ -109,25 +109,27 @@ class _Spectra:
     With ``H_kk = U diag(h) U^T`` and ``W = U diag(h)^{-1/2}``, ``W^T S W =
     Q diag(e) Q^T`` gives ``k(lambda) = W Q (z / (e + lambda))``,
     ``z = Q^T W^T t``: one batched ``eigh`` instead of one solve per ``lambda``.
+    ``H_kk`` is decomposed where the stamps live (on the GPU: no host ``eigh``).
     """
 
     def __init__(self, matrices, vectors, regularization, n_basis):
         xp = array_module_of(matrices)
         self.systems, rhs = _kernel_systems(matrices, vectors, n_basis)
-        h_values, h_vectors = np.linalg.eigh(np.asarray(regularization, dtype=np.float64)[:n_basis, :n_basis])
-        floor = max(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
-        whiten = xp.asarray(h_vectors / np.sqrt(np.maximum(h_values, floor)))
+        h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
+        floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
+        whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
         self.values, vectors_q = xp.linalg.eigh(whiten.T @ self.systems @ whiten)
         self.back = whiten @ vectors_q
         self.projected = xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
+        self.limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
 
-    def kernels(self, value):
-        """Kernel coefficients (N, n_basis) of every stamp for ``lambda = value``; 0 is the pseudo-inverse."""
+    def kernels(self, values):
+        """Kernel coefficients (L, N, n_basis) of every stamp for each ``lambda`` of the host sequence
+        ``values`` (L,), all at once; ``lambda = 0`` gives the pseudo-inverse solutions."""
         xp = array_module_of(self.values)
-        limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
-        shifted = self.values + value
-        scaled = xp.where(shifted > limit, self.projected / xp.where(shifted > limit, shifted, 1.0), 0.0)
-        return xp.einsum("nij,nj->ni", self.back, scaled)
+        shifted = self.values + xp.asarray(np.asarray(values, dtype=np.float64))[:, None, None]
+        scaled = xp.where(shifted > self.limit, self.projected / xp.where(shifted > self.limit, shifted, 1.0), 0.0)
+        return xp.einsum("nij,lnj->lni", self.back, scaled)
 
 
 def _held_out_scores(spectra, members, partners, lambdas):
@@ -136,15 +138,14 @@ def _held_out_scores(spectra, members, partners, lambdas):
     The excess of kernel ``k`` on stamp ``d`` over the best fit of ``d``
     itself, ``(k - k_d)^T S_d (k - k_d)``, needs no data term; the median
     keeps a stamp that no kernel predicts (a transient, a neighbour at the
-    stamp's edge) from deciding.
+    stamp's edge) from deciding.  Every ``lambda`` of a pass at once.
     """
     xp = array_module_of(spectra.values)
-    target_best, target_s = spectra.kernels(0.0)[partners], spectra.systems[partners]
-    scores = []
-    for value in lambdas:
-        offset = spectra.kernels(value)[members] - target_best
-        scores.append(xp.median(xp.einsum("ni,nij,nj->n", offset, target_s, offset)))
-    return to_host(xp.stack(scores)).tolist()     # one read-back per pass (synchronizes!)
+    kernels = spectra.kernels([0.0, *lambdas])
+    target_best, target_s = kernels[0][partners], spectra.systems[partners]
+    offset = kernels[1:, members] - target_best
+    chi2 = xp.einsum("lni,nij,lnj->ln", offset, target_s, offset)
+    return to_host(xp.median(chi2, axis=1)).tolist()     # one read-back per pass (synchronizes!)
 
 
 def _typical_stamps(kernel_sums):
@@ -187,7 +188,7 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     spectra = _Spectra(matrices, vectors, penalty, n_basis)
     traces = to_host(xp.trace(matrices[:, :n_basis, :n_basis], axis1=1, axis2=2))
     scale = float(np.median(traces)) / float(np.trace(penalty[:n_basis, :n_basis]))
-    members = _typical_stamps(to_host(spectra.kernels(0.01 * scale).sum(axis=1)))
+    members = _typical_stamps(to_host(spectra.kernels([0.01 * scale])[0].sum(axis=1)))
     if len(members) < 2:
         members = np.arange(len(x))
     partners = members[held_out_partners(np.asarray(x)[members], np.asarray(y)[members])]
