@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, host_map, host_threads, on_device, single_threaded_blas, to_host
 
 __all__ = ["LambdaChoice", "choose_lambda", "held_out_partners", "regularization_record"]
 
@@ -115,12 +115,15 @@ class _Spectra:
     def __init__(self, matrices, vectors, regularization, n_basis):
         xp = array_module_of(matrices)
         self.systems, rhs = _kernel_systems(matrices, vectors, n_basis)
-        h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
-        floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
-        whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
-        self.values, vectors_q = xp.linalg.eigh(whiten.T @ self.systems @ whiten)
-        self.back = whiten @ vectors_q
-        self.projected = xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
+        # on the host, one BLAS thread per host thread: a multi-threaded eigh of 441^2 stalled
+        # for ~1 s (instead of 20 ms) when the other core was busy
+        with single_threaded_blas():
+            h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
+            floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
+            whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
+            parts = _map_stamps(xp, lambda rows: _whitened_spectra(whiten, self.systems[rows], rhs[rows]), len(rhs))
+        self.values, self.back, self.projected = parts[0] if len(parts) == 1 else (
+            xp.concatenate(part) for part in zip(*parts))
         self.limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
 
     def kernels(self, values):
@@ -130,6 +133,21 @@ class _Spectra:
         shifted = self.values + xp.asarray(np.asarray(values, dtype=np.float64))[:, None, None]
         scaled = xp.where(shifted > self.limit, self.projected / xp.where(shifted > self.limit, shifted, 1.0), 0.0)
         return xp.einsum("nij,lnj->lni", self.back, scaled)
+
+
+def _whitened_spectra(whiten, systems, rhs):
+    """``(e, W Q, Q^T W^T t)`` of the stamps' kernel systems ``(S, t)`` (see :class:`_Spectra`)."""
+    xp = array_module_of(systems)
+    values, vectors_q = xp.linalg.eigh(whiten.T @ systems @ whiten)
+    return values, whiten @ vectors_q, xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
+
+
+def _map_stamps(xp, function, n):
+    """``[function(rows)]`` over the stamps: all at once on the GPU, split over the host threads on the host."""
+    if on_device(xp):
+        return [function(slice(None))]
+    return host_map(function, [slice(part[0], part[-1] + 1) for part in np.array_split(np.arange(n), host_threads())
+                               if len(part)])
 
 
 def _held_out_scores(spectra, members, partners, lambdas):

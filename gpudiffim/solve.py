@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, on_device, to_host
+from ._backend import array_module_of, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
 from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
@@ -550,7 +550,8 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
         # matrix (same non-zero eigenvalues), up to scale and sign, which the peak scaling removes:
         # the smaller of the two is decomposed (N x N up to N = 441 delta-function kernels)
         by_images = n_images <= n_pixels
-        values, vectors = np.linalg.eigh((flat @ flat.T if by_images else flat.T @ flat) / n_pixels)
+        with single_threaded_blas():   # a multi-threaded eigh of 441^2 stalled for ~1 s on a busy machine
+            values, vectors = np.linalg.eigh((flat @ flat.T if by_images else flat.T @ flat) / n_pixels)
         order = np.argsort(values)[::-1][:100]
         if values.sum() == 0:
             msg = "kernel PCA failed: every eigenvalue is zero"
