@@ -305,23 +305,33 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
         support = np.flatnonzero(regularization)
         penalties = np.asarray(regularization).reshape(-1)[support]
 
+    def systems(rows):
+        """The regularised systems of the stamps ``rows`` (a slice or indices), and their ``lambda``."""
+        matrix, vector = delta_function_normal_equations(template[rows], target[rows], weight[rows], kernel_width,
+                                                         background)
+        penalty = lambdas(matrix) if regularization is not None else None
+        return matrix, vector, penalty
+
+    def regularize(matrix, penalty):
+        if penalty is not None:
+            matrix.reshape(len(matrix), -1)[:, support] += penalty[:, None] * penalties
+        return matrix
+
     def block(start):
-        stop = min(start + _BLOCK_STAMPS, n)
-        matrix, vector = delta_function_normal_equations(template[start:stop], target[start:stop],
-                                                         weight[start:stop], kernel_width, background)
-        fit.vector[start:stop] = vector
-        fit.information[start:stop] = np.trace(matrix[:, :kernel_width**2, :kernel_width**2], axis1=1, axis2=2)
+        rows = slice(start, min(start + _BLOCK_STAMPS, n))
+        matrix, vector, penalty = systems(rows)
+        fit.vector[rows] = vector
+        fit.information[rows] = np.trace(matrix[:, :kernel_width**2, :kernel_width**2], axis1=1, axis2=2)
         if keep_matrix:
-            fit.matrix[start:stop] = matrix
-        if regularization is not None:
-            matrix.reshape(len(matrix), -1)[:, support] += lambdas(matrix)[:, None] * penalties
-        systems = matrix.copy()
-        solutions, passed = _cholesky_block(systems, vector)
-        status = np.full(len(systems), np.int8(LU))
+            fit.matrix[rows] = matrix
+        solutions, passed = _cholesky_block(regularize(matrix, penalty), vector)     # factored in place
+        status = np.full(len(matrix), np.int8(LU))
         failed = np.flatnonzero(~passed)
-        if failed.size:     # as every other stamp fit: LU with the rank test, else the pseudo-inverse
-            solutions[failed], status[failed] = solve_batch_status(matrix[failed], vector[failed])
-        fit.solutions[start:stop], fit.status[start:stop] = solutions, status
+        if failed.size:     # as every other stamp fit: LU with the rank test, else the pseudo-inverse (formed again)
+            again, _, _ = systems(start + failed)
+            penalty = None if penalty is None else penalty[failed]
+            solutions[failed], status[failed] = solve_batch_status(regularize(again, penalty), vector[failed])
+        fit.solutions[rows], fit.status[rows] = solutions, status
 
     with single_threaded_blas():
         host_map(block, range(0, n, _BLOCK_STAMPS))

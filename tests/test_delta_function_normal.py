@@ -23,7 +23,7 @@ from gpudiffim.delta_function import (
     delta_function_normal_equations,
     fit_delta_function,
 )
-from gpudiffim.linalg import EIGENVECTOR, LU, ZERO_MATRIX, solve_batch_status
+from gpudiffim.linalg import EIGENVECTOR, LU, NOT_FINITE, ZERO_MATRIX, solve_batch_status
 from gpudiffim.stamps import StampBatch, fit_stamps, stamp_normal_equations
 
 #: (stamps, stamp width S, kernel width K): the defaults' 43 / 21, small ones, K = 1 and F = 1.
@@ -199,3 +199,21 @@ def test_per_pixel_weights_take_the_design_path():
     fit = fit_stamps(batch, basis.kernels, config, regularization, separable=separable_form(basis))
     assert np.array_equal(fit.coefficients, expected.coefficients)
     assert np.array_equal(fit.normal_matrix, expected.normal_matrix)
+
+
+def test_regularized_fallback_of_a_stamp_with_nan():
+    """A non-finite stamp among regularised ones: its system is formed again for the LU path
+    (``NOT_FINITE``), the others keep their Cholesky solutions."""
+    rng = np.random.default_rng(8)
+    template, science = _stamps(rng, 3, 15)
+    template[1, 7, 7] = np.nan
+    target = science[:, 3:12, 3:12].reshape(3, -1)
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7)
+    regularization = make_regularization_matrix(config, 7, 7)
+    fit = fit_delta_function(template, target, np.ones(3), 7, True, regularization,
+                             lambda m: 1e-3 * np.trace(m, axis1=1, axis2=2))
+    matrix, vector = delta_function_normal_equations(template, target, np.ones(3), 7, True)
+    lambdas = 1e-3 * np.trace(matrix, axis1=1, axis2=2)
+    expected, status = solve_batch_status(matrix + lambdas[:, None, None] * regularization, vector)
+    assert fit.status.tolist() == status.tolist() == [LU, NOT_FINITE, LU]
+    assert _relative(fit.solutions, expected) < 1e-8
