@@ -26,6 +26,11 @@ backend (LAPACK on the host, cuBLAS' batched LU on the GPU; see
 :func:`gpudiffim.linalg.solve_batch_status`).  A fit's results stay where the
 stamps live (no synchronisation on the GPU); the solve loop reads each
 batch's decisions back once.
+
+On the host, delta-function stamps with one weight per stamp are fitted
+without the design matrix (:mod:`gpudiffim.delta_function`: the normal
+matrix from row products and window sums, Cholesky solves), to rounding the
+same solutions.
 """
 
 from dataclasses import dataclass
