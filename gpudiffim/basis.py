@@ -38,7 +38,6 @@ import numpy as np
 from scipy import sparse
 
 from ._validate import check_int, check_real, fail, is_int
-from .delta_function import delta_function_form
 from .errors import ConfigurationError, ShapeError
 from .gaussian import fwhm_to_sigma
 
@@ -752,8 +751,7 @@ class SeparableBasis:
 
 
 def separable_form(basis):
-    """The :class:`SeparableBasis` of an Alard-Lupton :class:`KernelBasis`, the
-    :class:`~gpudiffim.delta_function.DeltaFunctionForm` of a delta-function one, else None.
+    """The :class:`SeparableBasis` of an Alard-Lupton :class:`KernelBasis`, else None.
 
     Rebuilt from the basis' sigmas and degrees and checked against its
     kernels (to 1e-12 of their largest value; None, logged, if it does not
@@ -767,10 +765,8 @@ def separable_form(basis):
 
     Returns
     -------
-    SeparableBasis, DeltaFunctionForm or None
+    SeparableBasis or None
     """
-    if basis.kind == "delta-function":
-        return delta_function_form(basis.kernels)
     if basis.kind != "alard-lupton" or not basis.sigmas:
         return None
     h = basis.half_width

@@ -28,6 +28,7 @@ from ._backend import array_module_of, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
 from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
+from .delta_function import delta_function_form
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .regularization import choose_lambda, regularization_record
@@ -166,8 +167,9 @@ class _Solver:
     def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
         self.config = config
         self.basis = basis
-        #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations.
-        self.separable = separable_form(basis)
+        #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations,
+        #: or the mark of the delta-function basis (fitted without a design on the host).
+        self.separable = separable_form(basis) or delta_function_form(basis.kernels)
         self.template, self.science = template, science
         self.cell_set = cell_set
         self.half_size = half_size

@@ -41,7 +41,12 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
-from .delta_function import DeltaFunctionForm, delta_function_models, delta_function_normal_equations, fit_delta_function
+from .delta_function import (
+    DeltaFunctionForm,
+    delta_function_models,
+    delta_function_normal_equations,
+    fit_delta_function,
+)
 from .linalg import EIGENVECTOR, STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",

@@ -14,7 +14,7 @@ import pytest
 
 from gpudiffim import PsfMatchConfig
 from gpudiffim._ops import NUMPY
-from gpudiffim.basis import KernelBasis, make_delta_function_basis, make_regularization_matrix, separable_form
+from gpudiffim.basis import KernelBasis, make_alard_lupton_basis, make_delta_function_basis, make_regularization_matrix
 from gpudiffim.delta_function import (
     DeltaFunctionForm,
     delta_function_design,
@@ -100,8 +100,7 @@ def test_form_marks_only_the_delta_function_basis():
     shuffled = make_delta_function_basis(5, 5)[::-1]
     assert delta_function_form(shuffled) is None
     assert delta_function_form(np.ones((1, 3, 3))) is None
-    assert separable_form(KernelBasis(make_delta_function_basis(7, 7), kind="delta-function")) == \
-        DeltaFunctionForm(7)
+    assert delta_function_form(make_alard_lupton_basis(3, (1.0, 2.0), (2, 1))) is None
 
 
 def test_cholesky_solutions_and_fallback_equal_the_lu_solve():
@@ -165,13 +164,13 @@ def test_fit_stamps_with_the_form_equals_the_design_path(config):
     basis = KernelBasis(make_delta_function_basis(9, 9), kind="delta-function")
     regularization = make_regularization_matrix(config, 9, 9) if config.use_regularization else None
     expected = fit_stamps(batch, basis.kernels, config, regularization)
-    fit = fit_stamps(batch, basis.kernels, config, regularization, separable=separable_form(basis))
+    fit = fit_stamps(batch, basis.kernels, config, regularization, separable=delta_function_form(basis.kernels))
     for name in ("coefficients", "background", "normal_matrix", "normal_vector", "kernel_sum", "information",
                  "model"):
         assert _relative(getattr(fit, name), getattr(expected, name)) < 1e-8, name
     assert np.array_equal(fit.failure_code, expected.failure_code)
     assert np.array_equal(fit.solve_status, expected.solve_status)
-    lean = fit_stamps(batch, basis.kernels, config, regularization, separable=separable_form(basis),
+    lean = fit_stamps(batch, basis.kernels, config, regularization, separable=delta_function_form(basis.kernels),
                       keep_matrix=False)
     assert lean.normal_matrix is None and np.array_equal(lean.coefficients, fit.coefficients)
 
@@ -182,7 +181,7 @@ def test_stamp_normal_equations_with_the_form():
     config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7)
     basis = KernelBasis(make_delta_function_basis(7, 7), kind="delta-function")
     expected = stamp_normal_equations(batch, basis.kernels, config)
-    fast = stamp_normal_equations(batch, basis.kernels, config, separable=separable_form(basis))
+    fast = stamp_normal_equations(batch, basis.kernels, config, separable=delta_function_form(basis.kernels))
     for actual, wanted in zip(fast, expected):
         assert _relative(actual, wanted) < 1e-10
 
@@ -196,7 +195,7 @@ def test_per_pixel_weights_take_the_design_path():
     basis = KernelBasis(make_delta_function_basis(7, 7), kind="delta-function")
     regularization = make_regularization_matrix(config, 7, 7)
     expected = fit_stamps(batch, basis.kernels, config, regularization)
-    fit = fit_stamps(batch, basis.kernels, config, regularization, separable=separable_form(basis))
+    fit = fit_stamps(batch, basis.kernels, config, regularization, separable=delta_function_form(basis.kernels))
     assert np.array_equal(fit.coefficients, expected.coefficients)
     assert np.array_equal(fit.normal_matrix, expected.normal_matrix)
 
