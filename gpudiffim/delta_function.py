@@ -13,7 +13,8 @@ the row products ``G_{p,p'} = R_p R_{p'}^T`` (``R_p[c, x] = T(p, c + x)``,
 ``K x F``) a block of ``M`` is a sum of ``F`` consecutive ``G`` along a
 block diagonal, ``M_{(r,.),(r+d,.)} = w \\sum_{y<F} G_{y+r, y+r+d}``, a
 product with a 0/1 window matrix.  Only the band ``0 <= d < K`` is formed
-(``M`` is symmetric): about 20 times fewer flop than the design product.
+(``M`` is symmetric): 2.1e7 flop per stamp at the defaults (``K = 21``, ``F = 23``)
+against 2.1e8 for the design product.
 The background's column is a box sum of ``T``, the right-hand side a
 cross-correlation of ``T`` with the science stamp.
 
