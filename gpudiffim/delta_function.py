@@ -110,7 +110,7 @@ def delta_function_design(template, kernel_width):
     Parameters
     ----------
     template : ndarray of shape (N, S, S)
-        Host template stamps (float64).
+        Host template stamps.
     kernel_width : int
         ``K`` (odd); ``F = S - K + 1``.
 
@@ -119,10 +119,10 @@ def delta_function_design(template, kernel_width):
     ndarray of shape (N, K*K, F*F)
     """
     n, size, _ = template.shape
-    fit = size - kernel_width + 1
+    k, fit = kernel_width, size - kernel_width + 1
     s0, s1, s2 = template.strides
-    windows = as_strided(template, (n, kernel_width, kernel_width, fit, fit), (s0, s1, s2, s1, s2))
-    return np.ascontiguousarray(windows).reshape(n, kernel_width**2, fit * fit)
+    windows = as_strided(template, (n, k, k, fit, fit), (s0, s1, s2, s1, s2))
+    return np.ascontiguousarray(windows).reshape(n, k * k, fit * fit)
 
 
 def _box_sums(template, fit):

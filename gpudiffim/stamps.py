@@ -43,6 +43,7 @@ from .cellset import RejectReason
 from .cutouts import stamps_fit
 from .delta_function import (
     DeltaFunctionForm,
+    delta_function_design,
     delta_function_models,
     delta_function_normal_equations,
     fit_delta_function,
@@ -199,7 +200,9 @@ def _design(ops, batch, basis, separable=None):
     in separable form, if it has one.
     """
     half_width = basis.shape[1] // 2
-    if isinstance(separable, DeltaFunctionForm):    # (the host's direct fit did not apply)
+    if isinstance(separable, DeltaFunctionForm):
+        if ops.fits_delta_functions_directly:      # the host: shifted windows of the stamps, copied
+            return delta_function_design(batch.template, separable.width), _fit_target(batch, half_width)
         separable = None
     correlated = ops.correlate_stamps(batch.template, basis, separable=separable)
     n, nb, fy, fx = correlated.shape
@@ -369,7 +372,7 @@ def stamp_normal_equations(batch, basis, config, *, ops=None, separable=None):
         weights, _ = _stamp_weights(batch, width // 2, True)
         return delta_function_normal_equations(batch.template, _fit_target(batch, width // 2), weights.reshape(-1),
                                                width, config.fit_for_background)
-    return _normal_equations(ops, batch, basis, config)[-1]
+    return _normal_equations(ops, batch, basis, config, separable)[-1]
 
 
 def _normal_equations(ops, batch, basis, config, separable=None):

@@ -187,7 +187,7 @@ def test_stamp_normal_equations_with_the_form():
 
 
 def test_per_pixel_weights_take_the_design_path():
-    """Without constant weighting the form is only a mark: the fit is the design path's, exactly."""
+    """Without constant weighting the fit is the design path's (the design copied, not correlated)."""
     rng = np.random.default_rng(7)
     batch = _batch(rng, 3, 19, masked=True)
     config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7, constant_variance_weighting=False,
@@ -196,8 +196,9 @@ def test_per_pixel_weights_take_the_design_path():
     regularization = make_regularization_matrix(config, 7, 7)
     expected = fit_stamps(batch, basis.kernels, config, regularization)
     fit = fit_stamps(batch, basis.kernels, config, regularization, separable=delta_function_form(basis.kernels))
-    assert np.array_equal(fit.coefficients, expected.coefficients)
-    assert np.array_equal(fit.normal_matrix, expected.normal_matrix)
+    assert _relative(fit.coefficients, expected.coefficients) < 1e-8
+    assert _relative(fit.normal_matrix, expected.normal_matrix) < 1e-10
+    assert np.array_equal(fit.solve_status, expected.solve_status)
 
 
 def test_regularized_fallback_of_a_stamp_with_nan():
