@@ -121,7 +121,8 @@ class _Spectra:
             h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
             floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
             whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
-            parts = _map_stamps(xp, lambda rows: _whitened_spectra(whiten, self.systems[rows], rhs[rows]), len(rhs))
+            parts = _map_stamps(xp, lambda systems, vectors: _whitened_spectra(whiten, systems, vectors),
+                                self.systems, rhs)
         self.values, self.back, self.projected = parts[0] if len(parts) == 1 else (
             xp.concatenate(part) for part in zip(*parts))
         self.limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
@@ -142,12 +143,12 @@ def _whitened_spectra(whiten, systems, rhs):
     return values, whiten @ vectors_q, xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
 
 
-def _map_stamps(xp, function, n):
-    """``[function(rows)]`` over the stamps: all at once on the GPU, split over the host threads on the host."""
+def _map_stamps(xp, function, *arrays):
+    """``[function(*arrays)]``: all stamps at once on the GPU, split over the host threads on the host."""
     if on_device(xp):
-        return [function(slice(None))]
-    return host_map(function, [slice(part[0], part[-1] + 1) for part in np.array_split(np.arange(n), host_threads())
-                               if len(part)])
+        return [function(*arrays)]
+    parts = [np.array_split(array, host_threads()) for array in arrays]
+    return host_map(lambda chunks: function(*chunks), [chunks for chunks in zip(*parts) if len(chunks[0])])
 
 
 def _held_out_scores(spectra, members, partners, lambdas):
