@@ -339,9 +339,15 @@ class NumpyOperations:
         (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
         and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
         """
-        xp = array_module_of(matrices)
         solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
                                        else (*self.solve_systems(matrices, vectors), False))
+        return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), deferred)
+
+    def stamp_outcome(self, solutions, status, codes, basis, with_background, fit_failed):
+        """``(outcome, kernels, background)`` of :meth:`solve_stamps` from solved systems (N, P) and
+        their ``solve_batch_status`` codes: a failed solve of a stamp without a code gets ``fit_failed``,
+        and every failed stamp's solution is zero."""
+        xp = array_module_of(solutions)
         pending = codes == 0
         codes = xp.where(pending & (status > EIGENVECTOR), np.int8(fit_failed), codes).astype(np.int8)
         solutions = xp.where((codes == 0)[:, None], solutions, 0.0)
@@ -349,7 +355,7 @@ class NumpyOperations:
         background = solutions[:, len(basis)] if with_background else xp.zeros(len(solutions))
         kernel_sum = coefficients @ basis.sum(axis=(1, 2))
         outcome = xp.concatenate([xp.stack([codes, status, kernel_sum, background], axis=1), coefficients], axis=1)
-        return outcome, xp.tensordot(coefficients, basis, axes=1), background, deferred
+        return outcome, xp.tensordot(coefficients, basis, axes=1), background
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """Pixels of the fit region (N, S - 2h, S - 2h) whose kernel box holds a ``bad_bits`` pixel."""
@@ -410,6 +416,8 @@ class NumpyOperations:
     #: Whether :meth:`stamp_residuals` uses a ``model`` given to it (the kernel path's fused kernel
     #: computes its own, so the fit does not form one there).
     uses_fitted_models = True
+    #: Whether delta-function stamps are fitted without a design matrix (:mod:`gpudiffim.delta_function`).
+    fits_delta_functions_directly = True
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
         """(N, 3) residual sums of :meth:`difference_stamps` (and, with ``rows``, D/sigma rows (N, F*F), NaN
@@ -751,6 +759,7 @@ class KernelOperations(NumpyOperations):
         return t_image, s_image, t_variance, s_variance, t_mask, s_mask
 
     uses_fitted_models = False
+    fits_delta_functions_directly = False
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
         """``gdi_stamp_residuals``: the difference stamps and their sums fused, one launch (``model`` unused)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, to_host
+from ._backend import array_module_of, host_map, host_threads, on_device, single_threaded_blas, to_host
 
 __all__ = ["LambdaChoice", "choose_lambda", "held_out_partners", "regularization_record"]
 
@@ -109,25 +109,46 @@ class _Spectra:
     With ``H_kk = U diag(h) U^T`` and ``W = U diag(h)^{-1/2}``, ``W^T S W =
     Q diag(e) Q^T`` gives ``k(lambda) = W Q (z / (e + lambda))``,
     ``z = Q^T W^T t``: one batched ``eigh`` instead of one solve per ``lambda``.
+    ``H_kk`` is decomposed where the stamps live (on the GPU: no host ``eigh``).
     """
 
     def __init__(self, matrices, vectors, regularization, n_basis):
         xp = array_module_of(matrices)
         self.systems, rhs = _kernel_systems(matrices, vectors, n_basis)
-        h_values, h_vectors = np.linalg.eigh(np.asarray(regularization, dtype=np.float64)[:n_basis, :n_basis])
-        floor = max(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
-        whiten = xp.asarray(h_vectors / np.sqrt(np.maximum(h_values, floor)))
-        self.values, vectors_q = xp.linalg.eigh(whiten.T @ self.systems @ whiten)
-        self.back = whiten @ vectors_q
-        self.projected = xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
+        # on the host, one BLAS thread per host thread: a multi-threaded eigh of 441^2 stalled
+        # for ~1 s (instead of 20 ms) when the other core was busy
+        with single_threaded_blas():
+            h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
+            floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
+            whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
+            parts = _map_stamps(xp, lambda systems, vectors: _whitened_spectra(whiten, systems, vectors),
+                                self.systems, rhs)
+        self.values, self.back, self.projected = parts[0] if len(parts) == 1 else (
+            xp.concatenate(part) for part in zip(*parts))
+        self.limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
 
-    def kernels(self, value):
-        """Kernel coefficients (N, n_basis) of every stamp for ``lambda = value``; 0 is the pseudo-inverse."""
+    def kernels(self, values):
+        """Kernel coefficients (L, N, n_basis) of every stamp for each ``lambda`` of the host sequence
+        ``values`` (L,), all at once; ``lambda = 0`` gives the pseudo-inverse solutions."""
         xp = array_module_of(self.values)
-        limit = self.values.max(axis=1, keepdims=True) * self.values.shape[1] * np.finfo(np.float64).eps
-        shifted = self.values + value
-        scaled = xp.where(shifted > limit, self.projected / xp.where(shifted > limit, shifted, 1.0), 0.0)
-        return xp.einsum("nij,nj->ni", self.back, scaled)
+        shifted = self.values + xp.asarray(np.asarray(values, dtype=np.float64))[:, None, None]
+        scaled = xp.where(shifted > self.limit, self.projected / xp.where(shifted > self.limit, shifted, 1.0), 0.0)
+        return xp.einsum("nij,lnj->lni", self.back, scaled)
+
+
+def _whitened_spectra(whiten, systems, rhs):
+    """``(e, W Q, Q^T W^T t)`` of the stamps' kernel systems ``(S, t)`` (see :class:`_Spectra`)."""
+    xp = array_module_of(systems)
+    values, vectors_q = xp.linalg.eigh(whiten.T @ systems @ whiten)
+    return values, whiten @ vectors_q, xp.einsum("nji,nj->ni", vectors_q, rhs @ whiten)
+
+
+def _map_stamps(xp, function, *arrays):
+    """``[function(*arrays)]``: all stamps at once on the GPU, split over the host threads on the host."""
+    if on_device(xp):
+        return [function(*arrays)]
+    parts = [np.array_split(array, host_threads()) for array in arrays]
+    return host_map(lambda chunks: function(*chunks), [chunks for chunks in zip(*parts) if len(chunks[0])])
 
 
 def _held_out_scores(spectra, members, partners, lambdas):
@@ -136,15 +157,14 @@ def _held_out_scores(spectra, members, partners, lambdas):
     The excess of kernel ``k`` on stamp ``d`` over the best fit of ``d``
     itself, ``(k - k_d)^T S_d (k - k_d)``, needs no data term; the median
     keeps a stamp that no kernel predicts (a transient, a neighbour at the
-    stamp's edge) from deciding.
+    stamp's edge) from deciding.  Every ``lambda`` of a pass at once.
     """
     xp = array_module_of(spectra.values)
-    target_best, target_s = spectra.kernels(0.0)[partners], spectra.systems[partners]
-    scores = []
-    for value in lambdas:
-        offset = spectra.kernels(value)[members] - target_best
-        scores.append(xp.median(xp.einsum("ni,nij,nj->n", offset, target_s, offset)))
-    return to_host(xp.stack(scores)).tolist()     # one read-back per pass (synchronizes!)
+    kernels = spectra.kernels([0.0, *lambdas])
+    target_best, target_s = kernels[0][partners], spectra.systems[partners]
+    offset = kernels[1:, members] - target_best
+    chi2 = xp.einsum("lni,nij,lnj->ln", offset, target_s, offset)
+    return to_host(xp.median(chi2, axis=1)).tolist()     # one read-back per pass (synchronizes!)
 
 
 def _typical_stamps(kernel_sums):
@@ -187,7 +207,7 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     spectra = _Spectra(matrices, vectors, penalty, n_basis)
     traces = to_host(xp.trace(matrices[:, :n_basis, :n_basis], axis1=1, axis2=2))
     scale = float(np.median(traces)) / float(np.trace(penalty[:n_basis, :n_basis]))
-    members = _typical_stamps(to_host(spectra.kernels(0.01 * scale).sum(axis=1)))
+    members = _typical_stamps(to_host(spectra.kernels([0.01 * scale])[0].sum(axis=1)))
     if len(members) < 2:
         members = np.arange(len(x))
     partners = members[held_out_partners(np.asarray(x)[members], np.asarray(y)[members])]

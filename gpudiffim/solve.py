@@ -24,10 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, on_device, to_host
+from ._backend import array_module_of, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
 from .basis import renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
+from .delta_function import delta_function_form
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .linalg import EIGENVECTOR
@@ -174,8 +175,9 @@ class _Solver:
     def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
         self.config = config
         self.basis = basis
-        #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations.
-        self.separable = separable_form(basis)
+        #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations,
+        #: or the mark of the delta-function basis (fitted without a design on the host).
+        self.separable = separable_form(basis) or delta_function_form(basis.kernels)
         self.template, self.science = template, science
         self.cell_set = cell_set
         self.half_size = half_size
@@ -266,10 +268,15 @@ class _Solver:
         size = self.batch_size(len(basis))
         solution = self.cell_set.solution(key, len(basis))
         keep_rows = key == "orig" and self.config.quality_report
-        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows)
-                   for start in range(0, len(index), size))
+        keep_matrix = key == self.spatial_key()
+        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows,
+                                     keep_matrix) for start in range(0, len(index), size))
 
-    def _build_batch(self, index, basis, solution, regularization, keep_rows):
+    def spatial_key(self):
+        """The solutions the spatial fit uses ("pca" or "orig"): only theirs keep their normal matrices."""
+        return "pca" if self.config.pca_spatial_kernel else "orig"
+
+    def _build_batch(self, index, basis, solution, regularization, keep_rows, keep_matrix):
         """Fit one batch where the images live, read its outcome back once, store and judge it.
 
         The stamps whose rank-deficient systems the device left unsolved
@@ -279,26 +286,29 @@ class _Solver:
         separable = self.separable if basis is self.basis.kernels else None
         basis = self.where_images_live(basis)
         regularization = self.where_images_live(regularization)
-        fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows, defer=True)
+        fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows, keep_matrix,
+                                            defer=True)
         redo = np.flatnonzero(packed[:, _STATUS_COLUMN] == EIGENVECTOR) if fit.deferred else []
         if len(redo):
             _, packed[redo], redo_rows = self._fit_batch(index[redo], basis, separable, regularization,
-                                                         keep_rows, defer=False)
+                                                         keep_rows, keep_matrix, defer=False)
             if keep_rows:
                 rows[self.xp.asarray(redo)] = redo_rows
         outcome = _Outcome.unpack(packed)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        self.batches.append({"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows,
-                             "n_basis": len(basis)})
+        stored = {"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows, "n_basis": len(basis)}
+        if fit.information is not None:         # formed by the fit where the matrices are not kept
+            stored["information"] = fit.information
+        self.batches.append(stored)
         failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, failures)[1]
 
-    def _fit_batch(self, index, basis, separable, regularization, keep_rows, defer):
+    def _fit_batch(self, index, basis, separable, regularization, keep_rows, keep_matrix, defer):
         """``(fit, host outcome rows of _read_back, D/sigma rows or None)`` of the stamps ``index``."""
         batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops, separable=separable,
-                         defer_rank_deficient=defer)
+                         keep_matrix=keep_matrix, defer_rank_deficient=defer)
         sums = stamp_residual_sums(batch, fit.kernels, fit.background,
                                    self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)
@@ -349,7 +359,7 @@ class _Solver:
         picks = np.unique(np.linspace(0, len(visited) - 1, min(len(visited), _AUTO_LAMBDA_STAMPS)).astype(int))
         subset = visited[picks]
         matrix, vector = stamp_normal_equations(self.batch(subset), self.where_images_live(self.basis.kernels),
-                                                self.config, ops=self.ops)
+                                                self.config, ops=self.ops, separable=self.separable)
         choice = choose_lambda(matrix, vector, self.cell_set.x[subset], self.cell_set.y[subset],
                                self.regularization, self.basis.n_basis)
         self.config = dataclasses.replace(self.config, lambda_type="absolute", lambda_value=choice.value)
@@ -412,7 +422,7 @@ class _Solver:
         """Fit the spatial model to the visited candidates; return a :class:`SpatialFit`."""
         config = self.config
         basis = self.pca_basis if config.pca_spatial_kernel else self.basis.kernels
-        key = "pca" if config.pca_spatial_kernel else "orig"
+        key = self.spatial_key()
         used = self.visit_built(key)
         if not len(used):
             msg = "no kernel candidate available for the spatial fit"
@@ -453,7 +463,7 @@ class _Solver:
         used = np.unique(batches)
         if not len(used):
             return tuple(np.zeros((0,) * _STORED_NDIM[name]) for name in names)
-        sizes = np.array([len(self.batches[batch_id]["matrix"]) for batch_id in used])
+        sizes = np.array([len(self.batches[batch_id]["vector"]) for batch_id in used])
         starts = np.cumsum(sizes) - sizes
         stored = [[self._stored(batch_id, name) for batch_id in used] for name in names]
         xp = array_module_of(stored[0][0])
@@ -569,19 +579,24 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
         images = images - mean
         kernels.append(mean)
     flat = images.reshape(len(images), -1) * np.sqrt(weights * len(images))[:, None]
-    if len(images) == 1:
+    n_images, n_pixels = flat.shape
+    if n_images == 1:
         eigen_images = flat.copy()
     else:
-        gram = flat @ flat.T / flat.shape[1]
-        values, vectors = np.linalg.eigh(gram)
+        # the eigen-images of the images' Gram matrix are the eigenvectors of their pixel scatter
+        # matrix (same non-zero eigenvalues), up to scale and sign, which the peak scaling removes:
+        # the smaller of the two is decomposed (N x N up to N = 441 delta-function kernels)
+        by_images = n_images <= n_pixels
+        with single_threaded_blas():   # a multi-threaded eigh of 441^2 stalled for ~1 s on a busy machine
+            values, vectors = np.linalg.eigh((flat @ flat.T if by_images else flat.T @ flat) / n_pixels)
         order = np.argsort(values)[::-1][:100]
         if values.sum() == 0:
             msg = "kernel PCA failed: every eigenvalue is zero"
             raise SingularSystemError(msg)
         # eigenvalues at round-off (N images less their mean span N - 1 dimensions) have
         # arbitrary eigen-images; ip_diffim keeps them, scaled up to a peak of 1
-        order = order[values[order] > len(values) * np.finfo(np.float64).eps * values.max()]
-        eigen_images = vectors[:, order].T @ flat
+        order = order[values[order] > n_images * np.finfo(np.float64).eps * values.max()]
+        eigen_images = vectors[:, order].T @ flat if by_images else vectors[:, order].T
     for image in eigen_images:
         extreme = image[np.argmax(np.abs(image))]
         if extreme != 0:

@@ -29,6 +29,11 @@ forms the codes, kernel images and sums in the same launch; see
 synchronisation on the GPU); the solve loop reads each batch's decisions
 back once, and fits again the rare rank-deficient stamps whose
 pseudo-inverse the GPU defers (``defer_rank_deficient``).
+
+On the host, delta-function stamps with one weight per stamp are fitted
+without the design matrix (:mod:`gpudiffim.delta_function`: the normal
+matrix from row products and window sums, Cholesky solves), to rounding the
+same solutions.
 """
 
 from dataclasses import dataclass
@@ -39,6 +44,13 @@ from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .cellset import RejectReason
 from .cutouts import stamps_fit
+from .delta_function import (
+    DeltaFunctionForm,
+    delta_function_design,
+    delta_function_models,
+    delta_function_normal_equations,
+    fit_delta_function,
+)
 from .linalg import STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
@@ -123,6 +135,8 @@ class StampFit:
     deferred : bool
         Host flag: the rank-deficient systems (``solve_status`` ``EIGENVECTOR``) were left unsolved
         (zero coefficients; see ``defer_rank_deficient`` of :func:`fit_stamps`).
+    information : ndarray of shape (N,)
+        ``tr(M)`` over the kernel unknowns (``normal_matrix`` may be None, see :func:`fit_stamps`).
     model : ndarray of shape (N, F, F) or None
         ``T * K`` of each stamp's own kernel, the design columns times its
         coefficients (formed where ``ops.uses_fitted_models``: it saves the
@@ -135,6 +149,7 @@ class StampFit:
     normal_matrix: np.ndarray
     normal_vector: np.ndarray
     condition: dict
+    information: np.ndarray = None
     model: np.ndarray = None
     deferred: bool = False
 
@@ -209,13 +224,16 @@ def _design(ops, batch, basis, separable=None):
     in separable form, if it has one.
     """
     half_width = basis.shape[1] // 2
+    if isinstance(separable, DeltaFunctionForm):
+        if ops.fits_delta_functions_directly:      # the host: shifted windows of the stamps, copied
+            return delta_function_design(batch.template, separable.width), _fit_target(batch, half_width)
+        separable = None
     correlated = ops.correlate_stamps(batch.template, basis, separable=separable)
     n, nb, fy, fx = correlated.shape
     columns = correlated.reshape(n, nb, fy * fx)
     if not columns.flags.c_contiguous:     # cropped FFT correlations: products on a strided view miss BLAS
         columns = array_module_of(columns).ascontiguousarray(columns)
-    target = batch.fit_region(batch.science, half_width).reshape(n, fy * fx)
-    return columns, target
+    return columns, _fit_target(batch, half_width)
 
 
 def _regularization_lambdas(config, systems, regularization):
@@ -274,7 +292,8 @@ def candidate_kernels(coefficients, basis):
     return xp.tensordot(coefficients, _as_float64(xp, basis), axes=1)
 
 
-def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, defer_rank_deficient=False):
+def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable=None, keep_matrix=True,
+               defer_rank_deficient=False):
     """Solve the kernel of every stamp of a batch.
 
     Parameters
@@ -290,9 +309,11 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     ops : object, optional
         The operations (:func:`gpudiffim._ops.operations_for`) chosen by the
         caller once for its whole solve; chosen from the batch when omitted.
-    separable : SeparableBasis, optional
+    separable : SeparableBasis or DeltaFunctionForm, optional
         ``basis`` in separable form (:func:`gpudiffim.basis.separable_form`),
-        which the host correlates faster.
+        which the host correlates faster; or the mark of the delta-function
+        basis, whose stamps the host fits without a design matrix
+        (:mod:`gpudiffim.delta_function`) when the weights are constant.
     defer_rank_deficient : bool
         Leave the pseudo-inverse solutions of rank-deficient systems to the
         caller where they would cost device calls in every batch (the GPU):
@@ -300,6 +321,8 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         ``EIGENVECTOR``, read back with the batch's outcome) hold zero
         coefficients until fitted again without deferral.  Ignored with
         ``iterate_single_kernel`` or ``check_condition_number``.
+    keep_matrix : bool
+        Return the unregularised normal matrices (else ``normal_matrix`` may be None).
 
     Returns
     -------
@@ -311,6 +334,8 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
     ops = operations_for(batch.template) if ops is None else ops
+    if _fits_delta_functions_directly(ops, separable, config):
+        return _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix)
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
     iterate = config.iterate_single_kernel and not config.constant_variance_weighting
@@ -322,22 +347,55 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
         outcome, kernels, background, _ = _solve_batch(ops, matrix, vector, config, regularization,
                                                        outcome[:, 0].astype(np.int32), condition, basis)
-    fit = StampFit(outcome, background, kernels, matrix, vector, condition, deferred=deferred)
+    information = None if keep_matrix else xp.trace(matrix[:, :len(basis), :len(basis)], axis1=1, axis2=2)
+    fit = StampFit(outcome, background, kernels, matrix if keep_matrix else None, vector, condition,
+                   information=information, deferred=deferred)
     if ops.uses_fitted_models:
         fy = batch.science.shape[1] - 2 * half_width
         fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
     return fit
 
 
-def stamp_normal_equations(batch, basis, config, *, ops=None):
+def _fits_delta_functions_directly(ops, form, config):
+    """Whether a fit takes :func:`gpudiffim.delta_function.fit_delta_function` (issue 13): the
+    delta-function basis, one weight per stamp, no condition-number check, on the host."""
+    return (isinstance(form, DeltaFunctionForm) and ops.fits_delta_functions_directly
+            and config.constant_variance_weighting and not config.check_condition_number)
+
+
+def _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix):
+    """:func:`fit_stamps` of the delta-function basis without a design matrix (host arrays)."""
+    width = basis.shape[1]
+    weights, codes = _stamp_weights(ops, batch, width // 2, True)
+    fit = fit_delta_function(batch.template, _fit_target(batch, width // 2), weights.reshape(-1), width,
+                             config.fit_for_background, regularization,
+                             lambda matrix: _regularization_lambdas(config, matrix, regularization), keep_matrix)
+    outcome, kernels, background = ops.stamp_outcome(fit.solutions, fit.status, codes, basis,
+                                                     config.fit_for_background, RejectReason.FIT_FAILED)
+    result = StampFit(outcome, background, kernels, fit.matrix, fit.vector, {}, information=fit.information)
+    result.model = delta_function_models(batch.template, result.coefficients.reshape(-1, width, width))
+    return result
+
+
+def _fit_target(batch, half_width):
+    """The science stamps on the fit region, as rows (N, F*F)."""
+    return batch.fit_region(batch.science, half_width).reshape(len(batch), -1)
+
+
+def stamp_normal_equations(batch, basis, config, *, ops=None, separable=None):
     """The unregularised normal equations ``M`` (N, P, P) and ``b`` (N, P) of a batch, unsolved.
 
     As the first step of :func:`fit_stamps` (same weighting and background
-    column), in the batch's array module.
+    column, ``separable`` as there), in the batch's array module.
     """
     basis = array_module_of(batch.template).asarray(basis, dtype=np.float64)
     ops = operations_for(batch.template) if ops is None else ops
-    return _normal_equations(ops, batch, basis, config)[-1]
+    if _fits_delta_functions_directly(ops, separable, config):
+        width = basis.shape[1]
+        weights, _ = _stamp_weights(ops, batch, width // 2, True)
+        return delta_function_normal_equations(batch.template, _fit_target(batch, width // 2), weights.reshape(-1),
+                                               width, config.fit_for_background)
+    return _normal_equations(ops, batch, basis, config, separable)[-1]
 
 
 def _normal_equations(ops, batch, basis, config, separable=None):

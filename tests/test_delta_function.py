@@ -155,6 +155,28 @@ def test_raw_delta_function_kernel_sum_follows_the_noise(small_sky_pair):
 # configuration
 # --------------------------------------------------------------------------
 
+def test_only_the_spatial_fit_basis_keeps_normal_matrices(small_sky_pair, monkeypatch):
+    """Memory (issue 13): with the PCA spatial basis (DF's default) the normal matrices of the
+    delta-function fits are not kept (442^2 at 21 x 21: 1.56 MB each, 2.1 GB at 2048^2), only the
+    PCA fits' that the spatial fit uses; without PCA the delta-function fits keep theirs."""
+    import gpudiffim.solve as solve_module
+
+    _, template, science = small_sky_pair
+    for pca, expected in ((True, {121: False, 10: True}), (False, {121: True})):
+        kept = {}
+        fit_stamps = solve_module.fit_stamps
+
+        def recording(batch, basis, *args, fit_stamps=fit_stamps, kept=kept, **kwargs):
+            fit = fit_stamps(batch, basis, *args, **kwargs)
+            kept.setdefault(len(basis), set()).add(fit.normal_matrix is not None)
+            return fit
+
+        monkeypatch.setattr(solve_module, "fit_stamps", recording)
+        config = dataclasses.replace(DF, kernel_size=11, spatial_kernel_order=1, use_pca_for_spatial_kernel=pca)
+        _subtract(config, template, science)
+        assert {n: flags.pop() for n, flags in kept.items() if len(flags) == 1} == expected
+
+
 def test_delta_function_config_defaults_and_validation():
     assert DF.lambda_type == "auto" and DF.pca_weights == "precision" and DF.pca_components == 10
     assert PsfMatchConfig().pca_weights == "uniform" and PsfMatchConfig().pca_components == 5

@@ -1,0 +1,339 @@
+"""Delta-function stamp fits without the design matrix (issue 13).
+
+A delta-function basis kernel ``k = (r, c)`` (row-major, ``K x K`` kernel)
+is 1 at ``[r, c]``, so its design column is a shifted window of the
+template stamp, ``C_k(y, x) = T(y + r, x + c)`` for ``y, x`` in the fit
+region (``F x F``; the stamp is ``S = F + K - 1`` wide).  With one weight
+``w`` per stamp (``constant_variance_weighting``) the normal matrix
+
+.. math:: M_{(r,c),(r',c')} = w \\sum_{y,x<F} T(y+r, x+c)\\, T(y+r', x+c')
+
+needs no design product (``K^2 x F^2`` columns, ``2 K^4 F^2`` flop): with
+the row products ``G_{p,p'} = R_p R_{p'}^T`` (``R_p[c, x] = T(p, c + x)``,
+``K x F``) a block of ``M`` is a sum of ``F`` consecutive ``G`` along a
+block diagonal, ``M_{(r,.),(r+d,.)} = w \\sum_{y<F} G_{y+r, y+r+d}``, a
+product with a 0/1 window matrix.  Only the band ``0 <= d < K`` is formed
+(``M`` is symmetric): 2.1e7 flop per stamp at the defaults (``K = 21``, ``F = 23``)
+against 2.1e8 for the design product.
+The background's column is a box sum of ``T``, the right-hand side a
+cross-correlation of ``T`` with the science stamp.
+
+The regularised systems ``(M + lambda H) a = b`` are symmetric positive
+definite: each is solved by Cholesky, a few stamps at a time on the host
+threads (BLAS on one thread each), with the regularised matrix never kept;
+a system Cholesky cannot take (not finite, zero, not positive definite, or
+a pivot below the rank test of :mod:`gpudiffim.linalg`) goes to
+:func:`gpudiffim.linalg.solve_batch_status` as before.
+
+Masked pixels: the stamp fit never looks at the masks (with constant
+weighting every pixel of the fit region has the stamp's weight), so this
+path computes exactly what the design product computes.  Per-pixel weights
+(``constant_variance_weighting=False``) take the design path.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from ._backend import host_map, single_threaded_blas
+from .linalg import LU, solve_batch_status
+
+__all__ = ["DeltaFunctionForm", "delta_function_form", "delta_function_design", "delta_function_normal_equations",
+           "delta_function_models", "DeltaFunctionFit", "fit_delta_function"]
+
+#: Stamps per block of host work (a block's systems, ~1.6 MB each at 21 x 21, stay in cache).
+_BLOCK_STAMPS = 4
+
+
+@dataclass(frozen=True)
+class DeltaFunctionForm:
+    """Marks a basis as the delta-function basis of ``width x width`` kernels (``k = row * width + col``).
+
+    Attributes
+    ----------
+    width : int
+        Kernel width (px, odd).
+    """
+
+    width: int
+
+
+def delta_function_form(kernels):
+    """:class:`DeltaFunctionForm` of a stack of kernels if it is the delta-function basis, else None.
+
+    Parameters
+    ----------
+    kernels : ndarray of shape (n, kh, kw)
+        Host kernels.
+
+    Returns
+    -------
+    DeltaFunctionForm or None
+        Only for ``n = kh * kw`` kernels equal to the identity, in row-major order.
+    """
+    kernels = np.asarray(kernels)
+    n, height, width = kernels.shape
+    if n != height * width or height != width:
+        return None
+    if not np.array_equal(kernels.reshape(n, n), np.eye(n)):
+        return None
+    return DeltaFunctionForm(width)
+
+
+def _rows(template, kernel_width):
+    """``R[n, p, c, x] = T[n, p, c + x]`` (N, S, K, F), contiguous: every row's ``K`` windows of width ``F``."""
+    n, size, _ = template.shape
+    fit = size - kernel_width + 1
+    s0, s1, s2 = template.strides
+    return np.ascontiguousarray(as_strided(template, (n, size, kernel_width, fit), (s0, s1, s2, s2)))
+
+
+def _diagonal_sum(array, length, axis_p, axis_r):
+    """``out[..., y, ...] = sum_r array[..., y + r, ..., r, ...]`` for ``y < length`` (a strided view summed).
+
+    ``axis_p`` is the axis of ``y + r``, ``axis_r`` that of ``r``; the result
+    has ``axis_p`` shortened to ``length`` and ``axis_r`` summed out.
+    """
+    shape, strides = list(array.shape), list(array.strides)
+    shape[axis_p] = length
+    strides[axis_r] += strides[axis_p]
+    return as_strided(array, tuple(shape), tuple(strides)).sum(axis=axis_r)
+
+
+def delta_function_design(template, kernel_width):
+    """Design columns (N, K*K, F*F) of the delta-function basis: shifted windows of the template stamps.
+
+    Equal to the valid correlations of the stamps with the delta-function
+    kernels (the design of :mod:`gpudiffim.stamps`), copied without arithmetic.
+
+    Parameters
+    ----------
+    template : ndarray of shape (N, S, S)
+        Host template stamps.
+    kernel_width : int
+        ``K`` (odd); ``F = S - K + 1``.
+
+    Returns
+    -------
+    ndarray of shape (N, K*K, F*F)
+    """
+    n, size, _ = template.shape
+    k, fit = kernel_width, size - kernel_width + 1
+    s0, s1, s2 = template.strides
+    windows = as_strided(template, (n, k, k, fit, fit), (s0, s1, s2, s1, s2))
+    return np.ascontiguousarray(windows).reshape(n, k * k, fit * fit)
+
+
+def _box_sums(template, fit):
+    """``out[n, r, c] = sum_{y, x < fit} T[n, y + r, x + c]`` (the background column), by cumulative sums."""
+    n, size, _ = template.shape
+    table = np.zeros((n, size + 1, size + 1))
+    table[:, 1:, 1:] = template.cumsum(axis=1).cumsum(axis=2)
+    return table[:, fit:, fit:] - table[:, :-fit, fit:] - table[:, fit:, :-fit] + table[:, :-fit, :-fit]
+
+
+def _block_view(matrix, kernel_width, lag, lower):
+    """View (N, K - lag, K, K) of the kernel blocks ``(r, r + lag)`` of ``matrix`` (N, P, P), or with
+    ``lower`` their mirror ``(r + lag, r)`` transposed, so that both take the upper blocks' values."""
+    k = kernel_width
+    s0, s1, s2 = matrix.strides
+    if lower:
+        base, strides = matrix[:, lag * k:, :], (s0, k * (s1 + s2), s2, s1)
+    else:
+        base, strides = matrix[:, :, lag * k:], (s0, k * (s1 + s2), s1, s2)
+    return as_strided(base, (matrix.shape[0], k - lag, k, k), strides)
+
+
+def _kernel_blocks(rows, kernel_width, out):
+    """Write ``sum_{y<F} G_{y+r, y+r+lag}`` into the kernel part of ``out`` (N, P, P), both triangles.
+
+    ``rows``: :func:`_rows` of the stamps.  For each lag the band of row
+    products ``G_{p, p+lag}`` (one batched product), then its window sums
+    over ``F`` consecutive ``p`` (one product with a 0/1 window matrix).
+    """
+    n, size, k, fit = rows.shape
+    offsets = np.arange(size)[None, :] - np.arange(k)[:, None]
+    windows = ((offsets >= 0) & (offsets < fit)).astype(np.float64)      # [r, p] = 1 for r <= p < r + F
+    for lag in range(k):
+        band = np.matmul(rows[:, :size - lag], rows[:, lag:].transpose(0, 1, 3, 2))   # (N, S - lag, K, K)
+        blocks = np.matmul(windows[:k - lag, :size - lag], band.reshape(n, size - lag, k * k))
+        blocks = blocks.reshape(n, k - lag, k, k)
+        _block_view(out, k, lag, lower=False)[...] = blocks
+        if lag:
+            _block_view(out, k, lag, lower=True)[...] = blocks
+
+
+def delta_function_normal_equations(template, target, weight, kernel_width, background):
+    """Unregularised normal equations ``(M, b)`` of delta-function stamp fits with one weight per stamp.
+
+    Equal (to rounding) to ``ops.stamp_normal_equations`` of
+    :func:`delta_function_design`'s columns.
+
+    Parameters
+    ----------
+    template : ndarray of shape (N, S, S)
+        Host template stamps (float64).
+    target : ndarray of shape (N, F*F)
+        Science stamps on the fit region (float64).
+    weight : ndarray of shape (N,)
+        One weight per stamp (``1 / variance``).
+    kernel_width : int
+        ``K``; ``F = S - K + 1``.
+    background : bool
+        Add the background's column of ones (last unknown).
+
+    Returns
+    -------
+    matrix : ndarray of shape (N, P, P)
+        Exactly symmetric; ``P = K^2 (+ 1)``.
+    vector : ndarray of shape (N, P)
+    """
+    n, size, _ = template.shape
+    k = kernel_width
+    fit = size - k + 1
+    p = k * k + int(bool(background))
+    rows = _rows(template, k)
+    matrix = np.empty((n, p, p))
+    vector = np.empty((n, p))
+    _kernel_blocks(rows, k, matrix)
+    science = target.reshape(n, fit, fit)
+    products = np.matmul(rows.reshape(n, size * k, fit), science.transpose(0, 2, 1)).reshape(n, size, k, fit)
+    vector[:, :k * k] = _diagonal_sum(products, k, axis_p=1, axis_r=3).reshape(n, k * k)
+    if background:
+        box = _box_sums(template, fit).reshape(n, k * k)
+        matrix[:, :k * k, k * k] = matrix[:, k * k, :k * k] = box
+        matrix[:, k * k, k * k] = fit * fit
+        vector[:, k * k] = target.sum(axis=1)
+    matrix *= weight[:, None, None]
+    vector *= weight[:, None]
+    return matrix, vector
+
+
+def delta_function_models(template, kernels):
+    """``T * K`` (N, F, F) of each stamp under its own kernel image (N, K, K), without a design.
+
+    ``out[y, x] = sum_{r, c} T[y + r, x + c] K[r, c]``, as the design columns times the coefficients.
+    """
+    k = kernels.shape[-1]
+    rows = _rows(template, k)
+    fit = rows.shape[-1]
+    mixed = np.matmul(kernels[:, None], rows)                 # [n, p, r, x] = sum_c K[r, c] T[p, c + x]
+    return _diagonal_sum(mixed, fit, axis_p=1, axis_r=2)
+
+
+def _cholesky_block(systems, vectors):
+    """Cholesky solutions of a few systems (factored in place), and whether each passed.
+
+    A system passes when it is finite, positive definite, and its pivots
+    (the squared diagonal of the factor) pass the rank test of
+    :mod:`gpudiffim.linalg` (``p > n eps p_max``); the others get zeros.
+    """
+    from scipy.linalg import lapack
+
+    n = systems.shape[-1]
+    solutions = np.zeros_like(vectors)
+    passed = np.zeros(len(systems), dtype=bool)
+    for index, (system, vector) in enumerate(zip(systems, vectors)):
+        if not np.isfinite(system).all() or not np.isfinite(vector).all():
+            continue
+        # the transpose is Fortran-ordered: factored in place, and the same matrix (symmetric)
+        factor, info = lapack.dpotrf(system.T, lower=0, clean=0, overwrite_a=1)
+        pivots = np.diagonal(factor) ** 2
+        if info != 0 or not np.all(pivots > n * np.finfo(np.float64).eps * pivots.max()):
+            continue
+        solution, info = lapack.dpotrs(factor, vector, lower=0)
+        passed[index] = info == 0 and np.isfinite(solution).all()
+        solutions[index] = solution
+    return solutions, passed
+
+
+@dataclass
+class DeltaFunctionFit:
+    """Solutions of a batch of delta-function stamp fits (host arrays).
+
+    Attributes
+    ----------
+    matrix : ndarray of shape (N, P, P) or None
+        Unregularised normal matrices (None unless asked for).
+    vector : ndarray of shape (N, P)
+    solutions : ndarray of shape (N, P)
+        Zero where the solve failed.
+    status : ndarray of int8, shape (N,)
+        :func:`gpudiffim.linalg.solve_batch_status` codes (``LU`` where
+        Cholesky solved the system).
+    information : ndarray of shape (N,)
+        ``tr(M)`` over the kernel unknowns.
+    """
+
+    matrix: np.ndarray
+    vector: np.ndarray
+    solutions: np.ndarray
+    status: np.ndarray
+    information: np.ndarray
+
+
+def fit_delta_function(template, target, weight, kernel_width, background, regularization=None, lambdas=None,
+                       keep_matrix=True):
+    """Normal equations and regularised solutions of delta-function stamp fits, a few stamps at a time.
+
+    Each block of :data:`_BLOCK_STAMPS` stamps is formed
+    (:func:`delta_function_normal_equations`), regularised and solved on a
+    host thread (BLAS on one thread), so that its systems stay in cache; the
+    regularised matrices are not kept.
+
+    Parameters
+    ----------
+    template, target, weight, kernel_width, background
+        As :func:`delta_function_normal_equations` (host arrays).
+    regularization : ndarray of shape (P, P), optional
+        ``H``; the systems solved are ``(M + lambda H) a = b``.
+    lambdas : callable, optional
+        ``lambdas(M) -> lambda`` (one per system) of a block's unregularised matrices; with ``regularization``.
+    keep_matrix : bool
+        Return the unregularised matrices (the spatial fit of this basis needs them).
+
+    Returns
+    -------
+    DeltaFunctionFit
+    """
+    n = len(template)
+    p = kernel_width**2 + int(bool(background))
+    fit = DeltaFunctionFit(np.empty((n, p, p)) if keep_matrix else None, np.empty((n, p)), np.empty((n, p)),
+                           np.empty(n, dtype=np.int8), np.empty(n))
+
+    if regularization is not None:      # ~5 % of H is non-zero (a difference stencil): only those are added
+        support = np.flatnonzero(regularization)
+        penalties = np.asarray(regularization).reshape(-1)[support]
+
+    def systems(rows):
+        """The regularised systems of the stamps ``rows`` (a slice or indices), and their ``lambda``."""
+        matrix, vector = delta_function_normal_equations(template[rows], target[rows], weight[rows], kernel_width,
+                                                         background)
+        penalty = lambdas(matrix) if regularization is not None else None
+        return matrix, vector, penalty
+
+    def regularize(matrix, penalty):
+        if penalty is not None:
+            matrix.reshape(len(matrix), -1)[:, support] += penalty[:, None] * penalties
+        return matrix
+
+    def block(start):
+        rows = slice(start, min(start + _BLOCK_STAMPS, n))
+        matrix, vector, penalty = systems(rows)
+        fit.vector[rows] = vector
+        fit.information[rows] = np.trace(matrix[:, :kernel_width**2, :kernel_width**2], axis1=1, axis2=2)
+        if keep_matrix:
+            fit.matrix[rows] = matrix
+        solutions, passed = _cholesky_block(regularize(matrix, penalty), vector)     # factored in place
+        status = np.full(len(matrix), np.int8(LU))
+        failed = np.flatnonzero(~passed)
+        if failed.size:     # as every other stamp fit: LU with the rank test, else the pseudo-inverse (formed again)
+            again, _, _ = systems(start + failed)
+            penalty = None if penalty is None else penalty[failed]
+            solutions[failed], status[failed] = solve_batch_status(regularize(again, penalty), vector[failed])
+        fit.solutions[rows], fit.status[rows] = solutions, status
+
+    with single_threaded_blas():
+        host_map(block, range(0, n, _BLOCK_STAMPS))
+    return fit
