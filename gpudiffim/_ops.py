@@ -250,8 +250,8 @@ def _factors_of_terms(xp, factors, used, dtype):
                                               function.axis_scaling(0), dtype)
         x_powers = image_apply.spatial_powers(xp, factors.x0, factors.columns, function.order,
                                               function.axis_scaling(1), dtype)
-        exponents = np.asarray([factors.exponents[k] for k in used], dtype=np.int64).reshape(-1, 2)
-        return y_powers[exponents[:, 1].tolist()], x_powers[exponents[:, 0].tolist()]
+        x_exponents, y_exponents = zip(*(factors.exponents[k] for k in used))
+        return y_powers[list(y_exponents)], x_powers[list(x_exponents)]
     rows = xp.asarray(np.stack([factors[k][0] for k in used]).astype(dtype))
     cols = xp.asarray(np.stack([factors[k][1] for k in used]).astype(dtype))
     return rows, cols

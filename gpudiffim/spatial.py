@@ -92,14 +92,18 @@ class SpatialFunction:
         low, high = (y0 - 0.5, y1 + 0.5) if axis == 0 else (x0 - 0.5, x1 + 0.5)
         return 0.5 * (low + high), high - low
 
+    def _axis_coordinate(self, t, axis):
+        """Coordinates ``t`` along ``axis`` (0: y, 1: x) as the functions use them (float64)."""
+        t = np.asarray(t, dtype=np.float64)
+        scaling = self.axis_scaling(axis)
+        if scaling is None:
+            return t
+        mid, width = scaling
+        return 2.0 * (t - mid) / width
+
     def normalized(self, x, y):
         """Coordinates as used by the functions: Chebyshev-scaled or raw."""
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        if self.model_type == "polynomial":
-            return x, y
-        (mid_x, width_x), (mid_y, width_y) = self.axis_scaling(1), self.axis_scaling(0)
-        return 2.0 * (x - mid_x) / width_x, 2.0 * (y - mid_y) / width_y
+        return self._axis_coordinate(x, 1), self._axis_coordinate(y, 0)
 
     def terms(self, x, y):
         """Every term evaluated at parent coordinates ``(x, y)``.
@@ -142,13 +146,8 @@ class SpatialFunction:
         ndarray of shape (order + 1, len(t))
             Row ``k``: ``T_k(t')`` (Chebyshev, ``t'`` from :meth:`axis_scaling`) or ``t^k``.
         """
-        t = np.asarray(t, dtype=np.float64)
-        scaling = self.axis_scaling(axis)
-        if scaling is not None:
-            mid, width = scaling
-            t = 2.0 * (t - mid) / width
         powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
-        return powers(t, self.order).T
+        return powers(self._axis_coordinate(t, axis), self.order).T
 
     def grid_factors(self, x, y):
         """Separable factors of every term on the outer grid of 1-D ``x`` and ``y``.
@@ -167,11 +166,8 @@ class SpatialFunction:
         list of tuple of ndarray
             ``(rows[t] of shape (M,), cols[t] of shape (N,))`` per term.
         """
-        xn, _ = self.normalized(np.asarray(x, dtype=np.float64), 0.0)
-        _, yn = self.normalized(0.0, np.asarray(y, dtype=np.float64))
-        powers = _chebyshev_powers if self.model_type == "chebyshev1" else _monomial_powers
-        px, py = powers(xn, self.order), powers(yn, self.order)
-        return [(py[:, j], px[:, i]) for i, j in term_exponents(self.order)]
+        px, py = self.axis_powers(x, 1), self.axis_powers(y, 0)
+        return [(py[j], px[i]) for i, j in term_exponents(self.order)]
 
     def evaluate_grid(self, coefficients, x, y, xp=np):
         """Evaluate on the outer grid of 1-D ``x`` (columns) and ``y`` (rows).
