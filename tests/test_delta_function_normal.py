@@ -218,3 +218,21 @@ def test_regularized_fallback_of_a_stamp_with_nan():
     expected, status = solve_batch_status(matrix + lambdas[:, None, None] * regularization, vector)
     assert fit.status.tolist() == status.tolist() == [LU, NOT_FINITE, LU]
     assert _relative(fit.solutions, expected) < 1e-8
+
+
+def test_lower_triangle_alone_is_the_whole_matrix_lower_triangle():
+    """``both_triangles=False`` (what the Cholesky path forms) gives the same lower triangle, bit for bit,
+    and above it the whole matrix's values or zeros (the diagonal kernel blocks are written whole)."""
+    rng = np.random.default_rng(11)
+    template, science = _stamps(rng, 3, 15)
+    target = science[:, 3:12, 3:12].reshape(3, -1)
+    whole, vector = delta_function_normal_equations(template, target, np.full(3, 0.5), 7, True)
+    lower, lower_vector = delta_function_normal_equations(template, target, np.full(3, 0.5), 7, True,
+                                                          both_triangles=False)
+    rows, columns = np.tril_indices(50)
+    np.testing.assert_array_equal(lower[:, rows, columns], whole[:, rows, columns])
+    above = np.triu_indices(50, 1)
+    upper, expected = lower[:, above[0], above[1]], whole[:, above[0], above[1]]
+    assert np.all((upper == 0.0) | (upper == expected))
+    assert np.count_nonzero(upper) < 0.2 * upper.size
+    np.testing.assert_array_equal(lower_vector, vector)

@@ -38,8 +38,8 @@ LAYERS = (
     ("foundation: errors, argument checks, backend choice, configuration",
      {"errors", "_validate", "_backend", "config"}),
     ("array helpers: statistics, Gaussian widths, stamp geometry and cutting, PSF size, linear algebra, "
-     "correlation, Lanczos resampling", {"statistics", "gaussian", "cutouts", "fwhm", "linalg", "convolve",
-                                          "_resample"}),
+     "correlation, Lanczos resampling", {"statistics", "gaussian", "cutouts", "fwhm", "linalg", "_lapack",
+                                          "convolve", "_resample"}),
     ("containers: images, exposures, spatial functions, kernels, the cell set and its reject reasons",
      {"image", "exposure", "spatial", "kernel", "cellset"}),
     ("operations: where each hot operation runs (NumPy reference or CUDA kernels), one data contract",

@@ -1,0 +1,63 @@
+"""The GIL-free Cholesky of :mod:`gpudiffim._lapack` against NumPy's (issue 13: delta-function systems)."""
+
+import numpy as np
+import pytest
+
+from gpudiffim import _lapack
+from gpudiffim._lapack import cholesky_in_place, cholesky_solve
+
+
+def _spd(n, seed, condition=1e6):
+    """A symmetric positive definite matrix of the given condition number."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    return (q * np.geomspace(1.0, 1.0 / condition, n)) @ q.T
+
+
+def test_the_lapack_pointers_are_found():
+    """SciPy exports dpotrf/dpotrs to C here, so the GIL is released (the fallback would hold it)."""
+    assert _lapack._DPOTRF is not None and _lapack._DPOTRS is not None
+
+
+@pytest.mark.parametrize("n, seed", [(1, 0), (7, 1), (442, 2)])
+def test_factor_and_solution_match_numpy(n, seed):
+    matrix = _spd(n, seed)
+    upper = np.triu_indices(n, 1)
+    work = matrix.copy()
+    work[upper] = -7.0                      # the upper triangle is neither read nor written
+    assert cholesky_in_place(work) == 0
+    factor = np.tril(work)
+    # backward stable: L L^T is the matrix to a few eps; L itself is NumPy's to cond * eps
+    assert np.abs(factor @ factor.T - matrix).max() <= 1e-14 * n * np.abs(matrix).max()
+    expected = np.linalg.cholesky(matrix)
+    np.testing.assert_allclose(factor, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+    assert np.all(work[upper] == -7.0)
+    vector = np.random.default_rng(seed).normal(size=n)
+    before = vector.copy()
+    solution = cholesky_solve(work, vector)
+    np.testing.assert_array_equal(vector, before)
+    reference = np.linalg.solve(matrix, vector)
+    # the condition number is 1e6: both solutions within 1e6 * eps of each other, relative
+    assert np.abs(solution - reference).max() <= 1e-9 * np.abs(reference).max()
+
+
+def test_not_positive_definite_gives_the_failing_minor():
+    matrix = np.diag([4.0, 1.0, -1.0, 2.0])
+    assert cholesky_in_place(matrix) == 3
+
+
+@pytest.mark.parametrize("bad", [np.eye(3, dtype=np.float32), np.eye(4)[:, :3], np.eye(6)[::2, ::2],
+                                 np.eye(3)[None]])
+def test_wrong_arrays_are_refused(bad):
+    with pytest.raises(ValueError, match="C-contiguous float64 square"):
+        cholesky_in_place(bad)
+
+
+def test_read_only_and_mismatched_vector_are_refused():
+    frozen = np.eye(3)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        cholesky_in_place(frozen)
+    factor = np.eye(3)
+    with pytest.raises(ValueError, match="does not match"):
+        cholesky_solve(factor, np.ones(4))
