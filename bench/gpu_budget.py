@@ -19,7 +19,9 @@ few kB per pass, host time <= 20 ms on the 2-core CI machine (<= 10 ms at 2048²
 """
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 from pathlib import Path
 
@@ -37,8 +39,12 @@ from gpudiffim.testing import make_fake_pair  # noqa: E402
 CALL_SECONDS, SYNC_SECONDS = 10e-6, 30e-6
 
 
-def run(size, stars, seed=1, kernels="numpy", config=None):
-    """(recorder, result) of one warm subtraction of a ``size``² pair with ``stars`` stars."""
+def run(size, stars, seed=1, kernels="numpy", config=None, profile=None):
+    """(recorder, result) of one warm subtraction of a ``size``² pair with ``stars`` stars.
+
+    With ``profile`` (a :class:`cProfile.Profile` made by :func:`host_profile`),
+    the measured subtraction is profiled in host time only.
+    """
     pair = make_fake_pair(shape=(size, size), n_stars=stars, seed=seed)
     config = PsfMatchConfig() if config is None else config
     with cupy_standin(kernels=kernels):
@@ -47,8 +53,36 @@ def run(size, stars, seed=1, kernels="numpy", config=None):
         template, science = to_device(pair.template), to_device(pair.science)
         recorder.events.clear()           # the input planes are not part of the budget
         recorder.stage_host.clear()
-        result = ImagePsfMatchTask(config).subtract_masked_images(template, science)
+        task = ImagePsfMatchTask(config)
+        if profile is None:
+            result = task.subtract_masked_images(template, science)
+        else:
+            profile.timer = recorder.host_clock
+            result = profile.runcall(task.subtract_masked_images, template, science)
     return recorder, result
+
+
+class _HostProfile:
+    """A :class:`cProfile.Profile` started on the recorder's host clock when :func:`run` calls it."""
+
+    timer = None
+
+    def runcall(self, function, *args):
+        self.profile = cProfile.Profile(self.timer)
+        return self.profile.runcall(function, *args)
+
+
+def print_host_profile(profile, top):
+    """The ``top`` functions of the package by host time of their own (the profiler's overhead included)."""
+    stats = pstats.Stats(profile.profile)
+    rows = [(tottime, cumtime, calls, f"{Path(file).name}:{line}({name})")
+            for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items()
+            if "gpudiffim" in file]
+    total = sum(row[0] for row in rows)
+    print(f"\nhost time by function of gpudiffim (own / with callees, ms; cProfile's overhead included; "
+          f"{1e3 * total:.1f} ms in all):")
+    for tottime, cumtime, calls, where in sorted(rows, reverse=True)[:top]:
+        print(f"  {1e3 * tottime:7.2f} {1e3 * cumtime:8.2f}  ×{calls:<5d} {where}")
 
 
 def summary(recorder, result):
@@ -71,9 +105,12 @@ def main(argv=None):
                         help="kernel basis set (the other fields at their defaults)")
     parser.add_argument("--top", type=int, default=12, help="call sites listed per kind")
     parser.add_argument("--json", help="write the summary and the per-stage rows here")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="also list the N functions with the most host time (cProfile on the host clock)")
     args = parser.parse_args(argv)
+    profile = _HostProfile() if args.profile else None
     recorder, result = run(args.size, args.stars, args.seed, args.kernels,
-                           PsfMatchConfig(kernel_basis_set=args.basis))
+                           PsfMatchConfig(kernel_basis_set=args.basis), profile)
     print(f"{args.size}² pair, {args.stars} stars: {len(result.kernel_cell_set)} candidates, "
           f"{result.kernel_cell_set.n_good} GOOD, {result.kernel_cell_set.n_bad} BAD")
     print(recorder.format_table())
@@ -86,6 +123,8 @@ def main(argv=None):
     print(f"\nestimated host-side cost on a GPU machine: {numbers['estimated_host_overhead_ms']:.1f} ms "
           f"(host {numbers['host_ms']:.1f} ms + {CALL_SECONDS * 1e6:.0f} µs per call + "
           f"{SYNC_SECONDS * 1e6:.0f} µs per sync)")
+    if profile is not None:
+        print_host_profile(profile, args.profile)
     if args.json:
         Path(args.json).write_text(json.dumps({"size": args.size, "stars": args.stars, **numbers,
                                                "stages": recorder.table()}, indent=1, default=float))

@@ -104,6 +104,19 @@ class Recorder:
     last_mark: float = None
     stage_instrument: dict = field(default_factory=lambda: defaultdict(float))
     _depth: int = 0
+    _excluded_since: float = None
+
+    def host_clock(self):
+        """Host CPU seconds so far, flat while stand-in work runs (emulated device work, bookkeeping).
+
+        A timer for :class:`cProfile.Profile`: the profile's times are then the host's own
+        Python and NumPy time, the quantity the budgets bound (``bench/gpu_budget.py --profile``).
+        """
+        now = time.process_time()
+        excluded = self.device_seconds + self.instrument_seconds
+        if self._excluded_since is not None:
+            excluded += now - self._excluded_since
+        return now - excluded
 
     def add(self, kind, name, nbytes=0):
         self.events.append(Event(kind, name, _call_site(), self.stage, int(nbytes)))
@@ -212,7 +225,7 @@ def _device_work():
                 recorder._depth -= 1
         return
     recorder._depth += 1
-    start = time.process_time()
+    start = recorder._excluded_since = time.process_time()
     if recorder.last_mark is not None:   # host time since the previous device work: charge it to this site
         recorder.host_gaps[_call_site()] += start - recorder.last_mark
     try:
@@ -221,6 +234,7 @@ def _device_work():
         end = time.process_time()
         recorder.device_seconds += end - start
         recorder.last_mark = end
+        recorder._excluded_since = None
         recorder._depth -= 1
 
 
@@ -232,10 +246,11 @@ def _record(kind, name, nbytes=0):
     if recorder._depth:         # inside a timed stand-in operation: its time is already kept apart
         recorder.add(kind, name, nbytes)
         return
-    start = time.process_time()
+    start = recorder._excluded_since = time.process_time()
     recorder.add(kind, name, nbytes)
     spent = time.process_time() - start
     recorder.instrument_seconds += spent
+    recorder._excluded_since = None
     recorder.stage_instrument[recorder.stage] += spent
 
 
@@ -802,6 +817,28 @@ def _clear_caches():
     _loader._memoized_module.cache_clear()
 
 
+#: The stand-in's compiled-module cache, kept from one stand-in block to the next as CuPy keeps
+#: its memoized ``RawModule`` objects for the life of the process: a measured run after a warm-up
+#: run (``bench/gpu_budget.py``) then reads no kernel source, as on a GPU machine.
+_STANDIN_LOADER = None
+
+
+@contextlib.contextmanager
+def _standin_loader():
+    """Point ``gpudiffim._cuda._loader`` at the stand-in's own module cache for the block."""
+    global _STANDIN_LOADER
+    from gpudiffim._cuda import _loader
+
+    original = _loader._memoized_module
+    if _STANDIN_LOADER is None:
+        _STANDIN_LOADER = original.__wrapped__()       # its ``module`` memoized by the stand-in's ``memoize``
+    _loader._memoized_module = lambda: _STANDIN_LOADER
+    try:
+        yield
+    finally:
+        _loader._memoized_module = original
+
+
 @contextlib.contextmanager
 def cupy_standin(recorder=None, kernels="emulator"):
     """Run the block with the stand-in as ``cupy`` and the ``cupy`` backend selected.
@@ -850,7 +887,7 @@ def cupy_standin(recorder=None, kernels="emulator"):
     task.stage_timer = staged
     try:
         # single-threaded BLAS: process CPU time is then the work done, not threads spinning
-        with use_backend("cupy"), threadpool_limits(1):
+        with use_backend("cupy"), threadpool_limits(1), _standin_loader():
             yield recorder
     finally:
         task.stage_timer = stage_timer
