@@ -136,9 +136,17 @@ def array_module(backend=None):
     return np
 
 
+#: Whether each array type seen is CuPy's (read per launch and per operation: a dict lookup).
+_IS_DEVICE_TYPE = {}
+
+
 def is_device_array(array):
     """True for a CuPy array (checked without importing CuPy)."""
-    return type(array).__module__.split(".")[0] == "cupy"
+    kind = type(array)
+    known = _IS_DEVICE_TYPE.get(kind)
+    if known is None:
+        known = _IS_DEVICE_TYPE[kind] = kind.__module__.split(".")[0] == "cupy"
+    return known
 
 
 def read_only_view(plane):

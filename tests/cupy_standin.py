@@ -32,6 +32,7 @@ import functools
 import sys
 import time
 import types
+import weakref
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -88,6 +89,12 @@ class Recorder:
         ``instrument_seconds``: the pipeline's own host work.
     stage : str
         Current stage name (set by :meth:`in_stage`).
+    device_bytes, peak_device_bytes : int
+        Bytes of device memory held by live stand-in arrays (each buffer
+        once, however many views share it), now and at most so far: what
+        CuPy's pool would have in use (its cached free blocks, cuFFT plans
+        and library workspaces not counted).  Reset the peak with
+        :meth:`reset_peak`.
     """
 
     events: list = field(default_factory=list)
@@ -105,6 +112,22 @@ class Recorder:
     stage_instrument: dict = field(default_factory=lambda: defaultdict(float))
     _depth: int = 0
     _excluded_since: float = None
+    device_bytes: int = 0
+    peak_device_bytes: int = 0
+    stage_peak_bytes: dict = field(default_factory=lambda: defaultdict(int))
+
+    def hold(self, nbytes):
+        """Count ``nbytes`` more (negative: fewer) of device memory in use."""
+        self.device_bytes += nbytes
+        if self.device_bytes > self.peak_device_bytes:
+            self.peak_device_bytes = self.device_bytes
+        if self.device_bytes > self.stage_peak_bytes[self.stage]:
+            self.stage_peak_bytes[self.stage] = self.device_bytes
+
+    def reset_peak(self):
+        """Start the peak (overall and per stage) from the memory in use now."""
+        self.peak_device_bytes = self.device_bytes
+        self.stage_peak_bytes.clear()
 
     def host_clock(self):
         """Host CPU seconds so far, flat while stand-in work runs (emulated device work, bookkeeping).
@@ -157,22 +180,24 @@ class Recorder:
         return list(seen)
 
     def table(self):
-        """Per-stage rows: (stage, calls, launches, syncs, uploads, upload kB, host ms, device ms)."""
+        """Per-stage rows: (stage, calls, launches, syncs, uploads, upload kB, host ms, device ms, peak device MB)."""
         rows = []
         for stage in self.stages():
             rows.append((stage, self.count("call", stage), self.count("launch", stage), self.count("sync", stage),
                          self.count("h2d", stage), self.bytes("h2d", stage) / 1e3,
-                         1e3 * self.stage_host.get(stage, 0.0), 1e3 * self.stage_device.get(stage, 0.0)))
+                         1e3 * self.stage_host.get(stage, 0.0), 1e3 * self.stage_device.get(stage, 0.0),
+                         self.stage_peak_bytes.get(stage, 0) / 1e6))
         rows.append(("total", self.calls, self.launches, self.syncs, self.uploads, self.bytes("h2d") / 1e3,
-                     1e3 * self.host_seconds, 1e3 * self.device_seconds))
+                     1e3 * self.host_seconds, 1e3 * self.device_seconds, self.peak_device_bytes / 1e6))
         return rows
 
     def format_table(self):
-        head = ("stage", "CuPy calls", "launches", "syncs", "uploads", "upload kB", "host ms", "emulated device ms")
+        head = ("stage", "CuPy calls", "launches", "syncs", "uploads", "upload kB", "host ms", "emulated device ms",
+                "peak device MB")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.table():
             lines.append(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]:.1f} | {row[6]:.1f} | "
-                         f"{row[7]:.1f} |")
+                         f"{row[7]:.1f} | {row[8]:.0f} |")
         return "\n".join(lines)
 
     @contextlib.contextmanager
@@ -320,6 +345,31 @@ class _Pointer:
         self.ptr = array.ctypes.data
 
 
+#: Buffers held by live stand-in arrays: id of the owning NumPy array -> (bytes, recorder).
+_HELD = {}
+
+
+def _release(key):
+    nbytes, recorder = _HELD.pop(key)
+    recorder.hold(-nbytes)
+
+
+def _hold_buffer(array):
+    """Count the buffer under ``array`` as device memory of the active recorder until it is freed."""
+    recorder = _RECORDER
+    if recorder is None:
+        return
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    key = id(owner)
+    if key in _HELD:
+        return
+    _HELD[key] = (owner.nbytes, recorder)
+    recorder.hold(owner.nbytes)
+    weakref.finalize(owner, _release, key)
+
+
 class ndarray:
     """A device array of the stand-in: a NumPy array that only CuPy operations may touch."""
 
@@ -330,6 +380,7 @@ class ndarray:
         if not isinstance(array, np.ndarray):
             raise StandinError(f"stand-in ndarray of {type(array).__name__}")
         self._a = array
+        _hold_buffer(array)
 
     # metadata (no device work)
     shape = property(lambda self: self._a.shape)

@@ -100,3 +100,20 @@ def test_stage_table_adds_up(counts):
     assert sum(row[1] for row in rows[:-1]) == total[1] == recorder.calls
     assert sum(row[3] for row in rows[:-1]) == total[3] == recorder.syncs
     assert np.isfinite(total[6]) and total[6] >= 0
+
+
+def test_device_memory_is_counted_per_buffer():
+    """The stand-in's memory count: each buffer once (views share it), released when freed, peak kept."""
+    import cupy_standin
+
+    with cupy_standin.cupy_standin(kernels="numpy") as recorder:
+        cupy = cupy_standin._CUPY
+        start = recorder.device_bytes
+        a = cupy.zeros((1000, 125))                     # 1 MB
+        view = a[10:20]
+        assert recorder.device_bytes - start == 1_000_000
+        b = a + 1.0                                     # a new 1 MB buffer
+        assert recorder.device_bytes - start == 2_000_000
+        del a, view, b
+        assert recorder.device_bytes == start
+        assert recorder.peak_device_bytes - start >= 2_000_000

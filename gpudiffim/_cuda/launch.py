@@ -23,6 +23,8 @@ _INT32 = np.iinfo(np.int32)
 
 
 def _dims(value, what):
+    if type(value) is int and value >= 1:       # the common case, checked without building tuples
+        return (value, 1, 1)
     dims = (value,) if isinstance(value, numbers.Integral) else tuple(value)
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, numbers.Integral) and d >= 1 for d in dims):
         msg = f"{what} must be a positive int or a tuple of 1 to 3 positive ints, got {value!r}"
@@ -44,7 +46,10 @@ def launcher_for(*arrays):
     >>> launcher_for(np.zeros(3), 2)
     'emulator'
     """
-    return "cupy" if any(is_device_array(a) for a in arrays) else "emulator"
+    for array in arrays:
+        if is_device_array(array):
+            return "cupy"
+    return "emulator"
 
 
 def check_args(kernel_name, args, array_type):
@@ -72,34 +77,33 @@ def check_args(kernel_name, args, array_type):
         raise TypeError(msg)
     out = []
     for index, ((name, ctype), (kind, dtype, const), arg) in enumerate(zip(spec.params, _parsed(spec), args)):
-        where = _Where(kernel_name, index, ctype, name)
         if kind == "pointer":
             if not isinstance(arg, array_type):
-                msg = f"{where}: expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
-                raise TypeError(msg)
-            if arg.dtype != dtype:
-                msg = f"{where}: expected dtype {dtype}, got {arg.dtype}"
-                raise TypeError(msg)
-            if not arg.flags.c_contiguous:
-                msg = f"{where}: array must be C-contiguous"
-                raise TypeError(msg)
-            if not const and not getattr(arg.flags, "writeable", True):  # CuPy flags have no writeable
-                msg = f"{where}: array is written by the kernel but is read-only"
-                raise TypeError(msg)
-            out.append(arg)
+                problem = f"expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
+            elif arg.dtype != dtype:
+                problem = f"expected dtype {dtype}, got {arg.dtype}"
+            elif not arg.flags.c_contiguous:
+                problem = "array must be C-contiguous"
+            elif not const and not getattr(arg.flags, "writeable", True):  # CuPy flags have no writeable
+                problem = "array is written by the kernel but is read-only"
+            else:
+                out.append(arg)
+                continue
         elif dtype.kind == "i":
             if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
-                msg = f"{where}: expected an int, got {type(arg).__name__}"
-                raise TypeError(msg)
-            if not _INT32.min <= int(arg) <= _INT32.max:
-                msg = f"{where}: {int(arg)} does not fit in a 32-bit int"
-                raise TypeError(msg)
-            out.append(dtype.type(arg))
+                problem = f"expected an int, got {type(arg).__name__}"
+            elif not _INT32.min <= int(arg) <= _INT32.max:
+                problem = f"{int(arg)} does not fit in a 32-bit int"
+            else:
+                out.append(dtype.type(arg))
+                continue
+        elif isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Real):
+            problem = f"expected a real number, got {type(arg).__name__}"
         else:
-            if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Real):
-                msg = f"{where}: expected a real number, got {type(arg).__name__}"
-                raise TypeError(msg)
             out.append(dtype.type(arg))
+            continue
+        msg = f"{_Where(kernel_name, index, ctype, name)}: {problem}"      # described only when raised
+        raise TypeError(msg)
     return tuple(out)
 
 
