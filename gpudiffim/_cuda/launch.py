@@ -22,14 +22,23 @@ __all__ = ["launch", "launcher_for", "check_args"]
 _INT32 = np.iinfo(np.int32)
 
 
+#: Launch geometries already checked, as 3-tuples (a launch looks its grid and block up here).
+_CHECKED_DIMS = {}
+
+
 def _dims(value, what):
-    if type(value) is int and value >= 1:       # the common case, checked without building tuples
-        return (value, 1, 1)
+    try:
+        return _CHECKED_DIMS[value]
+    except (KeyError, TypeError):         # not seen yet, or unhashable (a list)
+        pass
     dims = (value,) if isinstance(value, numbers.Integral) else tuple(value)
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, numbers.Integral) and d >= 1 for d in dims):
         msg = f"{what} must be a positive int or a tuple of 1 to 3 positive ints, got {value!r}"
         raise ValueError(msg)
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    checked = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if isinstance(value, (int, tuple)) and len(_CHECKED_DIMS) < 4096:
+        _CHECKED_DIMS[value] = checked
+    return checked
 
 
 def launcher_for(*arrays):
@@ -65,31 +74,31 @@ def check_args(kernel_name, args, array_type):
     TypeError
         On an unknown kernel, a wrong argument count or a wrong argument type.
     """
-    try:
-        spec = KERNELS[kernel_name]
-    except KeyError:
-        msg = f"unknown kernel {kernel_name!r}; declared: {sorted(KERNELS)}"
-        raise TypeError(msg) from None
+    plan = _plan(kernel_name)
     args = tuple(args)
-    if len(args) != len(spec.params):
+    if len(args) != len(plan):
+        spec = KERNELS[kernel_name]
         names = ", ".join(f"{c} {n}" for n, c in spec.params)
         msg = f"{kernel_name}({names}) takes {len(spec.params)} arguments, got {len(args)}"
         raise TypeError(msg)
     out = []
-    for index, ((name, ctype), (kind, dtype, const), arg) in enumerate(zip(spec.params, _parsed(spec), args)):
+    for index, ((name, ctype, kind, dtype, const), arg) in enumerate(zip(plan, args)):
         if kind == "pointer":
             if not isinstance(arg, array_type):
                 problem = f"expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
             elif arg.dtype != dtype:
                 problem = f"expected dtype {dtype}, got {arg.dtype}"
-            elif not arg.flags.c_contiguous:
+            elif not (flags := arg.flags).c_contiguous:
                 problem = "array must be C-contiguous"
-            elif not const and not getattr(arg.flags, "writeable", True):  # CuPy flags have no writeable
+            elif not const and not getattr(flags, "writeable", True):  # CuPy flags have no writeable
                 problem = "array is written by the kernel but is read-only"
             else:
                 out.append(arg)
                 continue
         elif dtype.kind == "i":
+            if type(arg) is int and _INT32.min <= arg <= _INT32.max:       # the common case, no ABC checks
+                out.append(dtype.type(arg))
+                continue
             if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
                 problem = f"expected an int, got {type(arg).__name__}"
             elif not _INT32.min <= int(arg) <= _INT32.max:
@@ -120,9 +129,20 @@ class _Where:
 
 
 @functools.lru_cache(maxsize=None)
-def _parsed(spec):
-    """:func:`parse_ctype` of every parameter of ``spec`` (parsed once per kernel, not per launch)."""
-    return tuple(parse_ctype(ctype) for _, ctype in spec.params)
+def _plan(kernel_name):
+    """``(name, ctype, kind, dtype, const)`` of every parameter of ``kernel_name`` (parsed once per kernel).
+
+    Raises
+    ------
+    TypeError
+        On an unknown kernel.
+    """
+    try:
+        spec = KERNELS[kernel_name]
+    except KeyError:
+        msg = f"unknown kernel {kernel_name!r}; declared: {sorted(KERNELS)}"
+        raise TypeError(msg) from None
+    return tuple((name, ctype, *parse_ctype(ctype)) for name, ctype in spec.params)
 
 
 def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):
@@ -162,7 +182,7 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):
         from ._loader import cupy_module
 
         converted = check_args(kernel_name, args, cupy.ndarray)
-        function = cupy_module(spec_unit, defines).get_function(kernel_name)
+        function = cupy_module(spec_unit, defines).get_function(kernel_name)     # memoized per device by CuPy
         function(grid, block, converted, shared_mem=int(shared_mem))
     else:
         from . import emulator
