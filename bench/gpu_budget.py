@@ -54,11 +54,15 @@ def run(size, stars, seed=1, kernels="numpy", config=None, profile=None):
         recorder.events.clear()           # the input planes are not part of the budget
         recorder.stage_host.clear()
         task = ImagePsfMatchTask(config)
+        start = recorder.host_clock()
         if profile is None:
             result = task.subtract_masked_images(template, science)
         else:
             profile.timer = recorder.host_clock
             result = profile.runcall(task.subtract_masked_images, template, science)
+        subtraction = recorder.host_clock() - start
+    # the subtraction's own host time: entering and leaving the stand-in block is not the pipeline's
+    recorder.host_seconds = subtraction
     return recorder, result
 
 

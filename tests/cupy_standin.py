@@ -350,8 +350,15 @@ _HELD = {}
 
 
 def _release(key):
+    """Free a buffer's count (when its array is collected); bookkeeping, kept out of the host time."""
     nbytes, recorder = _HELD.pop(key)
+    if recorder._depth or recorder._excluded_since is not None:
+        recorder.hold(-nbytes)
+        return
+    start = recorder._excluded_since = time.process_time()
     recorder.hold(-nbytes)
+    recorder.instrument_seconds += time.process_time() - start
+    recorder._excluded_since = None
 
 
 def _hold_buffer(array):
