@@ -777,11 +777,14 @@ class KernelOperations(NumpyOperations):
 
     def bin_medians(self, image, keep, edges_y, edges_x):
         """``gdi_bin_medians`` (one launch, each bin sorted in shared memory) for float bins of up to
-        ``MAX_BIN_PIXELS``; else one sort by (bin, value) in the image's array module: the same values."""
+        ``MAX_BIN_PIXELS``; larger float32 bins: keys built on the device, one sort and one launch
+        (``bin_medians_by_sort``); else one sort by (bin, value) in the image's array module: the same values."""
         from ._cuda import statistics
 
         if image.dtype.kind == "f" and statistics.bin_medians_fit(edges_y, edges_x):
             return statistics.bin_medians(image, keep, edges_y, edges_x)
+        if image.dtype.newbyteorder("=") == np.float32:
+            return statistics.bin_medians_by_sort(image, keep, edges_y, edges_x)
         return bin_medians_sorted(image, keep, edges_y, edges_x)
 
     def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
