@@ -454,8 +454,10 @@ class _Solver:
             bg = np.zeros(1)
         log.info("spatial fit: %d candidates, %d unknowns, condition number %.3g (%s)",
                  len(used), len(theta), cond, method)
-        return SpatialFit(SpatialKernel(basis, coefficients, self.kernel_function),
-                          BackgroundModel(bg, self.bg_function), cond, len(used))
+        kernel = SpatialKernel(basis, coefficients, self.kernel_function)
+        if on_device(self.xp):
+            kernel.place_basis(self.where_images_live(basis))
+        return SpatialFit(kernel, BackgroundModel(bg, self.bg_function), cond, len(used))
 
     def gather(self, index, key, *names):
         """Rows of the per-batch arrays ``names`` for the candidates ``index`` (solution ``key``).
