@@ -519,11 +519,12 @@ class NumpyOperations:
         return self.weighted_correlations_of([(image, kernels, factors)], dtype)[0]
 
     def weighted_correlations_of(self, jobs, dtype):
-        """:meth:`weighted_correlations` of several ``(image, kernels, factors)`` (an image's and its
-        variance's), every tile of every job in one map over the host threads (a core is not left
-        idle at the end of each); a list of the sums."""
+        """:meth:`weighted_correlations` of several ``(image, kernels, factors[, placed])`` (an image's and
+        its variance's; ``placed``, the kernels where the image lives, is the host's here), every tile of
+        every job in one map over the host threads (a core is not left idle at the end of each); a list
+        of the sums."""
         outs, work = [], []
-        for image, kernels, factors in jobs:
+        for image, kernels, factors, *_ in jobs:
             correlator = TiledCorrelator(image, kernels.shape[1:], dtype)
             groups = {}     # terms by their column factor (the spatial terms share a few x-powers)
             for kernel, (rows, cols) in zip(kernels, factors):
@@ -777,11 +778,14 @@ class KernelOperations(NumpyOperations):
 
     def bin_medians(self, image, keep, edges_y, edges_x):
         """``gdi_bin_medians`` (one launch, each bin sorted in shared memory) for float bins of up to
-        ``MAX_BIN_PIXELS``; else one sort by (bin, value) in the image's array module: the same values."""
+        ``MAX_BIN_PIXELS``; larger float32 bins: keys built on the device, one sort and one launch
+        (``bin_medians_by_sort``); else one sort by (bin, value) in the image's array module: the same values."""
         from ._cuda import statistics
 
         if image.dtype.kind == "f" and statistics.bin_medians_fit(edges_y, edges_x):
             return statistics.bin_medians(image, keep, edges_y, edges_x)
+        if image.dtype.newbyteorder("=") == np.float32:
+            return statistics.bin_medians_by_sort(image, keep, edges_y, edges_x)
         return bin_medians_sorted(image, keep, edges_y, edges_x)
 
     def masked_quantiles(self, values, mask, quantiles, median=False, count=False):
@@ -830,26 +834,34 @@ class KernelOperations(NumpyOperations):
 
         return statistics.correlation_near(correlation, far, extra)
 
-    def weighted_correlations(self, image, kernels, factors, dtype):
+    def weighted_correlations(self, image, kernels, factors, dtype, placed=None):
         """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,
         each batch weighted and summed by one ``gdi_accumulate_terms`` launch (the products and sums of
-        :meth:`NumpyOperations.weighted_correlations_whole`, bit for bit, given the same transforms)."""
+        :meth:`NumpyOperations.weighted_correlations_whole`, bit for bit, given the same transforms).
+
+        ``placed``: the same kernels already where the image lives (transformed there, nothing moved);
+        the host ``kernels`` say which are all zero (skipped)."""
         from ._cuda import image_apply
 
         xp = array_module_of(image)
         used = [k for k, kernel in enumerate(kernels) if np.any(kernel)]
+        source = kernels if placed is None else placed
         correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
         out = xp.zeros(image.shape, dtype=dtype)
         rows, cols = _factors_of_terms(xp, factors, used, dtype)
         for start in range(0, len(used), TERMS_PER_BATCH):
-            full, row0, col0 = correlator.correlate_batch(kernels[used[start:start + TERMS_PER_BATCH]])
+            batch = used[start:start + TERMS_PER_BATCH]
+            contiguous = batch == list(range(batch[0], batch[-1] + 1))      # a slice: no index array moved
+            full, row0, col0 = correlator.correlate_batch(source[batch[0]:batch[-1] + 1] if contiguous
+                                                          else source[batch])
             image_apply.accumulate_terms(out, full, row0, col0, rows[start:start + TERMS_PER_BATCH],
                                          cols[start:start + TERMS_PER_BATCH])
         return out
 
     def weighted_correlations_of(self, jobs, dtype):
-        """:meth:`weighted_correlations` of each job in turn."""
-        return [self.weighted_correlations(image, kernels, factors, dtype) for image, kernels, factors in jobs]
+        """:meth:`weighted_correlations` of each job ``(image, kernels, factors[, placed])`` in turn."""
+        return [self.weighted_correlations(image, kernels, factors, dtype, *placed)
+                for image, kernels, factors, *placed in jobs]
 
     def spatial_image(self, factors, coefficients, xp):
         """The factor tables by ``gdi_spatial_powers`` where the image lives (only the coefficients

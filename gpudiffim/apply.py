@@ -50,7 +50,7 @@ import logging
 import numpy as np
 
 from . import _validate
-from ._backend import array_module_of
+from ._backend import array_module_of, on_device
 from ._ops import HOST_BAND_PIXELS, operations_for
 from .spatial import GridFactors, SpatialFunction, product_expansion
 
@@ -93,14 +93,18 @@ def spatial_image(function, coefficients, shape, xy0, like):
                                               array_module_of(like))
 
 
-def _squared_kernel_terms(kernel):
-    """Kernels ``L_s`` and terms ``R_s`` with ``K(x,y)^2 = sum_s R_s(x,y) L_s``."""
+def _squared_kernel_terms(kernel, xp=np):
+    """Kernels ``L_s`` and terms ``R_s`` with ``K(x,y)^2 = sum_s R_s(x,y) L_s``.
+
+    The kernels are formed in ``xp`` from :meth:`SpatialKernel.term_kernels`
+    there (on the device: only the product expansion, a few kB, is moved).
+    """
     function = kernel.spatial_function
-    terms = kernel.term_kernels()
+    terms = kernel.term_kernels(xp)
     if kernel.is_spatially_invariant:
         return terms[:1] ** 2, SpatialFunction(function.model_type, 0, function.bbox)
     expansion = product_expansion(function.model_type, function.order)
-    squared = np.einsum("tus,tij,uij->sij", expansion, terms, terms)
+    squared = xp.einsum("tus,tij,uij->sij", xp.asarray(expansion), terms, terms)
     return squared, SpatialFunction(function.model_type, 2 * function.order, function.bbox)
 
 
@@ -154,18 +158,20 @@ def _convolve_band(masked_image, parts, start, stop, halo):
     the image, with the band's own ``xy0`` so that the spatial terms are
     evaluated at the parent coordinates of its rows; the rows that a clipped
     halo would need lie off the image, where the whole-image correlation has
-    zeros too.  ``parts`` is ``(ops, (terms, function), (squared,
-    square_function), footprint)``: the operations of the application
-    (:func:`gpudiffim._ops.operations_for`) and the kernel's parts.
+    zeros too.  ``parts`` is ``(ops, (terms, function, placed), (squared,
+    square_function, placed), footprint)``: the operations of the application
+    (:func:`gpudiffim._ops.operations_for`) and the kernel's parts (host
+    kernels, and the same formed where the image lives).
     """
     rows, columns = masked_image.shape
     low, high = max(0, start - halo), min(rows, stop + halo)
     shape, dtype = (high - low, columns), masked_image.dtype
     xy0 = (masked_image.xy0[0], masked_image.xy0[1] + low)
-    ops, (terms, function), (squared, square_function), footprint = parts
+    ops, (terms, function, placed), (squared, square_function, placed_squared), footprint = parts
     image, variance = ops.weighted_correlations_of(
-        [(masked_image.image[low:high], terms, _grid_factors(function, shape, xy0)),
-         (masked_image.variance[low:high], squared, _grid_factors(square_function, shape, xy0))], dtype)
+        [(masked_image.image[low:high], terms, _grid_factors(function, shape, xy0), placed),
+         (masked_image.variance[low:high], squared, _grid_factors(square_function, shape, xy0), placed_squared)],
+        dtype)
     mask = ops.propagate_mask(masked_image.mask[low:high], footprint)
     keep = slice(start - low, stop - low)
     return image[keep], variance[keep], mask[keep]
@@ -227,8 +233,12 @@ def convolve_masked_image(masked_image, kernel, *, max_tile_pixels=None):
     max_tile_pixels = _validate.check_int("max_tile_pixels", max_tile_pixels, minimum=1)
     (rows, columns), dtype, xp = masked_image.shape, masked_image.dtype, masked_image.xp
     halo = kernel.shape[0] // 2
-    terms = kernel.term_kernels()
-    parts = (ops, (terms, kernel.spatial_function), _squared_kernel_terms(kernel), np.any(terms != 0, axis=0))
+    terms, (squared, square_function) = kernel.term_kernels(), _squared_kernel_terms(kernel)
+    placed, placed_squared = terms, squared
+    if on_device(xp):   # formed there from the placed basis (the host's kernels say which are zero)
+        placed, (placed_squared, _) = kernel.term_kernels(xp), _squared_kernel_terms(kernel, xp)
+    parts = (ops, (terms, kernel.spatial_function, placed), (squared, square_function, placed_squared),
+             np.any(terms != 0, axis=0))
     bands = _band_ranges(rows, columns, halo, max_tile_pixels)
     if len(bands) == 1:
         image, variance, mask = _convolve_band(masked_image, parts, 0, rows, halo)

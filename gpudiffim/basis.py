@@ -749,6 +749,21 @@ class SeparableBasis:
     pairs: np.ndarray
     mixing: np.ndarray
 
+    def kernels_in(self, xp):
+        """The basis kernels (K, w, w), float64, built in array module ``xp`` from the factors.
+
+        Only the profiles (P, w), the pairs (M, 2) and the mixing (K, M) are
+        moved there (a few kB where the kernels are ``K w^2`` values): the
+        raw kernels are the outer products of the paired profiles and the
+        basis their mixture, as :func:`separable_form` rebuilds it (equal to
+        the :class:`KernelBasis` kernels to 1e-12 of their largest value;
+        summed in another order than :func:`make_alard_lupton_basis`).
+        """
+        profiles, pairs = xp.asarray(self.profiles), xp.asarray(self.pairs.astype(np.int32))
+        raw = xp.take(profiles, pairs[:, 0], axis=0)[:, :, None] * xp.take(profiles, pairs[:, 1], axis=0)[:, None, :]
+        width = self.profiles.shape[1]
+        return (xp.asarray(self.mixing) @ raw.reshape(len(self.pairs), width * width)).reshape(-1, width, width)
+
 
 def separable_form(basis):
     """The :class:`SeparableBasis` of an Alard-Lupton :class:`KernelBasis`, else None.
@@ -780,12 +795,11 @@ def separable_form(basis):
         pairs.extend((base + py, base + px) for px, py in _monomial_exponents(degree))
     profiles, pairs = np.array(profiles), np.array(pairs, dtype=np.int64).reshape(-1, 2)
     raw = profiles[pairs[:, 0], :, None] * profiles[pairs[:, 1], None, :]
-    mixing = renormalization_mixing(raw)
-    rebuilt = (mixing @ raw.reshape(len(raw), -1)).reshape(basis.kernels.shape)
-    error = float(np.max(np.abs(rebuilt - basis.kernels)))
+    form = SeparableBasis(profiles, pairs, renormalization_mixing(raw))
+    error = float(np.max(np.abs(form.kernels_in(np) - basis.kernels)))
     if error > 1e-12 * float(np.max(np.abs(basis.kernels))):
         log.debug("separable form of the Alard-Lupton basis off by %.3g: not used", error)
         return None
-    for array in (profiles, pairs, mixing):
+    for array in (profiles, pairs, form.mixing):
         array.flags.writeable = False
-    return SeparableBasis(profiles, pairs, mixing)
+    return form

@@ -22,8 +22,10 @@ from .spatial import SpatialFunction
 __all__ = ["SpatialKernel", "BackgroundModel"]
 
 
-#: Per kernel, its term kernels already copied to an array module (by the module's name).
+#: Per kernel, its term kernels already in an array module (by the module's name).
 _TERM_KERNEL_COPIES = weakref.WeakKeyDictionary()
+#: Per kernel, its basis already where the images live (:meth:`SpatialKernel.place_basis`).
+_PLACED_BASES = weakref.WeakKeyDictionary()
 
 
 def _read_only(array):
@@ -101,9 +103,9 @@ class SpatialKernel:
         xp : module
             Where to build the images: ``numpy`` (the basis coefficients at
             each position, then their basis sums), or on the GPU ``cupy``: the
-            spatial terms (N, n_terms) and the :meth:`term_kernels` (a few
-            small images, not the basis) are copied there, then one matrix
-            product (the same images, summed in another order).
+            spatial terms (N, n_terms) are copied there and multiplied with
+            the :meth:`term_kernels` there (formed from the placed basis):
+            the same images, summed in another order.
 
         Returns
         -------
@@ -116,28 +118,51 @@ class SpatialKernel:
         return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
 
     def _term_kernel_rows(self, xp):
-        """:meth:`term_kernels` as rows (n_terms, kh kw) in ``xp``, copied there once per kernel."""
-        copies = _TERM_KERNEL_COPIES.setdefault(self, {})
-        if xp.__name__ not in copies:
-            copies[xp.__name__] = moved(self.term_kernels().reshape(self.spatial_function.n_terms, -1), xp)
-        return copies[xp.__name__]
+        """:meth:`term_kernels` as rows (n_terms, kh kw) in ``xp``."""
+        return self.term_kernels(xp).reshape(self.spatial_function.n_terms, -1)
+
+    def place_basis(self, basis):
+        """Record this kernel's basis as it already lives on the device (``basis``, (n_basis, kh, kw)).
+
+        :meth:`term_kernels` then forms the term kernels there from the
+        coefficients (``n_basis x n_terms`` values moved) instead of copying
+        the host's images.  For this kernel object only (the basis of one
+        subtraction, as its fit built it there).
+        """
+        _PLACED_BASES[self] = basis
 
     def kernel_sum(self, x, y):
         """Sum of the kernel image at ``(x, y)`` (the photometric scaling)."""
         return float(self.basis_coefficients(x, y) @ self.basis.sum(axis=(1, 2)))
 
-    def term_kernels(self):
+    def term_kernels(self, xp=np):
         """Kernel image of each spatial term: ``K_t = sum_i a[i, t] B_i``.
 
         ``K(x, y) = sum_t P_t(x, y) K_t``; applying the kernel to an image is
         therefore a handful of fixed-kernel correlations weighted by the
         spatial terms (exact at every pixel).
 
+        Parameters
+        ----------
+        xp : module
+            Where to form them: ``numpy``, or ``cupy`` (once per kernel):
+            from the basis placed there (:meth:`place_basis`; only the
+            coefficients are moved, the same sums in another order), else the
+            host's images copied.
+
         Returns
         -------
         ndarray of shape (n_terms, kh, kw)
         """
-        return np.tensordot(self.coefficients.T, self.basis, axes=1)
+        if not on_device(xp):
+            return np.tensordot(self.coefficients.T, self.basis, axes=1)
+        copies = _TERM_KERNEL_COPIES.setdefault(self, {})
+        if xp.__name__ not in copies:
+            basis = _PLACED_BASES.get(self)
+            copies[xp.__name__] = (moved(self.term_kernels(), xp) if basis is None else
+                                   (xp.asarray(self.coefficients.T) @ basis.reshape(self.n_basis, -1))
+                                   .reshape((-1,) + self.shape))
+        return copies[xp.__name__]
 
 
 @dataclass(frozen=True, eq=False)

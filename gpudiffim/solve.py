@@ -26,7 +26,7 @@ import numpy as np
 
 from ._backend import array_module_of, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
-from .basis import renormalize_kernel_list, separable_form
+from .basis import SeparableBasis, renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
 from .delta_function import delta_function_form
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
@@ -241,12 +241,19 @@ class _Solver:
         return kernel.images(xs, ys, xp=self.xp), background(xs, ys, xp=self.xp)
 
     def where_images_live(self, array):
-        """A host array (basis, regularisation) in the images' module, copied there once per solve."""
+        """A host array (basis, regularisation) in the images' module, there once per solve.
+
+        The original Alard-Lupton basis is built there from its separable form
+        (its 1-D factors and mixing moved, a few kB: :meth:`SeparableBasis.kernels_in`);
+        other arrays are copied.
+        """
         if array is None or not on_device(self.xp):
             return array
         key = id(array)
         if key not in self._on_device:
-            self._on_device[key] = (array, self.xp.asarray(array, dtype=np.float64))
+            built = array is self.basis.kernels and isinstance(self.separable, SeparableBasis)
+            self._on_device[key] = (array, self.separable.kernels_in(self.xp) if built
+                                    else self.xp.asarray(array, dtype=np.float64))
         return self._on_device[key][1]
 
     def batch_size(self, n_basis):
@@ -447,8 +454,10 @@ class _Solver:
             bg = np.zeros(1)
         log.info("spatial fit: %d candidates, %d unknowns, condition number %.3g (%s)",
                  len(used), len(theta), cond, method)
-        return SpatialFit(SpatialKernel(basis, coefficients, self.kernel_function),
-                          BackgroundModel(bg, self.bg_function), cond, len(used))
+        kernel = SpatialKernel(basis, coefficients, self.kernel_function)
+        if on_device(self.xp):
+            kernel.place_basis(self.where_images_live(basis))
+        return SpatialFit(kernel, BackgroundModel(bg, self.bg_function), cond, len(used))
 
     def gather(self, index, key, *names):
         """Rows of the per-batch arrays ``names`` for the candidates ``index`` (solution ``key``).

@@ -20,7 +20,7 @@ __all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_resid
            "residual_sums", "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
-           "bin_medians_sorted", "near_lags", "normalised_sky_values", "own_rows_mask", "sky_value_planes",
+           "bin_medians_sorted", "bin_sort_keys", "medians_of_sorted_keys", "near_lags", "normalised_sky_values", "own_rows_mask", "sky_value_planes",
            "subtract_sky_mean"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
@@ -371,19 +371,15 @@ def _float32_of_keys(xp, keys):
     return bits.view(np.float32)
 
 
-def bin_medians_sorted(image, keep, edges_y, edges_x):
-    """Per-bin medians as :func:`bin_medians_loop`, without a loop over bins (NumPy or CuPy).
+def _bin_labels(xp, image, keep, edges_y, edges_x):
+    """int64 bin of every pixel of ``image`` (M, N) or (B, M, N), ``n_bins`` where not kept; and ``n_bins``.
 
-    The pixels are sorted by (bin, value), excluded ones in an extra last
-    bin; the bins' bounds in the sorted order come from a binary search, and
-    each bin's middle value(s) are read there.  float32 images: one sort of
-    64-bit keys (bin in the high word, the value's order-preserving bits in
-    the low word); otherwise a sort by value, then a stable sort by bin.  NaN
-    sorts last, so a bin holds a NaN iff its last value is NaN.  A stack
-    (B, M, N) is binned image by image (the bins of image ``b`` numbered after
-    those of the images before it).  The grid stays in the image's module.
+    Bin ``(b, j, i)`` (image ``b``, row bin ``j``, column bin ``i``) is
+    numbered ``(b n_y + j) n_x + i``; the edges cover the image's rows and
+    columns (host ints).  The labels are built on the host and uploaded
+    (two rows of the image's size): the reference of ``gdi_bin_sort_keys``,
+    which builds them on the device from the edges.
     """
-    xp = array_module_of(image)
     n_y, n_x = len(edges_y) - 1, len(edges_x) - 1
     n_images = image.shape[0] if image.ndim == 3 else 1
     n_bins = n_y * n_x * n_images
@@ -394,22 +390,41 @@ def bin_medians_sorted(image, keep, edges_y, edges_x):
         bins = xp.asarray(np.arange(n_images, dtype=np.int64) * (n_y * n_x))[:, None, None] + bins[None]
     if keep is not None:
         bins = xp.where(keep, bins, n_bins)
-    bins, values = bins.ravel(), image.ravel()
-    if values.dtype == np.float32:
-        keys = xp.sort((bins.astype(np.uint64) << np.uint64(32))
-                       | _sort_keys_float32(xp, values).astype(np.uint64))
-        bounds = xp.searchsorted(keys, xp.arange(n_bins + 1, dtype=np.uint64) << np.uint64(32))
+    return bins, n_bins
 
-        def value_at(positions):
-            return _float32_of_keys(xp, (keys[positions] & np.uint64(0xFFFFFFFF)).astype(np.uint32))
-    else:
-        order = xp.argsort(values)
-        order = order[stable_argsort(xp, bins[order])]
-        ordered = values[order]
-        bounds = xp.searchsorted(bins[order], xp.arange(n_bins + 1))
 
-        def value_at(positions):
-            return ordered[positions]
+def bin_sort_keys(image, keep, edges_y, edges_x):
+    """uint64 sort keys of the pixels of a float32 image (M, N) or stack (B, M, N), raveled (NumPy or CuPy).
+
+    ``(bin << 32) | key``: the pixel's bin as numbered by :func:`bin_medians_sorted`
+    (``B n_y n_x`` for a pixel not kept) in the high word, the order-preserving bits of
+    its value (NaN last, -0.0 as 0.0) in the low word, so that one sort orders the
+    pixels by (bin, value).  The reference of ``gdi_bin_sort_keys``.
+    """
+    xp = array_module_of(image)
+    bins, _ = _bin_labels(xp, image, keep, edges_y, edges_x)
+    return ((bins.ravel().astype(np.uint64) << np.uint64(32))
+            | _sort_keys_float32(xp, image.ravel()).astype(np.uint64))
+
+
+def medians_of_sorted_keys(keys, n_bins):
+    """float64 medians of bins ``0 .. n_bins - 1`` of sorted :func:`bin_sort_keys` (NumPy or CuPy).
+
+    Each bin's bounds come from a binary search, its middle value(s) are read
+    and an even count averages them in float32 (as ``np.median``); NaN for an
+    empty bin or one holding a NaN (sorted last).  The reference of
+    ``gdi_sorted_bin_medians``.
+    """
+    xp = array_module_of(keys)
+    bounds = xp.searchsorted(keys, xp.arange(n_bins + 1, dtype=np.uint64) << np.uint64(32))
+
+    def value_at(positions):
+        return _float32_of_keys(xp, (keys[positions] & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    return _medians_at_bounds(xp, bounds, value_at)
+
+
+def _medians_at_bounds(xp, bounds, value_at):
+    """float64 medians of the bins between ``bounds`` of a sorted order read by ``value_at`` (NaN as above)."""
     starts, ends = bounds[:-1], bounds[1:]
     counts = ends - starts
     filled = counts > 0
@@ -418,7 +433,36 @@ def bin_medians_sorted(image, keep, edges_y, edges_x):
     last = value_at(xp.where(filled, ends - 1, 0))
     median = xp.where(counts % 2 == 1, upper, (lower + upper) / 2)
     median = xp.where(filled & ~xp.isnan(last), median, np.nan)
-    return median.astype(np.float64).reshape(image.shape[:-2] + (n_y, n_x))
+    return median.astype(np.float64)
+
+
+def bin_medians_sorted(image, keep, edges_y, edges_x):
+    """Per-bin medians as :func:`bin_medians_loop`, without a loop over bins (NumPy or CuPy).
+
+    The pixels are sorted by (bin, value), excluded ones in an extra last
+    bin; the bins' bounds in the sorted order come from a binary search, and
+    each bin's middle value(s) are read there.  float32 images: one sort of
+    64-bit keys (:func:`bin_sort_keys`, read by :func:`medians_of_sorted_keys`);
+    otherwise a sort by value, then a stable sort by bin.  NaN
+    sorts last, so a bin holds a NaN iff its last value is NaN.  A stack
+    (B, M, N) is binned image by image (the bins of image ``b`` numbered after
+    those of the images before it).  The grid stays in the image's module.
+    """
+    xp = array_module_of(image)
+    grid_shape = image.shape[:-2] + (len(edges_y) - 1, len(edges_x) - 1)
+    if image.dtype == np.float32:
+        n_bins = int(np.prod(grid_shape))
+        return medians_of_sorted_keys(xp.sort(bin_sort_keys(image, keep, edges_y, edges_x)), n_bins).reshape(grid_shape)
+    bins, n_bins = _bin_labels(xp, image, keep, edges_y, edges_x)
+    bins, values = bins.ravel(), image.ravel()
+    order = xp.argsort(values)
+    order = order[stable_argsort(xp, bins[order])]
+    ordered = values[order]
+    bounds = xp.searchsorted(bins[order], xp.arange(n_bins + 1))
+
+    def value_at(positions):
+        return ordered[positions]
+    return _medians_at_bounds(xp, bounds, value_at).reshape(grid_shape)
 
 
 # ---------------------------------------------------------------------------

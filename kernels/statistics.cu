@@ -33,6 +33,11 @@
 // (the wrapper falls back to the sorted path beyond).  out (B, n_by, n_bx)
 // double.
 //
+// gdi_bin_sort_keys / gdi_sorted_bin_medians: the same medians for float
+// bins too large for shared memory, as gpudiffim.statistics.bin_medians_sorted:
+// 64-bit keys (bin, value) built from the edges in one launch, one CuPy sort,
+// and each bin's middle keys found by binary search in a second launch.
+//
 // No #include: NVRTC (CuPy RawModule) and the CPU emulator
 // (gpudiffim/_cuda/emulator.h) both compile this text as is.
 
@@ -235,6 +240,98 @@ template __global__ void gdi_bin_medians<float>(const float*, const bool*, int, 
                                                 double*);
 template __global__ void gdi_bin_medians<double>(const double*, const bool*, int, int, int, const int*, int, int,
                                                  double*);
+
+// gdi_bin_sort_keys: the 64-bit sort keys of gpudiffim.statistics.bin_sort_keys
+// for a float stack (B, ny, nx), bins between the edges as gdi_bin_medians:
+// (bin << 32) | gdi_st_key(value), bin = (b n_by + row bin) n_bx + column bin,
+// or B n_by n_bx for a pixel not kept (keep read when has_keep is 1) or
+// outside the edges.  A pixel's row and column bins come from a binary search
+// of the edges, so no per-pixel label is built on the host.  keys (B ny nx)
+// unsigned long long, ready for one sort.  1-D grid-stride loop.
+__device__ __forceinline__ int gdi_st_bin_of(const int* __restrict__ edges, int n, int v)
+{
+    if (v < edges[0] || v >= edges[n]) {
+        return -1;
+    }
+    int low = 0, high = n;   // edges[low] <= v < edges[high]
+    while (high - low > 1) {
+        const int middle = (low + high) / 2;
+        if (edges[middle] <= v) {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+__global__ void gdi_bin_sort_keys(const float* __restrict__ image,
+                                  const bool* __restrict__ keep, int has_keep,
+                                  int n_images, int ny, int nx,
+                                  const int* __restrict__ edges, int n_by, int n_bx,
+                                  unsigned long long* __restrict__ keys)
+{
+    const long long total = static_cast<long long>(n_images) * ny * nx;
+    const unsigned long long excluded = static_cast<unsigned long long>(n_images) * n_by * n_bx;
+    const long long stride = static_cast<long long>(blockDim.x) * gridDim.x;
+    for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const int x = static_cast<int>(i % nx);
+        const long long row = i / nx;
+        const int y = static_cast<int>(row % ny);
+        const int b = static_cast<int>(row / ny);
+        const int by = gdi_st_bin_of(edges, n_by, y);
+        const int bx = gdi_st_bin_of(edges + n_by + 1, n_bx, x);
+        unsigned long long bin = excluded;
+        if (by >= 0 && bx >= 0 && (!has_keep || keep[i])) {
+            bin = (static_cast<unsigned long long>(b) * n_by + by) * n_bx + bx;
+        }
+        keys[i] = (bin << 32) | static_cast<unsigned long long>(gdi_st_key(image[i]));
+    }
+}
+
+// gdi_sorted_bin_medians: the medians of bins 0 .. n_bins - 1 of sorted
+// gdi_bin_sort_keys keys (n of them), as gpudiffim.statistics.
+// medians_of_sorted_keys: each bin's bounds by binary search of the keys
+// (bin << 32), its middle value(s) decoded and an even count averaged in
+// float; NaN for an empty bin or one holding a NaN (sorted last).  out
+// (n_bins) double.  1-D grid-stride loop over the bins.
+__device__ __forceinline__ long long gdi_st_lower_bound(const unsigned long long* __restrict__ keys, long long n,
+                                                         unsigned long long key)
+{
+    long long low = 0, high = n;
+    while (low < high) {
+        const long long middle = low + (high - low) / 2;
+        if (keys[middle] < key) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    return low;
+}
+
+// The float value of a gdi_bin_sort_keys key (its low word).
+__device__ __forceinline__ float gdi_st_key_value(unsigned long long key)
+{
+    return gdi_st_decode<float>(static_cast<unsigned int>(key & 0xffffffffull));
+}
+
+__global__ void gdi_sorted_bin_medians(const unsigned long long* __restrict__ keys, int n, int n_bins,
+                                       double* __restrict__ out)
+{
+    const int stride = blockDim.x * gridDim.x;
+    for (int bin = blockIdx.x * blockDim.x + threadIdx.x; bin < n_bins; bin += stride) {
+        const long long start = gdi_st_lower_bound(keys, n, static_cast<unsigned long long>(bin) << 32);
+        const long long count = gdi_st_lower_bound(keys, n, static_cast<unsigned long long>(bin + 1) << 32) - start;
+        double median = GDI_ST_NAN_D;
+        if (count > 0 && !gdi_st_isnan(gdi_st_key_value(keys[start + count - 1]))) {
+            const float upper = gdi_st_key_value(keys[start + count / 2]);
+            const float lower = gdi_st_key_value(keys[start + (count - 1) / 2]);
+            median = static_cast<double>(count % 2 == 1 ? upper : (lower + upper) / 2.0f);
+        }
+        out[bin] = median;
+    }
+}
 
 // gdi_sky_sources: the pixels of each band (n_bands bands of band_size values)
 // beyond `threshold` robust sigmas of the band, as gpudiffim.statistics.

@@ -256,7 +256,25 @@ def bin_medians(image, keep, has_keep, ny, nx, edges, n_by, n_bx, out):
 
 
 FAST["gdi_sorted_quantiles"] = sorted_quantiles
+
+
+def bin_sort_keys(image, keep, has_keep, n_images, ny, nx, edges, n_by, n_bx, keys):
+    from gpudiffim.statistics import bin_sort_keys as reference
+
+    stack = image.reshape(n_images, ny, nx)
+    selection = keep.reshape(stack.shape) if has_keep else None
+    keys[...] = reference(stack, selection, edges[:n_by + 1], edges[n_by + 1:])
+
+
+def sorted_bin_medians(keys, n, n_bins, out):
+    from gpudiffim.statistics import medians_of_sorted_keys
+
+    out[...] = medians_of_sorted_keys(keys[:n], n_bins)
+
+
 FAST.update({f"gdi_bin_medians<{t}>": bin_medians for t in ("float", "double")})
+FAST["gdi_bin_sort_keys"] = bin_sort_keys
+FAST["gdi_sorted_bin_medians"] = sorted_bin_medians
 
 
 def sky_sources(residual, quartiles, n_bands, band_size, scale, threshold, tiny, out):

@@ -7,7 +7,8 @@ for rows with NaN selected or not, nothing selected, one value, +-inf, even
 and odd counts; ``gdi_bin_medians`` must give
 :func:`~gpudiffim.statistics.bin_medians_loop` bit for bit on float32 and
 float64 stacks with uneven bins, a ``keep`` plane, empty bins, NaN, +-inf and
--0.0; ``gdi_sky_sources``, ``gdi_sky_normalised``, ``gdi_sky_value_planes``,
+-0.0, and so must ``gdi_bin_sort_keys`` with ``gdi_sorted_bin_medians`` on
+float32 (the keys those of :func:`~gpudiffim.statistics.bin_sort_keys`); ``gdi_sky_sources``, ``gdi_sky_normalised``, ``gdi_sky_value_planes``,
 ``gdi_subtract_mean`` and ``gdi_correlation_near`` must give their
 references in :mod:`gpudiffim.statistics` exactly, and ``gdi_gather_rows``
 a row gather.  The stand-in's NumPy versions (``tests/standin_kernels.py``) are
@@ -20,10 +21,19 @@ from numpy.testing import assert_array_equal
 
 from gpudiffim._backend import use_backend
 from gpudiffim._cuda import statistics as statistics_kernels
-from gpudiffim._cuda.statistics import MAX_BIN_PIXELS, bin_medians, bin_medians_fit, sky_sources, sorted_quantiles
+from gpudiffim._cuda.statistics import (
+    MAX_BIN_PIXELS,
+    bin_medians,
+    bin_medians_by_sort,
+    bin_medians_fit,
+    sky_sources,
+    sorted_quantiles,
+)
 from gpudiffim.statistics import (
     beyond_robust_level,
     bin_medians_loop,
+    bin_medians_sorted,
+    bin_sort_keys,
     masked_quantiles,
     near_lags,
     normalised_sky_values,
@@ -89,6 +99,39 @@ def test_bin_medians_equal_the_loop(emulator, rng, dtype, with_keep):
     assert_array_equal(medians, expected, err_msg=f"seed={seed}")
     assert_array_equal(one, expected[1])
     assert np.isnan(medians[1]).sum() == 1
+
+
+@pytest.mark.parametrize("with_keep", [True, False])
+def test_bin_medians_by_sort_equal_the_loop(emulator, rng, with_keep):
+    gen, seed = rng
+    image, keep = _planes(gen, np.float32)
+    keep = keep if with_keep else None
+    edges_y, edges_x = np.array([0, 20, 41, 70]), np.array([0, 30, 31, 64, 97])
+    with use_backend("cuda-emulator"):
+        medians = bin_medians_by_sort(image, keep, edges_y, edges_x)
+        one = bin_medians_by_sort(image[1], None if keep is None else keep[1], edges_y, edges_x)
+    expected = bin_medians_loop(image, keep, edges_y, edges_x)
+    assert medians.dtype == np.float64 and medians.shape == (3, 3, 4)
+    assert_array_equal(medians, expected, err_msg=f"seed={seed}")
+    assert_array_equal(medians, bin_medians_sorted(image, keep, edges_y, edges_x))
+    assert_array_equal(one, expected[1])
+
+
+def test_bin_sort_keys_equal_the_reference(emulator, rng):
+    gen, _ = rng
+    image, keep = _planes(gen, np.float32)
+    edges_y, edges_x = [0, 20, 41, 70], [0, 30, 31, 64, 97]
+    keys = np.empty(image.size, dtype=np.uint64)
+    with use_backend("cuda-emulator"):
+        statistics_kernels.launch("gdi_bin_sort_keys", (8,), (64,),
+                                  (image, keep, 1, 3, 70, 97, np.array(edges_y + edges_x, dtype=np.int32), 3, 4, keys),
+                                  defines=statistics_kernels.STATISTICS_DEFINES)
+    assert_array_equal(keys, bin_sort_keys(image, keep, edges_y, edges_x))
+
+
+def test_bin_medians_by_sort_refuse_float64():
+    with pytest.raises(TypeError, match="float32"):
+        bin_medians_by_sort(np.zeros((8, 8)), None, [0, 8], [0, 8])
 
 
 def test_bin_medians_refuse_large_bins():

@@ -228,6 +228,14 @@ def _bin_medians(t):
 
 
 KERNELS.update({f"gdi_bin_medians<{t}>": _bin_medians(t) for t in ("float", "double")})
+KERNELS["gdi_bin_sort_keys"] = KernelSpec("statistics", (
+    ("image", "const float*"), ("keep", "const bool*"), ("has_keep", "int"), ("n_images", "int"),
+    ("ny", "int"), ("nx", "int"), ("edges", "const int*"), ("n_by", "int"), ("n_bx", "int"),
+    ("keys", "unsigned long long*"),
+))
+KERNELS["gdi_sorted_bin_medians"] = KernelSpec("statistics", (
+    ("keys", "const unsigned long long*"), ("n", "int"), ("n_bins", "int"), ("out", "double*"),
+))
 KERNELS["gdi_sky_sources"] = KernelSpec("statistics", (
     ("residual", "const double*"), ("quartiles", "const double*"), ("n_bands", "int"), ("band_size", "int"),
     ("scale", "double"), ("threshold", "double"), ("tiny", "double"), ("out", "int*"),

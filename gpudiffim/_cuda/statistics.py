@@ -5,7 +5,8 @@ once (:func:`sorted_quantiles`: the sort and one launch instead of the glue
 of :func:`gpudiffim.statistics.masked_quantiles`); ``gdi_bin_medians`` takes
 each bin's median in shared memory (:func:`bin_medians`: one launch instead
 of :func:`gpudiffim.statistics.bin_medians_sorted`'s sort of the whole image
-and its bin indices built on the host).  NumPy arrays run on the CPU
+and its bin indices built on the host), and bins too large for shared memory
+are sorted once by keys built on the device (:func:`bin_medians_by_sort`).  NumPy arrays run on the CPU
 emulator, CuPy arrays on the GPU (:func:`~gpudiffim._cuda.launch.launcher_for`).
 """
 
@@ -18,7 +19,7 @@ from .image_apply import grid_stride_geometry
 from .signatures import ctype_of, float_ctype
 
 __all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
-           "bin_medians_fit", "correlation_near", "gather_rows", "sky_normalised", "sky_sources", "sky_value_planes", "sorted_quantiles",
+           "bin_medians_by_sort", "bin_medians_fit", "correlation_near", "gather_rows", "sky_normalised", "sky_sources", "sky_value_planes", "sorted_quantiles",
            "subtract_sky_mean"]
 
 #: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
@@ -69,6 +70,22 @@ def bin_medians_fit(edges_y, edges_x):
     return int(np.diff(edges_y).max(initial=0)) * int(np.diff(edges_x).max(initial=0)) <= MAX_BIN_PIXELS
 
 
+def _binned(image, keep, edges_y, edges_x, dtype):
+    """``(launcher, xp, stack, selection, edges)``: the arrays the bin-median kernels read.
+
+    ``stack`` (B, M, N) of ``dtype``; ``selection`` the keep plane alike, or
+    any bool array when there is none (``has_keep = 0``: never read);
+    ``edges`` the row then column edges, int32 (a few bytes uploaded).
+    """
+    launcher, xp = on_launcher(image)
+    stack = image if image.ndim == 3 else image.reshape((-1,) + image.shape[-2:])
+    stack = prepare(xp, stack, dtype, 3, "image")
+    selection = (xp.empty(1, dtype=np.bool_) if keep is None
+                 else prepare(xp, keep if keep.ndim == 3 else keep.reshape(stack.shape), np.bool_, 3, "keep"))
+    edges = xp.asarray(np.concatenate([edges_y, edges_x]).astype(np.int32))
+    return launcher, xp, stack, selection, edges
+
+
 def bin_medians(image, keep, edges_y, edges_x):
     """Per-bin ``np.median`` of the kept pixels (:func:`gpudiffim.statistics.bin_medians_loop`), one launch.
 
@@ -87,25 +104,51 @@ def bin_medians(image, keep, edges_y, edges_x):
     ndarray of float64, shape (n_y, n_x) or (B, n_y, n_x)
         NaN for an empty bin or one holding a NaN; in the image's module.
     """
-    _, xp = on_launcher(image)
     if not bin_medians_fit(edges_y, edges_x):
         msg = f"bins of up to {MAX_BIN_PIXELS} pixels only"
         raise ValueError(msg)
     ctype = float_ctype("image", image.dtype)
-    stack = image if image.ndim == 3 else image.reshape((-1,) + image.shape[-2:])
-    stack = prepare(xp, stack, image.dtype.newbyteorder("="), 3, "image")
+    _, xp, stack, selection, edges = _binned(image, keep, edges_y, edges_x, image.dtype.newbyteorder("="))
     n_images, ny, nx = stack.shape
-    # the keep plane, or any bool array when there is none (has_keep = 0: never read)
-    selection = (xp.empty(1, dtype=np.bool_) if keep is None
-                 else prepare(xp, keep if keep.ndim == 3 else keep.reshape(stack.shape), np.bool_, 3, "keep"))
     n_by, n_bx = len(edges_y) - 1, len(edges_x) - 1
-    edges = xp.asarray(np.concatenate([edges_y, edges_x]).astype(np.int32))
     out = xp.empty((n_images, n_by, n_bx))
     if n_images and n_by and n_bx:
         launch(f"gdi_bin_medians<{ctype}>", (n_bx, n_by, n_images), (STATISTICS_THREADS,),
                (stack, selection, int(keep is not None), ny, nx, edges, n_by, n_bx, out),
                defines=STATISTICS_DEFINES)
     return out if image.ndim == 3 else out.reshape(image.shape[:-2] + (n_by, n_bx))
+
+
+def bin_medians_by_sort(image, keep, edges_y, edges_x):
+    """:func:`bin_medians` for float32 bins of any size: two launches around one sort.
+
+    ``gdi_bin_sort_keys`` builds each pixel's (bin, value) key from the edges
+    (:func:`gpudiffim.statistics.bin_sort_keys`, no bin labels built on the
+    host), CuPy sorts them, and ``gdi_sorted_bin_medians`` reads each bin's
+    median (:func:`gpudiffim.statistics.medians_of_sorted_keys`): the values of
+    :func:`gpudiffim.statistics.bin_medians_sorted`, in a handful of calls
+    instead of its few dozen.  Parameters and result as :func:`bin_medians`
+    (``image`` float32, bins of any size; the bins of a stack numbered image
+    after image, each pair of (bin, value) keys in 64 bits).
+    """
+    if image.dtype.newbyteorder("=") != np.float32:
+        msg = f"image must be float32, got {image.dtype}"
+        raise TypeError(msg)
+    launcher, xp, stack, selection, edges = _binned(image, keep, edges_y, edges_x, np.dtype(np.float32))
+    n_images, ny, nx = stack.shape
+    n_by, n_bx = len(edges_y) - 1, len(edges_x) - 1
+    n_bins = n_images * n_by * n_bx
+    out = xp.empty(n_bins)
+    if n_bins:
+        keys = xp.empty(stack.size, dtype=np.uint64)
+        grid, block = grid_stride_geometry(stack.size, launcher)
+        launch("gdi_bin_sort_keys", grid, block,
+               (stack, selection, int(keep is not None), n_images, ny, nx, edges, n_by, n_bx, keys),
+               defines=STATISTICS_DEFINES)
+        keys = xp.sort(keys)
+        grid, block = grid_stride_geometry(n_bins, launcher)
+        launch("gdi_sorted_bin_medians", grid, block, (keys, keys.size, n_bins, out), defines=STATISTICS_DEFINES)
+    return out.reshape(image.shape[:-2] + (n_by, n_bx))
 
 
 def sky_sources(residual, quartiles, threshold):
