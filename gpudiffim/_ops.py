@@ -204,9 +204,20 @@ def _lu_batch_cublas(matrices, vectors):
     return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
 
 
-#: Terms transformed together on the kernel path (bounds the batched transforms' memory: about
-#: 8 x 2 padded band planes).
+#: Terms transformed together on the kernel path, at most.
 TERMS_PER_BATCH = 8
+#: Device memory of one batch of term transforms (product spectra and inverse transforms), at most:
+#: 4 float32 terms of a 4096^2 band (8 took 1.1 GB, and the stage peaked near 2 GB before cuFFT's
+#: workspace); a 2048^2 band still takes 8.
+TERM_BATCH_BYTES = 600_000_000
+
+
+def _part(array, rows):
+    """``array[rows]`` (a slice along the first axis), or ``array`` itself when the slice covers it
+    (a device slice is a CuPy call)."""
+    if rows.start == 0 and (rows.stop is None or rows.stop >= len(array)):
+        return array
+    return array[rows]
 
 
 def _or_window(array, axis, half):
@@ -835,8 +846,9 @@ class KernelOperations(NumpyOperations):
         return statistics.correlation_near(correlation, far, extra)
 
     def weighted_correlations(self, image, kernels, factors, dtype, placed=None):
-        """The band transformed once, its terms in batched transforms of at most :data:`TERMS_PER_BATCH`,
-        each batch weighted and summed by one ``gdi_accumulate_terms`` launch (the products and sums of
+        """The band transformed once, the kernels' row transforms at once, then its terms in batched
+        transforms of at most :data:`TERMS_PER_BATCH` and :data:`TERM_BATCH_BYTES`, each batch weighted
+        and summed by one ``gdi_accumulate_terms`` launch (the products and sums of
         :meth:`NumpyOperations.weighted_correlations_whole`, bit for bit, given the same transforms).
 
         ``placed``: the same kernels already where the image lives (transformed there, nothing moved);
@@ -848,14 +860,16 @@ class KernelOperations(NumpyOperations):
         source = kernels if placed is None else placed
         correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
         out = xp.zeros(image.shape, dtype=dtype)
+        if not used:
+            return out
         rows, cols = _factors_of_terms(xp, factors, used, dtype)
-        for start in range(0, len(used), TERMS_PER_BATCH):
-            batch = used[start:start + TERMS_PER_BATCH]
-            contiguous = batch == list(range(batch[0], batch[-1] + 1))      # a slice: no index array moved
-            full, row0, col0 = correlator.correlate_batch(source[batch[0]:batch[-1] + 1] if contiguous
-                                                          else source[batch])
-            image_apply.accumulate_terms(out, full, row0, col0, rows[start:start + TERMS_PER_BATCH],
-                                         cols[start:start + TERMS_PER_BATCH])
+        contiguous = used == list(range(used[0], used[-1] + 1))      # a slice: no index array moved
+        kernel_rows = correlator.kernel_rows(source[used[0]:used[-1] + 1] if contiguous else source[used])
+        per_batch = max(1, min(TERMS_PER_BATCH, TERM_BATCH_BYTES // correlator.bytes_per_term()))
+        for start in range(0, len(used), per_batch):
+            part = slice(start, start + per_batch)
+            full, row0, col0 = correlator.correlate_rows(_part(kernel_rows, part))
+            image_apply.accumulate_terms(out, full, row0, col0, _part(rows, part), _part(cols, part))
         return out
 
     def weighted_correlations_of(self, jobs, dtype):

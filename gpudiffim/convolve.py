@@ -267,6 +267,20 @@ class FourierCorrelator:
         rows = self._fft["rfft"](image, n=self._fft_shape[1], axis=1)
         self._image_ft = self._fft["fft"](rows, n=self._fft_shape[0], axis=0)
 
+    def kernel_rows(self, kernel):
+        """Row transforms of the flipped kernel (kh, kw), or of each of a stack (n, kh, kw).
+
+        The first half of a kernel's ``rfft2``: the ``kh`` kernel rows
+        transformed along x (zero-padded to the transform's width), shape
+        ``(..., kh, width // 2 + 1)``; small, so a whole stack is taken at
+        once and :meth:`correlate_rows` finishes it a batch at a time.
+        """
+        if is_device_array(kernel):
+            flipped = self.xp.ascontiguousarray(kernel.astype(self.dtype, copy=False)[..., ::-1, ::-1])
+        else:                   # flipped and converted on the host: one move
+            flipped = self.xp.asarray(np.ascontiguousarray(np.asarray(kernel)[..., ::-1, ::-1], dtype=self.dtype))
+        return self._fft["rfft"](flipped, n=self._fft_shape[1], axis=-1)
+
     def _kernel_transform(self, kernel):
         """``rfft2`` of the flipped, zero-padded kernel (kh, kw), or of each of a stack (n, kh, kw).
 
@@ -274,12 +288,14 @@ class FourierCorrelator:
         column transform on the zero-padded result: half the work of a full
         2-D transform of the padded kernel.
         """
-        if is_device_array(kernel):
-            flipped = self.xp.ascontiguousarray(kernel.astype(self.dtype, copy=False)[..., ::-1, ::-1])
-        else:                   # flipped and converted on the host: one move
-            flipped = self.xp.asarray(np.ascontiguousarray(np.asarray(kernel)[..., ::-1, ::-1], dtype=self.dtype))
-        rows = self._fft["rfft"](flipped, n=self._fft_shape[1], axis=-1)
-        return self._fft["fft"](rows, n=self._fft_shape[0], axis=-2)
+        return self._fft["fft"](self.kernel_rows(kernel), n=self._fft_shape[0], axis=-2)
+
+    def bytes_per_term(self):
+        """Device bytes one kernel of a batch takes in :meth:`correlate_rows`: its product spectrum and
+        its inverse transform (padded planes; cuFFT's workspace not counted)."""
+        height, width = self._fft_shape
+        real = self.dtype.itemsize
+        return height * (width // 2 + 1) * 2 * real + height * width * real
 
     def correlate_batch(self, kernels):
         """Correlations with a stack of kernels at once: batched transforms, nothing cropped.
@@ -295,8 +311,19 @@ class FourierCorrelator:
             ``full[k, row0:row0 + M, col0:col0 + N]``.
         row0, col0 : int
         """
+        return self.correlate_rows(self.kernel_rows(kernels))
+
+    def correlate_rows(self, rows):
+        """:meth:`correlate_batch` of kernels given by their :meth:`kernel_rows` (n, kh, width // 2 + 1).
+
+        Returns
+        -------
+        full : ndarray of shape (n, *padded shape)
+        row0, col0 : int
+            As :meth:`correlate_batch`.
+        """
         kh, kw = self.kernel_shape
-        product = self._kernel_transform(kernels)
+        product = self._fft["fft"](rows, n=self._fft_shape[0], axis=-2)
         product *= self._image_ft
         full = self._fft["irfft2"](product, s=self._fft_shape, axes=(1, 2), overwrite_x=True)
         return full, kh // 2, kw // 2

@@ -119,3 +119,27 @@ def test_device_memory_is_counted_per_buffer():
         del a, view, b
         assert recorder.device_bytes == start
         assert recorder.peak_device_bytes - start >= 2_000_000
+
+
+def test_term_batches_bound_the_full_image_memory(monkeypatch):
+    """Term transforms batched by TERM_BATCH_BYTES (issue 17: <= 2 GB at 4096^2; 1983 -> 1242 MB measured
+    there): one term per batch gives the same image bit for bit, at a lower peak of the stage."""
+    from gpudiffim import _ops
+
+    pair = make_fake_pair(shape=(384, 384), n_stars=60, seed=3)
+    runs = []
+    for limit in (_ops.TERM_BATCH_BYTES, 1):
+        monkeypatch.setattr(_ops, "TERM_BATCH_BYTES", limit)
+        with cupy_standin(kernels="numpy") as recorder:
+            template, science = to_device(pair.template), to_device(pair.science)
+            recorder.reset_peak()
+            result = ImagePsfMatchTask(PsfMatchConfig()).subtract_masked_images(template, science)
+            image = result.subtracted_image.image._a.copy()
+            variance = result.subtracted_image.variance._a.copy()
+        runs.append((image, variance, recorder.stage_peak_bytes["full-image convolution"],
+                     recorder.count("launch", "full-image convolution")))
+    (image, variance, peak, launches), (image_1, variance_1, peak_1, launches_1) = runs
+    np.testing.assert_array_equal(image_1, image)
+    np.testing.assert_array_equal(variance_1, variance)
+    assert launches_1 > launches                        # more batches, each with its accumulation
+    assert peak_1 < peak
