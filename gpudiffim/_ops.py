@@ -33,6 +33,8 @@ method                             contract
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
 ``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
                                    unsolved (zeros) for the caller, with a host flag saying so
+``delta_function_normal_equations``  ``(M, b)`` of delta-function stamp fits with one weight per stamp, from
+                                   the stamps without a design matrix
 ``constant_weights``               one inverse-variance weight per stamp (the median's) and zero codes
 ``solve_stamps``                   a batch's stamp systems solved, with the codes, kernel images, sums
                                    and backgrounds the fit makes of them (one launch on the GPU)
@@ -81,6 +83,7 @@ from .convolve import (
     correlate_stamps_separable,
 )
 from .cutouts import cut_planes, footprint_stats, stamps_flagged
+from .delta_function import delta_function_normal_equations
 from .errors import SingularSystemError
 from .fwhm import rated_sigmas
 from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
@@ -311,6 +314,14 @@ class NumpyOperations:
             vector *= weights
         return matrix, vector
 
+    def delta_function_normal_equations(self, template, science, weights, kernel_width, background):
+        """``(M, b)`` of delta-function stamp fits, (N, P, P) and (N, P), ``P = K^2 (+ 1)``, from the
+        template and science stamps (N, S, S) and one weight per stamp (N,)
+        (:func:`gpudiffim.delta_function.delta_function_normal_equations` on the science fit region)."""
+        h = kernel_width // 2
+        target = science[:, h:science.shape[1] - h, h:science.shape[2] - h].reshape(len(science), -1)
+        return delta_function_normal_equations(template, target, weights.reshape(-1), kernel_width, background)
+
     def constant_weights(self, science_variance, template_variance):
         """One weight per stamp, ``1 / median(V_S + V_T)`` (1 where that is not positive), and zero int32
         failure codes, of (N, S, S) variance stamps, where they live."""
@@ -416,7 +427,10 @@ class NumpyOperations:
     #: Whether :meth:`stamp_residuals` uses a ``model`` given to it (the kernel path's fused kernel
     #: computes its own, so the fit does not form one there).
     uses_fitted_models = True
-    #: Whether delta-function stamps are fitted without a design matrix (:mod:`gpudiffim.delta_function`).
+    #: Whether delta-function stamps with one weight per stamp are fitted whole by
+    #: :func:`gpudiffim.delta_function.fit_delta_function` (host blocks, Cholesky), and their design
+    #: (per-pixel weights) copied as shifted windows; the kernel path forms their normal equations
+    #: by :meth:`delta_function_normal_equations` and solves them as any stamp system.
     fits_delta_functions_directly = True
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
@@ -687,6 +701,12 @@ class KernelOperations(NumpyOperations):
         if weights.size != len(target):
             weights = weights.reshape(target.shape)
         return stamp_fit.normal_equations(columns, weights, target, int(bool(background)))
+
+    def delta_function_normal_equations(self, template, science, weights, kernel_width, background):
+        """``gdi_delta_function_normal_equations``: one launch, no design matrix."""
+        from ._cuda import delta_function
+
+        return delta_function.normal_equations(template, science, weights, kernel_width, background)
 
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """``gdi_or_filter_box`` over the kernel box, cut to the fit region."""
