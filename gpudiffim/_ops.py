@@ -86,7 +86,7 @@ from .cutouts import cut_planes, footprint_stats, stamps_flagged
 from .delta_function import delta_function_normal_equations
 from .errors import SingularSystemError
 from .fwhm import rated_sigmas
-from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
+from .linalg import EIGENVECTOR, LU, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .spatial import GridFactors
 from .statistics import (
     beyond_robust_level,
@@ -192,9 +192,7 @@ def _lu_batch_cublas(matrices, vectors):
     lu = cupy.ascontiguousarray(matrices.transpose(0, 2, 1), dtype=np.float64)
     rhs = cupy.array(vectors, dtype=np.float64, order="C")
     handle = cupy.cuda.device.get_cublas_handle()
-    a_step, b_step = n * n * 8, n * 8
-    a_ptrs = cupy.arange(lu.data.ptr, lu.data.ptr + a_step * batch, a_step, dtype=cupy.uintp)
-    b_ptrs = cupy.arange(rhs.data.ptr, rhs.data.ptr + b_step * batch, b_step, dtype=cupy.uintp)
+    a_ptrs, b_ptrs = _batch_pointers(lu), _batch_pointers(rhs)
     pivots = cupy.empty((batch, n), dtype=np.int32)
     device_info = cupy.empty(batch, dtype=np.int32)
     host_info = np.zeros(1, dtype=np.int32)
@@ -205,6 +203,44 @@ def _lu_batch_cublas(matrices, vectors):
         msg = f"cuBLAS getrsBatched rejected argument {-host_info[0]}"
         raise SingularSystemError(msg)
     return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
+
+
+def _batch_pointers(stack):
+    """Device array of the addresses of each item of a C-contiguous CuPy stack (a batched routine's
+    pointer array)."""
+    import cupy
+
+    step = stack.strides[0]
+    return cupy.arange(stack.data.ptr, stack.data.ptr + step * len(stack), step, dtype=cupy.uintp)
+
+
+def _cholesky_device(matrices, vectors):
+    """cuSOLVER batched Cholesky (``potrfBatched``, ``potrsBatched``) of symmetric systems; no synchronisation.
+
+    Reads each matrix's row-major lower triangle (column-major ``uplo = U``),
+    as the host's :func:`gpudiffim._lapack.cholesky_in_place`, on a copy.
+    Returns ``(solutions, passed)``: a system passes when the factorisation
+    succeeds (``info = 0``), its pivots (the squared diagonal of the factor)
+    pass the rank test of :mod:`gpudiffim.linalg` (``p > n eps p_max``, so a
+    NaN fails) and its solution is finite, as on the host
+    (:mod:`gpudiffim.delta_function`); the others' solutions are zero.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas, cusolver
+
+    batch, n = matrices.shape[0], matrices.shape[-1]
+    factor = cupy.array(matrices, dtype=np.float64, order="C")
+    rhs = cupy.array(vectors, dtype=np.float64, order="C")
+    handle = cupy.cuda.device.get_cusolver_handle()
+    a_ptrs, b_ptrs = _batch_pointers(factor), _batch_pointers(rhs)
+    info, solve_info = cupy.empty(batch, dtype=np.int32), cupy.empty(1, dtype=np.int32)
+    upper = cublas.CUBLAS_FILL_MODE_UPPER
+    cusolver.dpotrfBatched(handle, upper, n, a_ptrs.data.ptr, n, info.data.ptr, batch)
+    cusolver.dpotrsBatched(handle, upper, n, 1, a_ptrs.data.ptr, n, b_ptrs.data.ptr, n, solve_info.data.ptr, batch)
+    pivots = cupy.diagonal(factor, axis1=1, axis2=2) ** 2
+    ranked = cupy.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True), axis=1)
+    passed = (info == 0) & ranked & cupy.isfinite(rhs).all(axis=1)
+    return cupy.where(passed[:, None], rhs, 0.0), passed
 
 
 #: Terms transformed together on the kernel path (bounds the batched transforms' memory: about
@@ -758,14 +794,22 @@ class KernelOperations(NumpyOperations):
         return solutions, status.astype(np.int8), True
 
     def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
-        """With ``defer``, on the GPU, ``gdi_solve_stamps``: the solve and all that follows in one launch,
-        the rank-deficient systems deferred (``kernels/linear_solve.cu``); else the reference's steps."""
+        """With ``defer``, on the GPU: ``gdi_solve_stamps``, the solve and all that follows in one launch,
+        the rank-deficient systems deferred (``kernels/linear_solve.cu``); systems larger than its shared
+        memory (the delta-function basis's) by cuSOLVER batched Cholesky, those Cholesky cannot take
+        deferred (``EIGENVECTOR``, zeros: the caller solves them again without deferral, by LU and the
+        pseudo-inverse, as the host does); no synchronisation either way.  Else the reference's steps."""
         from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_stamps
 
         n = matrices.shape[-1]
-        if not (defer and is_device_array(matrices) and len(matrices) and 0 < n <= SOLVE_SMALL_MAX_N):
+        if not (defer and is_device_array(matrices) and len(matrices) and n > 0):
             return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
-        return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
+        if n <= SOLVE_SMALL_MAX_N:
+            return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
+        solutions, passed = _cholesky_device(matrices, vectors)
+        xp = array_module_of(matrices)
+        status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
+        return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""
