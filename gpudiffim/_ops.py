@@ -214,11 +214,12 @@ def _batch_pointers(stack):
     return cupy.arange(stack.data.ptr, stack.data.ptr + step * len(stack), step, dtype=cupy.uintp)
 
 
-def _cholesky_device(matrices, vectors):
+def _cholesky_device(matrices, vectors, overwrite=False):
     """cuSOLVER batched Cholesky (``potrfBatched``, ``potrsBatched``) of symmetric systems; no synchronisation.
 
     Reads each matrix's row-major lower triangle (column-major ``uplo = U``),
-    as the host's :func:`gpudiffim._lapack.cholesky_in_place`, on a copy.
+    as the host's :func:`gpudiffim._lapack.cholesky_in_place`, on a copy
+    (with ``overwrite``, in place when C-contiguous float64: the factors are then left in it).
     Returns ``(solutions, passed)``: a system passes when the factorisation
     succeeds (``info = 0``), its pivots (the squared diagonal of the factor)
     pass the rank test of :mod:`gpudiffim.linalg` (``p > n eps p_max``, so a
@@ -229,7 +230,10 @@ def _cholesky_device(matrices, vectors):
     from cupy_backends.cuda.libs import cublas, cusolver
 
     batch, n = matrices.shape[0], matrices.shape[-1]
-    factor = cupy.array(matrices, dtype=np.float64, order="C")
+    if overwrite:
+        factor = cupy.ascontiguousarray(matrices, dtype=np.float64)
+    else:
+        factor = cupy.array(matrices, dtype=np.float64, order="C")
     rhs = cupy.array(vectors, dtype=np.float64, order="C")
     handle = cupy.cuda.device.get_cusolver_handle()
     a_ptrs, b_ptrs = _batch_pointers(factor), _batch_pointers(rhs)
@@ -375,7 +379,8 @@ class NumpyOperations:
         """``(solutions, status, deferred)``: :meth:`solve_systems`, every system solved (``deferred`` False)."""
         return (*self.solve_systems(matrices, vectors), False)
 
-    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
+                     overwrite=False):
         """The stamp systems of a batch solved, and what the fit makes of the solutions.
 
         ``codes`` (N,) are the stamps' failure codes on entry (0 for none); a failed solve of a
@@ -385,6 +390,8 @@ class NumpyOperations:
         coefficients)`` (N, 4 + n_basis), the kernel images ``sum_i a_i B_i`` of ``basis``
         (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
         and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
+        ``overwrite``: the caller leaves ``matrices`` to the solve (the device may factor them in
+        place, saving a copy of the stack); here they are only read.
         """
         solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
                                        else (*self.solve_systems(matrices, vectors), False))
@@ -793,7 +800,8 @@ class KernelOperations(NumpyOperations):
         solutions, _, status = solve_small(matrices, vectors)
         return solutions, status.astype(np.int8), True
 
-    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
+                     overwrite=False):
         """With ``defer``, on the GPU: ``gdi_solve_stamps``, the solve and all that follows in one launch,
         the rank-deficient systems deferred (``kernels/linear_solve.cu``); systems larger than its shared
         memory (the delta-function basis's) by cuSOLVER batched Cholesky, those Cholesky cannot take
@@ -806,7 +814,7 @@ class KernelOperations(NumpyOperations):
             return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
         if n <= SOLVE_SMALL_MAX_N:
             return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
-        solutions, passed = _cholesky_device(matrices, vectors)
+        solutions, passed = _cholesky_device(matrices, vectors, overwrite)
         xp = array_module_of(matrices)
         status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
         return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)

@@ -274,11 +274,12 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, 
     xp = array_module_of(matrix)
     if config.check_condition_number:
         codes = _check_conditions(matrix, config, codes, condition)
-    systems = matrix
-    if regularization is not None and len(systems):
-        lambdas = _regularization_lambdas(config, systems, regularization)
-        systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer)
+    systems, regularized = matrix, regularization is not None and len(matrix)
+    if regularized:      # M + lambda H formed in one new stack (no temporary), which the solve may overwrite
+        systems = _regularization_lambdas(config, matrix, regularization)[:, None, None] * xp.asarray(regularization)
+        systems += matrix
+    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer,
+                            overwrite=bool(regularized))
 
 
 def _as_float64(xp, array):
