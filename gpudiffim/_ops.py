@@ -33,6 +33,8 @@ method                             contract
                                    ``gdi_solve_small`` (one launch) on the GPU with no read-back
 ``solve_systems_deferred``         the same, but on the GPU the rank-deficient systems are left
                                    unsolved (zeros) for the caller, with a host flag saying so
+``delta_function_normal_equations``  ``(M, b)`` of delta-function stamp fits with one weight per stamp, from
+                                   the stamps without a design matrix
 ``constant_weights``               one inverse-variance weight per stamp (the median's) and zero codes
 ``solve_stamps``                   a batch's stamp systems solved, with the codes, kernel images, sums
                                    and backgrounds the fit makes of them (one launch on the GPU)
@@ -81,9 +83,10 @@ from .convolve import (
     correlate_stamps_separable,
 )
 from .cutouts import cut_planes, footprint_stats, stamps_flagged
+from .delta_function import delta_function_normal_equations
 from .errors import SingularSystemError
 from .fwhm import rated_sigmas
-from .linalg import EIGENVECTOR, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
+from .linalg import EIGENVECTOR, LU, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
 from .spatial import GridFactors
 from .statistics import (
     beyond_robust_level,
@@ -189,9 +192,7 @@ def _lu_batch_cublas(matrices, vectors):
     lu = cupy.ascontiguousarray(matrices.transpose(0, 2, 1), dtype=np.float64)
     rhs = cupy.array(vectors, dtype=np.float64, order="C")
     handle = cupy.cuda.device.get_cublas_handle()
-    a_step, b_step = n * n * 8, n * 8
-    a_ptrs = cupy.arange(lu.data.ptr, lu.data.ptr + a_step * batch, a_step, dtype=cupy.uintp)
-    b_ptrs = cupy.arange(rhs.data.ptr, rhs.data.ptr + b_step * batch, b_step, dtype=cupy.uintp)
+    a_ptrs, b_ptrs = _batch_pointers(lu), _batch_pointers(rhs)
     pivots = cupy.empty((batch, n), dtype=np.int32)
     device_info = cupy.empty(batch, dtype=np.int32)
     host_info = np.zeros(1, dtype=np.int32)
@@ -202,6 +203,48 @@ def _lu_batch_cublas(matrices, vectors):
         msg = f"cuBLAS getrsBatched rejected argument {-host_info[0]}"
         raise SingularSystemError(msg)
     return rhs, cupy.abs(cupy.diagonal(lu, axis1=1, axis2=2))
+
+
+def _batch_pointers(stack):
+    """Device array of the addresses of each item of a C-contiguous CuPy stack (a batched routine's
+    pointer array)."""
+    import cupy
+
+    step = stack.strides[0]
+    return cupy.arange(stack.data.ptr, stack.data.ptr + step * len(stack), step, dtype=cupy.uintp)
+
+
+def _cholesky_device(matrices, vectors, overwrite=False):
+    """cuSOLVER batched Cholesky (``potrfBatched``, ``potrsBatched``) of symmetric systems; no synchronisation.
+
+    Reads each matrix's row-major lower triangle (column-major ``uplo = U``),
+    as the host's :func:`gpudiffim._lapack.cholesky_in_place`, on a copy
+    (with ``overwrite``, in place when C-contiguous float64: the factors are then left in it).
+    Returns ``(solutions, passed)``: a system passes when the factorisation
+    succeeds (``info = 0``), its pivots (the squared diagonal of the factor)
+    pass the rank test of :mod:`gpudiffim.linalg` (``p > n eps p_max``, so a
+    NaN fails) and its solution is finite, as on the host
+    (:mod:`gpudiffim.delta_function`); the others' solutions are zero.
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas, cusolver
+
+    batch, n = matrices.shape[0], matrices.shape[-1]
+    if overwrite:
+        factor = cupy.ascontiguousarray(matrices, dtype=np.float64)
+    else:
+        factor = cupy.array(matrices, dtype=np.float64, order="C")
+    rhs = cupy.array(vectors, dtype=np.float64, order="C")
+    handle = cupy.cuda.device.get_cusolver_handle()
+    a_ptrs, b_ptrs = _batch_pointers(factor), _batch_pointers(rhs)
+    info, solve_info = cupy.empty(batch, dtype=np.int32), cupy.empty(1, dtype=np.int32)
+    upper = cublas.CUBLAS_FILL_MODE_UPPER
+    cusolver.dpotrfBatched(handle, upper, n, a_ptrs.data.ptr, n, info.data.ptr, batch)
+    cusolver.dpotrsBatched(handle, upper, n, 1, a_ptrs.data.ptr, n, b_ptrs.data.ptr, n, solve_info.data.ptr, batch)
+    pivots = cupy.diagonal(factor, axis1=1, axis2=2) ** 2
+    ranked = cupy.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True), axis=1)
+    passed = (info == 0) & ranked & cupy.isfinite(rhs).all(axis=1)
+    return cupy.where(passed[:, None], rhs, 0.0), passed
 
 
 #: Terms transformed together on the kernel path, at most.
@@ -322,6 +365,14 @@ class NumpyOperations:
             vector *= weights
         return matrix, vector
 
+    def delta_function_normal_equations(self, template, science, weights, kernel_width, background):
+        """``(M, b)`` of delta-function stamp fits, (N, P, P) and (N, P), ``P = K^2 (+ 1)``, from the
+        template and science stamps (N, S, S) and one weight per stamp (N,)
+        (:func:`gpudiffim.delta_function.delta_function_normal_equations` on the science fit region)."""
+        h = kernel_width // 2
+        target = science[:, h:science.shape[1] - h, h:science.shape[2] - h].reshape(len(science), -1)
+        return delta_function_normal_equations(template, target, weights.reshape(-1), kernel_width, background)
+
     def constant_weights(self, science_variance, template_variance):
         """One weight per stamp, ``1 / median(V_S + V_T)`` (1 where that is not positive), and zero int32
         failure codes, of (N, S, S) variance stamps, where they live."""
@@ -339,7 +390,8 @@ class NumpyOperations:
         """``(solutions, status, deferred)``: :meth:`solve_systems`, every system solved (``deferred`` False)."""
         return (*self.solve_systems(matrices, vectors), False)
 
-    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
+                     overwrite=False):
         """The stamp systems of a batch solved, and what the fit makes of the solutions.
 
         ``codes`` (N,) are the stamps' failure codes on entry (0 for none); a failed solve of a
@@ -349,6 +401,8 @@ class NumpyOperations:
         coefficients)`` (N, 4 + n_basis), the kernel images ``sum_i a_i B_i`` of ``basis``
         (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
         and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
+        ``overwrite``: the caller leaves ``matrices`` to the solve (the device may factor them in
+        place, saving a copy of the stack); here they are only read.
         """
         solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
                                        else (*self.solve_systems(matrices, vectors), False))
@@ -427,7 +481,10 @@ class NumpyOperations:
     #: Whether :meth:`stamp_residuals` uses a ``model`` given to it (the kernel path's fused kernel
     #: computes its own, so the fit does not form one there).
     uses_fitted_models = True
-    #: Whether delta-function stamps are fitted without a design matrix (:mod:`gpudiffim.delta_function`).
+    #: Whether delta-function stamps with one weight per stamp are fitted whole by
+    #: :func:`gpudiffim.delta_function.fit_delta_function` (host blocks, Cholesky), and their design
+    #: (per-pixel weights) copied as shifted windows; the kernel path forms their normal equations
+    #: by :meth:`delta_function_normal_equations` and solves them as any stamp system.
     fits_delta_functions_directly = True
 
     def stamp_residuals(self, stamps, kernels, background, bad_bits, core_radius=None, rows=False, model=None):
@@ -700,6 +757,12 @@ class KernelOperations(NumpyOperations):
             weights = weights.reshape(target.shape)
         return stamp_fit.normal_equations(columns, weights, target, int(bool(background)))
 
+    def delta_function_normal_equations(self, template, science, weights, kernel_width, background):
+        """``gdi_delta_function_normal_equations``: one launch, no design matrix."""
+        from ._cuda import delta_function
+
+        return delta_function.normal_equations(template, science, weights, kernel_width, background)
+
     def dilated_bad_pixels(self, mask, bad_bits, half_width):
         """``gdi_or_filter_box`` over the kernel box, cut to the fit region."""
         from ._cuda import image_apply
@@ -749,15 +812,24 @@ class KernelOperations(NumpyOperations):
         solutions, _, status = solve_small(matrices, vectors)
         return solutions, status.astype(np.int8), True
 
-    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False):
-        """With ``defer``, on the GPU, ``gdi_solve_stamps``: the solve and all that follows in one launch,
-        the rank-deficient systems deferred (``kernels/linear_solve.cu``); else the reference's steps."""
+    def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
+                     overwrite=False):
+        """With ``defer``, on the GPU: ``gdi_solve_stamps``, the solve and all that follows in one launch,
+        the rank-deficient systems deferred (``kernels/linear_solve.cu``); systems larger than its shared
+        memory (the delta-function basis's) by cuSOLVER batched Cholesky, those Cholesky cannot take
+        deferred (``EIGENVECTOR``, zeros: the caller solves them again without deferral, by LU and the
+        pseudo-inverse, as the host does); no synchronisation either way.  Else the reference's steps."""
         from ._cuda.linear_solve import SOLVE_SMALL_MAX_N, solve_stamps
 
         n = matrices.shape[-1]
-        if not (defer and is_device_array(matrices) and len(matrices) and 0 < n <= SOLVE_SMALL_MAX_N):
+        if not (defer and is_device_array(matrices) and len(matrices) and n > 0):
             return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
-        return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
+        if n <= SOLVE_SMALL_MAX_N:
+            return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
+        solutions, passed = _cholesky_device(matrices, vectors, overwrite)
+        xp = array_module_of(matrices)
+        status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
+        return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
         """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""

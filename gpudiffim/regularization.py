@@ -39,6 +39,17 @@ log = logging.getLogger(__name__)
 
 #: log10 of ``lambda / (median tr(M) / tr(H))`` searched in the first (decade) pass.
 _DECADES = tuple(range(-4, 2))
+#: Steps (decades) of the refinement passes, each around the best so far.
+_REFINEMENTS = (0.5, 0.25)
+
+
+def _reachable_exponents():
+    """Every exponent the search of :func:`choose_lambda` may try (the decades and their refinements),
+    ascending: what the device scores in one pass."""
+    reachable = set(_DECADES)
+    for step in _REFINEMENTS:
+        reachable |= {e + sign * step for e in reachable for sign in (-1, 1)}
+    return sorted(reachable)
 
 
 @dataclass(frozen=True)
@@ -212,14 +223,22 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
         members = np.arange(len(x))
     partners = members[held_out_partners(np.asarray(x)[members], np.asarray(y)[members])]
     members, partners = xp.asarray(members), xp.asarray(partners)
+
+    def held_out(exponents):
+        return dict(zip(exponents, _held_out_scores(spectra, members, partners,
+                                                    [scale * 10.0**e for e in exponents])))
+
+    # on the GPU every exponent the search may reach is scored in one pass (one read-back instead
+    # of one per pass); the search below then tries the same exponents as on the host
+    table = held_out(_reachable_exponents()) if on_device(xp) else None
     tried = {}
 
     def score(exponents):
         new = [e for e in exponents if e not in tried]
-        tried.update(zip(new, _held_out_scores(spectra, members, partners, [scale * 10.0**e for e in new])))
+        tried.update({e: table[e] for e in new} if table is not None else held_out(new))
 
     score(_DECADES)
-    for step in (0.5, 0.25):
+    for step in _REFINEMENTS:
         best = min(tried, key=tried.get)
         score((best - step, best + step))
     best = min(tried, key=tried.get)

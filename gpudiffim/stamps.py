@@ -30,10 +30,11 @@ synchronisation on the GPU); the solve loop reads each batch's decisions
 back once, and fits again the rare rank-deficient stamps whose
 pseudo-inverse the GPU defers (``defer_rank_deficient``).
 
-On the host, delta-function stamps with one weight per stamp are fitted
-without the design matrix (:mod:`gpudiffim.delta_function`: the normal
-matrix from row products and window sums, Cholesky solves), to rounding the
-same solutions.
+Delta-function stamps with one weight per stamp are fitted without the
+design matrix: on the host by :mod:`gpudiffim.delta_function` (the normal
+matrix from row products and window sums, Cholesky solves), on the kernel
+path by ``gdi_delta_function_normal_equations`` (the normal equations from
+the stamps, one launch) and the device solve; to rounding the same solutions.
 """
 
 from dataclasses import dataclass
@@ -48,7 +49,6 @@ from .delta_function import (
     DeltaFunctionForm,
     delta_function_design,
     delta_function_models,
-    delta_function_normal_equations,
     fit_delta_function,
 )
 from .linalg import STATUS_TEXT, condition_number
@@ -274,11 +274,12 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, 
     xp = array_module_of(matrix)
     if config.check_condition_number:
         codes = _check_conditions(matrix, config, codes, condition)
-    systems = matrix
-    if regularization is not None and len(systems):
-        lambdas = _regularization_lambdas(config, systems, regularization)
-        systems = systems + lambdas[:, None, None] * xp.asarray(regularization)
-    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer)
+    systems, regularized = matrix, regularization is not None and len(matrix)
+    if regularized:      # M + lambda H formed in one new stack (no temporary), which the solve may overwrite
+        systems = _regularization_lambdas(config, matrix, regularization)[:, None, None] * xp.asarray(regularization)
+        systems += matrix
+    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer,
+                            overwrite=bool(regularized))
 
 
 def _as_float64(xp, array):
@@ -334,7 +335,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
     ops = operations_for(batch.template) if ops is None else ops
-    if _fits_delta_functions_directly(ops, separable, config):
+    if _fits_delta_functions_directly(separable, config) and ops.fits_delta_functions_directly:
         return _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix)
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
@@ -350,17 +351,19 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     information = None if keep_matrix else xp.trace(matrix[:, :len(basis), :len(basis)], axis1=1, axis2=2)
     fit = StampFit(outcome, background, kernels, matrix if keep_matrix else None, vector, condition,
                    information=information, deferred=deferred)
-    if ops.uses_fitted_models:
+    if ops.uses_fitted_models and columns is not None:
         fy = batch.science.shape[1] - 2 * half_width
         fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
     return fit
 
 
-def _fits_delta_functions_directly(ops, form, config):
-    """Whether a fit takes :func:`gpudiffim.delta_function.fit_delta_function` (issue 13): the
-    delta-function basis, one weight per stamp, no condition-number check, on the host."""
-    return (isinstance(form, DeltaFunctionForm) and ops.fits_delta_functions_directly
-            and config.constant_variance_weighting and not config.check_condition_number)
+def _fits_delta_functions_directly(form, config):
+    """Whether a fit forms its normal equations without a design matrix (issue 13): the
+    delta-function basis, one weight per stamp, no condition-number check.  On the host it then
+    takes :func:`gpudiffim.delta_function.fit_delta_function` whole (``ops.fits_delta_functions_directly``);
+    on the kernel path ``ops.delta_function_normal_equations`` forms the systems, solved as every fit's."""
+    return (isinstance(form, DeltaFunctionForm) and config.constant_variance_weighting
+            and not config.check_condition_number)
 
 
 def _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix):
@@ -390,17 +393,18 @@ def stamp_normal_equations(batch, basis, config, *, ops=None, separable=None):
     """
     basis = array_module_of(batch.template).asarray(basis, dtype=np.float64)
     ops = operations_for(batch.template) if ops is None else ops
-    if _fits_delta_functions_directly(ops, separable, config):
-        width = basis.shape[1]
-        weights, _ = _stamp_weights(ops, batch, width // 2, True)
-        return delta_function_normal_equations(batch.template, _fit_target(batch, width // 2), weights.reshape(-1),
-                                               width, config.fit_for_background)
     return _normal_equations(ops, batch, basis, config, separable)[-1]
 
 
 def _normal_equations(ops, batch, basis, config, separable=None):
     """Design columns, target, weights, failure codes and ``(M, b)`` of a batch (``basis`` where it lives;
-    ``separable``, its separable form if it has one)."""
+    ``separable``, its separable form if it has one).  Delta-function fits without a design
+    (:func:`_fits_delta_functions_directly`) have no columns or target (None)."""
+    if _fits_delta_functions_directly(separable, config):
+        width = basis.shape[1]
+        weights, codes = _stamp_weights(ops, batch, width // 2, True)
+        return None, None, weights, codes, ops.delta_function_normal_equations(
+            batch.template, batch.science, weights, width, config.fit_for_background)
     columns, target = _design(ops, batch, basis, separable)
     weights, codes = _stamp_weights(ops, batch, basis.shape[1] // 2, config.constant_variance_weighting)
     return columns, target, weights, codes, ops.stamp_normal_equations(columns, target, weights,

@@ -6,7 +6,7 @@ them for device arrays (``gpudiffim._backend.is_device_array`` looks at the
 type's module, ``"cupy"``) and runs its CuPy branches unchanged: array
 functions and methods run on the wrapped NumPy arrays, ``RawModule`` kernels
 run on the CUDA emulator (the same ``kernels/*.cu`` text compiled by g++),
-cuFFT is ``scipy.fft``, cuBLAS batched LU is LAPACK.
+cuFFT is ``scipy.fft``, cuBLAS batched LU and cuSOLVER batched Cholesky are LAPACK.
 
 Every event a GPU run would pay for is recorded with its call site (the
 innermost ``gpudiffim`` frame): a CuPy call (module function, array method or
@@ -823,6 +823,46 @@ def _dgetrs_batched(handle, trans, n, nrhs, a_array, lda, pivots, b_array, ldb, 
 
 
 # ---------------------------------------------------------------------------
+# cuSOLVER batched Cholesky (the same pointer arrays)
+
+#: cuBLAS fill modes (``cublasFillMode_t``), which cuSOLVER takes.
+_FILL_LOWER, _FILL_UPPER = 0, 1
+
+
+def _check_cholesky_arguments(name, uplo, n, lda, nrhs=1, ldb=None):
+    """What cuSOLVER rejects (``CUSOLVER_STATUS_INVALID_VALUE``, raised by CuPy) is refused here."""
+    if uplo not in (_FILL_LOWER, _FILL_UPPER) or n < 0 or lda < max(1, n) or (ldb is not None and ldb < max(1, n)):
+        _refuse(f"{name}(uplo={uplo}, n={n}, lda={lda}, ldb={ldb})")
+    if nrhs != 1:
+        _refuse(f"{name} with nrhs={nrhs} (cuSOLVER's batched solve takes one right-hand side)")
+
+
+def _dpotrf_batched(handle, uplo, n, a_array, lda, info, batch):
+    """Column-major Cholesky of ``batch`` n x n matrices in place (LAPACK potrf), one ``info`` each."""
+    _check_cholesky_arguments("cusolverDnDpotrfBatched", uplo, n, lda)
+    with _device_work():
+        _record("launch", "cusolverDnDpotrfBatched")
+        infos = _int32_at(info, batch)
+        for k, address in enumerate(_uintp_at(a_array, batch)):
+            column_major = _matrix_at(address, (n, n))       # row j holds column j
+            factor, infos[k] = scipy.linalg.lapack.dpotrf(column_major.T, lower=uplo == _FILL_LOWER, clean=0)
+            column_major[...] = factor.T
+
+
+def _dpotrs_batched(handle, uplo, n, nrhs, a_array, lda, b_array, ldb, info, batch):
+    """Solve with the factors of :func:`_dpotrf_batched` (one right-hand side each); ``info`` 0."""
+    _check_cholesky_arguments("cusolverDnDpotrsBatched", uplo, n, lda, nrhs, ldb)
+    with _device_work():
+        _record("launch", "cusolverDnDpotrsBatched")
+        for a_address, b_address in zip(_uintp_at(a_array, batch), _uintp_at(b_array, batch)):
+            rhs = _matrix_at(b_address, (n,))
+            with np.errstate(all="ignore"):     # a failed factor's solution is garbage, as on the GPU
+                rhs[...], _ = scipy.linalg.lapack.dpotrs(_matrix_at(a_address, (n, n)).T, rhs,
+                                                         lower=uplo == _FILL_LOWER)
+        _int32_at(info, 1)[0] = 0
+
+
+# ---------------------------------------------------------------------------
 # installation
 
 def _scipy_fft_module(name):
@@ -834,7 +874,7 @@ def _build_modules():
         getDeviceCount=lambda: 1, deviceSynchronize=_device_synchronize, runtimeGetVersion=lambda: 13000,
         driverGetVersion=lambda: 13000, getDeviceProperties=lambda device: dict(_PROPERTIES),
         memGetInfo=lambda: (140 * 2**30, 141 * 2**30), getDevice=lambda: 0)
-    cuda_device = types.SimpleNamespace(get_cublas_handle=lambda: 0, Device=_Device)
+    cuda_device = types.SimpleNamespace(get_cublas_handle=lambda: 0, get_cusolver_handle=lambda: 0, Device=_Device)
     cuda = _Module("cupy.cuda", None, runtime=cuda_runtime, device=cuda_device, Device=_Device,
                    Event=_CudaEvent, Stream=_Stream, get_elapsed_time=_get_elapsed_time,
                    get_current_stream=lambda: _Stream.null, is_available=lambda: True)
@@ -847,9 +887,12 @@ def _build_modules():
     cupyx_scipy.ndimage = _Module("cupyx.scipy.ndimage", scipy.ndimage)
     cupyx = _Module("cupyx", None, scipy=cupyx_scipy)
     cublas = types.SimpleNamespace(dgetrfBatched=_dgetrf_batched, dgetrsBatched=_dgetrs_batched,
-                                   CUBLAS_OP_N=0, CUBLAS_OP_T=1)
+                                   CUBLAS_OP_N=0, CUBLAS_OP_T=1, CUBLAS_FILL_MODE_LOWER=_FILL_LOWER,
+                                   CUBLAS_FILL_MODE_UPPER=_FILL_UPPER)
+    cusolver = types.SimpleNamespace(dpotrfBatched=_dpotrf_batched, dpotrsBatched=_dpotrs_batched)
     libs = types.ModuleType("cupy_backends.cuda.libs")
     libs.cublas = cublas
+    libs.cusolver = cusolver
     backends_cuda = types.ModuleType("cupy_backends.cuda")
     backends_cuda.libs = libs
     backends = types.ModuleType("cupy_backends")
@@ -858,7 +901,8 @@ def _build_modules():
             "cupy.linalg": cupy.linalg, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
             "cupyx.scipy.fft": cupyx_scipy.fft, "cupyx.scipy.ndimage": cupyx_scipy.ndimage,
             "cupy_backends": backends, "cupy_backends.cuda": backends_cuda,
-            "cupy_backends.cuda.libs": libs, "cupy_backends.cuda.libs.cublas": cublas}
+            "cupy_backends.cuda.libs": libs, "cupy_backends.cuda.libs.cublas": cublas,
+            "cupy_backends.cuda.libs.cusolver": cusolver}
 
 
 _CUPY = None

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 
 from gpudiffim.convolve import correlate_stamps, correlate_stamps_each
+from gpudiffim.delta_function import delta_function_normal_equations
 
 
 def residual_moments(diff, var, mask, bad_bits, n_stamps, ny, nx, row0, row1, col0, col1, out):
@@ -230,6 +231,23 @@ def constant_weights(science_variance, template_variance, n_stamps, n_pix, infin
 
 
 FAST["gdi_constant_weights"] = constant_weights
+
+
+# ---- kernels/delta_function.cu (issue 13: delta-function normal equations without a design) ----
+
+def delta_function_normal_equations_kernel(template_stamps, science_stamps, weights, n_stamps, s, k,
+                                           with_background, matrix, vector):
+    """``gdi_delta_function_normal_equations`` as the host forms them
+    (:func:`gpudiffim.delta_function.delta_function_normal_equations`)."""
+    h, fit = k // 2, s - k + 1
+    template = template_stamps.reshape(n_stamps, s, s)
+    target = science_stamps.reshape(n_stamps, s, s)[:, h:h + fit, h:h + fit].reshape(n_stamps, -1)
+    m, v = delta_function_normal_equations(template, target, weights.reshape(n_stamps), k, with_background)
+    matrix.reshape(m.shape)[...] = m
+    vector.reshape(v.shape)[...] = v
+
+
+FAST["gdi_delta_function_normal_equations"] = delta_function_normal_equations_kernel
 
 
 # ---- kernels/statistics.cu (H1: order statistics of the noise measurements) ----

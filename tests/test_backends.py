@@ -95,11 +95,25 @@ def test_cuda_emulator_pipeline_matches_numpy(emulator, pair, reference, monkeyp
     assert isinstance(result.subtracted_image.image, np.ndarray)
 
 
-def test_cuda_emulator_delta_function_basis_matches_numpy(emulator, pair):
+#: What the delta-function basis launches in place of the design and its products (issue 13).
+DELTA_FUNCTION_KERNELS = {"gdi_delta_function_normal_equations"}
+
+
+def test_cuda_emulator_delta_function_basis_matches_numpy(emulator, pair, monkeypatch):
     config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=9, fit_for_background=True,
                             spatial_kernel_order=0, spatial_bg_order=0, size_cell_x=64, size_cell_y=64)
     expected = _subtract(pair, "numpy", config)
+    launched = set()
+    run = emulator_module.run
+
+    def counting_run(unit, defines, name, *args):
+        launched.add(name)
+        return run(unit, defines, name, *args)
+
+    monkeypatch.setattr(emulator_module, "run", counting_run)
     result = _subtract(pair, "cuda-emulator", config)
+    assert DELTA_FUNCTION_KERNELS <= launched, "the stamp systems must come from the stamps, without a design"
+    assert not {"gdi_correlate_stamps<double>", "gdi_normal_equations<double>"} & launched
     _assert_same_science(result, expected, 1e-6, 1e-6)
 
 

@@ -220,6 +220,36 @@ def test_choose_lambda_prefers_an_interior_value():
     assert min(choice.scores) == choice.scores[choice.grid.index(choice.value)]
 
 
+def test_choose_lambda_on_the_device_is_the_hosts_with_one_score_read_back():
+    """On the CuPy stand-in every reachable lambda is scored in one pass: the same choice and grid as
+    the host's pass-by-pass search (scores to rounding), with one read-back of scores instead of three."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cupy_standin import cupy_standin
+
+    from gpudiffim.basis import make_regularization_matrix
+
+    rng = np.random.RandomState(7)
+    width = 5
+    truth = gaussian_kernel(1.0, width // 2).ravel()
+    penalty = make_regularization_matrix(dataclasses.replace(DF, fit_for_background=False), width, width)
+    designs = rng.normal(size=(12, 40, width * width)) + 3.0 * rng.normal(size=(12, 40, 1))
+    data = designs @ truth + 0.5 * rng.normal(size=(12, 40))
+    matrices, vectors = designs.transpose(0, 2, 1) @ designs, (designs.transpose(0, 2, 1) @ data[..., None])[..., 0]
+    x, y = rng.uniform(0, 100, 12), rng.uniform(0, 100, 12)
+    host = choose_lambda(matrices, vectors, x, y, penalty, width * width)
+    with cupy_standin(kernels="numpy") as recorder:
+        import cupy
+
+        device = choose_lambda(cupy.asarray(matrices), cupy.asarray(vectors), x, y, penalty, width * width)
+        score_reads = sum(1 for e in recorder.events if e.kind == "sync" and "regularization" in e.site) - 2
+    assert (device.value, device.grid, device.n_pairs) == (host.value, host.grid, host.n_pairs)
+    np.testing.assert_allclose(device.scores, host.scores, rtol=1e-12)     # (sums in another order)
+    assert score_reads == 1
+
+
 def test_regularization_is_recorded(small_sky_pair):
     """The chosen lambda is in the result's diagnostics; ``lambda_type="absolute"`` turns the
     choice off and records the configured value."""

@@ -17,9 +17,9 @@ from gpudiffim.linalg import EIGENVECTOR
 from gpudiffim.testing import make_fake_pair
 
 
-def _blank_some_templates(monkeypatch):
-    """Every 5th candidate's template stamp set to zero: its normal matrix is the background's alone
-    (rank-deficient, solved by the pseudo-inverse)."""
+def _blank_some_templates(monkeypatch, value=0.0):
+    """Every 5th candidate's template stamp set to ``value``: with zero its normal matrix is the
+    background's alone (rank-deficient, solved by the pseudo-inverse), with NaN not finite."""
     original = solve._Solver.batch
 
     def batch(self, index):
@@ -28,7 +28,7 @@ def _blank_some_templates(monkeypatch):
         if not rows.size:
             return stamps
         template = stamps.template.copy()
-        template[array_module_of(template).asarray(rows)] = 0.0
+        template[array_module_of(template).asarray(rows)] = value
         return dataclasses.replace(stamps, template=template)
 
     monkeypatch.setattr(solve._Solver, "batch", batch)
@@ -103,3 +103,75 @@ def test_spatial_kernel_images_on_the_device_equal_the_host_ones():
         got, again = got.get(), again.get()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
     np.testing.assert_allclose(again, want[:3], rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def _cholesky_cases(gen, n):
+    """Symmetric positive definite systems (n > the small-system kernel's limit), then one zero, one
+    indefinite, one NaN and one rank-deficient matrix: what Cholesky cannot take."""
+    square = gen.normal(size=(6, n, n))
+    matrices = square @ square.transpose(0, 2, 1) + n * np.eye(n)
+    matrices[6 - 4] = 0.0
+    matrices[6 - 3] -= 3 * n * np.eye(n)
+    matrices[6 - 2, 1, 1] = np.nan
+    column = gen.normal(size=n)
+    matrices[6 - 1] = np.outer(column, column)
+    return matrices, gen.normal(size=(6, n))
+
+
+def test_device_cholesky_defers_what_it_cannot_take(rng):
+    """Large stamp systems on the device (with deferral): batched Cholesky gives the host's Cholesky
+    solutions (``LU`` status); the systems it cannot take come back ``EIGENVECTOR`` with zeros, deferred,
+    and solved again without deferral they get :func:`~gpudiffim.linalg.solve_batch_status`'s answers."""
+    from gpudiffim._lapack import cholesky_in_place, cholesky_solve
+    from gpudiffim._ops import KERNELS
+    from gpudiffim.linalg import LU, solve_batch_status
+
+    gen, seed = rng
+    n = 70
+    matrices, vectors = _cholesky_cases(gen, n)
+    basis = np.eye(n - 1).reshape(n - 1, 1, n - 1)
+    codes = np.zeros(6, dtype=np.int32)
+    with cupy_standin(kernels="numpy") as recorder:
+        import cupy
+
+        device = cupy.asarray(matrices), cupy.asarray(vectors), cupy.asarray(codes), cupy.asarray(basis)
+        syncs = recorder.syncs
+        outcome, _, _, deferred = KERNELS.solve_stamps(*device, True, 7, defer=True)
+        assert recorder.syncs == syncs, "no read-back in the solve"
+        outcome = outcome.get()
+        again, _, _, _ = KERNELS.solve_stamps(*device, True, 7, defer=False)
+        again = again.get()
+    assert deferred
+    np.testing.assert_array_equal(outcome[:, 1], [LU, LU, EIGENVECTOR, EIGENVECTOR, EIGENVECTOR, EIGENVECTOR])
+    np.testing.assert_array_equal(outcome[:, 0], 0)                  # deferred: not failed (yet)
+    assert not outcome[2:, 4:].any()
+    for k in range(2):
+        factor = np.ascontiguousarray(matrices[k])
+        cholesky_in_place(factor)
+        np.testing.assert_allclose(outcome[k, 4:], cholesky_solve(factor, vectors[k])[:n - 1], rtol=1e-10,
+                                   err_msg=f"seed={seed}")
+    _, status = solve_batch_status(matrices, vectors)
+    np.testing.assert_array_equal(again[:, 1], status, err_msg=f"seed={seed}")
+
+
+def test_delta_function_stamps_cholesky_cannot_take_get_the_numpy_decisions(monkeypatch):
+    """The delta-function basis on the device: every 5th template NaN (its system is not finite), those
+    stamps deferred by the device Cholesky and fitted again (failed); the decisions and kernel are the
+    NumPy backend's."""
+    _blank_some_templates(monkeypatch, np.nan)
+    calls = _deferrals(monkeypatch)
+    pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=9, spatial_kernel_order=1,
+                            lambda_type="absolute")      # (the automatic choice needs finite stamps)
+    reference = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
+    calls.clear()
+    with cupy_standin(kernels="numpy"):
+        result = ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template),
+                                                                  to_device(pair.science))
+    assert any(deferred for _, deferred, _ in calls)
+    assert any(not defer for defer, _, _ in calls)              # the blanked stamps: fitted again
+    cells, expected = result.kernel_cell_set, reference.kernel_cell_set
+    np.testing.assert_array_equal(cells.column("status"), expected.column("status"))
+    np.testing.assert_array_equal(cells.column("reason"), expected.column("reason"))
+    np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
+                               rtol=0, atol=1e-7)

@@ -1,8 +1,8 @@
 """The CUDA kernels of the ``cupy`` and ``cuda-emulator`` backends: loading, checked launches, host wrappers.
 
 The kernel sources are the ``.cu`` files of the top-level ``kernels/`` folder
-(``image_apply``, ``residual_moments``, ``spatial_assembly``, ``stamp_fit``,
-``warp``, ``statistics``), installed as package data of ``gpudiffim.kernels``.  The NumPy
+(``delta_function``, ``image_apply``, ``residual_moments``, ``spatial_assembly``,
+``stamp_fit``, ``warp``, ``statistics``, ...), installed as package data of ``gpudiffim.kernels``.  The NumPy
 reference modules (:mod:`gpudiffim.stamps`, :mod:`gpudiffim.apply`,
 :mod:`gpudiffim.spatial_fit`, :mod:`gpudiffim.warp`) call the host wrappers
 below when :func:`gpudiffim._backend.on_kernel_path` says so (CuPy arrays, or
@@ -37,6 +37,8 @@ Launch geometry and host wrappers, one module per unit, named after it:
 
 * :mod:`.stamp_fit`: ``stamp_fit.cu``: basis correlation of the candidate
   stamps and the per-stamp normal equations.
+* :mod:`.delta_function`: ``delta_function.cu``: the normal equations of
+  delta-function stamp fits from the stamps, without a design matrix.
 * :mod:`.spatial_assembly`: ``spatial_assembly.cu``: the spatial normal
   equations.
 * :mod:`.residual_moments`: ``residual_moments.cu``: residual statistics of

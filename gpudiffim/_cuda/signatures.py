@@ -129,6 +129,11 @@ def _cut_stamps(t):
 
 
 KERNELS.update({f"gdi_cut_stamps<{t}>": _cut_stamps(t) for t in ("float", "double")})
+KERNELS["gdi_delta_function_normal_equations"] = KernelSpec("delta_function", (
+    ("template_stamps", "const double*"), ("science_stamps", "const double*"), ("weights", "const double*"),
+    ("n_stamps", "int"), ("s", "int"), ("k", "int"), ("with_background", "int"),
+    ("matrix", "double*"), ("vector", "double*"),
+))
 KERNELS["gdi_spatial_normal_equations"] = KernelSpec("spatial_assembly", (
     ("normal_matrices", "const double*"), ("normal_vectors", "const double*"),
     ("owner", "const int*"), ("weights", "const double*"),
