@@ -41,7 +41,9 @@ method                             contract
 ``dilated_bad_pixels``             bool (N, F, F): a ``bad_bits`` pixel under the kernel box
 ``or_box``                         every bit of an integer or boolean plane (or stack) OR-ed over a box
 ``residual_sums``                  (N, 3) residual sums of stamps where they live (no read-back)
-``cut_stamp_planes``               a batch's six stamp stacks (float64 images, int32 masks)
+``cut_stamp_planes``               a batch's six stamp stacks (float64 images, int32 masks) and its
+                                   int32 centres, where the planes live
+``spatial_terms``                  a spatial function's terms at such centres, where they live
 ``difference_stamps``              ``(D, V, M)`` of stamps under per-stamp kernels and backgrounds
 ``stamp_residuals``                their (N, 3) sums [and D/sigma rows]; fused into one launch
                                    on the kernel path (``gdi_stamp_residuals``)
@@ -444,15 +446,38 @@ class NumpyOperations:
         return out
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
-        """The six stamp stacks of a batch, ``(template, science, template_variance,
-        science_variance, template_mask, science_mask)``: float64 images and
-        variances, int32 masks, (N, S, S), where the planes live.  ``template``
-        and ``science`` are MaskedImages of one grid; ``centres_rc`` host
-        ``(row, column)`` centres, every stamp inside (else ValueError)."""
+        """``(planes, centres)`` of a batch: the six stamp stacks ``(template, science,
+        template_variance, science_variance, template_mask, science_mask)``, float64 images and
+        variances, int32 masks, (N, S, S), and the int32 (N, 2) centres they were cut at, all where
+        the planes live.  ``template`` and ``science`` are MaskedImages of one grid; ``centres_rc``
+        host ``(row, column)`` centres, every stamp inside (else ValueError)."""
         planes = cut_planes((template.image, science.image, template.variance, science.variance,
                              template.mask, science.mask), centres_rc, half_size)
         dtypes = (np.float64,) * 4 + (np.int32,) * 2
-        return tuple(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes))
+        centres = np.asarray(centres_rc, dtype=np.int32).reshape(-1, 2)
+        return tuple(plane.astype(dtype, copy=False) for plane, dtype in zip(planes, dtypes)), centres
+
+    def spatial_terms(self, function, centres_rc, origin):
+        """Every term of the :class:`~gpudiffim.spatial.SpatialFunction` ``function`` at integer centres.
+
+        Parameters
+        ----------
+        function : SpatialFunction
+        centres_rc : ndarray of int, shape (N, 2)
+            ``(row, column)`` centres relative to the images' first pixel, as
+            :meth:`cut_stamp_planes` returns them.
+        origin : tuple of int
+            Parent ``(x0, y0)`` of that pixel.
+
+        Returns
+        -------
+        ndarray of float64, shape (N, n_terms)
+            ``function.terms`` at parent ``(x0 + column, y0 + row)``, in the
+            centres' array module.
+        """
+        centres_rc = np.asarray(centres_rc).reshape(-1, 2)
+        return function.terms((origin[0] + centres_rc[:, 1]).astype(np.float64),
+                              (origin[1] + centres_rc[:, 0]).astype(np.float64))
 
     def difference_stamps(self, stamps, kernels, background, bad_bits, model=None):
         """``(D, V, M)`` (N, F, F) of the six stamp stacks under per-stamp kernels (N, kh, kw) and backgrounds.
@@ -832,15 +857,29 @@ class KernelOperations(NumpyOperations):
         return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size):
-        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once."""
+        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once
+        (and returned: the batch's spatial terms are computed from them, :meth:`spatial_terms`)."""
         from ._cuda import stamp_fit
 
-        centres = stamp_fit.upload_centres(array_module_of(science.image), centres_rc) if len(centres_rc) else None
+        xp = array_module_of(science.image)
+        centres = stamp_fit.upload_centres(xp, centres_rc) if len(centres_rc) else xp.empty((0, 2), np.int32)
         t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
                                                            centres_rc, half_size, device_centres=centres)
         s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,
                                                            centres_rc, half_size, device_centres=centres)
-        return t_image, s_image, t_variance, s_variance, t_mask, s_mask
+        return (t_image, s_image, t_variance, s_variance, t_mask, s_mask), centres
+
+    def spatial_terms(self, function, centres_rc, origin):
+        """``gdi_spatial_terms`` on centres where they live (one launch, nothing uploaded); the reference's
+        host terms, moved, above its highest order."""
+        from ._cuda import image_apply
+
+        xp = array_module_of(centres_rc)
+        if function.order > image_apply.SPATIAL_TERMS_MAX_ORDER:
+            return xp.asarray(super().spatial_terms(function, to_host(centres_rc), origin))
+        scalings = None if function.model_type == "polynomial" else (function.axis_scaling(1),
+                                                                     function.axis_scaling(0))
+        return image_apply.spatial_terms(centres_rc, origin, function.order, scalings)
 
     uses_fitted_models = False
     fits_delta_functions_directly = False
@@ -1004,17 +1043,19 @@ class KernelOperations(NumpyOperations):
     def spatial_normal_equations(self, normal_matrices, normal_vectors, owner, weights):
         """``gdi_spatial_normal_equations`` on the sparse maps; host results, read back together.
 
-        Only the distinct weight columns (the spatial terms at the stamps,
-        about 9 of ~170) cross to the device; the kernel's weights are
-        gathered from them there.
+        Weights already where the matrices live (the solve loop forms them
+        there from the stamp centres: nothing crosses) are used as they are;
+        of host weights only the distinct columns (the spatial terms at the
+        stamps, about 9 of ~170) cross to the device, and the kernel's weights
+        are gathered from them there.
         """
         from ._cuda import spatial_assembly
 
         xp = array_module_of(normal_matrices)
-        weights = np.asarray(weights, dtype=np.float64)
-        if xp is np:
+        if xp is np or array_module_of(weights) is xp:
             device_weights = weights
         else:
+            weights = np.asarray(weights, dtype=np.float64)
             distinct, column = _distinct_columns(weights)
             device_weights = xp.asarray(distinct)[:, xp.asarray(column)]
         matrix, vector = spatial_assembly.spatial_normal_equations_structured(

@@ -762,7 +762,28 @@ class SeparableBasis:
         profiles, pairs = xp.asarray(self.profiles), xp.asarray(self.pairs.astype(np.int32))
         raw = xp.take(profiles, pairs[:, 0], axis=0)[:, :, None] * xp.take(profiles, pairs[:, 1], axis=0)[:, None, :]
         width = self.profiles.shape[1]
-        return (xp.asarray(self.mixing) @ raw.reshape(len(self.pairs), width * width)).reshape(-1, width, width)
+        flat = raw.reshape(len(self.pairs), width * width)
+        shifts = self.shift_form()
+        if shifts is None:
+            return (xp.asarray(self.mixing) @ flat).reshape(-1, width, width)
+        scale, shift = xp.asarray(shifts)
+        return (scale * flat + shift * flat[0]).reshape(-1, width, width)
+
+    def shift_form(self):
+        """``(2, K, 1)`` float64 ``(scale, shift)`` with ``mixing = diag(scale) + outer(shift, e_0)``, or None.
+
+        The renormalisation mixes each raw kernel only with the first one
+        (:func:`renormalization_mixing`), so the mixing is its diagonal and its
+        first column (``shift[0] = 0``): ``2 K`` values to move instead of ``K^2``.
+        """
+        scale = np.diagonal(self.mixing).copy()
+        shift = self.mixing[:, 0].copy()
+        shift[0] = 0.0
+        rebuilt = np.diag(scale)
+        rebuilt[:, 0] += shift
+        if self.mixing.shape[0] != self.mixing.shape[1] or not np.array_equal(rebuilt, self.mixing):
+            return None
+        return np.stack([scale, shift])[:, :, None]
 
 
 def separable_form(basis):

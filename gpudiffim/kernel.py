@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import moved, on_device
+from ._backend import array_module_of, moved, on_device
 from .spatial import SpatialFunction
 
 __all__ = ["SpatialKernel", "BackgroundModel"]
@@ -112,9 +112,27 @@ class SpatialKernel:
         ndarray of shape (N, kh, kw)
         """
         terms = self.spatial_function.terms(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        return self.images_of_terms(moved(terms, xp) if on_device(xp) else terms)
+
+    def images_of_terms(self, terms):
+        """Kernel images at positions whose spatial terms are given, where the terms live.
+
+        Parameters
+        ----------
+        terms : ndarray of shape (N, n_terms)
+            ``P_t`` at each position (float64), NumPy or CuPy.
+
+        Returns
+        -------
+        ndarray of shape (N, kh, kw)
+            In the terms' array module: on the host the basis coefficients at
+            each position, then their basis sums; on the GPU the terms times
+            the :meth:`term_kernels` formed there (the same images, summed in
+            another order).
+        """
+        xp = array_module_of(terms)
         if on_device(xp):
-            flat = moved(terms, xp) @ self._term_kernel_rows(xp)
-            return flat.reshape(len(terms), *self.shape)
+            return (terms @ self._term_kernel_rows(xp)).reshape(len(terms), *self.shape)
         return np.tensordot(terms @ self.coefficients.T, self.basis, axes=1)
 
     def _term_kernel_rows(self, xp):
@@ -185,6 +203,12 @@ class BackgroundModel:
         """Background at parent coordinates ``(x, y)`` (host scalars or arrays), copied to ``xp`` if given."""
         values = self.spatial_function.evaluate(self.coefficients, x, y)
         return moved(values, xp) if on_device(xp) else values
+
+    def of_terms(self, terms):
+        """Background at positions whose spatial terms ``Q_t`` (N, n_terms) are given, float64 (N,), where
+        the terms live (on the GPU only the coefficients are moved)."""
+        xp = array_module_of(terms)
+        return terms @ (xp.asarray(self.coefficients) if on_device(xp) else self.coefficients)
 
     def image(self, shape, xy0=(0, 0), xp=np):
         """Background on a pixel grid of ``shape`` whose element [0, 0] is ``xy0``.

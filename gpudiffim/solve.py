@@ -92,7 +92,7 @@ def _read_back(xp, sums, fit):
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
-_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1}
+_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1, "centres": 2}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
 _RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
@@ -192,7 +192,8 @@ class _Solver:
         self.pca_basis = None
         #: Per fitted batch, where they were computed (device arrays on the GPU): "matrix" and
         #: "vector" of the stamp normal equations, their "n_basis" kernel unknowns, their
-        #: "information" (trace over those, formed when first gathered) and, with
+        #: "information" (trace over those, formed when first gathered), the stamps' int32
+        #: "centres" (row, column from the images' first pixel, as cut) and, with
         #: ``quality_report``, the "rows" of D/sigma of original-basis fits; the solutions refer
         #: to them by (batch, row).
         self.batches = []
@@ -234,11 +235,15 @@ class _Solver:
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
         return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops)
 
-    def spatial_models(self, index, kernel, background):
-        """The spatial kernel images and background at the candidates ``index``, where the images live."""
-        xs = self.cell_set.x[index].astype(np.float64)
-        ys = self.cell_set.y[index].astype(np.float64)
-        return kernel.images(xs, ys, xp=self.xp), background(xs, ys, xp=self.xp)
+    def spatial_terms(self, function, centres_rc):
+        """``function``'s terms (N, n_terms) at stamp centres ``centres_rc`` (:attr:`StampBatch.centres`),
+        where the centres live: on the GPU computed there, nothing uploaded."""
+        return self.ops.spatial_terms(function, centres_rc, self.science.xy0)
+
+    def spatial_models(self, batch, kernel, background):
+        """The spatial kernel images and background at the stamps of ``batch``, where the images live."""
+        return (kernel.images_of_terms(self.spatial_terms(kernel.spatial_function, batch.centres)),
+                background.of_terms(self.spatial_terms(background.spatial_function, batch.centres)))
 
     def where_images_live(self, array):
         """A host array (basis, regularisation) in the images' module, there once per solve.
@@ -293,17 +298,18 @@ class _Solver:
         separable = self.separable if basis is self.basis.kernels else None
         basis = self.where_images_live(basis)
         regularization = self.where_images_live(regularization)
-        fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows, keep_matrix,
-                                            defer=True)
+        centres, fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows,
+                                                     keep_matrix, defer=True)
         redo = np.flatnonzero(packed[:, _STATUS_COLUMN] == EIGENVECTOR) if fit.deferred else []
         if len(redo):
-            _, packed[redo], redo_rows = self._fit_batch(index[redo], basis, separable, regularization,
-                                                         keep_rows, keep_matrix, defer=False)
+            _, _, packed[redo], redo_rows = self._fit_batch(index[redo], basis, separable, regularization,
+                                                            keep_rows, keep_matrix, defer=False)
             if keep_rows:
                 rows[self.xp.asarray(redo)] = redo_rows
         outcome = _Outcome.unpack(packed)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
-        stored = {"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows, "n_basis": len(basis)}
+        stored = {"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows, "n_basis": len(basis),
+                  "centres": centres}
         if fit.information is not None:         # formed by the fit where the matrices are not kept
             stored["information"] = fit.information
         self.batches.append(stored)
@@ -312,14 +318,15 @@ class _Solver:
                            outcome.failure_code, failures)[1]
 
     def _fit_batch(self, index, basis, separable, regularization, keep_rows, keep_matrix, defer):
-        """``(fit, host outcome rows of _read_back, D/sigma rows or None)`` of the stamps ``index``."""
+        """``(stamp centres, fit, host outcome rows of _read_back, D/sigma rows or None)`` of the stamps
+        ``index`` (the centres as :attr:`StampBatch.centres`)."""
         batch = self.batch(index)
         fit = fit_stamps(batch, basis, self.config, regularization, ops=self.ops, separable=separable,
                          keep_matrix=keep_matrix, defer_rank_deficient=defer)
         sums = stamp_residual_sums(batch, fit.kernels, fit.background,
                                    self.bad_bits, self.core_radius(), rows=keep_rows, ops=self.ops, model=fit.model)
         sums, rows = sums if keep_rows else (sums, None)
-        return fit, _read_back(self.xp, sums, fit), rows
+        return batch.centres, fit, _read_back(self.xp, sums, fit), rows
 
     def _judge(self, index, stats, stage, clipping, failure_code=None, failures=None):
         """Record residual statistics (host), mark GOOD or BAD; return (#good, #rejected).
@@ -437,13 +444,12 @@ class _Solver:
         self.kernel_function = self.supported_function("kernel", config.spatial_kernel_order, len(used))
         if config.fit_for_background:
             self.bg_function = self.supported_function("background", config.spatial_bg_order, len(used))
-        xs = self.cell_set.x[used].astype(np.float32).astype(np.float64)
-        ys = self.cell_set.y[used].astype(np.float32).astype(np.float64)
-        bg_terms = self.bg_function.terms(xs, ys) if config.fit_for_background else None
+        matrices, vectors, centres = self.gather(used, key, "matrix", "vector", "centres")
+        bg_terms = self.spatial_terms(self.bg_function, centres) if config.fit_for_background else None
         n_sum = self.spatial_function(config.kernel_sum_order(self.kernel_function.order)).n_terms
-        maps = local_parameter_structure(self.kernel_function.terms(xs, ys), bg_terms, len(basis),
+        maps = local_parameter_structure(self.spatial_terms(self.kernel_function, centres), bg_terms, len(basis),
                                          config.constant_first_term, n_sum)
-        matrix, vector = spatial_normal_equations(*self.gather(used, key, "matrix", "vector"), maps, ops=self.ops)
+        matrix, vector = spatial_normal_equations(matrices, vectors, maps, ops=self.ops)
         constraint = None if config.constant_first_term else kernel_sum_constraint(
             basis.sum(axis=(1, 2)), self.kernel_function.n_terms, n_sum, len(vector))
         theta, cond, method = solve_spatial(matrix, vector, config.condition_number_type, constraint)
@@ -508,9 +514,10 @@ class _Solver:
         parts = [assessed_rows]
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
-            parts.append(stamp_residual_rows(self.batch(part), *self.spatial_models(part, kernel, background),
+            batch = self.batch(part)
+            parts.append(stamp_residual_rows(batch, *self.spatial_models(batch, kernel, background),
                                              self.bad_bits, ops=self.ops))
-        order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable"))
+        order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable").astype(np.int32))
         spatial = xp.concatenate(parts)[order]
         return ResidualRows(index, local, spatial)
 
@@ -532,9 +539,10 @@ class _Solver:
         visited = self.visit_built()
         if not len(visited):
             return 0, 0
-        kernels, bg = self.spatial_models(visited, kernel, background)
+        batch = self.batch(visited)
+        kernels, bg = self.spatial_models(batch, kernel, background)
         keep_rows = self.config.quality_report
-        sums = stamp_residual_sums(self.batch(visited), kernels, bg, self.bad_bits,
+        sums = stamp_residual_sums(batch, kernels, bg, self.bad_bits,
                                    self.core_radius(), rows=keep_rows, ops=self.ops)
         if keep_rows:
             sums, rows = sums

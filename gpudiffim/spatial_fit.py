@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import to_host
+from ._backend import array_module_of, to_host
 from ._ops import operations_for
 from .linalg import condition_number, solve_symmetric
 
@@ -47,7 +47,8 @@ class LocalParameterMaps:
     owner : ndarray of int, shape (n_theta,)
         Local parameter (row of ``J``) of each unknown.
     weights : ndarray of shape (N, n_theta)
-        ``J_c[owner[a], a]``: the spatial term of unknown ``a`` at candidate ``c``.
+        ``J_c[owner[a], a]``: the spatial term of unknown ``a`` at candidate ``c``
+        (in the terms' array module: on the GPU, formed there).
     n_local : int
         Local parameters per stamp (``n_b`` + 1 with a background).
     """
@@ -77,9 +78,10 @@ def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_te
     Parameters
     ----------
     kernel_terms : ndarray of shape (N, n_k)
-        Kernel spatial terms ``P_t`` at each candidate centre.
+        Kernel spatial terms ``P_t`` at each candidate centre, NumPy or CuPy.
     bg_terms : ndarray of shape (N, n_g) or None
-        Background terms at each centre (None when no background is fitted).
+        Background terms at each centre, in the same array module (None when
+        no background is fitted).
     n_basis : int
     constant_first_term : bool
         Basis 0 (the kernel sum) has its own, lower-order spatial model.
@@ -90,20 +92,22 @@ def local_parameter_structure(kernel_terms, bg_terms, n_basis, constant_first_te
     Returns
     -------
     LocalParameterMaps
+        ``owner`` on the host, ``weights`` where the terms live.
     """
+    xp = array_module_of(kernel_terms)
     n, n_k = kernel_terms.shape
     n_g = 0 if bg_terms is None else bg_terms.shape[1]
     owner, columns = [], []
     if constant_first_term:
         owner.extend([0] * n_first_terms)
-        columns.append(kernel_terms[:, :n_first_terms] if n_first_terms > 1 else np.ones((n, 1)))
+        columns.append(kernel_terms[:, :n_first_terms] if n_first_terms > 1 else xp.ones((n, 1)))
     for i in range(1 if constant_first_term else 0, n_basis):
         owner.extend([i] * n_k)
         columns.append(kernel_terms)
     if bg_terms is not None:
         owner.extend([n_basis] * n_g)
         columns.append(bg_terms)
-    weights = np.concatenate(columns, axis=1) if columns else np.zeros((n, 0))
+    weights = xp.concatenate(columns, axis=1) if columns else xp.zeros((n, 0))
     n_local = n_basis + (1 if bg_terms is not None else 0)
     return LocalParameterMaps(np.array(owner, dtype=np.int32), weights, n_local)
 

@@ -67,6 +67,9 @@ class StampBatch:
         Image stamps (float64) of the image to convolve and the image matched to.
     template_variance, science_variance : ndarray of shape (N, S, S)
     template_mask, science_mask : ndarray of int32, shape (N, S, S)
+    centres : ndarray of int32, shape (N, 2), or None
+        ``(row, column)`` of each stamp's centre relative to the images' first
+        pixel, as the stamps were cut (None when the stacks were given).
 
     The arrays are NumPy arrays, or CuPy arrays on the CuPy backend.
     """
@@ -77,6 +80,7 @@ class StampBatch:
     science_variance: np.ndarray
     template_mask: np.ndarray
     science_mask: np.ndarray
+    centres: np.ndarray = None
 
     @classmethod
     def extract(cls, centres, template, science, half_size, *, ops=None):
@@ -97,7 +101,8 @@ class StampBatch:
         x0, y0 = science.xy0
         centres_rc = np.asarray(centres, dtype=np.int64).reshape(-1, 2)[:, ::-1] - np.array([y0, x0])
         ops = operations_for(science.image) if ops is None else ops
-        return cls(*ops.cut_stamp_planes(template, science, centres_rc, half_size))
+        planes, centres_rc = ops.cut_stamp_planes(template, science, centres_rc, half_size)
+        return cls(*planes, centres=centres_rc)
 
     def planes(self):
         """The six stacks in field order (what the operations layer takes)."""

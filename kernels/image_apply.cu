@@ -38,6 +38,11 @@
 //   uploads no factor tables.  Chebyshev tables and monomials up to t^2 use
 //   NumPy's operations in NumPy's order (bit for bit); t^k for k >= 3 is pow(),
 //   within CUDA's 2 ulp of glibc's on the GPU.
+// * gdi_spatial_terms: every spatial term (SpatialFunction.terms) at given
+//   integer positions, the stamp centres the stamps were cut at, so that the
+//   spatial fit, the kernel images and the background of the solve loop
+//   upload no terms: the same 1-D powers as gdi_spatial_powers (same
+//   operations, same order), multiplied in afw's term order, in double.
 //
 // Index conventions: images are C-contiguous, (ny, nx) or a stack (n_images,
 // ny, nx); element (n, y, x) is at (n * ny + y) * nx + x, y the row and x the
@@ -200,20 +205,35 @@ __global__ void gdi_copy_edge(const T* __restrict__ in_image,
     }
 }
 
+// The scaled coordinate of SpatialFunction.normalized: 2 (t - mid) / width
+// when chebyshev (mid and width computed on the host), else t.
+__device__ __forceinline__ double gdi_ia_scaled(double t, int chebyshev, double mid, double width)
+{
+    return chebyshev ? gdi_ia_div(gdi_ia_mul(2.0, gdi_ia_sub(t, mid)), width) : t;
+}
+
+// Power k >= 2 of the 1-D factor at the scaled coordinate t, from powers
+// k - 1 (current) and k - 2 (previous): 2 t T_{k-1} - T_{k-2} (Chebyshev) or
+// t^k (t * t, else pow), as gpudiffim/spatial.py forms them.
+__device__ __forceinline__ double gdi_ia_next_power(double t, int k, int chebyshev, double current,
+                                                    double previous)
+{
+    if (chebyshev) {
+        return gdi_ia_sub(gdi_ia_mul(gdi_ia_mul(2.0, t), current), previous);
+    }
+    return k == 2 ? gdi_ia_mul(t, t) : pow(t, static_cast<double>(k));
+}
+
 // gdi_spatial_powers<T>: one thread per coordinate i; t = first + i, scaled
-// as 2 (t - mid) / width when chebyshev (mid and width computed on the host as
-// SpatialFunction.normalized does), then the order + 1 values
-// out[k * n + i], each rounded from double to T.
+// by gdi_ia_scaled, then the order + 1 values out[k * n + i], each rounded
+// from double to T.
 template <typename T>
 __global__ void gdi_spatial_powers(int n, double first, int chebyshev, double mid, double width, int order,
                                    T* __restrict__ out)
 {
     const int stride = blockDim.x * gridDim.x;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        double t = first + i;
-        if (chebyshev) {
-            t = gdi_ia_div(gdi_ia_mul(2.0, gdi_ia_sub(t, mid)), width);
-        }
+        const double t = gdi_ia_scaled(first + i, chebyshev, mid, width);
         double previous = 1.0;       // T_0 or t^0
         double current = t;          // T_1 or t^1
         out[i] = static_cast<T>(previous);
@@ -221,15 +241,47 @@ __global__ void gdi_spatial_powers(int n, double first, int chebyshev, double mi
             out[static_cast<long long>(n) + i] = static_cast<T>(current);
         }
         for (int k = 2; k <= order; ++k) {
-            double next;
-            if (chebyshev) {
-                next = gdi_ia_sub(gdi_ia_mul(gdi_ia_mul(2.0, t), current), previous);
-            } else {
-                next = k == 2 ? gdi_ia_mul(t, t) : pow(t, static_cast<double>(k));
-            }
+            const double next = gdi_ia_next_power(t, k, chebyshev, current, previous);
             previous = current;
             current = next;
             out[static_cast<long long>(k) * n + i] = static_cast<T>(current);
+        }
+    }
+}
+
+// Highest order of gdi_spatial_terms (its per-thread power tables).
+#define GDI_SPATIAL_TERMS_MAX_ORDER 15
+
+// gdi_spatial_terms: one thread per position i of the n int32 (row, column)
+// centres_rc (relative to the image's first pixel, whose parent position is
+// (x0, y0)): x = x0 + column, y = y0 + row, each scaled by gdi_ia_scaled
+// along its axis, the powers 0..order of both factors, then
+// out[i * n_terms + t] = px[d - j] * py[j] for degree d = 0..order and
+// j = 0..d (afw's order, t counting up).  0 <= order <=
+// GDI_SPATIAL_TERMS_MAX_ORDER; out is (n, (order + 1)(order + 2) / 2) float64.
+__global__ void gdi_spatial_terms(const int* __restrict__ centres_rc, int n, int x0, int y0, int chebyshev,
+                                  double mid_x, double width_x, double mid_y, double width_y, int order,
+                                  double* __restrict__ out)
+{
+    const int stride = blockDim.x * gridDim.x;
+    const int n_terms = (order + 1) * (order + 2) / 2;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        double px[GDI_SPATIAL_TERMS_MAX_ORDER + 1];
+        double py[GDI_SPATIAL_TERMS_MAX_ORDER + 1];
+        px[0] = 1.0;
+        py[0] = 1.0;
+        px[1] = gdi_ia_scaled(static_cast<double>(x0 + centres_rc[2 * i + 1]), chebyshev, mid_x, width_x);
+        py[1] = gdi_ia_scaled(static_cast<double>(y0 + centres_rc[2 * i]), chebyshev, mid_y, width_y);
+        for (int k = 2; k <= order; ++k) {
+            px[k] = gdi_ia_next_power(px[1], k, chebyshev, px[k - 1], px[k - 2]);
+            py[k] = gdi_ia_next_power(py[1], k, chebyshev, py[k - 1], py[k - 2]);
+        }
+        double* row = out + static_cast<long long>(i) * n_terms;
+        int t = 0;
+        for (int degree = 0; degree <= order; ++degree) {
+            for (int j = 0; j <= degree; ++j) {
+                row[t++] = gdi_ia_mul(px[degree - j], py[j]);
+            }
         }
     }
 }

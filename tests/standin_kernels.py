@@ -198,6 +198,30 @@ FAST["gdi_solve_small"] = solve_small
 FAST.update({f"gdi_copy_edge<{_type}>": copy_edge for _type in ("float", "double")})
 
 
+# ---- kernels/image_apply.cu: gdi_spatial_terms ----
+
+def spatial_terms(centres_rc, n, x0, y0, chebyshev, mid_x, width_x, mid_y, width_y, order, out):
+    """``gdi_spatial_terms``: the 1-D powers of both axes at ``(x0 + column, y0 + row)`` (NumPy's operations
+    of ``gpudiffim.spatial``), multiplied in afw's term order."""
+    rc = centres_rc.reshape(n, 2)
+
+    def powers(t, mid, width):
+        t = t.astype(np.float64)
+        if chebyshev:
+            t = 2.0 * (t - mid) / width
+        values = [np.ones_like(t), t]
+        for k in range(2, order + 1):
+            values.append(2.0 * t * values[-1] - values[-2] if chebyshev else t * t if k == 2 else t**k)
+        return values
+
+    px, py = powers(x0 + rc[:, 1], mid_x, width_x), powers(y0 + rc[:, 0], mid_y, width_y)
+    terms = [px[degree - j] * py[j] for degree in range(order + 1) for j in range(degree + 1)]
+    out.reshape(n, len(terms))[...] = np.stack(terms, axis=1)
+
+
+FAST["gdi_spatial_terms"] = spatial_terms
+
+
 # ---- kernels/linear_solve.cu: gdi_solve_stamps (H3) ----
 
 def solve_stamps(matrices, vectors, codes, basis, n_systems, n_basis, with_background, n_taps, fit_failed,

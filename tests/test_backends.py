@@ -67,7 +67,7 @@ def _assert_same_science(result, reference, coefficient_rtol, image_rtol):
 PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gdi_normal_equations<double>",
                     "gdi_stamp_residuals", "gdi_spatial_normal_equations",
                     "gdi_accumulate_terms<float>", "gdi_or_filter_1d", "gdi_copy_edge<float>",
-                    "gdi_spatial_powers<float>", "gdi_spatial_powers<double>",
+                    "gdi_spatial_powers<float>", "gdi_spatial_powers<double>", "gdi_spatial_terms",
                     # the noise measurements (variance correction, noise correlation)
                     "gdi_sorted_quantiles", "gdi_bin_medians<double>", "gdi_sky_sources",
                     "gdi_sky_value_planes<float>", "gdi_subtract_mean", "gdi_correlation_near",

@@ -39,9 +39,9 @@ CALL_CEILING = 400
 #: Calls one more clipping pass may add (a stamp-fit batch, its residuals and its read-back).
 CALLS_PER_PASS = 40
 #: Upload ceiling beyond the input planes, bytes (per-pass decisions; ratchet, issue target: a few kB;
-#: 22-52 kB measured at these sizes: stamp centres, spatial terms and background at the candidates,
-#: detection centres, the basis' separable factors).
-UPLOAD_CEILING = 55_000
+#: 11-26 kB measured at these sizes now that the spatial terms are computed at the stamp centres on the
+#: device and the basis goes as its factors and two mixing vectors: stamp and detection centres, gather indices).
+UPLOAD_CEILING = 27_000
 
 
 def _count(size, stars):

@@ -60,8 +60,10 @@ def test_cut_stamps_equal_the_reference(emulator, rng, dtype):
     template, science = _image(gen, (61, 47), dtype), _image(gen, (61, 47), dtype)
     half = 6
     centres = np.stack([gen.integers(half, 61 - half, 33), gen.integers(half, 47 - half, 33)], axis=1)
-    expected = NUMPY.cut_stamp_planes(template, science, centres, half)
-    got = KERNELS.cut_stamp_planes(template, science, centres, half)
+    expected, expected_centres = NUMPY.cut_stamp_planes(template, science, centres, half)
+    got, got_centres = KERNELS.cut_stamp_planes(template, science, centres, half)
+    np.testing.assert_array_equal(got_centres, expected_centres)
+    assert got_centres.dtype == expected_centres.dtype == np.int32
     for name, want, have in zip(("template", "science", "template variance", "science variance",
                                  "template mask", "science mask"), expected, got):
         assert have.dtype == want.dtype, name

@@ -40,6 +40,7 @@ from gpudiffim._cuda.image_apply import (
     or_filter_footprint,
     propagate_mask,
     spatial_powers,
+    spatial_terms,
 )
 from gpudiffim._cuda.warp import warp_resample
 from gpudiffim.convolve import FourierCorrelator
@@ -150,6 +151,36 @@ def test_emulated_spatial_powers_match_axis_powers(emulator, dtype, model_type, 
         exact = min(order, 2) + 1 if model_type == "polynomial" else order + 1
         assert_array_equal(got[:exact], want[:exact])
         np.testing.assert_allclose(got[exact:], want[exact:], rtol=2 * np.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("model_type, order", [("chebyshev1", 3), ("chebyshev1", 0), ("polynomial", 2),
+                                                ("polynomial", 4)])
+def test_emulated_spatial_terms_match_terms(emulator, model_type, order):
+    """gdi_spatial_terms == SpatialFunction.terms at parent (x0 + column, y0 + row): bit for bit for Chebyshev
+    terms and monomials up to degree 2 per axis, to 2 ulp for higher monomial powers (pow), at centres inside
+    and outside an off-centre box; and the NumPy stand-in of the kernel gives the same values."""
+    from standin_kernels import FAST
+
+    function = SpatialFunction(model_type, order, (-37, 12, 1990, 4107))
+    rng = np.random.default_rng(5)
+    centres_rc = np.stack([rng.integers(-20, 4200, 37), rng.integers(-50, 2100, 37)], axis=1).astype(np.int32)
+    origin = (-3, 9)
+    want = function.terms(origin[0] + centres_rc[:, 1].astype(np.float64),
+                          origin[1] + centres_rc[:, 0].astype(np.float64))
+    scalings = None if model_type == "polynomial" else (function.axis_scaling(1), function.axis_scaling(0))
+    got = spatial_terms(centres_rc, origin, order, scalings)
+    assert got.shape == want.shape and got.dtype == np.float64
+    if model_type == "polynomial" and order > 2:
+        assert_allclose(got, want, rtol=2 * np.finfo(np.float64).eps, atol=0)
+    else:
+        assert_array_equal(got, want)
+    fast = np.empty_like(want)
+    (mid_x, width_x), (mid_y, width_y) = scalings or ((0.0, 1.0), (0.0, 1.0))
+    FAST["gdi_spatial_terms"](centres_rc, len(centres_rc), *origin, int(scalings is not None), mid_x, width_x,
+                              mid_y, width_y, order, fast)
+    assert_array_equal(fast, want)
+    with pytest.raises(ValueError, match="order"):
+        spatial_terms(centres_rc, origin, 16, scalings)
 
 
 def test_grid_factors_sequence_equals_grid_factors():

@@ -7,6 +7,8 @@ Full-image application (issue 4, kernel 5):
   (the correlations themselves are FFT library calls);
 * :func:`spatial_powers`: the 1-D factor tables of the spatial terms, built
   where the image lives (no upload);
+* :func:`spatial_terms`: every spatial term at stamp centres already where
+  the stamps were cut (no upload);
 * :func:`copy_edge`: the input planes and the EDGE bit within the kernel
   half-width of the border (:func:`gpudiffim.apply.convolve_masked_image`);
 * :func:`or_filter_box`, :func:`or_filter_footprint` and
@@ -41,6 +43,8 @@ __all__ = [
     "propagate_mask",
     "copy_edge",
     "spatial_powers",
+    "spatial_terms",
+    "SPATIAL_TERMS_MAX_ORDER",
 ]
 
 #: Threads per block of every kernel of ``image_apply.cu`` and ``warp.cu``.
@@ -446,4 +450,51 @@ def spatial_powers(xp, first, n, order, scaling, dtype):
         grid, block = grid_stride_geometry(n, launcher_for(out))
         launch(f"gdi_spatial_powers<{ctype}>", grid, block,
                (int(n), float(first), int(scaling is not None), float(mid), float(width), int(order), out))
+    return out
+
+
+#: Highest order of :func:`spatial_terms` (``GDI_SPATIAL_TERMS_MAX_ORDER`` of ``image_apply.cu``).
+SPATIAL_TERMS_MAX_ORDER = 15
+
+
+def spatial_terms(centres_rc, origin, order, scalings):
+    """Every spatial term at integer stamp centres: ``gdi_spatial_terms`` (one launch, nothing uploaded).
+
+    Parameters
+    ----------
+    centres_rc : ndarray of int32, shape (n, 2)
+        ``(row, column)`` centres relative to the image's first pixel, in the
+        output's array module (CuPy: on the GPU; NumPy: the emulator).
+    origin : tuple of int
+        Parent ``(x0, y0)`` of the image's first pixel: the terms are taken
+        at ``x = x0 + column``, ``y = y0 + row``.
+    order : int
+        Total degree, ``0 <= order <=`` :data:`SPATIAL_TERMS_MAX_ORDER`.
+    scalings : tuple or None
+        ``((mid_x, width_x), (mid_y, width_y))`` of the Chebyshev scaling
+        ``t' = 2 (t - mid) / width`` along x and y
+        (:meth:`gpudiffim.spatial.SpatialFunction.axis_scaling`), or None for
+        monomials of the raw coordinates.
+
+    Returns
+    -------
+    ndarray of float64, shape (n, (order + 1)(order + 2) / 2)
+        :meth:`~gpudiffim.spatial.SpatialFunction.terms` at those positions,
+        in afw's term order: bit for bit for Chebyshev terms and monomials up
+        to degree 2 per axis; higher monomial powers go through ``pow``.
+    """
+    _, xp = on_launcher(centres_rc)
+    centres_rc = prepare(xp, centres_rc, np.int32, 2, "centres_rc")
+    if centres_rc.shape[1:] != (2,) or not 0 <= order <= SPATIAL_TERMS_MAX_ORDER:
+        msg = (f"spatial_terms takes (n, 2) centres and 0 <= order <= {SPATIAL_TERMS_MAX_ORDER}, "
+               f"got {centres_rc.shape} and {order}")
+        raise ValueError(msg)
+    n = len(centres_rc)
+    out = xp.empty((n, (order + 1) * (order + 2) // 2))
+    if n:
+        (mid_x, width_x), (mid_y, width_y) = ((0.0, 1.0), (0.0, 1.0)) if scalings is None else scalings
+        grid, block = grid_stride_geometry(n, launcher_for(out))
+        launch("gdi_spatial_terms", grid, block,
+               (centres_rc, n, int(origin[0]), int(origin[1]), int(scalings is not None), float(mid_x),
+                float(width_x), float(mid_y), float(width_y), int(order), out))
     return out

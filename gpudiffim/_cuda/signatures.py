@@ -189,6 +189,11 @@ KERNELS.update({f"gdi_spatial_powers<{t}>": KernelSpec("image_apply", (
     ("n", "int"), ("first", "double"), ("chebyshev", "int"), ("mid", "double"), ("width", "double"),
     ("order", "int"), ("out", f"{t}*"),
 )) for t in ("float", "double")})
+KERNELS["gdi_spatial_terms"] = KernelSpec("image_apply", (
+    ("centres_rc", "const int*"), ("n", "int"), ("x0", "int"), ("y0", "int"), ("chebyshev", "int"),
+    ("mid_x", "double"), ("width_x", "double"), ("mid_y", "double"), ("width_y", "double"), ("order", "int"),
+    ("out", "double*"),
+))
 
 
 # ---- kernels/linear_solve.cu (issue 17: the stamp systems in one launch) ----
