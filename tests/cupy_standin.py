@@ -72,6 +72,12 @@ class Event:
     nbytes: int = 0
 
 
+#: The stand-in's clock: CPU time of the calling thread.  The pipeline's host work is the main
+#: thread's Python; process CPU time would also count other threads of the process (a thread pool
+#: winding down after emulated device work), charged to whichever host code runs next.
+_clock = time.thread_time
+
+
 @dataclass
 class Recorder:
     """What a run through the stand-in cost.
@@ -80,12 +86,12 @@ class Recorder:
     ----------
     events : list of Event
     device_seconds : float
-        Process CPU time inside emulated device work (array operations,
+        Thread CPU time (:data:`_clock`) inside emulated device work (array operations,
         kernel launches, FFTs): what a GPU would do.
     instrument_seconds : float
-        Process CPU time of the stand-in's own bookkeeping (recording events).
+        Thread CPU time of the stand-in's own bookkeeping (recording events).
     host_seconds : float
-        Process CPU time of the recorded block minus ``device_seconds`` and
+        Thread CPU time of the recorded block minus ``device_seconds`` and
         ``instrument_seconds``: the pipeline's own host work.
     stage : str
         Current stage name (set by :meth:`in_stage`).
@@ -112,6 +118,7 @@ class Recorder:
     stage_instrument: dict = field(default_factory=lambda: defaultdict(float))
     _depth: int = 0
     _excluded_since: float = None
+    _work_start: float = None
     device_bytes: int = 0
     peak_device_bytes: int = 0
     stage_peak_bytes: dict = field(default_factory=lambda: defaultdict(int))
@@ -135,7 +142,7 @@ class Recorder:
         A timer for :class:`cProfile.Profile`: the profile's times are then the host's own
         Python and NumPy time, the quantity the budgets bound (``bench/gpu_budget.py --profile``).
         """
-        now = time.process_time()
+        now = _clock()
         excluded = self.device_seconds + self.instrument_seconds
         if self._excluded_since is not None:
             excluded += now - self._excluded_since
@@ -204,13 +211,13 @@ class Recorder:
     def in_stage(self, name):
         """Attribute the events and times of the block to stage ``name``."""
         previous, self.stage = self.stage, name
-        host0, device0, instrument0 = time.process_time(), self.device_seconds, self.instrument_seconds
+        host0, device0, instrument0 = _clock(), self.device_seconds, self.instrument_seconds
         try:
             yield
         finally:
             device = self.device_seconds - device0
             self.stage_device[name] += device
-            self.stage_host[name] += (time.process_time() - host0 - device
+            self.stage_host[name] += (_clock() - host0 - device
                                       - (self.instrument_seconds - instrument0))
             self.stage = previous
 
@@ -236,31 +243,47 @@ def _call_site():
     return fallback or "?"
 
 
-@contextlib.contextmanager
-def _device_work():
-    """Time the block as emulated device work (outermost block only)."""
-    recorder = _RECORDER
-    if recorder is None or recorder._depth:
-        if recorder is not None:
+class _DeviceWork:
+    """Time the block as emulated device work (outermost block only).
+
+    A class rather than a generator context manager, so that entering and leaving
+    cost the host clock next to nothing (the stand-in's own overhead is not the
+    pipeline's host time: real CuPy's per-call cost is added by the estimate).
+    """
+
+    __slots__ = ()
+
+    def __enter__(self):
+        recorder = _RECORDER
+        if recorder is None:
+            return
+        if recorder._depth:
             recorder._depth += 1
-        try:
-            yield
-        finally:
-            if recorder is not None:
-                recorder._depth -= 1
-        return
-    recorder._depth += 1
-    start = recorder._excluded_since = time.process_time()
-    if recorder.last_mark is not None:   # host time since the previous device work: charge it to this site
-        recorder.host_gaps[_call_site()] += start - recorder.last_mark
-    try:
-        yield
-    finally:
-        end = time.process_time()
-        recorder.device_seconds += end - start
-        recorder.last_mark = end
-        recorder._excluded_since = None
+            return
+        start = recorder._excluded_since = recorder._work_start = _clock()
+        recorder._depth = 1
+        if recorder.last_mark is not None:   # host time since the previous device work: charge it to this site
+            recorder.host_gaps[_call_site()] += start - recorder.last_mark
+
+    def __exit__(self, *exc):
+        recorder = _RECORDER
+        if recorder is None or not recorder._depth:
+            return False
         recorder._depth -= 1
+        if not recorder._depth:
+            end = _clock()
+            recorder.device_seconds += end - recorder._work_start
+            recorder.last_mark = end
+            recorder._excluded_since = None
+        return False
+
+
+_DEVICE_WORK = _DeviceWork()
+
+
+def _device_work():
+    """The context that times a block as emulated device work (see :class:`_DeviceWork`)."""
+    return _DEVICE_WORK
 
 
 def _record(kind, name, nbytes=0):
@@ -271,9 +294,9 @@ def _record(kind, name, nbytes=0):
     if recorder._depth:         # inside a timed stand-in operation: its time is already kept apart
         recorder.add(kind, name, nbytes)
         return
-    start = recorder._excluded_since = time.process_time()
+    start = recorder._excluded_since = _clock()
     recorder.add(kind, name, nbytes)
-    spent = time.process_time() - start
+    spent = _clock() - start
     recorder.instrument_seconds += spent
     recorder._excluded_since = None
     recorder.stage_instrument[recorder.stage] += spent
@@ -345,19 +368,20 @@ class _Pointer:
         self.ptr = array.ctypes.data
 
 
-#: Buffers held by live stand-in arrays: id of the owning NumPy array -> (bytes, recorder).
+#: Buffers held by live stand-in arrays: id of the owning NumPy array -> (bytes, recorder, weak reference
+#: whose callback releases them; a plain ``weakref.ref``, far cheaper than ``weakref.finalize``).
 _HELD = {}
 
 
 def _release(key):
     """Free a buffer's count (when its array is collected); bookkeeping, kept out of the host time."""
-    nbytes, recorder = _HELD.pop(key)
+    nbytes, recorder, _ = _HELD.pop(key)
     if recorder._depth or recorder._excluded_since is not None:
         recorder.hold(-nbytes)
         return
-    start = recorder._excluded_since = time.process_time()
+    start = recorder._excluded_since = _clock()
     recorder.hold(-nbytes)
-    recorder.instrument_seconds += time.process_time() - start
+    recorder.instrument_seconds += _clock() - start
     recorder._excluded_since = None
 
 
@@ -372,9 +396,8 @@ def _hold_buffer(array):
     key = id(owner)
     if key in _HELD:
         return
-    _HELD[key] = (owner.nbytes, recorder)
+    _HELD[key] = (owner.nbytes, recorder, weakref.ref(owner, lambda _, key=key: _release(key)))
     recorder.hold(owner.nbytes)
-    weakref.finalize(owner, _release, key)
 
 
 class ndarray:
@@ -420,12 +443,14 @@ class ndarray:
         _refuse(f"NumPy function numpy.{func.__name__} on a device array")
 
     def get(self, stream=None, order="C", out=None, blocking=True):
-        _record("sync", "ndarray.get", self._a.nbytes)
-        return np.array(self._a, order=order, copy=True)
+        with _device_work():                # the copy is the transfer (device work), not host Python
+            _record("sync", "ndarray.get", self._a.nbytes)
+            return np.array(self._a, order=order, copy=True)
 
     def set(self, array, stream=None):
-        _record("h2d", "ndarray.set", np.asarray(array).nbytes)
-        self._a[...] = array
+        with _device_work():
+            _record("h2d", "ndarray.set", np.asarray(array).nbytes)
+            self._a[...] = array
 
     def _scalar(self, name):
         _record("sync", name, self._a.itemsize)
@@ -570,12 +595,12 @@ def _function(library, name, label):
 
     @functools.wraps(target)
     def call(*args, **kwargs):
-        _record("call", label)
-        if name in _SIZE_FROM_DATA or (name == "where" and len(args) + len(kwargs) == 1):
-            _record("sync", f"{label} (output size from the data)")
-        host_ok = name in _HOST_ACCEPTING
-        host_keywords = _HOST_KEYWORDS.get(name, ())
         with _device_work():
+            _record("call", label)
+            if name in _SIZE_FROM_DATA or (name == "where" and len(args) + len(kwargs) == 1):
+                _record("sync", f"{label} (output size from the data)")
+            host_ok = name in _HOST_ACCEPTING
+            host_keywords = _HOST_KEYWORDS.get(name, ())
             args = _unwrap(args, label, host_ok)
             kwargs = {k: v if k in host_keywords else _unwrap(v, label, host_ok) for k, v in kwargs.items()}
             return _wrap(target(*args, **kwargs))
@@ -750,24 +775,24 @@ class _RawKernel:
         self.unit, self.defines, self.name = unit, defines, name
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
-        from gpudiffim._cuda import emulator
-
-        _record("launch", self.name)
-        start = time.process_time()
-        if shared_mem:
-            raise StandinError(f"{self.name}: dynamic shared memory cannot be emulated")
-        leaked = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
-        if leaked:
-            _refuse(f"host arrays as kernel arguments {leaked} of {self.name}")
-        host_args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
-        fast = _FAST_KERNELS.get(self.name) if _KERNEL_MODE == "numpy" else None
-        with _device_work():
+        with _device_work():          # the launch's own checks and dispatch are not the pipeline's host time
+            start = _clock()
+            _record("launch", self.name)
+            if shared_mem:
+                raise StandinError(f"{self.name}: dynamic shared memory cannot be emulated")
+            leaked = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
+            if leaked:
+                _refuse(f"host arrays as kernel arguments {leaked} of {self.name}")
+            host_args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
+            fast = _FAST_KERNELS.get(self.name) if _KERNEL_MODE == "numpy" else None
             if fast is not None:
                 fast(*host_args)
             else:
+                from gpudiffim._cuda import emulator
+
                 emulator.run(self.unit, self.defines, self.name, _dims(grid), _dims(block), host_args)
-        if _RECORDER is not None:
-            _RECORDER.launch_seconds[self.name] += time.process_time() - start
+            if _RECORDER is not None:
+                _RECORDER.launch_seconds[self.name] += _clock() - start
 
 
 def _dims(value):
@@ -976,7 +1001,7 @@ def cupy_standin(recorder=None, kernels="emulator"):
     _CUPY = modules["cupy"]
     _clear_caches()
     _RECORDER = recorder
-    start, device0, instrument0 = time.process_time(), recorder.device_seconds, recorder.instrument_seconds
+    start, device0, instrument0 = _clock(), recorder.device_seconds, recorder.instrument_seconds
     from gpudiffim import task
 
     stage_timer = task.stage_timer
@@ -988,12 +1013,12 @@ def cupy_standin(recorder=None, kernels="emulator"):
 
     task.stage_timer = staged
     try:
-        # single-threaded BLAS: process CPU time is then the work done, not threads spinning
+        # single-threaded BLAS: the thread's CPU time is then the emulated work done
         with use_backend("cupy"), threadpool_limits(1), _standin_loader():
             yield recorder
     finally:
         task.stage_timer = stage_timer
-        recorder.host_seconds += (time.process_time() - start - (recorder.device_seconds - device0)
+        recorder.host_seconds += (_clock() - start - (recorder.device_seconds - device0)
                                   - (recorder.instrument_seconds - instrument0))
         _RECORDER = None
         _CUPY = None

@@ -19,7 +19,8 @@ from .signatures import KERNELS, parse_ctype
 
 __all__ = ["launch", "launcher_for", "check_args"]
 
-_INT32 = np.iinfo(np.int32)
+#: The range of a C ``int`` (plain ints: ``numpy.iinfo``'s attributes are computed on each access).
+_INT32_MIN, _INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 
 #: Launch geometries already checked, as 3-tuples (a launch looks its grid and block up here).
@@ -96,12 +97,12 @@ def check_args(kernel_name, args, array_type):
                 out.append(arg)
                 continue
         elif dtype.kind == "i":
-            if type(arg) is int and _INT32.min <= arg <= _INT32.max:       # the common case, no ABC checks
+            if type(arg) is int and _INT32_MIN <= arg <= _INT32_MAX:       # the common case, no ABC checks
                 out.append(dtype.type(arg))
                 continue
             if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
                 problem = f"expected an int, got {type(arg).__name__}"
-            elif not _INT32.min <= int(arg) <= _INT32.max:
+            elif not _INT32_MIN <= int(arg) <= _INT32_MAX:
                 problem = f"{int(arg)} does not fit in a 32-bit int"
             else:
                 out.append(dtype.type(arg))

@@ -26,7 +26,8 @@ _BY_DTYPE = {dtype: ctype for ctype, dtype in C_TYPES.items()}
 
 def ctype_of(dtype):
     """C type of ``dtype`` (any byte order): ``"int"``, ``"float"`` or ``"double"``, else None."""
-    return _BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
+    ctype = _BY_DTYPE.get(dtype)          # a native NumPy dtype: one lookup (read per launch)
+    return ctype if ctype is not None else _BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
 
 
 def float_ctype(name, dtype):
