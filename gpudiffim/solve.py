@@ -172,7 +172,7 @@ class _Solver:
     Candidates are referred to by their index in the cell set's arrays.
     """
 
-    def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
+    def __init__(self, config, basis, template, science, cell_set, half_size, regularization, device_centres=None):
         self.config = config
         self.basis = basis
         #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations,
@@ -182,6 +182,8 @@ class _Solver:
         self.cell_set = cell_set
         self.half_size = half_size
         self.regularization = regularization
+        #: Stamp centres of the positions ``cell_set.id`` numbers, where the images live (or None).
+        self.device_centres = device_centres
         self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
         #: Where the hot operations of the whole solve run, chosen once from where the images live.
         self.ops = operations_for(template.image, science.image)
@@ -232,8 +234,13 @@ class _Solver:
         return visited[built]
 
     def batch(self, index):
+        """The stamps of the candidates ``index``; with device centres, only their index goes to the device."""
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
-        return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops)
+        device_centres = None
+        if self.device_centres is not None and len(index):
+            device_centres = self.ops.select_rows(self.device_centres, self.cell_set.id[index])
+        return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops,
+                                  device_centres=device_centres)
 
     def spatial_terms(self, function, centres_rc):
         """``function``'s terms (N, n_terms) at stamp centres ``centres_rc`` (:attr:`StampBatch.centres`),
@@ -695,7 +702,8 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
     return diagnostics
 
 
-def solve_kernel(config, basis, template, science, cell_set, half_size, regularization=None):
+def solve_kernel(config, basis, template, science, cell_set, half_size, regularization=None, *,
+                 device_centres=None):
     """Run the solve loop and return the spatial kernel and background.
 
     Parameters
@@ -711,6 +719,11 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         Stamp half-size.
     regularization : ndarray, optional
         Regularisation matrix ``H`` for the stamp fits (delta-function basis).
+    device_centres : ndarray of int32, shape (n, 2), optional
+        Where the images live, the ``(row, column)`` stamp centre (from the
+        images' first pixel) of every position that ``cell_set.id`` numbers
+        (:func:`~gpudiffim.candidates.detected_centres`): a batch then
+        uploads the index of its candidates instead of their centres.
 
     Returns
     -------
@@ -721,7 +734,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
     NoKernelCandidatesError
         When clipping leaves no candidate, or restarts exceed ``max_solve_restarts``.
     """
-    solver = _Solver(config, basis, template, science, cell_set, half_size, regularization)
+    solver = _Solver(config, basis, template, science, cell_set, half_size, regularization, device_centres)
     lambda_choice = solver.choose_regularization()
     iteration = restarts = 0
     n_rejected = 0

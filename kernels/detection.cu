@@ -15,6 +15,14 @@
 //   gdi_footprint_peak, after gdi_footprint_scan).  Minima are kept as maxima
 //   of complements, so that every row starts at zero.
 //
+// gdi_footprint_centres (one thread per label): from those stats, the
+//   (row, column) of footprint l's peak pixel, or the 1-px centre of its
+//   bounding box when its area exceeds npix_max, in centres (n_labels, 2),
+//   and its order key: the first flat index, plus n_pixels when the area is
+//   below npix_min (those sort last), as gpudiffim.cutouts.footprint_centres
+//   computes them on the host; a stable sort of the keys then lists the kept
+//   footprints in the raster order of their first pixel.
+//
 // gdi_core_snr<T> (one thread per centre): ratings[k] = mean over the clamped
 //   (2 radius + 1)^2 box of (sigma > 0 ? image / sigma : 0), sigma =
 //   sqrt(variance) in T, summed in double and rounded to T.
@@ -117,6 +125,25 @@ __global__ void gdi_footprint_peak(const double* __restrict__ residual, const in
             atomicMax(&stats[6ll * n_labels + label - 1], ~(unsigned long long)i);
         }
     }
+}
+
+__global__ void gdi_footprint_centres(const unsigned long long* __restrict__ stats, int n_labels, int n_cols,
+                                      int n_pixels, int npix_min, int npix_max, int* __restrict__ centres,
+                                      unsigned long long* __restrict__ keys)
+{
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= n_labels) {
+        return;
+    }
+    const long long area = (long long)stats[l];
+    const long long first = (long long)~stats[n_labels + l];
+    const long long last = (long long)stats[2ll * n_labels + l];
+    const long long peak = (long long)~stats[6ll * n_labels + l];
+    const bool big = area > npix_max;
+    centres[2 * l] = (int)(big ? (first / n_cols + last / n_cols) / 2 : peak / n_cols);
+    centres[2 * l + 1] = (int)(big ? ((long long)~stats[3ll * n_labels + l] + (long long)stats[4ll * n_labels + l]) / 2
+                                   : peak % n_cols);
+    keys[l] = (unsigned long long)(first + (area < npix_min ? n_pixels : 0));
 }
 
 __device__ __forceinline__ int gdi_det_clamp(int v, int n)

@@ -3,6 +3,9 @@
 * ``gdi_footprint_scan`` + ``gdi_footprint_peak`` equal
   :func:`gpudiffim.cutouts.footprint_stats` exactly (ties of the residual,
   -0.0, any label numbering);
+* ``gdi_footprint_centres`` (with its sort and gather) gives the peaks of
+  :func:`gpudiffim.cutouts.footprint_centres` that the host keeps, in the
+  same order, for small, kept and bounding-box-centred footprints;
 * ``gdi_core_snr`` + ``gdi_star_sigmas`` give :func:`gpudiffim.fwhm.rated_sigmas`'s
   ratings to float rounding (sums in another order: 1e-6 relative for float32
   planes, 1e-12 for float64), the same ranking, and its adaptive sigmas to
@@ -26,8 +29,10 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim import MaskedImage, PsfMatchConfig, use_backend
 from gpudiffim import candidates as cand
-from gpudiffim._cuda.detection import STAR_MAX_RADIUS, footprint_stats, rated_sigmas, stamps_flagged
+from gpudiffim._cuda.detection import (STAR_MAX_RADIUS, footprint_centres, footprint_stats, rated_sigmas,
+                                       stamps_flagged)
 from gpudiffim.config import DetectionConfig
+from gpudiffim.cutouts import footprint_centres as footprint_centres_reference
 from gpudiffim.cutouts import footprint_stats as footprint_stats_reference
 from gpudiffim.cutouts import stamps_flagged as stamps_flagged_reference
 from gpudiffim.fwhm import rated_sigmas as rated_sigmas_reference
@@ -58,6 +63,28 @@ def test_footprint_stats_without_footprints(emulator):
     with use_backend("cuda-emulator"):
         got = footprint_stats(np.zeros((5, 6)), np.zeros((5, 6), dtype=np.int32), 0)
     assert got.shape == (7, 0)
+
+
+@pytest.mark.parametrize(("npix_min", "npix_max"), [(1, 10**6), (3, 8), (5, 5)])
+def test_footprint_centres_equal_the_host_peaks(emulator, rng, npix_min, npix_max):
+    gen, seed = rng
+    residual, labels, n_labels = _labelled(gen)
+    stats = footprint_stats_reference(residual, labels, n_labels)
+    centres, keys = footprint_centres_reference(stats, residual.shape[1], residual.size, npix_min, npix_max)
+    n_kept = int(np.count_nonzero(stats[0] >= npix_min))
+    want = centres[np.argsort(keys, kind="stable")[:n_kept]]
+    with use_backend("cuda-emulator"):
+        got = footprint_centres(stats, residual.shape[1], residual.size, npix_min, npix_max, n_kept)
+    assert got.dtype == np.int32 and 0 < n_kept <= n_labels
+    assert_array_equal(got, want, err_msg=f"seed={seed}")
+    first = (~stats[1]).astype(np.int64)[np.argsort(keys, kind="stable")[:n_kept]]
+    assert np.all(np.diff(first) > 0), "kept footprints in the raster order of their first pixel"
+
+
+def test_footprint_centres_without_footprints(emulator):
+    with use_backend("cuda-emulator"):
+        got = footprint_centres(np.zeros((7, 0), dtype=np.uint64), 6, 30, 1, 10, 0)
+    assert got.shape == (0, 2)
 
 
 def _planes(gen, dtype, shape=(71, 64), n_stars=30):
