@@ -75,7 +75,7 @@ method                             contract
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, host_map, is_device_array, on_kernel_path, to_host
+from ._backend import array_module_of, host_map, index_dtype, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import (
     FourierCorrelator,
@@ -113,11 +113,6 @@ def operations_for(*arrays):
     arrays under the ``cuda-emulator`` backend, take the kernel path.
     """
     return KERNELS if any(on_kernel_path(array) for array in arrays) else NUMPY
-
-
-def _index_dtype(n):
-    """The narrowest signed integer dtype that indexes ``n`` rows (an upload's index type)."""
-    return np.dtype(np.int16 if n <= 2**15 else np.int32)
 
 
 def _probe(n):
@@ -1157,7 +1152,7 @@ class KernelOperations(NumpyOperations):
     def select_rows(self, rows, index):
         """``rows[index]`` gathered where ``rows`` live, the host ``index`` uploaded as the narrowest
         integer that holds ``len(rows)`` (int16 below 2^15 rows: 2 bytes a row instead of the rows')."""
-        return rows[np.asarray(index, dtype=_index_dtype(len(rows)))]
+        return rows[np.asarray(index, dtype=index_dtype(len(rows)))]
 
 
 #: The NumPy reference.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, on_device, single_threaded_blas, to_host
+from ._backend import array_module_of, index_dtype, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
 from .basis import SeparableBasis, renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
@@ -489,7 +489,7 @@ class _Solver:
         starts = np.cumsum(sizes) - sizes
         stored = [[self._stored(batch_id, name) for batch_id in used] for name in names]
         xp = array_module_of(stored[0][0])
-        where = xp.asarray((starts[np.searchsorted(used, batches)] + rows).astype(np.int32))
+        where = xp.asarray((starts[np.searchsorted(used, batches)] + rows).astype(index_dtype(sizes.sum())))
         return tuple((parts[0] if len(parts) == 1 else xp.concatenate(parts))[where] for parts in stored)
 
     def _stored(self, batch_id, name):
@@ -524,7 +524,8 @@ class _Solver:
             batch = self.batch(part)
             parts.append(stamp_residual_rows(batch, *self.spatial_models(batch, kernel, background),
                                              self.bad_bits, ops=self.ops))
-        order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable").astype(np.int32))
+        order = np.argsort(np.concatenate([assessed, missing]), kind="stable")
+        order = xp.asarray(order.astype(index_dtype(len(order))))
         spatial = xp.concatenate(parts)[order]
         return ResidualRows(index, local, spatial)
 
