@@ -1150,9 +1150,18 @@ class KernelOperations(NumpyOperations):
         return to_host(stamps_flagged(mask_a, mask_b, centres, half_size, bad_bits)) != 0
 
     def select_rows(self, rows, index):
-        """``rows[index]`` gathered where ``rows`` live, the host ``index`` uploaded as the narrowest
-        integer that holds ``len(rows)`` (int16 below 2^15 rows: 2 bytes a row instead of the rows')."""
-        return rows[np.asarray(index, dtype=index_dtype(len(rows)))]
+        """``rows[index]`` gathered where ``rows`` live, from the smaller upload: an increasing ``index`` as
+        a packed mask over the rows (``gdi_select_rows``, ``len(rows) / 8`` bytes), else the index as the
+        narrowest integer that holds ``len(rows)`` (int16 below 2^15 rows: 2 bytes a row)."""
+        from ._cuda.detection import select_rows
+
+        index = np.asarray(index, dtype=np.int64)
+        dtype = index_dtype(len(rows))
+        if 4 * -(-len(rows) // 32) < dtype.itemsize * len(index) and np.all(np.diff(index) > 0):
+            selected = np.zeros(len(rows), dtype=bool)
+            selected[index] = True
+            return select_rows(rows, selected)
+        return rows[index.astype(dtype)]
 
 
 #: The NumPy reference.

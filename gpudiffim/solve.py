@@ -233,8 +233,16 @@ class _Solver:
                              "not fitted before the final spatial solution")
         return visited[built]
 
+    def in_batch_order(self, index):
+        """The candidates ``index`` in the order their stamps are cut: with device centres, that of the
+        positions (``cell_set.id``), so that a batch's selection goes as a mask over them
+        (:meth:`~gpudiffim._ops.NumpyOperations.select_rows`); else ``index`` as given."""
+        if self.device_centres is None:
+            return index
+        return index[np.argsort(self.cell_set.id[index], kind="stable")]
+
     def batch(self, index):
-        """The stamps of the candidates ``index``; with device centres, only their index goes to the device."""
+        """The stamps of the candidates ``index``; with device centres, only their selection goes to the device."""
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
         device_centres = None
         if self.device_centres is not None and len(index):
@@ -303,6 +311,7 @@ class _Solver:
         with the pseudo-inverse: one more read-back, in the batches that have some.
         """
         separable = self.separable if basis is self.basis.kernels else None
+        index = self.in_batch_order(index)
         basis = self.where_images_live(basis)
         regularization = self.where_images_live(regularization)
         centres, fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows,
@@ -518,13 +527,14 @@ class _Solver:
             assessed, assessed_rows = index[:0], local[:0]
         missing = np.setdiff1d(index, assessed)
         size = max(1, _DESIGN_BATCH_VALUES // (16 * (2 * self.half_size + 1) ** 2))
-        parts = [assessed_rows]
+        parts, candidates = [assessed_rows], [assessed]
         for start in range(0, len(missing), size):
-            part = missing[start:start + size]
+            part = self.in_batch_order(missing[start:start + size])
             batch = self.batch(part)
             parts.append(stamp_residual_rows(batch, *self.spatial_models(batch, kernel, background),
                                              self.bad_bits, ops=self.ops))
-        order = np.argsort(np.concatenate([assessed, missing]), kind="stable")
+            candidates.append(part)
+        order = np.argsort(np.concatenate(candidates), kind="stable")
         order = xp.asarray(order.astype(index_dtype(len(order))))
         spatial = xp.concatenate(parts)[order]
         return ResidualRows(index, local, spatial)
@@ -544,7 +554,7 @@ class _Solver:
         is a fallback: its statistics are recorded but do not reject, or the
         candidates that forced the reduction would be clipped against it.
         """
-        visited = self.visit_built()
+        visited = self.in_batch_order(self.visit_built())
         if not len(visited):
             return 0, 0
         batch = self.batch(visited)

@@ -36,6 +36,12 @@
 //   median of its border (rows 0 and 2r, columns 0 and 2r, corners twice),
 //   and write it (NaN if invalid) to values[n + image * max_stars + rank].
 //
+// gdi_select_rows (one block of GDI_DET_THREADS threads): out = the rows k
+//   (width ints each) of rows whose bit k is set in the packed mask (bit
+//   k % 32 of the 32-bit word k / 32; the bits past n clear), in order:
+//   each thread counts the bits of a run of words, a scan of the counts in
+//   shared memory places its rows.
+//
 // gdi_stamps_flagged (one thread per centre): flagged[k] = 1 if a bad_bits
 //   bit of mask_a | mask_b lies in the (2 half_size + 1)^2 box (inside the
 //   image), else 0.
@@ -306,6 +312,44 @@ __global__ void gdi_star_sigmas(const T* __restrict__ image0, const T* __restric
             values[n + image * max_stars + rank] = valid ? weight_sigma : gdi_det_nan();
         }
         __syncthreads();
+    }
+}
+
+__global__ void gdi_select_rows(const int* __restrict__ mask, int n, const int* __restrict__ rows, int width,
+                                int* __restrict__ out)
+{
+    __shared__ int before[GDI_DET_THREADS];
+    const int t = threadIdx.x;
+    const int n_words = (n + 31) / 32;
+    const int per_thread = (n_words + GDI_DET_THREADS - 1) / GDI_DET_THREADS;
+    const int start = t * per_thread;
+    const int stop = start + per_thread < n_words ? start + per_thread : n_words;
+    int count = 0;
+    for (int w = start; w < stop; ++w) {
+        for (unsigned int bits = (unsigned int)mask[w]; bits; bits &= bits - 1u) {
+            ++count;
+        }
+    }
+    before[t] = count;
+    __syncthreads();
+    for (int offset = 1; offset < GDI_DET_THREADS; offset *= 2) {  // inclusive scan
+        const int add = t >= offset ? before[t - offset] : 0;
+        __syncthreads();
+        before[t] += add;
+        __syncthreads();
+    }
+    long long next = before[t] - count;
+    for (int w = start; w < stop; ++w) {
+        const unsigned int bits = (unsigned int)mask[w];
+        for (int b = 0; b < 32; ++b) {
+            if ((bits >> b) & 1u) {
+                const long long k = 32ll * w + b;
+                for (int c = 0; c < width; ++c) {
+                    out[next * width + c] = rows[k * width + c];
+                }
+                ++next;
+            }
+        }
     }
 }
 

@@ -6,6 +6,9 @@
 * ``gdi_footprint_centres`` (with its sort and gather) gives the peaks of
   :func:`gpudiffim.cutouts.footprint_centres` that the host keeps, in the
   same order, for small, kept and bounding-box-centred footprints;
+* ``gdi_select_rows`` gives ``rows[selected]`` for any mask (none, all,
+  word edges), and the operations layer's selection the same whichever
+  upload it picks (mask or index);
 * ``gdi_core_snr`` + ``gdi_star_sigmas`` give :func:`gpudiffim.fwhm.rated_sigmas`'s
   ratings to float rounding (sums in another order: 1e-6 relative for float32
   planes, 1e-12 for float64), the same ranking, and its adaptive sigmas to
@@ -30,7 +33,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from gpudiffim import MaskedImage, PsfMatchConfig, use_backend
 from gpudiffim import candidates as cand
 from gpudiffim._cuda.detection import (STAR_MAX_RADIUS, footprint_centres, footprint_stats, rated_sigmas,
-                                       stamps_flagged)
+                                       select_rows, stamps_flagged)
 from gpudiffim.config import DetectionConfig
 from gpudiffim.cutouts import footprint_centres as footprint_centres_reference
 from gpudiffim.cutouts import footprint_stats as footprint_stats_reference
@@ -85,6 +88,33 @@ def test_footprint_centres_without_footprints(emulator):
     with use_backend("cuda-emulator"):
         got = footprint_centres(np.zeros((7, 0), dtype=np.uint64), 6, 30, 1, 10, 0)
     assert got.shape == (0, 2)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64 * 32 + 5, 5000])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
+def test_select_rows_equals_boolean_indexing(emulator, rng, n, density):
+    gen, seed = rng
+    rows = gen.integers(-2**31, 2**31 - 1, size=(n, 2), dtype=np.int64).astype(np.int32)
+    selected = gen.random(n) < density
+    with use_backend("cuda-emulator"):
+        got = select_rows(rows, selected)
+    assert got.dtype == np.int32 and got.shape == (int(selected.sum()), 2)
+    assert_array_equal(got, rows[selected], err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.5])
+@pytest.mark.parametrize("increasing", [True, False])
+def test_operations_select_rows_either_upload(emulator, rng, fraction, increasing):
+    from gpudiffim._ops import KERNELS
+
+    gen, seed = rng
+    rows = gen.integers(0, 4096, size=(3000, 2)).astype(np.int32)
+    index = np.flatnonzero(gen.random(len(rows)) < fraction)
+    if not increasing:
+        index = gen.permutation(index)
+    with use_backend("cuda-emulator"):
+        got = KERNELS.select_rows(rows, index)
+    assert_array_equal(got, rows[index], err_msg=f"seed={seed}")
 
 
 def _planes(gen, dtype, shape=(71, 64), n_stars=30):
