@@ -395,11 +395,11 @@ def test_cupy_footprint_peaks_equal_numpy(seed):
     labels, n_labels = cand._footprints(cupy.asarray(above))
     count = cupy_ndi.label(cupy.asarray(above), structure=np.ones((3, 3)))[1]
     assert n_labels == count == ndi.label(above, structure=np.ones((3, 3)))[1]
-    for npix_max in (8, 500):
-        got = cand._footprint_peaks(cupy.asarray(residual), labels, n_labels, npix_max)
-        expected = _reference_peaks(residual, ndi.label(above, structure=np.ones((3, 3)))[0], npix_max)
-        np.testing.assert_array_equal(got[0], expected[0])
-        np.testing.assert_array_equal(got[1], expected[1])
+    for npix_min, npix_max in ((1, 8), (3, 500)):
+        peaks, device_centres = cand._footprint_peaks(cupy.asarray(residual), labels, n_labels, npix_min, npix_max)
+        expected, area = _reference_peaks(residual, ndi.label(above, structure=np.ones((3, 3)))[0], npix_max)
+        np.testing.assert_array_equal(peaks, expected[area >= npix_min])
+        np.testing.assert_array_equal(cupy.asnumpy(device_centres), peaks)   # the same centres, on the device
 
 
 @pytest.mark.gpu
