@@ -75,7 +75,7 @@ method                             contract
 import numpy as np
 import scipy.ndimage as ndi
 
-from ._backend import array_module_of, host_map, is_device_array, on_kernel_path, to_host
+from ._backend import array_module_of, host_map, index_dtype, is_device_array, on_kernel_path, to_host
 from ._resample import resample_reference
 from .convolve import (
     FourierCorrelator,
@@ -445,12 +445,13 @@ class NumpyOperations:
                 out = _or_window(out, axis % out.ndim, half)
         return out
 
-    def cut_stamp_planes(self, template, science, centres_rc, half_size):
+    def cut_stamp_planes(self, template, science, centres_rc, half_size, device_centres=None):
         """``(planes, centres)`` of a batch: the six stamp stacks ``(template, science,
         template_variance, science_variance, template_mask, science_mask)``, float64 images and
         variances, int32 masks, (N, S, S), and the int32 (N, 2) centres they were cut at, all where
         the planes live.  ``template`` and ``science`` are MaskedImages of one grid; ``centres_rc``
-        host ``(row, column)`` centres, every stamp inside (else ValueError)."""
+        host ``(row, column)`` centres, every stamp inside (else ValueError); ``device_centres``, the same
+        where the planes live if there already (kernel path)."""
         planes = cut_planes((template.image, science.image, template.variance, science.variance,
                              template.mask, science.mask), centres_rc, half_size)
         dtypes = (np.float64,) * 4 + (np.int32,) * 2
@@ -738,14 +739,26 @@ class NumpyOperations:
         where the arrays live."""
         return footprint_stats(residual, labels, n_labels)
 
-    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+    def footprint_centres(self, stats, n_cols, n_pixels, npix_min, npix_max, n_kept):
+        """The kept footprints' ``(row, column)`` centres where the stats live, for the kernel path's later
+        launches: None here (the host's centres are the ones used)."""
+        return None
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars,
+                     device_centres=None):
         """Host float64 buffer of the core S/N ratings of every star, then the adaptive sigmas of the
-        ``max_stars`` best rated on each of ``images`` (:func:`~gpudiffim.fwhm.rated_sigmas`)."""
+        ``max_stars`` best rated on each of ``images`` (:func:`~gpudiffim.fwhm.rated_sigmas`).
+        ``device_centres``: ``centres_rc`` where the planes live, if there already (kernel path)."""
         return rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars)
 
-    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
-        """Host bool (n,): a ``bad_bits`` bit of either mask in each stamp (:func:`~gpudiffim.cutouts.stamps_flagged`)."""
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits, device_centres=None):
+        """Host bool (n,): a ``bad_bits`` bit of either mask in each stamp (:func:`~gpudiffim.cutouts.stamps_flagged`).
+        ``device_centres``: ``centres_rc`` where the masks live, if there already (kernel path)."""
         return stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)
+
+    def select_rows(self, rows, index):
+        """``rows[index]`` for a host integer ``index``, where ``rows`` live."""
+        return rows[index]
 
 
 class KernelOperations(NumpyOperations):
@@ -856,13 +869,16 @@ class KernelOperations(NumpyOperations):
         status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
         return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
 
-    def cut_stamp_planes(self, template, science, centres_rc, half_size):
-        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once
-        (and returned: the batch's spatial terms are computed from them, :meth:`spatial_terms`)."""
+    def cut_stamp_planes(self, template, science, centres_rc, half_size, device_centres=None):
+        """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once unless
+        ``device_centres`` has them already (and returned: the batch's spatial terms are computed from
+        them, :meth:`spatial_terms`)."""
         from ._cuda import stamp_fit
 
         xp = array_module_of(science.image)
-        centres = stamp_fit.upload_centres(xp, centres_rc) if len(centres_rc) else xp.empty((0, 2), np.int32)
+        centres = device_centres
+        if centres is None:
+            centres = stamp_fit.upload_centres(xp, centres_rc) if len(centres_rc) else xp.empty((0, 2), np.int32)
         t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
                                                            centres_rc, half_size, device_centres=centres)
         s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,
@@ -1099,25 +1115,53 @@ class KernelOperations(NumpyOperations):
             return super().footprint_stats(residual, labels, n_labels)
         return footprint_stats(residual, labels, n_labels)
 
-    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars):
+    def footprint_centres(self, stats, n_cols, n_pixels, npix_min, npix_max, n_kept):
+        """``gdi_footprint_centres``, a sort and a gather: int32 (n_kept, 2) where the stats live, nothing
+        read back or uploaded (None for images of 2^31 pixels or more, whose stats the reference made)."""
+        from ._cuda.detection import footprint_centres
+
+        if n_pixels >= 2**31:
+            return None
+        return footprint_centres(stats, n_cols, n_pixels, npix_min, npix_max, n_kept)
+
+    def rated_sigmas(self, image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars,
+                     device_centres=None):
         """``gdi_core_snr`` + ``gdi_star_sigmas`` and one read-back (one or two images of the rated
-        planes' dtype, ``radius`` within the kernel's shared memory; else the reference)."""
+        planes' dtype, ``radius`` within the kernel's shared memory; else the reference); the centres
+        uploaded unless ``device_centres`` has them."""
         from ._cuda.detection import STAR_MAX_RADIUS, rated_sigmas
 
         dtypes = {variance.dtype, *(plane.dtype for plane in images)}
         if len(images) > 2 or radius > STAR_MAX_RADIUS or dtypes != {image.dtype}:
             return super().rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius,
                                         radius, max_stars)
-        return to_host(rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius,
+        centres = centres_rc if device_centres is None else device_centres
+        return to_host(rated_sigmas(image, variance, images, centres, star_centres_rc, core_radius, radius,
                                     max_stars))
 
-    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits):
-        """``gdi_stamps_flagged`` (one thread per stamp) and one read-back."""
+    def stamps_flagged(self, mask_a, mask_b, centres_rc, half_size, bad_bits, device_centres=None):
+        """``gdi_stamps_flagged`` (one thread per stamp) and one read-back; the centres uploaded unless
+        ``device_centres`` has them."""
         from ._cuda.detection import stamps_flagged
 
         if len(centres_rc) == 0:
             return np.zeros(0, dtype=bool)
-        return to_host(stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits)) != 0
+        centres = centres_rc if device_centres is None else device_centres
+        return to_host(stamps_flagged(mask_a, mask_b, centres, half_size, bad_bits)) != 0
+
+    def select_rows(self, rows, index):
+        """``rows[index]`` gathered where ``rows`` live, from the smaller upload: an increasing ``index`` as
+        a packed mask over the rows (``gdi_select_rows``, ``len(rows) / 8`` bytes), else the index as the
+        narrowest integer that holds ``len(rows)`` (int16 below 2^15 rows: 2 bytes a row)."""
+        from ._cuda.detection import select_rows
+
+        index = np.asarray(index, dtype=np.int64)
+        dtype = index_dtype(len(rows))
+        if 4 * -(-len(rows) // 32) < dtype.itemsize * len(index) and np.all(np.diff(index) > 0):
+            selected = np.zeros(len(rows), dtype=bool)
+            selected[index] = True
+            return select_rows(rows, selected)
+        return rows[index.astype(dtype)]
 
 
 #: The NumPy reference.

@@ -23,13 +23,14 @@ import numpy as np
 from ._backend import array_module_of, ndimage_of, row_blocks, to_host
 from ._ops import operations_for
 from .cellset import Candidates, RejectReason
-from .cutouts import stamps_fit
+from .cutouts import footprint_centres, stamps_fit
 from .errors import ConfigurationError, NoKernelCandidatesError
 from .fwhm import core_snr_of, median_fwhm
 from .statistics import mad_sigma
 
 __all__ = [
     "detect_candidates",
+    "detected_centres",
     "coarse_background",
     "vet_candidates",
     "candidate_positions",
@@ -218,17 +219,32 @@ def detect_candidates(masked_image, detection):
         footprints larger than ``fp_npix_max``.  Footprints are in the raster
         order of their first pixel; NumPy and CuPy planes give the same array.
     """
+    return detected_centres(masked_image, detection)[0]
+
+
+def detected_centres(masked_image, detection):
+    """:func:`detect_candidates`, and the same centres where the planes live.
+
+    Returns
+    -------
+    positions : ndarray of int, shape (n, 2)
+        As :func:`detect_candidates`.
+    device_centres : ndarray of int32, shape (n, 2), or None
+        On the kernel path, the ``(row, column)`` of the same peaks relative
+        to the image's first pixel, computed where the planes live from the
+        footprint reductions (nothing uploaded), for the ratings, the vetting
+        and the stamps; None on the NumPy reference.
+    """
     residual, above = _residual_and_detections(masked_image, detection)
     labels, n_labels = _footprints(above)
     if n_labels == 0:
-        return np.zeros((0, 2), dtype=int)
-    peaks, area = _footprint_peaks(residual, labels, n_labels, detection.fp_npix_max)
-    keep = area >= detection.fp_npix_min
+        return np.zeros((0, 2), dtype=int), None
+    peaks, device_centres = _footprint_peaks(residual, labels, n_labels, detection.fp_npix_min,
+                                             detection.fp_npix_max)
     x0, y0 = masked_image.xy0
-    rows, cols = peaks[keep, 0], peaks[keep, 1]
     log.info("detection: %d footprints above threshold, %d with area >= %d px",
-             n_labels, int(keep.sum()), detection.fp_npix_min)
-    return np.stack([cols + x0, rows + y0], axis=1)
+             n_labels, len(peaks), detection.fp_npix_min)
+    return np.stack([peaks[:, 1] + x0, peaks[:, 0] + y0], axis=1), device_centres
 
 
 def _without_bits(xp, mask, bits):
@@ -287,14 +303,17 @@ def _residual_and_detections(masked_image, detection):
     return residual, above
 
 
-def _footprint_peaks(residual, labels, n_labels, npix_max):
-    """(row, col) of each footprint's peak, and its area, in the raster order of first pixels.
+def _footprint_peaks(residual, labels, n_labels, npix_min, npix_max):
+    """(row, col) of the peaks of the footprints of ``npix_min`` pixels or more, in the raster order of
+    their first pixels, on the host and where the arrays live.
 
     The peak is the pixel of largest residual (the smallest flat index among
     equal ones); for footprints of more than ``npix_max`` pixels, the centre
     of the bounding box.  The reductions run where the arrays live
     (:meth:`~gpudiffim._ops.NumpyOperations.footprint_stats`: two launches on
-    the kernel path); one read-back, the rest on the host.
+    the kernel path); one read-back, the host's centres from it
+    (:func:`~gpudiffim.cutouts.footprint_centres`), and on the kernel path
+    the same centres from the same reductions on the device.
 
     Parameters
     ----------
@@ -302,22 +321,21 @@ def _footprint_peaks(residual, labels, n_labels, npix_max):
     labels : ndarray of int, shape (M, N)
         Footprint labels ``1 .. n_labels`` (0 outside), any numbering.
     n_labels : int
-    npix_max : int
+    npix_min, npix_max : int
 
     Returns
     -------
-    peaks : ndarray of int, shape (n_labels, 2)
-    area : ndarray of int, shape (n_labels,)
+    peaks : ndarray of int, shape (n, 2)
+    device_centres : ndarray of int32, shape (n, 2), or None
+        ``peaks`` where ``residual`` lives (None on the NumPy reference).
     """
-    n_cols = residual.shape[1]
-    stats = to_host(operations_for(residual).footprint_stats(residual, labels, n_labels))
-    stats[[1, 3, 6]] = ~stats[[1, 3, 6]]     # minima kept as maxima of complements
-    area, first, last, col_min, col_max, _, peak = stats.astype(np.int64)
-    big = area > npix_max
-    rows = np.where(big, (first // n_cols + last // n_cols) // 2, peak // n_cols)
-    cols = np.where(big, (col_min + col_max) // 2, peak % n_cols)
-    order = np.argsort(first, kind="stable")
-    return np.stack([rows, cols], axis=1)[order], area[order]
+    ops = operations_for(residual)
+    stats = ops.footprint_stats(residual, labels, n_labels)
+    host_stats = to_host(stats)
+    centres, keys = footprint_centres(host_stats, residual.shape[1], residual.size, npix_min, npix_max)
+    n_kept = int(np.count_nonzero(host_stats[0] >= npix_min))
+    peaks = centres[np.argsort(keys, kind="stable")[:n_kept]]
+    return peaks, ops.footprint_centres(stats, residual.shape[1], residual.size, npix_min, npix_max, n_kept)
 
 
 def candidate_positions(candidates):
@@ -366,7 +384,8 @@ def core_snr(science, centres_rc, radius):
     return to_host(core_snr_of(science.image, science.variance, centres_rc, radius))
 
 
-def rated_fwhms(masked_images, reference, positions, core_radius, *, radius=12, max_stars=50):
+def rated_fwhms(masked_images, reference, positions, core_radius, *, radius=12, max_stars=50,
+                device_centres=None):
     """Core S/N ratings of the stars on ``reference`` and the FWHMs of ``masked_images``, with one read-back.
 
     The stars are ranked by :func:`core_snr` of ``reference`` at the rounded
@@ -387,6 +406,10 @@ def rated_fwhms(masked_images, reference, positions, core_radius, *, radius=12, 
     radius : int
         Half-size of the cutouts (px).
     max_stars : int
+    device_centres : ndarray of int32, shape (n, 2), optional
+        The integer ``positions`` as ``(row, column)`` from ``reference``'s
+        first pixel where its planes live (:func:`detected_centres`), used
+        on the kernel path instead of an upload.
 
     Returns
     -------
@@ -404,14 +427,15 @@ def rated_fwhms(masked_images, reference, positions, core_radius, *, radius=12, 
     star_centres_rc = (positions - np.array(masked_images[0].xy0))[:, ::-1].astype(int)
     values = operations_for(reference.image).rated_sigmas(
         reference.image, reference.variance, [m.image for m in masked_images], centres_rc,
-        None if np.array_equal(star_centres_rc, centres_rc) else star_centres_rc, core_radius, radius, max_stars)
+        None if np.array_equal(star_centres_rc, centres_rc) else star_centres_rc, core_radius, radius, max_stars,
+        device_centres=device_centres)
     n = len(positions)
     fwhms = tuple(median_fwhm(sigmas) for sigmas in values[n:].reshape(len(masked_images), max_stars))
     return fwhms, values[:n]
 
 
 def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, core_radius,
-                   min_snr, ratings=None):
+                   min_snr, ratings=None, device_centres=None):
     """Keep candidates whose stamp fits in the image, is clean and bright enough.
 
     Parameters
@@ -432,6 +456,10 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     ratings : ndarray of shape (n,), optional
         :func:`core_snr` of ``science`` at the rounded positions, if already
         computed (the task ranks the stars for the PSF size with them).
+    device_centres : ndarray of int32, shape (n, 2), optional
+        The integer ``positions`` as ``(row, column)`` from ``science``'s
+        first pixel where its planes live (:func:`detected_centres`): the
+        mask test then uploads at most an index of the stamps inside.
 
     Returns
     -------
@@ -446,8 +474,11 @@ def vet_candidates(positions, template, science, half_size, *, bad_mask_planes, 
     bad_bits = science.bits(bad_mask_planes) | template.bits(bad_mask_planes)
     centres_rc = centres[:, ::-1]
     clean = inside.copy()
-    clean[inside] = ~operations_for(science.mask).stamps_flagged(science.mask, template.mask, centres_rc[inside],
-                                                                 half_size, bad_bits)
+    ops = operations_for(science.mask)
+    if device_centres is not None and not inside.all():
+        device_centres = ops.select_rows(device_centres, np.flatnonzero(inside))
+    clean[inside] = ~ops.stamps_flagged(science.mask, template.mask, centres_rc[inside], half_size, bad_bits,
+                                        device_centres=device_centres)
     rating = np.full(len(positions), -np.inf)
     rating[clean] = (core_snr(science, centres_rc[clean], core_radius) if ratings is None
                      else np.asarray(ratings, dtype=np.float64)[clean])

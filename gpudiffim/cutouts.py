@@ -13,7 +13,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ._backend import array_module_of, on_device, row_blocks, scatter_at, to_host
 
 __all__ = ["check_inside", "stamps_fit", "cut_planes", "cut_stamps", "stamps_flagged", "footprint_stats",
-           "FOOTPRINT_ROWS"]
+           "footprint_centres", "FOOTPRINT_ROWS"]
 
 #: Rows of :func:`footprint_stats`; ``~`` marks a minimum kept as the maximum of complements.
 FOOTPRINT_ROWS = ("area", "~first", "last", "~col_min", "col_max", "peak_key", "~peak")
@@ -229,3 +229,36 @@ def footprint_stats(residual, labels, n_labels):
     first, last, col_min, col_max, peak = reduced
     area = xp.bincount(segment, minlength=n_labels).astype(np.uint64)
     return xp.stack([area, ~first, last, ~col_min, col_max, peak_key, ~peak])
+
+
+def footprint_centres(stats, n_cols, n_pixels, npix_min, npix_max):
+    """Centre of each footprint and its order key, from host :func:`footprint_stats`.
+
+    Parameters
+    ----------
+    stats : ndarray of uint64, shape (7, n_labels)
+        :func:`footprint_stats` of an image of ``n_pixels`` pixels in rows of
+        ``n_cols``.
+    n_cols, n_pixels : int
+    npix_min, npix_max : int
+        Footprints of fewer than ``npix_min`` pixels sort last; those of more
+        than ``npix_max`` are centred on their bounding box.
+
+    Returns
+    -------
+    centres : ndarray of int64, shape (n_labels, 2)
+        ``(row, column)`` of each footprint's peak pixel (the first in raster
+        order among equal maxima), or the 1-px centre of its bounding box.
+    keys : ndarray of uint64, shape (n_labels,)
+        The first flat index, plus ``n_pixels`` below ``npix_min`` pixels:
+        distinct keys whose sort lists the footprints kept in the raster order
+        of their first pixel (``gdi_footprint_centres`` computes the same).
+    """
+    stats = np.array(stats, dtype=np.uint64)
+    stats[[1, 3, 6]] = ~stats[[1, 3, 6]]     # minima kept as maxima of complements
+    area, first, last, col_min, col_max, _, peak = stats.astype(np.int64)
+    big = area > npix_max
+    rows = np.where(big, (first // n_cols + last // n_cols) // 2, peak // n_cols)
+    cols = np.where(big, (col_min + col_max) // 2, peak % n_cols)
+    keys = (first + np.where(area < npix_min, n_pixels, 0)).astype(np.uint64)
+    return np.stack([rows, cols], axis=1), keys

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._backend import array_module_of, on_device, single_threaded_blas, to_host
+from ._backend import array_module_of, index_dtype, on_device, single_threaded_blas, to_host
 from ._ops import operations_for
 from .basis import SeparableBasis, renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
@@ -172,7 +172,7 @@ class _Solver:
     Candidates are referred to by their index in the cell set's arrays.
     """
 
-    def __init__(self, config, basis, template, science, cell_set, half_size, regularization):
+    def __init__(self, config, basis, template, science, cell_set, half_size, regularization, device_centres=None):
         self.config = config
         self.basis = basis
         #: The original basis in separable form (Alard-Lupton), for the host's stamp correlations,
@@ -182,6 +182,8 @@ class _Solver:
         self.cell_set = cell_set
         self.half_size = half_size
         self.regularization = regularization
+        #: Stamp centres of the positions ``cell_set.id`` numbers, where the images live (or None).
+        self.device_centres = device_centres
         self.bad_bits = science.bits(config.bad_mask_planes) | template.bits(config.bad_mask_planes)
         #: Where the hot operations of the whole solve run, chosen once from where the images live.
         self.ops = operations_for(template.image, science.image)
@@ -231,9 +233,22 @@ class _Solver:
                              "not fitted before the final spatial solution")
         return visited[built]
 
+    def in_batch_order(self, index):
+        """The candidates ``index`` in the order their stamps are cut: with device centres, that of the
+        positions (``cell_set.id``), so that a batch's selection goes as a mask over them
+        (:meth:`~gpudiffim._ops.NumpyOperations.select_rows`); else ``index`` as given."""
+        if self.device_centres is None:
+            return index
+        return index[np.argsort(self.cell_set.id[index], kind="stable")]
+
     def batch(self, index):
+        """The stamps of the candidates ``index``; with device centres, only their selection goes to the device."""
         centres = np.stack([self.cell_set.x[index], self.cell_set.y[index]], axis=1)
-        return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops)
+        device_centres = None
+        if self.device_centres is not None and len(index):
+            device_centres = self.ops.select_rows(self.device_centres, self.cell_set.id[index])
+        return StampBatch.extract(centres, self.template, self.science, self.half_size, ops=self.ops,
+                                  device_centres=device_centres)
 
     def spatial_terms(self, function, centres_rc):
         """``function``'s terms (N, n_terms) at stamp centres ``centres_rc`` (:attr:`StampBatch.centres`),
@@ -296,6 +311,7 @@ class _Solver:
         with the pseudo-inverse: one more read-back, in the batches that have some.
         """
         separable = self.separable if basis is self.basis.kernels else None
+        index = self.in_batch_order(index)
         basis = self.where_images_live(basis)
         regularization = self.where_images_live(regularization)
         centres, fit, packed, rows = self._fit_batch(index, basis, separable, regularization, keep_rows,
@@ -482,7 +498,7 @@ class _Solver:
         starts = np.cumsum(sizes) - sizes
         stored = [[self._stored(batch_id, name) for batch_id in used] for name in names]
         xp = array_module_of(stored[0][0])
-        where = xp.asarray((starts[np.searchsorted(used, batches)] + rows).astype(np.int32))
+        where = xp.asarray((starts[np.searchsorted(used, batches)] + rows).astype(index_dtype(sizes.sum())))
         return tuple((parts[0] if len(parts) == 1 else xp.concatenate(parts))[where] for parts in stored)
 
     def _stored(self, batch_id, name):
@@ -511,13 +527,15 @@ class _Solver:
             assessed, assessed_rows = index[:0], local[:0]
         missing = np.setdiff1d(index, assessed)
         size = max(1, _DESIGN_BATCH_VALUES // (16 * (2 * self.half_size + 1) ** 2))
-        parts = [assessed_rows]
+        parts, candidates = [assessed_rows], [assessed]
         for start in range(0, len(missing), size):
-            part = missing[start:start + size]
+            part = self.in_batch_order(missing[start:start + size])
             batch = self.batch(part)
             parts.append(stamp_residual_rows(batch, *self.spatial_models(batch, kernel, background),
                                              self.bad_bits, ops=self.ops))
-        order = xp.asarray(np.argsort(np.concatenate([assessed, missing]), kind="stable").astype(np.int32))
+            candidates.append(part)
+        order = np.argsort(np.concatenate(candidates), kind="stable")
+        order = xp.asarray(order.astype(index_dtype(len(order))))
         spatial = xp.concatenate(parts)[order]
         return ResidualRows(index, local, spatial)
 
@@ -536,7 +554,7 @@ class _Solver:
         is a fallback: its statistics are recorded but do not reject, or the
         candidates that forced the reduction would be clipped against it.
         """
-        visited = self.visit_built()
+        visited = self.in_batch_order(self.visit_built())
         if not len(visited):
             return 0, 0
         batch = self.batch(visited)
@@ -695,7 +713,8 @@ def _diagnose(solver, solution, n_kernel_terms, n_bg_terms):
     return diagnostics
 
 
-def solve_kernel(config, basis, template, science, cell_set, half_size, regularization=None):
+def solve_kernel(config, basis, template, science, cell_set, half_size, regularization=None, *,
+                 device_centres=None):
     """Run the solve loop and return the spatial kernel and background.
 
     Parameters
@@ -711,6 +730,11 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
         Stamp half-size.
     regularization : ndarray, optional
         Regularisation matrix ``H`` for the stamp fits (delta-function basis).
+    device_centres : ndarray of int32, shape (n, 2), optional
+        Where the images live, the ``(row, column)`` stamp centre (from the
+        images' first pixel) of every position that ``cell_set.id`` numbers
+        (:func:`~gpudiffim.candidates.detected_centres`): a batch then
+        uploads the index of its candidates instead of their centres.
 
     Returns
     -------
@@ -721,7 +745,7 @@ def solve_kernel(config, basis, template, science, cell_set, half_size, regulari
     NoKernelCandidatesError
         When clipping leaves no candidate, or restarts exceed ``max_solve_restarts``.
     """
-    solver = _Solver(config, basis, template, science, cell_set, half_size, regularization)
+    solver = _Solver(config, basis, template, science, cell_set, half_size, regularization, device_centres)
     lambda_choice = solver.choose_regularization()
     iteration = restarts = 0
     n_rejected = 0

@@ -83,7 +83,7 @@ class StampBatch:
     centres: np.ndarray = None
 
     @classmethod
-    def extract(cls, centres, template, science, half_size, *, ops=None):
+    def extract(cls, centres, template, science, half_size, *, ops=None, device_centres=None):
         """Cut ``(2 half_size + 1)^2`` stamps centred on each candidate.
 
         Parameters
@@ -97,11 +97,15 @@ class StampBatch:
         half_size : int
         ops : object, optional
             The operations chosen by the caller for its solve (from the planes when omitted).
+        device_centres : ndarray of int32, shape (N, 2), optional
+            The same centres as ``(row, column)`` from the images' first pixel,
+            already where the planes live (kernel path: no upload).
         """
         x0, y0 = science.xy0
         centres_rc = np.asarray(centres, dtype=np.int64).reshape(-1, 2)[:, ::-1] - np.array([y0, x0])
         ops = operations_for(science.image) if ops is None else ops
-        planes, centres_rc = ops.cut_stamp_planes(template, science, centres_rc, half_size)
+        planes, centres_rc = ops.cut_stamp_planes(template, science, centres_rc, half_size,
+                                                  device_centres=device_centres)
         return cls(*planes, centres=centres_rc)
 
     def planes(self):

@@ -28,7 +28,7 @@ from .apply import convolve_masked_image, spatial_image
 from .basis import make_kernel_basis, make_regularization_matrix
 from .candidates import (
     candidate_positions,
-    detect_candidates,
+    detected_centres,
     rated_fwhms,
     require_candidates,
     vet_candidates,
@@ -341,12 +341,15 @@ class ImagePsfMatchTask:
         return result
 
     def _positions(self, candidates, template, science):
+        """Candidate positions (given or detected) and, when detected on the kernel path, their
+        ``(row, column)`` centres where the images live (:func:`~gpudiffim.candidates.detected_centres`;
+        else None): the later launches read them there instead of uploading them."""
         if candidates is not None:
-            return candidate_positions(candidates)
+            return candidate_positions(candidates), None
         detect_on = template if self.config.detection.det_on_template else science
-        return detect_candidates(detect_on, self.config.detection)
+        return detected_centres(detect_on, self.config.detection)
 
-    def _fwhms(self, positions, to_convolve, reference, fwhms, needed=False):
+    def _fwhms(self, positions, to_convolve, reference, fwhms, needed=False, device_centres=None):
         """FWHMs of (image to convolve, reference), estimated where missing, and the core S/N ratings.
 
         The ratings (:func:`~gpudiffim.candidates.core_snr` of the reference at
@@ -361,7 +364,8 @@ class ImagePsfMatchTask:
         if all(f is not None for f in fwhms):
             return fwhms, None
         missing = [image for f, image in zip(fwhms, (to_convolve, reference)) if f is None]
-        measured, ratings = rated_fwhms(missing, reference, positions, self.config.candidate_core_radius)
+        measured, ratings = rated_fwhms(missing, reference, positions, self.config.candidate_core_radius,
+                                        device_centres=device_centres)
         measured = iter(measured)
         estimated = tuple(f if f is not None else next(measured) for f in fwhms)
         log.info("PSF FWHM (px): image to convolve %.3f, reference %.3f", *estimated)
@@ -379,12 +383,13 @@ class ImagePsfMatchTask:
             raise ConfigurationError(msg)
         return half_size
 
-    def _select(self, positions, to_convolve, reference, half_size, ratings=None):
+    def _select(self, positions, to_convolve, reference, half_size, ratings=None, device_centres=None):
         detection = self.config.detection
         kept, rejects = vet_candidates(
             positions, to_convolve, reference, half_size,
             bad_mask_planes=detection.bad_mask_planes,
-            core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr, ratings=ratings)
+            core_radius=self.config.candidate_core_radius, min_snr=detection.min_snr, ratings=ratings,
+            device_centres=device_centres)
         log.info("candidates: %d usable of %d (%s)", len(kept), len(positions),
                  ", ".join(f"{v} {k.label}" for k, v in rejects.items() if v) or "none rejected")
         require_candidates(kept)
@@ -423,11 +428,11 @@ class ImagePsfMatchTask:
             log.info("%s variance corrected (%s): %s", name, mode, record[name].describe())
         return corrected, record
 
-    def _solve(self, basis, to_convolve, reference, cell_set, half_size, regularization):
+    def _solve(self, basis, to_convolve, reference, cell_set, half_size, regularization, device_centres=None):
         """:func:`solve_kernel`, naming the variance correction when every candidate fails the residual cuts."""
         try:
             return solve_kernel(self.config, basis, to_convolve, reference, cell_set, half_size,
-                                regularization)
+                                regularization, device_centres=device_centres)
         except NoKernelCandidatesError as error:
             residual = {RejectReason.SINGLE_KERNEL_RESIDUAL.label, RejectReason.SPATIAL_KERNEL_RESIDUAL.label}
             all_rejected = not cell_set.has_usable_cells()
@@ -475,17 +480,18 @@ class ImagePsfMatchTask:
             compute = (corrected["template"], corrected["science"])
         score = self.config.score
         with _timed(timings, "detection"):
-            positions = self._positions(candidates, *compute)
+            positions, device_centres = self._positions(candidates, *compute)
             require_candidates(positions)
             ratings = None
             if convolve == "auto" or score or self.config.decorrelate or self.config.source_threshold:
-                fwhms, ratings = self._fwhms(positions, *compute, fwhms, needed=True)
+                fwhms, ratings = self._fwhms(positions, *compute, fwhms, needed=True, device_centres=device_centres)
             convolve_template, direction = self._direction(convolve, fwhms, psfs)
             if not convolve_template:
                 fwhms, ratings = fwhms[::-1], None
             to_convolve, reference = compute if convolve_template else compute[::-1]
             if ratings is None:
-                fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms)
+                fwhms, ratings = self._fwhms(positions, to_convolve, reference, fwhms,
+                                             device_centres=device_centres)
         sky = skies.pop("template" if convolve_template else "science", None)   # kept for the noise correlation
         skies.clear()
         preconvolution = None
@@ -501,12 +507,13 @@ class ImagePsfMatchTask:
         basis = make_kernel_basis(self.config, *fwhms)
         half_size = self._stamp_half_size(basis.width)
         with _timed(timings, "candidate selection"):
-            cell_set, rejects = self._select(positions, to_convolve, reference, half_size, ratings)
+            cell_set, rejects = self._select(positions, to_convolve, reference, half_size, ratings, device_centres)
         regularization = None
         if not self.config.is_alard_lupton and self.config.use_regularization:
             regularization = make_regularization_matrix(self.config, basis.width, basis.width)
         with _timed(timings, "kernel fit"):
-            solution = self._solve(basis, to_convolve, reference, cell_set, half_size, regularization)
+            solution = self._solve(basis, to_convolve, reference, cell_set, half_size, regularization,
+                                   device_centres)
         diagnostics = {**solution.diagnostics, "variance_correction": corrections,
                        "stamp_half_size": half_size,
                        "bad_mask_planes": tuple(self.config.bad_mask_planes),

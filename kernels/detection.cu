@@ -15,6 +15,14 @@
 //   gdi_footprint_peak, after gdi_footprint_scan).  Minima are kept as maxima
 //   of complements, so that every row starts at zero.
 //
+// gdi_footprint_centres (one thread per label): from those stats, the
+//   (row, column) of footprint l's peak pixel, or the 1-px centre of its
+//   bounding box when its area exceeds npix_max, in centres (n_labels, 2),
+//   and its order key: the first flat index, plus n_pixels when the area is
+//   below npix_min (those sort last), as gpudiffim.cutouts.footprint_centres
+//   computes them on the host; a stable sort of the keys then lists the kept
+//   footprints in the raster order of their first pixel.
+//
 // gdi_core_snr<T> (one thread per centre): ratings[k] = mean over the clamped
 //   (2 radius + 1)^2 box of (sigma > 0 ? image / sigma : 0), sigma =
 //   sqrt(variance) in T, summed in double and rounded to T.
@@ -27,6 +35,12 @@
 //   on the clamped (2 radius + 1)^2 cutout around star_centres[k] less the
 //   median of its border (rows 0 and 2r, columns 0 and 2r, corners twice),
 //   and write it (NaN if invalid) to values[n + image * max_stars + rank].
+//
+// gdi_select_rows (one block of GDI_DET_THREADS threads): out = the rows k
+//   (width ints each) of rows whose bit k is set in the packed mask (bit
+//   k % 32 of the 32-bit word k / 32; the bits past n clear), in order:
+//   each thread counts the bits of a run of words, a scan of the counts in
+//   shared memory places its rows.
 //
 // gdi_stamps_flagged (one thread per centre): flagged[k] = 1 if a bad_bits
 //   bit of mask_a | mask_b lies in the (2 half_size + 1)^2 box (inside the
@@ -117,6 +131,25 @@ __global__ void gdi_footprint_peak(const double* __restrict__ residual, const in
             atomicMax(&stats[6ll * n_labels + label - 1], ~(unsigned long long)i);
         }
     }
+}
+
+__global__ void gdi_footprint_centres(const unsigned long long* __restrict__ stats, int n_labels, int n_cols,
+                                      int n_pixels, int npix_min, int npix_max, int* __restrict__ centres,
+                                      unsigned long long* __restrict__ keys)
+{
+    const int l = blockIdx.x * blockDim.x + threadIdx.x;
+    if (l >= n_labels) {
+        return;
+    }
+    const long long area = (long long)stats[l];
+    const long long first = (long long)~stats[n_labels + l];
+    const long long last = (long long)stats[2ll * n_labels + l];
+    const long long peak = (long long)~stats[6ll * n_labels + l];
+    const bool big = area > npix_max;
+    centres[2 * l] = (int)(big ? (first / n_cols + last / n_cols) / 2 : peak / n_cols);
+    centres[2 * l + 1] = (int)(big ? ((long long)~stats[3ll * n_labels + l] + (long long)stats[4ll * n_labels + l]) / 2
+                                   : peak % n_cols);
+    keys[l] = (unsigned long long)(first + (area < npix_min ? n_pixels : 0));
 }
 
 __device__ __forceinline__ int gdi_det_clamp(int v, int n)
@@ -279,6 +312,44 @@ __global__ void gdi_star_sigmas(const T* __restrict__ image0, const T* __restric
             values[n + image * max_stars + rank] = valid ? weight_sigma : gdi_det_nan();
         }
         __syncthreads();
+    }
+}
+
+__global__ void gdi_select_rows(const int* __restrict__ mask, int n, const int* __restrict__ rows, int width,
+                                int* __restrict__ out)
+{
+    __shared__ int before[GDI_DET_THREADS];
+    const int t = threadIdx.x;
+    const int n_words = (n + 31) / 32;
+    const int per_thread = (n_words + GDI_DET_THREADS - 1) / GDI_DET_THREADS;
+    const int start = t * per_thread;
+    const int stop = start + per_thread < n_words ? start + per_thread : n_words;
+    int count = 0;
+    for (int w = start; w < stop; ++w) {
+        for (unsigned int bits = (unsigned int)mask[w]; bits; bits &= bits - 1u) {
+            ++count;
+        }
+    }
+    before[t] = count;
+    __syncthreads();
+    for (int offset = 1; offset < GDI_DET_THREADS; offset *= 2) {  // inclusive scan
+        const int add = t >= offset ? before[t - offset] : 0;
+        __syncthreads();
+        before[t] += add;
+        __syncthreads();
+    }
+    long long next = before[t] - count;
+    for (int w = start; w < stop; ++w) {
+        const unsigned int bits = (unsigned int)mask[w];
+        for (int b = 0; b < 32; ++b) {
+            if ((bits >> b) & 1u) {
+                const long long k = 32ll * w + b;
+                for (int c = 0; c < width; ++c) {
+                    out[next * width + c] = rows[k * width + c];
+                }
+                ++next;
+            }
+        }
     }
 }
 

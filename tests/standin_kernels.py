@@ -407,6 +407,23 @@ def footprint_peak(residual, labels, n_pixels, n_labels, stats):
     np.maximum.at(stats[6], segment, np.where(key == stats[5][segment], ~index, np.uint64(0)))
 
 
+def footprint_centres(stats, n_labels, n_cols, n_pixels, npix_min, npix_max, centres, keys):
+    """``gdi_footprint_centres`` by :func:`gpudiffim.cutouts.footprint_centres`."""
+    from gpudiffim.cutouts import footprint_centres as reference
+
+    got_centres, got_keys = reference(stats.reshape(7, n_labels), int(n_cols), int(n_pixels), int(npix_min),
+                                      int(npix_max))
+    centres.reshape(-1)[:2 * n_labels] = got_centres.reshape(-1)
+    keys[:n_labels] = got_keys
+
+
+def select_rows(mask, n, rows, width, out):
+    """``gdi_select_rows``: the rows whose bit is set in the packed mask, in order."""
+    selected = np.unpackbits(mask.view(np.uint8), bitorder="little")[:n].astype(bool)
+    picked = rows.reshape(-1, width)[:n][selected]
+    out.reshape(-1)[:picked.size] = picked.reshape(-1)
+
+
 def core_snr(image, variance, n_rows, n_cols, centres, n, radius, values):
     """``gdi_core_snr``: :func:`gpudiffim.fwhm.core_snr_of` into ``values[:n]``."""
     from gpudiffim.fwhm import core_snr_of
@@ -438,6 +455,8 @@ def stamps_flagged(mask_a, mask_b, n_cols, centres, n, half_size, bad_bits, flag
 
 FAST["gdi_footprint_scan"] = footprint_scan
 FAST["gdi_footprint_peak"] = footprint_peak
+FAST["gdi_footprint_centres"] = footprint_centres
+FAST["gdi_select_rows"] = select_rows
 FAST["gdi_stamps_flagged"] = stamps_flagged
 for _type in ("float", "double"):
     FAST[f"gdi_core_snr<{_type}>"] = core_snr

@@ -73,7 +73,8 @@ PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gd
                     "gdi_sky_value_planes<float>", "gdi_subtract_mean", "gdi_correlation_near",
                     "gdi_sky_normalised<float>",
                     # detection and candidate selection
-                    "gdi_footprint_scan", "gdi_footprint_peak", "gdi_core_snr<float>", "gdi_star_sigmas<float>",
+                    "gdi_footprint_scan", "gdi_footprint_peak", "gdi_footprint_centres", "gdi_select_rows",
+                    "gdi_core_snr<float>", "gdi_star_sigmas<float>",
                     "gdi_stamps_flagged", "gdi_fill_grid", "gdi_detection_residual<float>",
                     "gdi_detection_residual<double>", "gdi_bin_sort_keys", "gdi_sorted_bin_medians"}
 

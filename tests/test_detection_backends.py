@@ -246,21 +246,22 @@ def _above(seed, shape=(157, 203), density=0.08):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("npix_max", [8, 500])
-def test_footprint_peaks_equal_find_objects_argmax(seed, npix_max):
+@pytest.mark.parametrize("npix_min", [1, 3])
+def test_footprint_peaks_equal_find_objects_argmax(seed, npix_max, npix_min):
     rng = np.random.RandomState(seed)
     above = _above(seed)
     residual = np.round(rng.normal(size=above.shape) * 2.0)  # many ties
     labels, n_labels = ndi.label(above, structure=np.ones((3, 3)))
     expected_peaks, expected_area = _reference_peaks(residual, labels, npix_max)
-    peaks, area = cand._footprint_peaks(residual, labels, n_labels, npix_max)
-    np.testing.assert_array_equal(peaks, expected_peaks)  # SciPy's numbering = first-pixel order
-    np.testing.assert_array_equal(area, expected_area)
+    expected_peaks = expected_peaks[expected_area >= npix_min]   # SciPy's numbering = first-pixel order
+    peaks, device_centres = cand._footprint_peaks(residual, labels, n_labels, npix_min, npix_max)
+    np.testing.assert_array_equal(peaks, expected_peaks)
+    assert device_centres is None                                 # the NumPy reference keeps the host's
     # any numbering gives the same, canonical, answer
     permutation = np.random.RandomState(seed + 100).permutation(n_labels)
     permuted = np.where(labels > 0, permutation[labels - 1] + 1, 0).astype(np.int32)
-    peaks, area = cand._footprint_peaks(residual, permuted, n_labels, npix_max)
+    peaks, _ = cand._footprint_peaks(residual, permuted, n_labels, npix_min, npix_max)
     np.testing.assert_array_equal(peaks, expected_peaks)
-    np.testing.assert_array_equal(area, expected_area)
 
 
 def test_footprints_without_any():
@@ -394,11 +395,11 @@ def test_cupy_footprint_peaks_equal_numpy(seed):
     labels, n_labels = cand._footprints(cupy.asarray(above))
     count = cupy_ndi.label(cupy.asarray(above), structure=np.ones((3, 3)))[1]
     assert n_labels == count == ndi.label(above, structure=np.ones((3, 3)))[1]
-    for npix_max in (8, 500):
-        got = cand._footprint_peaks(cupy.asarray(residual), labels, n_labels, npix_max)
-        expected = _reference_peaks(residual, ndi.label(above, structure=np.ones((3, 3)))[0], npix_max)
-        np.testing.assert_array_equal(got[0], expected[0])
-        np.testing.assert_array_equal(got[1], expected[1])
+    for npix_min, npix_max in ((1, 8), (3, 500)):
+        peaks, device_centres = cand._footprint_peaks(cupy.asarray(residual), labels, n_labels, npix_min, npix_max)
+        expected, area = _reference_peaks(residual, ndi.label(above, structure=np.ones((3, 3)))[0], npix_max)
+        np.testing.assert_array_equal(peaks, expected[area >= npix_min])
+        np.testing.assert_array_equal(cupy.asnumpy(device_centres), peaks)   # the same centres, on the device
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ Budgets (issue 17, item 2; the 4096², 8000-star figures are in
   sigmas), candidate selection 1, the noise correlation 1, the stage
   timers 1);
 * uploads beyond the input planes: bounded and independent of the star
-  count (decisions per pass: stamp centres, spatial terms);
+  count (decisions per pass: stamp selections, gather indices);
 * CuPy calls: at most the issue's 400 (307-352 at these sizes), and not
   growing by more than a pass's worth with four times more stars.
 """
@@ -39,9 +39,9 @@ CALL_CEILING = 400
 #: Calls one more clipping pass may add (a stamp-fit batch, its residuals and its read-back).
 CALLS_PER_PASS = 40
 #: Upload ceiling beyond the input planes, bytes (per-pass decisions; ratchet, issue target: a few kB;
-#: 11-26 kB measured at these sizes now that the spatial terms are computed at the stamp centres on the
-#: device and the basis goes as its factors and two mixing vectors: stamp and detection centres, gather indices).
-UPLOAD_CEILING = 27_000
+#: 9.9-11.1 kB measured at these sizes now that the detection centres stay on the device and a batch
+#: uploads only its selection, a mask or an int16 index: basis factors, gather indices, selections).
+UPLOAD_CEILING = 12_000
 
 
 def _count(size, stars):

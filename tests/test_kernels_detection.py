@@ -3,6 +3,12 @@
 * ``gdi_footprint_scan`` + ``gdi_footprint_peak`` equal
   :func:`gpudiffim.cutouts.footprint_stats` exactly (ties of the residual,
   -0.0, any label numbering);
+* ``gdi_footprint_centres`` (with its sort and gather) gives the peaks of
+  :func:`gpudiffim.cutouts.footprint_centres` that the host keeps, in the
+  same order, for small, kept and bounding-box-centred footprints;
+* ``gdi_select_rows`` gives ``rows[selected]`` for any mask (none, all,
+  word edges), and the operations layer's selection the same whichever
+  upload it picks (mask or index);
 * ``gdi_core_snr`` + ``gdi_star_sigmas`` give :func:`gpudiffim.fwhm.rated_sigmas`'s
   ratings to float rounding (sums in another order: 1e-6 relative for float32
   planes, 1e-12 for float64), the same ranking, and its adaptive sigmas to
@@ -26,8 +32,10 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from gpudiffim import MaskedImage, PsfMatchConfig, use_backend
 from gpudiffim import candidates as cand
-from gpudiffim._cuda.detection import STAR_MAX_RADIUS, footprint_stats, rated_sigmas, stamps_flagged
+from gpudiffim._cuda.detection import (STAR_MAX_RADIUS, footprint_centres, footprint_stats, rated_sigmas,
+                                       select_rows, stamps_flagged)
 from gpudiffim.config import DetectionConfig
+from gpudiffim.cutouts import footprint_centres as footprint_centres_reference
 from gpudiffim.cutouts import footprint_stats as footprint_stats_reference
 from gpudiffim.cutouts import stamps_flagged as stamps_flagged_reference
 from gpudiffim.fwhm import rated_sigmas as rated_sigmas_reference
@@ -58,6 +66,55 @@ def test_footprint_stats_without_footprints(emulator):
     with use_backend("cuda-emulator"):
         got = footprint_stats(np.zeros((5, 6)), np.zeros((5, 6), dtype=np.int32), 0)
     assert got.shape == (7, 0)
+
+
+@pytest.mark.parametrize(("npix_min", "npix_max"), [(1, 10**6), (3, 8), (5, 5)])
+def test_footprint_centres_equal_the_host_peaks(emulator, rng, npix_min, npix_max):
+    gen, seed = rng
+    residual, labels, n_labels = _labelled(gen)
+    stats = footprint_stats_reference(residual, labels, n_labels)
+    centres, keys = footprint_centres_reference(stats, residual.shape[1], residual.size, npix_min, npix_max)
+    n_kept = int(np.count_nonzero(stats[0] >= npix_min))
+    want = centres[np.argsort(keys, kind="stable")[:n_kept]]
+    with use_backend("cuda-emulator"):
+        got = footprint_centres(stats, residual.shape[1], residual.size, npix_min, npix_max, n_kept)
+    assert got.dtype == np.int32 and 0 < n_kept <= n_labels
+    assert_array_equal(got, want, err_msg=f"seed={seed}")
+    first = (~stats[1]).astype(np.int64)[np.argsort(keys, kind="stable")[:n_kept]]
+    assert np.all(np.diff(first) > 0), "kept footprints in the raster order of their first pixel"
+
+
+def test_footprint_centres_without_footprints(emulator):
+    with use_backend("cuda-emulator"):
+        got = footprint_centres(np.zeros((7, 0), dtype=np.uint64), 6, 30, 1, 10, 0)
+    assert got.shape == (0, 2)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64 * 32 + 5, 5000])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.5, 1.0])
+def test_select_rows_equals_boolean_indexing(emulator, rng, n, density):
+    gen, seed = rng
+    rows = gen.integers(-2**31, 2**31 - 1, size=(n, 2), dtype=np.int64).astype(np.int32)
+    selected = gen.random(n) < density
+    with use_backend("cuda-emulator"):
+        got = select_rows(rows, selected)
+    assert got.dtype == np.int32 and got.shape == (int(selected.sum()), 2)
+    assert_array_equal(got, rows[selected], err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.5])
+@pytest.mark.parametrize("increasing", [True, False])
+def test_operations_select_rows_either_upload(emulator, rng, fraction, increasing):
+    from gpudiffim._ops import KERNELS
+
+    gen, seed = rng
+    rows = gen.integers(0, 4096, size=(3000, 2)).astype(np.int32)
+    index = np.flatnonzero(gen.random(len(rows)) < fraction)
+    if not increasing:
+        index = gen.permutation(index)
+    with use_backend("cuda-emulator"):
+        got = KERNELS.select_rows(rows, index)
+    assert_array_equal(got, rows[index], err_msg=f"seed={seed}")
 
 
 def _planes(gen, dtype, shape=(71, 64), n_stars=30):

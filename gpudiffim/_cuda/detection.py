@@ -14,7 +14,8 @@ from ._host import on_launcher, prepare
 from .launch import launch
 from .signatures import float_ctype
 
-__all__ = ["DETECTION_DEFINES", "DETECTION_THREADS", "STAR_MAX_RADIUS", "footprint_stats", "rated_sigmas",
+__all__ = ["DETECTION_DEFINES", "DETECTION_THREADS", "STAR_MAX_RADIUS", "footprint_stats", "footprint_centres",
+           "rated_sigmas", "select_rows", "packed_mask",
            "stamps_flagged", "detection_residual", "interpolated_background", "THRESHOLD_KINDS"]
 
 #: Threads per block of the per-centre block kernels (``GDI_DET_THREADS``; a power of two).
@@ -54,6 +55,65 @@ def footprint_stats(residual, labels, n_labels):
         launch("gdi_footprint_peak", blocks, (DETECTION_THREADS,),
                (residual, labels, residual.size, n_labels, stats), defines=DETECTION_DEFINES)
     return stats
+
+
+def footprint_centres(stats, n_cols, n_pixels, npix_min, npix_max, n_kept):
+    """The ``n_kept`` kept footprints' centres from :func:`footprint_stats`, where the stats live.
+
+    ``gdi_footprint_centres`` (each footprint's ``(row, column)`` centre and
+    order key, as :func:`gpudiffim.cutouts.footprint_centres`), a sort of the
+    keys (distinct: any sort is stable) and one gather: int32 ``(n_kept, 2)``,
+    the footprints of ``npix_min`` pixels or more in the raster order of their
+    first pixel.  ``n_kept`` is the host's count of those (from its copy of
+    the stats), so nothing is read back.
+    """
+    _, xp = on_launcher(stats)
+    stats = prepare(xp, stats, np.uint64, 2, "stats")
+    n_labels = stats.shape[1]
+    centres = xp.empty((n_labels, 2), dtype=np.int32)
+    keys = xp.empty(n_labels, dtype=np.uint64)
+    if n_labels:
+        launch("gdi_footprint_centres", *_per_centre(n_labels),
+               (stats, n_labels, int(n_cols), int(n_pixels), int(npix_min), int(npix_max), centres, keys),
+               defines=DETECTION_DEFINES)
+    return centres[keys.argsort()[:n_kept]]
+
+
+def packed_mask(selected):
+    """Host bool ``selected`` (n,) as the int32 words of ``gdi_select_rows`` (bit k % 32 of word k / 32)."""
+    selected = np.asarray(selected, dtype=bool).ravel()
+    packed = np.packbits(selected, bitorder="little")
+    words = np.zeros(-(-len(packed) // 4) * 4, dtype=np.uint8)
+    words[:len(packed)] = packed
+    return words.view("<u4").astype(np.uint32).view(np.int32)
+
+
+def select_rows(rows, selected):
+    """``rows[selected]`` by ``gdi_select_rows``: the host's bool ``selected`` goes as a packed mask (n / 8
+    bytes) and the count is the host's, so nothing is read back.
+
+    Parameters
+    ----------
+    rows : ndarray of int32, shape (n, width)
+    selected : ndarray of bool, shape (n,)
+        Host decisions.
+
+    Returns
+    -------
+    ndarray of int32, shape (selected.sum(), width)
+        In the rows' array module.
+    """
+    _, xp = on_launcher(rows)
+    rows = prepare(xp, rows, np.int32, 2, "rows")
+    selected = np.asarray(selected, dtype=bool)
+    if selected.shape != rows.shape[:1]:
+        msg = f"selection of shape {selected.shape} for {rows.shape[0]} rows"
+        raise ValueError(msg)
+    out = xp.empty((int(np.count_nonzero(selected)), rows.shape[1]), dtype=np.int32)
+    if len(out):
+        launch("gdi_select_rows", (1,), (DETECTION_THREADS,),
+               (xp.asarray(packed_mask(selected)), len(selected), rows, rows.shape[1], out), defines=DETECTION_DEFINES)
+    return out
 
 
 def _centres(xp, centres_rc):

@@ -317,6 +317,13 @@ KERNELS.update({
         ("residual", "const double*"), ("labels", "const int*"), ("n_pixels", "int"), ("n_labels", "int"),
         ("stats", "unsigned long long*"),
     )),
+    "gdi_footprint_centres": KernelSpec("detection", (
+        ("stats", "const unsigned long long*"), ("n_labels", "int"), ("n_cols", "int"), ("n_pixels", "int"),
+        ("npix_min", "int"), ("npix_max", "int"), ("centres", "int*"), ("keys", "unsigned long long*"),
+    )),
+    "gdi_select_rows": KernelSpec("detection", (
+        ("mask", "const int*"), ("n", "int"), ("rows", "const int*"), ("width", "int"), ("out", "int*"),
+    )),
     "gdi_stamps_flagged": KernelSpec("detection", (
         ("mask_a", "const int*"), ("mask_b", "const int*"), ("n_cols", "int"), ("centres", "const int*"),
         ("n", "int"), ("half_size", "int"), ("bad_bits", "int"), ("flagged", "int*"),
