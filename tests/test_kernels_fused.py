@@ -125,7 +125,9 @@ def test_cupy_fused_stamp_kernels_match_numpy(rng):
     np.testing.assert_allclose(_host(got[1]), want[1], rtol=1e-10, atol=1e-11)
     template, science = _image(gen, (512, 512), np.float32), _image(gen, (512, 512), np.float32)
     centres = np.stack([gen.integers(20, 492, 200), gen.integers(20, 492, 200)], axis=1)
-    expected = NUMPY.cut_stamp_planes(template, science, centres, 20)
-    got = KERNELS.cut_stamp_planes(template.to_module(cupy), science.to_module(cupy), centres, 20)
+    expected, expected_centres = NUMPY.cut_stamp_planes(template, science, centres, 20)
+    got, got_centres = KERNELS.cut_stamp_planes(template.to_module(cupy), science.to_module(cupy), centres, 20)
+    assert len(got) == len(expected) == 6
     for want_plane, have in zip(expected, got):
         np.testing.assert_array_equal(_host(have), want_plane)
+    np.testing.assert_array_equal(_host(got_centres), _host(expected_centres))
