@@ -17,6 +17,7 @@ from gpudiffim._ops import NUMPY
 from gpudiffim.basis import KernelBasis, make_alard_lupton_basis, make_delta_function_basis, make_regularization_matrix
 from gpudiffim.delta_function import (
     DeltaFunctionForm,
+    _PenaltyDiagonals,
     delta_function_design,
     delta_function_form,
     delta_function_models,
@@ -220,19 +221,34 @@ def test_regularized_fallback_of_a_stamp_with_nan():
     assert _relative(fit.solutions, expected) < 1e-8
 
 
-def test_lower_triangle_alone_is_the_whole_matrix_lower_triangle():
-    """``both_triangles=False`` (what the Cholesky path forms) gives the same lower triangle, bit for bit,
-    and above it the whole matrix's values or zeros (the diagonal kernel blocks are written whole)."""
+def test_upper_triangle_alone_is_the_whole_matrix_upper_triangle():
+    """``both_triangles=False`` (what the Cholesky path forms) gives the same upper triangle, bit for bit
+    (below it the memory's old values, never read)."""
     rng = np.random.default_rng(11)
     template, science = _stamps(rng, 3, 15)
     target = science[:, 3:12, 3:12].reshape(3, -1)
     whole, vector = delta_function_normal_equations(template, target, np.full(3, 0.5), 7, True)
-    lower, lower_vector = delta_function_normal_equations(template, target, np.full(3, 0.5), 7, True,
+    upper, upper_vector = delta_function_normal_equations(template, target, np.full(3, 0.5), 7, True,
                                                           both_triangles=False)
-    rows, columns = np.tril_indices(50)
-    np.testing.assert_array_equal(lower[:, rows, columns], whole[:, rows, columns])
-    above = np.triu_indices(50, 1)
-    upper, expected = lower[:, above[0], above[1]], whole[:, above[0], above[1]]
-    assert np.all((upper == 0.0) | (upper == expected))
-    assert np.count_nonzero(upper) < 0.2 * upper.size
-    np.testing.assert_array_equal(lower_vector, vector)
+    rows, columns = np.triu_indices(50)
+    np.testing.assert_array_equal(upper[:, rows, columns], whole[:, rows, columns])
+    np.testing.assert_array_equal(upper_vector, vector)
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_penalty_added_by_diagonals_is_the_dense_sum(upper):
+    """``lambda H`` added one diagonal of ``H`` at a time: the dense ``M + lambda H`` bit for bit (on and
+    above the diagonal with ``upper``; below it then ``M`` untouched)."""
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7)
+    regularization = make_regularization_matrix(config, 7, 7)
+    rng = np.random.default_rng(12)
+    matrix = rng.normal(size=(3, 50, 50))
+    lambdas = np.array([0.5, 3.0, 1e4])
+    work = matrix.copy()
+    _PenaltyDiagonals(regularization).add(work, lambdas, upper)
+    expected = matrix + lambdas[:, None, None] * regularization
+    part = np.triu_indices(50) if upper else np.indices((50, 50)).reshape(2, -1)
+    np.testing.assert_array_equal(work[:, part[0], part[1]], expected[:, part[0], part[1]])
+    if upper:
+        below = np.tril_indices(50, -1)
+        np.testing.assert_array_equal(work[:, below[0], below[1]], matrix[:, below[0], below[1]])

@@ -19,31 +19,33 @@ def test_the_lapack_pointers_are_found():
     assert _lapack._DPOTRF is not None and _lapack._DPOTRS is not None
 
 
+@pytest.mark.parametrize("upper", [False, True])
 @pytest.mark.parametrize("n, seed", [(1, 0), (7, 1), (442, 2)])
-def test_factor_and_solution_match_numpy(n, seed):
+def test_factor_and_solution_match_numpy(n, seed, upper):
     matrix = _spd(n, seed)
-    upper = np.triu_indices(n, 1)
+    other = np.tril_indices(n, -1) if upper else np.triu_indices(n, 1)
     work = matrix.copy()
-    work[upper] = -7.0                      # the upper triangle is neither read nor written
-    assert cholesky_in_place(work) == 0
-    factor = np.tril(work)
+    work[other] = -7.0                      # the other triangle is neither read nor written
+    assert cholesky_in_place(work, upper=upper) == 0
+    factor = np.triu(work).T if upper else np.tril(work)
     # backward stable: L L^T is the matrix to a few eps; L itself is NumPy's to cond * eps
     assert np.abs(factor @ factor.T - matrix).max() <= 1e-14 * n * np.abs(matrix).max()
     expected = np.linalg.cholesky(matrix)
     np.testing.assert_allclose(factor, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
-    assert np.all(work[upper] == -7.0)
+    assert np.all(work[other] == -7.0)
     vector = np.random.default_rng(seed).normal(size=n)
     before = vector.copy()
-    solution = cholesky_solve(work, vector)
+    solution = cholesky_solve(work, vector, upper=upper)
     np.testing.assert_array_equal(vector, before)
     reference = np.linalg.solve(matrix, vector)
     # the condition number is 1e6: both solutions within 1e6 * eps of each other, relative
     assert np.abs(solution - reference).max() <= 1e-9 * np.abs(reference).max()
 
 
-def test_not_positive_definite_gives_the_failing_minor():
+@pytest.mark.parametrize("upper", [False, True])
+def test_not_positive_definite_gives_the_failing_minor(upper):
     matrix = np.diag([4.0, 1.0, -1.0, 2.0])
-    assert cholesky_in_place(matrix) == 3
+    assert cholesky_in_place(matrix, upper=upper) == 3
 
 
 @pytest.mark.parametrize("bad", [np.eye(3, dtype=np.float32), np.eye(4)[:, :3], np.eye(6)[::2, ::2],
