@@ -19,7 +19,6 @@ of the border are computed with zero padding and must be treated as edge by
 the caller.
 """
 
-import functools
 import threading
 
 import numpy as np

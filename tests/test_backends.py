@@ -80,7 +80,8 @@ PIPELINE_KERNELS = {"gdi_cut_stamps<float>", "gdi_correlate_stamps<double>", "gd
 
 
 @pytest.mark.slow
-def test_cuda_emulator_pipeline_matches_numpy(emulator, pair, reference, monkeypatch):
+def _launched_kernels(monkeypatch):
+    """The set that every kernel the emulator runs from now on (this test) is added to, by name."""
     launched = set()
     run = emulator_module.run
 
@@ -89,6 +90,11 @@ def test_cuda_emulator_pipeline_matches_numpy(emulator, pair, reference, monkeyp
         return run(unit, defines, name, *args)
 
     monkeypatch.setattr(emulator_module, "run", counting_run)
+    return launched
+
+
+def test_cuda_emulator_pipeline_matches_numpy(emulator, pair, reference, monkeypatch):
+    launched = _launched_kernels(monkeypatch)
     result = _subtract(pair, "cuda-emulator")
     assert launched == PIPELINE_KERNELS, "every hot operation must go through its kernel"
     assert len([c for c in result.kernel_cell_set.candidates if c.status == "GOOD"]) >= 6
@@ -104,14 +110,7 @@ def test_cuda_emulator_delta_function_basis_matches_numpy(emulator, pair, monkey
     config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=9, fit_for_background=True,
                             spatial_kernel_order=0, spatial_bg_order=0, size_cell_x=64, size_cell_y=64)
     expected = _subtract(pair, "numpy", config)
-    launched = set()
-    run = emulator_module.run
-
-    def counting_run(unit, defines, name, *args):
-        launched.add(name)
-        return run(unit, defines, name, *args)
-
-    monkeypatch.setattr(emulator_module, "run", counting_run)
+    launched = _launched_kernels(monkeypatch)
     result = _subtract(pair, "cuda-emulator", config)
     assert DELTA_FUNCTION_KERNELS <= launched, "the stamp systems must come from the stamps, without a design"
     assert not {"gdi_correlate_stamps<double>", "gdi_normal_equations<double>"} & launched

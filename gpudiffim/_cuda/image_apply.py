@@ -135,7 +135,7 @@ def accumulate_term(out, term, rows, cols):
     """
     check_array("out", out)
     launcher, xp = on_launcher(out)
-    ctype = float_ctype("out", out.dtype)
+    float_ctype("out", out.dtype)        # raises the TypeError on a non-float dtype
     if out.dtype != native(out.dtype) or not out.flags.c_contiguous:
         msg = f"out must be C-contiguous and in native byte order, got dtype {out.dtype}"
         raise TypeError(msg)
