@@ -125,13 +125,14 @@ class _Spectra:
     ``W (Q s)``, two matrix-vector products per ``lambda``.
     """
 
-    def __init__(self, matrices, vectors, regularization, n_basis):
+    def __init__(self, matrices, vectors, regularization, n_basis, placed=None):
         xp = array_module_of(matrices)
         self.systems, rhs = _kernel_systems(matrices, vectors, n_basis)
         # on the host, one BLAS thread per host thread: a multi-threaded eigh of 441^2 stalled
         # for ~1 s (instead of 20 ms) when the other core was busy
         with single_threaded_blas():
-            h_values, h_vectors = xp.linalg.eigh(xp.asarray(regularization[:n_basis, :n_basis], dtype=np.float64))
+            penalty = regularization if placed is None else placed     # placed: already where the matrices live
+            h_values, h_vectors = xp.linalg.eigh(xp.asarray(penalty[:n_basis, :n_basis], dtype=np.float64))
             floor = xp.maximum(h_values.max(), 0.0) * n_basis * np.finfo(np.float64).eps
             whiten = h_vectors / xp.sqrt(xp.maximum(h_values, floor))
             parts = _map_stamps(xp, lambda systems, vectors: _whitened_spectra(whiten, systems, vectors),
@@ -195,7 +196,7 @@ def _typical_stamps(kernel_sums):
     return np.flatnonzero(np.abs(kernel_sums - median) <= 3.0 * spread)
 
 
-def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
+def choose_lambda(matrices, vectors, x, y, regularization, n_basis, placed=None):
     """Choose ``lambda`` by minimum residual on held-out stamps.
 
     Parameters
@@ -210,9 +211,11 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
         sum (the sum of the delta-function coefficients) is more than 3
         robust sigma from the median take no part.
     regularization : ndarray of shape (P, P)
-        The regularisation matrix ``H``.
+        The regularisation matrix ``H`` (host).
     n_basis : int
         Kernel unknowns (the first ``n_basis`` of ``P``).
+    placed : ndarray of shape (P, P), optional
+        The same ``H`` already in the module of ``matrices`` (on a GPU: not copied again).
 
     Returns
     -------
@@ -221,14 +224,14 @@ def choose_lambda(matrices, vectors, x, y, regularization, n_basis):
     # the per-lambda products are small batched ones: with multi-threaded BLAS they took ~0.3 s a
     # pass instead of 4 ms (OpenBLAS, two cores); the limit nests with _Spectra's
     with single_threaded_blas():
-        return _choose_lambda(matrices, vectors, x, y, regularization, n_basis)
+        return _choose_lambda(matrices, vectors, x, y, regularization, n_basis, placed)
 
 
-def _choose_lambda(matrices, vectors, x, y, regularization, n_basis):
+def _choose_lambda(matrices, vectors, x, y, regularization, n_basis, placed=None):
     """:func:`choose_lambda` (BLAS limited by the caller)."""
     xp = array_module_of(matrices)
     penalty = to_host(regularization)
-    spectra = _Spectra(matrices, vectors, penalty, n_basis)
+    spectra = _Spectra(matrices, vectors, penalty, n_basis, placed)
     traces = to_host(xp.trace(matrices[:, :n_basis, :n_basis], axis1=1, axis2=2))
     scale = float(np.median(traces)) / float(np.trace(penalty[:n_basis, :n_basis]))
     members = _typical_stamps(to_host(spectra.kernels([0.01 * scale])[0].sum(axis=1)))

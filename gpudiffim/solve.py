@@ -28,7 +28,7 @@ from ._backend import array_module_of, index_dtype, on_device, single_threaded_b
 from ._ops import operations_for
 from .basis import SeparableBasis, renormalize_kernel_list, separable_form
 from .cellset import BAD, GOOD, RejectReason
-from .delta_function import delta_function_form
+from .delta_function import DeltaFunctionForm, delta_function_form
 from .errors import FitQualityWarning, NoKernelCandidatesError, SingularSystemError
 from .kernel import BackgroundModel, SpatialKernel
 from .linalg import EIGENVECTOR
@@ -264,17 +264,25 @@ class _Solver:
         """A host array (basis, regularisation) in the images' module, there once per solve.
 
         The original Alard-Lupton basis is built there from its separable form
-        (its 1-D factors and mixing moved, a few kB: :meth:`SeparableBasis.kernels_in`);
+        (its 1-D factors and mixing moved, a few kB: :meth:`SeparableBasis.kernels_in`),
+        the delta-function basis as the identity (nothing moved, where 1.6 MB were at 21 x 21);
         other arrays are copied.
         """
         if array is None or not on_device(self.xp):
             return array
         key = id(array)
         if key not in self._on_device:
-            built = array is self.basis.kernels and isinstance(self.separable, SeparableBasis)
-            self._on_device[key] = (array, self.separable.kernels_in(self.xp) if built
-                                    else self.xp.asarray(array, dtype=np.float64))
+            self._on_device[key] = (array, self._built_on_device(array))
         return self._on_device[key][1]
+
+    def _built_on_device(self, array):
+        """``array`` in the images' module: the original basis from its form where it has one, else copied."""
+        if array is self.basis.kernels and isinstance(self.separable, SeparableBasis):
+            return self.separable.kernels_in(self.xp)
+        if array is self.basis.kernels and isinstance(self.separable, DeltaFunctionForm):
+            n = len(array)
+            return self.xp.eye(n, dtype=np.float64).reshape(array.shape)
+        return self.xp.asarray(array, dtype=np.float64)
 
     def batch_size(self, n_basis):
         """Candidates per stamp-fit batch: design matrices near ``_DESIGN_BATCH_VALUES`` values
@@ -391,7 +399,8 @@ class _Solver:
         matrix, vector = stamp_normal_equations(self.batch(subset), self.where_images_live(self.basis.kernels),
                                                 self.config, ops=self.ops, separable=self.separable)
         choice = choose_lambda(matrix, vector, self.cell_set.x[subset], self.cell_set.y[subset],
-                               self.regularization, self.basis.n_basis)
+                               self.regularization, self.basis.n_basis,
+                               placed=self.where_images_live(self.regularization))
         self.config = dataclasses.replace(self.config, lambda_type="absolute", lambda_value=choice.value)
         return choice
 

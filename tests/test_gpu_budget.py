@@ -143,3 +143,20 @@ def test_term_batches_bound_the_full_image_memory(monkeypatch):
     np.testing.assert_array_equal(variance_1, variance)
     assert launches_1 > launches                        # more batches, each with its accumulation
     assert peak_1 < peak
+
+
+def test_delta_function_basis_is_formed_on_the_device():
+    """The delta-function basis goes to the GPU as the identity formed there, and the regularisation
+    matrix once per solve (the lambda choice takes the same copy): no upload of either per batch or twice."""
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=9, spatial_kernel_order=1)
+    n_basis = config.kernel_size ** 2
+    penalty_bytes = (n_basis + 1) ** 2 * 8             # H with the background row and column
+    pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)
+    with cupy_standin(kernels="numpy") as recorder:
+        template, science = to_device(pair.template), to_device(pair.science)
+        recorder.events.clear()
+        ImagePsfMatchTask(config).subtract_masked_images(template, science)
+    large = [e.nbytes for e in recorder.events if e.kind == "h2d" and e.nbytes >= n_basis ** 2 * 8]
+    assert large == [penalty_bytes], recorder.sites("h2d").most_common(8)   # H once; never the 81 x 9 x 9 basis
+    # the rest: the decisions of the passes and each spatial iteration's PCA basis (10 x 81 values)
+    assert recorder.bytes("h2d") - penalty_bytes < 40_000, recorder.sites("h2d").most_common(8)
