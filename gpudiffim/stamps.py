@@ -344,7 +344,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
     ops = operations_for(batch.template) if ops is None else ops
-    if _fits_delta_functions_directly(separable, config) and ops.fits_delta_functions_directly:
+    if fits_delta_functions_directly(separable, config) and ops.fits_delta_functions_directly:
         return _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix)
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
@@ -366,7 +366,7 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     return fit
 
 
-def _fits_delta_functions_directly(form, config):
+def fits_delta_functions_directly(form, config):
     """Whether a fit forms its normal equations without a design matrix (issue 13): the
     delta-function basis, one weight per stamp, no condition-number check.  On the host it then
     takes :func:`gpudiffim.delta_function.fit_delta_function` whole (``ops.fits_delta_functions_directly``);
@@ -408,8 +408,8 @@ def stamp_normal_equations(batch, basis, config, *, ops=None, separable=None):
 def _normal_equations(ops, batch, basis, config, separable=None):
     """Design columns, target, weights, failure codes and ``(M, b)`` of a batch (``basis`` where it lives;
     ``separable``, its separable form if it has one).  Delta-function fits without a design
-    (:func:`_fits_delta_functions_directly`) have no columns or target (None)."""
-    if _fits_delta_functions_directly(separable, config):
+    (:func:`fits_delta_functions_directly`) have no columns or target (None)."""
+    if fits_delta_functions_directly(separable, config):
         width = basis.shape[1]
         weights, codes = _stamp_weights(ops, batch, width // 2, True)
         return None, None, weights, codes, ops.delta_function_normal_equations(
