@@ -54,7 +54,8 @@ from .delta_function import (
 from .linalg import STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
-           "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts"]
+           "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts",
+           "fits_delta_functions_directly"]
 
 
 @dataclass(frozen=True)
