@@ -874,11 +874,12 @@ class KernelOperations(NumpyOperations):
         ``device_centres`` has them already (and returned: the batch's spatial terms are computed from
         them, :meth:`spatial_terms`)."""
         from ._cuda import stamp_fit
+        from ._cuda._host import centres_in
 
         xp = array_module_of(science.image)
         centres = device_centres
         if centres is None:
-            centres = stamp_fit.upload_centres(xp, centres_rc) if len(centres_rc) else xp.empty((0, 2), np.int32)
+            centres = centres_in(xp, centres_rc) if len(centres_rc) else xp.empty((0, 2), np.int32)
         t_image, t_variance, t_mask = stamp_fit.cut_stamps(template.image, template.variance, template.mask,
                                                            centres_rc, half_size, device_centres=centres)
         s_image, s_variance, s_mask = stamp_fit.cut_stamps(science.image, science.variance, science.mask,

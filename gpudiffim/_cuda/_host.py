@@ -12,7 +12,8 @@ import numpy as np
 from .._backend import array_module, is_device_array
 from .launch import launcher_for
 
-__all__ = ["check_array", "float_dtype", "int32_bits", "int32_mask", "native", "on_launcher", "output", "prepare"]
+__all__ = ["centres_in", "check_array", "float_dtype", "int32_bits", "int32_mask", "native", "on_launcher", "output",
+           "prepare"]
 
 _INT32 = np.iinfo(np.int32)
 
@@ -98,3 +99,11 @@ def int32_bits(name, value):
         msg = f"{name} must fit in int32, got {value}"
         raise ValueError(msg)
     return value
+
+
+def centres_in(xp, centres_rc):
+    """(n, 2) int32 ``(row, column)`` centres in ``xp``: an array of ``xp`` as it is (converted where
+    needed), host centres converted on the host, then uploaded (one call, 8 bytes a centre)."""
+    if isinstance(centres_rc, xp.ndarray):
+        return prepare(xp, centres_rc, np.int32, 2, "centres_rc")
+    return xp.asarray(np.ascontiguousarray(np.asarray(centres_rc).reshape(-1, 2), dtype=np.int32))

@@ -10,7 +10,7 @@ the CPU emulator) or CuPy arrays (run on the GPU), as
 import numpy as np
 
 from ..cutouts import FOOTPRINT_ROWS
-from ._host import on_launcher, prepare
+from ._host import centres_in, on_launcher, prepare
 from .launch import launch
 from .signatures import float_ctype
 
@@ -116,14 +116,6 @@ def select_rows(rows, selected):
     return out
 
 
-def _centres(xp, centres_rc):
-    """(n, 2) int32 ``(row, column)`` centres in ``xp``: host centres are converted on the host, then
-    uploaded (one call, 8 bytes per centre)."""
-    if isinstance(centres_rc, xp.ndarray):
-        return prepare(xp, centres_rc, np.int32, 2, "centres_rc")
-    return xp.asarray(np.ascontiguousarray(np.asarray(centres_rc).reshape(-1, 2), dtype=np.int32))
-
-
 def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radius, radius, max_stars, *,
                  n_iter=30, initial=2.0):
     """Core S/N ratings of every centre and the adaptive sigmas of the best-rated stars, in one buffer.
@@ -163,8 +155,8 @@ def rated_sigmas(image, variance, images, centres_rc, star_centres_rc, core_radi
     _, xp = on_launcher(image, variance, *images)
     image, variance = (prepare(xp, plane, image.dtype, 2, "planes") for plane in (image, variance))
     images = [prepare(xp, plane, images[0].dtype, 2, "images") for plane in images]
-    centres = _centres(xp, centres_rc)
-    star_centres = centres if star_centres_rc is None else _centres(xp, star_centres_rc)
+    centres = centres_in(xp, centres_rc)
+    star_centres = centres if star_centres_rc is None else centres_in(xp, star_centres_rc)
     n = len(centres)
     values = xp.full(n + len(images) * max_stars, np.nan)
     if n:
@@ -184,7 +176,7 @@ def stamps_flagged(mask_a, mask_b, centres_rc, half_size, bad_bits):
     """
     _, xp = on_launcher(mask_a, mask_b)
     mask_a, mask_b = (prepare(xp, m, np.int32, 2, "masks") for m in (mask_a, mask_b))
-    centres = _centres(xp, centres_rc)
+    centres = centres_in(xp, centres_rc)
     n = len(centres)
     flagged = xp.empty(n, dtype=np.int32)
     if n:

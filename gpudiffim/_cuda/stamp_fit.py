@@ -25,7 +25,7 @@ float64; native byte order) before the launch.
 
 import numpy as np
 
-from ._host import float_dtype, on_launcher, output, prepare
+from ._host import centres_in, float_dtype, on_launcher, output, prepare
 from .launch import launch
 from .signatures import ctype_of
 
@@ -41,7 +41,6 @@ __all__ = [
     "correlate_stamps",
     "correlate_stamps_geometry",
     "cut_stamps",
-    "upload_centres",
     "normal_equations",
     "normal_equations_geometry",
 ]
@@ -262,7 +261,7 @@ def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
         stamp must lie inside (checked here, on the host).
     half : int
     device_centres : ndarray of int32, shape (n, 2), optional
-        ``centres_rc`` already in the planes' array module (:func:`upload_centres`), so that the
+        ``centres_rc`` already in the planes' array module (:func:`~gpudiffim._cuda._host.centres_in`), so that the
         planes of several images are cut with one upload.
 
     Returns
@@ -285,16 +284,11 @@ def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
     n, size = len(centres_rc), 2 * int(half) + 1
     outputs = (xp.empty((n, size, size)), xp.empty((n, size, size)), xp.empty((n, size, size), dtype=np.int32))
     if n:
-        centres = upload_centres(xp, centres_rc) if device_centres is None else device_centres
+        centres = centres_in(xp, centres_rc) if device_centres is None else device_centres
         grid = (min(-(-n * size * size // CUT_THREADS), 65535),)
         launch(f"gdi_cut_stamps<{ctype_of(dtype)}>", grid, (CUT_THREADS,),
                (image, variance, mask, nx, centres, n, int(half), *outputs))
     return outputs
-
-
-def upload_centres(xp, centres_rc):
-    """Host stamp centres (n, 2) as the int32 array of ``xp`` that :func:`cut_stamps` reads (one upload)."""
-    return xp.asarray(np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2).astype(np.int32))
 
 
 # ---------------------------------------------------------------------------
