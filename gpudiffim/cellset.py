@@ -173,13 +173,14 @@ class StampSolutions:
         """Whether each candidate has a solution (failed fits included)."""
         return self.batch >= 0
 
-    def store(self, index, coefficients, background, kernel_sum, batch):
-        """Record the fit of batch number ``batch`` for the candidates ``index`` (in batch order)."""
+    def store(self, index, coefficients, background, kernel_sum, batch, rows=None):
+        """Record the fit of batch number ``batch`` for the candidates ``index``: its rows ``rows``
+        (default: the candidates are the batch, in order)."""
         self.coefficients[index] = coefficients
         self.background[index] = background
         self.kernel_sum[index] = kernel_sum
         self.batch[index] = batch
-        self.row[index] = np.arange(len(index))
+        self.row[index] = np.arange(len(index)) if rows is None else rows
 
 
 class SpatialCellSet:

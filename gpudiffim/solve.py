@@ -62,6 +62,9 @@ _DESIGN_BATCH_VALUES = 25_000_000
 _AUTO_LAMBDA_STAMPS = 16
 #: On the GPU a batch may be this many times larger (~400 MB of design): fewer launches and read-backs.
 _DEVICE_BATCH_FACTOR = 2
+#: On the GPU, per cell, the candidates after the visited ones fitted ahead in the room a pass's batches
+#: leave (:meth:`_Solver.spares`): the replacements of later passes are then mostly fitted already.
+_SPARES_PER_CELL = 3
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,12 @@ class _Solver:
         self.batches = []
         #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
         self.assessed = None
+        #: Spares fitted ahead on the original basis (:meth:`spares`), not yet visited: the batch
+        #: and row of each candidate's outcome (-1: none), and per batch number its host outcome
+        #: rows of :func:`_read_back` and failure sentences.
+        self.spare_batch = np.full(len(cell_set), -1, dtype=np.int64)
+        self.spare_row = np.full(len(cell_set), -1, dtype=np.int64)
+        self.outcomes = {}
 
     def spatial_function(self, order):
         return SpatialFunction(self.config.spatial_model_type, order, self.cell_set.bbox)
@@ -308,21 +317,74 @@ class _Solver:
         """Fit the candidates ``index`` with ``basis``, store under ``key``, clip; return #rejected.
 
         Candidates are fitted in batches sized so that the design matrices of
-        a batch stay near ``_DESIGN_BATCH_VALUES`` float64 values.
+        a batch stay near ``_DESIGN_BATCH_VALUES`` float64 values.  On the
+        original basis, those already fitted as spares take their outcome as
+        it was read back (no device work), and the batches' room takes new
+        spares (:meth:`spares`).
         """
         size = self.batch_size(basis)
         solution = self.cell_set.solution(key, len(basis))
         keep_rows = key == "orig" and self.config.quality_report
         keep_matrix = key == self.spatial_key()
-        return sum(self._build_batch(index[start:start + size], basis, solution, regularization, keep_rows,
-                                     keep_matrix) for start in range(0, len(index), size))
+        n_rejected = 0
+        if key == "orig":
+            ready = self.spare_batch[index] >= 0
+            n_rejected += self._take_spares(index[ready], solution)
+            index = index[~ready]
+        spares = self.spares(index, size) if key == "orig" else index[:0]
+        index = np.concatenate([index, spares])
+        return n_rejected + sum(self._build_batch(index[start:start + size], basis, solution, regularization,
+                                                  keep_rows, keep_matrix, spares)
+                                for start in range(0, len(index), size))
+
+    def spares(self, index, size):
+        """Candidates to fit with ``index`` ahead of their visit: on the GPU, per cell, up to
+        ``_SPARES_PER_CELL`` of those after the visited ones (the nearest first), in the room the
+        batches of ``size`` that ``index`` needs leave, so that they cost neither a launch nor a
+        read-back.  Their outcomes wait until a pass visits them (:meth:`build`); decisions are
+        those of fitting them then.  None on the host (each fit costs CPU time there)."""
+        n_visit = self.config.n_star_per_cell
+        room = -len(index) % size
+        if not on_device(self.xp) or not len(index) or not room or n_visit <= 0:
+            return index[:0]
+        solution = self.cell_set.solutions.get("orig")
+        taken = self.spare_batch >= 0
+        if solution is not None:
+            taken |= solution.fitted
+        taken[index] = True
+        taken[self.cell_set.visit(n_visit)] = True
+        picked = []
+        for extra in range(1, _SPARES_PER_CELL + 1):
+            ahead = self.cell_set.visit(n_visit + extra)
+            picked.append(ahead[~taken[ahead]])
+            taken[ahead] = True
+        return np.concatenate([index[:0], *picked])[:room]
+
+    def _take_spares(self, index, solution):
+        """Store and judge the spares ``index`` from their outcomes read back before; return #rejected."""
+        n_rejected = 0
+        batches = self.spare_batch[index]
+        for batch_id in np.unique(batches).tolist():
+            mine = index[batches == batch_id]
+            n_rejected += self._commit(mine, self.spare_row[mine], batch_id, solution)
+            self.spare_batch[mine] = self.spare_row[mine] = -1
+        return n_rejected
+
+    def _commit(self, index, rows, batch_id, solution):
+        """Store rows ``rows`` of fitted batch ``batch_id`` as the solutions of ``index`` and judge them."""
+        packed, failures = self.outcomes[batch_id]
+        outcome = _Outcome.unpack(packed[rows])
+        solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, batch_id, rows)
+        return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
+                           outcome.failure_code, [failures[row] for row in rows.tolist()])[1]
 
     def spatial_key(self):
         """The solutions the spatial fit uses ("pca" or "orig"): only theirs keep their normal matrices."""
         return "pca" if self.config.pca_spatial_kernel else "orig"
 
-    def _build_batch(self, index, basis, solution, regularization, keep_rows, keep_matrix):
-        """Fit one batch where the images live, read its outcome back once, store and judge it.
+    def _build_batch(self, index, basis, solution, regularization, keep_rows, keep_matrix, spares):
+        """Fit one batch where the images live, read its outcome back once, store and judge it
+        (the ``spares`` among ``index``: keep their outcome for their visit).
 
         The stamps whose rank-deficient systems the device left unsolved
         (:attr:`~gpudiffim.stamps.StampFit.deferred`; rare) are fitted again
@@ -340,16 +402,17 @@ class _Solver:
                                                             keep_rows, keep_matrix, defer=False)
             if keep_rows:
                 rows[self.xp.asarray(redo)] = redo_rows
-        outcome = _Outcome.unpack(packed)
-        solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, len(self.batches))
         stored = {"matrix": fit.normal_matrix, "vector": fit.normal_vector, "rows": rows, "n_basis": len(basis),
                   "centres": centres}
         if fit.information is not None:         # formed by the fit where the matrices are not kept
             stored["information"] = fit.information
+        batch_id = len(self.batches)
         self.batches.append(stored)
-        failures = failure_texts(outcome.failure_code, outcome.solve_status, fit.condition)
-        return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
-                           outcome.failure_code, failures)[1]
+        self.outcomes[batch_id] = (packed, failure_texts(packed[:, 3].astype(np.int8),
+                                                         packed[:, _STATUS_COLUMN].astype(np.int8), fit.condition))
+        ahead = np.isin(index, spares) if len(spares) else np.zeros(len(index), dtype=bool)
+        self.spare_batch[index[ahead]], self.spare_row[index[ahead]] = batch_id, np.flatnonzero(ahead)
+        return self._commit(index[~ahead], np.flatnonzero(~ahead), batch_id, solution)
 
     def _fit_batch(self, index, basis, separable, regularization, keep_rows, keep_matrix, defer):
         """``(stamp centres, fit, host outcome rows of _read_back, D/sigma rows or None)`` of the stamps

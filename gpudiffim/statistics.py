@@ -262,12 +262,6 @@ def moments_to_statistics(n, sum_z, sum_z2):
     return ResidualStatistics(mean=mean, rms=np.sqrt(np.maximum(var, 0.0)), n_pixels=n)
 
 
-def _quartiles(values):
-    """Median and quartiles with linear interpolation at p (n - 1)."""
-    q1, median, q3 = np.quantile(values, [0.25, 0.5, 0.75], method="linear")
-    return median, q3 - q1
-
-
 def clipped_mean_std(values, n_sigma=3.0, n_iter=3):
     """``afw`` MEANCLIP and STDEVCLIP of a sample.
 
@@ -297,17 +291,47 @@ def clipped_mean_std(values, n_sigma=3.0, n_iter=3):
         return np.nan, np.nan
     if values.size == 1:
         return float(values[0]), 0.0
-    median, iqr = _quartiles(values)
+    median, iqr = _sorted_quartiles(np.sort(values))
     centre, half_width = median, n_sigma * IQR_TO_SIGMA * iqr
     mean = std = np.nan
     for _ in range(n_iter):
         kept = values[np.abs(values - centre) <= half_width]
         if kept.size == 0:
             break
-        mean = float(kept.mean())
-        std = float(kept.std(ddof=1)) if kept.size > 1 else 0.0
+        mean, std = _mean_std(kept)
         centre, half_width = mean, n_sigma * std
     return mean, std
+
+
+def _mean_std(values):
+    """``(values.mean(), values.std(ddof=1))`` as floats (0 for one value), by the same operations in the
+    same order as NumPy's (bit for bit) without its dispatch: the solve loop clips every pass."""
+    n = values.size
+    mean = np.add.reduce(values) / n
+    if n == 1:
+        return float(mean), 0.0
+    deviations = values - mean
+    np.multiply(deviations, deviations, out=deviations)
+    return float(mean), float(np.sqrt(np.add.reduce(deviations) / (n - 1)))
+
+
+def _sorted_quartiles(ordered):
+    """``(median, q3 - q1)`` of a sorted sample: quantiles at ``p (n - 1)``, ``np.quantile``'s ``linear``
+    method bit for bit."""
+    last = ordered.size - 1
+    q1, median, q3 = (_lerp_at(ordered, q * last) for q in (0.25, 0.5, 0.75))
+    return median, q3 - q1
+
+
+def _lerp_at(ordered, position):
+    """The value at fractional ``position`` of a sorted sample, interpolated as ``np.quantile`` does
+    (``a + (b - a) t`` below ``t = 1/2``, ``b - (b - a)(1 - t)`` from there)."""
+    below = int(np.floor(position))
+    t = position - below
+    a = ordered[below]
+    b = ordered[min(below + 1, ordered.size - 1)]
+    step = b - a
+    return b - step * (1.0 - t) if t >= 0.5 else a + step * t
 
 
 # ---------------------------------------------------------------------------

@@ -175,3 +175,47 @@ def test_delta_function_stamps_cholesky_cannot_take_get_the_numpy_decisions(monk
     np.testing.assert_array_equal(cells.column("reason"), expected.column("reason"))
     np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
                                rtol=0, atol=1e-7)
+
+
+def _batch_sizes(monkeypatch):
+    """The number of stamps of every batch the solve loop fits."""
+    sizes, original = [], solve._Solver._build_batch
+
+    def build_batch(self, index, *args):
+        sizes.append(len(index))
+        return original(self, index, *args)
+
+    monkeypatch.setattr(solve._Solver, "_build_batch", build_batch)
+    return sizes
+
+
+def test_spares_fitted_ahead_give_the_numpy_decisions_in_fewer_passes(monkeypatch):
+    """On the GPU the first pass also fits, per cell, the next candidates a visit would reach after
+    rejections (``solve._SPARES_PER_CELL``): the kernel-sum restarts of this pair (seven passes of
+    10, 5, 3, 2, 1, 1, 1 replacements) then find most replacements fitted.  Every decision, reason
+    and stamp solution is the NumPy backend's, and a spare never visited is not reported as fitted."""
+    sizes = _batch_sizes(monkeypatch)
+    pair = make_fake_pair(shape=(768, 768), n_stars=800, seed=3)
+    config = PsfMatchConfig()
+    reference = ImagePsfMatchTask(config).subtract_masked_images(pair.template, pair.science)
+    assert sizes == [180, 10, 5, 3, 2, 1, 1, 1]                 # the host fits each pass's replacements
+    results, ahead = {}, solve._SPARES_PER_CELL
+    assert ahead > 0
+    for spares in (0, ahead):
+        monkeypatch.setattr(solve, "_SPARES_PER_CELL", spares)
+        sizes.clear()
+        with cupy_standin(kernels="numpy"):
+            result = ImagePsfMatchTask(config).subtract_masked_images(to_device(pair.template),
+                                                                      to_device(pair.science))
+        results[spares] = (list(sizes), result)
+    assert results[0][0] == [180, 10, 5, 3, 2, 1, 1, 1]
+    assert len(results[ahead][0]) == 2 and results[ahead][0][0] > 180      # spares in the first batch's room
+    result = results[ahead][1]
+    cells, expected = result.kernel_cell_set, reference.kernel_cell_set
+    for column in ("status", "reason"):
+        np.testing.assert_array_equal(cells.column(column), expected.column(column))
+    np.testing.assert_allclose(cells.column("kernel_sum"), expected.column("kernel_sum"), rtol=1e-9, atol=1e-12,
+                               equal_nan=True)
+    np.testing.assert_array_equal(result.residual_rows.index, reference.residual_rows.index)
+    np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
+                               rtol=0, atol=1e-7)
