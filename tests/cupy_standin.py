@@ -24,6 +24,18 @@ to a CuPy function other than ``asarray``/``array`` (and friends).  NumPy
 ufuncs called on device arrays run as CuPy's (as ``__array_ufunc__`` does in
 CuPy); other NumPy functions on device arrays (``__array_function__``) are
 refused, stricter than CuPy, so that the pipeline names its array module.
+
+Emulated device work runs on the host's cores and flushes their caches (a
+2048^2 plane is 16 MB; the L3 of the CI machine 32 MB), so the host code after
+it runs from memory: on this machine a one-line helper took 2-3 us warm and
+15-40 us after a device operation.  A GPU leaves the host's caches alone.  A
+*tape* (:class:`Tape`) removes the effect: a run records the form of every
+device operation's result (shape, dtype and strides of arrays, Python values)
+and the values every synchronisation read back; a second run of the same
+subtraction with ``cupy_standin(tape=..., replay=True)`` then does no device
+work at all (results are uninitialised arrays of the recorded forms, read-backs
+the recorded values), so its host time is the pipeline's alone with warm
+caches.  A replay that asks for another operation than the recorded one raises.
 """
 
 import contextlib
@@ -224,6 +236,93 @@ class Recorder:
 
 #: The recorder of the active stand-in (one at a time).
 _RECORDER = None
+#: The tape being recorded, or replayed (see :class:`Tape`); None without one.
+_TAPE = None
+#: Whether :data:`_TAPE` is replayed (no device work) rather than recorded.
+_REPLAY = False
+
+
+class Tape:
+    """The device operations of one run, in order: a label and the form of each result.
+
+    Recorded by ``cupy_standin(tape=Tape())``; replayed by ``cupy_standin(tape=tape, replay=True)``
+    on the same inputs, where every operation returns its recorded form without computing it.
+    """
+
+    def __init__(self):
+        self.entries = []
+        self.position = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def put(self, label, result):
+        """Record ``label`` and the form of ``result``; return ``result``."""
+        self.entries.append((label, _form(result)))
+        return result
+
+    def take(self, label):
+        """The next recorded result (rebuilt from its form) of the operation ``label``."""
+        if self.position >= len(self.entries):
+            raise StandinError(f"replay past the end of the tape ({len(self.entries)} operations) at {label}")
+        recorded, form = self.entries[self.position]
+        if recorded != label:
+            raise StandinError(f"replay diverged at operation {self.position}: recorded {recorded}, now {label} "
+                               f"at {_call_site()}")
+        self.position += 1
+        return _rebuild(form)
+
+
+def _form(value):
+    """What :func:`_rebuild` needs of a result: array layouts, containers, Python values, read-back copies."""
+    if isinstance(value, ndarray):
+        return ("device", value._a.shape, value._a.dtype, value._a.strides)
+    if isinstance(value, np.ndarray):
+        return ("host", value.copy())
+    if isinstance(value, (tuple, list)):
+        return (type(value), [_form(v) for v in value])
+    return ("value", value)
+
+
+def _rebuild(form):
+    kind = form[0]
+    if kind == "device":
+        return ndarray(_uninitialised(*form[1:]))
+    if kind == "host":
+        return form[1].copy()
+    if kind == "value":
+        return form[1]
+    return kind(_rebuild(f) for f in form[1])
+
+
+def _uninitialised(shape, dtype, strides):
+    """An array of ``shape``, ``dtype`` and ``strides`` over fresh, untouched memory (no page is faulted in)."""
+    itemsize = dtype.itemsize
+    low = sum((n - 1) * stride for n, stride in zip(shape, strides) if stride < 0 and n)
+    high = sum((n - 1) * stride for n, stride in zip(shape, strides) if stride > 0 and n)
+    empty = 0 in shape
+    buffer = np.empty(0 if empty else high - low + itemsize, dtype=np.uint8)
+    return np.ndarray(shape, dtype, buffer=buffer, offset=0 if empty else -low, strides=strides)
+
+
+def _tape_skips(label):
+    """Put ``label`` (no result) on a recorded tape, or take it from a replayed one: True to skip the work."""
+    if _TAPE is None:
+        return False
+    if _REPLAY:
+        _TAPE.take(label)
+        return True
+    _TAPE.put(label, None)
+    return False
+
+
+def _taped(label, compute):
+    """``compute()`` (device work), its result's form recorded on the tape; on a replay, the recorded form."""
+    if _TAPE is None:
+        return compute()
+    if _REPLAY:
+        return _TAPE.take(label)
+    return _TAPE.put(label, compute())
 
 
 #: Helpers whose callers are the call sites worth reporting.
@@ -437,7 +536,8 @@ class ndarray:
             _refuse(f"NumPy ufunc numpy.{ufunc.__name__}.{method} on a device array")
         with _device_work():
             _record("call", f"cupy.{ufunc.__name__}")
-            return _wrap(ufunc(*(_operand(x, ufunc.__name__) for x in inputs), **kwargs))
+            return _taped(f"cupy.{ufunc.__name__}",
+                          lambda: _wrap(ufunc(*(_operand(x, ufunc.__name__) for x in inputs), **kwargs)))
 
     def __array_function__(self, func, types, args, kwargs):
         _refuse(f"NumPy function numpy.{func.__name__} on a device array")
@@ -445,23 +545,23 @@ class ndarray:
     def get(self, stream=None, order="C", out=None, blocking=True):
         with _device_work():                # the copy is the transfer (device work), not host Python
             _record("sync", "ndarray.get", self._a.nbytes)
-            return np.array(self._a, order=order, copy=True)
+            return _taped("ndarray.get", lambda: np.array(self._a, order=order, copy=True))
 
     def set(self, array, stream=None):
         with _device_work():
             _record("h2d", "ndarray.set", np.asarray(array).nbytes)
-            self._a[...] = array
+            _taped("ndarray.set", lambda: self._a.__setitem__(Ellipsis, array))
 
     def _scalar(self, name):
         _record("sync", name, self._a.itemsize)
-        return self._a
+        return _taped(name, lambda: np.array(self._a))
 
     def item(self, *args):
         return self._scalar("ndarray.item").item(*args)
 
     def tolist(self):
         _record("sync", "ndarray.tolist", self._a.nbytes)
-        return self._a.tolist()
+        return _taped("ndarray.tolist", self._a.tolist)
 
     def __float__(self):
         return float(self._scalar("float(ndarray)"))
@@ -490,19 +590,21 @@ class ndarray:
         with _device_work():
             _record("call", "ndarray.__getitem__")
             _record_mask_sync(key, "ndarray.__getitem__ with a boolean mask")
-            return _wrap(self._a[_unwrap(key, "an index", host_ok=True)])
+            key = _unwrap(key, "an index", host_ok=True)
+            return _taped("ndarray.__getitem__", lambda: _wrap(self._a[key]))
 
     def __setitem__(self, key, value):
         with _device_work():
             _record("call", "ndarray.__setitem__")
             _record_mask_sync(key, "ndarray.__setitem__ with a boolean mask")
-            self._a[_unwrap(key, "an index", host_ok=True)] = _unwrap(value, "a value", host_ok=True)
+            key, value = _unwrap(key, "an index", host_ok=True), _unwrap(value, "a value", host_ok=True)
+            _taped("ndarray.__setitem__", lambda: self._a.__setitem__(key, value))
 
     def argsort(self, axis=-1):
         """CuPy's argsort is stable (NumPy's default is not)."""
         with _device_work():
             _record("call", "ndarray.argsort")
-            return ndarray(np.argsort(self._a, axis=axis, kind="stable"))
+            return _taped("ndarray.argsort", lambda: ndarray(np.argsort(self._a, axis=axis, kind="stable")))
 
     # any other array method
     def __getattr__(self, name):
@@ -517,7 +619,8 @@ class ndarray:
                 _record("call", f"ndarray.{name}")
                 if name in _SIZE_FROM_DATA:
                     _record("sync", f"ndarray.{name} (output size from the data)")
-                return _wrap(attribute(*_unwrap(args, f"ndarray.{name}"), **_unwrap(kwargs, f"ndarray.{name}")))
+                return _taped(f"ndarray.{name}", lambda: _wrap(attribute(*_unwrap(args, f"ndarray.{name}"),
+                                                                          **_unwrap(kwargs, f"ndarray.{name}"))))
 
         return method
 
@@ -538,20 +641,22 @@ def _binary(name):
     def op(self, other):
         with _device_work():
             _record("call", f"ndarray.{name}")
-            result = getattr(self._a, name)(_operand(other, name))
-        if result is NotImplemented:
-            return result
-        return _wrap(result)
+            return _taped(f"ndarray.{name}", lambda: _wrap(getattr(self._a, name)(_operand(other, name))))
 
     op.__name__ = name
     return op
+
+
+def _nothing(_):
+    """No result (an in-place operation's, which returns its operand)."""
+    return None
 
 
 def _inplace(name):
     def op(self, other):
         with _device_work():
             _record("call", f"ndarray.{name}")
-            getattr(self._a, name)(_operand(other, name))
+            _taped(f"ndarray.{name}", lambda: _nothing(getattr(self._a, name)(_operand(other, name))))
         return self
 
     op.__name__ = name
@@ -562,7 +667,7 @@ def _unary(name):
     def op(self):
         with _device_work():
             _record("call", f"ndarray.{name}")
-            return _wrap(getattr(self._a, name)())
+            return _taped(f"ndarray.{name}", lambda: _wrap(getattr(self._a, name)()))
 
     op.__name__ = name
     return op
@@ -599,13 +704,19 @@ def _function(library, name, label):
             _record("call", label)
             if name in _SIZE_FROM_DATA or (name == "where" and len(args) + len(kwargs) == 1):
                 _record("sync", f"{label} (output size from the data)")
-            host_ok = name in _HOST_ACCEPTING
-            host_keywords = _HOST_KEYWORDS.get(name, ())
-            args = _unwrap(args, label, host_ok)
-            kwargs = {k: v if k in host_keywords else _unwrap(v, label, host_ok) for k, v in kwargs.items()}
-            return _wrap(target(*args, **kwargs))
+            args, kwargs = _arguments(name, label, args, kwargs)      # uploads recorded on a replay too
+            return _taped(label, lambda: _wrap(target(*args, **kwargs)))
 
     return call
+
+
+def _arguments(name, label, args, kwargs):
+    """The NumPy data of a CuPy function's arguments (host arrays where CuPy takes them: uploads)."""
+    host_ok = name in _HOST_ACCEPTING
+    host_keywords = _HOST_KEYWORDS.get(name, ())
+    args = _unwrap(args, label, host_ok)
+    kwargs = {k: v if k in host_keywords else _unwrap(v, label, host_ok) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 class _Ufunc:
@@ -615,9 +726,9 @@ class _Ufunc:
 
     def __call__(self, *args, **kwargs):
         with _device_work():
-            _record("call", f"cupy.{self.__name__}")
-            return _wrap(self._ufunc(*_unwrap(args, f"cupy.{self.__name__}"),
-                                     **_unwrap(kwargs, f"cupy.{self.__name__}")))
+            label = f"cupy.{self.__name__}"
+            _record("call", label)
+            return _taped(label, lambda: _wrap(self._ufunc(*_unwrap(args, label), **_unwrap(kwargs, label))))
 
     def __getattr__(self, method):
         bound = getattr(self._ufunc, method)
@@ -626,7 +737,7 @@ class _Ufunc:
         def call(*args, **kwargs):
             with _device_work():
                 _record("call", label)
-                return _wrap(bound(*_unwrap(args, label), **_unwrap(kwargs, label)))
+                return _taped(label, lambda: _wrap(bound(*_unwrap(args, label), **_unwrap(kwargs, label))))
 
         return call
 
@@ -657,7 +768,8 @@ def _argsort(a, axis=-1):
     """``cupy.argsort``: stable, as CuPy's (NumPy's default is not)."""
     with _device_work():
         _record("call", "cupy.argsort")
-        return ndarray(np.argsort(_unwrap(a, "cupy.argsort"), axis=axis, kind="stable"))
+        return _taped("cupy.argsort", lambda: ndarray(np.argsort(_unwrap(a, "cupy.argsort"), axis=axis,
+                                                                 kind="stable")))
 
 
 def _asnumpy(array, stream=None, order="C", out=None, blocking=True):
@@ -783,16 +895,20 @@ class _RawKernel:
             leaked = [k for k, a in enumerate(args) if isinstance(a, np.ndarray)]
             if leaked:
                 _refuse(f"host arrays as kernel arguments {leaked} of {self.name}")
-            host_args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
-            fast = _FAST_KERNELS.get(self.name) if _KERNEL_MODE == "numpy" else None
-            if fast is not None:
-                fast(*host_args)
-            else:
-                from gpudiffim._cuda import emulator
-
-                emulator.run(self.unit, self.defines, self.name, _dims(grid), _dims(block), host_args)
+            _taped(self.name, lambda: self._run(grid, block, args))
             if _RECORDER is not None:
                 _RECORDER.launch_seconds[self.name] += _clock() - start
+
+
+    def _run(self, grid, block, args):
+        host_args = tuple(a._a if isinstance(a, ndarray) else a for a in args)
+        fast = _FAST_KERNELS.get(self.name) if _KERNEL_MODE == "numpy" else None
+        if fast is not None:
+            fast(*host_args)
+        else:
+            from gpudiffim._cuda import emulator
+
+            emulator.run(self.unit, self.defines, self.name, _dims(grid), _dims(block), host_args)
 
 
 def _dims(value):
@@ -821,6 +937,8 @@ def _dgetrf_batched(handle, n, a_array, lda, pivots, info, batch):
     """Column-major LU with partial pivoting of ``batch`` n x n matrices (LAPACK getrf)."""
     with _device_work():
         _record("launch", "cublasDgetrfBatched")
+        if _tape_skips("cublasDgetrfBatched"):
+            return
         addresses = _uintp_at(a_array, batch)
         pivot_rows = _int32_at(pivots, batch * n).reshape(batch, n)
         infos = _int32_at(info, batch)
@@ -838,6 +956,8 @@ def _dgetrs_batched(handle, trans, n, nrhs, a_array, lda, pivots, b_array, ldb, 
     """Solve with the factors of :func:`_dgetrf_batched` (one right-hand side)."""
     with _device_work():
         _record("launch", "cublasDgetrsBatched")
+        if _tape_skips("cublasDgetrsBatched"):
+            return
         a_addresses, b_addresses = _uintp_at(a_array, batch), _uintp_at(b_array, batch)
         pivot_rows = _int32_at(pivots, batch * n).reshape(batch, n)
         for k in range(batch):
@@ -867,6 +987,8 @@ def _dpotrf_batched(handle, uplo, n, a_array, lda, info, batch):
     _check_cholesky_arguments("cusolverDnDpotrfBatched", uplo, n, lda)
     with _device_work():
         _record("launch", "cusolverDnDpotrfBatched")
+        if _tape_skips("cusolverDnDpotrfBatched"):
+            return
         infos = _int32_at(info, batch)
         for k, address in enumerate(_uintp_at(a_array, batch)):
             column_major = _matrix_at(address, (n, n))       # row j holds column j
@@ -879,6 +1001,8 @@ def _dpotrs_batched(handle, uplo, n, nrhs, a_array, lda, b_array, ldb, info, bat
     _check_cholesky_arguments("cusolverDnDpotrsBatched", uplo, n, lda, nrhs, ldb)
     with _device_work():
         _record("launch", "cusolverDnDpotrsBatched")
+        if _tape_skips("cusolverDnDpotrsBatched"):
+            return
         for a_address, b_address in zip(_uintp_at(a_array, batch), _uintp_at(b_array, batch)):
             rhs = _matrix_at(b_address, (n,))
             with np.errstate(all="ignore"):     # a failed factor's solution is garbage, as on the GPU
@@ -967,7 +1091,7 @@ def _standin_loader():
 
 
 @contextlib.contextmanager
-def cupy_standin(recorder=None, kernels="emulator"):
+def cupy_standin(recorder=None, kernels="emulator", tape=None, replay=False):
     """Run the block with the stand-in as ``cupy`` and the ``cupy`` backend selected.
 
     Parameters
@@ -977,11 +1101,15 @@ def cupy_standin(recorder=None, kernels="emulator"):
         Run the RawModule kernels on the CUDA emulator (faithful, slow) or as
         the NumPy versions of ``tests/standin_kernels.py`` (fast; the warp
         kernel always runs on the emulator).
+    tape : Tape, optional
+        Record the device operations' results on it, or with ``replay``
+        replay them (no device work; the same inputs and calls as when it was
+        recorded): see the module notes.
 
     Yields the :class:`Recorder` (a new one unless given); its
     ``host_seconds`` covers the whole block.
     """
-    global _RECORDER, _CUPY, _KERNEL_MODE, _FAST_KERNELS
+    global _RECORDER, _CUPY, _KERNEL_MODE, _FAST_KERNELS, _TAPE, _REPLAY
     from gpudiffim import use_backend
 
     if kernels not in ("emulator", "numpy"):
@@ -1001,6 +1129,11 @@ def cupy_standin(recorder=None, kernels="emulator"):
     _CUPY = modules["cupy"]
     _clear_caches()
     _RECORDER = recorder
+    if replay and tape is None:
+        raise ValueError("replay needs the tape of a recorded run")
+    _TAPE, _REPLAY = tape, bool(replay)
+    if tape is not None:
+        tape.position = 0
     start, device0, instrument0 = _clock(), recorder.device_seconds, recorder.instrument_seconds
     from gpudiffim import task
 
@@ -1021,6 +1154,7 @@ def cupy_standin(recorder=None, kernels="emulator"):
         recorder.host_seconds += (_clock() - start - (recorder.device_seconds - device0)
                                   - (recorder.instrument_seconds - instrument0))
         _RECORDER = None
+        _TAPE, _REPLAY = None, False
         _CUPY = None
         _KERNEL_MODE = "emulator"
         for name, module in saved.items():

@@ -6,7 +6,7 @@ The budget tests that use it are in ``tests/test_gpu_budget.py``.
 import numpy as np
 import pytest
 
-from cupy_standin import StandinError, cupy_standin, to_device
+from cupy_standin import StandinError, Tape, cupy_standin, to_device
 from gpudiffim import ImagePsfMatchTask, PsfMatchConfig
 from gpudiffim._ops import KERNELS
 from gpudiffim.testing import make_fake_pair
@@ -124,3 +124,28 @@ def test_other_configurations_on_the_cupy_branches(config):
                                   reference.kernel_cell_set.column("status"))
     np.testing.assert_allclose(result.psf_matching_kernel.coefficients, reference.psf_matching_kernel.coefficients,
                                rtol=0, atol=1e-7)
+
+
+def _subtract(pair, config, **standin):
+    with cupy_standin(kernels="numpy", **standin) as recorder:
+        template, science = to_device(pair.template), to_device(pair.science)
+        result = ImagePsfMatchTask(config).subtract_masked_images(template, science)
+        return recorder, result.kernel_cell_set.column("status"), result.kernel_cell_set.column("reason")
+
+
+def test_a_replayed_tape_takes_the_same_path_without_device_work():
+    """A replay (``cupy_standin(tape=..., replay=True)``) makes every call, launch, sync and upload of the
+    recorded run, at the same sites, and reaches the same decisions from the recorded read-backs, with
+    no emulated device work; a run that asks for other operations raises."""
+    pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)
+    tape = Tape()
+    recorded, status, reasons = _subtract(pair, PsfMatchConfig(), tape=tape)
+    replayed, replayed_status, replayed_reasons = _subtract(pair, PsfMatchConfig(), tape=tape, replay=True)
+    assert len(tape) > 100 and tape.position == len(tape)
+    assert [(e.kind, e.name, e.site, e.nbytes) for e in replayed.events] == \
+        [(e.kind, e.name, e.site, e.nbytes) for e in recorded.events]
+    np.testing.assert_array_equal(replayed_status, status)
+    np.testing.assert_array_equal(replayed_reasons, reasons)
+    assert replayed.device_seconds < 0.2 * recorded.device_seconds     # bookkeeping only
+    with pytest.raises(StandinError, match="replay diverged"):
+        _subtract(pair, PsfMatchConfig(variance_correction="none"), tape=tape, replay=True)
