@@ -12,7 +12,7 @@ import functools
 import importlib.resources
 from pathlib import Path
 
-__all__ = ["kernel_dir", "units", "source"]
+__all__ = ["kernel_dir", "units", "source", "module_loader", "cupy_module"]
 
 _COMMON = "common.cuh"
 
@@ -71,6 +71,11 @@ def _memoized_module():
         return cupy.RawModule(code=source(unit, defines), options=("--std=c++17",), name_expressions=names)
 
     return module
+
+
+def module_loader():
+    """The function ``(unit, defines) -> cupy.RawModule``, memoized per device (one per process)."""
+    return _memoized_module()
 
 
 def cupy_module(unit, defines=()):

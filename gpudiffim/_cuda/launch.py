@@ -15,6 +15,7 @@ import numbers
 import numpy as np
 
 from .._backend import is_device_array
+from . import _loader
 from .signatures import KERNELS, parse_ctype
 
 __all__ = ["launch", "launcher_for", "check_args"]
@@ -83,50 +84,52 @@ def check_args(kernel_name, args, array_type):
         msg = f"{kernel_name}({names}) takes {len(spec.params)} arguments, got {len(args)}"
         raise TypeError(msg)
     out = []
-    for index, ((name, ctype, kind, dtype, const), arg) in enumerate(zip(plan, args)):
+    append = out.append
+    for (_, _, kind, dtype, const), arg in zip(plan, args):      # the common cases first, nothing described
         if kind == "pointer":
-            if not isinstance(arg, array_type):
-                problem = f"expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
-            elif arg.dtype != dtype:
-                problem = f"expected dtype {dtype}, got {arg.dtype}"
-            elif not (flags := arg.flags).c_contiguous:
-                problem = "array must be C-contiguous"
-            elif not const and not getattr(flags, "writeable", True):  # CuPy flags have no writeable
-                problem = "array is written by the kernel but is read-only"
-            else:
-                out.append(arg)
+            if type(arg) is array_type and arg.dtype == dtype:
+                flags = arg.flags
+                if flags.c_contiguous and (const or getattr(flags, "writeable", True)):  # CuPy: no writeable
+                    append(arg)
+                    continue
+        elif type(arg) is int:
+            if dtype.kind != "i" or _INT32_MIN <= arg <= _INT32_MAX:
+                append(dtype.type(arg))
                 continue
-        elif dtype.kind == "i":
-            if type(arg) is int and _INT32_MIN <= arg <= _INT32_MAX:       # the common case, no ABC checks
-                out.append(dtype.type(arg))
-                continue
-            if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
-                problem = f"expected an int, got {type(arg).__name__}"
-            elif not _INT32_MIN <= int(arg) <= _INT32_MAX:
-                problem = f"{int(arg)} does not fit in a 32-bit int"
-            else:
-                out.append(dtype.type(arg))
-                continue
-        elif isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Real):
-            problem = f"expected a real number, got {type(arg).__name__}"
-        else:
-            out.append(dtype.type(arg))
+        elif type(arg) is float and dtype.kind == "f":
+            append(dtype.type(arg))
             continue
-        msg = f"{_Where(kernel_name, index, ctype, name)}: {problem}"      # described only when raised
-        raise TypeError(msg)
+        append(_checked(kernel_name, plan, len(out), arg, array_type))
     return tuple(out)
 
 
-class _Where:
-    """An argument's description in error messages (formatted only when one is raised)."""
-
-    __slots__ = ("kernel_name", "index", "ctype", "name")
-
-    def __init__(self, kernel_name, index, ctype, name):
-        self.kernel_name, self.index, self.ctype, self.name = kernel_name, index, ctype, name
-
-    def __format__(self, spec):
-        return format(f"{self.kernel_name} argument {self.index} ({self.ctype} {self.name})", spec)
+def _checked(kernel_name, plan, index, arg, array_type):
+    """Argument ``index`` of ``kernel_name`` converted for the launch, or the TypeError that says why not."""
+    name, ctype, kind, dtype, const = plan[index]
+    if kind == "pointer":
+        if not isinstance(arg, array_type):
+            problem = f"expected a {array_type.__module__}.{array_type.__name__}, got {type(arg).__name__}"
+        elif arg.dtype != dtype:
+            problem = f"expected dtype {dtype}, got {arg.dtype}"
+        elif not (flags := arg.flags).c_contiguous:
+            problem = "array must be C-contiguous"
+        elif not const and not getattr(flags, "writeable", True):
+            problem = "array is written by the kernel but is read-only"
+        else:
+            return arg
+    elif dtype.kind == "i":
+        if isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Integral):
+            problem = f"expected an int, got {type(arg).__name__}"
+        elif not _INT32_MIN <= int(arg) <= _INT32_MAX:
+            problem = f"{int(arg)} does not fit in a 32-bit int"
+        else:
+            return dtype.type(arg)
+    elif isinstance(arg, (bool, np.bool_)) or not isinstance(arg, numbers.Real):
+        problem = f"expected a real number, got {type(arg).__name__}"
+    else:
+        return dtype.type(arg)
+    msg = f"{kernel_name} argument {index} ({ctype} {name}): {problem}"
+    raise TypeError(msg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,15 +179,12 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):
     args = tuple(args)
     launcher = launcher_for(*args)
     grid, block = _dims(grid, "grid"), _dims(block, "block")
-    spec_unit = KERNELS[kernel_name].unit if kernel_name in KERNELS else None
+    defines = defines if type(defines) is tuple else tuple(defines)
     if launcher == "cupy":
         import cupy
 
-        from ._loader import cupy_module
-
         converted = check_args(kernel_name, args, cupy.ndarray)
-        function = cupy_module(spec_unit, defines).get_function(kernel_name)     # memoized per device by CuPy
-        function(grid, block, converted, shared_mem=int(shared_mem))
+        _cupy_function(cupy, kernel_name, defines)(grid, block, converted, shared_mem=int(shared_mem))
     else:
         from . import emulator
 
@@ -192,4 +192,22 @@ def launch(kernel_name, grid, block, args, shared_mem=0, *, defines=()):
         if shared_mem:
             msg = "the CUDA emulator supports static __shared__ arrays only (shared_mem must be 0)"
             raise ValueError(msg)
-        emulator.run(spec_unit, tuple(defines), kernel_name, grid, block, converted)
+        emulator.run(KERNELS[kernel_name].unit, defines, kernel_name, grid, block, converted)
+
+
+#: CuPy kernel functions already looked up, by (module loader, device, kernel, defines).
+_FUNCTIONS = {}
+
+
+def _cupy_function(cupy, kernel_name, defines):
+    """The ``RawModule`` function of ``kernel_name`` on the current device (one dict lookup after the first).
+
+    Keyed by the loader too, so that a new loader (CuPy's modules cleared) looks the function up again.
+    """
+    loader = _loader.module_loader()
+    key = (loader, cupy.cuda.runtime.getDevice(), kernel_name, defines)
+    function = _FUNCTIONS.get(key)
+    if function is None:
+        function = loader(KERNELS[kernel_name].unit, defines).get_function(kernel_name)
+        _FUNCTIONS[key] = function
+    return function
