@@ -234,6 +234,8 @@ class SpatialCellSet:
         # rank of each candidate among the usable ones of its cell: cumulative count minus
         # the count before the cell's first entry
         self._cell_start = np.searchsorted(self.cell, self.cell, side="left")
+        #: :meth:`visit`'s answers since the statuses last changed (:meth:`mark_good`, :meth:`reject`).
+        self._visits = {}
 
     def __len__(self):
         return len(self.id)
@@ -258,8 +260,16 @@ class SpatialCellSet:
         Returns
         -------
         ndarray of int64
-            Increasing indices (cell order, then rating order).
+            Increasing indices (cell order, then rating order); read-only
+            (kept until a status changes: the solve loop asks again each pass).
         """
+        visited = self._visits.get(n_max)
+        if visited is None:
+            visited = self._visits[n_max] = self._visit(n_max)
+            visited.flags.writeable = False
+        return visited
+
+    def _visit(self, n_max):
         usable = self.status != _CODE[BAD]
         if n_max <= 0:
             return np.flatnonzero(usable)
@@ -268,6 +278,9 @@ class SpatialCellSet:
         return np.flatnonzero(usable & (seen - before_cell <= n_max))
 
     def mark_good(self, index):
+        """Mark the candidates ``index`` GOOD (statuses change only here and in :meth:`reject`)."""
+        if self._visits and (self.status[index] == _CODE[BAD]).any():     # visits skip BAD candidates only
+            self._visits.clear()
         self.status[index] = _CODE[GOOD]
 
     def reject(self, index, code, reasons):
@@ -286,6 +299,9 @@ class SpatialCellSet:
         if np.any(codes == RejectReason.NONE):
             msg = "a rejection needs a reason code other than RejectReason.NONE"
             raise ValueError(msg)
+        if not codes.size:
+            return
+        self._visits.clear()
         self.status[index] = _CODE[BAD]
         self.reason[index] = reasons
         self.reason_code[index] = codes

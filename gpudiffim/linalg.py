@@ -139,6 +139,23 @@ def solve_symmetric_batch(matrices, vectors):
     return to_host(solutions), [STATUS_TEXT[int(code)] for code in status], status > EIGENVECTOR
 
 
+def _full_rank_solution(matrix, vector):
+    """The LU solution of one finite float64 system of full rank, as :func:`solve_host` finds it (bit for
+    bit, without the batch's bookkeeping: the spatial fit solves one system a pass); None for any other."""
+    if matrix.dtype != np.float64 or vector.dtype != np.float64 or matrix.ndim != 2 or not matrix.size:
+        return None
+    if not (np.isfinite(matrix).all() and np.isfinite(vector).all()):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
+    pivots = np.abs(np.diagonal(lu))
+    if not np.all(pivots > len(matrix) * np.finfo(np.float64).eps * pivots.max()):
+        return None
+    solution = scipy.linalg.lu_solve((lu, piv), vector[:, None], check_finite=False)[:, 0]
+    return solution if np.isfinite(solution).all() else None
+
+
 def solve_symmetric(matrix, vector):
     """Solve ``matrix @ x = vector`` for a symmetric positive semi-definite matrix.
 
@@ -158,7 +175,11 @@ def solve_symmetric(matrix, vector):
     SingularSystemError
         If the system holds NaN/inf, is entirely zero, or the solution is not finite.
     """
-    solutions, methods, failed = solve_symmetric_batch(np.asarray(matrix)[None], np.asarray(vector)[None])
+    matrix, vector = np.asarray(matrix), np.asarray(vector)
+    solution = _full_rank_solution(matrix, vector)
+    if solution is not None:
+        return solution, STATUS_TEXT[LU]
+    solutions, methods, failed = solve_symmetric_batch(matrix[None], vector[None])
     if failed[0]:
         raise SingularSystemError(methods[0])
     return solutions[0], methods[0]

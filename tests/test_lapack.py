@@ -63,3 +63,26 @@ def test_read_only_and_mismatched_vector_are_refused():
     factor = np.eye(3)
     with pytest.raises(ValueError, match="does not match"):
         cholesky_solve(factor, np.ones(4))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_full_rank_system_is_solved_as_in_the_batch_bit_for_bit(seed):
+    """``solve_symmetric`` takes one full-rank system straight to LU (the spatial fit's, each pass); its
+    solution must be the batch path's to the last bit, and rank-deficient or non-finite systems still
+    go to the batch path (pseudo-inverse, or the error)."""
+    from gpudiffim.errors import SingularSystemError
+    from gpudiffim.linalg import solve_symmetric, solve_symmetric_batch
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 170))
+    design = rng.normal(size=(2 * n, n)) * np.logspace(0, 4, n)
+    matrix, vector = design.T @ design, rng.normal(size=n)
+    solution, method = solve_symmetric(matrix, vector)
+    batch, methods, failed = solve_symmetric_batch(matrix[None], vector[None])
+    assert method == methods[0] == "LU" and not failed[0]
+    np.testing.assert_array_equal(solution, batch[0])
+    deficient = matrix.copy()
+    deficient[-1], deficient[:, -1] = deficient[0], deficient[:, 0]
+    assert solve_symmetric(deficient, vector)[1] == "EIGENVECTOR"
+    with pytest.raises(SingularSystemError):
+        solve_symmetric(np.where(np.eye(n) > 0, np.nan, matrix), vector)
