@@ -376,7 +376,7 @@ class _Solver:
         outcome = _Outcome.unpack(packed[rows])
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, batch_id, rows)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
-                           outcome.failure_code, [failures[row] for row in rows.tolist()])[1]
+                           outcome.failure_code, _RowsOf(failures, rows))[1]
 
     def spatial_key(self):
         """The solutions the spatial fit uses ("pca" or "orig"): only theirs keep their normal matrices."""
@@ -653,6 +653,19 @@ class _Solver:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
                      len(visited))
         return self._judge(visited, stats, "spatial", clipping)
+
+
+class _RowsOf:
+    """``items[rows[k]]`` for ``k``: a batch's failure sentences for some of its rows, read only for
+    the few rejected (no list of thousands of empty sentences)."""
+
+    __slots__ = ("items", "rows")
+
+    def __init__(self, items, rows):
+        self.items, self.rows = items, rows
+
+    def __getitem__(self, k):
+        return self.items[self.rows[k]]
 
 
 def _clip_reason(config, mean, rms, stage, clipping):
