@@ -291,7 +291,7 @@ def clipped_mean_std(values, n_sigma=3.0, n_iter=3):
         return np.nan, np.nan
     if values.size == 1:
         return float(values[0]), 0.0
-    median, iqr = _sorted_quartiles(np.sort(values))
+    median, iqr = _quartiles(values)
     centre, half_width = median, n_sigma * IQR_TO_SIGMA * iqr
     mean = std = np.nan
     for _ in range(n_iter):
@@ -315,16 +315,20 @@ def _mean_std(values):
     return float(mean), float(np.sqrt(np.add.reduce(deviations) / (n - 1)))
 
 
-def _sorted_quartiles(ordered):
-    """``(median, q3 - q1)`` of a sorted sample: quantiles at ``p (n - 1)``, ``np.quantile``'s ``linear``
-    method bit for bit."""
-    last = ordered.size - 1
-    q1, median, q3 = (_lerp_at(ordered, q * last) for q in (0.25, 0.5, 0.75))
+def _quartiles(values):
+    """``(median, q3 - q1)`` of a sample: quantiles at ``p (n - 1)``, ``np.quantile``'s ``linear`` method
+    bit for bit, from one partition at the six order statistics they need (no sort)."""
+    last = values.size - 1
+    positions = [q * last for q in (0.25, 0.5, 0.75)]
+    below = [int(np.floor(position)) for position in positions]
+    ordered = np.partition(values, sorted({*below, *(min(k + 1, last) for k in below)}))
+    q1, median, q3 = (_lerp_at(ordered, position) for position in positions)
     return median, q3 - q1
 
 
 def _lerp_at(ordered, position):
-    """The value at fractional ``position`` of a sorted sample, interpolated as ``np.quantile`` does
+    """The value at fractional ``position`` of a sample ordered there (sorted, or partitioned at the
+    two order statistics around it), interpolated as ``np.quantile`` does
     (``a + (b - a) t`` below ``t = 1/2``, ``b - (b - a)(1 - t)`` from there)."""
     below = int(np.floor(position))
     t = position - below
