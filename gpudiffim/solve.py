@@ -635,24 +635,33 @@ class _Solver:
         A model of reduced order (too few candidates for the configured one)
         is a fallback: its statistics are recorded but do not reject, or the
         candidates that forced the reduction would be clipped against it.
+
+        With ``quality_report`` the stamps of the other fitted candidates
+        (rejected before) go in the same batch, their rows kept and their
+        statistics not judged: :meth:`residual_rows` then needs no pass of its
+        own when this model is the final one (the usual case).
         """
-        visited = self.in_batch_order(self.visit_built())
+        visited = self.visit_built()
         if not len(visited):
             return 0, 0
-        batch = self.batch(visited)
-        kernels, bg = self.spatial_models(batch, kernel, background)
         keep_rows = self.config.quality_report
+        others = (np.setdiff1d(np.flatnonzero(self.cell_set.solutions["orig"].fitted), visited) if keep_rows
+                  else visited[:0])
+        stamps = self.in_batch_order(np.concatenate([visited, others]))
+        batch = self.batch(stamps)
+        kernels, bg = self.spatial_models(batch, kernel, background)
         sums = stamp_residual_sums(batch, kernels, bg, self.bad_bits,
                                    self.core_radius(), rows=keep_rows, ops=self.ops)
         if keep_rows:
             sums, rows = sums
-            self.assessed = (kernel, visited, rows)
-        stats = statistics_of_sums(to_host(sums))
+            self.assessed = (kernel, stamps, rows)
+        judged = np.isin(stamps, visited) if len(others) else slice(None)
+        stats = statistics_of_sums(to_host(sums)[judged])
         clipping = self.config.spatial_kernel_clipping and not self.reduced_orders()
         if self.config.spatial_kernel_clipping and not clipping:
             log.info("spatial-kernel clipping skipped: the spatial order was reduced for %d candidates",
                      len(visited))
-        return self._judge(visited, stats, "spatial", clipping)
+        return self._judge(stamps[judged], stats, "spatial", clipping)
 
 
 class _RowsOf:
