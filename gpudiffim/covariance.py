@@ -75,7 +75,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-import scipy.stats
+import scipy.special
 
 from ._backend import array_module_of, fft_functions, is_device_array, ndimage_of, to_host
 from .errors import ConfigurationError
@@ -391,7 +391,8 @@ def measure_noise_correlation(masked_image, *, max_lag=3, smoothing=1.0, thresho
     independent = (np.arange(size * size) < size * size // 2).reshape(size, size) & (counts > 0)
     variance = 1.0 / np.where(counts > 0, counts, np.inf) + SYSTEMATIC**2
     chi2 = float(np.sum(rho[independent] ** 2 / variance[independent]))
-    significant = bool(chi2 > scipy.stats.chi2.isf(false_alarm, int(np.count_nonzero(independent))))
+    # scipy.stats.chi2.isf is scipy.special.chdtri (the same value) behind ~50 us of argument handling
+    significant = bool(chi2 > scipy.special.chdtri(int(np.count_nonzero(independent)), false_alarm))
     standard_error = float(np.sqrt(variance[independent].min())) if independent.any() else float("inf")
     return NoiseCorrelation(rho, standard_error, chi2, dof, significant, n_sky, plateau)
 
