@@ -81,12 +81,12 @@ class _Outcome:
     @classmethod
     def unpack(cls, packed):
         """The outcome of the host rows of :func:`_read_back`."""
-        return cls(statistics_of_sums(packed[:, :3]), packed[:, 3].astype(np.int8),
+        return cls(statistics_of_sums(packed[:, :3]), packed[:, _FAILURE_COLUMN].astype(np.int8),
                    packed[:, _STATUS_COLUMN].astype(np.int8), packed[:, 5], packed[:, 6], packed[:, 7:])
 
 
-#: Column of the solve status in the rows of :func:`_read_back`.
-_STATUS_COLUMN = 4
+#: Columns of the failure code and of the solve status in the rows of :func:`_read_back`.
+_FAILURE_COLUMN, _STATUS_COLUMN = 3, 4
 
 
 def _read_back(xp, sums, fit):
@@ -408,7 +408,7 @@ class _Solver:
             stored["information"] = fit.information
         batch_id = len(self.batches)
         self.batches.append(stored)
-        self.outcomes[batch_id] = (packed, failure_texts(packed[:, 3].astype(np.int8),
+        self.outcomes[batch_id] = (packed, failure_texts(packed[:, _FAILURE_COLUMN].astype(np.int8),
                                                          packed[:, _STATUS_COLUMN].astype(np.int8), fit.condition))
         ahead = np.isin(index, spares) if len(spares) else np.zeros(len(index), dtype=bool)
         self.spare_batch[index[ahead]], self.spare_row[index[ahead]] = batch_id, np.flatnonzero(ahead)
