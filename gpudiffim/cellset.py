@@ -295,12 +295,12 @@ class SpatialCellSet:
         reasons : str or sequence of str
             The same as sentences (with the numbers): one for all, or one each.
         """
+        if not np.size(index):          # most judged batches reject none
+            return
         codes = np.broadcast_to(np.asarray(code, dtype=np.int8), np.shape(index))
         if np.any(codes == RejectReason.NONE):
             msg = "a rejection needs a reason code other than RejectReason.NONE"
             raise ValueError(msg)
-        if not codes.size:
-            return
         self._visits.clear()
         self.status[index] = _CODE[BAD]
         self.reason[index] = reasons
