@@ -12,7 +12,7 @@ import functools
 import importlib.resources
 from pathlib import Path
 
-__all__ = ["kernel_dir", "units", "source", "module_loader", "cupy_module"]
+__all__ = ["kernel_dir", "units", "source", "module_loader"]
 
 _COMMON = "common.cuh"
 
@@ -74,10 +74,6 @@ def _memoized_module():
 
 
 def module_loader():
-    """The function ``(unit, defines) -> cupy.RawModule``, memoized per device (one per process)."""
+    """The function ``(unit, defines) -> cupy.RawModule`` (NVRTC): each module compiled once per
+    process, device and defines (``defines`` a tuple of pairs); the loader is one object per process."""
     return _memoized_module()
-
-
-def cupy_module(unit, defines=()):
-    """The ``cupy.RawModule`` of ``unit`` (NVRTC), compiled once per process, device and defines."""
-    return _memoized_module()(unit, tuple(defines))
