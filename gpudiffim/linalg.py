@@ -76,19 +76,25 @@ def solve_batch_status(matrices, vectors, *, solve=None):
     return solutions, status
 
 
+def _ranked_lu(matrices):
+    """``(lu, piv, full rank)`` of LAPACK's LU of a matrix (n, n) or a stack (N, n, n): full rank where
+    every pivot exceeds ``n eps`` times the largest (module notes, step 1)."""
+    with warnings.catch_warnings():
+        # exactly singular matrices are expected here; the rank test handles them
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        lu, piv = scipy.linalg.lu_factor(matrices, check_finite=False)
+    pivots = np.abs(np.diagonal(lu, axis1=-2, axis2=-1))
+    n = matrices.shape[-1]
+    return lu, piv, np.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=-1, keepdims=True), axis=-1)
+
+
 def solve_host(matrices, vectors, usable):
     """LAPACK LU of the usable systems, the pseudo-inverse of the rank-deficient ones; (solutions, full rank)."""
-    n = matrices.shape[-1]
     solutions = np.zeros_like(vectors)
     full_rank = np.zeros(len(matrices), dtype=bool)
     index = np.flatnonzero(usable)
     if index.size:
-        with warnings.catch_warnings():
-            # exactly singular matrices are expected here; the rank test below handles them
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            lu, piv = scipy.linalg.lu_factor(matrices[index], check_finite=False)
-        pivots = np.abs(np.diagonal(lu, axis1=1, axis2=2))
-        ranked = np.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True), axis=1)
+        lu, piv, ranked = _ranked_lu(matrices[index])
         full_rank[index] = ranked
         if ranked.any():
             solutions[index[ranked]] = scipy.linalg.lu_solve(
@@ -146,11 +152,8 @@ def _full_rank_solution(matrix, vector):
         return None
     if not (np.isfinite(matrix).all() and np.isfinite(vector).all()):
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        lu, piv = scipy.linalg.lu_factor(matrix, check_finite=False)
-    pivots = np.abs(np.diagonal(lu))
-    if not np.all(pivots > len(matrix) * np.finfo(np.float64).eps * pivots.max()):
+    lu, piv, ranked = _ranked_lu(matrix)
+    if not ranked:
         return None
     solution = scipy.linalg.lu_solve((lu, piv), vector[:, None], check_finite=False)[:, 0]
     return solution if np.isfinite(solution).all() else None
