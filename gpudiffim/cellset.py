@@ -17,6 +17,7 @@ Positions are parent-pixel coordinates (x = column, y = row).
 """
 
 import enum
+import numbers
 import functools
 from dataclasses import dataclass, field
 
@@ -297,8 +298,13 @@ class SpatialCellSet:
         """
         if not np.size(index):          # most judged batches reject none
             return
-        codes = np.broadcast_to(np.asarray(code, dtype=np.int8), np.shape(index))
-        if np.any(codes == RejectReason.NONE):
+        if isinstance(code, numbers.Integral):      # one for all: no array formed (the solve loop's case)
+            codes = int(code)
+            invalid = codes == RejectReason.NONE
+        else:
+            codes = np.asarray(code, dtype=np.int8)
+            invalid = (codes == int(RejectReason.NONE)).any()
+        if invalid:
             msg = "a rejection needs a reason code other than RejectReason.NONE"
             raise ValueError(msg)
         self._visits.clear()

@@ -50,7 +50,7 @@ from .stamps import (
     stamp_residual_rows,
     stamp_residual_sums,
 )
-from .statistics import clipped_mean_std, statistics_of_sums
+from .statistics import ResidualStatistics, clipped_mean_std, statistics_of_sums
 
 __all__ = ["KernelSolution", "ResidualRows", "SpatialFit", "kernel_precision", "solve_kernel"]
 
@@ -80,9 +80,16 @@ class _Outcome:
 
     @classmethod
     def unpack(cls, packed):
-        """The outcome of the host rows of :func:`_read_back`."""
+        """The outcome of the host rows of :func:`_read_back` (once per batch: :meth:`rows` then selects)."""
         return cls(statistics_of_sums(packed[:, :3]), packed[:, _FAILURE_COLUMN].astype(np.int8),
                    packed[:, _STATUS_COLUMN].astype(np.int8), packed[:, 5], packed[:, 6], packed[:, 7:])
+
+    def rows(self, rows):
+        """The outcome of the stamps ``rows`` (integer indices) of the batch."""
+        stats = self.statistics
+        return _Outcome(ResidualStatistics(stats.mean[rows], stats.rms[rows], stats.n_pixels[rows]),
+                        self.failure_code[rows], self.solve_status[rows], self.kernel_sum[rows],
+                        self.background[rows], self.coefficients[rows])
 
 
 #: Columns of the failure code and of the solve status in the rows of :func:`_read_back`.
@@ -99,7 +106,10 @@ def _read_back(xp, sums, fit):
 _STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1, "centres": 2}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
-_RESIDUAL_REASON = {"single": RejectReason.SINGLE_KERNEL_RESIDUAL, "spatial": RejectReason.SPATIAL_KERNEL_RESIDUAL}
+_RESIDUAL_REASON = {"single": int(RejectReason.SINGLE_KERNEL_RESIDUAL),
+                    "spatial": int(RejectReason.SPATIAL_KERNEL_RESIDUAL)}
+#: The failure code of a stamp fit that did not fail (a plain int: faster in array comparisons than the enum).
+_NO_FAILURE = int(RejectReason.NONE)
 
 
 @dataclass(frozen=True)
@@ -372,8 +382,8 @@ class _Solver:
 
     def _commit(self, index, rows, batch_id, solution):
         """Store rows ``rows`` of fitted batch ``batch_id`` as the solutions of ``index`` and judge them."""
-        packed, failures = self.outcomes[batch_id]
-        outcome = _Outcome.unpack(packed[rows])
+        batch_outcome, failures = self.outcomes[batch_id]
+        outcome = batch_outcome.rows(rows)
         solution.store(index, outcome.coefficients, outcome.background, outcome.kernel_sum, batch_id, rows)
         return self._judge(index, outcome.statistics, "single", self.config.single_kernel_clipping,
                            outcome.failure_code, _RowsOf(failures, rows))[1]
@@ -408,8 +418,9 @@ class _Solver:
             stored["information"] = fit.information
         batch_id = len(self.batches)
         self.batches.append(stored)
-        self.outcomes[batch_id] = (packed, failure_texts(packed[:, _FAILURE_COLUMN].astype(np.int8),
-                                                         packed[:, _STATUS_COLUMN].astype(np.int8), fit.condition))
+        outcome = _Outcome.unpack(packed)
+        self.outcomes[batch_id] = (outcome, failure_texts(outcome.failure_code, outcome.solve_status,
+                                                          fit.condition))
         ahead = np.isin(index, spares) if len(spares) else np.zeros(len(index), dtype=bool)
         self.spare_batch[index[ahead]], self.spare_row[index[ahead]] = batch_id, np.flatnonzero(ahead)
         return self._commit(index[~ahead], np.flatnonzero(~ahead), batch_id, solution)
@@ -434,19 +445,25 @@ class _Solver:
         config = self.config
         means, rmses, counts = stats.mean, stats.rms, stats.n_pixels
         self.cell_set.record_stats(stage, index, means, rmses, counts)
-        with np.errstate(invalid="ignore"):
-            suspect = ~(np.isfinite(means) & np.isfinite(rmses))
-            if clipping:
-                suspect |= (np.abs(means) > config.candidate_residual_mean_max) \
-                    | (rmses > config.candidate_residual_std_max)
-        failure_code = np.zeros(len(index), dtype=np.int8) if failure_code is None else failure_code
-        failed = failure_code != RejectReason.NONE
-        rejected = np.flatnonzero(failed | suspect)
-        codes = np.where(failed[rejected], failure_code[rejected], _RESIDUAL_REASON[stage])
-        reasons = [failures[k] if failed[k] else _clip_reason(config, means[k], rmses[k], f"{stage}-kernel",
-                                                                clipping) for k in rejected]
+        mean_max, std_max = config.candidate_residual_mean_max, config.candidate_residual_std_max
+        if clipping:        # NaN compares false: a non-finite statistic fails a finite limit
+            acceptable = (np.abs(means) <= mean_max) & (rmses <= std_max)
+            if not (np.isfinite(mean_max) and np.isfinite(std_max)):
+                acceptable &= np.isfinite(means) & np.isfinite(rmses)
+        else:
+            acceptable = np.isfinite(means) & np.isfinite(rmses)
+        if failure_code is None:
+            failed, rejected = None, np.flatnonzero(~acceptable)
+        else:
+            failed = failure_code != _NO_FAILURE
+            rejected = np.flatnonzero(failed | ~acceptable)
         self.cell_set.mark_good(index)
-        self.cell_set.reject(index[rejected], codes, reasons)
+        if len(rejected):
+            stage_code = _RESIDUAL_REASON[stage]
+            codes = stage_code if failed is None else np.where(failed[rejected], failure_code[rejected], stage_code)
+            reasons = [failures[k] if failed is not None and failed[k] else
+                       _clip_reason(config, means[k], rmses[k], f"{stage}-kernel", clipping) for k in rejected]
+            self.cell_set.reject(index[rejected], codes, reasons)
         return len(index) - len(rejected), len(rejected)
 
     def choose_regularization(self):
