@@ -984,7 +984,7 @@ class KernelOperations(NumpyOperations):
         from ._cuda import image_apply
 
         xp = array_module_of(image)
-        used = [k for k, kernel in enumerate(kernels) if np.any(kernel)]
+        used = np.flatnonzero(np.asarray(kernels).reshape(len(kernels), -1).any(axis=1)).tolist()
         source = kernels if placed is None else placed
         correlator = FourierCorrelator(image, kernels.shape[1:], dtype)
         out = xp.zeros(image.shape, dtype=dtype)

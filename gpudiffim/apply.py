@@ -104,7 +104,10 @@ def _squared_kernel_terms(kernel, xp=np):
     if kernel.is_spatially_invariant:
         return terms[:1] ** 2, SpatialFunction(function.model_type, 0, function.bbox)
     expansion = product_expansion(function.model_type, function.order)
-    squared = xp.einsum("tus,tij,uij->sij", xp.asarray(expansion), terms, terms)
+    n_terms = len(terms)
+    flat = terms.reshape(n_terms, -1)
+    pairs = (flat[:, None, :] * flat[None, :, :]).reshape(n_terms * n_terms, -1)   # P_t P_u, pixel by pixel
+    squared = (xp.asarray(expansion.reshape(n_terms * n_terms, -1)).T @ pairs).reshape((-1,) + terms.shape[1:])
     return squared, SpatialFunction(function.model_type, 2 * function.order, function.bbox)
 
 

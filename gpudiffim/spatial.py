@@ -10,7 +10,7 @@ The "polynomial" model uses monomials of raw parent-pixel coordinates.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -246,8 +246,15 @@ def product_expansion(model_type, order):
     -------
     ndarray of shape (n_terms, n_terms, n_product_terms)
         ``E[t, u, s]``: ``P_t P_u = sum_s E[t, u, s] R_s`` with ``R_s`` the
-        terms of order ``2 order`` (same model, same box).
+        terms of order ``2 order`` (same model, same box).  Read-only: one
+        array per ``(model_type, order)``, made once (every application of a
+        kernel asks for it).
     """
+    return _product_expansion(model_type, order)
+
+
+@lru_cache(maxsize=None)
+def _product_expansion(model_type, order):
     SpatialFunction(model_type, order, (0, 0, 0, 0))  # validates both arguments
     terms = term_exponents(order)
     index = {pair: s for s, pair in enumerate(term_exponents(2 * order))}
@@ -263,4 +270,5 @@ def product_expansion(model_type, order):
             for px, cx in axis_products(ix, kx):
                 for py, cy in axis_products(iy, ky):
                     expansion[t, u, index[(px, py)]] += cx * cy
+    expansion.flags.writeable = False
     return expansion
