@@ -43,6 +43,7 @@ from .gaussian import fwhm_to_sigma
 
 __all__ = [
     "KernelBasis",
+    "alard_lupton_form",
     "alard_lupton_sigmas",
     "fwhm_to_sigma",
     "make_alard_lupton_basis",
@@ -198,24 +199,6 @@ def _monomial_exponents(degree):
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def _gaussian_times_monomials(half_width, sigma, degree):
-    """Unrenormalised kernels ``G(u, v) * x**px * y**py`` for one Gaussian.
-
-    ``G`` is sampled at the integer offsets ``u, v`` in ``[-h, h]`` and
-    normalised to unit sum; ``x = u / h`` (columns) and ``y = v / h`` (rows).
-    Returns an array of shape ``((d+1)(d+2)/2, 2h+1, 2h+1)``.
-    """
-    offsets = np.arange(-half_width, half_width + 1, dtype=np.float64)
-    profile = np.exp(-0.5 * (offsets / sigma) ** 2)
-    gauss = np.outer(profile, profile)          # [row (v), col (u)]
-    gauss /= gauss.sum()
-    scaled = offsets / half_width
-    exps = _monomial_exponents(degree)
-    x_pow = scaled[None, None, :] ** exps[:, 0, None, None]   # varies along columns
-    y_pow = scaled[None, :, None] ** exps[:, 1, None, None]   # varies along rows
-    return gauss[None] * x_pow * y_pow
-
-
 def _check_al_arguments(half_width, sigmas, degrees):
     half_width = check_int("half_width", half_width, 1)
     sigmas = tuple(check_real("sigmas", s, positive=True) for s in _as_tuple(sigmas))
@@ -242,8 +225,10 @@ def make_alard_lupton_basis(half_width, sigmas, degrees):
         G_g(u, v) = \\exp\\left(-\\frac{u^2 + v^2}{2\\sigma_g^2}\\right),
 
     sampled at integer offsets :math:`u, v \\in [-h, h]`.  Kernels are listed
-    Gaussian by Gaussian and then renormalised with
-    :func:`renormalize_kernel_list` (reference sections 2.2-2.3).
+    Gaussian by Gaussian and then renormalised as
+    :func:`renormalize_kernel_list` does (reference sections 2.2-2.3); they
+    are built from their separable form (:func:`alard_lupton_form`), as the
+    GPU builds them, so that both hold the same basis bit for bit.
 
     Parameters
     ----------
@@ -272,10 +257,38 @@ def make_alard_lupton_basis(half_width, sigmas, degrees):
     >>> make_alard_lupton_basis(10, (0.7, 1.5, 3.0), (4, 2, 2)).shape
     (27, 21, 21)
     """
+    return alard_lupton_form(half_width, sigmas, degrees).kernels_in(np)
+
+
+def alard_lupton_form(half_width, sigmas, degrees):
+    """The :class:`SeparableBasis` of :func:`make_alard_lupton_basis` (same arguments), read-only.
+
+    The 2-D Gaussian is the product of two 1-D Gaussians, each normalised to
+    unit sum, and every monomial ``x^px y^py`` the product of its two powers:
+    raw kernel ``m`` is ``outer(G (y/h)^py, G (x/h)^px)``, and the
+    renormalisation (:func:`renormalization_mixing` of the raw kernels) mixes
+    each with the first only.
+
+    Raises
+    ------
+    ConfigurationError
+        As :func:`make_alard_lupton_basis`.
+    """
     half_width, sigmas, degrees = _check_al_arguments(half_width, sigmas, degrees)
-    raw = np.concatenate([_gaussian_times_monomials(half_width, s, d)
-                          for s, d in zip(sigmas, degrees)])
-    return renormalize_kernel_list(raw)
+    offsets = np.arange(-half_width, half_width + 1, dtype=np.float64)
+    profiles, pairs = [], []
+    for sigma, degree in zip(sigmas, degrees):
+        base = len(profiles)
+        gauss = np.exp(-0.5 * (offsets / sigma) ** 2)
+        gauss /= gauss.sum()
+        profiles.extend(gauss * (offsets / half_width) ** power for power in range(degree + 1))
+        pairs.extend((base + py, base + px) for px, py in _monomial_exponents(degree))
+    profiles, pairs = np.array(profiles), np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    raw = profiles[pairs[:, 0], :, None] * profiles[pairs[:, 1], None, :]
+    form = SeparableBasis(profiles, pairs, renormalization_mixing(raw))
+    for array in (profiles, pairs, form.mixing):
+        array.flags.writeable = False
+    return form
 
 
 def renormalize_kernel_list(kernels):
@@ -614,12 +627,17 @@ class KernelBasis:
     mode : str
         How the Alard-Lupton sigmas were chosen ("config", "convolution",
         "deconvolution"); "config" for the other kinds by default.
+    separable : SeparableBasis or None
+        The separable form the kernels were made from (Alard-Lupton, by
+        :func:`make_kernel_basis`: the kernels are its ``kernels_in(np)``);
+        None where unknown (:func:`separable_form` then rebuilds and checks it).
 
     Raises
     ------
     ShapeError
-        If ``kernels`` is not a non-empty ``(n, w, w)`` array with odd ``w``, or
-        an Alard-Lupton basis has the wrong number of kernels.
+        If ``kernels`` is not a non-empty ``(n, w, w)`` array with odd ``w``, an
+        Alard-Lupton basis has the wrong number of kernels, or ``separable``
+        does not fit the kernels (or the basis is not Alard-Lupton).
     ConfigurationError
         If ``kind`` or an Alard-Lupton ``mode`` is unknown, or ``sigmas`` and
         ``degrees`` differ in length.
@@ -630,6 +648,7 @@ class KernelBasis:
     sigmas: tuple = ()
     degrees: tuple = ()
     mode: str = "config"
+    separable: object = field(default=None, repr=False)
 
     def __post_init__(self):
         kernels = np.array(self.kernels, dtype=np.float64, copy=True, order="C")
@@ -645,6 +664,11 @@ class KernelBasis:
             fail("kind", self.kind, f"one of {BASIS_KINDS}")
         if self.kind == "alard-lupton":
             self._check_alard_lupton()
+        if self.separable is not None and (self.kind != "alard-lupton" or len(self.separable.mixing) != len(kernels)
+                                           or self.separable.profiles.shape[1] != kernels.shape[2]):
+            msg = (f"a separable form of {len(self.separable.mixing)} kernels of width "
+                   f"{self.separable.profiles.shape[1]} for a {self.kind} basis of shape {kernels.shape}")
+            raise ShapeError(msg)
 
     def _check_alard_lupton(self):
         if self.mode not in AL_MODES:
@@ -714,8 +738,9 @@ def make_kernel_basis(config, target_fwhm_pix=None, reference_fwhm_pix=None):
         return basis
     sigmas, size, mode = alard_lupton_sigmas(config, target_fwhm_pix, reference_fwhm_pix)
     degrees = tuple(config.alard_deg_gauss)
-    kernels = make_alard_lupton_basis(size // 2, sigmas, degrees)
-    basis = KernelBasis(kernels, kind="alard-lupton", sigmas=sigmas, degrees=degrees, mode=mode)
+    form = alard_lupton_form(size // 2, sigmas, degrees)
+    basis = KernelBasis(form.kernels_in(np), kind="alard-lupton", sigmas=sigmas, degrees=degrees, mode=mode,
+                        separable=form)
     log.info("Alard-Lupton basis: mode=%s, sigmas=%s px, degrees=%s, kernel width %d px "
              "(%d kernels)", mode, ", ".join(f"{s:.3f}" for s in sigmas), degrees, size,
              basis.n_basis)
@@ -789,11 +814,10 @@ class SeparableBasis:
 def separable_form(basis):
     """The :class:`SeparableBasis` of an Alard-Lupton :class:`KernelBasis`, else None.
 
-    Rebuilt from the basis' sigmas and degrees and checked against its
-    kernels (to 1e-12 of their largest value; None, logged, if it does not
-    hold).  The 2-D Gaussian of :func:`_gaussian_times_monomials` is the
-    product of two 1-D Gaussians, each normalised to unit sum, and every
-    monomial ``x^px y^py`` the product of its two powers.
+    The form the basis was made from (:func:`make_kernel_basis`), or else
+    one rebuilt from the basis' sigmas and degrees (:func:`alard_lupton_form`)
+    and checked against its kernels (to 1e-12 of their largest value; None,
+    logged, if it does not hold).
 
     Parameters
     ----------
@@ -805,22 +829,11 @@ def separable_form(basis):
     """
     if basis.kind != "alard-lupton" or not basis.sigmas:
         return None
-    h = basis.half_width
-    offsets = np.arange(-h, h + 1, dtype=np.float64)
-    profiles, pairs = [], []
-    for sigma, degree in zip(basis.sigmas, basis.degrees):
-        base = len(profiles)
-        gauss = np.exp(-0.5 * (offsets / sigma) ** 2)
-        gauss /= gauss.sum()
-        profiles.extend(gauss * (offsets / h) ** power for power in range(degree + 1))
-        pairs.extend((base + py, base + px) for px, py in _monomial_exponents(degree))
-    profiles, pairs = np.array(profiles), np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    raw = profiles[pairs[:, 0], :, None] * profiles[pairs[:, 1], None, :]
-    form = SeparableBasis(profiles, pairs, renormalization_mixing(raw))
+    if basis.separable is not None:
+        return basis.separable
+    form = alard_lupton_form(basis.half_width, basis.sigmas, basis.degrees)
     error = float(np.max(np.abs(form.kernels_in(np) - basis.kernels)))
     if error > 1e-12 * float(np.max(np.abs(basis.kernels))):
         log.debug("separable form of the Alard-Lupton basis off by %.3g: not used", error)
         return None
-    for array in (profiles, pairs, form.mixing):
-        array.flags.writeable = False
     return form
