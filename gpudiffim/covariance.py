@@ -407,12 +407,8 @@ def _cross_correlations(kernels, max_lag):
     n, rows, columns = kernels.shape
     padded = np.zeros((n, rows + 2 * max_lag, columns + 2 * max_lag))
     padded[:, max_lag:max_lag + rows, max_lag:max_lag + columns] = kernels
-    out = np.empty((n, n, 2 * max_lag + 1, 2 * max_lag + 1))
-    for dy in range(-max_lag, max_lag + 1):
-        for dx in range(-max_lag, max_lag + 1):
-            shifted = padded[:, max_lag + dy:max_lag + dy + rows, max_lag + dx:max_lag + dx + columns]
-            out[:, :, max_lag + dy, max_lag + dx] = np.einsum("tij,sij->ts", kernels, shifted)
-    return out
+    shifted = np.lib.stride_tricks.sliding_window_view(padded, (rows, columns), axis=(1, 2))  # [s, L+dy, L+dx, i, j]
+    return np.tensordot(kernels, shifted, axes=([1, 2], [3, 4]))     # one product for every lag (was 1 a lag)
 
 
 def _factor_map(correlation, kernel, shape, xy0, xp):
