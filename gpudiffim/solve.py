@@ -523,9 +523,9 @@ class _Solver:
         if not self.config.kernel_sum_clipping:
             return 0
         outliers = np.flatnonzero(np.abs(sums - mean) > limit)
-        self.cell_set.reject(visited[outliers], RejectReason.KERNEL_SUM, [
-            f"kernel sum {value:.4g} differs from the clipped mean {mean:.4g} "
-            f"by more than {self.config.max_ksum_sigma} sigma ({std:.3g})" for value in sums[outliers]])
+        why = f" differs from the clipped mean {mean:.4g} by more than {self.config.max_ksum_sigma} sigma ({std:.3g})"
+        self.cell_set.reject(visited[outliers], RejectReason.KERNEL_SUM,
+                             [f"kernel sum {value:.4g}{why}" for value in sums[outliers].tolist()])
         return len(outliers)
 
     def pca_stage(self):
