@@ -184,6 +184,17 @@ class StampSolutions:
         self.row[index] = np.arange(len(index)) if rows is None else rows
 
 
+def _cell_rating_order(cell, rating, n_cells):
+    """The order of candidates by cell, then by decreasing rating, the later first of equal ratings
+    (``np.lexsort((-arrival, -rating, cell))``, NaN ratings last, in two stable sorts: the ratings
+    once, then the cells as the narrowest integers, which NumPy radix-sorts; lexsort took ~0.8 ms
+    for 6400 candidates)."""
+    n = len(rating)
+    by_rating = (n - 1) - np.argsort(-np.asarray(rating)[::-1], kind="stable")   # reversed: later first on ties
+    cells = cell[by_rating].astype(np.int16 if n_cells <= np.iinfo(np.int16).max else np.int64)
+    return by_rating[np.argsort(cells, kind="stable")]
+
+
 class SpatialCellSet:
     """Candidates binned into a grid of spatial cells, each sorted by rating.
 
@@ -222,8 +233,7 @@ class SpatialCellSet:
         self.n_cells_y = -(-(y1 - y0 + 1) // size_cell_y)
         self.size_cell_x, self.size_cell_y = size_cell_x, size_cell_y
         cell = self._cell_indices(candidates.x, candidates.y)
-        arrival = np.arange(len(candidates))
-        order = np.lexsort((-arrival, -candidates.rating, cell))
+        order = _cell_rating_order(cell, candidates.rating, self.n_cells_x * self.n_cells_y)
         self.id, self.x, self.y = candidates.id[order], candidates.x[order], candidates.y[order]
         self.rating, self.cell = candidates.rating[order], cell[order]
         n = len(order)
