@@ -446,18 +446,18 @@ class KernelCellSet:
                    "single_mean": single.get("mean", nan), "single_rms": single.get("rms", nan),
                    "spatial_mean": spatial.get("mean", nan), "spatial_rms": spatial.get("rms", nan),
                    "n_pixels": single.get("n", zero)}
+        columns = {name: np.array(value, copy=True) for name, value in columns.items()}
         for key, prefix in (("orig", ""), ("pca", "pca_")):
             solution = cell_set.solutions.get(key)
-            if solution is not None:
+            if solution is not None:       # new arrays: no second copy
                 columns[prefix + "coefficients"] = np.where(solution.fitted[:, None],
                                                             solution.coefficients, np.nan)
-                columns[prefix + "fitted"] = solution.fitted.copy()
+                columns[prefix + "fitted"] = solution.fitted
                 if key == "orig":
                     columns["kernel_sum"] = solution.kernel_sum.copy()
                     columns["background"] = solution.background.copy()
-        columns.setdefault("kernel_sum", nan)
-        columns.setdefault("background", nan)
-        columns = {name: np.array(value, copy=True) for name, value in columns.items()}
+        columns.setdefault("kernel_sum", nan.copy())
+        columns.setdefault("background", nan.copy())
         return cls(cell_set.bbox, cell_set.size_cell_x, cell_set.size_cell_y, columns,
                    dict(selection_rejects))
 
