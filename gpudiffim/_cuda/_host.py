@@ -16,6 +16,7 @@ __all__ = ["centres_in", "check_array", "float_dtype", "int32_bits", "int32_mask
            "prepare"]
 
 _INT32 = np.iinfo(np.int32)
+_FLOAT32 = np.dtype(np.float32)
 
 
 def on_launcher(*arrays):
@@ -38,6 +39,8 @@ def native(dtype):
 
 def float_dtype(*arrays):
     """float32 when every input is float32, else float64."""
+    if arrays and all(getattr(a, "dtype", None) == _FLOAT32 for a in arrays):   # native float32: the common case
+        return _FLOAT32
     dtypes = {native(getattr(a, "dtype", np.float64)) for a in arrays}
     return np.dtype(np.float32) if dtypes == {np.dtype(np.float32)} else np.dtype(np.float64)
 

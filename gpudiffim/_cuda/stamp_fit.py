@@ -277,8 +277,9 @@ def cut_stamps(image, variance, mask, centres_rc, half, *, device_centres=None):
     mask = prepare(xp, mask, np.int32, 2, "mask")
     rows, nx = image.shape
     centres_rc = np.asarray(centres_rc, dtype=np.int64).reshape(-1, 2)
-    inside = ((centres_rc >= half) & (centres_rc < np.array([rows, nx]) - half)).all(axis=1)
-    if not inside.all():
+    if len(centres_rc) and (centres_rc.min() < half or centres_rc[:, 0].max() >= rows - half
+                            or centres_rc[:, 1].max() >= nx - half):   # the extremes first: the sizes are small
+        inside = ((centres_rc >= half) & (centres_rc < np.array([rows, nx]) - half)).all(axis=1)
         msg = f"{int((~inside).sum())} stamp(s) of half-size {half} do not lie inside the {image.shape} image"
         raise ValueError(msg)
     n, size = len(centres_rc), 2 * int(half) + 1
