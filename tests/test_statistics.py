@@ -507,6 +507,22 @@ class TestSolveSymmetric:
         assert condition_number(np.diag([-4.0, 2.0]), kind) == pytest.approx(2.0, rel=1e-12)
         assert condition_number(np.diag([1.0, 0.0]), kind) == np.inf
 
+    @pytest.mark.parametrize("n", [2, 7, 28, 163])
+    def test_eigenvalue_condition_number_from_the_extremes_equals_all_eigenvalues(self, n):
+        """The two extreme eigenvalues by bisection give eigvalsh's condition number to its own rounding
+        (relative ~ cond x eps); an indefinite matrix, whose smallest |lambda| lies inside, too."""
+        rng = np.random.default_rng(n)
+        for spread in (0.0, 2.0, 5.0):                   # condition numbers ~1e2 to ~1e9
+            a = rng.normal(size=(n, 2 * n))
+            scale = np.exp(spread * rng.normal(size=n))
+            matrix = (a @ a.T) * scale[:, None] * scale[None, :]
+            values = np.abs(np.linalg.eigvalsh(matrix))
+            expected = values.max() / values.min()
+            assert condition_number(matrix) == pytest.approx(expected, rel=50 * expected * np.finfo(float).eps)
+        indefinite = np.diag(np.arange(-n // 2, n - n // 2) + 0.5)       # |lambda| smallest in the middle
+        values = np.abs(np.diag(indefinite))
+        assert condition_number(indefinite) == pytest.approx(values.max() / values.min(), rel=1e-12)
+
 
 # ---------------------------------------------------------------------------
 # convolve
