@@ -30,6 +30,7 @@ References
    :doi:`10.1111/j.1365-2966.2012.21542.x`
 """
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -795,12 +796,17 @@ class SeparableBasis:
         return (scale * flat + shift * flat[0]).reshape(-1, width, width)
 
     def shift_form(self):
-        """``(2, K, 1)`` float64 ``(scale, shift)`` with ``mixing = diag(scale) + outer(shift, e_0)``, or None.
+        """``(2, K, 1)`` float64 ``(scale, shift)`` with ``mixing = diag(scale) + outer(shift, e_0)``, or None
+        (found once: the host's and the device's kernels both ask).
 
         The renormalisation mixes each raw kernel only with the first one
         (:func:`renormalization_mixing`), so the mixing is its diagonal and its
         first column (``shift[0] = 0``): ``2 K`` values to move instead of ``K^2``.
         """
+        return self._shift_form
+
+    @functools.cached_property
+    def _shift_form(self):
         scale = np.diagonal(self.mixing).copy()
         shift = self.mixing[:, 0].copy()
         shift[0] = 0.0
@@ -808,7 +814,9 @@ class SeparableBasis:
         rebuilt[:, 0] += shift
         if self.mixing.shape[0] != self.mixing.shape[1] or not np.array_equal(rebuilt, self.mixing):
             return None
-        return np.stack([scale, shift])[:, :, None]
+        shifts = np.stack([scale, shift])[:, :, None]
+        shifts.flags.writeable = False
+        return shifts
 
 
 def separable_form(basis):
