@@ -245,7 +245,8 @@ class SpatialCellSet:
         # rank of each candidate among the usable ones of its cell: cumulative count minus
         # the count before the cell's first entry
         self._cell_start = np.searchsorted(self.cell, self.cell, side="left")
-        #: :meth:`visit`'s answers since the statuses last changed (:meth:`mark_good`, :meth:`reject`).
+        #: :meth:`visit`'s answers (by ``n_max``) and :meth:`ranks` (under "ranks") since the statuses last
+        #: changed (:meth:`mark_good`, :meth:`reject`).
         self._visits = {}
 
     def __len__(self):
@@ -281,12 +282,28 @@ class SpatialCellSet:
         return visited
 
     def _visit(self, n_max):
-        usable = self.status != _CODE[BAD]
         if n_max <= 0:
-            return np.flatnonzero(usable)
-        seen = np.cumsum(usable)
-        before_cell = np.concatenate([[0], seen])[self._cell_start]
-        return np.flatnonzero(usable & (seen - before_cell <= n_max))
+            return np.flatnonzero(self.status != _CODE[BAD])
+        ranks = self.ranks()
+        return np.flatnonzero((ranks > 0) & (ranks <= n_max))
+
+    def ranks(self):
+        """Each candidate's rank among the non-BAD ones of its cell, from 1 in rating order; 0 for the
+        BAD ones (what :meth:`visit` counts).
+
+        Returns
+        -------
+        ndarray of int64, shape (n,)
+            Read-only (kept, as the visits are, until a status changes).
+        """
+        ranks = self._visits.get("ranks")
+        if ranks is None:
+            usable = self.status != _CODE[BAD]
+            seen = np.cumsum(usable)
+            ranks = (seen - np.concatenate([[0], seen])[self._cell_start]) * usable
+            ranks.flags.writeable = False
+            self._visits["ranks"] = ranks
+        return ranks
 
     def mark_good(self, index):
         """Mark the candidates ``index`` GOOD (statuses change only here and in :meth:`reject`)."""

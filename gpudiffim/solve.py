@@ -366,13 +366,9 @@ class _Solver:
         if solution is not None:
             taken |= solution.fitted
         taken[index] = True
-        taken[self.cell_set.visit(n_visit)] = True
-        picked = []
-        for extra in range(1, _SPARES_PER_CELL + 1):
-            ahead = self.cell_set.visit(n_visit + extra)
-            picked.append(ahead[~taken[ahead]])
-            taken[ahead] = True
-        return np.concatenate([index[:0], *picked])[:room]
+        ranks = self.cell_set.ranks()        # the nearest first: rank n_visit + 1 of every cell, then + 2, ...
+        ahead = np.flatnonzero((ranks > n_visit) & (ranks <= n_visit + _SPARES_PER_CELL) & ~taken)
+        return ahead[np.argsort(ranks[ahead], kind="stable")][:room].astype(index.dtype, copy=False)
 
     def _take_spares(self, index, solution):
         """Store and judge the spares ``index`` from their outcomes read back before; return #rejected."""

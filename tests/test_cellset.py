@@ -64,11 +64,13 @@ def test_visit_takes_first_usable_per_cell(seed, n_max):
     cell_set = SpatialCellSet(BBOX, 100, 80, _random_candidates(rng, 300))
     for _ in range(4):          # reject some of those visited, as the solver does, and visit again
         visited = cell_set.visit(n_max)
-        expected = []
+        expected, ranks = [], np.zeros(len(cell_set), dtype=int)
         for cell in np.unique(cell_set.cell):
             usable = np.flatnonzero((cell_set.cell == cell) & (cell_set.status != 2))
             expected.extend(usable if n_max <= 0 else usable[:n_max])
+            ranks[usable] = np.arange(1, len(usable) + 1)
         np.testing.assert_array_equal(visited, expected)
+        np.testing.assert_array_equal(cell_set.ranks(), ranks)      # what the GPU path's spares are chosen by
         rejected = visited[rng.random(len(visited)) < 0.3]
         cell_set.mark_good(visited)
         cell_set.reject(rejected, RejectReason.KERNEL_SUM, [f"test {k}" for k in rejected])
