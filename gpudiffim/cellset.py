@@ -17,8 +17,8 @@ Positions are parent-pixel coordinates (x = column, y = row).
 """
 
 import enum
-import numbers
 import functools
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
