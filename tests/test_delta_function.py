@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig
+from gpudiffim.basis import renormalize_kernel_list
 from gpudiffim.errors import ConfigurationError, FitQualityWarning
 from gpudiffim.regularization import choose_lambda, held_out_partners
 from gpudiffim.solve import pca_kernel_basis
@@ -82,6 +83,26 @@ def test_pca_drops_round_off_eigen_kernels():
         basis = pca_kernel_basis(images, 10, True, weights)
         assert len(basis) == 4                                   # the mean and 3 eigen-kernels
 
+
+
+@pytest.mark.parametrize("n_images", [30, 600])      # the images' Gram matrix, then the pixels' scatter
+def test_pca_leading_eigen_kernels_equal_those_of_the_full_decomposition(n_images):
+    """Only the leading eigenvalues are decomposed (a subset of ``syevr``): the kept eigen-kernels are
+    those of every eigenvector of the scatter matrix (``numpy.linalg.eigh``), where their eigenvalues
+    stand apart (here a rank-3 variation over noise 1e-3 of it: the noise eigen-kernels are arbitrary)."""
+    rng = np.random.default_rng(n_images)
+    shapes = rng.normal(size=(3, 9, 9))
+    images = np.tensordot(rng.normal(size=(n_images, 3)) * [4.0, 2.0, 1.0], shapes, axes=1)
+    images += 1e-3 * rng.normal(size=images.shape) + 1.0 / 81
+    weights = rng.uniform(0.5, 2.0, n_images)
+    basis = pca_kernel_basis(images, 4, True, weights)       # the mean and three eigen-kernels
+    w = weights / weights.sum()
+    mean = np.tensordot(w, images, axes=1)
+    flat = (images - mean).reshape(n_images, -1) * np.sqrt(w * n_images)[:, None]
+    _, vectors = np.linalg.eigh(flat.T @ flat)
+    expected = [mean.ravel()] + [v / v[np.argmax(np.abs(v))] for v in vectors[:, ::-1][:, :3].T]
+    np.testing.assert_allclose(basis, renormalize_kernel_list(np.array(expected).reshape(4, 9, 9)),
+                               rtol=0, atol=1e-9)
 
 def test_kernel_sum_constraint_solves_the_constrained_problem():
     """The eliminated system gives the least-squares solution under sum_i s_i a_{i,t} = 0
