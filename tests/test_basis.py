@@ -23,6 +23,7 @@ from gpudiffim.basis import (
     make_regularization_matrix,
     regularization_matrix,
     renormalize_kernel_list,
+    separable_form,
 )
 from gpudiffim.config import PsfMatchConfig
 from gpudiffim.errors import ConfigurationError, ShapeError
@@ -247,6 +248,19 @@ def test_alard_lupton_basis_fwhm_3_to_4():
     assert_allclose(basis.sigmas, [0.7, 1.4, 2.8], rtol=1e-12)   # sigma_K = 1.12 < 1.4
     assert_renormalized(basis.kernels)
     assert_allclose(basis.kernels, make_alard_lupton_basis(10, basis.sigmas, (4, 2, 2)), rtol=0)
+
+
+def test_alard_lupton_basis_keeps_the_separable_form_it_is_made_from():
+    """The solve and the GPU take the form the basis was made from (no rebuild and check per pair): the
+    kernels are the form's, bit for bit, which the device builds too; a form that does not fit is refused."""
+    basis = make_kernel_basis(AL_CONFIG, 3.0, 4.0)
+    assert separable_form(basis) is basis.separable
+    assert_array_equal(basis.kernels, basis.separable.kernels_in(np))
+    with pytest.raises(ShapeError, match="separable form"):
+        KernelBasis(make_alard_lupton_basis(7, basis.sigmas, (4, 2, 2)), kind="alard-lupton",    # 15 px wide
+                    sigmas=basis.sigmas, degrees=(4, 2, 2), separable=basis.separable)
+    with pytest.raises(ShapeError, match="separable form"):
+        KernelBasis(make_delta_function_basis(21, 21), kind="delta-function", separable=basis.separable)
 
 
 @pytest.mark.parametrize("sigma_t, sigma_r", [(1.0, 3.0), (2.4, 2.0), (2.0, 4.0)])
