@@ -47,7 +47,8 @@ from .errors import BackendUnavailableError, ConfigurationError
 
 __all__ = ["array_module", "array_module_of", "backend_info", "BACKENDS", "compute_backend", "fft_functions",
            "host_map", "host_threads", "HOST_THREADS_VARIABLE", "index_dtype", "is_device_array", "moved",
-           "ndimage_of", "on_device", "on_kernel_path", "row_blocks", "scatter_at", "single_threaded_blas", "stable_argsort", "stage_timer",
+           "ndimage_of", "on_device", "on_kernel_path", "row_blocks", "scatter_at", "single_threaded_blas",
+           "stable_argsort", "stage_timer",
            "StageTimings", "synchronize", "read_only_view", "to_host", "tune_host_allocator",
            "use_backend"]
 

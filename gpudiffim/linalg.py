@@ -213,6 +213,11 @@ def condition_number(matrix, kind="EIGENVALUE"):
     return float(values.max() / smallest) if smallest > 0 else float("inf")
 
 
+#: Workspace of ``sytrd`` per matrix row: its blocked form (a few times faster than the default workspace's
+#: unblocked one at n ~ 160).
+_SYTRD_BLOCK = 64
+
+
 def _extreme_eigenvalues(matrix):
     """``(lambda_min, lambda_max)`` of a finite symmetric positive semi-definite matrix (read from its lower
     triangle), or None for any other (an indefinite one: its smallest ``|lambda|`` may lie inside).
@@ -237,8 +242,3 @@ def _extreme_eigenvalues(matrix):
             return None
         extremes.append(values[0])
     return np.array(extremes) if extremes[0] >= 0 else None
-
-
-#: Workspace of ``sytrd`` per matrix row: its blocked form (a few times faster than the default workspace's
-#: unblocked one at n ~ 160).
-_SYTRD_BLOCK = 64

@@ -221,8 +221,8 @@ class _Solver:
         #: (kernel, candidates, D/sigma rows) of the last spatial assessment, with ``quality_report``.
         self.assessed = None
         #: Spares fitted ahead on the original basis (:meth:`spares`), not yet visited: the batch
-        #: and row of each candidate's outcome (-1: none), and per batch number its host outcome
-        #: rows of :func:`_read_back` and failure sentences.
+        #: and row of each candidate's outcome (-1: none), and per batch number its
+        #: :class:`_Outcome` (unpacked once from the rows of :func:`_read_back`) and failure sentences.
         self.spare_batch = np.full(len(cell_set), -1, dtype=np.int64)
         self.spare_row = np.full(len(cell_set), -1, dtype=np.int64)
         self.outcomes = {}
