@@ -6,7 +6,10 @@ Run on a machine with a CUDA device, from the repository root::
 
 For each size, a simulated float32 pair (``make_fake_pair``, stars scaled from
 8000 at 4096^2) is subtracted with the issue-4 configuration (Alard-Lupton
-basis, 27 kernels, spatial kernel order 2, background fitted, order 1):
+basis, 27 kernels, spatial kernel order 2, background fitted, order 1: the
+defaults), or with ``--basis delta-function`` the same configuration with the
+delta-function basis at its defaults (issue 13: its time against the
+Alard-Lupton rows of the same session):
 
 * ``cold``: the first CuPy call of the process (NVRTC compilation of the
   kernels, cuFFT plans, memory-pool growth), reported separately;
@@ -22,6 +25,7 @@ over one run (inputs included), and the pool's total (used + cached).
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -37,6 +41,7 @@ from gpudiffim import ImagePsfMatchTask, MaskedImage, PsfMatchConfig, backend_in
 from gpudiffim.testing import make_fake_pair  # noqa: E402
 
 CONFIG = PsfMatchConfig(fit_for_background=True, spatial_kernel_order=2, spatial_bg_order=1)
+BASIS_SETS = ("alard-lupton", "delta-function")
 STARS_AT_4096 = 8000
 
 
@@ -86,14 +91,14 @@ def _summary(result):
             "kernel_sum": float(result.diagnostics["kernel_sum_at_centre"]), "d_over_sigma_std": float(z.std())}
 
 
-def bench_size(size, repeat, numpy_too, tracker):
+def bench_size(size, repeat, numpy_too, tracker, basis=BASIS_SETS[0]):
     import cupy
 
     n_stars = int(round(STARS_AT_4096 * (size / 4096) ** 2))
     pair = make_fake_pair(shape=(size, size), n_stars=n_stars, seed=1)
-    task = ImagePsfMatchTask(CONFIG)
+    task = ImagePsfMatchTask(dataclasses.replace(CONFIG, kernel_basis_set=basis))
     pool = cupy.get_default_memory_pool()
-    out = {"size": size, "n_stars": n_stars}
+    out = {"size": size, "n_stars": n_stars, "basis": basis}
 
     pool.free_all_blocks()
     out["cold_s"], first = _run(task, pair.template, pair.science, "cupy")
@@ -131,13 +136,15 @@ def bench_size(size, repeat, numpy_too, tracker):
 
 
 def _table(rows):
-    lines = [f"{'size':>5} {'stars':>6} {'cold s':>7} {'host-in ms':>10} {'device-in ms':>12} "
+    lines = [f"{'basis':>14} {'size':>5} {'stars':>6} {'cold s':>7} {'host-in ms':>10} {'device-in ms':>12} "
              f"{'numpy s':>8} {'speed-up':>8} {'peak MB':>8} {'coef rel':>9}"]
     for r in rows:
         speedup = r.get("numpy_s", float("nan")) / r["host_in_s"]
-        lines.append(f"{r['size']:>5} {r['n_stars']:>6} {r['cold_s']:>7.2f} {1e3 * r['host_in_s']:>10.1f} "
-                     f"{1e3 * r['device_in_s']:>12.1f} {r.get('numpy_s', float('nan')):>8.2f} {speedup:>8.1f} "
-                     f"{r['peak_used_bytes_device_in'] / 1e6:>8.0f} {r.get('max_rel_coefficient_diff', float('nan')):>9.2e}")
+        lines.append(f"{r['basis']:>14} {r['size']:>5} {r['n_stars']:>6} {r['cold_s']:>7.2f} "
+                     f"{1e3 * r['host_in_s']:>10.1f} {1e3 * r['device_in_s']:>12.1f} "
+                     f"{r.get('numpy_s', float('nan')):>8.2f} {speedup:>8.1f} "
+                     f"{r['peak_used_bytes_device_in'] / 1e6:>8.0f} "
+                     f"{r.get('max_rel_coefficient_diff', float('nan')):>9.2e}")
         for key in ("device_in_stages", "host_in_stages"):
             stages = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in r[key].items())
             lines.append(f"      {key} (ms): {stages}")
@@ -149,6 +156,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy-backend comparison")
+    parser.add_argument("--basis", choices=BASIS_SETS, default=BASIS_SETS[0],
+                        help="kernel basis set (the rest of the configuration as above)")
     parser.add_argument("--json", type=Path, help="write the full results here")
     args = parser.parse_args(argv)
     with use_backend("cupy"):
@@ -156,7 +165,7 @@ def main(argv=None):
     rows = []
     tracker = PeakTracker()
     for size in args.sizes:
-        rows.append(bench_size(size, args.repeat, not args.no_numpy, tracker))
+        rows.append(bench_size(size, args.repeat, not args.no_numpy, tracker, args.basis))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": rows}, indent=1, default=str))
