@@ -524,7 +524,8 @@ class NumpyOperations:
         return sums, z.reshape(len(z), -1)
 
     def residual_sums(self, difference, variance, mask, bad_bits, core_radius=None):
-        """(N, 3) float64 count, sum z, sum z^2 of the stamps, where they live (:func:`~gpudiffim.statistics.residual_sums`)."""
+        """(N, 3) float64 count, sum z, sum z^2 of the stamps, where they live
+        (:func:`~gpudiffim.statistics.residual_sums`)."""
         return residual_sums(difference, variance, mask, bad_bits, core_radius)
 
     def bin_medians(self, image, keep, edges_y, edges_x):
@@ -575,7 +576,8 @@ class NumpyOperations:
         return sky_value_planes(residual, variance, sky, own_rows, gap, clip)
 
     def subtract_sky_mean(self, planes, sums):
-        """Plane 0 less its weighted mean ``sums[0] / sums[1]``, in place (:func:`~gpudiffim.statistics.subtract_sky_mean`)."""
+        """Plane 0 less its weighted mean ``sums[0] / sums[1]``, in place
+        (:func:`~gpudiffim.statistics.subtract_sky_mean`)."""
         return subtract_sky_mean(planes, sums)
 
     def correlation_near(self, correlation, far, extra):

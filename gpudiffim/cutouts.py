@@ -3,8 +3,9 @@
 A bottom-layer module (it needs only the array-module helpers), shared by
 candidate vetting, the PSF-size measurement, the stamp fits and the quality
 report; it also holds the NumPy references of the detection kernels'
-reductions (:func:`stamps_flagged`, :func:`footprint_stats`).  Centres are integer pixels relative to the image origin; a stamp of
-half-size ``r`` is the ``(2r + 1)^2`` box around its centre.
+reductions (:func:`stamps_flagged`, :func:`footprint_stats`).  Centres are
+integer pixels relative to the image origin; a stamp of half-size ``r`` is
+the ``(2r + 1)^2`` box around its centre.
 """
 
 import numpy as np

@@ -436,7 +436,8 @@ class CandidateModels:
 def _models(result, records):
     xs = np.array([r.x for r in records], dtype=np.float64)
     ys = np.array([r.y for r in records], dtype=np.float64)
-    return CandidateModels(np.tensordot(np.array([r.coefficients for r in records]), result.kernel_basis.kernels, axes=1),
+    own = np.tensordot(np.array([r.coefficients for r in records]), result.kernel_basis.kernels, axes=1)
+    return CandidateModels(own,
                            result.psf_matching_kernel.images(xs, ys),
                            np.array([r.background for r in records], dtype=np.float64),
                            np.asarray(result.background_model(xs, ys), dtype=np.float64))

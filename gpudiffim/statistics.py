@@ -20,8 +20,8 @@ __all__ = ["ResidualStatistics", "beyond_robust_level", "usable_normalised_resid
            "residual_sums", "statistics_of_sums", "moments_to_statistics",
            "clipped_mean_std", "core_slice", "iqr_sigma", "mad_sigma", "masked_iqr_sigma", "masked_median",
            "masked_quantiles", "sigma_of_quartiles", "bin_medians_loop",
-           "bin_medians_sorted", "bin_sort_keys", "medians_of_sorted_keys", "near_lags", "normalised_sky_values", "own_rows_mask", "sky_value_planes",
-           "subtract_sky_mean"]
+           "bin_medians_sorted", "bin_sort_keys", "medians_of_sorted_keys", "near_lags", "normalised_sky_values",
+           "own_rows_mask", "sky_value_planes", "subtract_sky_mean"]
 
 #: Ratio of the standard deviation to the interquartile range of a Gaussian.
 IQR_TO_SIGMA = 0.741301109

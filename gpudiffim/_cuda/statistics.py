@@ -19,8 +19,8 @@ from .image_apply import grid_stride_geometry
 from .signatures import ctype_of, float_ctype
 
 __all__ = ["MAX_BIN_PIXELS", "MAX_QUANTILES", "STATISTICS_DEFINES", "STATISTICS_THREADS", "bin_medians",
-           "bin_medians_by_sort", "bin_medians_fit", "correlation_near", "gather_rows", "sky_normalised", "sky_sources", "sky_value_planes", "sorted_quantiles",
-           "subtract_sky_mean"]
+           "bin_medians_by_sort", "bin_medians_fit", "correlation_near", "gather_rows", "sky_normalised", "sky_sources",
+           "sky_value_planes", "sorted_quantiles", "subtract_sky_mean"]
 
 #: Threads per block of both kernels (``GDI_ST_THREADS``; a power of two).
 STATISTICS_THREADS = 256
@@ -189,7 +189,8 @@ def _sky_bands(residual, variance, sky):
     launcher, xp = on_launcher(residual, variance, sky)
     ctype = float_ctype("variance", variance.dtype)
     return (launcher, xp, ctype, prepare(xp, residual, np.float64, 3, "residual"),
-            prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance"), prepare(xp, sky, np.bool_, 3, "sky"))
+            prepare(xp, variance, variance.dtype.newbyteorder("="), 3, "variance"),
+            prepare(xp, sky, np.bool_, 3, "sky"))
 
 
 def sky_value_planes(residual, variance, sky, own_rows, gap, clip):
@@ -267,7 +268,8 @@ def _gather_group(xp, planes, starts, height, grid, block):
     out = xp.empty((len(planes) * len(starts), height, nx), dtype=first.dtype.newbyteorder("="))
     for index, plane in enumerate(planes):
         if plane.shape != first.shape or plane.dtype != first.dtype:
-            msg = f"planes must share a shape and dtype, got {plane.shape} {plane.dtype} and {first.shape} {first.dtype}"
+            msg = (f"planes must share a shape and dtype, got {plane.shape} {plane.dtype} and "
+                   f"{first.shape} {first.dtype}")
             raise ValueError(msg)
         if out.size:
             launch(f"gdi_gather_rows<{ctype_of(first.dtype)}>", grid, block,
