@@ -85,10 +85,10 @@ from .convolve import (
     correlate_stamps_separable,
 )
 from .cutouts import cut_planes, footprint_stats, stamps_flagged
-from .delta_function import delta_function_normal_equations
+from .delta_function import cholesky_block, delta_function_normal_equations, deregularized_with_factors
 from .errors import SingularSystemError
 from .fwhm import rated_sigmas
-from .linalg import EIGENVECTOR, LU, NOT_FINITE_SOLUTION, pseudo_inverse_solve_batch, solve_batch_status
+from .linalg import EIGENVECTOR, LU, NOT_FINITE_SOLUTION, deregularized, pseudo_inverse_solve_batch, solve_batch_status
 from .spatial import GridFactors
 from .statistics import (
     beyond_robust_level,
@@ -222,11 +222,13 @@ def _cholesky_device(matrices, vectors, overwrite=False):
     Reads each matrix's row-major lower triangle (column-major ``uplo = U``),
     as the host's :func:`gpudiffim._lapack.cholesky_in_place`, on a copy
     (with ``overwrite``, in place when C-contiguous float64: the factors are then left in it).
-    Returns ``(solutions, passed)``: a system passes when the factorisation
+    Returns ``(solutions, passed, factors)``: a system passes when the factorisation
     succeeds (``info = 0``), its pivots (the squared diagonal of the factor)
     pass the rank test of :mod:`gpudiffim.linalg` (``p > n eps p_max``, so a
     NaN fails) and its solution is finite, as on the host
-    (:mod:`gpudiffim.delta_function`); the others' solutions are zero.
+    (:mod:`gpudiffim.delta_function`); the others' solutions are zero.  The
+    factors (in each matrix's row-major upper triangle) serve
+    :func:`_cholesky_solve_device`.
     """
     import cupy
     from cupy_backends.cuda.libs import cublas, cusolver
@@ -246,7 +248,36 @@ def _cholesky_device(matrices, vectors, overwrite=False):
     pivots = cupy.diagonal(factor, axis1=1, axis2=2) ** 2
     ranked = cupy.all(pivots > n * np.finfo(np.float64).eps * pivots.max(axis=1, keepdims=True), axis=1)
     passed = (info == 0) & ranked & cupy.isfinite(rhs).all(axis=1)
-    return cupy.where(passed[:, None], rhs, 0.0), passed
+    return cupy.where(passed[:, None], rhs, 0.0), passed, factor
+
+
+def _cholesky_solve_device(factors, rhs):
+    """``potrsBatched`` with the factors of :func:`_cholesky_device`: the solutions (N, n) of a stack of
+    right-hand sides (N, n), one per system; no synchronisation."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas, cusolver
+
+    batch, n = factors.shape[0], factors.shape[-1]
+    solution = cupy.array(rhs, dtype=np.float64, order="C")
+    handle = cupy.cuda.device.get_cusolver_handle()
+    solve_info = cupy.empty(1, dtype=np.int32)
+    a_ptrs, b_ptrs = _batch_pointers(factors), _batch_pointers(solution)    # held until the solve has read them
+    cusolver.dpotrsBatched(handle, cublas.CUBLAS_FILL_MODE_UPPER, n, 1, a_ptrs.data.ptr, n, b_ptrs.data.ptr, n,
+                           solve_info.data.ptr, batch)
+    return solution
+
+
+def _deregularized_device(factors, passed, coefficients, regularization, lambdas, steps):
+    """:func:`gpudiffim.delta_function.deregularized_with_factors` on the device (batched solves)."""
+    xp = array_module_of(factors)
+    n, size = coefficients.shape[1], factors.shape[-1]
+
+    def solve(rhs):
+        full = xp.zeros((len(rhs), size))
+        full[:, :n] = rhs
+        return xp.where(passed[:, None], _cholesky_solve_device(factors, full)[:, :n], 0.0)
+
+    return deregularized(solve, coefficients, regularization[:n, :n], lambdas, steps)
 
 
 #: Terms transformed together on the kernel path, at most.
@@ -393,7 +424,7 @@ class NumpyOperations:
         return (*self.solve_systems(matrices, vectors), False)
 
     def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
-                     overwrite=False):
+                     overwrite=False, deregularize=None):
         """The stamp systems of a batch solved, and what the fit makes of the solutions.
 
         ``codes`` (N,) are the stamps' failure codes on entry (0 for none); a failed solve of a
@@ -404,11 +435,27 @@ class NumpyOperations:
         (n_basis, kh, kw) as (N, kh, kw), the backgrounds (N,) (0 without ``with_background``)
         and the flag of :meth:`solve_systems_deferred`, in the systems' array module.
         ``overwrite``: the caller leaves ``matrices`` to the solve (the device may factor them in
-        place, saving a copy of the stack); here they are only read.
+        place, saving a copy of the stack); here they are only read.  ``deregularize``, a tuple
+        ``(H, lambdas, steps)`` of the regularised systems ``M + lambda H``: a fifth element, the
+        kernel coefficients (N, n_basis) after that many iterated-Tikhonov steps with each
+        system's Cholesky factor (:func:`gpudiffim.delta_function.deregularized_with_factors`;
+        the systems Cholesky cannot factor keep their coefficients).
         """
         solutions, status, deferred = (self.solve_systems_deferred(matrices, vectors) if defer
                                        else (*self.solve_systems(matrices, vectors), False))
-        return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), deferred)
+        result = (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), deferred)
+        if deregularize is None:
+            return result
+        return (*result, self._deregularized(matrices, vectors, result[0][:, 4:], *deregularize))
+
+    @staticmethod
+    def _deregularized(matrices, vectors, coefficients, regularization, lambdas, steps):
+        """The host reference of ``solve_stamps``' ``deregularize``: each system factored again (a copy)."""
+        xp = array_module_of(coefficients)
+        factors = np.array(to_host(matrices), dtype=np.float64, order="C")
+        _, passed = cholesky_block(factors, to_host(vectors))
+        return xp.asarray(deregularized_with_factors(factors, passed, to_host(coefficients),
+                                                     to_host(regularization), to_host(lambdas), steps))
 
     def stamp_outcome(self, solutions, status, codes, basis, with_background, fit_failed):
         """``(outcome, kernels, background)`` of :meth:`solve_stamps` from solved systems (N, P) and
@@ -853,7 +900,7 @@ class KernelOperations(NumpyOperations):
         return solutions, status.astype(np.int8), True
 
     def solve_stamps(self, matrices, vectors, codes, basis, with_background, fit_failed, defer=False,
-                     overwrite=False):
+                     overwrite=False, deregularize=None):
         """With ``defer``, on the GPU: ``gdi_solve_stamps``, the solve and all that follows in one launch,
         the rank-deficient systems deferred (``kernels/linear_solve.cu``); systems larger than its shared
         memory (the delta-function basis's) by cuSOLVER batched Cholesky, those Cholesky cannot take
@@ -863,13 +910,20 @@ class KernelOperations(NumpyOperations):
 
         n = matrices.shape[-1]
         if not (defer and is_device_array(matrices) and len(matrices) and n > 0):
-            return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer)
+            return super().solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed, defer,
+                                        deregularize=deregularize)
         if n <= SOLVE_SMALL_MAX_N:
-            return (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
-        solutions, passed = _cholesky_device(matrices, vectors, overwrite)
-        xp = array_module_of(matrices)
-        status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
-        return (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
+            if deregularize is not None:    # factors of copies (the launch below reads the systems)
+                _, passed, factors = _cholesky_device(matrices, vectors)
+            result = (*solve_stamps(matrices, vectors, codes, basis, with_background, fit_failed), True)
+        else:
+            solutions, passed, factors = _cholesky_device(matrices, vectors, overwrite)
+            xp = array_module_of(matrices)
+            status = xp.where(passed, np.int8(LU), np.int8(EIGENVECTOR))
+            result = (*self.stamp_outcome(solutions, status, codes, basis, with_background, fit_failed), True)
+        if deregularize is None:
+            return result
+        return (*result, _deregularized_device(factors, passed, result[0][:, 4:], *deregularize))
 
     def cut_stamp_planes(self, template, science, centres_rc, half_size, device_centres=None):
         """``gdi_cut_stamps``: one launch per image (its three planes), the centres uploaded once unless

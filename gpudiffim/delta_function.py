@@ -38,10 +38,11 @@ from numpy.lib.stride_tricks import as_strided
 
 from ._backend import host_map, single_threaded_blas
 from ._lapack import cholesky_in_place, cholesky_solve
-from .linalg import LU, solve_batch_status
+from .linalg import LU, deregularized, solve_batch_status
 
 __all__ = ["DeltaFunctionForm", "delta_function_form", "delta_function_design", "delta_function_normal_equations",
-           "delta_function_models", "DeltaFunctionFit", "fit_delta_function"]
+           "delta_function_models", "DeltaFunctionFit", "fit_delta_function", "cholesky_block",
+           "deregularized_with_factors"]
 
 #: Stamps per block of host work (a block's systems, ~1.6 MB each at 21 x 21, stay in cache).
 _BLOCK_STAMPS = 4
@@ -230,7 +231,7 @@ def delta_function_models(template, kernels):
     return _diagonal_sum(mixed, fit, axis_p=1, axis_r=2)
 
 
-def _cholesky_block(systems, vectors):
+def cholesky_block(systems, vectors):
     """Cholesky solutions of a few systems (factored in place, upper triangles), and whether each passed.
 
     A system passes when its factorisation succeeds (positive definite),
@@ -303,6 +304,9 @@ class DeltaFunctionFit:
         Cholesky solved the system).
     information : ndarray of shape (N,)
         ``tr(M)`` over the kernel unknowns.
+    deregularized : ndarray of shape (N, K^2) or None
+        The kernel coefficients after ``deregularization`` iterated-Tikhonov
+        steps (:func:`deregularized_with_factors`; None without them).
     """
 
     matrix: np.ndarray
@@ -310,10 +314,48 @@ class DeltaFunctionFit:
     solutions: np.ndarray
     status: np.ndarray
     information: np.ndarray
+    deregularized: np.ndarray = None
+
+
+def deregularized_with_factors(factors, passed, coefficients, regularization, lambdas, steps):
+    """Kernel coefficients after ``steps`` iterated-Tikhonov steps (:func:`gpudiffim.linalg.deregularized`), host.
+
+    Parameters
+    ----------
+    factors : ndarray of shape (N, P, P)
+        Cholesky factors of ``M + lambda H`` in their upper triangles
+        (:func:`gpudiffim._lapack.cholesky_in_place` with ``upper``);
+        ``P`` is the kernel unknowns ``n`` plus any background.
+    passed : ndarray of bool, shape (N,)
+        Whose factor is valid; the others keep ``coefficients``.
+    coefficients : ndarray of shape (N, n)
+        The regularised kernel coefficients ``x_0``.
+    regularization : ndarray of shape (P, P)
+        ``H`` (zero on the background's row and column).
+    lambdas : ndarray of shape (N,)
+    steps : int
+
+    Returns
+    -------
+    ndarray of shape (N, n)
+    """
+    n, size = coefficients.shape[1], factors.shape[-1]
+    valid = np.flatnonzero(passed)
+
+    def solve(rhs):
+        out = np.zeros_like(rhs)
+        full = np.zeros(size)
+        for k in valid:
+            full[:n] = rhs[k]
+            out[k] = cholesky_solve(factors[k], full, upper=True)[:n]
+        return out
+
+    return deregularized(solve, np.asarray(coefficients, dtype=np.float64),
+                         np.asarray(regularization, dtype=np.float64)[:n, :n], np.asarray(lambdas), steps)
 
 
 def fit_delta_function(template, target, weight, kernel_width, background, regularization=None, lambdas=None,
-                       keep_matrix=True):
+                       keep_matrix=True, deregularization=0):
     """Normal equations and regularised solutions of delta-function stamp fits, a few stamps at a time.
 
     Each block of :data:`_BLOCK_STAMPS` stamps is formed
@@ -331,15 +373,22 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
         ``lambdas(M) -> lambda`` (one per system) of a block's unregularised matrices; with ``regularization``.
     keep_matrix : bool
         Return the unregularised matrices (the spatial fit of this basis needs them).
+    deregularization : int
+        With ``regularization``, also return the kernel coefficients after
+        this many iterated-Tikhonov steps, made with each stamp's Cholesky
+        factor (:attr:`DeltaFunctionFit.deregularized`; the stamps Cholesky
+        cannot solve keep their solution).
 
     Returns
     -------
     DeltaFunctionFit
     """
     n = len(template)
-    p = kernel_width**2 + int(bool(background))
+    n_kernel = kernel_width**2
+    p = n_kernel + int(bool(background))
+    steps = deregularization if regularization is not None else 0
     fit = DeltaFunctionFit(np.empty((n, p, p)) if keep_matrix else None, np.empty((n, p)), np.empty((n, p)),
-                           np.empty(n, dtype=np.int8), np.empty(n))
+                           np.empty(n, dtype=np.int8), np.empty(n), np.empty((n, n_kernel)) if steps else None)
 
     penalty_diagonals = None if regularization is None else _PenaltyDiagonals(regularization)
 
@@ -362,14 +411,17 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
         fit.information[rows] = np.trace(matrix[:, :kernel_width**2, :kernel_width**2], axis1=1, axis2=2)
         if keep_matrix:
             fit.matrix[rows] = matrix
-        solutions, passed = _cholesky_block(regularize(matrix, penalty, upper=True), vector)
+        solutions, passed = cholesky_block(regularize(matrix, penalty, upper=True), vector)
         status = np.full(len(matrix), np.int8(LU))
         failed = np.flatnonzero(~passed)
         if failed.size:     # as every other stamp fit: LU with the rank test, else the pseudo-inverse (formed again)
             again, _, _ = systems(start + failed)       # whole matrices
-            penalty = None if penalty is None else penalty[failed]
-            solutions[failed], status[failed] = solve_batch_status(regularize(again, penalty), vector[failed])
+            again_penalty = None if penalty is None else penalty[failed]
+            solutions[failed], status[failed] = solve_batch_status(regularize(again, again_penalty), vector[failed])
         fit.solutions[rows], fit.status[rows] = solutions, status
+        if steps:       # the factors are in ``matrix``'s upper triangles
+            fit.deregularized[rows] = deregularized_with_factors(matrix, passed, solutions[:, :n_kernel],
+                                                                 regularization, penalty, steps)
 
     with single_threaded_blas():
         host_map(block, range(0, n, _BLOCK_STAMPS))

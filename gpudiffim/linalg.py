@@ -22,7 +22,7 @@ from ._backend import array_module_of, to_host
 from .errors import SingularSystemError
 
 __all__ = ["STATUS_TEXT", "pseudo_inverse_solve_batch", "solve_batch_status", "solve_host", "solve_symmetric",
-           "solve_symmetric_batch", "condition_number"]
+           "solve_symmetric_batch", "condition_number", "deregularized"]
 
 
 #: Status codes of :func:`solve_batch_status`, and what each means for a stamp fit.
@@ -242,3 +242,36 @@ def _extreme_eigenvalues(matrix):
             return None
         extremes.append(values[0])
     return np.array(extremes) if extremes[0] >= 0 else None
+
+
+def deregularized(solve, solutions, regularization, lambdas, steps):
+    """Iterated-Tikhonov steps from regularised solutions: ``x_{j+1} = x_0 + lambda (M + lambda H)^{-1} H x_j``.
+
+    ``x_0`` solves ``(M + lambda H) x = b``; each step removes more of the
+    regularisation's smoothing (``x_j`` tends to ``M^{-1} b`` where ``M`` is
+    well determined and stays near ``x_0`` where it is not: the filter
+    factor of an eigen-direction of ``M`` relative to ``H`` with ratio
+    ``r = lambda h / (m + lambda h)`` is ``1 - r^{j+1}``).
+
+    Parameters
+    ----------
+    solve : callable
+        ``solve(rhs)`` -> ``(M + lambda H)^{-1} rhs`` for a stack (N, P) of
+        right-hand sides, one per system, with the factors already made.
+    solutions : ndarray of shape (N, P)
+        ``x_0``, NumPy or CuPy.
+    regularization : ndarray of shape (P, P)
+        ``H`` (symmetric), in the module of ``solutions``.
+    lambdas : ndarray of shape (N,)
+        Each system's ``lambda``, in the same module.
+    steps : int
+        ``j`` (0 returns ``solutions``).
+
+    Returns
+    -------
+    ndarray of shape (N, P)
+    """
+    result = solutions
+    for _ in range(steps):
+        result = solutions + lambdas[:, None] * solve(result @ regularization)     # (H x_n)^T = x_n^T H
+    return result

@@ -108,7 +108,7 @@ def _read_back(xp, sums, fit):
 
 
 #: Dimensions of the per-batch arrays the solver keeps (:meth:`_Solver.gather`).
-_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1, "centres": 2}
+_STORED_NDIM = {"matrix": 3, "vector": 2, "rows": 2, "information": 1, "centres": 2, "deregularized": 2}
 
 #: Reason code of the residual clipping at each stage of :meth:`_Solver._judge`.
 _RESIDUAL_REASON = {"single": int(RejectReason.SINGLE_KERNEL_RESIDUAL),
@@ -417,6 +417,10 @@ class _Solver:
                   "centres": centres}
         if fit.information is not None:         # formed by the fit where the matrices are not kept
             stored["information"] = fit.information
+        if fit.deregularized is not None:       # the PCA basis's kernels; redone stamps keep their solution
+            stored["deregularized"] = fit.deregularized
+            if len(redo):
+                stored["deregularized"][self.xp.asarray(redo)] = self.xp.asarray(packed[redo, 7:])
         batch_id = len(self.batches)
         self.batches.append(stored)
         outcome = _Outcome.unpack(packed)
@@ -537,20 +541,36 @@ class _Solver:
         """
         visited = self.visit_built()
         orig = self.cell_set.solutions["orig"]
-        coefficients = orig.coefficients[visited]
+        deregularized = self._deregularized(visited)
+        if deregularized:        # the fits' kernels with the regularisation's smoothing taken out
+            (coefficients,) = self.gather(visited, "orig", "deregularized")
+            coefficients = to_host(coefficients)
+        else:
+            coefficients = orig.coefficients[visited]
         if isinstance(self.separable, DeltaFunctionForm):   # identity basis: the images are the coefficients
             images = coefficients.reshape((len(visited),) + self.basis.kernels.shape[1:])
         else:
             images = np.tensordot(coefficients, self.basis.kernels, axes=1)
-        images = images / orig.kernel_sum[visited][:, None, None]
+        sums = images.sum(axis=(1, 2)) if deregularized else orig.kernel_sum[visited]
+        images = images / sums[:, None, None]
         weights = None
         if self.config.pca_weights == "precision":
             (information,) = self.gather(visited, "orig", "information")
             weights = kernel_precision(to_host(information), self.basis.n_basis, orig.kernel_sum[visited])
+        terms = None
+        if self.config.pca_method == "spatial":       # the spatial stage's function (same reduction)
+            function = self.supported_function("kernel", self.config.spatial_kernel_order, len(visited))
+            terms = function.terms(self.cell_set.x[visited], self.cell_set.y[visited])
         self.pca_basis = pca_kernel_basis(images, self.config.pca_components,
-                                          self.config.subtract_mean_for_pca, weights)
+                                          self.config.subtract_mean_for_pca, weights, terms)
         self.cell_set.solutions.pop("pca", None)
         return self.build(visited, self.pca_basis, "pca", None)
+
+    def _deregularized(self, index):
+        """Whether the original fits of the candidates ``index`` kept de-regularised kernels (every batch
+        of a solve does, or none: :func:`~gpudiffim.stamps.deregularization_steps`)."""
+        batches = np.unique(self.cell_set.solutions["orig"].batch[index])
+        return len(batches) > 0 and all("deregularized" in self.batches[b] for b in batches)
 
     def spatial_stage(self):
         """Fit the spatial model to the visited candidates; return a :class:`SpatialFit`."""
@@ -721,8 +741,8 @@ def _clip_reason(config, mean, rms, stage, clipping):
     return ""
 
 
-def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
-    """PCA basis of kernel images (``ip_diffim`` ``_createPcaBasis``).
+def pca_kernel_basis(images, n_components, subtract_mean, weights=None, terms=None):
+    """PCA basis of kernel images (``ip_diffim`` ``_createPcaBasis``), optionally led by their spatial fit.
 
     Parameters
     ----------
@@ -735,6 +755,13 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
     weights : ndarray of shape (N,), optional
         Weight of each image in the mean and the scatter matrix (e.g.
         :func:`kernel_precision`); equal weights (``ip_diffim``) when omitted.
+    terms : ndarray of shape (N, T), optional
+        The spatial kernel function's terms at the images' positions
+        (``pca_method="spatial"``).  The basis then takes, after the mean,
+        the directions of the images' weighted least-squares fit by the
+        terms (:func:`_spatial_directions`: at most ``T``, largest first),
+        and the eigen-images of what the fit leaves after them.  With one
+        term (a constant) it is the PCA above.
 
     Returns
     -------
@@ -748,6 +775,12 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
         mean = np.tensordot(weights, images, axes=1)
         images = images - mean
         kernels.append(mean)
+    floor = None
+    if terms is not None and np.shape(terms)[1] > 1:
+        # what the fit leaves may be round-off alone: its eigenvalues are judged against all the images'
+        floor = np.sum(images**2 * weights[:, None, None]) * len(images) / images[0].size
+        directions, images = _spatial_directions(images, weights, np.asarray(terms, dtype=np.float64))
+        kernels += _peak_scaled(directions, images.shape[1:])
     flat = images.reshape(len(images), -1) * np.sqrt(weights * len(images))[:, None]
     n_images, n_pixels = flat.shape
     if n_images == 1:
@@ -761,7 +794,7 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
             scatter = scipy.linalg.blas.dsyrk(1.0 / n_pixels, flat if by_images else flat.T, lower=1)
         wanted = max(1, n_components - len(kernels))      # the mean, when subtracted, is the first kernel
         for n_largest in (min(len(scatter), wanted + _PCA_SPARE_COMPONENTS), len(scatter)):
-            eigen_images = _leading_eigen_images(scatter, flat, by_images, n_images, n_largest)
+            eigen_images = _leading_eigen_images(scatter, flat, by_images, n_images, n_largest, floor)
             found = _peak_scaled(eigen_images, images.shape[1:])
             if len(found) >= wanted or n_largest == len(scatter):
                 break
@@ -770,26 +803,55 @@ def pca_kernel_basis(images, n_components, subtract_mean, weights=None):
     return renormalize_kernel_list(np.array(kept))
 
 
+def _spatial_directions(images, weights, terms):
+    """Directions (r, P) of the weighted least-squares fit of ``images`` (N, kh, kw) by ``terms`` (N, T),
+    largest first, and the images less the fit.
+
+    The fit ``T_n B`` is the kernel field a spatial model of these terms
+    can follow, with each kernel pixel's noise averaged over all N images;
+    its directions are the right singular vectors of ``R B`` (``R`` from the
+    QR factorisation of the weighted terms: the fitted field has rank at
+    most ``T``).  Directions whose singular value is below ``sqrt(eps)`` of
+    the largest, or of the images' weighted norm, are dropped: a
+    mean-subtracted constant term fits nothing, and the direction of its
+    round-off (3e-17 of a norm of 0.02 on a 256^2 pair) is arbitrary; kept,
+    it made the host's and the GPU's bases differ.
+    """
+    flat = images.reshape(len(images), -1)
+    root = np.sqrt(weights)[:, None]
+    orthonormal, triangular = np.linalg.qr(terms * root)
+    coefficients = orthonormal.T @ (flat * root)                       # R B: the fit in the terms' frame
+    fit = np.linalg.lstsq(triangular, coefficients, rcond=None)[0]      # B
+    _, values, directions = np.linalg.svd(coefficients, full_matrices=False)
+    scale = max(values.max(initial=0.0), np.linalg.norm(flat * root))
+    kept = directions[values > np.sqrt(np.finfo(np.float64).eps) * scale]
+    return kept, (flat - terms @ fit).reshape(images.shape)
+
+
 #: Eigen-images found beyond those a PCA basis keeps (in case some are dropped: all zero); the full
 #: decomposition only if they do not suffice.
 _PCA_SPARE_COMPONENTS = 5
 
 
-def _leading_eigen_images(scatter, flat, by_images, n_images, n_largest):
+def _leading_eigen_images(scatter, flat, by_images, n_images, n_largest, floor=None):
     """The eigen-images of the ``n_largest`` largest eigenvalues of ``scatter`` (its lower triangle),
     largest first, those at round-off dropped: only they are decomposed (LAPACK ``syevr`` on a subset:
-    ~8 ms against ~19 ms for every eigenvector of a 441^2 matrix)."""
+    ~8 ms against ~19 ms for every eigenvector of a 441^2 matrix).  Round-off is ``n_images eps`` of the
+    largest eigenvalue, or of ``floor`` when larger (the total scatter, of which ``scatter`` is a part)."""
     size = len(scatter)
     with single_threaded_blas():
         values, vectors = scipy.linalg.eigh(scatter, lower=True, subset_by_index=[size - n_largest, size - 1],
                                             driver="evr", check_finite=False)
     order = np.argsort(values)[::-1][:100]
     if not values.max() > 0:
+        if floor:       # after the spatial fit: it left nothing
+            return np.zeros((0, flat.shape[1]))
         msg = "kernel PCA failed: every eigenvalue is zero"
         raise SingularSystemError(msg)
     # eigenvalues at round-off (N images less their mean span N - 1 dimensions) have
     # arbitrary eigen-images; ip_diffim keeps them, scaled up to a peak of 1
-    order = order[values[order] > n_images * np.finfo(np.float64).eps * values.max()]
+    largest = values.max() if floor is None else max(values.max(), floor)
+    order = order[values[order] > n_images * np.finfo(np.float64).eps * largest]
     return vectors[:, order].T @ flat if by_images else vectors[:, order].T
 
 

@@ -55,7 +55,7 @@ from .linalg import STATUS_TEXT, condition_number
 
 __all__ = ["stamps_fit", "StampBatch", "StampFit", "fit_stamps", "difference_stamps", "stamp_residual_rows",
            "stamp_residual_sums", "stamp_normal_equations", "candidate_kernels", "failure_texts",
-           "fits_delta_functions_directly"]
+           "fits_delta_functions_directly", "deregularization_steps"]
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,9 @@ class StampFit:
         ``T * K`` of each stamp's own kernel, the design columns times its
         coefficients (formed where ``ops.uses_fitted_models``: it saves the
         residual pass a correlation).
+    deregularized : ndarray of shape (N, n_basis) or None
+        The kernel coefficients after :func:`deregularization_steps`
+        iterated-Tikhonov steps, for the PCA basis (None without them).
     """
 
     outcome: np.ndarray
@@ -162,6 +165,7 @@ class StampFit:
     information: np.ndarray = None
     model: np.ndarray = None
     deferred: bool = False
+    deregularized: np.ndarray = None
 
     @property
     def coefficients(self):
@@ -273,8 +277,9 @@ def _check_conditions(matrix, config, codes, condition):
     return codes
 
 
-def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, basis, defer=False):
-    """Solve every stamp system where it lives; ``ops.solve_stamps``' ``(outcome, kernels, background, deferred)``.
+def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, basis, defer=False, steps=0):
+    """Solve every stamp system where it lives; ``ops.solve_stamps``' ``(outcome, kernels, background, deferred)``
+    and the kernel coefficients after ``steps`` iterated-Tikhonov steps (None without them).
 
     Stamps already failed (``codes``) get zero solutions; a failed solve marks
     ``FIT_FAILED``.  Every system of the batch is solved (failed ones too,
@@ -285,11 +290,24 @@ def _solve_batch(ops, matrix, vector, config, regularization, codes, condition, 
     if config.check_condition_number:
         codes = _check_conditions(matrix, config, codes, condition)
     systems, regularized = matrix, regularization is not None and len(matrix)
+    deregularize = None
     if regularized:      # M + lambda H formed in one new stack (no temporary), which the solve may overwrite
-        systems = _regularization_lambdas(config, matrix, regularization)[:, None, None] * xp.asarray(regularization)
+        lambdas = _regularization_lambdas(config, matrix, regularization)
+        penalty = xp.asarray(regularization)
+        systems = lambdas[:, None, None] * penalty
         systems += matrix
-    return ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED, defer,
-                            overwrite=bool(regularized))
+        deregularize = (penalty, lambdas, steps) if steps else None
+    result = ops.solve_stamps(systems, vector, codes, basis, config.fit_for_background, RejectReason.FIT_FAILED,
+                              defer, overwrite=bool(regularized), deregularize=deregularize)
+    return result if deregularize is not None else (*result, None)
+
+
+def deregularization_steps(config, regularization, separable):
+    """Iterated-Tikhonov steps for the stamp kernels of the PCA basis (``config.pca_deregularization``):
+    only for regularised delta-function fits with one weight per stamp and a PCA spatial kernel, else 0."""
+    if regularization is None or not config.pca_spatial_kernel or not fits_delta_functions_directly(separable, config):
+        return 0
+    return config.pca_deregularization
 
 
 def _as_float64(xp, array):
@@ -345,22 +363,23 @@ def fit_stamps(batch, basis, config, regularization=None, *, ops=None, separable
     basis = _as_float64(xp, basis)
     half_width = basis.shape[1] // 2
     ops = operations_for(batch.template) if ops is None else ops
+    steps = deregularization_steps(config, regularization, separable)
     if fits_delta_functions_directly(separable, config) and ops.fits_delta_functions_directly:
-        return _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix)
+        return _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix, steps)
     columns, target, weights, codes, (matrix, vector) = _normal_equations(ops, batch, basis, config, separable)
     condition = {}
     iterate = config.iterate_single_kernel and not config.constant_variance_weighting
     defer = defer_rank_deficient and not (iterate or config.check_condition_number)
-    outcome, kernels, background, deferred = _solve_batch(ops, matrix, vector, config, regularization, codes,
-                                                          condition, basis, defer)
+    outcome, kernels, background, deferred, deregularized = _solve_batch(ops, matrix, vector, config, regularization,
+                                                                         codes, condition, basis, defer, steps)
     if iterate:
         weights = _inverse(_difference_variance(ops, batch, kernels))
         matrix, vector = ops.stamp_normal_equations(columns, target, weights, config.fit_for_background)
-        outcome, kernels, background, _ = _solve_batch(ops, matrix, vector, config, regularization,
-                                                       outcome[:, 0].astype(np.int32), condition, basis)
+        outcome, kernels, background, _, _ = _solve_batch(ops, matrix, vector, config, regularization,
+                                                          outcome[:, 0].astype(np.int32), condition, basis)
     information = None if keep_matrix else xp.trace(matrix[:, :len(basis), :len(basis)], axis1=1, axis2=2)
     fit = StampFit(outcome, background, kernels, matrix if keep_matrix else None, vector, condition,
-                   information=information, deferred=deferred)
+                   information=information, deferred=deferred, deregularized=deregularized)
     if ops.uses_fitted_models and columns is not None:
         fy = batch.science.shape[1] - 2 * half_width
         fit.model = (xp.matmul(fit.coefficients[:, None, :], columns)[:, 0]).reshape(len(batch), fy, fy)
@@ -376,16 +395,18 @@ def fits_delta_functions_directly(form, config):
             and not config.check_condition_number)
 
 
-def _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix):
+def _fit_delta_functions(ops, batch, basis, config, regularization, keep_matrix, steps=0):
     """:func:`fit_stamps` of the delta-function basis without a design matrix (host arrays)."""
     width = basis.shape[1]
     weights, codes = _stamp_weights(ops, batch, width // 2, True)
     fit = fit_delta_function(batch.template, _fit_target(batch, width // 2), weights.reshape(-1), width,
                              config.fit_for_background, regularization,
-                             lambda matrix: _regularization_lambdas(config, matrix, regularization), keep_matrix)
+                             lambda matrix: _regularization_lambdas(config, matrix, regularization), keep_matrix,
+                             steps)
     outcome, kernels, background = ops.stamp_outcome(fit.solutions, fit.status, codes, basis,
                                                      config.fit_for_background, RejectReason.FIT_FAILED)
-    result = StampFit(outcome, background, kernels, fit.matrix, fit.vector, {}, information=fit.information)
+    result = StampFit(outcome, background, kernels, fit.matrix, fit.vector, {}, information=fit.information,
+                      deregularized=fit.deregularized)
     result.model = delta_function_models(batch.template, result.coefficients.reshape(-1, width, width))
     return result
 

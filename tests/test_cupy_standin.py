@@ -109,9 +109,11 @@ def test_standin_run_gives_the_numpy_backends_answer():
 
 @pytest.mark.parametrize("config", [
     {"kernel_basis_set": "delta-function", "kernel_size": 9, "spatial_kernel_order": 1},
+    {"kernel_basis_set": "delta-function", "kernel_size": 9, "spatial_kernel_order": 1, "pca_method": "spatial",
+     "pca_deregularization": 3},
     {"use_pca_for_spatial_kernel": True, "spatial_kernel_order": 1},
     {"iterate_single_kernel": True, "constant_variance_weighting": False, "check_condition_number": True},
-], ids=["delta-function", "pca", "iterated-weights"])
+], ids=["delta-function", "delta-function-pca-options", "pca", "iterated-weights"])
 def test_other_configurations_on_the_cupy_branches(config):
     """The device-resident solve in the other fitting modes: the NumPy backend's decisions and coefficients."""
     pair = make_fake_pair(shape=(256, 256), n_stars=80, seed=4)

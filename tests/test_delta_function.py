@@ -14,6 +14,16 @@ data, each cause with the test that shows it:
   bright star's normal matrix (traces of 1e7-1e9), so the stamp kernels fed
   to the PCA are unregularised; ``lambda_type="auto"`` chooses ``lambda`` by
   the residual on held-out stamps (:mod:`gpudiffim.regularization`).
+* The regularisation smooths every stamp kernel the same way, so the
+  smoothing survives the PCA's average and sits in the basis (its mean
+  kernel), where the spatial fit cannot undo it; ``pca_deregularization``
+  builds the basis from the kernels with the smoothing taken back out
+  (:func:`test_deregularized_pca_basis_holds_the_true_mean_kernel`).  And
+  the leading eigen-kernels follow the largest stamp-to-stamp variation,
+  which is noise, not the one that follows position;
+  ``pca_method="spatial"`` takes the kernels' spatial fit first
+  (:func:`test_spatial_pca_follows_the_variation_with_position`).  Both are
+  options, not defaults (:func:`test_pca_options_bring_bright_stars_to_alard_lupton`).
 * Without PCA, each of the 441 kernel pixels has its own spatial model, and
   the kernel sum (their sum) inherits their noise: it varies over the field
   although the truth is constant, and times the sky that is a gradient on
@@ -33,10 +43,13 @@ from gpudiffim.basis import renormalize_kernel_list
 from gpudiffim.errors import ConfigurationError, FitQualityWarning
 from gpudiffim.regularization import choose_lambda, held_out_partners
 from gpudiffim.solve import pca_kernel_basis
+from gpudiffim.spatial import SpatialFunction
 from gpudiffim.spatial_fit import kernel_sum_constraint, solve_spatial
 from gpudiffim.testing import gaussian_kernel, make_fake_pair
 
 DF = PsfMatchConfig(kernel_basis_set="delta-function")
+#: The delta-function basis with the PCA options of issue 13's eighth session.
+DF_PCA = dataclasses.replace(DF, pca_method="spatial", pca_deregularization=3)
 SKY, GAIN = 1000.0, 50.0
 
 
@@ -72,6 +85,44 @@ def test_uniform_pca_misses_the_kernel_variation():
     missed_uniform, missed_weighted = _missed_fraction(uniform, direction), _missed_fraction(weighted, direction)
     assert missed_uniform > 0.9                                                # 0.97
     assert missed_weighted < 0.25                                              # 0.10
+
+
+def test_spatial_pca_follows_the_variation_with_position():
+    """The eigen-kernels follow the largest stamp-to-stamp variation: three random patterns, as
+    large as the real variation but unrelated to position, take all three after the mean, and the
+    direction that varies with position is missed; the kernels' fit by the spatial terms averages
+    the patterns out over the 400 kernels and keeps it (``pca_method="spatial"``)."""
+    rng = np.random.RandomState(1320)
+    n, half_width = 400, 10
+    narrow, wide = gaussian_kernel(1.4, half_width), gaussian_kernel(2.0, half_width)
+    x, y = rng.uniform(0, 1000, n), rng.uniform(0, 1000, n)
+    mix = 0.5 + 0.1 * (x - 500) / 500                                      # 0.4 .. 0.6 across the field
+    patterns = rng.normal(size=(3, 2 * half_width + 1, 2 * half_width + 1))
+    patterns *= 0.1 * np.linalg.norm(narrow - wide) / np.linalg.norm(patterns, axis=(1, 2))[:, None, None]
+    images = mix[:, None, None] * narrow + (1 - mix[:, None, None]) * wide
+    images += np.tensordot(rng.normal(size=(n, 3)), patterns, axes=1)
+    terms = SpatialFunction("chebyshev1", 2, (0, 0, 999, 999)).terms(x, y)
+    direction = (narrow - wide).ravel()
+    assert _missed_fraction(pca_kernel_basis(images, 4, True), direction) > 0.9           # 0.98
+    assert _missed_fraction(pca_kernel_basis(images, 4, True, None, terms), direction) < 0.2   # 0.10
+    one_term = pca_kernel_basis(images, 4, True, None, terms[:, :1])      # a constant: the PCA itself
+    np.testing.assert_array_equal(one_term, pca_kernel_basis(images, 4, True))
+
+
+def test_spatial_pca_of_an_exact_field_has_no_round_off_direction():
+    """Kernels exactly linear in position: the mean and the two directions of the fit, nothing else.
+    The mean-subtracted constant term fits only round-off, whose direction is arbitrary (kept, it
+    made the host's and the GPU's bases differ); the residual images are round-off too."""
+    rng = np.random.RandomState(1321)
+    x, y = rng.uniform(0, 1000, 50), rng.uniform(0, 1000, 50)
+    shapes = rng.normal(size=(3, 7, 7))
+    shapes[0] += 1.0
+    images = shapes[0] + np.multiply.outer(x / 1000, shapes[1]) + np.multiply.outer(y / 1000, shapes[2])
+    terms = SpatialFunction("chebyshev1", 1, (0, 0, 999, 999)).terms(x, y)
+    basis = pca_kernel_basis(images, 6, True, rng.uniform(0.5, 2.0, 50), terms)
+    assert len(basis) == 3
+    for shape in shapes[1:]:
+        assert _missed_fraction(basis, (shape - shape.sum() * basis[0]).ravel()) < 1e-10
 
 
 def test_pca_drops_round_off_eigen_kernels():
@@ -153,6 +204,32 @@ def small_sky_pair():
     return _sky_pair(256, 1303)
 
 
+@pytest.mark.slow
+def test_deregularized_pca_basis_holds_the_true_mean_kernel():
+    """The cause of DF + PCA's remaining bright-star residuals on small pairs: the regularised
+    stamp kernels are all smoothed alike, so the PCA basis's mean kernel is too, by 0.9 % of the
+    true kernel (seen through the template's PSF, a Gaussian of 1.5 px) on this 384^2 pair; built
+    from the kernels after three iterated-Tikhonov steps (``pca_deregularization=3``) it is off
+    by 0.3 %."""
+    from scipy.ndimage import gaussian_filter
+
+    pair, template, science = _sky_pair(384, 1312)
+    truth = pair.kernel.image(192.0, 192.0)
+
+    def mean_kernel_error(config):
+        mean = _subtract(config, template, science).psf_matching_kernel.basis[0]
+        pad = (mean.shape[0] - truth.shape[0]) // 2
+        true = np.zeros_like(mean)
+        true[pad:pad + truth.shape[0], pad:pad + truth.shape[1]] = truth
+        seen = lambda kernel: gaussian_filter(kernel, 1.5, mode="constant")     # noqa: E731
+        return np.linalg.norm(seen(mean - true)) / np.linalg.norm(seen(true))
+
+    smoothed = mean_kernel_error(dataclasses.replace(DF_PCA, pca_deregularization=0))
+    deregularized = mean_kernel_error(DF_PCA)
+    assert smoothed > 0.007                                                    # 0.0094
+    assert deregularized < 0.004 and deregularized < 0.5 * smoothed            # 0.0028
+
+
 def test_raw_delta_function_kernel_sum_follows_the_noise(small_sky_pair):
     """The cause of raw DF's sky structure: with the kernel sum at the kernel's spatial order
     (``ip_diffim``) it varies over the field although the true sum is constant (its noise
@@ -201,12 +278,14 @@ def test_only_the_spatial_fit_basis_keeps_normal_matrices(small_sky_pair, monkey
 def test_delta_function_config_defaults_and_validation():
     assert DF.lambda_type == "auto" and DF.pca_weights == "precision" and DF.pca_components == 10
     assert PsfMatchConfig().pca_weights == "uniform" and PsfMatchConfig().pca_components == 5
+    assert DF.pca_method == "kernels" and DF.pca_deregularization == 0    # ip_diffim's PCA of the fits' kernels
     assert DF.kernel_sum_order(2) == 0 and DF.pca_spatial_kernel
     assert not dataclasses.replace(DF, spatial_kernel_order=0).pca_spatial_kernel   # PCA could only restrict it
     ip_diffim = dataclasses.replace(DF, spatial_kernel_sum_order=None, use_pca_for_spatial_kernel=False)
     assert ip_diffim.kernel_sum_order(2) == 2 and PsfMatchConfig(spatial_kernel_sum_order=None).kernel_sum_order(2) == 0
     assert dataclasses.replace(DF, spatial_kernel_sum_order=5).kernel_sum_order(1) == 1
-    for field, value in (("spatial_kernel_sum_order", -1), ("pca_weighting", "flux"), ("lambda_type", "risk")):
+    for field, value in (("spatial_kernel_sum_order", -1), ("pca_weighting", "flux"), ("lambda_type", "risk"),
+                         ("pca_method", "eigen"), ("pca_deregularization", -1), ("pca_deregularization", 21)):
         with pytest.raises(ConfigurationError, match=field):
             dataclasses.replace(DF, **{field: value})
 
@@ -343,21 +422,35 @@ def test_delta_function_defaults_match_alard_lupton(size, seed):
     """Issue 13 item 1, with a sky of 1000 counts (gain 50) on both images and ~1000 stars per
     1024^2: the delta-function basis at its defaults (``lambda_type="auto"``, a precision-
     weighted PCA of 10 components, a constant kernel sum) leaves D/sigma std on bright stars
-    (S/N > 50) and on empty sky, and a
-    transient flux-ratio scatter, within 2 % of Alard-Lupton's, and at most 2 x AL + 2 false
-    5-sigma pixels.  (``ip_diffim``'s DF defaults at 1024^2: 82 on stars and 800 000 false
-    pixels, 4 GOOD candidates of 805.)
+    (S/N > 50) and on empty sky, and a transient flux-ratio scatter, within 2 % of
+    Alard-Lupton's, and at most 2 x AL + 2 false 5-sigma pixels.  (``ip_diffim``'s DF defaults
+    at 1024^2: 82 on stars and 800 000 false pixels, 4 GOOD candidates of 805.)
 
     Not yet everywhere: on smaller or other pairs the bright-star std is 2.5-3.3 % above AL's
     (384^2 seeds 1311 and 1312, 640^2 seed 1315, where the transient scatter is 15 % above
-    too); without PCA those three pass on the residuals (0.95-1.00 against 0.99-1.00) but
-    384^2 seed 1312 has 4 false pixels against AL's 0."""
+    too); :func:`test_pca_options_bring_bright_stars_to_alard_lupton` brings the stars within 2 %
+    there, with the transient scatter moved by -6 to +6 % (``bench/RESULTS.md``, eighth session)."""
     pair, template, science = _sky_pair(size, seed)
     al = _scores(pair, _subtract(PsfMatchConfig(), template, science), size)
     df = _scores(pair, _subtract(DF, template, science), size)
     print(f"{size}^2 seed {seed}: AL {al}, DF {df}")
     for key in ("star", "sky", "transient"):
         assert df[key] <= 1.02 * al[key], key
+    assert df["false"] <= 2 * al["false"] + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, seed", [(384, 1311), (384, 1312), (640, 1315)])
+def test_pca_options_bring_bright_stars_to_alard_lupton(size, seed):
+    """On the pairs where the defaults leave 2.9-3.9 % more bright-star D/sigma std than AL,
+    ``pca_method="spatial"`` with ``pca_deregularization=3`` leaves 0.4-1.5 % more (the
+    star criterion of the acceptance test), sky std as AL's and no false pixel more."""
+    pair, template, science = _sky_pair(size, seed)
+    al = _scores(pair, _subtract(PsfMatchConfig(), template, science), size)
+    df = _scores(pair, _subtract(DF_PCA, template, science), size)
+    print(f"{size}^2 seed {seed}: AL {al}, DF with the PCA options {df}")
+    assert df["star"] <= 1.02 * al["star"]
+    assert df["sky"] <= 1.02 * al["sky"]
     assert df["false"] <= 2 * al["false"] + 2
 
 

@@ -15,6 +15,7 @@ import pytest
 from gpudiffim import PsfMatchConfig
 from gpudiffim._ops import NUMPY
 from gpudiffim.basis import KernelBasis, make_alard_lupton_basis, make_delta_function_basis, make_regularization_matrix
+from gpudiffim._backend import use_backend
 from gpudiffim.delta_function import (
     DeltaFunctionForm,
     _PenaltyDiagonals,
@@ -22,9 +23,10 @@ from gpudiffim.delta_function import (
     delta_function_form,
     delta_function_models,
     delta_function_normal_equations,
+    deregularized_with_factors,
     fit_delta_function,
 )
-from gpudiffim.linalg import EIGENVECTOR, LU, NOT_FINITE, ZERO_MATRIX, solve_batch_status
+from gpudiffim.linalg import EIGENVECTOR, LU, NOT_FINITE, ZERO_MATRIX, deregularized, solve_batch_status
 from gpudiffim.stamps import StampBatch, fit_stamps, stamp_normal_equations
 
 #: (stamps, stamp width S, kernel width K): the defaults' 43 / 21, small ones, K = 1 and F = 1.
@@ -252,3 +254,120 @@ def test_penalty_added_by_diagonals_is_the_dense_sum(upper):
     if upper:
         below = np.tril_indices(50, -1)
         np.testing.assert_array_equal(work[:, below[0], below[1]], matrix[:, below[0], below[1]])
+
+
+# --------------------------------------------------------------------------
+# the PCA basis's kernels with the regularisation's smoothing taken out (pca_deregularization)
+# --------------------------------------------------------------------------
+
+def _iterated(matrix, penalty, lam, vector, steps):
+    """``x_{j+1} = x_0 + lam (M + lam H)^{-1} H x_j`` by dense solves (the whole unknown vector)."""
+    system = matrix + lam * penalty
+    first = np.linalg.solve(system, vector)
+    result = first
+    for _ in range(steps):
+        result = first + lam * np.linalg.solve(system, penalty @ result)
+    return result
+
+
+def test_deregularized_steps_tend_to_the_unregularised_solution():
+    """Each step is one more term of the series: 0 steps return ``x_0``, the steps equal dense
+    iterated solves, and they converge to ``M^{-1} b`` (here ``lambda h / (m + lambda h)`` <= 1/2)."""
+    rng = np.random.default_rng(21)
+    n = 12
+    basis = rng.normal(size=(n, n))
+    matrix = basis @ basis.T + n * np.eye(n)
+    penalty = make_regularization_matrix(PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=3,
+                                                        fit_for_background=True), 3, 3)[:9, :9]
+    lam = 0.5 * np.linalg.eigvalsh(matrix).min() / np.linalg.eigvalsh(penalty).max()
+    vector = rng.normal(size=n)[:9]
+    matrix = matrix[:9, :9]
+    system = matrix + lam * penalty
+    first = np.linalg.solve(system, vector)
+    solve = lambda rhs: np.linalg.solve(system[None], rhs[..., None])[..., 0]      # noqa: E731
+    assert np.array_equal(deregularized(solve, first[None], penalty, np.array([lam]), 0)[0], first)
+    for steps in (1, 3):
+        got = deregularized(solve, first[None], penalty, np.array([lam]), steps)[0]
+        assert _relative(got, _iterated(matrix, penalty, lam, vector, steps)) < 1e-12
+    converged = deregularized(solve, first[None], penalty, np.array([lam]), 80)[0]
+    assert _relative(converged, np.linalg.solve(matrix, vector)) < 1e-12
+    assert _relative(first, np.linalg.solve(matrix, vector)) > 1e-3           # the regularisation mattered
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_fit_delta_function_deregularizes_with_its_cholesky_factors(background):
+    """``fit_delta_function(deregularization=k)``: the kernel coefficients of ``k`` iterated-Tikhonov
+    steps (dense reference, the background re-fitted at each solve); a stamp Cholesky cannot
+    solve (a NaN in its template) keeps its solution; without regularisation there are none."""
+    rng = np.random.default_rng(22)
+    template, science = _stamps(rng, 5, 15)
+    template[4, 7, 7] = np.nan
+    target = science[:, 3:12, 3:12].reshape(5, -1)
+    weight = rng.uniform(0.5, 2.0, 5)
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7, fit_for_background=background)
+    penalty = make_regularization_matrix(config, 7, 7)
+    lam = 3.0e4
+    fit = fit_delta_function(template, target, weight, 7, background, penalty, lambda m: np.full(len(m), lam),
+                             keep_matrix=False, deregularization=2)
+    matrix, vector = delta_function_normal_equations(template, target, weight, 7, background)
+    for k in range(4):
+        expected = _iterated(matrix[k], penalty, lam, vector[k], 2)[:49]
+        assert _relative(fit.deregularized[k], expected) < 1e-9, k
+        assert _relative(fit.deregularized[k], fit.solutions[k, :49]) > 1e-4, k       # the steps did something
+    assert fit.status[4] == NOT_FINITE and np.array_equal(fit.deregularized[4], fit.solutions[4, :49])
+    assert fit_delta_function(template, target, weight, 7, background, deregularization=2).deregularized is None
+
+
+def test_deregularized_with_factors_keeps_the_failed_rows():
+    rng = np.random.default_rng(23)
+    coefficients = rng.normal(size=(2, 4))
+    factors = np.zeros((2, 5, 5))
+    factors[0] = np.linalg.cholesky(np.eye(5) * 4.0).T
+    penalty = np.diag([1.0, 1.0, 1.0, 1.0, 0.0])
+    got = deregularized_with_factors(factors, np.array([True, False]), coefficients, penalty, np.array([2.0, 2.0]), 1)
+    np.testing.assert_allclose(got[0], coefficients[0] * (1 + 2.0 / 4.0), rtol=1e-14)   # x0 + lam (4 I)^-1 x0
+    np.testing.assert_array_equal(got[1], coefficients[1])
+
+
+def test_operations_deregularize_as_the_direct_fit(emulator):
+    """Two backends, one answer: the stamp fits of the kernel path (the emulator under
+    ``cuda-emulator``: normal equations by ``gdi_delta_function_normal_equations``, solved by the
+    reference, factored again for the steps) give the direct host fit's de-regularised kernels."""
+    rng = np.random.default_rng(24)
+    batch = _batch(rng, 4, 17, masked=False)
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=7, lambda_type="absolute",
+                            lambda_value=3.0e4, pca_deregularization=3)
+    basis = KernelBasis(make_delta_function_basis(7, 7), kind="delta-function")
+    regularization = make_regularization_matrix(config, 7, 7)
+    form = delta_function_form(basis.kernels)
+    host = fit_stamps(batch, basis.kernels, config, regularization, separable=form, keep_matrix=False)
+    with use_backend("cuda-emulator"):
+        kernel_path = fit_stamps(batch, basis.kernels, config, regularization, separable=form, keep_matrix=False)
+    assert host.deregularized is not None and kernel_path.deregularized is not None
+    assert _relative(kernel_path.deregularized, host.deregularized) < 1e-8
+    assert _relative(host.deregularized, host.coefficients) > 1e-4
+    for off in ({"pca_deregularization": 0}, {"use_pca_for_spatial_kernel": False}):
+        quiet = dataclasses.replace(config, **off)
+        assert fit_stamps(batch, basis.kernels, quiet, regularization, separable=form).deregularized is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("width", [7, 9])      # 50 unknowns: the small-system launch; 82: batched Cholesky
+def test_cupy_deregularized_kernels_match_numpy(width):
+    """The device's batched Cholesky factors serve the steps (``potrsBatched``), equal to the host's."""
+    import cupy
+
+    rng = np.random.default_rng(25)
+    batch = _batch(rng, 4, 10 + width, masked=False)
+    config = PsfMatchConfig(kernel_basis_set="delta-function", kernel_size=width, lambda_type="absolute",
+                            lambda_value=3.0e4, pca_deregularization=3)
+    basis = KernelBasis(make_delta_function_basis(width, width), kind="delta-function")
+    regularization = make_regularization_matrix(config, width, width)
+    form = delta_function_form(basis.kernels)
+    host = fit_stamps(batch, basis.kernels, config, regularization, separable=form, keep_matrix=False)
+    planes = (batch.template, batch.science, batch.template_variance, batch.science_variance, batch.template_mask,
+              batch.science_mask)
+    device_batch = StampBatch(*(cupy.asarray(plane) for plane in planes))
+    device = fit_stamps(device_batch, cupy.asarray(basis.kernels), config, cupy.asarray(regularization),
+                        separable=form, keep_matrix=False, defer_rank_deficient=True)
+    assert _relative(cupy.asnumpy(device.deregularized), host.deregularized) < 1e-8
