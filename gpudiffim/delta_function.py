@@ -408,7 +408,7 @@ def fit_delta_function(template, target, weight, kernel_width, background, regul
         rows = slice(start, min(start + _BLOCK_STAMPS, n))
         matrix, vector, penalty = systems(rows, both_triangles=keep_matrix)    # Cholesky reads the upper one
         fit.vector[rows] = vector
-        fit.information[rows] = np.trace(matrix[:, :kernel_width**2, :kernel_width**2], axis1=1, axis2=2)
+        fit.information[rows] = np.trace(matrix[:, :n_kernel, :n_kernel], axis1=1, axis2=2)
         if keep_matrix:
             fit.matrix[rows] = matrix
         solutions, passed = cholesky_block(regularize(matrix, penalty, upper=True), vector)

@@ -44,6 +44,7 @@ from .spatial_fit import (
 )
 from .stamps import (
     StampBatch,
+    deregularization_steps,
     failure_texts,
     fits_delta_functions_directly,
     fit_stamps,
@@ -417,13 +418,13 @@ class _Solver:
                   "centres": centres}
         if fit.information is not None:         # formed by the fit where the matrices are not kept
             stored["information"] = fit.information
+        outcome = _Outcome.unpack(packed)
         if fit.deregularized is not None:       # the PCA basis's kernels; redone stamps keep their solution
             stored["deregularized"] = fit.deregularized
             if len(redo):
-                stored["deregularized"][self.xp.asarray(redo)] = self.xp.asarray(packed[redo, 7:])
+                stored["deregularized"][self.xp.asarray(redo)] = self.xp.asarray(outcome.coefficients[redo])
         batch_id = len(self.batches)
         self.batches.append(stored)
-        outcome = _Outcome.unpack(packed)
         self.outcomes[batch_id] = (outcome, failure_texts(outcome.failure_code, outcome.solve_status,
                                                           fit.condition))
         ahead = _members(spares, len(self.cell_set))[index]
@@ -541,8 +542,9 @@ class _Solver:
         """
         visited = self.visit_built()
         orig = self.cell_set.solutions["orig"]
-        deregularized = self._deregularized(visited)
-        if deregularized:        # the fits' kernels with the regularisation's smoothing taken out
+        # the original fits kept their kernels with the regularisation's smoothing taken out
+        deregularized = deregularization_steps(self.config, self.regularization, self.separable) > 0
+        if deregularized:
             (coefficients,) = self.gather(visited, "orig", "deregularized")
             coefficients = to_host(coefficients)
         else:
@@ -565,12 +567,6 @@ class _Solver:
                                           self.config.subtract_mean_for_pca, weights, terms)
         self.cell_set.solutions.pop("pca", None)
         return self.build(visited, self.pca_basis, "pca", None)
-
-    def _deregularized(self, index):
-        """Whether the original fits of the candidates ``index`` kept de-regularised kernels (every batch
-        of a solve does, or none: :func:`~gpudiffim.stamps.deregularization_steps`)."""
-        batches = np.unique(self.cell_set.solutions["orig"].batch[index])
-        return len(batches) > 0 and all("deregularized" in self.batches[b] for b in batches)
 
     def spatial_stage(self):
         """Fit the spatial model to the visited candidates; return a :class:`SpatialFit`."""
